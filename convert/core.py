@@ -1,0 +1,254 @@
+"""Reading released checkpoints and strict, all-problems-at-once key accounting.
+
+torch is imported here only to read `.pth` files, with `weights_only=True`: a checkpoint
+that needs arbitrary unpickling is refused.
+"""
+import json
+import os
+import re
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be converted; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def is_hub_id(path: str) -> bool:
+  return (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+          and not path.endswith((".pth", ".pt", ".bin", ".safetensors")))
+
+
+def fetch_hub(repo_id: str) -> str:
+  """Download a Hugging Face Hub model folder; offline machines get a plain error."""
+  try:
+    import huggingface_hub
+  except ImportError as e:
+    raise ConversionError(f"{repo_id!r} looks like a Hugging Face Hub id, but huggingface_hub is "
+                          "not installed (pip install 'mfjax[hub]'), and no such local path exists") from e
+  try:
+    return huggingface_hub.snapshot_download(
+        repo_id, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
+  except Exception as e:  # network errors come in many types
+    raise ConversionError(
+        f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+        "This machine may be offline: download the folder elsewhere and pass its local path "
+        "to --checkpoint.") from e
+
+
+def to_numpy(value) -> np.ndarray:
+  """A torch tensor or array as a NumPy array; bfloat16/float16 are widened to float32."""
+  if hasattr(value, "detach"):
+    import torch
+    value = value.detach().cpu()
+    if value.dtype in (torch.bfloat16, torch.float16):
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def _load_torch(path: str):
+  import pickle
+  import torch
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(
+        f"{path}: refused to unpickle. This file needs arbitrary Python objects to load "
+        f"(weights_only=True rejected it: {str(e).splitlines()[0]}). mfjax never runs code "
+        "from a checkpoint; re-save it as a plain state dict of tensors or as safetensors.") from e
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    # bf16 tensors cannot be read by safetensors.numpy; go through torch for those.
+    if "bfloat16" in str(e) or "bf16" in str(e).lower():
+      from safetensors.torch import load_file as load_torch
+      return {k: to_numpy(v) for k, v in load_torch(path).items()}
+    raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_file(path: str) -> Any:
+  """The object stored in a checkpoint file: usually a (nested) dict of tensors."""
+  if not os.path.exists(path):
+    raise ConversionError(f"checkpoint {path} does not exist")
+  if path.endswith(".safetensors"):
+    return _load_safetensors(path)
+  return _load_torch(path)
+
+
+def read_hf_folder(folder: str) -> tuple[dict[str, np.ndarray], dict]:
+  """(state dict, config.json) of a Hugging Face model folder."""
+  cfg_path = os.path.join(folder, "config.json")
+  with open(cfg_path) as f:
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"{cfg_path}: not valid JSON: {e}") from e
+  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+  if not files and os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+    files = ["pytorch_model.bin"]
+  if not files:
+    raise ConversionError(f"{folder}: has config.json but no model.safetensors or pytorch_model.bin")
+  state = {}
+  for name in files:
+    state.update(flatten_state_dict(read_file(os.path.join(folder, name))))
+  return state, config
+
+
+def read_checkpoint(path: str) -> tuple[Any, dict | None, str]:
+  """(raw object, HF config or None, resolved path) for a file, an HF folder or a Hub id."""
+  if is_hub_id(path):
+    path = fetch_hub(path)
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, "config.json")):
+      raise ConversionError(f"{path} is a folder without config.json: give the checkpoint file, "
+                            "or a Hugging Face model folder (config.json + model.safetensors)")
+    state, config = read_hf_folder(path)
+    return state, config, path
+  return read_file(path), None, path
+
+
+def flatten_state_dict(obj, prefix: str = "") -> dict[str, np.ndarray]:
+  """Tensors of a nested dict as {'a.b.c': array}; non-tensor leaves (epoch, args) dropped."""
+  out = {}
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      out.update(flatten_state_dict(v, f"{prefix}{k}."))
+  elif hasattr(obj, "shape"):
+    out[prefix[:-1]] = to_numpy(obj)
+  return out
+
+
+def unwrap(obj, keys: Iterable[str]) -> Any:
+  """Descend into the first of `keys` found in a wrapper dict ({'model': ...}, {'teacher': ...})."""
+  for key in keys:
+    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+      return obj[key]
+  return obj
+
+
+# ------------------------------------------------------------------- strict key accounting
+
+
+def _flatten_tree(tree, prefix=()) -> dict[tuple, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten_tree(v, prefix + (k,)))
+    return out
+  return {prefix: tree}
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+class Conversion:
+  """Maps source tensors to target leaves, recording every problem and raising them together.
+
+  `target` is the abstract variable tree of the Flax module (e.g. `models.abstract_variables`),
+  so every shape is checked and every leaf must be filled. Target paths are '/'-joined,
+  starting with the collection: 'params/blocks_0/attn/qkv/kernel'.
+  """
+
+  def __init__(self, state_dict: dict[str, np.ndarray], target, source: str = "checkpoint"):
+    self.state = state_dict
+    self.source = source
+    self.expected = {"/".join(p): tuple(v.shape) for p, v in _flatten_tree(target).items()}
+    self.out: dict[str, np.ndarray] = {}
+    self.used: set[str] = set()
+    self.ignored: set[str] = set()
+    self.missing: list[str] = []
+    self.misshaped: list[str] = []
+    self.unknown_targets: list[str] = []
+
+  def has(self, key: str) -> bool:
+    return key in self.state
+
+  def take(self, key: str) -> np.ndarray | None:
+    """The source tensor `key`, marked as used; None (and recorded) when missing."""
+    if key not in self.state:
+      self.missing.append(key)
+      return None
+    self.used.add(key)
+    return self.state[key]
+
+  def put(self, target: str, value: np.ndarray | None, from_key: str = "") -> None:
+    """Set target leaf `target`; None (a missing source) is skipped, already recorded."""
+    if value is None:
+      return
+    if target not in self.expected:
+      self.unknown_targets.append(f"{target} (from {from_key})")
+      return
+    value = np.asarray(value)
+    if tuple(value.shape) != self.expected[target]:
+      self.misshaped.append(f"{from_key or '?'} -> {target}: got {tuple(value.shape)}, "
+                            f"expected {self.expected[target]}")
+      return
+    self.out[target] = value.astype(np.float32) if value.dtype.kind == "f" else value
+
+  def map(self, target: str, key: str, fn: Callable[[np.ndarray], np.ndarray] | None = None):
+    value = self.take(key)
+    if value is not None and fn is not None:
+      try:
+        value = fn(value)
+      except (ValueError, TypeError) as e:  # reshape of a wrongly shaped tensor
+        self.misshaped.append(f"{key} {tuple(value.shape)} -> {target}: {e}")
+        return
+    self.put(target, value, key)
+
+  def ignore(self, pattern: str) -> None:
+    """Explicitly ignore source keys matching the regex `pattern` (fully)."""
+    rx = re.compile(pattern)
+    self.ignored.update(k for k in self.state if rx.fullmatch(k))
+
+  def finish(self) -> dict:
+    """The nested variables, or ConversionError listing every problem."""
+    unexpected = sorted(set(self.state) - self.used - self.ignored)
+    unfilled = sorted(set(self.expected) - set(self.out))
+    problems = []
+    if self.missing:
+      problems.append(f"missing in {self.source} ({len(self.missing)}):\n  " + "\n  ".join(self.missing))
+    if unexpected:
+      problems.append(f"unexpected keys in {self.source} ({len(unexpected)}):\n  " + "\n  ".join(unexpected))
+    if self.misshaped:
+      problems.append(f"mis-shaped ({len(self.misshaped)}):\n  " + "\n  ".join(self.misshaped))
+    if self.unknown_targets:
+      problems.append("converter bug, unknown target parameters:\n  " + "\n  ".join(self.unknown_targets))
+    # Unfilled leaves are only news when no source key was missing or mis-shaped.
+    if unfilled and not (self.missing or self.misshaped):
+      problems.append(f"parameters left unfilled ({len(unfilled)}):\n  " + "\n  ".join(unfilled))
+    if problems:
+      raise ConversionError(f"cannot convert {self.source}:\n" + "\n".join(problems))
+    return _unflatten({tuple(k.split("/")): v for k, v in self.out.items()})
+
+
+# -------------------------------------------------------------- torch -> flax layouts
+
+
+def linear(w: np.ndarray) -> np.ndarray:
+  """torch Linear weight (out, in) -> flax Dense kernel (in, out)."""
+  return np.ascontiguousarray(w.T)
+
+
+def conv(w: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight (out, in, kh, kw) -> flax Conv kernel (kh, kw, in, out)."""
+  return np.ascontiguousarray(w.transpose(2, 3, 1, 0))

@@ -1,0 +1,3 @@
+"""mfjax: natural-domain foundation models for medical image classification, in JAX/Flax."""
+
+__version__ = "0.1.0"

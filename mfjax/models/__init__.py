@@ -1,0 +1,118 @@
+"""Model registry: `create(name, **overrides)`, `NAMES`, and `save`/`load` of converted models.
+
+Each family module defines `MODELS = {name: constructor kwargs}` and a Linen `Model` class with
+  - a `native_resolution: tuple[int, int]` field (the input size its checkpoint was trained at),
+  - `token_grid(image_size) -> (rows, cols)` of the `tokens` it returns for that input size,
+  - `apply(variables, images, train=False, return_blocks=False)` on NHWC float images, returning
+    {"pooled": (B, F), "tokens": (B, rows*cols, D)} plus "blocks" (every block's or stage's
+    output, float32) when asked.
+"""
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FAMILIES = ("vit",)
+
+_MODULES = {family: importlib.import_module(f"mfjax.models.{family}") for family in FAMILIES}
+REGISTRY: dict[str, tuple[str, dict]] = {
+    name: (family, dict(kwargs)) for family, mod in _MODULES.items() for name, kwargs in mod.MODELS.items()}
+NAMES = tuple(sorted(REGISTRY))
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+
+def family_of(name: str) -> str:
+  if name not in REGISTRY:
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")
+  return REGISTRY[name][0]
+
+
+def create(name: str, **overrides):
+  """The Linen module registered as `name`, with constructor fields replaced by `overrides`."""
+  family = family_of(name)
+  model_cls = _MODULES[family].Model
+  fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for model {name!r}; valid: {sorted(fields)}")
+  return model_cls(**{**REGISTRY[name][1], **overrides})
+
+
+def native_resolution(module) -> tuple[int, int]:
+  """The input size (H, W) at which `module` was trained and stores its position embedding."""
+  return tuple(module.native_resolution)
+
+
+def init_params(module, rng=None, image_size=None):
+  """Random parameters (float32) for `module`, e.g. for a from-scratch baseline or tests."""
+  image_size = image_size or native_resolution(module)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  images = jnp.zeros((1, *image_size, 3), jnp.float32)
+  return module.init(rng, images)
+
+
+def abstract_variables(module, image_size=None):
+  """Shapes and dtypes of `module.init`'s variables, computed without allocating them."""
+  image_size = image_size or native_resolution(module)
+  images = jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32)
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
+
+
+def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None,
+         provenance: dict | None = None) -> str:
+  """Write `variables` (an orbax checkpoint) and `model.json` atomically to `out_dir`.
+
+  Everything is first written to a sibling temporary folder that is renamed at the end, so an
+  interrupted or failed save leaves no partial model behind.
+  """
+  family_of(name)
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out folder")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+  try:
+    import orbax.checkpoint as ocp
+    host = jax.tree_util.tree_map(np.asarray, variables)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
+    meta = {"name": name, "overrides": overrides or {}, "provenance": provenance or {}}
+    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.exists(out_dir):
+      os.rmdir(out_dir)
+    os.rename(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return out_dir
+
+
+def read_model_json(model_dir: str) -> dict[str, Any]:
+  path = os.path.join(model_dir, MODEL_JSON)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {model_dir} is not a converted mfjax model "
+                            "(run `python -m convert FAMILY --checkpoint ... --out DIR` first)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load(model_dir: str):
+  """`(module, variables)` of a model written by `save` (e.g. by `python -m convert`)."""
+  import orbax.checkpoint as ocp
+  meta = read_model_json(model_dir)
+  module = create(meta["name"], **meta["overrides"])
+  target = abstract_variables(module)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(os.path.join(os.path.abspath(model_dir), PARAMS_DIR), target)
+  return module, variables

@@ -1,0 +1,102 @@
+"""Building blocks shared by the transformer families."""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": nn.silu,
+    "relu": nn.relu,
+}
+
+
+class Mlp(nn.Module):
+  """fc1 -> activation -> fc2. `act="swiglu"` packs both SwiGLU inputs into fc1."""
+  hidden: int
+  act: str = "gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_dim = x.shape[-1]
+    if self.act == "swiglu":
+      h = nn.Dense(2 * self.hidden, dtype=self.dtype, name="fc1")(x)
+      gate, value = jnp.split(h, 2, axis=-1)
+      h = nn.silu(gate) * value
+    else:
+      h = ACTIVATIONS[self.act](nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+    return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(h)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection ([q; k; v], heads major)."""
+  heads: int
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+  attn_impl: str | None = None  # None: let XLA pick ('cudnn' on GPU when it can), or 'xla'/'cudnn'
+
+  @nn.compact
+  def __call__(self, x, rope: Callable | None = None):
+    b, n, d = x.shape
+    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    if rope is not None:
+      q, k = rope(q), rope(k)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attn_impl)
+    return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
+
+
+class LayerScale(nn.Module):
+  init_value: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample (needs the 'dropout' rng)."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+  heads: int
+  mlp_hidden: int
+  mlp_act: str = "gelu"
+  qkv_bias: bool = True
+  ln_eps: float = 1e-6
+  layerscale: bool = False
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attn_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, rope: Callable | None = None):
+    norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    scale = (lambda name: LayerScale(name=name)) if self.layerscale else (lambda name: (lambda y: y))
+    y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, name="attn")(norm("norm1")(x), rope)
+    x = x + DropPath(self.drop_path)(scale("ls1")(y), train)
+    y = Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(norm("norm2")(x))
+    return x + DropPath(self.drop_path)(scale("ls2")(y), train)

@@ -1,0 +1,45 @@
+"""mfjax: natural-domain foundation models for medical imaging, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "ml-collections>=1.0,<2",
+    "numpy>=1.26",
+    "pillow>=10",
+    "tqdm>=4.66",
+]
+
+TEST = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm>=1.0.20,<1.1",
+    "open-clip-torch>=3.0,<4",
+    "transformers>=4.56,<6",
+    "safetensors>=0.4",
+    "scikit-learn>=1.4",
+]
+
+setup(
+    name="mfjax",
+    version="0.1.0",
+    description="JAX/Flax benchmark of natural-domain foundation models for medical image "
+    "classification (WACV 2024) and MedDINOv3.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mfjax", "mfjax.*", "convert", "convert.*", "configs"]),
+    install_requires=CORE,
+    extras_require={
+        "test": TEST,
+        "torch": ["torch==2.14.1", "torchvision==0.29.1"],
+        "hub": ["huggingface_hub>=0.24"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+    entry_points={"console_scripts": ["mfjax=mfjax.cli:main"]},
+)
