@@ -12,6 +12,8 @@ $(PY):
 
 $(STAMP): $(PY) setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
+	# The DINOv2 torch-hub reference code; its declared dependencies pin old torch/xformers.
+	$(PY) -m pip install --quiet --no-deps "dinov2==0.0.1.dev2"
 	touch $(STAMP)
 
 venv: $(STAMP)

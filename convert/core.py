@@ -207,13 +207,16 @@ class Conversion:
 
   def map(self, target: str, key: str, fn: Callable[[np.ndarray], np.ndarray] | None = None):
     value = self.take(key)
-    if value is not None and fn is not None:
+    if value is None:
+      return
+    label = f"{key} {tuple(value.shape)}"
+    if fn is not None:
       try:
         value = fn(value)
       except (ValueError, TypeError) as e:  # reshape of a wrongly shaped tensor
-        self.misshaped.append(f"{key} {tuple(value.shape)} -> {target}: {e}")
+        self.misshaped.append(f"{label} -> {target}: {e}")
         return
-    self.put(target, value, key)
+    self.put(target, value, label)
 
   def ignore(self, pattern: str) -> None:
     """Explicitly ignore source keys matching the regex `pattern` (fully)."""

@@ -44,6 +44,8 @@ def create(name: str, **overrides):
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"unknown option(s) {unknown} for model {name!r}; valid: {sorted(fields)}")
+  # JSON turns tuples into lists; module fields must stay hashable.
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   return model_cls(**{**REGISTRY[name][1], **overrides})
 
 

@@ -1,0 +1,33 @@
+"""DINOv1 ViT (`dino_vitbase16_pretrain.pth`, or a full training checkpoint's teacher).
+
+The pretrain file is a flat timm-named state dict. A full checkpoint
+(`dino_vitbase16_full_checkpoint.pth`) holds {'teacher': {'backbone.*', 'head.*'}, 'student', ...}:
+the teacher backbone is converted and its DINO head ignored. Position embeddings are resized as
+DINO does: F.interpolate(scale_factor=(g + 0.1) / M).
+"""
+from convert import core, vit
+
+FORMATS = ("original",)
+NAME = "dino_vitb16"
+
+
+def add_arguments(parser):
+  parser.add_argument("--from-student", action="store_true",
+                      help="in a full training checkpoint, convert the student instead of the teacher")
+
+
+def convert(state_dict, *, source="checkpoint"):
+  arch = vit.arch_timm(state_dict, source)
+  conv = vit.new_conversion(state_dict, NAME, arch, source)
+  vit.map_timm(conv, arch["depth"])
+  conv.ignore(r"head\..*")  # the DINO projection head (full checkpoints) or a classifier
+  return NAME, arch, conv.finish()
+
+
+def from_checkpoint(raw, hf_config, fmt, args):
+  if isinstance(raw, dict) and "teacher" in raw:
+    state = core.flatten_state_dict(raw["student" if args.from_student else "teacher"])
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+  else:
+    state = core.flatten_state_dict(raw)
+  return convert(state, source=args.checkpoint)

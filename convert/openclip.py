@@ -1,0 +1,81 @@
+"""OpenCLIP image towers: the full OpenCLIP state dict (text tower ignored) and HF CLIP folders.
+
+original: `open_clip_pytorch_model.bin` / `open_clip_model.safetensors` / a torch.save of
+  `model.state_dict()` (keys `visual.*` plus the text tower), or a visual-only state dict.
+  Position embeddings are resized as open_clip does at load: F.interpolate(size, antialias=True).
+hf: `CLIPVisionModel`, `CLIPVisionModelWithProjection` or `CLIPModel` folders (text model
+  ignored); resized as HF does: F.interpolate(size=grid).
+"""
+from convert import core, vit
+
+FORMATS = ("original", "hf")
+NAME = "openclip_vitb16"
+OPENCLIP_BLOCK = ("ln_1", "attn.in_proj", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj", None, None)
+TEXT_TOWER = (r"token_embedding\..*|positional_embedding|transformer\..*|ln_final\..*|text_projection"
+              r"|logit_scale|logit_bias|attn_mask|text\..*")
+
+
+def add_arguments(parser):
+  pass
+
+
+def _fix_in_proj(state: dict) -> dict:
+  # open_clip's nn.MultiheadAttention names its fused qkv `in_proj_weight`, not `in_proj.weight`.
+  return {k.replace("attn.in_proj_weight", "attn.in_proj.weight").replace("attn.in_proj_bias", "attn.in_proj.bias"): v
+          for k, v in state.items()}
+
+
+def convert(state_dict, *, source="checkpoint"):
+  state = _fix_in_proj(state_dict)
+  pre = "visual." if "visual.conv1.weight" in state else ""
+  vit.require(state, [pre + "conv1.weight", pre + "positional_embedding",
+                      pre + "transformer.resblocks.0.attn.in_proj.weight"], source)
+  width, _, p, _ = state[pre + "conv1.weight"].shape
+  side = vit.grid_from_tokens(state[pre + "positional_embedding"].shape[0] - 1, source)
+  depth = vit.count_blocks(state, f"{pre}transformer.resblocks.")
+  arch = dict(patch_size=int(p), width=int(width), depth=depth, heads=int(width) // 64,
+              mlp_hidden=int(state[pre + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+              native_resolution=(side * int(p),) * 2,
+              proj_dim=int(state[pre + "proj"].shape[1]) if pre + "proj" in state else 0)
+  conv = vit.new_conversion(state, NAME, arch, source)
+  conv.map("params/cls_token", pre + "class_embedding", lambda x: x.reshape(1, 1, -1))
+  conv.map("params/pos_embed", pre + "positional_embedding", lambda x: x[None])
+  conv.map("params/patch_embed/kernel", pre + "conv1.weight", core.conv)
+  vit._map_norm(conv, "norm_pre", pre + "ln_pre")
+  for i in range(depth):
+    vit.map_fused_qkv_block(conv, f"params/blocks_{i}", f"{pre}transformer.resblocks.{i}", OPENCLIP_BLOCK)
+  vit._map_norm(conv, "norm", pre + "ln_post")
+  if arch["proj_dim"]:
+    conv.map("params/proj", pre + "proj")
+  if pre:
+    conv.ignore(TEXT_TOWER)
+  return NAME, arch, conv.finish()
+
+
+def convert_hf(state, config, source):
+  if vit.hf_model_type(config) not in ("clip", "clip_vision_model"):
+    raise core.ConversionError(f"{source}: model_type {config.get('model_type')!r} is not a HF CLIP model")
+  cfg = vit.vision_config(config)
+  cfg = {"image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-5, **cfg}
+  pre = vit.hf_prefix(state, "embeddings.class_embedding", ("vision_model.", ""))
+  has_proj = "visual_projection.weight" in state
+  arch = dict(vit.hf_common_arch(cfg), mlp_hidden=cfg["intermediate_size"], mlp_act=vit.hf_act(cfg, source),
+              patch_bias=False, pre_norm=True, posemb="size",
+              proj_dim=int(state["visual_projection.weight"].shape[0]) if has_proj else 0)
+  conv = vit.new_conversion(state, NAME, arch, source)
+  vit.map_hf_embeddings(conv, pre + "embeddings.", "class_embedding", "position_embedding.weight",
+                        "patch_embedding", reshape_cls=True, reshape_pos=True)
+  vit._map_norm(conv, "norm_pre", pre + "pre_layrnorm")
+  for i in range(arch["depth"]):
+    vit.map_split_qkv_block(conv, f"params/blocks_{i}", f"{pre}encoder.layers.{i}", vit.HF_CLIP_BLOCK)
+  vit._map_norm(conv, "norm", pre + "post_layernorm")
+  if has_proj:
+    conv.map("params/proj", "visual_projection.weight", core.linear)
+  conv.ignore(r"(vision_model\.)?embeddings\.position_ids|text_model\..*|text_projection\..*|logit_scale")
+  return NAME, arch, conv.finish()
+
+
+def from_checkpoint(raw, hf_config, fmt, args):
+  if fmt == "hf":
+    return convert_hf(raw, hf_config, args.checkpoint)
+  return convert(core.flatten_state_dict(core.unwrap(raw, ["state_dict", "model"])), source=args.checkpoint)
