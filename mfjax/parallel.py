@@ -1,0 +1,106 @@
+"""Meshes, sharding rules and multi-host plumbing.
+
+The mesh has two axes, ('data', 'fsdp'). The batch is split over both; parameters and optimizer
+state follow regex rules from the config (first match wins):
+  replicate   a full copy on every device;
+  fsdp        split the largest dimension divisible by the 'fsdp' axis size, when the tensor is
+              at least `min_fsdp_bytes` (smaller ones stay replicated).
+"""
+import os
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` for multi-host runs.
+
+  Explicit arguments win; otherwise JAX's own detection covers Cloud TPU pods and SLURM
+  (`SLURM_JOB_ID` with several tasks), and MFJAX_COORDINATOR / MFJAX_NUM_PROCESSES /
+  MFJAX_PROCESS_ID cover anything else. A single process does nothing.
+  """
+  coordinator = coordinator or os.environ.get("MFJAX_COORDINATOR")
+  if num_processes is None and "MFJAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["MFJAX_NUM_PROCESSES"])
+  if process_id is None and "MFJAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["MFJAX_PROCESS_ID"])
+  if coordinator:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all devices; one size may be -1 (whatever is left)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  n = devices.size
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh: at most one of data and fsdp may be -1")
+  if data == -1:
+    data = n // fsdp
+  if fsdp == -1:
+    fsdp = n // data
+  if data * fsdp != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not use the {n} devices")
+  from jax.experimental import mesh_utils
+  try:
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices=list(devices.flat))
+  except (AssertionError, ValueError, NotImplementedError):
+    grid = devices.reshape(data, fsdp)
+  return Mesh(grid, ("data", "fsdp"))
+
+
+def path_str(path) -> str:
+  """'a/b/c' for a jax tree path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def spec_for(shape, rule: str, mesh: Mesh, min_fsdp_bytes: int, itemsize: int = 4) -> P:
+  if rule == "replicate" or not shape:
+    return P()
+  if rule != "fsdp":
+    raise ValueError(f"unknown sharding rule {rule!r}; valid: replicate, fsdp")
+  n = mesh.shape["fsdp"]
+  if n == 1 or int(np.prod(shape)) * itemsize < min_fsdp_bytes:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % n == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree, rules: list[tuple[str, str]], mesh: Mesh, min_fsdp_bytes: int = 1 << 20):
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) from regex rules."""
+  compiled = [(re.compile(rx), rule) for rx, rule in rules]
+
+  def one(path, leaf):
+    name = path_str(path)
+    rule = next((r for rx, r in compiled if rx.search(name)), "replicate")
+    shape = tuple(getattr(leaf, "shape", ()))
+    itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+    return NamedSharding(mesh, spec_for(shape, rule, mesh, min_fsdp_bytes, itemsize))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

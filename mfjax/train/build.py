@@ -1,0 +1,118 @@
+"""From a config to a classifier: the foundation (converted or random), its head, its weights."""
+import logging
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfjax import models
+from mfjax.config import ConfigError, check_choice
+from mfjax.models import heads
+from mfjax.train import protocols
+
+log = logging.getLogger("mfjax")
+
+# Fields of vit.Model the stacked DeiT-B head shares with a converted DeiT-B.
+_DEIT_FIELDS = ("width", "depth", "heads", "mlp_hidden", "ln_eps")
+
+
+def foundation_spec(config) -> tuple[str, dict]:
+  """(model name, constructor overrides) of the foundation, from the checkpoint and the config."""
+  name, overrides = config.model.name, {}
+  if config.model.checkpoint:
+    meta = models.read_model_json(config.model.checkpoint)
+    if meta["name"] != name:
+      raise ConfigError(f"model.name={name!r} but {config.model.checkpoint} holds {meta['name']!r}")
+    overrides.update(meta["overrides"])
+  check_choice("model", name, models.NAMES)
+  overrides.update(dict(config.model.overrides))
+  module_fields = set(models.create(name).__dataclass_fields__)
+  for key in ("dtype", "remat", "drop_path"):
+    if key in module_fields:
+      overrides[key] = config.model[key]
+  protocol = config.protocol.name
+  if protocol == "decapitation":
+    if config.protocol.keep_blocks <= 0:
+      raise ConfigError("protocol decapitation needs protocol.keep_blocks >= 1")
+    if "num_blocks" not in module_fields:
+      raise ConfigError(f"model {name} cannot be decapitated (no num_blocks field)")
+    overrides["num_blocks"] = config.protocol.keep_blocks
+  return name, overrides
+
+
+def head_fields(config) -> dict:
+  fields = {"dtype": config.model.dtype, "remat": config.model.remat, "drop_path": config.head.drop_path}
+  if config.head.checkpoint:
+    meta = models.read_model_json(config.head.checkpoint)
+    deit = models.create(meta["name"], **meta["overrides"])
+    fields.update({k: getattr(deit, k) for k in _DEIT_FIELDS})
+    fields["native_grid"] = deit.native_grid
+  fields.update(dict(config.head.overrides))
+  unknown = set(fields) - set(heads.StackedDeiT.__dataclass_fields__)
+  if unknown:
+    raise ConfigError(f"unknown head.overrides {sorted(unknown)}; valid: "
+                      f"{sorted(set(heads.StackedDeiT.__dataclass_fields__) - {'parent', 'name', 'num_classes'})}")
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def build_classifier(config, num_classes: int) -> heads.Classifier:
+  check_choice("protocol", config.protocol.name, protocols.PROTOCOLS)
+  name, overrides = foundation_spec(config)
+  foundation = models.create(name, **overrides)
+  head = protocols.head_of(config.protocol.name, config.protocol.head)
+  check_choice("protocol.head", head, ("linear", "deit"))
+  return heads.Classifier(foundation, num_classes, head, tuple(sorted(head_fields(config).items())))
+
+
+def abstract_params(classifier: heads.Classifier, resolution: int):
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  return jax.eval_shape(classifier.init, jax.random.PRNGKey(0), images)
+
+
+def _fill(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False) -> int:
+  """Replace leaves of `target_flat` under `prefix` by `source`'s, keeping each leaf's sharding.
+
+  Every source leaf must exist in the model with the same shape (blocks beyond a decapitation
+  cut excepted); problems are collected and raised together.
+  """
+  problems, n = [], 0
+  for path, value in traverse_util.flatten_dict(source).items():
+    key = prefix + path
+    if key not in target_flat:
+      if not (drop_extra_blocks and protocols.BLOCK_NAME.match(path[0])):
+        problems.append(f"unexpected {'/'.join(path)}")
+      continue
+    old = target_flat[key]
+    if tuple(old.shape) != tuple(np.shape(value)):
+      problems.append(f"{'/'.join(path)}: {np.shape(value)} vs model {tuple(old.shape)}")
+      continue
+    target_flat[key] = jax.device_put(np.asarray(value, dtype=old.dtype), old.sharding)
+    n += 1
+  if problems:
+    raise ConfigError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+  return n
+
+
+def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> dict:
+  """`variables` (randomly initialised, possibly sharded) with the converted foundation and
+  DeiT-B weights put in where the config names them."""
+  flat = traverse_util.flatten_dict(variables)
+  if config.model.checkpoint:
+    _, pretrained = models.load(config.model.checkpoint)
+    for collection, tree in pretrained.items():
+      n = _fill(flat, tree, (collection, "foundation"), f"foundation checkpoint {config.model.checkpoint}",
+                drop_extra_blocks=config.protocol.name == "decapitation")
+      log.info("loaded %d %s tensors of the foundation from %s", n, collection, config.model.checkpoint)
+  else:
+    log.warning("model.checkpoint is empty: the foundation starts from random weights")
+  if classifier.head == "deit":
+    if config.head.checkpoint:
+      _, deit = models.load(config.head.checkpoint)
+      keep = {k: v for k, v in deit["params"].items()
+              if k in ("cls_token", "pos_embed", "norm") or k.startswith("blocks_")}
+      n = _fill(flat, keep, ("params", "stacked"), f"DeiT-B checkpoint {config.head.checkpoint}")
+      log.info("loaded %d tensors of the stacked DeiT-B from %s", n, config.head.checkpoint)
+    else:
+      log.warning("head.checkpoint is empty: the stacked DeiT-B starts from random weights")
+  return traverse_util.unflatten_dict(flat)

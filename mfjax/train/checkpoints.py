@@ -1,0 +1,50 @@
+"""Orbax checkpoints of a run: `latest` (train state + host state, for resuming) and `best`.
+
+The host state is JSON: epoch, position in the epoch, the data iterator's state, the plateau
+rule, the best validation metric so far. Saves are finished before the call returns, so a
+SIGKILL right after leaves a complete checkpoint, and orbax's temporary-then-rename protocol
+means a SIGKILL during a save leaves the previous one intact.
+"""
+import os
+
+import orbax.checkpoint as ocp
+
+
+class RunCheckpoints:
+  def __init__(self, workdir: str):
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                        options=options, item_names=("state", "host"))
+    self.best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+                                      options=options, item_names=("params", "host"))
+
+  def save_latest(self, step: int, state, host: dict) -> None:
+    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   host=ocp.args.JsonSave(host)), force=True)
+    self.latest.wait_until_finished()
+
+  def restore_latest(self, abstract_state):
+    """(state, host) of the latest checkpoint, placed like `abstract_state`; None if there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    out = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+    return out["state"], out["host"]
+
+  def save_best(self, step: int, params, host: dict) -> None:
+    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                 host=ocp.args.JsonSave(host)), force=True)
+    self.best.wait_until_finished()
+
+  def restore_best(self, abstract_params):
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    out = self.best.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), host=ocp.args.JsonRestore()))
+    return out["params"], out["host"]
+
+  def close(self):
+    self.latest.close()
+    self.best.close()

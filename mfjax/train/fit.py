@@ -1,0 +1,396 @@
+"""`mfjax train`: one cell of the benchmark, from config to result.json. Read top to bottom.
+
+workdir/
+  config.json       the resolved config (a restart with a different one is refused)
+  metrics.jsonl     one JSON line per logged step and per validation
+  events.*          TensorBoard events (tensorboardX; no TensorFlow needed)
+  checkpoints/      latest train state + data iterator state, for resuming
+  best/             parameters of the best validation epoch
+  result.json       config, best epoch, validation and test metrics, timing
+"""
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from mfjax import data as mdata
+from mfjax import parallel
+from mfjax.config import ConfigError, check_choice, to_dict
+from mfjax.evals import metrics as mmetrics
+from mfjax.train import build, protocols
+from mfjax.train.checkpoints import RunCheckpoints
+from mfjax.train.optim import Plateau, make_optimizer, warmup_lr
+
+log = logging.getLogger("mfjax")
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+# ------------------------------------------------------------------------------- setup
+
+
+def check_workdir(workdir: str, config_dict: dict) -> None:
+  """Write config.json, or check that a restarted run has the same config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != json.loads(json.dumps(config_dict)):
+      diff = sorted(_diff(saved, json.loads(json.dumps(config_dict))))
+      raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
+                        "Use a new --workdir, or the same config to resume.")
+  elif jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(config_dict, f, indent=2, sort_keys=True)
+
+
+def _diff(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield f"{prefix[:-1]}: {a!r} -> {b!r}"
+
+
+def open_dataset(config) -> "mdata.Dataset":
+  check_choice("dataset", config.data.name, sorted(mdata.DATASETS))
+  if not config.data.manual_dir:
+    raise ConfigError("data.manual_dir is empty: point it at the dataset's download folder")
+  return mdata.build(config.data.name, config.data.manual_dir, config.data.data_dir,
+                     **dict(config.data.options))
+
+
+def loss_fn(logits, batch, multi_label: bool):
+  if multi_label:
+    losses = optax.sigmoid_binary_cross_entropy(logits, batch["label"])
+    mask = batch.get("mask")
+    if mask is not None:
+      return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return losses.mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+
+class Writer:
+  """metrics.jsonl + TensorBoard on process 0."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not self.enabled:
+      return
+    # A resumed run rewrites what came after its checkpoint, so the log equals an uninterrupted one.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        keep = [line for line in f if json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(keep)
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(workdir)
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+
+
+# ------------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs before its loop: data, mesh, model, sharded state, jitted functions."""
+  dataset: Any
+  spec: Any
+  mesh: Any
+  classifier: Any
+  state: dict
+  train_step: Callable
+  evaluate: Callable          # evaluate(split, params_state) -> metrics dict
+  steps_per_epoch: int
+  loader_args: dict
+  n_total: int
+  n_trainable: int
+
+
+def prepare(config) -> Setup:
+  """Data, mesh, classifier and its train state placed on the mesh shapes-first, and the steps."""
+  dataset = open_dataset(config)
+  spec = dataset.spec
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  if config.batch_size % mesh.devices.size:
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
+  steps_per_epoch = mdata.steps_per_epoch(dataset.split_sizes["train"], config.batch_size)
+  loader_args = dict(resolution=config.data.resolution, uncertainty=config.data.uncertainty,
+                     worker_count=config.data.num_workers)
+
+  # Model, parameters and optimizer, placed on the mesh shapes-first.
+  classifier = build.build_classifier(config, spec.num_classes)
+  protocol = config.protocol.name
+  foundation_train = protocols.foundation_trains(protocol, config.protocol.decapitation_trained)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract = build.abstract_params(classifier, config.data.resolution)
+  mask = protocols.trainable_mask(abstract["params"], protocol, config.protocol.unfreeze_from,
+                                  config.protocol.decapitation_trained)
+  rules = [tuple(r) for r in config.sharding_rules]
+  min_bytes = int(config.min_fsdp_mb * (1 << 20))
+  var_shardings = parallel.tree_shardings(abstract, rules, mesh, min_bytes)
+  images0 = jnp.zeros((1, config.data.resolution, config.data.resolution, 3), jnp.float32)
+  variables = jax.jit(classifier.init, out_shardings=var_shardings)(init_rng, images0)
+  variables = build.load_pretrained(classifier, config, variables)
+  trainable, frozen = protocols.split(variables["params"], mask)
+  tx = make_optimizer(trainable, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1,
+                      config.optim.b2, config.optim.eps, config.optim.mu_dtype or None)
+  opt_shardings = parallel.tree_shardings({"opt": jax.eval_shape(tx.init, trainable)}, rules, mesh,
+                                          min_bytes)["opt"]
+  replicated = parallel.replicated(mesh)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "rng": jax.device_put(train_rng, replicated),
+           "trainable": trainable, "frozen": frozen, "batch_stats": variables.get("batch_stats", {}),
+           "opt": jax.jit(tx.init, out_shardings=opt_shardings)(trainable)}
+  state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+  n_total = n_trainable + sum(x.size for x in jax.tree_util.tree_leaves(frozen))
+
+  def apply(params, stats, images, train, rng=None):
+    v = {"params": params, **({"batch_stats": stats} if stats else {})}
+    if train and stats and foundation_train:
+      out, updates = classifier.apply(v, images, train=True, foundation_train=True,
+                                      rngs={"dropout": rng}, mutable=["batch_stats"])
+      return out, updates["batch_stats"]
+    out = classifier.apply(v, images, train=train, foundation_train=foundation_train and train,
+                           rngs={"dropout": rng} if train else None)
+    return out, stats
+
+  def train_step(state, batch, lr):
+    step_rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_of(trainable):
+      params = protocols.merge(trainable, state["frozen"])
+      out, stats = apply(params, state["batch_stats"], batch["image"], True, step_rng)
+      return loss_fn(out["logits"], batch, spec.multi_label), stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state["trainable"])
+    updates, opt = tx.update(grads, state["opt"], state["trainable"])
+    updates = jax.tree_util.tree_map(lambda u: -lr * u, updates)
+    new = dict(state, step=state["step"] + 1, trainable=optax.apply_updates(state["trainable"], updates),
+               opt=opt, batch_stats=stats)
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  batch_sharding = parallel.batch_sharding(mesh)
+
+  @jax.jit
+  def predict(trainable, frozen, stats, images):
+    out, _ = apply(protocols.merge(trainable, frozen), stats, images, False)
+    return out["logits"]
+
+  def evaluate(split: str, params_state) -> dict:
+    loader = mdata.make_eval_loader(dataset, split, batch_size=config.batch_size, **loader_args)
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    logits, labels, masks, valid = [], [], [], []
+    for batch in loader:
+      arrays = mdata.global_batch(batch, batch_sharding)
+      out = predict(params_state["trainable"], params_state["frozen"], params_state["batch_stats"],
+                    arrays["image"])
+      logits.append(gather(out))
+      labels.append(gather(arrays["label"]))
+      valid.append(gather(arrays["valid"]))
+      if "mask" in arrays:
+        masks.append(gather(arrays["mask"]))
+    return mmetrics.evaluate(np.concatenate(logits), np.concatenate(labels), multi_label=spec.multi_label,
+                             headline=spec.headline_metric, mask=np.concatenate(masks) if masks else None,
+                             valid=np.concatenate(valid))
+
+  return Setup(dataset, spec, mesh, classifier, state,
+               jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated)),
+               evaluate, steps_per_epoch, loader_args, int(n_total), int(n_trainable))
+
+
+def abstract_of(tree):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+PARAM_KEYS = ("trainable", "frozen", "batch_stats")
+
+
+def quiet_libraries() -> None:
+  """Orbax and tfds log every save and load at INFO through absl; keep the console readable."""
+  import absl.logging
+  absl.logging.set_verbosity(absl.logging.WARNING)
+
+
+def train(config, workdir: str, progress: bool = True) -> dict:
+  start_time = time.time()
+  quiet_libraries()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config_dict = to_dict(config)
+  parallel.maybe_initialize_distributed()
+  check_workdir(workdir, config_dict)
+  run = prepare(config)
+  dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
+  protocol = config.protocol.name
+  total_steps = steps_per_epoch * config.epochs
+  log.info("%s / %s / %s: %.1fM parameters, %.1fM trained; mesh %s; %d steps/epoch",
+           config.model.name, spec.name, protocol, run.n_total / 1e6, run.n_trainable / 1e6,
+           dict(run.mesh.shape), steps_per_epoch)
+  train_loader = mdata.make_loader(dataset, "train", batch_size=config.batch_size, train=True,
+                                   seed=config.seed, num_epochs=config.epochs, **run.loader_args)
+  batch_sharding = parallel.batch_sharding(run.mesh)
+  train_step, evaluate = run.train_step, run.evaluate
+
+  # Resume.
+  ckpts = RunCheckpoints(workdir)
+  host = {"epoch": 0, "plateau": {}, "best_metric": None, "best_epoch": None, "best_step": None,
+          "data": None, "train_seconds": 0.0}
+  iterator = iter(train_loader)
+  restored = ckpts.restore_latest(abstract_of(state))
+  if restored is not None:
+    state, host = restored
+    iterator.set_state(json.loads(host["data"]))
+    log.info("resumed %s at step %d (epoch %d)", workdir, int(state["step"]), host["epoch"])
+  plateau = Plateau(config.optim.plateau_patience, config.optim.plateau_factor, **host["plateau"])
+  step = int(state["step"])
+  writer = Writer(workdir, step)
+  warmup_steps = config.optim.warmup_steps or config.optim.warmup_epochs * steps_per_epoch
+
+  def host_state(epoch):
+    return dict(host, epoch=epoch, data=json.dumps(iterator.get_state()),
+                plateau={"scale": plateau.scale, "best": plateau.best, "bad_epochs": plateau.bad_epochs},
+                train_seconds=host["train_seconds"] + time.time() - segment_start)
+
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  segment_start = time.time()
+
+  # The loop: epochs of steps, validation after each epoch, best checkpoint by validation metric.
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               desc=f"{config.model.name}/{spec.name}/{protocol}")
+  try:
+    pending = None  # the previous step's metrics, read one step late to keep the device busy
+    t_log, n_log = time.time(), 0
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      batch = mdata.global_batch(next(iterator), batch_sharding)
+      lr = warmup_lr(step, config.optim.lr, warmup_steps, config.optim.warmup_start) * plateau.scale
+      state, metrics = train_step(state, batch, jnp.float32(lr))
+      if pending is not None:
+        _check_and_log(pending, writer, config, bar)
+      pending = (step, lr, metrics)
+      step += 1
+      n_log += 1
+      if bar is not None:
+        bar.update(1)
+      if step % config.log_every_steps == 0:
+        elapsed = time.time() - t_log
+        if bar is not None:
+          bar.set_postfix(img_s=f"{n_log * config.batch_size / max(elapsed, 1e-9):.1f}", lr=f"{lr:.2e}")
+        t_log, n_log = time.time(), 0
+      end_of_epoch = step % steps_per_epoch == 0
+      if pending is not None and (end_of_epoch or preempted or step % config.checkpoint_every_steps == 0):
+        _check_and_log(pending, writer, config, bar, force=True)
+        pending = None
+      if end_of_epoch:
+        val = evaluate("validation", state)
+        reduced = plateau.update(val["headline"])
+        writer.write(step, {"epoch": epoch + 1, **{f"val/{k}": v for k, v in val.items()},
+                            "lr_reduced": reduced})
+        # Like the paper: the first epoch reaching the best (rounded to 3 decimals) wins.
+        score = None if val["headline"] is None or not np.isfinite(val["headline"]) else round(val["headline"], 3)
+        if score is not None and (host["best_metric"] is None or score > host["best_metric"]):
+          host.update(best_metric=score, best_epoch=epoch + 1, best_step=step, best_val=val)
+          ckpts.save_best(step, {k: state[k] for k in PARAM_KEYS},
+                          {"epoch": epoch + 1, "val": val})
+        if bar is not None:
+          bar.write(f"epoch {epoch + 1}/{config.epochs}: val {spec.headline_metric} "
+                    f"{val['headline']:.4f} (best {host['best_metric']} @ {host['best_epoch']})")
+      if end_of_epoch or preempted or step % config.checkpoint_every_steps == 0:
+        ckpts.save_latest(step, state, host_state(step // steps_per_epoch))
+      if preempted:
+        log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
+        return {"status": "preempted", "step": step}
+    if pending is not None:
+      _check_and_log(pending, writer, config, bar, force=True)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    if bar is not None:
+      bar.close()
+
+  # Test with the best checkpoint.
+  train_seconds = host_state(config.epochs)["train_seconds"]
+  best = ckpts.restore_best(abstract_of({k: state[k] for k in PARAM_KEYS}))
+  if best is None:
+    raise RuntimeError(f"no validation epoch gave a finite {spec.headline_metric}: no best checkpoint to test")
+  best_params, best_host = best
+  t0 = time.time()
+  test = evaluate("test", best_params)
+  test_seconds = time.time() - t0
+  result = {"config": config_dict, "model": config.model.name, "dataset": spec.name, "protocol": protocol,
+            "headline_metric": spec.headline_metric, "best_epoch": best_host["epoch"],
+            "iterations_to_best": host["best_step"], "val": best_host["val"], "test": test,
+            "params_total": run.n_total, "params_trained": run.n_trainable,
+            "train_seconds": train_seconds, "test_seconds": test_seconds,
+            "test_images_per_second": dataset.split_sizes["test"] / max(test_seconds, 1e-9),
+            "wall_seconds": time.time() - start_time, "devices": int(run.mesh.devices.size),
+            "device_kind": jax.devices()[0].device_kind}
+  writer.write(step, {f"test/{k}": v for k, v in test.items()})
+  writer.close()
+  ckpts.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True, default=float)
+  return result
+
+
+def _check_and_log(pending, writer, config, bar, force=False):
+  step, lr, metrics = pending
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+    raise NonFiniteError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopping. "
+                         "The last good checkpoint is kept in the workdir; lower optim.lr or check the data.")
+  if force or (step + 1) % config.log_every_steps == 0:
+    writer.write(step + 1, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr})
+
+
+def evaluate_run(workdir: str, split: str = "test") -> dict:
+  """`mfjax eval`: rebuild a finished (or running) run from its config and score its best checkpoint."""
+  import ml_collections
+  quiet_libraries()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{workdir} has no config.json: not an mfjax run folder")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  run = prepare(config)
+  best = RunCheckpoints(workdir).restore_best(abstract_of({k: run.state[k] for k in PARAM_KEYS}))
+  if best is None:
+    raise ConfigError(f"{workdir} has no best checkpoint yet (no validation epoch finished)")
+  params, host = best
+  metrics = run.evaluate(split, params)
+  out = {"workdir": workdir, "split": split, "best_epoch": host["epoch"], "metrics": metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+      json.dump(out, f, indent=2, default=float)
+  return out

@@ -1,0 +1,60 @@
+"""AdamW as the paper uses it, a linear warmup, and ReduceLROnPlateau on the validation metric.
+
+The learning rate is computed on the host and passed to the jitted step, so the plateau rule
+(which depends on validation results) needs no traced state.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def decay_mask(params):
+  """Weight decay everywhere except biases and 1-D parameters (norm scales, LayerScale)."""
+  def rule(path, x):
+    last = getattr(path[-1], "key", str(path[-1]))
+    return x.ndim > 1 and last != "bias"
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(params, clip_norm=1.0, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8,
+                   mu_dtype=None) -> optax.GradientTransformation:
+  """Gradient transform whose output, times -lr, is torch's AdamW update (decoupled decay)."""
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask(params)),
+  )
+
+
+def warmup_lr(step: int, base_lr: float, warmup_steps: int, start: float = 1e-8) -> float:
+  """The paper's LinearWarmup: `start` at step 0, + (base - start) / warmup per step, then base."""
+  if warmup_steps <= 0 or step >= warmup_steps:
+    return base_lr
+  return start + step * (base_lr - start) / warmup_steps
+
+
+@dataclasses.dataclass
+class Plateau:
+  """torch's ReduceLROnPlateau(mode='max', factor, patience, threshold=1e-4 relative)."""
+  patience: int = 2
+  factor: float = 0.1
+  threshold: float = 1e-4
+  scale: float = 1.0
+  best: float | None = None
+  bad_epochs: int = 0
+
+  def update(self, metric: float) -> bool:
+    """Record one epoch's validation metric; True when the learning rate was just reduced."""
+    if self.patience < 0 or metric is None:
+      return False
+    if self.best is None or metric > self.best * (1 + self.threshold):
+      self.best, self.bad_epochs = metric, 0
+      return False
+    self.bad_epochs += 1
+    if self.bad_epochs > self.patience:
+      self.scale *= self.factor
+      self.bad_epochs = 0
+      return True
+    return False
