@@ -1,0 +1,220 @@
+"""The training engine: protocols freeze what they should, sharding does not change the result,
+runs resume exactly after SIGKILL and SIGTERM, two processes agree, and configs fail loudly."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mfjax import data as mdata
+from mfjax.cli import load_config
+from mfjax.config import ConfigError
+from mfjax.data import synthetic
+from mfjax.train import fit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def aptos(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("aptos")
+  manual = synthetic.aptos2019(str(tmp / "download"), num_images=60, size=48)
+  mdata.build("aptos2019", manual, str(tmp / "data"))  # built once, reused by every run
+  return manual, str(tmp / "data")
+
+
+def tiny(aptos, protocol="unfrozen_linear", *extra, model="deit_base_patch16", arg=""):
+  manual, data_dir = aptos
+  return load_config(f"configs/tiny.py:model={model},dataset=aptos2019,protocol={protocol}{arg}",
+                     [f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}", *extra])
+
+
+def flat(tree):
+  return {fit.parallel.path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run_steps(config, n=3):
+  run = fit.prepare(config)
+  before = {k: flat(run.state[k]) for k in ("trainable", "frozen")}
+  loader = mdata.make_loader(run.dataset, "train", batch_size=config.batch_size, train=True, resolution=32)
+  state, it = run.state, iter(loader)
+  for _ in range(n):
+    state, metrics = run.train_step(state, mdata.global_batch(next(it), fit.parallel.batch_sharding(run.mesh)),
+                                    np.float32(1e-3))
+  return run, before, state, float(metrics["loss"])
+
+
+@pytest.mark.parametrize("protocol,extra,trained_foundation", [
+    ("frozen_linear", [], set()),
+    ("frozen_deit", [], set()),
+    ("unfrozen_linear", [], {"patch_embed", "pos_embed", "cls_token", "blocks_0", "blocks_1", "norm"}),
+    ("unfrozen_deit", [], {"patch_embed", "pos_embed", "cls_token", "blocks_0", "blocks_1", "norm"}),
+    ("progressive", ["--config.protocol.unfreeze_from=1"], {"blocks_1"}),
+    ("decapitation", ["--config.protocol.keep_blocks=1"], set()),
+    ("decapitation", ["--config.protocol.keep_blocks=1", "--config.protocol.decapitation_trained=True"],
+     {"patch_embed", "pos_embed", "cls_token", "blocks_0", "norm"}),
+])
+def test_protocols_freeze_exactly(aptos, protocol, extra, trained_foundation):
+  run, before, state, loss = run_steps(tiny(aptos, protocol, *extra))
+  assert np.isfinite(loss)
+  trainable, frozen = flat(state["trainable"]), flat(state["frozen"])
+  got = {k.split("/")[1] for k in trainable if k.startswith("foundation/")}
+  assert got == trained_foundation
+  head = "stacked" if protocol.endswith("deit") or protocol == "decapitation" else "fc"
+  assert any(k.startswith(head + "/") for k in trainable)
+  for k, v in frozen.items():  # frozen: bit-identical after training
+    np.testing.assert_array_equal(v, before["frozen"][k], err_msg=k)
+  assert any(not np.array_equal(v, before["trainable"][k]) for k, v in trainable.items())
+  # No optimizer state for frozen parameters: Adam's moments mirror the trainable tree only.
+  adam = state["opt"][1]
+  assert set(flat(adam.mu)) == set(trainable) and set(flat(adam.nu)) == set(trainable)
+  if protocol == "decapitation":
+    blocks = {k.split("/")[1] for k in {**trainable, **frozen} if k.startswith("foundation/blocks_")}
+    assert blocks == {"blocks_0"}
+
+
+def _driver(args, env=None, timeout=300):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "train_driver.py"), *args],
+                       env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_mesh_shapes_give_the_same_losses(aptos):
+  manual, data_dir = aptos
+  common = ["--manual", manual, "--data", data_dir, "--steps", "4"]
+  single = _driver(common + ["--mesh", "1,1"])[0]
+  eight = _driver(common + ["--mesh", "8,1", "--mesh", "2,4"],
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert single["devices"] == 1 and all(r["devices"] == 8 for r in eight)
+  for r in eight:
+    np.testing.assert_allclose(r["losses"], single["losses"], rtol=1e-5, err_msg=str(r["mesh"]))
+  fsdp = next(r for r in eight if r["mesh"] == [2, 4])
+  # Large tensors really are split over the 'fsdp' axis, parameters and Adam moments alike.
+  assert fsdp["sharded_params"] and all("fsdp" in spec for spec in fsdp["sharded_params"].values())
+  assert fsdp["sharded_opt"] > 0
+  shard = fsdp["bytes_per_device"]
+  assert shard["max"] <= 1.3 * shard["total"] / 4 + shard["replicated"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree(aptos):
+  manual, data_dir = aptos
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = {**ENV, "MFJAX_COORDINATOR": f"127.0.0.1:{port}", "MFJAX_NUM_PROCESSES": "2",
+           "MFJAX_PROCESS_ID": str(pid), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "train_driver.py"), "--manual",
+                                   manual, "--data", data_dir, "--steps", "3", "--mesh", "2,1"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  results = [json.loads(next(l for l in out.splitlines() if l.startswith("{"))) for out, _ in outs]
+  assert [r["process"] for r in results] == [0, 1] and all(r["devices"] == 2 for r in results)
+  np.testing.assert_array_equal(results[0]["losses"], results[1]["losses"])
+  single = _driver(["--manual", manual, "--data", data_dir, "--steps", "3", "--mesh", "2,1"],
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})[0]
+  np.testing.assert_allclose(results[0]["losses"], single["losses"], rtol=1e-5)
+
+
+def _train_cmd(aptos, workdir, epochs=3):
+  manual, data_dir = aptos
+  return [sys.executable, "-m", "mfjax.cli", "train", "--no-progress", "--workdir", str(workdir),
+          "--config", f"configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=unfrozen_deit,epochs={epochs}",
+          f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}",
+          "--config.checkpoint_every_steps=2", "--config.model.drop_path=0.1"]
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+  path, start = os.path.join(workdir, "metrics.jsonl"), time.time()
+  while time.time() - start < timeout:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    if os.path.exists(path):
+      with open(path) as f:
+        steps = [json.loads(l)["step"] for l in f if l.strip()]
+      if steps and max(steps) >= step:
+        return
+    time.sleep(0.05)
+  raise TimeoutError(f"no step {step} in {timeout}s")
+
+
+def _final(workdir):
+  import orbax.checkpoint as ocp
+  ckpt = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  with ocp.StandardCheckpointer() as c:
+    state = c.restore(os.path.join(ckpt, str(step), "state"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = f.read()
+  with open(os.path.join(workdir, "result.json")) as f:
+    result = json.load(f)
+  return flat(state), lines, result
+
+
+def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
+  subprocess.run(_train_cmd(aptos, tmp_path / "straight"), env=ENV, check=True, cwd=ROOT, capture_output=True)
+  ref_state, ref_lines, ref_result = _final(tmp_path / "straight")
+
+  # SIGKILL mid-epoch, then start again in the same workdir.
+  proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "killed"), env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(tmp_path / "killed", 5, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  subprocess.run(_train_cmd(aptos, tmp_path / "killed"), env=ENV, check=True, cwd=ROOT, capture_output=True)
+  state, lines, result = _final(tmp_path / "killed")
+  assert lines == ref_lines
+  assert result["test"] == ref_result["test"] and result["best_epoch"] == ref_result["best_epoch"]
+  for k, v in ref_state.items():
+    np.testing.assert_array_equal(state[k], v, err_msg=k)
+
+  # SIGTERM (preemption): checkpoint and exit 0; the next start finishes the run identically.
+  proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "term"), env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(tmp_path / "term", 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  assert not (tmp_path / "term" / "result.json").exists()
+  assert os.listdir(tmp_path / "term" / "checkpoints")
+  subprocess.run(_train_cmd(aptos, tmp_path / "term"), env=ENV, check=True, cwd=ROOT, capture_output=True)
+  state, _, result = _final(tmp_path / "term")
+  assert result["test"] == ref_result["test"]
+  for k, v in ref_state.items():
+    np.testing.assert_array_equal(state[k], v, err_msg=k)
+
+
+def test_config_errors(aptos, tmp_path):
+  with pytest.raises(ConfigError, match="unknown config field 'optim.lrr'.*valid:.*'lr'"):
+    tiny(aptos, "unfrozen_linear", "--config.optim.lrr=0.1")
+  with pytest.raises(ConfigError, match="unknown config argument 'protcol'"):
+    load_config("configs/paper.py:protcol=frozen_linear", [])
+  with pytest.raises(ConfigError, match="unknown model 'dinov5'.*dinov2_vitb14"):
+    fit.prepare(tiny(aptos, "unfrozen_linear", "--config.model.name=dinov5"))
+  with pytest.raises(ConfigError, match="unknown dataset 'aptos2020'.*aptos2019"):
+    fit.prepare(tiny(aptos, "unfrozen_linear", "--config.data.name=aptos2020"))
+  with pytest.raises(ConfigError, match="unknown protocol 'frozen'.*frozen_linear"):
+    fit.prepare(tiny(aptos, "frozen"))
+  with pytest.raises(ConfigError, match="expected a float"):
+    tiny(aptos, "unfrozen_linear", "--config.optim.lr=fast")
+  fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1}})
+  with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
+    fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})
+
+
+def test_nonfinite_loss_stops_with_the_step(aptos, tmp_path):
+  config = tiny(aptos, "unfrozen_linear", "--config.optim.lr=1e30", "--config.optim.clip_norm=0.0",
+                "--config.checkpoint_every_steps=1000")
+  with pytest.raises(fit.NonFiniteError, match=r"step \d+: loss"):
+    fit.train(config, str(tmp_path / "nan"), progress=False)
