@@ -105,6 +105,11 @@ def test_chexpert_patients_codes_views_and_official_split(root):
   valid_frontal = [r["Path"] for r in _csv(valid_csv) if r["Frontal/Lateral"] == "Frontal"]
   assert frontal.split_sizes["train"] + frontal.split_sizes["validation"] == n_frontal
   assert sorted(_text(r["id"]) for r in _records(frontal, "test")) == sorted(valid_frontal)
+  # The release folder may be renamed, or be the manual_dir itself.
+  renamed = os.path.join(str(root), "my_chexpert")
+  os.rename(os.path.join(manual, "CheXpert-v1.0-small"), renamed)
+  moved = mfjax.data.build("chexpert", renamed, str(root / "tfds_renamed"))
+  assert moved.split_sizes == ds.split_sizes
 
 
 def test_cbis_ddsm_official_release_from_dicom(root):
@@ -246,3 +251,37 @@ def test_info_without_building():
   assert mfjax.data.info("chexpert").headline_metric == "mean_auc"
   with pytest.raises(common.DataError, match="unknown dataset 'aptos'"):
     mfjax.data.info("aptos")
+
+
+def test_build_command(tmp_path, capsys):
+  from mfjax.data import __main__ as cli
+  manual = synthetic.ddsm_lists(str(tmp_path / "lists"), num_cases=15)
+  assert cli.main(["cbis_ddsm", "--manual-dir", manual, "--data-dir", str(tmp_path / "out"),
+                   "--option", "layout=lists", "--option", "split=official"]) == 0
+  out = capsys.readouterr().out
+  assert "splits: {'train': 36, 'validation': 12, 'test': 12}" in out and "roc_auc" in out
+  assert cli.main(["cbis_ddsm", "--manual-dir", manual, "--data-dir", str(tmp_path / "out")]) == 2
+  assert "no CBIS-DDSM case-description CSV" in capsys.readouterr().err
+
+
+def test_stored_bytes_convert_only_what_needs_it(tmp_path):
+  from mfjax.data import images
+  rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
+  PIL.Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=90)
+  PIL.Image.fromarray(np.dstack([rgb, np.full((40, 60), 255, np.uint8)])).save(tmp_path / "rgba.png")
+  deep = (np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 27)
+  PIL.Image.fromarray(deep).save(tmp_path / "deep.png")
+  raw = (tmp_path / "a.jpg").read_bytes()
+  assert images.storage_bytes(str(tmp_path / "a.jpg"), 3) == raw  # already fine: kept as is
+  shrunk = PIL.Image.open(io.BytesIO(images.storage_bytes(str(tmp_path / "a.jpg"), 3, shorter_side=20)))
+  assert shrunk.format == "JPEG" and shrunk.size == (30, 20)
+  rgba = PIL.Image.open(io.BytesIO(images.storage_bytes(str(tmp_path / "rgba.png"), 3)))
+  assert rgba.mode == "RGB" and np.array_equal(np.asarray(rgba), rgb)
+  gray = PIL.Image.open(io.BytesIO(images.storage_bytes(str(tmp_path / "deep.png"), 1)))
+  assert gray.mode == "L" and np.asarray(gray).min() == 0 and np.asarray(gray).max() == 255
+
+
+def test_store_size_shrinks_stored_images(tmp_path):
+  manual = synthetic.aptos2019(str(tmp_path / "aptos"), num_images=20, size=64)
+  ds = mfjax.data.build("aptos2019", manual, str(tmp_path / "tfds"), store_size=32)
+  assert all(PIL.Image.open(io.BytesIO(r["image"])).size == (32, 32) for r in _records(ds, "train"))

@@ -61,6 +61,20 @@ def test_train_ops_equal_torchvision_for_the_same_draws():
     assert np.max(np.abs(ours - ref)) <= 1e-6, seed
 
 
+def test_jpeg_draft_decode_is_close_to_full_decode():
+  import io
+  big = _photo(size=(512, 512)).resize((512, 512))
+  buffer = io.BytesIO()
+  big.save(buffer, format="JPEG", quality=95)
+  data = buffer.getvalue()
+  full = images.decode(data, 3)
+  small = images.decode(data, 3, draft_size=transforms.resize_size(64))
+  assert full.size == (512, 512) and small.size == (128, 128)  # 1/4 scale, still >= 73
+  a = transforms.eval_image(full, 64, MEAN, STD)
+  b = transforms.eval_image(small, 64, MEAN, STD)
+  assert np.mean(np.abs(a - b)) < 0.05 * np.mean(np.abs(a))
+
+
 def test_random_resized_crop_box_follows_torchvision_rules():
   rng = np.random.default_rng(0)
   boxes = np.array([transforms.random_resized_crop_box(rng, 224, 224) for _ in range(2000)])

@@ -92,9 +92,9 @@ def _read(csv_path, official, views):
       age = int(float(r["Age"])) if r["Age"] else -1
     except ValueError:
       raise common.DataError(f"{common.where(csv_path, line, 'Age')}: {r['Age']!r} is not a number") from None
-    # Paths start with the release folder ("CheXpert-v1.0-small/train/..."), next to the CSV.
-    image = (os.path.join(os.path.dirname(csv_dir), *parts) if parts[0] == os.path.basename(csv_dir)
-             else os.path.join(csv_dir, *parts))
+    # Paths start with the release folder ("CheXpert-v1.0-small/train/..."): the CSV's folder,
+    # whatever it is called now.
+    image = os.path.join(csv_dir, *(parts[1:] if parts[0].startswith("CheXpert-v1.0") else parts))
     rows.append(common.Row(
         id=path, image=image, where=common.where(csv_path, line, "Path"),
         labels=np.array(codes, np.int8), group=f"patient:{patient}", official=official,

@@ -1,9 +1,10 @@
 """Classification metrics in NumPy, equal to scikit-learn's to float rounding.
 
-The benchmark scores each dataset with one headline metric (`HEADLINE`):
+The benchmark scores each dataset with one headline metric (its `mfjax.data` Spec's
+`headline_metric`):
   aptos2019  quadratic-weighted Cohen kappa on argmax predictions
   isic2019   macro recall (mean per-class recall) on argmax predictions
-  cbis_ddsm  binary ROC-AUC on the positive-class score
+  cbis_ddsm  binary ROC-AUC on the positive-class score (3-class list task: macro recall)
   chexpert   mean per-label ROC-AUC over the 14 observations
 
 Undefined values are NaN, never a made-up number: an AUC needs both classes, so a label
@@ -15,13 +16,6 @@ such a label 0.5 instead.
 headline under the key "headline".
 """
 import numpy as np
-
-HEADLINE = {
-    "aptos2019": "quadratic_kappa",
-    "isic2019": "macro_recall",
-    "cbis_ddsm": "roc_auc",
-    "chexpert": "mean_auc",
-}
 
 MULTICLASS_METRICS = ("accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "quadratic_kappa")
 BINARY_METRICS = MULTICLASS_METRICS + ("roc_auc",)
