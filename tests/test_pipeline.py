@@ -4,7 +4,6 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -107,7 +106,8 @@ def test_train_batches_labels_and_images(aptos):
   loader = mfjax.data.make_loader(aptos, "train", batch_size=8, train=True, resolution=32, seed=3,
                                   shard_index=0, shard_count=1)
   batches = _collect(loader)
-  assert len(batches) == aptos.split_sizes["train"] // 8 == 3
+  assert len(batches) == aptos.split_sizes["train"] // 8 == 3 == mfjax.data.steps_per_epoch(28, 8)
+  assert mfjax.data.steps_per_epoch(28, 8, drop_remainder=False) == 4
   source = aptos.source("train")
   for b in batches:
     assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
