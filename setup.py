@@ -10,6 +10,13 @@ CORE = [
     "numpy>=1.26",
     "pillow>=10",
     "tqdm>=4.66",
+    # mfjax.data: tfds builders written as array_record and read without TensorFlow, grain
+    # loaders, DICOM reading.
+    "tensorflow-datasets>=4.9.9,<5",
+    "array-record>=0.8",
+    "grain>=0.2.18,<0.3",
+    "absl-py>=2",
+    "pydicom>=3,<4",
 ]
 
 TEST = [

@@ -1,0 +1,178 @@
+"""Bad input stops a build with the file, row and column at fault, or is skipped and recorded."""
+import csv
+import os
+import re
+
+import pytest
+
+import mfjax.data
+from mfjax.data import DataError, synthetic
+
+
+def _rewrite_csv(path, edit):
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  rows = edit(rows)
+  with open(path, "w", newline="") as f:
+    csv.writer(f).writerows(rows)
+  return rows
+
+
+@pytest.fixture
+def aptos(tmp_path):
+  return synthetic.aptos2019(str(tmp_path / "aptos"), num_images=30), str(tmp_path / "tfds")
+
+
+def _image_of_line(manual, line):
+  with open(os.path.join(manual, "train.csv"), newline="") as f:
+    rows = list(csv.reader(f))
+  return os.path.join(manual, "train_images", rows[line - 1][0] + ".png")
+
+
+def test_missing_image_names_file_and_row(aptos):
+  manual, data_dir = aptos
+  image = _image_of_line(manual, 5)
+  os.remove(image)
+  with pytest.raises(DataError) as e:
+    mfjax.data.build("aptos2019", manual, data_dir)
+  message = str(e.value)
+  assert image in message and "missing" in message
+  assert f"{os.path.join(manual, 'train.csv')}, line 5, column 'id_code'" in message
+  assert not os.path.exists(os.path.join(data_dir, "aptos2019")) or not any(
+      f == "dataset_info.json" for _, _, fs in os.walk(os.path.join(data_dir, "aptos2019")) for f in fs)
+
+
+def test_unreadable_image_names_file_and_row(aptos):
+  manual, data_dir = aptos
+  image = _image_of_line(manual, 9)
+  with open(image, "r+b") as f:
+    f.truncate(60)  # a cut-off download
+  with pytest.raises(DataError, match=re.escape(image) + r": unreadable .*line 9, column 'id_code'"):
+    mfjax.data.build("aptos2019", manual, data_dir)
+
+
+def test_skip_bad_images_reports_and_records_them(aptos):
+  manual, data_dir = aptos
+  missing, broken = _image_of_line(manual, 3), _image_of_line(manual, 4)
+  os.remove(missing)
+  with open(broken, "wb") as f:
+    f.write(b"not an image")
+  ds = mfjax.data.build("aptos2019", manual, data_dir, skip_bad_images=True)
+  assert sum(ds.split_sizes.values()) == 28
+  assert ds.metadata["num_skipped"] == 2
+  skipped = {s["image"]: s for s in ds.skipped}
+  assert skipped[missing]["problem"] == "missing" and "line 3" in skipped[missing]["source"]
+  assert skipped[broken]["problem"].startswith("unreadable") and "line 4" in skipped[broken]["source"]
+  # The record survives reloading: it is in the dataset's metadata.json.
+  assert mfjax.data.load(ds.path).metadata["num_skipped"] == 2
+
+
+@pytest.mark.parametrize("value", ["7", "mild", "", "2.5"])
+def test_unknown_label_names_file_row_column_value(aptos, value):
+  manual, data_dir = aptos
+  _rewrite_csv(os.path.join(manual, "train.csv"), lambda rows: rows[:6] + [[rows[6][0], value]] + rows[7:])
+  with pytest.raises(DataError, match=re.escape(f"train.csv, line 7, column 'diagnosis': unknown label {value!r}")):
+    mfjax.data.build("aptos2019", manual, data_dir)
+
+
+def test_missing_column_names_the_column(aptos):
+  manual, data_dir = aptos
+  _rewrite_csv(os.path.join(manual, "train.csv"), lambda rows: [[r[0]] for r in rows])
+  with pytest.raises(DataError, match=r"train.csv is missing required column\(s\) \['diagnosis'\]"):
+    mfjax.data.build("aptos2019", manual, data_dir)
+
+
+def test_empty_split_is_refused(tmp_path):
+  manual = synthetic.aptos2019(str(tmp_path / "tiny"), num_images=4)
+  with pytest.raises(DataError, match=r"split\(s\) \['test'\] would be empty \(sizes \{'train': 3, "):
+    mfjax.data.build("aptos2019", manual, str(tmp_path / "tfds"))
+
+
+def test_bad_options_and_folders(aptos, tmp_path):
+  manual, data_dir = aptos
+  with pytest.raises(DataError, match=r"unknown option\(s\) \['sede'\]; valid options are .*'seed'"):
+    mfjax.data.build("aptos2019", manual, data_dir, sede=1)
+  with pytest.raises(DataError, match="split='wrong'"):
+    mfjax.data.build("aptos2019", manual, data_dir, split="wrong")
+  with pytest.raises(DataError, match="aptos2019 has no official split"):
+    mfjax.data.build("aptos2019", manual, data_dir, split="official")
+  with pytest.raises(DataError, match="views='side'"):
+    mfjax.data.build("chexpert", manual, data_dir, views="side")
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(DataError, match="CheXpert train.csv not found .*CheXpert-v1.0-small/"):
+    mfjax.data.build("chexpert", str(tmp_path / "empty"), data_dir)
+  with pytest.raises(DataError, match="is not a folder"):
+    mfjax.data.build("aptos2019", str(tmp_path / "nowhere"), data_dir)
+
+
+def test_isic_label_errors(tmp_path):
+  manual = synthetic.isic2019(str(tmp_path / "isic"), num_images=24)
+  path = os.path.join(manual, "ISIC_2019_Training_GroundTruth.csv")
+  original = _rewrite_csv(path, lambda rows: rows)
+
+  def set_cell(line, column, value):
+    def edit(rows):
+      rows = [list(r) for r in original]
+      rows[line - 1][rows[0].index(column)] = value
+      return rows
+    _rewrite_csv(path, edit)
+
+  set_cell(4, "NV", "0.5")
+  with pytest.raises(DataError, match=r"line 4, column 'NV': unknown label value '0.5'"):
+    mfjax.data.build("isic2019", manual, str(tmp_path / "tfds"))
+  set_cell(5, "UNK", "1.0")
+  with pytest.raises(DataError, match=r"line 5, column 'UNK': UNK is positive"):
+    mfjax.data.build("isic2019", manual, str(tmp_path / "tfds"))
+  row = original[5]
+  zero_col = next(c for c in range(1, 9) if row[c] == "0.0")
+  set_cell(6, original[0][zero_col], "1.0")
+  with pytest.raises(DataError, match=r"line 6: 2 positive classes"):
+    mfjax.data.build("isic2019", manual, str(tmp_path / "tfds"))
+
+
+def test_chexpert_label_and_column_errors(tmp_path):
+  manual = synthetic.chexpert(str(tmp_path / "cx"), num_patients=10)
+  path = os.path.join(manual, "CheXpert-v1.0-small", "train.csv")
+  original = _rewrite_csv(path, lambda rows: rows)
+  edema = original[0].index("Edema")
+  _rewrite_csv(path, lambda rows: rows[:3] + [rows[3][:edema] + ["2.0"] + rows[3][edema + 1:]] + rows[4:])
+  with pytest.raises(DataError, match=r"train.csv, line 4, column 'Edema': unknown label value '2.0'"):
+    mfjax.data.build("chexpert", manual, str(tmp_path / "tfds"))
+  _rewrite_csv(path, lambda rows: [r[:edema] + r[edema + 1:] for r in original])
+  with pytest.raises(DataError, match=r"missing required column\(s\) \['Edema'\]"):
+    mfjax.data.build("chexpert", manual, str(tmp_path / "tfds"))
+
+
+def test_cbis_ddsm_errors(tmp_path):
+  manual = synthetic.cbis_ddsm(str(tmp_path / "cbis"), num_patients=16)
+  path = os.path.join(manual, "mass_case_description_train_set.csv")
+  original = _rewrite_csv(path, lambda rows: rows)
+  pathology = original[0].index("pathology")
+  _rewrite_csv(path, lambda rows: rows[:2] + [rows[2][:pathology] + ["MAYBE"] + rows[2][pathology + 1:]] + rows[3:])
+  with pytest.raises(DataError, match=r"line 3, column 'pathology': unknown label value 'MAYBE'"):
+    mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"))
+  _rewrite_csv(path, lambda rows: original)
+  key = original[1][original[0].index("image file path")].split("/")[0]
+  folder = os.path.join(manual, "CBIS-DDSM", key)
+  os.rename(folder, folder + "_moved")
+  with pytest.raises(DataError, match=rf"line 2, column 'image file path': no image found for '{key}'"):
+    mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"))
+
+  lists = synthetic.ddsm_lists(str(tmp_path / "lists"), num_cases=15)
+  with open(os.path.join(lists, "ddsm_raw_image_lists", "val.txt"), "a") as f:
+    f.write("mystery_01_A_0001_1.LEFT_CC.png\n")
+  with pytest.raises(DataError, match=r"val.txt, line \d+: cannot tell the label of 'mystery_01"):
+    mfjax.data.build("cbis_ddsm", lists, str(tmp_path / "tfds"), layout="lists")
+
+
+def test_csv_images_errors(tmp_path):
+  manual = synthetic.csv_images(str(tmp_path / "own"), num_images=30)
+  with pytest.raises(DataError, match="set exactly one of label_column"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"))
+  with pytest.raises(DataError, match=r"line \d+, column 'label': unknown label value 'normal'; the classes are"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label",
+                     class_names=["benign", "malignant"])
+  path = os.path.join(manual, "labels.csv")
+  _rewrite_csv(path, lambda rows: rows + [rows[1]])
+  with pytest.raises(DataError, match=r"duplicate example id 'images/0/img_0000.png' at .*line 32.* and .*line 2"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label")
