@@ -5,17 +5,17 @@ rule, the best validation metric so far. Saves are finished before the call retu
 SIGKILL right after leaves a complete checkpoint, and orbax's temporary-then-rename protocol
 means a SIGKILL during a save leaves the previous one intact.
 """
-import os
-
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class RunCheckpoints:
-  def __init__(self, workdir: str):
+  def __init__(self, workdir):
+    """`workdir`: a local path or a remote one orbax can write (gs://, through tensorstore)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    self.latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    self.latest = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints",
                                         options=options, item_names=("state", "host"))
-    self.best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"),
+    self.best = ocp.CheckpointManager(epath.Path(workdir) / "best",
                                       options=options, item_names=("params", "host"))
 
   def save_latest(self, step: int, state, host: dict) -> None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mfjax import data as mdata
@@ -40,20 +41,29 @@ class NonFiniteError(RuntimeError):
 # ------------------------------------------------------------------------------- setup
 
 
-def check_workdir(workdir: str, config_dict: dict) -> None:
+def workdir_path(workdir) -> epath.Path:
+  """A local folder (made absolute) or a remote one (gs://...), for orbax and for our files."""
+  text = str(workdir)
+  return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def check_workdir(workdir, config_dict: dict) -> None:
   """Write config.json, or check that a restarted run has the same config."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  workdir = workdir_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
+  if path.exists():
+    saved = json.loads(path.read_text())
     if saved != json.loads(json.dumps(config_dict)):
       diff = sorted(_diff(saved, json.loads(json.dumps(config_dict))))
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
   elif jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True)
+    path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
 
 
 def _diff(a, b, prefix=""):
@@ -83,33 +93,49 @@ def loss_fn(logits, batch, multi_label: bool):
 
 
 class Writer:
-  """metrics.jsonl + TensorBoard on process 0."""
+  """metrics.jsonl (+ TensorBoard events for local workdirs) on process 0.
 
-  def __init__(self, workdir: str, resume_step: int):
+  Locally each line is appended at once. A remote workdir (gs://) cannot be appended to, so
+  lines are buffered and the file is rewritten at every `flush` (checkpoints, epochs, the end).
+  """
+
+  def __init__(self, workdir, resume_step: int):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = workdir / "metrics.jsonl"
+    self.remote = is_remote(workdir)
+    self.lines, self.tb = [], None
     if not self.enabled:
       return
     # A resumed run rewrites what came after its checkpoint, so the log equals an uninterrupted one.
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(workdir)
+    if self.path.exists():
+      self.lines = [l + "\n" for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
+      self.path.write_text("".join(self.lines))
+    if self.remote:
+      log.warning("workdir %s is remote: TensorBoard events are not written (metrics.jsonl is)", workdir)
+    else:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
-    for k, v in values.items():
-      if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-        self.tb.add_scalar(k, v, step)
+    line = json.dumps({"step": step, **values}) + "\n"
+    self.lines.append(line)
+    if not self.remote:
+      with self.path.open("a") as f:
+        f.write(line)
+    if self.tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+          self.tb.add_scalar(k, v, step)
+
+  def flush(self) -> None:
+    if self.enabled and self.remote:
+      self.path.write_text("".join(self.lines))
 
   def close(self):
-    if self.enabled:
+    self.flush()
+    if self.tb is not None:
       self.tb.close()
 
 
@@ -241,7 +267,7 @@ def quiet_libraries() -> None:
 def train(config, workdir: str, progress: bool = True) -> dict:
   start_time = time.time()
   quiet_libraries()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = workdir_path(workdir)
   config_dict = to_dict(config)
   parallel.maybe_initialize_distributed()
   check_workdir(workdir, config_dict)
@@ -327,6 +353,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                     f"{val['headline']:.4f} (best {host['best_metric']} @ {host['best_epoch']})")
       if end_of_epoch or preempted or step % config.checkpoint_every_steps == 0:
         ckpts.save_latest(step, state, host_state(step // steps_per_epoch))
+        writer.flush()
       if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}
@@ -358,8 +385,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   writer.close()
   ckpts.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True, default=float)
+    (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
   return result
 
 
@@ -377,12 +403,11 @@ def evaluate_run(workdir: str, split: str = "test") -> dict:
   """`mfjax eval`: rebuild a finished (or running) run from its config and score its best checkpoint."""
   import ml_collections
   quiet_libraries()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  workdir = workdir_path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
     raise ConfigError(f"{workdir} has no config.json: not an mfjax run folder")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   run = prepare(config)
   best = RunCheckpoints(workdir).restore_best(abstract_of({k: run.state[k] for k in PARAM_KEYS}))
   if best is None:
@@ -391,6 +416,5 @@ def evaluate_run(workdir: str, split: str = "test") -> dict:
   metrics = run.evaluate(split, params)
   out = {"workdir": workdir, "split": split, "best_epoch": host["epoch"], "metrics": metrics}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-      json.dump(out, f, indent=2, default=float)
+    (workdir / f"eval_{split}.json").write_text(json.dumps(out, indent=2, default=float))
   return out
