@@ -3,6 +3,7 @@
   mfjax train --config configs/paper.py:model=dinov2_vitb14,dataset=aptos2019,protocol=unfrozen_linear \
               --config.data.manual_dir=~/data/aptos2019 --workdir runs/x
   mfjax eval  --workdir runs/x [--split test]
+  mfjax sweep --sweep configs/sweeps/paper.py:data_root=~/data,checkpoint_root=ckpt --runs-dir runs/paper [--list]
 """
 import argparse
 import ast
@@ -79,6 +80,13 @@ def main(argv=None) -> int:
   p.add_argument("--config", required=True, help="configs/FILE.py[:key=value,...]")
   p.add_argument("--workdir", required=True)
   p.add_argument("--no-progress", action="store_true")
+  p = sub.add_parser("sweep", help="run (or list) a grid of training runs; select lr per cell")
+  p.add_argument("--sweep", required=True, help="configs/sweeps/FILE.py[:key=value,...]")
+  p.add_argument("--runs-dir", required=True)
+  p.add_argument("--list", action="store_true",
+                 help="print the `mfjax train` command of every unfinished run (for a launcher) and exit")
+  p.add_argument("--select-only", action="store_true", help="only (re)compute the lr selection")
+  p.add_argument("--no-progress", action="store_true")
   p = sub.add_parser("eval", help="score a trained run's best checkpoint on a split")
   p.add_argument("--workdir", required=True)
   p.add_argument("--split", default="test", choices=["train", "validation", "test"])
@@ -96,6 +104,21 @@ def main(argv=None) -> int:
         return 0
       print(json.dumps({"best_epoch": result["best_epoch"], "val": result["val"]["headline"],
                         "test": result["test"]["headline"], "metric": result["headline_metric"]}))
+    elif args.command == "sweep":
+      bad = [r for r in rest if not r.startswith("--config.")]
+      if bad:
+        parser.error(f"unrecognized arguments: {bad}")
+      from mfjax.train import sweep
+      spec = sweep.load_sweep(args.sweep)
+      runs = sweep.expand(spec, args.runs_dir, rest)
+      if args.list:
+        for run in runs:
+          if not os.path.exists(os.path.join(run.workdir, "result.json")):
+            print(run.command())
+        return 0
+      selections = sweep.select(runs) if args.select_only else sweep.run_all(
+          spec, args.runs_dir, rest, progress=not args.no_progress)
+      print(json.dumps(selections, indent=2, default=float))
     elif args.command == "eval":
       if rest:
         parser.error(f"unrecognized arguments: {rest}")

@@ -1,0 +1,31 @@
+r"""Tables 1 and 2: every foundation x dataset x the four protocols, 4 learning rates x 5 seeds.
+
+  mfjax sweep --sweep configs/sweeps/paper.py:data_root=~/data,checkpoint_root=ckpt --runs-dir runs/paper
+  mfjax report runs/paper
+
+data_root holds one download folder per dataset (aptos2019/, isic2019/, chexpert/, cbis_ddsm/);
+checkpoint_root one converted model per name (`python -m convert ... --out ckpt/<model>`).
+Arguments: data_root, checkpoint_root, models (a '+'-joined subset), datasets, protocols, seeds.
+The full grid is 8 x 4 x 4 x 4 x 5 = 2,560 runs of 100 epochs: spread it with `--list` and a
+launcher, or narrow it with the arguments.
+"""
+import numpy as np
+
+from mfjax.config import parse_arg
+
+MODELS = ("deit_base_patch16", "dino_vitb16", "dinov2_vitb14", "openclip_vitb16", "blip_vitb16",
+          "sam_vitb", "seem_focalt", "resnet152")
+DATASETS = ("aptos2019", "cbis_ddsm", "isic2019", "chexpert")
+PROTOCOLS = ("frozen_linear", "frozen_deit", "unfrozen_linear", "unfrozen_deit")
+LEARNING_RATES = tuple(float(f"{v:.1e}") for v in np.logspace(-5, -3, 4))  # 1e-5 .. 1e-3
+
+
+def get_sweep(arg: str = "") -> dict:
+  a = parse_arg(arg, data_root="", checkpoint_root="", models="+".join(MODELS),
+                datasets="+".join(DATASETS), protocols="+".join(PROTOCOLS), seeds=5)
+  return dict(
+      config="configs/paper.py",
+      data_root=a.data_root, checkpoint_root=a.checkpoint_root,
+      axes=dict(model=a.models.split("+"), dataset=a.datasets.split("+"),
+                protocol=a.protocols.split("+"), lr=list(LEARNING_RATES), seed=list(range(a.seeds))),
+      fixed={})

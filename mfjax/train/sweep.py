@@ -1,0 +1,139 @@
+"""`mfjax sweep`: a grid of training runs, one workdir each, with the paper's learning-rate selection.
+
+A sweep file defines `get_sweep(arg) -> dict` with
+  config   the config file every run uses (e.g. "configs/paper.py")
+  axes     {name: [values]}: a config argument (model, dataset, protocol, lr, seed, res, ...) or a
+           dotted config field (e.g. "protocol.unfreeze_from"); the grid is their product
+  fixed    {dotted field: value} applied to every run
+  data_root        optional: data.manual_dir = <data_root>/<dataset> for each run
+  checkpoint_root  optional: model.checkpoint = <root>/<model> and, for stacked heads,
+                   head.checkpoint = <root>/deit_base_patch16 (folders from `python -m convert`)
+  per_model        optional {model: {dotted field: value}} for the runs of that model
+Runs live in RUNS_DIR/<cell>/lr=<lr>/seed=<seed>, where the cell is every axis but lr and seed.
+A run with result.json is skipped; an interrupted one resumes from its checkpoint. For each cell
+the learning rate with the best mean validation metric over seeds is selected (selection.json).
+"""
+import dataclasses
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import shlex
+
+import numpy as np
+
+from mfjax.config import ConfigError
+
+log = logging.getLogger("mfjax")
+SELECTED_BY = ("lr", "seed")
+
+
+@dataclasses.dataclass
+class Run:
+  cell: str
+  cell_dir: str
+  workdir: str
+  config_spec: str        # "configs/paper.py:model=...,lr=..."
+  overrides: list[str]    # ["--config.protocol.unfreeze_from=3", ...]
+  values: dict
+
+  def command(self) -> str:
+    return shlex.join(["mfjax", "train", "--config", self.config_spec, *self.overrides,
+                       "--workdir", self.workdir])
+
+
+def load_sweep(spec: str):
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"sweep file {path} not found")
+  module_spec = importlib.util.spec_from_file_location("mfjax_user_sweep", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise ConfigError(f"{path} defines no get_sweep(arg)")
+  return module.get_sweep(arg)
+
+
+def _fmt(v) -> str:
+  return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expand(sweep, runs_dir: str, extra_overrides: list[str] = ()) -> list[Run]:
+  """Every run of the grid, in a stable order (cell by cell, then lr, then seed)."""
+  axes = dict(sweep["axes"])
+  cell_axes = [a for a in axes if a not in SELECTED_BY]
+  order = cell_axes + [a for a in SELECTED_BY if a in axes]
+  fixed = [f"--config.{k}={v}" for k, v in sweep.get("fixed", {}).items()] + list(extra_overrides)
+  runs = []
+  for combo in itertools.product(*(list(axes[a]) for a in order)):
+    values = dict(zip(order, combo))
+    args = [f"{a}={_fmt(v)}" for a, v in values.items() if "." not in a]
+    dotted = [f"--config.{a}={_fmt(v)}" for a, v in values.items() if "." in a]
+    dotted += _per_run_paths(sweep, values)
+    cell = ",".join(f"{a}={_fmt(values[a])}" for a in cell_axes) or "all"
+    sub = [f"{a}={_fmt(values[a])}" for a in SELECTED_BY if a in values]
+    cell_dir = os.path.join(runs_dir, cell)
+    runs.append(Run(cell, cell_dir, os.path.join(cell_dir, *sub), f"{sweep['config']}:{','.join(args)}",
+                    fixed + dotted, values))
+  return runs
+
+
+def _per_run_paths(sweep, values) -> list[str]:
+  out = []
+  if sweep.get("data_root") and "dataset" in values:
+    out.append(f"--config.data.manual_dir={os.path.join(sweep['data_root'], values['dataset'])}")
+  if sweep.get("checkpoint_root"):
+    if "model" in values:
+      out.append(f"--config.model.checkpoint={os.path.join(sweep['checkpoint_root'], values['model'])}")
+    protocol = str(values.get("protocol", ""))
+    if protocol.endswith("_deit") or protocol == "decapitation":
+      out.append(f"--config.head.checkpoint={os.path.join(sweep['checkpoint_root'], 'deit_base_patch16')}")
+  for key, value in sweep.get("per_model", {}).get(values.get("model"), {}).items():
+    out.append(f"--config.{key}={_fmt(value)}")
+  return out
+
+
+def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: bool = True) -> dict:
+  """Train every unfinished run in turn on the local devices, then select learning rates."""
+  from mfjax.cli import load_config
+  from mfjax.train import fit
+  runs = expand(sweep, runs_dir, extra_overrides)
+  configs = [load_config(r.config_spec, r.overrides) for r in runs]  # every config checked up front
+  todo = [(r, c) for r, c in zip(runs, configs) if not os.path.exists(os.path.join(r.workdir, "result.json"))]
+  log.info("sweep: %d runs, %d finished, %d to go", len(runs), len(runs) - len(todo), len(todo))
+  for i, (run, config) in enumerate(todo):
+    log.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
+    result = fit.train(config, run.workdir, progress=progress)
+    if result.get("status") == "preempted":
+      log.warning("sweep stopped by SIGTERM; run it again to resume")
+      return {"status": "preempted"}
+  return select(runs)
+
+
+def select(runs: list[Run]) -> dict:
+  """Per cell: the lr with the best mean validation headline; its seeds' test mean and std."""
+  by_cell: dict[str, list[tuple[Run, dict]]] = {}
+  for run in runs:
+    path = os.path.join(run.workdir, "result.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        by_cell.setdefault(run.cell, []).append((run, json.load(f)))
+  selections = {}
+  for cell, items in by_cell.items():
+    by_lr: dict = {}
+    for run, result in items:
+      by_lr.setdefault(run.values.get("lr"), []).append(result)
+    scores = {lr: np.nanmean([_finite(r["val"]["headline"]) for r in rs]) for lr, rs in by_lr.items()}
+    best_lr = max(scores, key=lambda lr: -np.inf if np.isnan(scores[lr]) else scores[lr])
+    tests = [_finite(r["test"]["headline"]) for r in by_lr[best_lr]]
+    selections[cell] = {"lr": best_lr, "val_mean_by_lr": {_fmt(k): v for k, v in scores.items()},
+                        "test_mean": float(np.nanmean(tests)), "test_std": float(np.nanstd(tests)),
+                        "seeds": len(tests), "headline_metric": by_lr[best_lr][0]["headline_metric"]}
+    with open(os.path.join(items[0][0].cell_dir, "selection.json"), "w") as f:
+      json.dump(selections[cell], f, indent=2, default=float)
+  return selections
+
+
+def _finite(v):
+  return float("nan") if v is None else float(v)
