@@ -58,9 +58,11 @@ def convert(state_dict: dict[str, np.ndarray], model: str = "resnet152",
 def detect_model(state: dict, source: str) -> str:
   """The registered ResNet whose blocks per stage match the state dict's."""
   from mfjax.models import resnet
-  depths = tuple(
-      1 + max((int(m.group(1)) for k in state if (m := re.match(rf"layer{s}\.(\d+)\.", k))), default=-1)
-      for s in (1, 2, 3, 4))
+  blocks: dict[int, int] = {}  # stage -> number of blocks
+  for key in state:
+    if m := re.match(r"layer([1-4])\.(\d+)\.", key):
+      blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+  depths = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
   for name, cfg in resnet.MODELS.items():
     if tuple(cfg["depths"]) == depths:
       return name
@@ -77,7 +79,8 @@ def from_checkpoint(raw, hf_config, fmt, args):
   if fmt == "hf":
     name = timm_hub.architecture(hf_config, _model_names(), "resnet")
     if args.model and args.model != name:
-      raise core.ConversionError(f"{source}: config.json says {name!r}, but --model {args.model} given")
+      raise core.ConversionError(
+          f"{source}: config.json says {name!r}, but --model {args.model} was given")
     state = raw
   else:
     if not isinstance(raw, dict):

@@ -75,7 +75,8 @@ def _blocks(c: core.Conversion, m, src_block, ls_name, norm_name, linear, modula
       _dense(c, f"{dst}/modulation/h", mod + "h", pointwise)
       _dense(c, f"{dst}/modulation/proj", mod + "proj", linear)
       for level in range(m.focal_levels[s]):
-        _conv(c, f"{dst}/modulation/focal_layers_{level}", f"{mod}focal_layers.{level}.0", bias=False)
+        _conv(c, f"{dst}/modulation/focal_layers_{level}", f"{mod}focal_layers.{level}.0",
+              bias=False)
       if m.post_norm_in_modulation:
         _norm(c, f"{dst}/modulation/norm", mod + modulation_norm)
       _dense(c, f"{dst}/mlp/fc1", f"{src}mlp.fc1", linear)
@@ -147,25 +148,27 @@ def detect_layout(state: dict, source: str) -> str:
 
 
 def timm_architecture(state: dict) -> dict:
-  """The FocalNet fields a timm state dict's tensor shapes determine."""
-  stages = sorted({int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.blocks\.", k))})
-  depths = tuple(1 + max(int(m.group(1)) for k in state
-                         if (m := re.match(rf"layers\.{s}\.blocks\.(\d+)\.", k))) for s in stages)
-  levels, windows = [], []
-  for s in stages:
-    focal = sorted(k for k in state
-                   if re.fullmatch(rf"layers\.{s}\.blocks\.0\.modulation\.focal_layers\.\d+\.0\.weight", k))
-    levels.append(len(focal))
-    windows.append(int(state[f"layers.{s}.blocks.0.modulation.focal_layers.0.0.weight"].shape[-1])
-                   if focal else 0)
-  block = "layers.0.blocks.0."
+  """The FocalNet fields a timm state dict's key names and tensor shapes determine."""
+  blocks: dict[int, int] = {}  # stage -> number of blocks
+  levels: dict[int, int] = {}  # stage -> number of focal levels (in block 0)
+  for key in state:
+    if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key):
+      stage, block = int(m[1]), int(m[2])
+      blocks[stage] = max(blocks.get(stage, 0), block + 1)
+      if block == 0 and re.search(r"\.modulation\.focal_layers\.\d+\.0\.weight$", key):
+        levels[stage] = levels.get(stage, 0) + 1
+  stages = sorted(blocks)
+  window = lambda s: state.get(f"layers.{s}.blocks.0.modulation.focal_layers.0.0.weight")
+  block0 = "layers.0.blocks.0."
   return dict(
       embed_dim=int(state["stem.proj.weight"].shape[0]),
       stem_kernel=int(state["stem.proj.weight"].shape[-1]),
-      depths=depths, focal_levels=tuple(levels), focal_windows=tuple(windows),
-      norm_placement="post" if f"{block}norm1_post.weight" in state else "pre",
-      layerscale=f"{block}ls1.gamma" in state,
-      post_norm_in_modulation=f"{block}modulation.norm.weight" in state)
+      depths=tuple(blocks[s] for s in stages),
+      focal_levels=tuple(levels.get(s, 0) for s in stages),
+      focal_windows=tuple(int(window(s).shape[-1]) if window(s) is not None else 0 for s in stages),
+      norm_placement="post" if f"{block0}norm1_post.weight" in state else "pre",
+      layerscale=f"{block0}ls1.gamma" in state,
+      post_norm_in_modulation=f"{block0}modulation.norm.weight" in state)
 
 
 def detect_timm_model(state: dict, source: str) -> str:
@@ -193,7 +196,8 @@ def from_checkpoint(raw, hf_config, fmt, args):
   if fmt == "hf":
     name = timm_hub.architecture(hf_config, _model_names(), "seem")
     if args.model and args.model != name:
-      raise core.ConversionError(f"{source}: config.json says {name!r}, but --model {args.model} given")
+      raise core.ConversionError(
+          f"{source}: config.json says {name!r}, but --model {args.model} was given")
     state, layout = raw, "timm"
   else:
     if not isinstance(raw, dict):

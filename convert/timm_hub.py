@@ -2,7 +2,8 @@
 from convert import core
 
 # model_args that change only the classifier or training-time regularisation, not the backbone.
-BACKBONE_NEUTRAL_ARGS = {"num_classes", "global_pool", "drop_rate", "drop_path_rate", "proj_drop_rate"}
+BACKBONE_NEUTRAL_ARGS = {"num_classes", "global_pool", "drop_rate", "drop_path_rate",
+                         "proj_drop_rate"}
 
 
 def architecture(hf_config: dict, valid: tuple[str, ...], family: str) -> str:

@@ -39,11 +39,15 @@ def assert_close(name, got, ref):
 
 
 def randomize(model, seed):
-  """Non-trivial values for every norm, LayerScale and bias (timm inits them to 1, 1e-4, 0)."""
+  """Random weights that make every branch matter: unit-gain conv/linear weights (timm's
+  trunc_normal(0.02) leaves the modulation's gated product almost zero), and non-trivial
+  norms, LayerScales and biases (timm inits them to 1, 1e-4 and 0)."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("gamma") or ("norm" in name and name.endswith("weight")):
+      if p.ndim >= 2:
+        p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(p[0].numel()))
+      elif name.endswith("gamma") or ("norm" in name and name.endswith("weight")):
         p.copy_(0.5 + torch.rand(p.shape, generator=gen))
       elif name.endswith("bias"):
         p.copy_(0.1 * torch.randn(p.shape, generator=gen))
