@@ -11,6 +11,7 @@ import re
 import types
 
 import jax
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -221,6 +222,21 @@ def test_seem_checkpoint_nested_under_model_converts_the_same(seem_file, seem_co
   assert len(flat) == len(nested) == 300
   for path, leaf in flat:
     np.testing.assert_array_equal(np.asarray(leaf), nested[path])
+
+
+def test_seem_num_stages_cuts_after_a_stage(seem_converted):
+  """Decapitation: `num_stages=k` gives SEEM's res{k+1} as pooled/tokens, with the full params."""
+  module, variables = seem_converted
+  x = nhwc(images(1, (64, 96)))
+  full = _forward(module, variables, x)
+  cut = models.create("seem_focalt", num_stages=2)
+  needed = flatten_dict(models.abstract_variables(cut))
+  assert set(needed) < set(flatten_dict(variables))
+  params = unflatten_dict({k: v for k, v in flatten_dict(variables).items() if k in needed})
+  out = _forward(cut, params, x)
+  assert len(out["blocks"]) == 2 and out["pooled"].shape == (1, 192)
+  assert_close("cut tokens", out["tokens"], full["blocks"][1])
+  assert_close("cut pooled", out["pooled"], np.asarray(full["blocks"][1]).mean(axis=1))
 
 
 @pytest.mark.parametrize("size", [(97, 130), (64, 33), (161, 95)])

@@ -3,7 +3,7 @@ import functools
 import json
 
 import jax
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,6 +144,19 @@ def test_resnet152_train_step_batchnorm(tv_resnet, tv_converted):
     # The update itself, ~10x smaller than the statistic, must match too (torch's unbiased variance).
     torch_update = state[key].numpy() - tv_resnet.state_dict()[key].numpy()
     assert_close(f"{key} update", np.asarray(value) - np.asarray(old_stats[path]), torch_update)
+
+
+def test_resnet_num_stages_cuts_after_a_stage(tv_resnet, tv_converted):
+  module, variables = tv_converted
+  cut = models.create("resnet152", num_stages=3)
+  needed = flatten_dict(models.abstract_variables(cut))
+  kept = {k: v for k, v in flatten_dict(variables).items() if k in needed}
+  assert len(kept) == len(needed)
+  x = images(1, (64, 96), seed=3)
+  out = jax.jit(cut.apply)(unflatten_dict(kept), nhwc(x))
+  layer3 = reference_stages(tv_resnet, x)[2]
+  assert out["pooled"].shape == (1, 1024)
+  assert_close("layer3 tokens", out["tokens"], tokens(layer3))
 
 
 @pytest.mark.parametrize("size", [(33, 47), (64, 64), (95, 160)])
