@@ -20,6 +20,8 @@ FAMILIES = {
     "dinov2": "convert.dinov2",
     "openclip": "convert.openclip",
     "blip": "convert.blip",
+    "seem": "convert.seem",
+    "resnet": "convert.resnet",
 }
 
 
