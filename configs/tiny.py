@@ -3,8 +3,9 @@ r"""A tiny version of any paper cell, for smoke tests and the CPU demo: same cod
   mfjax train --config configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=frozen_deit \
       --config.data.manual_dir=PATH --workdir runs/tiny
 
-The foundation keeps its family and wiring but gets width 32, 2 blocks, 2 heads (ViT family);
-the stacked DeiT-B head shrinks alike; inputs are 32 px. Weights are random unless
+The foundation keeps its family and wiring but shrinks (ViT: width 32, 2 blocks, 2 heads;
+FocalNet: width 16, one block per stage; ResNet: one bottleneck per stage); the stacked DeiT-B
+head shrinks alike; inputs are 32 px. Weights are random unless
 model.checkpoint names a converted model of the same tiny shape. Takes seconds per epoch on a CPU.
 """
 import ml_collections
@@ -13,6 +14,8 @@ from configs import paper
 
 TINY_FOUNDATION = {
     "vit": dict(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=8, native_resolution=(32, 32)),
+    "focalnet": dict(embed_dim=16, depths=(1, 1, 1, 1), native_resolution=(32, 32)),
+    "resnet": dict(depths=(1, 1, 1, 1), native_resolution=(32, 32)),
 }
 TINY_HEAD = dict(width=32, depth=2, heads=2, mlp_hidden=64, native_grid=(4, 4))
 

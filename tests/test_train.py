@@ -42,7 +42,7 @@ def flat(tree):
 
 def run_steps(config, n=3):
   run = fit.prepare(config)
-  before = {k: flat(run.state[k]) for k in ("trainable", "frozen")}
+  before = {k: flat(run.state[k]) for k in ("trainable", "frozen", "batch_stats")}
   loader = mdata.make_loader(run.dataset, "train", batch_size=config.batch_size, train=True, resolution=32)
   state, it = run.state, iter(loader)
   for _ in range(n):
@@ -218,3 +218,29 @@ def test_nonfinite_loss_stops_with_the_step(aptos, tmp_path):
                 "--config.checkpoint_every_steps=1000")
   with pytest.raises(fit.NonFiniteError, match=r"step \d+: loss"):
     fit.train(config, str(tmp_path / "nan"), progress=False)
+
+
+@pytest.mark.parametrize("model,protocol,extra,trained", [
+    ("seem_focalt", "progressive", ["--config.protocol.unfreeze_from=2"],
+     {"layers_2_blocks_0", "layers_2_downsample", "norm2", "layers_3_blocks_0", "norm3"}),
+    ("resnet152", "progressive", ["--config.protocol.unfreeze_from=3"], {"layer4_0"}),
+    ("resnet152", "decapitation", ["--config.protocol.keep_blocks=2"], set()),
+    ("resnet152", "unfrozen_linear", [], None),
+])
+def test_stage_protocols_on_conv_families(aptos, model, protocol, extra, trained):
+  run, before, state, loss = run_steps(tiny(aptos, protocol, *extra, model=model))
+  assert np.isfinite(loss)
+  trainable = flat(state["trainable"])
+  if trained is None:  # the whole foundation trains, in training mode: BatchNorm statistics move
+    assert not flat(state["frozen"])
+    stats = flat(state["batch_stats"])
+    assert any(not np.array_equal(v, before["batch_stats"][k]) for k, v in stats.items())
+    return
+  assert {k.split("/")[1] for k in trainable if k.startswith("foundation/")} == trained
+  if model.startswith("resnet"):
+    # Progressive freezing and a frozen decapitated foundation run in inference mode: no
+    # BatchNorm statistic moves.
+    stats = flat(state["batch_stats"])
+    assert stats and all(np.array_equal(v, before["batch_stats"][k]) for k, v in stats.items())
+  if protocol == "decapitation":
+    assert not any(k.startswith(("foundation/layer3", "foundation/layer4")) for k in flat(state["frozen"]))

@@ -35,9 +35,10 @@ def foundation_spec(config) -> tuple[str, dict]:
   if protocol == "decapitation":
     if config.protocol.keep_blocks <= 0:
       raise ConfigError("protocol decapitation needs protocol.keep_blocks >= 1")
-    if "num_blocks" not in module_fields:
-      raise ConfigError(f"model {name} cannot be decapitated (no num_blocks field)")
-    overrides["num_blocks"] = config.protocol.keep_blocks
+    cut = next((f for f in ("num_blocks", "num_stages") if f in module_fields), None)
+    if cut is None:
+      raise ConfigError(f"model {name} cannot be decapitated (no num_blocks/num_stages field)")
+    overrides[cut] = config.protocol.keep_blocks
   return name, overrides
 
 
@@ -80,7 +81,7 @@ def _fill(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_
   for path, value in traverse_util.flatten_dict(source).items():
     key = prefix + path
     if key not in target_flat:
-      if not (drop_extra_blocks and protocols.BLOCK_NAME.match(path[0])):
+      if not (drop_extra_blocks and protocols.block_number(path[0]) is not None):
         problems.append(f"unexpected {'/'.join(path)}")
       continue
     old = target_flat[key]

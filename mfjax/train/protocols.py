@@ -20,9 +20,15 @@ import flax.traverse_util as traverse_util
 PROTOCOLS = ("frozen_linear", "frozen_deit", "unfrozen_linear", "unfrozen_deit", "progressive",
              "decapitation")
 
-# Top-level foundation parameter names that are blocks (ViT, SAM, DINOv3) or stages (FocalNet,
-# ResNet); the trailing number orders them.
-BLOCK_NAME = re.compile(r"^(?:blocks|layers|stages|layer)_?(\d+)$")
+# Top-level foundation parameter names that belong to a block (ViT, SAM, DINOv3: blocks_3) or a
+# stage (FocalNet: layers_2_blocks_0, layers_2_downsample, norm2; ResNet: layer3_5, 1-based).
+# The number orders them; names that match none (embeddings, final norm, projection) are neither.
+BLOCK_NAME = re.compile(r"^(?:blocks_(\d+)|layers_(\d+)_.*|norm(\d+)|layer(\d+)_\d+)$")
+
+
+def block_number(name: str) -> int | None:
+  m = BLOCK_NAME.match(name)
+  return None if m is None else int(next(g for g in m.groups() if g is not None))
 
 
 def head_of(protocol: str, head: str | None = None) -> str:
@@ -34,26 +40,34 @@ def head_of(protocol: str, head: str | None = None) -> str:
 
 
 def foundation_trains(protocol: str, decapitation_trained: bool = False) -> bool:
-  """Whether any foundation parameter is trained (then it runs in training mode)."""
-  return protocol.startswith("unfrozen") or protocol == "progressive" or (
-      protocol == "decapitation" and decapitation_trained)
+  """Whether the foundation runs in training mode (drop-path on, BatchNorm on batch statistics).
+
+  True when the whole foundation trains. Progressive freezing keeps it in inference mode, as the
+  paper's code does (its partially unfrozen blocks still ran in eval()), so frozen stages never
+  see their BatchNorm statistics move.
+  """
+  return protocol.startswith("unfrozen") or (protocol == "decapitation" and decapitation_trained)
 
 
-def block_order(foundation_params: dict) -> list[str]:
-  """Names of the foundation's blocks/stages, in order."""
-  found = [(int(m.group(1)), k) for k in foundation_params if (m := BLOCK_NAME.match(k))]
-  return [k for _, k in sorted(found)]
+def block_groups(foundation_params: dict) -> list[list[str]]:
+  """The foundation's top-level parameter names grouped by block/stage, in order."""
+  groups: dict[int, list[str]] = {}
+  for k in foundation_params:
+    number = block_number(k)
+    if number is not None:
+      groups.setdefault(number, []).append(k)
+  return [sorted(groups[n]) for n in sorted(groups)]
 
 
 def trainable_mask(params: dict, protocol: str, unfreeze_from: int = 0,
                    decapitation_trained: bool = False) -> dict:
   """A pytree of booleans like `params`: True where the parameter is trained."""
-  blocks = block_order(params.get("foundation", {}))
+  blocks = block_groups(params.get("foundation", {}))
   if protocol == "progressive" and not 0 <= unfreeze_from <= len(blocks):
     raise ValueError(f"unfreeze_from={unfreeze_from} outside 0..{len(blocks)} (the foundation has "
                      f"{len(blocks)} blocks/stages)")
-  trained_blocks = set(blocks[unfreeze_from:])
-  everything = foundation_trains(protocol, decapitation_trained) and protocol != "progressive"
+  trained_blocks = {name for group in blocks[unfreeze_from:] for name in group}
+  everything = foundation_trains(protocol, decapitation_trained)
 
   def rule(path, _):
     if path[0] != "foundation":
