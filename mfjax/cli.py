@@ -4,6 +4,10 @@
               --config.data.manual_dir=~/data/aptos2019 --workdir runs/x
   mfjax eval  --workdir runs/x [--split test]
   mfjax sweep --sweep configs/sweeps/paper.py:data_root=~/data,checkpoint_root=ckpt --runs-dir runs/paper [--list]
+  mfjax knn   --config configs/paper.py:model=dinov2_vitb14,dataset=aptos2019 --config.model.checkpoint=ckpt/dinov2_vitb14 \
+              --config.data.manual_dir=~/data/aptos2019 --out runs/knn/dinov2
+  mfjax cka   --workdir runs/x                      (foundation and head, before vs after fine-tuning)
+  mfjax cka   --config configs/paper.py:dataset=aptos2019 --models dinov2_vitb14+sam_vitb --checkpoints ckpt/a+ckpt/b --out runs/cka
 """
 import argparse
 import ast
@@ -72,6 +76,13 @@ def _parse(value: str, current, name=""):
   return parsed
 
 
+def _config_overrides(parser, rest: list[str]) -> list[str]:
+  bad = [r for r in rest if not r.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments: {bad}")
+  return list(rest)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="mfjax", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +98,20 @@ def main(argv=None) -> int:
                  help="print the `mfjax train` command of every unfinished run (for a launcher) and exit")
   p.add_argument("--select-only", action="store_true", help="only (re)compute the lr selection")
   p.add_argument("--no-progress", action="store_true")
+  p = sub.add_parser("knn", help="k-NN evaluation of a foundation's pooled features")
+  p.add_argument("--config", required=True, help="configs/FILE.py[:model=...,dataset=...]")
+  p.add_argument("--out", required=True, help="folder for knn.json")
+  p.add_argument("--ks", default="10,20,50,100,200", help="comma-separated k values")
+  p.add_argument("--temperature", type=float, default=0.1)
+  p.add_argument("--cache", default="~/.cache/mfjax/features", help="feature cache folder")
+  p = sub.add_parser("cka", help="linear CKA: a run before/after fine-tuning, or several foundations")
+  p.add_argument("--workdir", help="a trained run: writes cka_layers.json (+ cka_stacked.json)")
+  p.add_argument("--config", help="with --models: configs/FILE.py[:dataset=...] shared by the foundations")
+  p.add_argument("--models", help="'+'-joined model names to compare (last block), e.g. dinov2_vitb14+sam_vitb")
+  p.add_argument("--checkpoints", default="", help="'+'-joined converted folders matching --models")
+  p.add_argument("--out", help="with --models: folder for cka_foundations.json")
+  p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+  p.add_argument("--max-examples", type=int, default=0, help="stop after this many examples (0: all)")
   p = sub.add_parser("eval", help="score a trained run's best checkpoint on a split")
   p.add_argument("--workdir", required=True)
   p.add_argument("--split", default="test", choices=["train", "validation", "test"])
@@ -119,6 +144,29 @@ def main(argv=None) -> int:
       selections = sweep.select(runs) if args.select_only else sweep.run_all(
           spec, args.runs_dir, rest, progress=not args.no_progress)
       print(json.dumps(selections, indent=2, default=float))
+    elif args.command == "knn":
+      from mfjax.evals import studies
+      config = load_config(args.config, _config_overrides(parser, rest))
+      out = studies.knn(config, args.out, ks=[int(k) for k in args.ks.split(",")], cache_dir=args.cache,
+                        temperature=args.temperature)
+      print(json.dumps({k: v["headline"] for k, v in out["k"].items()}))
+    elif args.command == "cka":
+      from mfjax.evals import studies
+      if args.workdir:
+        for path in studies.cka_run(args.workdir, args.split, args.max_examples or None):
+          print(path)
+      elif args.models and args.config and args.out:
+        names = args.models.split("+")
+        ckpts = args.checkpoints.split("+") if args.checkpoints else [""] * len(names)
+        if len(ckpts) != len(names):
+          parser.error("--checkpoints must list one folder per model in --models")
+        configs = []
+        for name, ckpt in zip(names, ckpts):
+          configs.append(load_config(args.config, _config_overrides(parser, rest) + [
+              f"--config.model.name={name}", f"--config.model.checkpoint={ckpt}"]))
+        print(studies.cka_foundations(configs, args.out, args.split, args.max_examples or None))
+      else:
+        parser.error("cka needs --workdir RUN, or --config, --models and --out")
     elif args.command == "eval":
       if rest:
         parser.error(f"unrecognized arguments: {rest}")

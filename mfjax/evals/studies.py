@@ -1,0 +1,193 @@
+"""`mfjax knn` and `mfjax cka`: features from models over a dataset split, then k-NN or CKA.
+
+k-NN (the paper's `knn_predict`): the foundation's `pooled` feature of the training split under
+eval transforms is the bank, the test split the queries; features are cached per (model,
+checkpoint, dataset, split, resolution, transform), so a k sweep runs the model once.
+
+CKA: every block's (stage's) output, mean-pooled over tokens, of
+  layers      the foundation before fine-tuning vs after (a run's initial and best parameters),
+  stacked     the stacked DeiT-B classifier before vs after (runs with a DeiT-B head),
+  foundations the last block of several foundations on the same images,
+accumulated over the whole split with the minibatch (unbiased HSIC) estimator.
+"""
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mfjax import data as mdata
+from mfjax import models, parallel
+from mfjax.evals import cka as cka_lib
+from mfjax.evals import knn as knn_lib
+from mfjax.train import build, protocols
+
+log = logging.getLogger("mfjax")
+
+
+def pool_tokens(x):
+  """(B, ..., D) -> (B, D): the mean over every token/spatial axis."""
+  return x.mean(axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+
+
+def foundation(config):
+  """(module, variables) of the config's foundation: converted weights, or random (seeded)."""
+  name, overrides = build.foundation_spec(config)
+  module = models.create(name, **overrides)
+  if config.model.checkpoint:
+    return module, models.load(config.model.checkpoint)[1]
+  log.warning("model.checkpoint is empty: features of a randomly initialised %s", name)
+  res = config.data.resolution
+  return module, models.init_params(module, jax.random.PRNGKey(config.seed), (res, res))
+
+
+def batches(config, dataset, split: str, mesh, max_examples: int | None = None):
+  """Global eval batches of `split` (every example once) with this process's rows assembled."""
+  sharding = parallel.batch_sharding(mesh)
+  loader = mdata.make_eval_loader(dataset, split, batch_size=config.batch_size,
+                                  resolution=config.data.resolution, uncertainty=config.data.uncertainty)
+  seen = 0
+  for batch in loader:
+    yield mdata.global_batch(batch, sharding)
+    seen += config.batch_size
+    if max_examples and seen >= max_examples:
+      return
+
+
+def gather(x) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def extract_pooled(module, variables, config, dataset, split, mesh) -> dict:
+  """{"features", "labels"[, "mask"]} of every valid example of `split`."""
+  apply = jax.jit(lambda v, x: module.apply(v, x, train=False)["pooled"])
+  out = {"features": [], "labels": [], "mask": [], "valid": []}
+  for arrays in batches(config, dataset, split, mesh):
+    out["features"].append(gather(apply(variables, arrays["image"])))
+    out["labels"].append(gather(arrays["label"]))
+    out["valid"].append(gather(arrays["valid"]))
+    if "mask" in arrays:
+      out["mask"].append(gather(arrays["mask"]))
+  valid = np.concatenate(out.pop("valid"))
+  return {k: np.concatenate(v)[valid] for k, v in out.items() if v}
+
+
+def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.cache/mfjax/features",
+        temperature: float = knn_lib.TEMPERATURE) -> dict:
+  dataset = mdata.build(config.data.name, config.data.manual_dir, config.data.data_dir, **dict(config.data.options))
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  cache = knn_lib.FeatureCache(cache_dir)
+  module = variables = None
+  features = {}
+  for split in ("train", "test"):
+    key = {"model": config.model.name, "overrides": build.foundation_spec(config)[1],
+           "checkpoint": knn_lib.fingerprint(config.model.checkpoint) if config.model.checkpoint else f"random:{config.seed}",
+           "dataset": dataset.path, "split": split, "resolution": config.data.resolution,
+           "transform": f"eval,uncertainty={config.data.uncertainty}"}
+
+    def compute():
+      nonlocal module, variables
+      if module is None:
+        module, variables = foundation(config)
+      return extract_pooled(module, variables, config, dataset, split, mesh)
+
+    features[split] = cache.get_or_compute(key, compute)
+  spec = dataset.spec
+  results = knn_lib.knn_evaluate(features["train"]["features"], features["train"]["labels"],
+                                 features["test"]["features"], features["test"]["labels"], ks=ks,
+                                 temperature=temperature, num_classes=spec.num_classes,
+                                 multi_label=spec.multi_label, headline=spec.headline_metric,
+                                 mask=features["test"].get("mask"))
+  out = knn_lib.result_json(model=config.model.name, dataset=spec.name, resolution=config.data.resolution,
+                            headline_metric=spec.headline_metric, results=results)
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "knn.json"), "w") as f:
+      json.dump(out, f, indent=2, default=float)
+  return out
+
+
+def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) -> list[str]:
+  """CKA of a trained run: foundation (and stacked head) before vs after fine-tuning."""
+  from mfjax.train import fit
+  import ml_collections
+  fit.quiet_libraries()
+  config = ml_collections.ConfigDict(json.loads((fit.workdir_path(workdir) / "config.json").read_text()))
+  run = fit.prepare(config)  # its initial state holds the pretrained (or seeded random) weights
+  best = fit.RunCheckpoints(fit.workdir_path(workdir)).restore_best(
+      fit.abstract_of({k: run.state[k] for k in fit.PARAM_KEYS}))
+  if best is None:
+    raise ValueError(f"{workdir} has no best checkpoint: train it first")
+  after, _ = best
+  before = {k: run.state[k] for k in fit.PARAM_KEYS}
+
+  def blocks(params_state, images):
+    params = protocols.merge(params_state["trainable"], params_state["frozen"])
+    v = {"params": params, **({"batch_stats": params_state["batch_stats"]} if params_state["batch_stats"] else {})}
+    out = run.classifier.apply(v, images, train=False, return_blocks=True)
+    return ([pool_tokens(b) for b in out["foundation_blocks"]], [pool_tokens(b) for b in out.get("head_blocks", [])])
+
+  blocks = jax.jit(blocks)
+  layer_cka, head_cka = cka_lib.MinibatchCKA(), cka_lib.MinibatchCKA()
+  has_head = False
+  for arrays in batches(config, run.dataset, split, run.mesh, max_examples):
+    valid = gather(arrays["valid"])
+    if valid.sum() < 4:  # the unbiased HSIC needs 4 examples; a padded last batch may have fewer
+      continue
+    fa, ha = blocks(before, arrays["image"])
+    fb, hb = blocks(after, arrays["image"])
+    pick = lambda xs: [gather(x)[valid] for x in xs]
+    layer_cka.update(pick(fa), pick(fb))
+    if ha:
+      has_head = True
+      head_cka.update(pick(ha), pick(hb))
+  written = []
+  name = config.model.name
+  results = [("layers", layer_cka, f"{name} pretrained", f"{name} fine-tuned")]
+  if has_head:
+    results.append(("stacked", head_cka, "DeiT-B head before", "DeiT-B head after"))
+  for kind, acc, row_label, col_label in results:
+    matrix = acc.result()
+    labels = [f"block {i}" for i in range(matrix.shape[0])]
+    out = cka_lib.result_json(kind, labels, labels, matrix, model=name, dataset=run.spec.name,
+                              protocol=config.protocol.name, split=split, row_axis=row_label,
+                              col_axis=col_label, num_examples=acc.num_examples,
+                              title=f"CKA, {name} on {run.spec.name} ({config.protocol.name})")
+    path = os.path.join(str(fit.workdir_path(workdir)), f"cka_{kind}.json")
+    if jax.process_index() == 0:
+      with open(path, "w") as f:
+        json.dump(out, f, indent=2, default=float)
+    written.append(path)
+  return written
+
+
+def cka_foundations(configs: list, out_dir: str, split: str = "test", max_examples: int | None = None) -> str:
+  """Last-block CKA between foundations (Fig. 8); all configs must name the same dataset."""
+  datasets = {(c.data.name, c.data.manual_dir) for c in configs}
+  if len(datasets) != 1:
+    raise ValueError(f"cka --foundations compares models on one dataset; got {sorted(datasets)}")
+  config = configs[0]
+  dataset = mdata.build(config.data.name, config.data.manual_dir, config.data.data_dir, **dict(config.data.options))
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  nets = [foundation(c) for c in configs]
+  applies = [jax.jit(lambda v, x, m=m: pool_tokens(m.apply(v, x, train=False, return_blocks=True)["blocks"][-1]))
+             for m, _ in nets]
+  acc = cka_lib.MinibatchCKA()
+  for arrays in batches(config, dataset, split, mesh, max_examples):
+    valid = gather(arrays["valid"])
+    if valid.sum() < 4:
+      continue
+    feats = [gather(f(v, arrays["image"]))[valid] for f, (_, v) in zip(applies, nets)]
+    acc.update(feats)
+  names = [c.model.name for c in configs]
+  out = cka_lib.result_json("foundations", names, names, acc.result(), dataset=dataset.spec.name, split=split,
+                            num_examples=acc.num_examples, title=f"CKA of the last block, {dataset.spec.name}")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "cka_foundations.json")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(out, f, indent=2, default=float)
+  return path
