@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 
+CORE_STAMP := $(VENV)/.installed-core
+
 .PHONY: test demo venv clean
 
 $(PY):
@@ -16,10 +18,18 @@ $(STAMP): $(PY) setup.py
 	$(PY) -m pip install --quiet --no-deps "dinov2==0.0.1.dev2"
 	touch $(STAMP)
 
+$(CORE_STAMP): $(PY) setup.py
+	$(PY) -m pip install --quiet -e .
+	touch $(CORE_STAMP)
+
 venv: $(STAMP)
+
+# The benchmark end to end on synthetic APTOS-layout data; needs only the core install.
+demo: $(CORE_STAMP)
+	$(VENV)/bin/mfjax demo --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache demo_out

@@ -17,6 +17,9 @@ CORE = [
     "grain>=0.2.18,<0.3",
     "absl-py>=2",
     "pydicom>=3,<4",
+    # training logs: TensorBoard event files without TensorFlow; gs:// workdirs through epath
+    "tensorboardX>=2.6",
+    "etils[epath]>=1.7",
 ]
 
 TEST = [

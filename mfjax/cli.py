@@ -24,11 +24,22 @@ from mfjax.config import ConfigError
 log = logging.getLogger("mfjax")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_file(path: str) -> str:
+  """A config file relative to the working directory, else to the mfjax checkout (configs/...)."""
+  if os.path.isfile(path):
+    return path
+  if os.path.isfile(os.path.join(REPO_ROOT, path)):
+    return os.path.join(REPO_ROOT, path)
+  raise ConfigError(f"config file {path} not found (looked in {os.getcwd()} and {REPO_ROOT})")
+
+
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   """`path/to/file.py[:args]` -> get_config(args), then `--config.a.b=value` overrides."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path} not found")
+  path = resolve_config_file(path)
   module_spec = importlib.util.spec_from_file_location("mfjax_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -112,6 +123,11 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="with --models: folder for cka_foundations.json")
   p.add_argument("--split", default="test", choices=["train", "validation", "test"])
   p.add_argument("--max-examples", type=int, default=0, help="stop after this many examples (0: all)")
+  p = sub.add_parser("demo", help="the benchmark end to end on synthetic APTOS-layout data (a few minutes)")
+  p.add_argument("--out", default="demo_out")
+  p.add_argument("--images", type=int, default=240)
+  p.add_argument("--epochs", type=int, default=4)
+  p.add_argument("--seeds", type=int, default=2)
   p = sub.add_parser("eval", help="score a trained run's best checkpoint on a split")
   p.add_argument("--workdir", required=True)
   p.add_argument("--split", default="test", choices=["train", "validation", "test"])
@@ -167,6 +183,11 @@ def main(argv=None) -> int:
         print(studies.cka_foundations(configs, args.out, args.split, args.max_examples or None))
       else:
         parser.error("cka needs --workdir RUN, or --config, --models and --out")
+    elif args.command == "demo":
+      if rest:
+        parser.error(f"unrecognized arguments: {rest}")
+      from mfjax import demo
+      demo.run(args.out, num_images=args.images, epochs=args.epochs, seeds=args.seeds)
     elif args.command == "eval":
       if rest:
         parser.error(f"unrecognized arguments: {rest}")

@@ -44,9 +44,9 @@ class Run:
 
 
 def load_sweep(spec: str):
+  from mfjax.cli import resolve_config_file
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"sweep file {path} not found")
+  path = resolve_config_file(path)
   module_spec = importlib.util.spec_from_file_location("mfjax_user_sweep", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
