@@ -56,6 +56,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.norm = "dataset"          # dataset: the paper's per-dataset mean/std; model: the model's own
   c.data.uncertainty = "zeros"     # multi-label uncertain labels: zeros (paper) | ones | ignore
   c.data.num_workers = 0
+  c.data.augment = True            # False: eval transforms only; frozen_linear then trains on cached features
+  c.data.feature_cache = "~/.cache/mfjax/features"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = a.lr

@@ -244,3 +244,30 @@ def test_stage_protocols_on_conv_families(aptos, model, protocol, extra, trained
     assert stats and all(np.array_equal(v, before["batch_stats"][k]) for k, v in stats.items())
   if protocol == "decapitation":
     assert not any(k.startswith(("foundation/layer3", "foundation/layer4")) for k in flat(state["frozen"]))
+
+
+def test_frozen_linear_on_cached_features_matches_the_full_model(aptos, tmp_path):
+  """Without augmentation, frozen linear probing on cached features is the same computation as
+  running the frozen foundation every step: same losses, same test metrics."""
+  common = ["--config.data.augment=False", f"--config.data.feature_cache={tmp_path / 'cache'}",
+            "--config.checkpoint_every_steps=1000"]
+  full = fit.train(tiny(aptos, "frozen_linear", *common, "--config.protocol.name=frozen_linear",
+                        arg=",epochs=2"), str(tmp_path / "full"), progress=False)
+  # A different protocol spelling is not needed: the cache engages for frozen_linear + augment=False,
+  # so the reference run is the same config with the cache path switched off by augment... build it
+  # through prepare() with the cache bypassed:
+  assert fit.uses_feature_cache(tiny(aptos, "frozen_linear", *common))
+  cached_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "full" / "metrics.jsonl")
+                   if "train/loss" in l]
+  assert os.listdir(tmp_path / "cache")  # features were computed once and stored
+  # Reference: the full classifier (foundation + head) on eval-transformed images.
+  config = tiny(aptos, "frozen_linear", *common, arg=",epochs=2")
+  original = fit.uses_feature_cache
+  fit.uses_feature_cache = lambda c: False
+  try:
+    ref = fit.train(config, str(tmp_path / "ref"), progress=False)
+  finally:
+    fit.uses_feature_cache = original
+  ref_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "ref" / "metrics.jsonl") if "train/loss" in l]
+  np.testing.assert_allclose(cached_losses, ref_losses, rtol=1e-4)
+  assert full["test"]["headline"] == pytest.approx(ref["test"]["headline"], abs=1e-6)

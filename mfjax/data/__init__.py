@@ -36,7 +36,8 @@ import tensorflow_datasets as tfds
 
 from mfjax.data import aptos2019, cbis_ddsm, chexpert, common, csv_images, isic2019
 from mfjax.data.common import DataError, Spec
-from mfjax.data.pipeline import global_batch, label_policy, make_eval_loader, make_loader, steps_per_epoch
+from mfjax.data.pipeline import (global_batch, label_policy, make_array_loader, make_eval_loader, make_loader,
+                                 steps_per_epoch)
 from mfjax.data.splits import SPLITS
 
 DATASETS = {m.NAME: m for m in (aptos2019, isic2019, chexpert, cbis_ddsm, csv_images)}
@@ -164,4 +165,4 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
 
 
 __all__ = ["DATASETS", "SPLITS", "DataError", "Dataset", "Spec", "build", "global_batch", "info",
-           "label_policy", "load", "make_eval_loader", "make_loader", "steps_per_epoch"]
+           "label_policy", "load", "make_array_loader", "make_eval_loader", "make_loader", "steps_per_epoch"]

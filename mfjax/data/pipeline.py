@@ -131,7 +131,7 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
                 seed: int = 0, num_epochs: int | None = 1, shard_index: int | None = None,
                 shard_count: int | None = None, worker_count: int = 0, read_threads: int = 2,
                 prefetch: int = 2, norm=None, drop_remainder: bool | None = None,
-                uncertainty: str = "zeros", gray_to_rgb: bool = True,
+                uncertainty: str = "zeros", gray_to_rgb: bool = True, augment: bool | None = None,
                 jpeg_draft: bool = False) -> grain.IterDataset:
   """A grain IterDataset of this process's share of `split` of a built `mfjax.data.Dataset`.
 
@@ -142,6 +142,8 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   num_epochs: epochs to yield; None repeats forever.
   norm: (mean, std) to use instead of the dataset's constants (e.g. a model's).
   drop_remainder: default True for train, False (pad, with `valid`) otherwise.
+  augment: apply the random train transforms (default: `train`); False with train=True
+    shuffles and drops the remainder but uses the eval transforms.
   worker_count: grain worker processes (0: decode in this process, with `read_threads`
     threads); `prefetch` batches are buffered.
   uncertainty: multi-label uncertainty policy, see `label_policy`.
@@ -167,7 +169,8 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
     raise ValueError(f"split {split!r} has {num_records} examples, fewer than one batch of {batch_size} "
                      "with drop_remainder=True")
   epochs = num_epochs if num_epochs is not None else sys.maxsize // (order.steps_per_epoch * local_batch)
-  load = _Load(source, spec, resolution, train, seed, tuple(mean), tuple(std), gray_to_rgb, uncertainty,
+  augment = train if augment is None else augment
+  load = _Load(source, spec, resolution, augment, seed, tuple(mean), tuple(std), gray_to_rgb, uncertainty,
                jpeg_draft)
   ds = (grain.MapDataset.range(epochs * order.steps_per_epoch * local_batch)
         .map(order).map(load).batch(local_batch))

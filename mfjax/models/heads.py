@@ -79,3 +79,14 @@ class Classifier(nn.Module):
     else:
       raise ValueError(f"unknown head {self.head!r}; valid: linear, deit")
     return result
+
+
+class LinearProbe(nn.Module):
+  """The linear head alone, on precomputed foundation features (frozen_linear without augmentation)."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features, train: bool = False, foundation_train: bool | None = None,
+               return_blocks: bool = False):
+    return {"logits": nn.Dense(self.num_classes, name="fc")(features), "embedding": features,
+            "foundation_blocks": []}

@@ -66,9 +66,10 @@ def build_classifier(config, num_classes: int) -> heads.Classifier:
   return heads.Classifier(foundation, num_classes, head, tuple(sorted(head_fields(config).items())))
 
 
-def abstract_params(classifier: heads.Classifier, resolution: int):
-  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return jax.eval_shape(classifier.init, jax.random.PRNGKey(0), images)
+def abstract_params(classifier, input_shape: tuple[int, ...]):
+  """Shapes of `classifier.init`'s variables for inputs of `input_shape` (without the batch)."""
+  inputs = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  return jax.eval_shape(classifier.init, jax.random.PRNGKey(0), inputs)
 
 
 def _fill(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False) -> int:
@@ -99,6 +100,8 @@ def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> di
   """`variables` (randomly initialised, possibly sharded) with the converted foundation and
   DeiT-B weights put in where the config names them."""
   flat = traverse_util.flatten_dict(variables)
+  if isinstance(classifier, heads.LinearProbe):
+    return variables  # the foundation ran once, when its features were cached
   if config.model.checkpoint:
     _, pretrained = models.load(config.model.checkpoint)
     for collection, tree in pretrained.items():

@@ -27,6 +27,7 @@ from mfjax import data as mdata
 from mfjax import parallel
 from mfjax.config import ConfigError, check_choice, to_dict
 from mfjax.evals import metrics as mmetrics
+from mfjax.models import heads
 from mfjax.train import build, protocols
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.optim import Plateau, make_optimizer, warmup_lr
@@ -152,10 +153,40 @@ class Setup:
   state: dict
   train_step: Callable
   evaluate: Callable          # evaluate(split, params_state) -> metrics dict
+  train_loader: Callable      # train_loader(num_epochs) -> resumable iterable of local batches
   steps_per_epoch: int
-  loader_args: dict
   n_total: int
   n_trainable: int
+  cached_features: bool
+
+
+def uses_feature_cache(config) -> bool:
+  """Frozen linear probing without augmentation: the foundation runs once per example."""
+  return config.protocol.name == "frozen_linear" and not config.data.augment
+
+
+def cached_features(config, dataset, mesh) -> dict:
+  """{split: {"image": pooled features, "label"[, "mask"]}} from the feature cache (or computed)."""
+  from mfjax.evals import knn as knn_lib, studies
+  cache = knn_lib.FeatureCache(config.data.feature_cache)
+  name, overrides = build.foundation_spec(config)
+  net = []
+  out = {}
+  for split in ("train", "validation", "test"):
+    key = {"model": name, "overrides": overrides, "dataset": dataset.path, "split": split,
+           "checkpoint": knn_lib.fingerprint(config.model.checkpoint) if config.model.checkpoint else f"random:{config.seed}",
+           "resolution": config.data.resolution, "transform": f"eval,uncertainty={config.data.uncertainty}"}
+
+    def compute():
+      if not net:
+        net.extend(studies.foundation(config))
+      log.info("caching %s features of %s/%s", name, dataset.spec.name, split)
+      return studies.extract_pooled(net[0], net[1], config, dataset, split, mesh)
+
+    arrays = cache.get_or_compute(key, compute)
+    out[split] = {"image": arrays["features"], "label": arrays["labels"],
+                  **({"mask": arrays["mask"]} if "mask" in arrays else {})}
+  return out
 
 
 def prepare(config) -> Setup:
@@ -168,20 +199,34 @@ def prepare(config) -> Setup:
   steps_per_epoch = mdata.steps_per_epoch(dataset.split_sizes["train"], config.batch_size)
   loader_args = dict(resolution=config.data.resolution, uncertainty=config.data.uncertainty,
                      worker_count=config.data.num_workers)
+  cached = uses_feature_cache(config)
+  if cached:
+    features = cached_features(config, dataset, mesh)
+    classifier = heads.LinearProbe(spec.num_classes)
+    input_shape = features["train"]["image"].shape[1:]
+    train_loader = lambda epochs: mdata.make_array_loader(
+        features["train"], batch_size=config.batch_size, train=True, seed=config.seed, num_epochs=epochs)
+    eval_loader = lambda split: mdata.make_array_loader(features[split], batch_size=config.batch_size, train=False)
+  else:
+    classifier = build.build_classifier(config, spec.num_classes)
+    input_shape = (config.data.resolution, config.data.resolution, 3)
+    train_loader = lambda epochs: mdata.make_loader(
+        dataset, "train", batch_size=config.batch_size, train=True, seed=config.seed, num_epochs=epochs,
+        augment=config.data.augment, **loader_args)
+    eval_loader = lambda split: mdata.make_eval_loader(dataset, split, batch_size=config.batch_size, **loader_args)
 
   # Model, parameters and optimizer, placed on the mesh shapes-first.
-  classifier = build.build_classifier(config, spec.num_classes)
   protocol = config.protocol.name
   foundation_train = protocols.foundation_trains(protocol, config.protocol.decapitation_trained)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract = build.abstract_params(classifier, config.data.resolution)
+  abstract = build.abstract_params(classifier, input_shape)
   mask = protocols.trainable_mask(abstract["params"], protocol, config.protocol.unfreeze_from,
                                   config.protocol.decapitation_trained)
   rules = [tuple(r) for r in config.sharding_rules]
   min_bytes = int(config.min_fsdp_mb * (1 << 20))
   var_shardings = parallel.tree_shardings(abstract, rules, mesh, min_bytes)
-  images0 = jnp.zeros((1, config.data.resolution, config.data.resolution, 3), jnp.float32)
-  variables = jax.jit(classifier.init, out_shardings=var_shardings)(init_rng, images0)
+  inputs0 = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = jax.jit(classifier.init, out_shardings=var_shardings)(init_rng, inputs0)
   variables = build.load_pretrained(classifier, config, variables)
   trainable, frozen = protocols.split(variables["params"], mask)
   tx = make_optimizer(trainable, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1,
@@ -230,7 +275,7 @@ def prepare(config) -> Setup:
     return out["logits"]
 
   def evaluate(split: str, params_state) -> dict:
-    loader = mdata.make_eval_loader(dataset, split, batch_size=config.batch_size, **loader_args)
+    loader = eval_loader(split)
     gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
     logits, labels, masks, valid = [], [], [], []
     for batch in loader:
@@ -248,7 +293,7 @@ def prepare(config) -> Setup:
 
   return Setup(dataset, spec, mesh, classifier, state,
                jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated)),
-               evaluate, steps_per_epoch, loader_args, int(n_total), int(n_trainable))
+               evaluate, train_loader, steps_per_epoch, int(n_total), int(n_trainable), cached)
 
 
 def abstract_of(tree):
@@ -278,8 +323,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   log.info("%s / %s / %s: %.1fM parameters, %.1fM trained; mesh %s; %d steps/epoch",
            config.model.name, spec.name, protocol, run.n_total / 1e6, run.n_trainable / 1e6,
            dict(run.mesh.shape), steps_per_epoch)
-  train_loader = mdata.make_loader(dataset, "train", batch_size=config.batch_size, train=True,
-                                   seed=config.seed, num_epochs=config.epochs, **run.loader_args)
+  train_loader = run.train_loader(config.epochs)
   batch_sharding = parallel.batch_sharding(run.mesh)
   train_step, evaluate = run.train_step, run.evaluate
 
