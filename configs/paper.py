@@ -57,6 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.uncertainty = "zeros"     # multi-label uncertain labels: zeros (paper) | ones | ignore
   c.data.num_workers = 0
   c.data.augment = True            # False: eval transforms only; frozen_linear then trains on cached features
+  c.data.cache_features = True     # with frozen_linear and augment=False: train the head on cached features
   c.data.feature_cache = "~/.cache/mfjax/features"
 
   c.optim = ml_collections.ConfigDict()

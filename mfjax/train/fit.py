@@ -162,7 +162,7 @@ class Setup:
 
 def uses_feature_cache(config) -> bool:
   """Frozen linear probing without augmentation: the foundation runs once per example."""
-  return config.protocol.name == "frozen_linear" and not config.data.augment
+  return config.protocol.name == "frozen_linear" and not config.data.augment and config.data.cache_features
 
 
 def cached_features(config, dataset, mesh) -> dict:
