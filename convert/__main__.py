@@ -20,6 +20,8 @@ FAMILIES = {
     "dinov2": "convert.dinov2",
     "openclip": "convert.openclip",
     "blip": "convert.blip",
+    "sam": "convert.sam",
+    "dinov3": "convert.dinov3",
 }
 
 

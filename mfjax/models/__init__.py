@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("vit",)
+FAMILIES = ("vit", "sam", "dinov3")
 
 _MODULES = {family: importlib.import_module(f"mfjax.models.{family}") for family in FAMILIES}
 REGISTRY: dict[str, tuple[str, dict]] = {

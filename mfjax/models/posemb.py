@@ -157,15 +157,20 @@ def resample_rel_pos_nearest(table, new_len: int):
 
 
 def resample_rel_pos_linear(table, new_len: int):
-  """segment_anything's `get_rel_pos` fallback: F.interpolate(mode='linear') to `new_len`."""
+  """segment_anything's `get_rel_pos` fallback: F.interpolate(mode='linear') to `new_len`.
+
+  Source positions follow torch's kernel for float32 tables: a float32 scale, and
+  scale * (i + 0.5) - 0.5 rounded once to float32 (its fused multiply-add).
+  """
   old = table.shape[0]
   if old == new_len:
     return table
-  scale = old / new_len
-  src = np.maximum(scale * (np.arange(new_len) + 0.5) - 0.5, 0.0)
+  f32 = np.float32
+  scale = np.float64(f32(old) / f32(new_len))
+  src = np.maximum(f32(scale * (np.arange(new_len) + 0.5) - 0.5), f32(0))
   lo = np.minimum(np.floor(src).astype(int), old - 1)
   hi = np.minimum(lo + 1, old - 1)
-  frac = (src - lo)[:, None]
+  frac = np.clip(src - lo, 0, 1).astype(f32)[:, None]
   w = np.zeros((new_len, old))
   np.add.at(w, (np.arange(new_len), lo), 1 - frac[:, 0])
   np.add.at(w, (np.arange(new_len), hi), frac[:, 0])
