@@ -46,8 +46,8 @@ def _check_periods(periods: np.ndarray, head_dim: int, base: float, key: str) ->
   if periods.shape != expected.shape:
     return f"{key}: shape {periods.shape}, expected {expected.shape} (head dim {head_dim})"
   if not np.allclose(periods.astype(np.float64), expected, rtol=2.0 ** -7, atol=0):
-    return (f"{key}: values {np.round(periods, 4).tolist()} are not the RoPE periods of base {base} "
-            f"({np.round(expected, 4).tolist()})")
+    got = np.round(periods.astype(np.float64), 4).tolist()
+    return f"{key}: values {got} are not the RoPE periods of base {base} ({np.round(expected, 4).tolist()})"
   return None
 
 
@@ -133,16 +133,14 @@ def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str
       c.map(f"params/{dst}/ls2/gamma", f"{src}.layer_scale2.lambda1")
     norm("norm", "norm")
 
-  value_problems = [p for p in value_problems if p]
+  problems = [p for p in value_problems if p]
+  bad_values = f"\nbad values ({len(problems)}):\n  " + "\n  ".join(problems) if problems else ""
   try:
     variables = c.finish()
   except core.ConversionError as e:
-    if value_problems:
-      raise core.ConversionError(f"{e}\nbad values ({len(value_problems)}):\n  " + "\n  ".join(value_problems)) from None
-    raise
-  if value_problems:
-    raise core.ConversionError(f"cannot convert {source}:\nbad values ({len(value_problems)}):\n  "
-                               + "\n  ".join(value_problems))
+    raise core.ConversionError(f"{e}{bad_values}") from None
+  if bad_values:
+    raise core.ConversionError(f"cannot convert {source}:{bad_values}")
   return variables
 
 
@@ -156,11 +154,15 @@ def _registered(model: str) -> dict:
 def _original_settings(state: dict) -> tuple[str, dict]:
   """(model name, settings read from the tensors) of an official or MedDINOv3 state dict."""
   prefix, blocks = _layout(state, "original")
-  cls = state.get(prefix + "cls_token")
-  if cls is None or cls.ndim != 3:
-    raise core.ConversionError(f"{prefix}cls_token missing or not (1, 1, width): not a DINOv3 checkpoint "
+  cls, patch = state.get(prefix + "cls_token"), state.get(prefix + "patch_embed.proj.weight")
+  if cls is not None and cls.ndim == 3:
+    width = int(cls.shape[-1])
+  elif patch is not None and patch.ndim == 4:
+    width = int(patch.shape[0])
+  else:
+    raise core.ConversionError(f"not a DINOv3 checkpoint: neither {prefix}cls_token (1, 1, width) nor "
+                               f"{prefix}patch_embed.proj.weight (width, 3, 16, 16) found "
                                f"(first keys: {sorted(state)[:5]})")
-  width = int(cls.shape[-1])
   if prefix:
     if width != 768:
       raise core.ConversionError(f"a MedDINOv3 (teacher backbone) checkpoint of width {width}: only the "
@@ -223,5 +225,5 @@ def from_checkpoint(raw, hf_config, fmt, args):
   registered = _registered(model)
   overrides = {k: v for k, v in settings.items() if registered[k] != v}
   kind = "MedDINOv3" if model == MEDDINOV3 else "DINOv3"
-  variables = convert(state, fmt, model, source=f"{fmt} {kind} checkpoint", **overrides)
+  variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} {kind} checkpoint)", **overrides)
   return model, overrides, variables

@@ -114,19 +114,29 @@ def _original_overrides(state: dict, prefix: str, model: str) -> dict:
   """The one setting a segment_anything state dict can change: its position-embedding grid."""
   from mfjax.models import sam
   registered = {**{f: getattr(sam.Model, f) for f in ("native_resolution", "patch_size")}, **sam.MODELS[model]}
-  grid = state[prefix + "pos_embed"].shape[1:3]
-  native = (grid[0] * registered["patch_size"], grid[1] * registered["patch_size"])
+  pos = state.get(prefix + "pos_embed")
+  if pos is None or pos.ndim != 4:
+    return {}  # the strict conversion reports it
+  native = (pos.shape[1] * registered["patch_size"], pos.shape[2] * registered["patch_size"])
   return {"native_resolution": native} if native != tuple(registered["native_resolution"]) else {}
+
+
+def encoder_width(state: dict, prefix: str, fmt: str) -> int:
+  """The encoder width, from the patch embedding (or the position embedding)."""
+  patch = f"{prefix}{_NAMES[fmt]['patch']}.weight"
+  if patch in state and state[patch].ndim == 4:
+    return int(state[patch].shape[0])
+  pos = state.get(prefix + "pos_embed")
+  if pos is not None and pos.ndim == 4:
+    return int(pos.shape[-1])
+  raise core.ConversionError(f"cannot tell the SAM encoder's width: neither {patch} (width, 3, 16, 16) nor "
+                             f"{prefix}pos_embed (1, rows, cols, width) is in the checkpoint")
 
 
 def from_checkpoint(raw, hf_config, fmt, args):
   state = core.flatten_state_dict(raw) if fmt == "original" else raw
   prefix = encoder_prefix(state, fmt)
-  pos = state.get(prefix + "pos_embed")
-  if pos is None or pos.ndim != 4:
-    raise core.ConversionError(f"{prefix}pos_embed missing or not (1, rows, cols, width): "
-                               f"{None if pos is None else pos.shape}")
-  width = int(pos.shape[-1])
+  width = encoder_width(state, prefix, fmt)
   if width not in WIDTHS:
     raise core.ConversionError(f"SAM encoder of width {width}: no registered model "
                                f"(known widths {sorted(WIDTHS)} -> {sorted(WIDTHS.values())})")
@@ -137,5 +147,5 @@ def from_checkpoint(raw, hf_config, fmt, args):
     overrides = _original_overrides(state, prefix, model)
   if args.rel_pos_resize != "nearest":
     overrides["rel_pos_resize"] = args.rel_pos_resize
-  variables = convert(state, fmt, model, source=f"{fmt} SAM checkpoint", **overrides)
+  variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} SAM checkpoint)", **overrides)
   return model, overrides, variables

@@ -48,7 +48,8 @@ def official_state(width=768, depth=12, heads=12, qkv_bias=True, seed=0) -> dict
         b + "attn.proj.weight": rand(width, width, scale=width ** -0.5), b + "attn.proj.bias": rand(width, scale=0.1),
         b + "ls1.gamma": rand(width, scale=0.3),
         b + "norm2.weight": 1 + rand(width, scale=0.2), b + "norm2.bias": rand(width, scale=0.1),
-        b + "mlp.fc1.weight": rand(4 * width, width, scale=width ** -0.5), b + "mlp.fc1.bias": rand(4 * width, scale=0.1),
+        b + "mlp.fc1.weight": rand(4 * width, width, scale=width ** -0.5),
+        b + "mlp.fc1.bias": rand(4 * width, scale=0.1),
         b + "mlp.fc2.weight": rand(width, 4 * width, scale=(4 * width) ** -0.5),
         b + "mlp.fc2.bias": rand(width, scale=0.1),
         b + "ls2.gamma": rand(width, scale=0.3),
@@ -126,7 +127,9 @@ def apply_all(module, variables, x, **kw):
 
 
 class _Args:
+  """The parsed `python -m convert dinov3` options that from_checkpoint reads."""
   ln_eps = None
+  checkpoint = "test checkpoint"
   rope_dtype = "float32"
 
 
@@ -433,7 +436,8 @@ def test_converter_refuses_a_wrong_official_checkpoint_and_writes_nothing(offici
 
 
 def test_converter_refuses_wrong_meddinov3_and_hf_checkpoints(small_hf):
-  backbone = {"backbone." + k: core.to_numpy(v) for k, v in official_state(*SIZES["b"], qkv_bias=False, seed=17).items()}
+  state = official_state(*SIZES["b"], qkv_bias=False, seed=17)
+  backbone = {"backbone." + k: core.to_numpy(v) for k, v in state.items()}
   with pytest.raises(core.ConversionError) as info:
     convert_dinov3.from_checkpoint({"teacher": _corrupt(backbone, "backbone.blocks.")}, None, "original", _Args())
   for text in ("backbone.blocks.3.ls1.gamma", "backbone.blocks.3.attn.extra", "backbone.blocks.5.mlp.fc1.weight"):

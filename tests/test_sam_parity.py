@@ -24,7 +24,13 @@ from mfjax import models
 from mfjax.models import posemb
 
 REL_TOL = 1e-4
-VITB = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11))
+VITB_GLOBAL_BLOCKS = (2, 5, 8, 11)
+
+
+class _Args:
+  """The parsed `python -m convert sam` options that from_checkpoint reads."""
+  rel_pos_resize = "nearest"
+  checkpoint = "test checkpoint"
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -200,7 +206,7 @@ def test_hf_folder_converts_to_the_same_parameters(hf_folder, converted_b):
 def test_vitb_224_matches_references_with_the_papers_resampling(encoder_state, converted_b):
   """Flax resamples at call time; the references are built at 224 with the paper's resampled weights."""
   module, variables = converted_b
-  resampled = paper_resample(encoder_state, 224, VITB["global_attn_indexes"])
+  resampled = paper_resample(encoder_state, 224, VITB_GLOBAL_BLOCKS)
   sa = sa_encoder(224)
   sa.load_state_dict(resampled, strict=True)
   hf = SamVisionModel(hf_vision_config(224)).eval()
@@ -264,10 +270,6 @@ def test_vitl_vith_reduced_depth_parity(name, width, heads):
 
 
 # ------------------------------------------------------------------ converter refusals
-
-
-class _Args:
-  rel_pos_resize = "nearest"
 
 
 def _corrupt(state: dict, prefix: str, block: str) -> dict:
