@@ -22,6 +22,8 @@ FAMILIES = {
     "blip": "convert.blip",
     "seem": "convert.seem",
     "resnet": "convert.resnet",
+    "sam": "convert.sam",
+    "dinov3": "convert.dinov3",
 }
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = ("vit", "focalnet", "resnet")
+FAMILIES = ("vit", "sam", "dinov3", "focalnet", "resnet")
 
 _MODULES = {family: importlib.import_module(f"mfjax.models.{family}") for family in FAMILIES}
 REGISTRY: dict[str, tuple[str, dict]] = {

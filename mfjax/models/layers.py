@@ -1,9 +1,11 @@
 """Building blocks shared by the transformer families."""
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -39,17 +41,44 @@ class Mlp(nn.Module):
     return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(h)
 
 
+class MaskedKeyBiasDense(nn.Module):
+  """The fused [q; k; v] projection with the key third of its bias held at exactly zero.
+
+  DINOv3's `LinearKMaskedBias`: the parameters are those of nn.Dense (kernel (D, 3D), bias (3D,)),
+  and the bias is multiplied by [1, 0, 1] per third in the forward pass, so whatever the stored
+  key bias holds it never reaches the output and never gets a gradient.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    third = self.features // 3
+    mask = np.concatenate([np.ones(third), np.zeros(third), np.ones(third)]).astype(np.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias * mask, dtype=self.dtype)
+    return jnp.dot(x, kernel) + bias
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection ([q; k; v], heads major)."""
+  """Multi-head self-attention with a fused qkv projection ([q; k; v], heads major).
+
+  `k_bias=False` (with `qkv_bias=True`) keeps the key bias at zero: DINOv3's masked key bias.
+  """
   heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   attn_impl: str | None = None  # None: let XLA pick ('cudnn' on GPU when it can), or 'xla'/'cudnn'
+  k_bias: bool = True
 
   @nn.compact
   def __call__(self, x, rope: Callable | None = None):
     b, n, d = x.shape
-    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    if self.qkv_bias and not self.k_bias:
+      qkv = MaskedKeyBiasDense(3 * d, self.dtype, name="qkv")(x)
+    else:
+      qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if rope is not None:
@@ -100,3 +129,89 @@ class Block(nn.Module):
     x = x + DropPath(self.drop_path)(scale("ls1")(y), train)
     y = Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(norm("norm2")(x))
     return x + DropPath(self.drop_path)(scale("ls2")(y), train)
+
+
+# ------------------------------------------------------------------- axial RoPE (DINOv3)
+#
+# DINOv3 rotates each head's (q, k) of the patch tokens by angles 2 pi (y, x) / period, with
+# patch-centre coordinates (y, x) in [-1, 1] and periods base ** (2i / (head_dim / 2)).
+# The angle layout is [y periods, x periods] tiled twice, rotated "by halves" (not interleaved).
+# Every step is computed in float32 and rounded to the RoPE dtype, as PyTorch does on bfloat16
+# tensors, so dtype=bfloat16 follows the original code's bfloat16 RoPE step by step.
+
+ROPE_NORMALIZE = ("separate", "min", "max")
+
+
+def _rounded(x, dtype):
+  return x.astype(dtype).astype(jnp.float32)
+
+
+def rope_periods(head_dim: int, base: float, dtype=jnp.float32):
+  """(head_dim // 4,) periods base ** (2 i / (head_dim // 2)), rounded to `dtype`."""
+  if head_dim % 4:
+    raise ValueError(f"axial RoPE needs a head dimension divisible by 4, got {head_dim}")
+  exponents = (2 * np.arange(head_dim // 4, dtype=np.float32)) / np.float32(head_dim // 2)
+  return _rounded(jnp.float32(base) ** _rounded(jnp.asarray(exponents), dtype), dtype)
+
+
+def rope_coords(grid: tuple[int, int], normalize: str = "separate", dtype=jnp.float32):
+  """(rows * cols, 2) patch-centre coordinates (y, x) in [-1, 1], row-major over the grid.
+
+  normalize: 'separate' divides each axis by its own length, 'min'/'max' both by the shorter/longer.
+  """
+  h, w = grid
+  if normalize not in ROPE_NORMALIZE:
+    raise ValueError(f"unknown RoPE coordinate normalization {normalize!r}; valid: {ROPE_NORMALIZE}")
+  denom = {"separate": (h, w), "min": (min(h, w),) * 2, "max": (max(h, w),) * 2}[normalize]
+  axes = [_rounded(_rounded(jnp.arange(0.5, n, dtype=jnp.float32), dtype) / d, dtype)
+          for n, d in zip((h, w), denom)]
+  coords = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1).reshape(h * w, 2)
+  return _rounded(_rounded(2.0 * coords, dtype) - 1.0, dtype)
+
+
+def augment_rope_coords(coords, rng, shift: float | None = None, jitter: float | None = None,
+                        rescale: float | None = None, dtype=jnp.float32):
+  """DINOv3's train-time coordinate augmentation, in its order (each factor drawn per call).
+
+  shift: + U(-shift, shift) per axis; jitter: * exp(U(-ln jitter, ln jitter)) per axis;
+  rescale: * exp(U(-ln rescale, ln rescale)), one factor for both axes.
+  """
+  shift_rng, jitter_rng, rescale_rng = jax.random.split(rng, 3)
+  if shift is not None:
+    coords = _rounded(coords + _rounded(jax.random.uniform(shift_rng, (2,), minval=-shift, maxval=shift), dtype),
+                      dtype)
+  if jitter is not None:
+    log_j = math.log(jitter)
+    factor = _rounded(jnp.exp(_rounded(jax.random.uniform(jitter_rng, (2,), minval=-log_j, maxval=log_j),
+                                       dtype)), dtype)
+    coords = _rounded(coords * factor, dtype)
+  if rescale is not None:
+    log_r = math.log(rescale)
+    factor = _rounded(jnp.exp(_rounded(jax.random.uniform(rescale_rng, (), minval=-log_r, maxval=log_r),
+                                       dtype)), dtype)
+    coords = _rounded(coords * factor, dtype)
+  return coords
+
+
+def rope_sin_cos(coords, periods, dtype=jnp.float32):
+  """(sin, cos), each (n, 4 * len(periods)) in `dtype`, for coordinates (n, 2)."""
+  angles = _rounded(jnp.float32(2 * math.pi) * coords, dtype)[:, :, None]
+  angles = _rounded(angles / periods, dtype).reshape(coords.shape[0], -1)  # [y periods, x periods]
+  angles = jnp.tile(angles, 2)
+  return jnp.sin(angles).astype(dtype), jnp.cos(angles).astype(dtype)
+
+
+def apply_rope(x, sin, cos):
+  """Rotate the last `len(sin)` tokens of x (B, N, heads, head_dim); leading tokens pass unrotated.
+
+  x is cast to the RoPE dtype for the rotation and back, as DINOv3 does (for bfloat16 RoPE this
+  rounds the unrotated prefix tokens too).
+  """
+  out_dtype = x.dtype
+  x = x.astype(sin.dtype)
+  prefix = x.shape[1] - sin.shape[0]
+  patches = x[:, prefix:]
+  first, second = jnp.split(patches, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  patches = patches * cos[:, None] + rotated * sin[:, None]
+  return jnp.concatenate([x[:, :prefix], patches], axis=1).astype(out_dtype)

@@ -157,7 +157,11 @@ def resample_rel_pos_nearest(table, new_len: int):
 
 
 def resample_rel_pos_linear(table, new_len: int):
-  """segment_anything's `get_rel_pos` fallback: F.interpolate(mode='linear') to `new_len`."""
+  """segment_anything's `get_rel_pos` fallback: F.interpolate(mode='linear') to `new_len`.
+
+  Source positions follow torch's kernel for float32 tables: a float32 scale, and
+  scale * (i + 0.5) - 0.5 rounded once to float32 (its fused multiply-add).
+  """
   old = table.shape[0]
   if old == new_len:
     return table
