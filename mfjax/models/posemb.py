@@ -165,14 +165,15 @@ def resample_rel_pos_linear(table, new_len: int):
   old = table.shape[0]
   if old == new_len:
     return table
-  dt = np.float32  # torch computes the source coordinates in the tensor's dtype
-  scale = dt(old) / dt(new_len)
-  src = np.maximum(scale * (np.arange(new_len).astype(dt) + dt(0.5)) - dt(0.5), dt(0))
+  # torch's float32 kernel: the scale in float32, the source coordinate rounded to float32 once.
+  f32 = np.float32
+  scale = np.float64(f32(old) / f32(new_len))
+  src = np.maximum(f32(scale * (np.arange(new_len) + 0.5) - 0.5), f32(0))
   lo = np.minimum(np.floor(src).astype(int), old - 1)
-  frac = np.clip(src - lo, 0, 1).astype(dt)
-  hi = np.where(lo < old - 1, lo + 1, lo)
-  w = np.zeros((new_len, old), dt)
-  np.add.at(w, (np.arange(new_len), lo), dt(1) - frac)
+  hi = np.minimum(lo + 1, old - 1)
+  frac = np.clip(src - lo, 0, 1).astype(f32)
+  w = np.zeros((new_len, old))
+  np.add.at(w, (np.arange(new_len), lo), 1 - frac)
   np.add.at(w, (np.arange(new_len), hi), frac)
-  return jnp.einsum("no,oc->nc", jnp.asarray(w), jnp.asarray(table, jnp.float32),
+  return jnp.einsum("no,oc->nc", jnp.asarray(w, jnp.float32), jnp.asarray(table, jnp.float32),
                     precision="highest").astype(table.dtype)
