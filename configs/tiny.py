@@ -3,7 +3,8 @@ r"""A tiny version of any paper cell, for smoke tests and the CPU demo: same cod
   mfjax train --config configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=frozen_deit \
       --config.data.manual_dir=PATH --workdir runs/tiny
 
-The foundation keeps its family and wiring but shrinks (ViT: width 32, 2 blocks, 2 heads;
+The foundation keeps its family and wiring but shrinks (ViT, SAM, DINOv3: width 32, 2 blocks,
+2 heads, 8-px patches (SAM: 2x2 windows, block 1 global);
 FocalNet: width 16, one block per stage; ResNet: one bottleneck per stage); the stacked DeiT-B
 head shrinks alike; inputs are 32 px. Weights are random unless
 model.checkpoint names a converted model of the same tiny shape. Takes seconds per epoch on a CPU.
@@ -14,6 +15,9 @@ from configs import paper
 
 TINY_FOUNDATION = {
     "vit": dict(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=8, native_resolution=(32, 32)),
+    "sam": dict(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=8, window=2, global_blocks=(1,),
+                neck_features=16, native_resolution=(32, 32)),
+    "dinov3": dict(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=8, native_resolution=(32, 32)),
     "focalnet": dict(embed_dim=16, depths=(1, 1, 1, 1), native_resolution=(32, 32)),
     "resnet": dict(depths=(1, 1, 1, 1), native_resolution=(32, 32)),
 }

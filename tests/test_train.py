@@ -262,3 +262,11 @@ def test_frozen_linear_on_cached_features_matches_the_full_model(aptos, tmp_path
   assert len(losses["cached"]) > 3
   np.testing.assert_allclose(losses["cached"], losses["full"], rtol=1e-4)
   assert cached["test"]["headline"] == pytest.approx(full["test"]["headline"], abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["sam_vitb", "dinov3_vitb16"])
+def test_every_family_trains_under_the_stacked_head(aptos, model):
+  run, before, state, loss = run_steps(tiny(aptos, "unfrozen_deit", model=model), n=2)
+  assert np.isfinite(loss)
+  trainable = flat(state["trainable"])
+  assert any(k.startswith("foundation/") for k in trainable) and any(k.startswith("stacked/") for k in trainable)

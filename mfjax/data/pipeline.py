@@ -183,6 +183,46 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   return ds
 
 
+class _Rows:
+  """(record index, epoch, valid) -> one row of in-memory arrays, in the loader's batch format."""
+
+  def __init__(self, arrays: dict):
+    self.arrays = arrays
+
+  def __call__(self, element):
+    key, _, valid = element
+    out = {name: values[key] for name, values in self.arrays.items()}
+    out.update(index=np.int64(key), valid=np.bool_(valid))
+    return out
+
+
+def make_array_loader(arrays: dict, *, batch_size: int, train: bool, seed: int = 0,
+                      num_epochs: int | None = 1, shard_index: int | None = None,
+                      shard_count: int | None = None, drop_remainder: bool | None = None) -> grain.IterDataset:
+  """`make_loader`'s order, sharding, padding and resumable state over in-memory arrays.
+
+  For data computed once, such as a frozen foundation's features: `arrays` maps names to
+  arrays with one row per example (e.g. {"image": features, "label": labels}). `train`
+  shuffles each epoch; there are no transforms.
+  """
+  sizes = {name: len(values) for name, values in arrays.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"arrays must have the same number of rows, got {sizes}")
+  num_records = next(iter(sizes.values()))
+  shard_index, shard_count = _default_shard(shard_index, shard_count)
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}")
+  drop_remainder = train if drop_remainder is None else drop_remainder
+  local_batch = batch_size // shard_count
+  order = _Order(num_records, batch_size, local_batch, shard_index, shuffle=train, seed=seed,
+                 pad=not drop_remainder)
+  if order.steps_per_epoch == 0:
+    raise ValueError(f"{num_records} rows are fewer than one batch of {batch_size} with drop_remainder=True")
+  epochs = num_epochs if num_epochs is not None else sys.maxsize // (order.steps_per_epoch * local_batch)
+  return (grain.MapDataset.range(epochs * order.steps_per_epoch * local_batch)
+          .map(order).map(_Rows(arrays)).batch(local_batch).to_iter_dataset())
+
+
 def make_eval_loader(dataset, split: str, *, batch_size: int, **kwargs) -> grain.IterDataset:
   """`make_loader` for scoring: every example of `split` exactly once, in order, eval
   transforms, the last batch padded with rows marked valid=False."""
