@@ -17,6 +17,8 @@ CORE = [
     "grain>=0.2.18,<0.3",
     "absl-py>=2",
     "pydicom>=3,<4",
+    # mfjax.report: PNG plots.
+    "matplotlib>=3.8",
 ]
 
 TEST = [
