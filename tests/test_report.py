@@ -13,18 +13,21 @@ from configs import paper as paper_config
 from mfjax import cli
 from mfjax.evals import cka as cka_lib
 from mfjax.evals import knn as knn_lib
-from mfjax.report import paper, plots, results, tables
-from mfjax.report import build, ReportError
+from mfjax.report import ReportError, paper, plots, results, tables
 
 HEADLINE = {"aptos2019": "quadratic_kappa", "cbis_ddsm": "roc_auc", "isic2019": "macro_recall",
             "chexpert": "mean_auc"}
 
 
 def write_run(root, model, dataset, protocol, lr, seed, test, val, *, res=224, folder=None, iterations=1000,
-              speed=100.0, params=86_000_000, metric=None, **protocol_fields):
-  """A result.json as mfjax.train.fit writes it, with the config from configs/paper.py."""
+              speed=100.0, params=86_000_000, metric=None, pretrained=True, **protocol_fields):
+  """A result.json as mfjax.train.fit writes it, with the config from configs/paper.py; pretrained
+  runs name converted checkpoints for the foundation and the stacked DeiT-B."""
   config = paper_config.get_config(f"model={model},dataset={dataset},protocol={protocol},res={res},lr={lr},"
                                    f"seed={seed}").to_dict()
+  if pretrained:
+    config["model"]["checkpoint"] = f"/ckpt/{model}"
+    config["head"]["checkpoint"] = "/ckpt/deit_base_patch16"
   for key, value in protocol_fields.items():
     config["protocol"][key] = value
   metric = metric or HEADLINE[dataset]
@@ -250,14 +253,38 @@ def test_conflicting_configs_in_one_cell_are_an_error(tmp_path):
   with pytest.raises(ReportError, match="epochs: 100 vs 2") as error:
     results.load_cells(root)
   assert first in str(error.value) and second in str(error.value)
-  # Where a run was read from and how it was run do not split a cell.
+  # Where a run read its data and checkpoints from and how it was run do not split a cell ...
   data["config"]["epochs"] = 100
   data["config"]["data"]["manual_dir"] = "/elsewhere"
+  data["config"]["model"]["checkpoint"] = "/other/machine/ckpt"
   data["config"]["mesh"]["data"] = 8
   with open(second, "w") as f:
     json.dump(data, f)
   (cell,) = results.load_cells(root)
   assert cell.n == 2
+  # ... but a random initialization is not the pretrained model.
+  data["config"]["model"]["checkpoint"] = ""
+  with open(second, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(ReportError, match="model.checkpoint: true vs false"):
+    results.load_cells(root)
+
+
+def test_random_weights_and_changed_architectures_are_marked(tmp_path, capsys):
+  root = str(tmp_path / "runs")
+  write_cell(root, "dinov2_vitb14", "aptos2019", "frozen_linear", {1e-4: [0.5]}, {1e-4: [0.5]}, pretrained=False)
+  write_cell(root, "dino_vitb16", "aptos2019", "frozen_linear", {1e-4: [0.6]}, {1e-4: [0.5]})
+  path = write_run(root, "sam_vitb", "aptos2019", "frozen_linear", 1e-4, 0, 0.7, 0.5)
+  with open(path) as f:
+    data = json.load(f)
+  data["config"]["model"]["overrides"] = {"depth": 2}
+  with open(path, "w") as f:
+    json.dump(data, f)
+  (table,) = tables.comparison_tables(results.load_cells(root))
+  assert [r["foundation"] for r in table["rows"]] == ["DINOv1", "SAM †", "DINOv2 †"]
+  assert "† not the paper's weights" in table["caption"]
+  assert cli.main(["report", root]) == 0
+  assert "note: 2 of 3 cells do not use the paper's weights" in capsys.readouterr().out
 
 
 def test_duplicate_run_is_an_error(tmp_path):

@@ -48,10 +48,48 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
     raise ReportError(f"no result.json, knn.json or cka_*.json below {runs_dir}")
   _clear_previous(out_dir)
   table_dir, plot_dir = os.path.join(out_dir, "tables"), os.path.join(out_dir, "plots")
-  notes, written_tables, figures = [], [], []
+  notes, written_tables = [], []
 
   def rel(path):
     return os.path.relpath(path, out_dir)
+
+  def save_table(name: str, text: str) -> str:
+    written_tables.append(_write(os.path.join(table_dir, name), text))
+    return written_tables[-1]
+
+  table_blocks = []
+  for table in tables.comparison_tables(cells):
+    paths = [save_table(f"{table['name']}.{ext}", render(table))
+             for ext, render in (("md", tables.to_markdown), ("csv", tables.to_csv), ("tex", tables.to_latex))]
+    header = ["Classifier", "Foundation"] + table["column_titles"]
+    rows = [[label, row["foundation"]] + [tables.cell_text(row["cells"].get(d)) for d in table["columns"]]
+            for label, row in tables.grouped_rows(table)]
+    table_blocks += [("heading", 3, table["title"]), ("text", table["caption"]), ("table", header, rows),
+                     ("links", [(os.path.basename(p), rel(p)) for p in paths])]
+
+  variants = [c for c in cells if c.variant]
+  if variants:
+    notes.append(f"{len(variants)} of {len(cells)} cells do not use the paper's weights: a randomly initialized "
+                 "foundation or stacked DeiT-B (no model.checkpoint / head.checkpoint in the config) or a changed "
+                 f"architecture (model/head overrides), e.g. {variants[0].model} on {variants[0].dataset} "
+                 f"({variants[0].protocol}). Their numbers say nothing about the pretrained models; tables mark them "
+                 f"{tables.VARIANT_MARK}.")
+  gain_rows = plots.relative_gains(cells, notes)
+  timing_rows = plots.timing_rows(cells, notes)
+  figures = [plots.relative_gain(gain_rows, plot_dir, notes), *plots.knn(knn, plot_dir, notes),
+             plots.timing(timing_rows, plot_dir, notes), *plots.progressive(cells, plot_dir, notes),
+             plots.decapitation(cells, plot_dir, notes), plots.model_size(cells, plot_dir, notes),
+             plots.resolution(cells, plot_dir, notes), *(plots.cka_heatmap(r, plot_dir, notes) for r in cka),
+             plots.cka_diagonals(cka, plot_dir, notes)]
+  figures = [f for f in figures if f]
+
+  knn_rows = [{"label": r["label"], "model": r["model"], "dataset": r["dataset"], "resolution": r["resolution"],
+               "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
+              for r in knn for k, v in r["scores"].items()]
+  cell_rows = tables.all_cells_rows(cells)
+  data_links = [(name, rel(save_table(name, tables.rows_to_csv(rows))))
+                for name, rows in (("all_cells.csv", cell_rows), ("relative_gain.csv", gain_rows),
+                                   ("timing.csv", timing_rows), ("knn.csv", knn_rows)) if rows]
 
   blocks = [("heading", 1, "mfjax report"),
             ("text", f"Runs folder: {runs_dir}. {sum(c.n for c in cells)} training runs selected into "
@@ -59,71 +97,22 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
                      f"{len(cka)} CKA matrices. Each cell shows the test score at the learning rate with the "
                      "best mean validation score, as mean ± std over its seeds; paper values are from "
                      "Huix et al., WACV 2024.")]
-
-  comparison = tables.comparison_tables(cells)
-  if comparison:
-    blocks.append(("heading", 2, "Tables"))
-  for table in comparison:
-    paths = [_write(os.path.join(table_dir, f"{table['name']}.{ext}"), render(table))
-             for ext, render in (("md", tables.to_markdown), ("csv", tables.to_csv), ("tex", tables.to_latex))]
-    written_tables += paths
-    header = ["Classifier", "Foundation"] + table["column_titles"]
-    rows = [[label, row["foundation"]] + [tables.cell_text(row["cells"].get(d)) for d in table["columns"]]
-            for label, row in tables.grouped_rows(table)]
-    blocks += [("heading", 3, table["title"]), ("text", table["caption"]), ("table", header, rows),
-               ("links", [(os.path.basename(p), rel(p)) for p in paths])]
-
-  figures_blocks = []
-  gain_rows = plots.relative_gains(cells, notes)
-  gain = plots.relative_gain(gain_rows, plot_dir, notes)
-  figures += [gain] if gain else []
-  figures += plots.knn(knn, plot_dir, notes)
-  timing_rows = plots.timing_rows(cells, notes)
-  for figure in [plots.timing(timing_rows, plot_dir, notes), *plots.progressive(cells, plot_dir, notes),
-                 plots.decapitation(cells, plot_dir, notes), plots.model_size(cells, plot_dir, notes),
-                 plots.resolution(cells, plot_dir, notes)]:
-    if figure:
-      figures.append(figure)
-  for result in cka:
-    figures.append(plots.cka_heatmap(result, plot_dir, notes))
-  diagonals = plots.cka_diagonals(cka, plot_dir, notes)
-  if diagonals:
-    figures.append(diagonals)
-  for figure in figures:
-    figures_blocks.append(("image", rel(figure["file"]), figure["title"], figure["caption"]))
-  if figures_blocks:
-    blocks += [("heading", 2, "Figures")] + figures_blocks
-
-  data_links = []
-  if cells:
-    rows = tables.all_cells_rows(cells)
-    data_links.append(("all_cells.csv", rel(_write(os.path.join(table_dir, "all_cells.csv"), tables.rows_to_csv(rows)))))
-    written_tables.append(os.path.join(table_dir, "all_cells.csv"))
-  if gain_rows:
-    data_links.append(("relative_gain.csv", rel(_write(os.path.join(table_dir, "relative_gain.csv"),
-                                                        tables.rows_to_csv(gain_rows)))))
-    written_tables.append(os.path.join(table_dir, "relative_gain.csv"))
-  if timing_rows:
-    data_links.append(("timing.csv", rel(_write(os.path.join(table_dir, "timing.csv"),
-                                                 tables.rows_to_csv(timing_rows)))))
-    written_tables.append(os.path.join(table_dir, "timing.csv"))
-  if knn:
-    knn_rows = [{"label": r["label"], "model": r["model"], "dataset": r["dataset"], "resolution": r["resolution"],
-                 "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
-                for r in knn for k, v in r["scores"].items()]
-    data_links.append(("knn.csv", rel(_write(os.path.join(table_dir, "knn.csv"), tables.rows_to_csv(knn_rows)))))
-    written_tables.append(os.path.join(table_dir, "knn.csv"))
-  if cells:
-    blocks += [("heading", 2, "Every cell"),
-               ("text", "Every (model, dataset, protocol, resolution, ...) cell found, with the learning-rate "
-                        "search behind it (mean validation score per lr); the data behind every table and plot.")]
-    columns = ["model", "dataset", "protocol", "resolution", "unfreeze_from", "keep_blocks", "trained", "n_seeds",
-               "lr", "mean", "std"]
-    blocks.append(("table", columns, [[_show(row[c], c) for c in columns] for row in rows]))
-  if data_links:
-    blocks.append(("links", data_links))
   if notes:
     blocks += [("heading", 2, "Notes"), ("items", notes)]
+  if table_blocks:
+    blocks += [("heading", 2, "Tables")] + table_blocks
+  if figures:
+    blocks += [("heading", 2, "Figures")]
+    blocks += [("image", rel(f["file"]), f["title"], f["caption"]) for f in figures]
+  if cell_rows:
+    columns = ["model", "dataset", "protocol", "resolution", "unfreeze_from", "keep_blocks", "trained", "n_seeds",
+               "lr", "mean", "std"]
+    blocks += [("heading", 2, "Every cell"),
+               ("text", "Every cell found (everything a run's config fixes except lr and seed), with its selected "
+                        "lr; all_cells.csv adds the lr search, timing and parameter counts."),
+               ("table", columns, [[_show(row[c], c) for c in columns] for row in cell_rows])]
+  if data_links:
+    blocks += [("heading", 2, "Data"), ("links", data_links)]
 
   markdown_path = _write(os.path.join(out_dir, "report.md"), page.markdown(blocks))
   html_path = _write(os.path.join(out_dir, "report.html"), page.html(blocks, "mfjax report"))

@@ -7,13 +7,14 @@ with a fixed colour and marker per foundation in every plot.
 """
 import math
 import os
+import re
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mfjax.report import paper
-from mfjax.report.tables import MAIN_PROTOCOLS, column_title, dataset_columns, main_resolution, model_order
+from mfjax.report.tables import MAIN_PROTOCOLS, column_title, main_resolution, model_order, ordered_datasets
 
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
              "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "grey": "#999999"}
@@ -70,8 +71,7 @@ def _metric_label(cells, dataset: str) -> str:
 
 
 def _datasets(cells) -> list[str]:
-  present = {c.dataset for c in cells}
-  return [d for d in dataset_columns(cells) if d in present]
+  return ordered_datasets(c.dataset for c in cells)
 
 
 def _legend_below(fig, handles, labels):
@@ -128,8 +128,7 @@ def relative_gain(rows: list[dict], out_dir: str, notes: list) -> dict | None:
   ours = {(r["protocol"], r["model"], r["dataset"]): r["gain_percent"] for r in rows if r["source"] == "mfjax"}
   theirs = {(r["protocol"], r["model"], r["dataset"]): r["gain_percent"] for r in rows if r["source"] == "paper"}
   main = next((r["resolution"] for r in rows if r["source"] == "mfjax"), 224)
-  present = {r["dataset"] for r in rows}
-  datasets = [d for d in paper.DATASETS if d in present] + sorted(present - set(paper.DATASETS))
+  datasets = ordered_datasets(r["dataset"] for r in rows)
   baseline = {r["dataset"] for r in rows if r["source"] == "mfjax"}
   combos = sorted({k[:2] for k in (*ours, *theirs)},
                   key=lambda k: (list(MAIN_PROTOCOLS).index(k[0]), model_order(k[1])))
@@ -255,8 +254,10 @@ def decapitation(cells, out_dir: str, notes: list) -> dict | None:
                      "the kept blocks trained with it or frozen (one row each). Error bars: std over seeds."}
 
 
-SIZE_FAMILY = {f"dinov2_vit{s}14{suffix}": (i, s.upper() if s != "g" else "g", suffix)
-               for suffix in ("", "_reg4") for i, s in enumerate("sblg")}
+def _dinov2_size(model: str) -> tuple[int, bool] | None:
+  """(0..3 for ViT-S/B/L/g, with registers) for a DINOv2 model name, else None."""
+  match = re.fullmatch(r"dinov2_vit([sblg])14(_reg4)?", model)
+  return ("sblg".index(match[1]), bool(match[2])) if match else None
 
 
 def _count(n: int) -> str:
@@ -264,45 +265,38 @@ def _count(n: int) -> str:
 
 
 def model_size(cells, out_dir: str, notes: list) -> dict | None:
-  """Fig. 6: DINOv2 ViT-S/B/L/g, one line per protocol, per dataset."""
-  cells = [c for c in cells if c.model in SIZE_FAMILY]
-  sizes = {(c.dataset, c.protocol, c.resolution, SIZE_FAMILY[c.model][2]) for c in cells}
-  series_sizes = {key: {SIZE_FAMILY[c.model][0] for c in cells
-                        if (c.dataset, c.protocol, c.resolution, SIZE_FAMILY[c.model][2]) == key} for key in sizes}
-  cells = [c for c in cells if len(series_sizes[(c.dataset, c.protocol, c.resolution, SIZE_FAMILY[c.model][2])]) > 1]
-  if not cells:
+  """Fig. 6: DINOv2 ViT-S/B/L/g, one line per protocol (and resolution, registers), per dataset."""
+  series = {}
+  for c in cells:
+    size = _dinov2_size(c.model)
+    if size and c.protocol in MAIN_PROTOCOLS:
+      series.setdefault((c.dataset, c.protocol, c.resolution, size[1]), []).append((size[0], c))
+  series = {key: points for key, points in series.items() if len(points) > 1}  # one cell per size
+  if not series:
     return None
-  datasets = _datasets(cells)
+  datasets = ordered_datasets(key[0] for key in series)
   fig, axes = _grid(len(datasets))
   seen = {}
   for ax, dataset in zip(axes, datasets):
-    series = {}
-    for c in cells:
-      if c.dataset == dataset:
-        key = (c.protocol, c.resolution, SIZE_FAMILY[c.model][2])
-        series.setdefault(key, []).append((SIZE_FAMILY[c.model][0], c.mean, c.std))
-    for (protocol, resolution, suffix), points in sorted(series.items()):
-      xs, means, stds = (np.array(v, float) for v in zip(*sorted(points)))
+    ticks = {}
+    for (_, protocol, res, registers), points in sorted(item for item in series.items() if item[0][0] == dataset):
+      points.sort(key=lambda p: p[0])
       colour, name = PROTOCOL_STYLE.get(protocol, (OKABE_ITO["grey"], protocol))
-      label = name + ("" if resolution == 224 else f" @{resolution}px") + (" (registers)" if suffix else "")
-      line = ax.errorbar(xs, means, yerr=np.nan_to_num(stds), color=colour, marker="o",
-                         ls="--" if suffix else "-", capsize=3, lw=1.6)
-      seen.setdefault(label, line)
-    params = {}
-    for c in cells:
-      if c.dataset == dataset and c.params_total:
-        params.setdefault(SIZE_FAMILY[c.model][0], c.params_total)
-    ticks = sorted({SIZE_FAMILY[c.model][0] for c in cells if c.dataset == dataset})
-    names = {0: "ViT-S/14", 1: "ViT-B/14", 2: "ViT-L/14", 3: "ViT-g/14"}
-    ax.set_xticks(ticks, [names[t] + (f"\n{_count(params[t])}" if t in params else "") for t in ticks])
+      line = ax.errorbar([p[0] for p in points], [c.mean for _, c in points],
+                         yerr=np.nan_to_num([c.std for _, c in points]), color=colour, marker="o",
+                         ls="--" if registers else "-", capsize=3, lw=1.6)
+      seen.setdefault(name + ("" if res == 224 else f" @{res}px") + (" (registers)" if registers else ""), line)
+      for size, c in points:
+        ticks.setdefault(size, paper.SIZES["sblg"[size]] + (f"\n{_count(c.params_total)}" if c.params_total else ""))
+    ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
     ax.set_title(column_title(dataset), fontsize=10)
     ax.set_ylabel(_metric_label(cells, dataset))
     ax.grid(alpha=0.3)
   _legend_below(fig, list(seen.values()), list(seen))
   fig.suptitle("DINOv2 model size (paper Fig. 6)")
   return {"file": _save(fig, out_dir, "model_size"), "title": "Model size",
-          "caption": "DINOv2 ViT-S/B/L/g; parameter counts as trained (foundation and head). Error bars: std over "
-                     "seeds."}
+          "caption": "DINOv2 ViT-S/B/L/g, with the parameter count of each trained model (foundation and head). "
+                     "Error bars: std over seeds."}
 
 
 def resolution(cells, out_dir: str, notes: list) -> dict | None:
@@ -372,8 +366,7 @@ def timing(rows: list[dict], out_dir: str, notes: list) -> dict | None:
   panels = [p for p in panels if any(p[2](r) for r in rows)]
   combos = sorted({(r["model"], MAIN_PROTOCOLS[r["protocol"]][1]) for r in rows},
                   key=lambda k: (k[1] != "linear", model_order(k[0])))[::-1]
-  present = {r["dataset"] for r in rows}
-  datasets = [d for d in paper.DATASETS if d in present] + sorted(present - set(paper.DATASETS))
+  datasets = ordered_datasets(r["dataset"] for r in rows)
   marker_of = {d: DATASET_MARKERS[i % len(DATASET_MARKERS)] for i, d in enumerate(datasets)}
   styles = model_styles(r["model"] for r in rows)
   fig, axes = _grid(len(panels), width=4.6, height=0.34 * len(combos) + 2.0, sharey=True)
@@ -420,8 +413,7 @@ def default_k(result: dict) -> int:
 def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
   if not results:
     return []
-  present = {r["dataset"] for r in results}
-  datasets = [d for d in paper.DATASETS if d in present] + sorted(present - set(paper.DATASETS))
+  datasets = ordered_datasets(r["dataset"] for r in results)
   styles = model_styles(r["model"] for r in results)
   labels = sorted({r["label"] for r in results}, key=lambda l: model_order(next(
       r["model"] for r in results if r["label"] == l)))[::-1]

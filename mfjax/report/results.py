@@ -14,9 +14,11 @@ import os
 
 import numpy as np
 
-# Config fields that do not change what a run measures (where and how fast it ran).
+# Config fields that do not change what a run measures (where and how fast it ran). Checkpoint
+# paths differ between machines; the cell only requires that all or none of its runs have one.
 OPERATIONAL_FIELDS = ("seed", "optim.lr", "mesh", "sharding_rules", "min_fsdp_mb", "log_every_steps",
                       "checkpoint_every_steps", "data.num_workers", "data.manual_dir", "data.data_dir")
+CHECKPOINT_FIELDS = ("model.checkpoint", "head.checkpoint")
 RESULT_KEYS = ("config", "model", "dataset", "protocol", "headline_metric", "val", "test")
 
 
@@ -36,6 +38,7 @@ class Cell:
   keep_blocks: int | None      # decapitation only
   trained: bool | None         # decapitation only: the foundation was trained
   metric: str                  # the dataset's headline metric
+  variant: bool                # random initialization or changed architecture: not the paper's model
   lr: float
   seeds: tuple
   test: np.ndarray             # test headline per seed of the selected lr
@@ -109,8 +112,20 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 
 def _measured(flat: dict) -> dict:
-  return {k: v for k, v in flat.items()
-          if not any(k == f or k.startswith(f + ".") for f in OPERATIONAL_FIELDS)}
+  """The fields that must agree between the runs of one cell; of a checkpoint path only whether it is set."""
+  out = {}
+  for key, value in flat.items():
+    if any(key == f or key.startswith(f + ".") for f in OPERATIONAL_FIELDS):
+      continue
+    out[key] = json.dumps(bool(json.loads(value))) if key in CHECKPOINT_FIELDS else value
+  return out
+
+
+def not_the_papers_weights(config: dict, head: str) -> bool:
+  """Random foundation (or stacked DeiT-B) weights, or a changed architecture (model/head overrides)."""
+  model, head_config = config.get("model", {}), config.get("head", {})
+  return (not model.get("checkpoint") or bool(model.get("overrides"))
+          or (head == "deit" and (not head_config.get("checkpoint") or bool(head_config.get("overrides")))))
 
 
 def head_of(protocol: str, config_head: str) -> str:
@@ -149,6 +164,7 @@ def read_run(path: str) -> dict:
       "params_trained": data.get("params_trained"),
       "measured_config": _measured(_flatten(config)),
   }
+  run["variant"] = not_the_papers_weights(config, run["head"])
   if run["model"] != data["model"] or run["dataset"] != data["dataset"]:
     raise ReportError(f"{path}: model/dataset {data['model']}/{data['dataset']} disagree with its config "
                       f"{run['model']}/{run['dataset']}")
@@ -193,7 +209,7 @@ def group_cells(runs: list[dict]) -> list[Cell]:
     best_lr = max(finite, key=lambda lr: (finite[lr], -lr)) if finite else min(lr_scores)
     chosen = sorted(by_lr[best_lr], key=lambda r: json.dumps(r["seed"]))
     cells.append(Cell(
-        **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], lr=best_lr,
+        **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], variant=first["variant"], lr=best_lr,
         seeds=tuple(r["seed"] for r in chosen), test=np.array([r["test"] for r in chosen]),
         val=np.array([r["val"] for r in chosen]), lr_scores=lr_scores,
         iterations_to_best=np.array([r["iterations_to_best"] for r in chosen]),

@@ -19,6 +19,7 @@ from mfjax.report import paper
 MAIN_PROTOCOLS = {"frozen_linear": ("frozen", "linear"), "frozen_deit": ("frozen", "deit"),
                   "unfrozen_linear": ("unfrozen", "linear"), "unfrozen_deit": ("unfrozen", "deit")}
 PAPER_TABLE = {"frozen": "Table 1", "unfrozen": "Table 2"}
+VARIANT_MARK = "†"
 
 
 def fmt(value, digits: int = 3, sign: bool = False) -> str:
@@ -35,9 +36,15 @@ def main_resolution(cells) -> int | None:
   return 224 if 224 in resolutions else max(set(resolutions), key=lambda r: (resolutions.count(r), -r))
 
 
+def ordered_datasets(names) -> list[str]:
+  """The given dataset names, the paper's four first in its order, then the others sorted."""
+  names = set(names)
+  return [d for d in paper.DATASETS if d in names] + sorted(names - set(paper.DATASETS))
+
+
 def dataset_columns(cells) -> list[str]:
-  others = sorted({c.dataset for c in cells} - set(paper.DATASETS))
-  return list(paper.DATASETS) + others
+  """Table columns: always the paper's four datasets (blank without runs), then any others."""
+  return list(paper.DATASETS) + ordered_datasets(c.dataset for c in cells if c.dataset not in paper.DATASETS)
 
 
 def column_title(dataset: str, metric: str | None = None) -> str:
@@ -76,7 +83,7 @@ def comparison_tables(cells) -> list[dict]:
   tables = []
   for state, resolution in keys:
     paper_resolution = resolution if (state, resolution) in published else (224 if resolution == main else None)
-    rows = {}
+    rows, variants = {}, set()
     for c in cells:
       if c.protocol not in MAIN_PROTOCOLS or c.resolution != resolution or MAIN_PROTOCOLS[c.protocol][0] != state:
         continue
@@ -90,6 +97,8 @@ def comparison_tables(cells) -> list[dict]:
         entry.update(paper_mean=published_cell["mean"], paper_std=published_cell["std"],
                      delta=c.mean - published_cell["mean"])
       rows.setdefault((classifier, c.model), {})[c.dataset] = entry
+      if c.variant:
+        variants.add((classifier, c.model))
     ordered = sorted(rows, key=lambda k: (k[0] != "linear", model_order(k[1])))
     table_name = PAPER_TABLE[state] if resolution == main else (
         "Table 3" if state == "unfrozen" and paper_resolution == resolution else None)
@@ -104,12 +113,16 @@ def comparison_tables(cells) -> list[dict]:
       caption.append(f"The paper has no {state} results at {resolution} px.")
     if resolution != main:
       caption.append(f"pts: the gain in points (x100) over the same cell at {main} px.")
+    if variants:
+      caption.append(f"{VARIANT_MARK} not the paper's weights: a randomly initialized foundation or stacked DeiT-B "
+                     "(no model.checkpoint / head.checkpoint), or a changed architecture (overrides).")
     caption.append("Δ = mfjax − paper. Blank: no run.")
     tables.append({
         "name": f"{state}_{resolution}", "title": title, "caption": " ".join(caption), "state": state,
         "resolution": resolution, "main_resolution": main, "paper_resolution": paper_resolution,
         "columns": columns, "column_titles": [column_title(d, metrics.get(d)) for d in columns],
-        "rows": [{"classifier": cls, "model": model, "foundation": paper.title_of(model), "cells": rows[(cls, model)]}
+        "rows": [{"classifier": cls, "model": model, "cells": rows[(cls, model)],
+                  "foundation": paper.title_of(model) + (f" {VARIANT_MARK}" if (cls, model) in variants else "")}
                  for cls, model in ordered]})
   return tables
 
@@ -171,7 +184,7 @@ def _num(value) -> str:
 
 LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-                 "κ": r"$\kappa$", "±": r"$\pm$", "Δ": r"$\Delta$", "−": "-"}
+                 "κ": r"$\kappa$", "±": r"$\pm$", "Δ": r"$\Delta$", "−": "-", "†": r"$^\dagger$"}
 
 
 def latex_escape(text: str) -> str:
@@ -214,7 +227,7 @@ def to_latex(table: dict) -> str:
 
 
 CELL_FIELDS = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained",
-               "metric")
+               "metric", "variant")
 
 
 def all_cells_rows(cells) -> list[dict]:
