@@ -20,6 +20,8 @@ CORE = [
     # training logs: TensorBoard event files without TensorFlow; gs:// workdirs through epath
     "tensorboardX>=2.6",
     "etils[epath]>=1.7",
+    # mfjax.report: PNG plots.
+    "matplotlib>=3.8",
 ]
 
 TEST = [

@@ -8,6 +8,7 @@
               --config.data.manual_dir=~/data/aptos2019 --out runs/knn/dinov2
   mfjax cka   --workdir runs/x                      (foundation and head, before vs after fine-tuning)
   mfjax cka   --config configs/paper.py:dataset=aptos2019 --models dinov2_vitb14+sam_vitb --checkpoints ckpt/a+ckpt/b --out runs/cka
+  mfjax report runs/ [--out runs/report]
 """
 import argparse
 import ast
@@ -131,6 +132,9 @@ def main(argv=None) -> int:
   p = sub.add_parser("eval", help="score a trained run's best checkpoint on a split")
   p.add_argument("--workdir", required=True)
   p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+  p = sub.add_parser("report", help="tables and plots of a runs folder beside the paper's numbers")
+  p.add_argument("runs_dir", help="folder searched for result.json, knn.json and cka_*.json")
+  p.add_argument("--out", help="output folder (default RUNS_DIR/report)")
   args, rest = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
@@ -193,6 +197,20 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {rest}")
       from mfjax.train import fit
       print(json.dumps(fit.evaluate_run(args.workdir, args.split), indent=2, default=float))
+    elif args.command == "report":
+      if rest:
+        parser.error(f"unrecognized arguments: {rest}")
+      from mfjax import report
+      try:
+        written = report.build(args.runs_dir, args.out)
+      except report.ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+      print(f"report: {written['markdown']} and {written['html']}\n"
+            f"{len(written['tables'])} tables in {os.path.dirname(written['markdown'])}/tables, "
+            f"{len(written['plots'])} plots in {os.path.dirname(written['markdown'])}/plots")
+      for note in written["notes"]:
+        print(f"note: {note}")
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,0 +1,274 @@
+"""Weighted k-NN evaluation of frozen features, as the paper's `trainer.py::knn_predict`.
+
+Features are L2-normalized; the similarity is their dot product (cosine). Each query takes its
+k most similar bank examples, weighs neighbour j by exp(sim_j / T) (T = 0.1, k = 200 in the
+paper), normalizes the weights to sum to 1 over the k neighbours, and scores class c by the
+weighted mean of the neighbours' label vectors: for single-label data (one-hot labels) that
+is the per-class weighted vote normalized to probabilities; for multi-label data (multi-hot
+labels) it is the paper's L1-normalized weighted mean of the label vectors.
+
+The bank is the training split under the eval transforms. Both the similarity search and the
+vote run in chunks of queries, so a 200k-example bank needs memory for the bank plus one
+(chunk x bank) similarity block. Several k share one top-k search.
+
+`FeatureCache` stores extracted features once per (model, checkpoint, dataset, split,
+resolution, transform) so that a k sweep or a second evaluation does not run the model again.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfjax.evals import metrics as metrics_lib
+
+K = 200
+TEMPERATURE = 0.1
+# Elements of one (query chunk x bank) similarity block: 2**26 float32 = 256 MiB.
+SIMILARITY_BLOCK = 2 ** 26
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+  """x / max(||x||, 1e-12) per row, as torch.nn.functional.normalize (a zero row stays zero)."""
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _check_features(x, name: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise ValueError(f"{name} must be (N, D), got shape {x.shape}")
+  if not x.shape[0]:
+    raise ValueError(f"{name} is empty")
+  bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
+  if bad.size:
+    raise ValueError(f"{name} has non-finite values in {bad.size} rows, first rows {bad[:5].tolist()}")
+  return x
+
+
+def label_targets(labels, num_classes: int, multi_label: bool, name: str = "bank_labels") -> np.ndarray:
+  """(N, C) float32 label vectors: one-hot of class ids, or the multi-hot rows as given (0/1)."""
+  labels = np.asarray(labels)
+  if multi_label:
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+      raise ValueError(f"{name} must be (N, {num_classes}) multi-hot for multi-label data, got {labels.shape}")
+    values = np.unique(labels)
+    if not np.all(np.isin(values, (0, 1))):
+      raise ValueError(f"{name} must hold 0/1 values, got {values.tolist()}")
+    return labels.astype(np.float32)
+  if labels.ndim != 1:
+    raise ValueError(f"{name} must be (N,) class ids for single-label data, got {labels.shape}")
+  if labels.size and not np.all(np.equal(np.mod(labels, 1), 0)):
+    raise ValueError(f"{name} must hold integer class ids")
+  labels = labels.astype(np.int64)
+  outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+  if outside.size:
+    raise ValueError(f"{name} has class ids {outside.tolist()} outside 0..{num_classes - 1}")
+  return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+@jax.jit(static_argnames="k")
+def _top_k_block(bank, queries, k):
+  similarity = jnp.dot(queries, bank.T, precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.top_k(similarity, k)
+
+
+def nearest_neighbours(bank_features, query_features, k: int,
+                       block_elements: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Cosine similarities (N, k) and bank indices (N, k) of each query's k nearest, most similar first.
+
+  Queries are searched in blocks of block_elements // bank_size rows (default SIMILARITY_BLOCK).
+  """
+  bank = l2_normalize(_check_features(bank_features, "bank_features"))
+  queries = l2_normalize(_check_features(query_features, "query_features"))
+  if bank.shape[1] != queries.shape[1]:
+    raise ValueError(f"bank features have {bank.shape[1]} dimensions, query features {queries.shape[1]}")
+  if not 1 <= k <= len(bank):
+    raise ValueError(f"k={k} must be between 1 and the bank size {len(bank)}")
+  rows = int(max(1, min(len(queries), (block_elements or SIMILARITY_BLOCK) // len(bank))))
+  bank = jnp.asarray(bank)
+  sims, indices = [], []
+  for start in range(0, len(queries), rows):
+    block = queries[start:start + rows]
+    padded = np.pad(block, ((0, rows - len(block)), (0, 0)))  # one shape, one compilation
+    s, i = _top_k_block(bank, jnp.asarray(padded), k)
+    sims.append(np.asarray(s)[:len(block)])
+    indices.append(np.asarray(i)[:len(block)])
+  return np.concatenate(sims), np.concatenate(indices)
+
+
+def vote(similarities, indices, bank_targets, k: int, temperature: float = TEMPERATURE,
+         rows_per_chunk: int = 4096) -> np.ndarray:
+  """Scores (N, C): the exp(sim/T)-weighted mean of the first k neighbours' label vectors.
+
+  `similarities`/`indices` are sorted most similar first (as `nearest_neighbours` returns
+  them). Weights are shifted by each row's top similarity before exp, which leaves the
+  normalized weights unchanged and cannot overflow for small T.
+  """
+  if temperature <= 0:
+    raise ValueError(f"temperature must be positive, got {temperature}")
+  if not 1 <= k <= similarities.shape[1]:
+    raise ValueError(f"k={k} must be between 1 and the {similarities.shape[1]} neighbours searched")
+  scores = np.empty((len(similarities), bank_targets.shape[1]), np.float64)
+  for start in range(0, len(similarities), rows_per_chunk):
+    s = similarities[start:start + rows_per_chunk, :k].astype(np.float64)
+    weights = np.exp((s - s[:, :1]) / temperature)
+    weights /= weights.sum(axis=1, keepdims=True)
+    neighbour_targets = bank_targets[indices[start:start + rows_per_chunk, :k]]  # (n, k, C)
+    scores[start:start + rows_per_chunk] = np.einsum("nk,nkc->nc", weights, neighbour_targets)
+  return scores
+
+
+def knn_predict(bank_features, bank_labels, query_features, *, k: int = K, temperature: float = TEMPERATURE,
+                num_classes: int, multi_label: bool = False) -> np.ndarray:
+  """Class scores (N_query, C) in [0, 1]; rows sum to 1 for single-label data.
+
+  bank_features (N_bank, D) and query_features (N_query, D): raw features (normalized here).
+  bank_labels: (N_bank,) class ids, or (N_bank, C) 0/1 rows when multi_label.
+  """
+  return knn_predict_many(bank_features, bank_labels, query_features, ks=(k,), temperature=temperature,
+                          num_classes=num_classes, multi_label=multi_label)[k]
+
+
+def knn_predict_many(bank_features, bank_labels, query_features, *, ks: Sequence[int] = (K,),
+                     temperature: float = TEMPERATURE, num_classes: int,
+                     multi_label: bool = False) -> dict[int, np.ndarray]:
+  """{k: scores} for every k in `ks` from one search for the max(ks) nearest neighbours."""
+  ks = sorted({int(k) for k in ks})
+  if not ks:
+    raise ValueError("ks is empty")
+  targets = label_targets(bank_labels, num_classes, multi_label)
+  if len(targets) != len(bank_features):
+    raise ValueError(f"{len(bank_features)} bank features but {len(targets)} bank labels")
+  sims, indices = nearest_neighbours(bank_features, query_features, ks[-1])
+  return {k: vote(sims, indices, targets, k, temperature) for k in ks}
+
+
+def knn_evaluate(bank_features, bank_labels, query_features, query_labels, *, ks: Sequence[int] = (K,),
+                 temperature: float = TEMPERATURE, num_classes: int, multi_label: bool, headline: str,
+                 mask=None) -> dict[str, dict]:
+  """{str(k): metrics} with `mfjax.evals.metrics.evaluate` on the k-NN scores of each k.
+
+  query_labels: (N,) class ids or (N, C) multi-hot; mask: (N, C) multi-label score mask.
+  """
+  query_labels = np.asarray(query_labels)
+  if len(query_labels) != len(query_features):
+    raise ValueError(f"{len(query_features)} query features but {len(query_labels)} query labels")
+  scores = knn_predict_many(bank_features, bank_labels, query_features, ks=ks, temperature=temperature,
+                            num_classes=num_classes, multi_label=multi_label)
+  return {str(k): metrics_lib.evaluate(s, query_labels, multi_label=multi_label, headline=headline, mask=mask)
+          for k, s in scores.items()}
+
+
+def result_json(*, model: str, dataset: str, resolution: int, headline_metric: str, results: dict,
+                temperature: float = TEMPERATURE, **extra) -> dict:
+  """The content of RUN_DIR/knn.json that `mfjax report` reads.
+
+  `results` is `knn_evaluate`'s output. `extra` may carry e.g. "label" (the name the report
+  shows, default the model), "checkpoint", "bank_size", "query_split".
+  """
+  for k, values in results.items():
+    if "headline" not in values:
+      raise ValueError(f"results for k={k} have no 'headline'")
+  return {"model": model, "dataset": dataset, "resolution": int(resolution), "headline_metric": headline_metric,
+          "temperature": float(temperature), "k": {str(k): v for k, v in results.items()}, **extra}
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+class CacheError(RuntimeError):
+  pass
+
+
+def fingerprint(path: str) -> dict:
+  """What identifies a checkpoint for a cache key: absolute path, total bytes, newest mtime.
+
+  A folder (an orbax checkpoint) counts all its files. "" (random initialization) is {"path": ""}.
+  """
+  if not path:
+    return {"path": ""}
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  if os.path.isfile(path):
+    stat = os.stat(path)
+    return {"path": path, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "files": 1}
+  total, newest, count = 0, 0, 0
+  for folder, _, files in os.walk(path):
+    for name in files:
+      stat = os.stat(os.path.join(folder, name))
+      total, newest, count = total + stat.st_size, max(newest, stat.st_mtime_ns), count + 1
+  return {"path": path, "bytes": total, "mtime_ns": newest, "files": count}
+
+
+class FeatureCache:
+  """Arrays computed once per key, stored as ROOT/<hash>.npz with the key beside it in <hash>.json.
+
+  A key is a JSON-able dict, e.g. {"model": "dinov2_vitb14", "checkpoint": fingerprint(ckpt),
+  "dataset": ds.path, "split": "train", "resolution": 224, "transform": "eval"}. Entries are
+  written atomically, so an interrupted computation leaves no entry behind.
+  """
+
+  def __init__(self, root: str):
+    self.root = os.path.abspath(os.path.expanduser(root))
+
+  def path(self, key: dict) -> str:
+    try:
+      text = json.dumps(key, sort_keys=True)
+    except TypeError as e:
+      raise TypeError(f"feature cache key must be JSON-serializable: {e}") from None
+    return os.path.join(self.root, hashlib.sha256(text.encode()).hexdigest()[:24] + ".npz")
+
+  def get(self, key: dict) -> dict[str, np.ndarray] | None:
+    path = self.path(key)
+    if not os.path.exists(path):
+      return None
+    key_path = path[:-4] + ".json"
+    try:
+      with open(key_path) as f:
+        stored = json.load(f)
+    except (OSError, ValueError) as e:
+      raise CacheError(f"feature cache entry {key_path} is unreadable ({e}); delete {path} and its "
+                       ".json to recompute") from None
+    if stored != json.loads(json.dumps(key)):
+      raise CacheError(f"feature cache entry {path} belongs to key {stored}, not {key}")
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+    except Exception as e:  # noqa: BLE001 - any failure to read means a corrupt file
+      raise CacheError(f"feature cache file {path} is corrupt ({type(e).__name__}: {e}); delete it to "
+                       "recompute") from None
+
+  def put(self, key: dict, arrays: dict) -> str:
+    if not isinstance(arrays, dict) or not arrays:
+      raise TypeError(f"features to cache must be a non-empty dict of arrays, got {type(arrays).__name__}")
+    arrays = {str(name): np.asarray(value) for name, value in arrays.items()}
+    objects = [name for name, value in arrays.items() if value.dtype == object]
+    if objects:
+      raise TypeError(f"features {objects} are not numeric arrays")
+    path = self.path(key)
+    os.makedirs(self.root, exist_ok=True)
+    with open(path[:-4] + ".json", "w") as f:
+      json.dump(key, f, indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+      os.replace(tmp, path)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+    return path
+
+  def get_or_compute(self, key: dict, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """The cached arrays for `key`, or compute_fn()'s (stored first, then returned as stored)."""
+    cached = self.get(key)
+    if cached is not None:
+      return cached
+    self.put(key, compute_fn())
+    return self.get(key)

@@ -1,0 +1,130 @@
+"""`mfjax report RUNS_DIR`: the reproduction beside the paper's published numbers.
+
+  import mfjax.report
+  written = mfjax.report.build("runs/", "runs/report")
+
+reads every `result.json` (training runs), `knn.json` and `cka_*.json` below RUNS_DIR and writes
+  report.md, report.html      the page that ties everything together
+  tables/*.md|csv|tex         Tables 1-3 layout (frozen/unfrozen x resolution), every cell, k-NN, timing
+  plots/*.png                 relative gain (Fig. 1), k-NN (Fig. 2), timing (Fig. 3), progressive freezing
+                              (Fig. 4), decapitation (Fig. 5), model size (Fig. 6), resolution, CKA (Figs. 7, 8, A.1)
+The tables/ and plots/ files of an earlier report in the same folder are replaced.
+"""
+import glob
+import os
+
+from mfjax.report import page, paper, plots, results, tables
+from mfjax.report.results import ReportError
+
+__all__ = ["build", "ReportError", "paper", "results", "tables", "plots", "page"]
+
+OUTPUT_PATTERNS = (("tables", ("*.md", "*.csv", "*.tex")), ("plots", ("*.png",)))
+
+
+def _clear_previous(out_dir: str) -> None:
+  for folder, patterns in OUTPUT_PATTERNS:
+    for pattern in patterns:
+      for path in glob.glob(os.path.join(glob.escape(os.path.join(out_dir, folder)), pattern)):
+        os.remove(path)
+
+
+def _write(path: str, text: str) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  return path
+
+
+def build(runs_dir: str, out_dir: str | None = None) -> dict:
+  """Write the report; returns {"markdown", "html", "tables": [...], "plots": [...], "notes": [...]}."""
+  runs_dir = os.path.abspath(os.path.expanduser(runs_dir))
+  if not os.path.isdir(runs_dir):
+    raise ReportError(f"runs folder {runs_dir} does not exist")
+  out_dir = os.path.abspath(os.path.expanduser(out_dir or os.path.join(runs_dir, "report")))
+  cells = results.load_cells(runs_dir, exclude=out_dir)
+  knn = results.load_knn(runs_dir, exclude=out_dir)
+  cka = results.load_cka(runs_dir, exclude=out_dir)
+  if not (cells or knn or cka):
+    raise ReportError(f"no result.json, knn.json or cka_*.json below {runs_dir}")
+  _clear_previous(out_dir)
+  table_dir, plot_dir = os.path.join(out_dir, "tables"), os.path.join(out_dir, "plots")
+  notes, written_tables = [], []
+
+  def rel(path):
+    return os.path.relpath(path, out_dir)
+
+  def save_table(name: str, text: str) -> str:
+    written_tables.append(_write(os.path.join(table_dir, name), text))
+    return written_tables[-1]
+
+  table_blocks = []
+  for table in tables.comparison_tables(cells):
+    paths = [save_table(f"{table['name']}.{ext}", render(table))
+             for ext, render in (("md", tables.to_markdown), ("csv", tables.to_csv), ("tex", tables.to_latex))]
+    header = ["Classifier", "Foundation"] + table["column_titles"]
+    rows = [[label, row["foundation"]] + [tables.cell_text(row["cells"].get(d)) for d in table["columns"]]
+            for label, row in tables.grouped_rows(table)]
+    table_blocks += [("heading", 3, table["title"]), ("text", table["caption"]), ("table", header, rows),
+                     ("links", [(os.path.basename(p), rel(p)) for p in paths])]
+
+  variants = [c for c in cells if c.variant]
+  if variants:
+    notes.append(f"{len(variants)} of {len(cells)} cells do not use the paper's weights: a randomly initialized "
+                 "foundation or stacked DeiT-B (no model.checkpoint / head.checkpoint in the config) or a changed "
+                 f"architecture (model/head overrides), e.g. {variants[0].model} on {variants[0].dataset} "
+                 f"({variants[0].protocol}). Their numbers say nothing about the pretrained models; tables mark them "
+                 f"{tables.VARIANT_MARK}.")
+  gain_rows = plots.relative_gains(cells, notes)
+  timing_rows = plots.timing_rows(cells, notes)
+  figures = [plots.relative_gain(gain_rows, plot_dir, notes), *plots.knn(knn, plot_dir, notes),
+             plots.timing(timing_rows, plot_dir, notes), *plots.progressive(cells, plot_dir, notes),
+             plots.decapitation(cells, plot_dir, notes), plots.model_size(cells, plot_dir, notes),
+             plots.resolution(cells, plot_dir, notes), *(plots.cka_heatmap(r, plot_dir, notes) for r in cka),
+             plots.cka_diagonals(cka, plot_dir, notes)]
+  figures = [f for f in figures if f]
+
+  knn_rows = [{"label": r["label"], "model": r["model"], "dataset": r["dataset"], "resolution": r["resolution"],
+               "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
+              for r in knn for k, v in r["scores"].items()]
+  cell_rows = tables.all_cells_rows(cells)
+  data_links = [(name, rel(save_table(name, tables.rows_to_csv(rows))))
+                for name, rows in (("all_cells.csv", cell_rows), ("relative_gain.csv", gain_rows),
+                                   ("timing.csv", timing_rows), ("knn.csv", knn_rows)) if rows]
+
+  blocks = [("heading", 1, "mfjax report"),
+            ("text", f"Runs folder: {runs_dir}. {sum(c.n for c in cells)} training runs selected into "
+                     f"{len(cells)} cells (from every result.json below it), {len(knn)} k-NN results, "
+                     f"{len(cka)} CKA matrices. Each cell shows the test score at the learning rate with the "
+                     "best mean validation score, as mean ± std over its seeds; paper values are from "
+                     "Huix et al., WACV 2024.")]
+  if notes:
+    blocks += [("heading", 2, "Notes"), ("items", notes)]
+  if table_blocks:
+    blocks += [("heading", 2, "Tables")] + table_blocks
+  if figures:
+    blocks += [("heading", 2, "Figures")]
+    blocks += [("image", rel(f["file"]), f["title"], f["caption"]) for f in figures]
+  if cell_rows:
+    columns = ["model", "dataset", "protocol", "resolution", "unfreeze_from", "keep_blocks", "trained", "n_seeds",
+               "lr", "mean", "std"]
+    blocks += [("heading", 2, "Every cell"),
+               ("text", "Every cell found (everything a run's config fixes except lr and seed), with its selected "
+                        "lr; all_cells.csv adds the lr search, timing and parameter counts."),
+               ("table", columns, [[_show(row[c], c) for c in columns] for row in cell_rows])]
+  if data_links:
+    blocks += [("heading", 2, "Data"), ("links", data_links)]
+
+  markdown_path = _write(os.path.join(out_dir, "report.md"), page.markdown(blocks))
+  html_path = _write(os.path.join(out_dir, "report.html"), page.html(blocks, "mfjax report"))
+  return {"markdown": markdown_path, "html": html_path, "tables": written_tables,
+          "plots": [f["file"] for f in figures], "notes": notes}
+
+
+def _show(value, column: str) -> str:
+  if value is None:
+    return ""
+  if column == "lr":
+    return f"{value:g}"
+  if isinstance(value, float):
+    return tables.fmt(value)
+  return str(value)

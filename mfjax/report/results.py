@@ -1,0 +1,296 @@
+"""Reading a runs folder: training runs grouped into cells, k-NN results, CKA matrices.
+
+A cell is everything a run's config fixes except the learning rate and the seed. Runs are
+found by globbing `**/result.json` and grouped by their config, never by folder names. Per
+cell, the learning rate with the best mean validation headline over its seeds is selected
+(the smaller lr on a tie); the test headlines of that learning rate's seeds give mean ± std
+(sample std, ddof=1; one seed has no std).
+"""
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import numpy as np
+
+# Config fields that do not change what a run measures (where and how fast it ran). Checkpoint
+# paths differ between machines; the cell only requires that all or none of its runs have one.
+OPERATIONAL_FIELDS = ("seed", "optim.lr", "mesh", "sharding_rules", "min_fsdp_mb", "log_every_steps",
+                      "checkpoint_every_steps", "data.num_workers", "data.manual_dir", "data.data_dir")
+CHECKPOINT_FIELDS = ("model.checkpoint", "head.checkpoint")
+RESULT_KEYS = ("config", "model", "dataset", "protocol", "headline_metric", "val", "test")
+
+
+class ReportError(ValueError):
+  """Bad or inconsistent input in a runs folder; the message names the file."""
+
+
+@dataclasses.dataclass
+class Cell:
+  """One (model, dataset, protocol, ...) cell with the selected learning rate's seeds."""
+  model: str
+  dataset: str
+  protocol: str
+  head: str                    # linear | deit
+  resolution: int
+  unfreeze_from: int | None    # progressive only
+  keep_blocks: int | None      # decapitation only
+  trained: bool | None         # decapitation only: the foundation was trained
+  metric: str                  # the dataset's headline metric
+  variant: bool                # random initialization or changed architecture: not the paper's model
+  lr: float
+  seeds: tuple
+  test: np.ndarray             # test headline per seed of the selected lr
+  val: np.ndarray              # validation headline per seed of the selected lr
+  lr_scores: dict              # lr -> (mean validation headline, number of seeds)
+  iterations_to_best: np.ndarray
+  images_per_second: np.ndarray
+  params_total: int | None
+  params_trained: int | None
+  files: tuple
+
+  @property
+  def state(self) -> str:
+    """frozen | unfrozen | partial: how much of the foundation trained."""
+    if self.protocol.startswith("frozen") or (self.protocol == "decapitation" and not self.trained):
+      return "frozen"
+    if self.protocol.startswith("unfrozen") or self.protocol == "decapitation":
+      return "unfrozen"
+    return "partial"
+
+  @property
+  def n(self) -> int:
+    return len(self.test)
+
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.test))
+
+  @property
+  def std(self) -> float:
+    return float(np.std(self.test, ddof=1)) if self.n > 1 else float("nan")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ReportError(f"{path}: not readable as JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def _get(data: dict, dotted: str, path: str):
+  node = data
+  for part in dotted.split("."):
+    if not isinstance(node, dict) or part not in node:
+      raise ReportError(f"{path}: missing key {dotted!r}")
+    node = node[part]
+  return node
+
+
+def _number(value, what: str, path: str) -> float:
+  if value is None:
+    return float("nan")
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ReportError(f"{path}: {what} is {value!r}, not a number")
+  return float(value)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = json.dumps(value, sort_keys=True)
+  return flat
+
+
+def _measured(flat: dict) -> dict:
+  """The fields that must agree between the runs of one cell; of a checkpoint path only whether it is set."""
+  out = {}
+  for key, value in flat.items():
+    if any(key == f or key.startswith(f + ".") for f in OPERATIONAL_FIELDS):
+      continue
+    out[key] = json.dumps(bool(json.loads(value))) if key in CHECKPOINT_FIELDS else value
+  return out
+
+
+def not_the_papers_weights(config: dict, head: str) -> bool:
+  """Random foundation (or stacked DeiT-B) weights, or a changed architecture (model/head overrides)."""
+  model, head_config = config.get("model", {}), config.get("head", {})
+  return (not model.get("checkpoint") or bool(model.get("overrides"))
+          or (head == "deit" and (not head_config.get("checkpoint") or bool(head_config.get("overrides")))))
+
+
+def head_of(protocol: str, config_head: str) -> str:
+  if protocol.endswith("_linear"):
+    return "linear"
+  if protocol.endswith("_deit") or protocol == "decapitation":
+    return "deit"
+  return config_head
+
+
+def read_run(path: str) -> dict:
+  """One result.json, checked, reduced to what the report uses."""
+  data = _read_json(path)
+  for key in RESULT_KEYS:
+    _get(data, key, path)
+  config = data["config"]
+  protocol = _get(config, "protocol.name", path)
+  run = {
+      "file": path,
+      "model": _get(config, "model.name", path),
+      "dataset": _get(config, "data.name", path),
+      "protocol": protocol,
+      "head": head_of(protocol, config.get("protocol", {}).get("head", "linear")),
+      "resolution": int(_get(config, "data.resolution", path)),
+      "unfreeze_from": int(_get(config, "protocol.unfreeze_from", path)) if protocol == "progressive" else None,
+      "keep_blocks": int(_get(config, "protocol.keep_blocks", path)) if protocol == "decapitation" else None,
+      "trained": bool(_get(config, "protocol.decapitation_trained", path)) if protocol == "decapitation" else None,
+      "lr": _number(_get(config, "optim.lr", path), "config.optim.lr", path),
+      "seed": _get(config, "seed", path),
+      "metric": data["headline_metric"],
+      "val": _number(_get(data, "val.headline", path), "val.headline", path),
+      "test": _number(_get(data, "test.headline", path), "test.headline", path),
+      "iterations_to_best": _number(data.get("iterations_to_best"), "iterations_to_best", path),
+      "images_per_second": _number(data.get("test_images_per_second"), "test_images_per_second", path),
+      "params_total": data.get("params_total"),
+      "params_trained": data.get("params_trained"),
+      "measured_config": _measured(_flatten(config)),
+  }
+  run["variant"] = not_the_papers_weights(config, run["head"])
+  if run["model"] != data["model"] or run["dataset"] != data["dataset"]:
+    raise ReportError(f"{path}: model/dataset {data['model']}/{data['dataset']} disagree with its config "
+                      f"{run['model']}/{run['dataset']}")
+  return run
+
+
+SLOT = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained")
+
+
+def group_cells(runs: list[dict]) -> list[Cell]:
+  """Runs -> cells: group by slot, check one config per slot, select the lr, aggregate seeds."""
+  by_slot = {}
+  for run in runs:
+    by_slot.setdefault(tuple(run[k] for k in SLOT), []).append(run)
+  cells = []
+  for slot, members in by_slot.items():
+    first = members[0]
+    for other in members[1:]:
+      if other["measured_config"] != first["measured_config"]:
+        a, b = first["measured_config"], other["measured_config"]
+        fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        shown = "; ".join(f"{k}: {a.get(k, '(absent)')} vs {b.get(k, '(absent)')}" for k in fields[:6])
+        raise ReportError(
+            f"{first['file']} and {other['file']} are the same cell ({first['model']}, {first['dataset']}, "
+            f"{first['protocol']}) but their configs differ beyond lr and seed in {shown}; put them in "
+            "separate runs folders")
+    seen = {}
+    for run in members:
+      key = (run["lr"], json.dumps(run["seed"]))
+      if key in seen:
+        raise ReportError(f"{seen[key]} and {run['file']} are the same run (lr {run['lr']}, seed {run['seed']})")
+      seen[key] = run["file"]
+    metrics = {run["metric"] for run in members}
+    if len(metrics) > 1:
+      raise ReportError(f"runs of {first['model']}/{first['dataset']} report different headline metrics "
+                        f"{sorted(metrics)}: {[r['file'] for r in members]}")
+    by_lr = {}
+    for run in members:
+      by_lr.setdefault(run["lr"], []).append(run)
+    lr_scores = {lr: (float(np.mean([r["val"] for r in rs])), len(rs)) for lr, rs in sorted(by_lr.items())}
+    finite = {lr: score for lr, (score, _) in lr_scores.items() if math.isfinite(score)}
+    best_lr = max(finite, key=lambda lr: (finite[lr], -lr)) if finite else min(lr_scores)
+    chosen = sorted(by_lr[best_lr], key=lambda r: json.dumps(r["seed"]))
+    cells.append(Cell(
+        **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], variant=first["variant"], lr=best_lr,
+        seeds=tuple(r["seed"] for r in chosen), test=np.array([r["test"] for r in chosen]),
+        val=np.array([r["val"] for r in chosen]), lr_scores=lr_scores,
+        iterations_to_best=np.array([r["iterations_to_best"] for r in chosen]),
+        images_per_second=np.array([r["images_per_second"] for r in chosen]),
+        params_total=first["params_total"], params_trained=first["params_trained"],
+        files=tuple(r["file"] for r in chosen)))
+  return sorted(cells, key=lambda c: tuple((getattr(c, k) is not None, getattr(c, k) or 0) for k in SLOT))
+
+
+def find(runs_dir: str, pattern: str, exclude: str | None = None) -> list[str]:
+  paths = sorted(glob.glob(os.path.join(glob.escape(runs_dir), "**", pattern), recursive=True))
+  if exclude:
+    exclude = os.path.abspath(exclude) + os.sep
+    paths = [p for p in paths if not os.path.abspath(p).startswith(exclude)]
+  return paths
+
+
+def load_cells(runs_dir: str, exclude: str | None = None) -> list[Cell]:
+  return group_cells([read_run(p) for p in find(runs_dir, "result.json", exclude)])
+
+
+def read_knn(path: str) -> dict:
+  """One knn.json: {"model", "dataset", "resolution", "k": {"200": {"headline": ...}, ...}}."""
+  data = _read_json(path)
+  for key in ("model", "dataset", "resolution", "k"):
+    _get(data, key, path)
+  if not isinstance(data["k"], dict) or not data["k"]:
+    raise ReportError(f"{path}: 'k' must map each k to its metrics")
+  scores = {}
+  for k, values in data["k"].items():
+    try:
+      k_int = int(k)
+    except ValueError:
+      raise ReportError(f"{path}: k {k!r} is not an integer") from None
+    scores[k_int] = _number(_get(values, "headline", path) if isinstance(values, dict) else None,
+                            f"k[{k}].headline", path)
+  return {"file": path, "model": data["model"], "label": data.get("label") or data["model"],
+          "dataset": data["dataset"], "resolution": int(data["resolution"]),
+          "metric": data.get("headline_metric", ""), "scores": dict(sorted(scores.items()))}
+
+
+def load_knn(runs_dir: str, exclude: str | None = None) -> list[dict]:
+  results, seen = [], {}
+  for path in find(runs_dir, "knn.json", exclude):
+    result = read_knn(path)
+    key = (result["label"], result["dataset"], result["resolution"])
+    if key in seen:
+      raise ReportError(f"{seen[key]} and {path} both hold k-NN results of {key[0]} on {key[1]} at {key[2]} px; "
+                        "give one a distinct \"label\" or remove it")
+    seen[key] = path
+    results.append(result)
+  return results
+
+
+def read_cka(path: str) -> dict:
+  """One cka_<name>.json: {"kind", "rows", "cols", "matrix"} (+ optional title/axis names)."""
+  from mfjax.evals.cka import KINDS
+  data = _read_json(path)
+  for key in ("kind", "rows", "cols", "matrix"):
+    _get(data, key, path)
+  if data["kind"] not in KINDS:
+    raise ReportError(f"{path}: kind {data['kind']!r} is not one of {KINDS}")
+  try:
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in data["matrix"]], np.float64)
+  except (TypeError, ValueError):
+    raise ReportError(f"{path}: 'matrix' is not a rectangular list of numbers") from None
+  if matrix.shape != (len(data["rows"]), len(data["cols"])):
+    raise ReportError(f"{path}: matrix is {matrix.shape} but there are {len(data['rows'])} row and "
+                      f"{len(data['cols'])} column labels")
+  name = os.path.basename(path)[len("cka_"):-len(".json")]
+  return dict(data, file=path, name=name, matrix=matrix)
+
+
+def load_cka(runs_dir: str, exclude: str | None = None) -> list[dict]:
+  """Every cka_*.json; each gets a unique "name" for its plot (the file's, or its path's when two share one)."""
+  results = [read_cka(p) for p in find(runs_dir, "cka_*.json", exclude)]
+  counts = {}
+  for r in results:
+    counts[r["name"]] = counts.get(r["name"], 0) + 1
+  for r in results:
+    if counts[r["name"]] > 1:
+      folder = os.path.relpath(os.path.dirname(r["file"]), runs_dir)
+      r["name"] = folder.replace(os.sep, "_").replace(".", "_") + "_" + r["name"]
+  return results

@@ -1,0 +1,255 @@
+"""The paper's tables from cells, beside its published numbers: Markdown, CSV and LaTeX.
+
+Layout as Tables 1-3: rows grouped by classifier (linear head, stacked DeiT-B) x foundation,
+one column per dataset (the paper's four, in its order, then any others), each cell
+"mean ± std (paper x.xxx, Δ +0.012)". A table is made for each foundation state (frozen,
+unfrozen) and resolution that has runs of the four main protocols. A cell is compared with
+the paper's cell of the same state, classifier, foundation, dataset and resolution, and only
+when mfjax's headline metric is the paper's metric for that dataset. Tables at the main
+resolution (224 when there are runs at 224) fall back to the paper's 224 px numbers, said in
+the caption; tables at other resolutions also show the gain in points over the main
+resolution, as the paper's Table 3. Blank cells have no run; nothing is filled in.
+"""
+import csv
+import io
+import math
+
+from mfjax.report import paper
+
+MAIN_PROTOCOLS = {"frozen_linear": ("frozen", "linear"), "frozen_deit": ("frozen", "deit"),
+                  "unfrozen_linear": ("unfrozen", "linear"), "unfrozen_deit": ("unfrozen", "deit")}
+PAPER_TABLE = {"frozen": "Table 1", "unfrozen": "Table 2"}
+VARIANT_MARK = "†"
+
+
+def fmt(value, digits: int = 3, sign: bool = False) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "n/a"
+  return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def main_resolution(cells) -> int | None:
+  """224 if any main-protocol run is at 224, else the most common resolution among them."""
+  resolutions = [c.resolution for c in cells if c.protocol in MAIN_PROTOCOLS]
+  if not resolutions:
+    return None
+  return 224 if 224 in resolutions else max(set(resolutions), key=lambda r: (resolutions.count(r), -r))
+
+
+def ordered_datasets(names) -> list[str]:
+  """The given dataset names, the paper's four first in its order, then the others sorted."""
+  names = set(names)
+  return [d for d in paper.DATASETS if d in names] + sorted(names - set(paper.DATASETS))
+
+
+def dataset_columns(cells) -> list[str]:
+  """Table columns: always the paper's four datasets (blank without runs), then any others."""
+  return list(paper.DATASETS) + ordered_datasets(c.dataset for c in cells if c.dataset not in paper.DATASETS)
+
+
+def column_title(dataset: str, metric: str | None = None) -> str:
+  return paper.DATASET_TITLES.get(dataset) or (f"{dataset}, {metric}" if metric else dataset)
+
+
+def model_order(model: str) -> tuple:
+  """The paper's foundation order; DINOv2 variants follow DINOv2 by size; other models after, by name."""
+  key = paper.foundation_of(model)
+  if key:
+    return (paper.FOUNDATION_ORDER.index(key), 0, model)
+  if model in paper.VARIANT_TITLES:
+    return (paper.FOUNDATION_ORDER.index("dinov2"), 1 + "sblg".index(model[len("dinov2_vit")]), model)
+  return (len(paper.FOUNDATION_ORDER), 0, model)
+
+
+def paper_cell(cell, state: str, resolution: int, classifier: str) -> dict | None:
+  foundation = paper.foundation_of(cell.model)
+  if foundation is None or paper.SAME_METRIC.get(cell.metric) != paper.METRICS.get(cell.dataset):
+    return None
+  return paper.lookup(state, resolution, classifier, foundation, cell.dataset)
+
+
+def comparison_tables(cells) -> list[dict]:
+  """Every (state, resolution) table of the four main protocols, main resolution first."""
+  main = main_resolution(cells)
+  if main is None:
+    return []
+  columns = dataset_columns(cells)
+  metrics = {c.dataset: c.metric for c in cells}
+  published = {(r["foundation_state"], r["resolution"]) for r in paper.published()}
+  at_main = {(c.model, c.dataset, c.protocol): c for c in cells
+             if c.protocol in MAIN_PROTOCOLS and c.resolution == main}
+  keys = sorted({(MAIN_PROTOCOLS[c.protocol][0], c.resolution) for c in cells if c.protocol in MAIN_PROTOCOLS},
+                key=lambda k: (k[1] != main, k[1], k[0] != "frozen"))
+  tables = []
+  for state, resolution in keys:
+    paper_resolution = resolution if (state, resolution) in published else (224 if resolution == main else None)
+    rows, variants = {}, set()
+    for c in cells:
+      if c.protocol not in MAIN_PROTOCOLS or c.resolution != resolution or MAIN_PROTOCOLS[c.protocol][0] != state:
+        continue
+      classifier = MAIN_PROTOCOLS[c.protocol][1]
+      entry = {"mean": c.mean, "std": c.std, "n": c.n, "lr": c.lr, "metric": c.metric,
+               "gain": None, "paper_mean": None, "paper_std": None, "delta": None}
+      if resolution != main and (c.model, c.dataset, c.protocol) in at_main:
+        entry["gain"] = 100 * (c.mean - at_main[(c.model, c.dataset, c.protocol)].mean)
+      published_cell = paper_cell(c, state, paper_resolution, classifier) if paper_resolution else None
+      if published_cell:
+        entry.update(paper_mean=published_cell["mean"], paper_std=published_cell["std"],
+                     delta=c.mean - published_cell["mean"])
+      rows.setdefault((classifier, c.model), {})[c.dataset] = entry
+      if c.variant:
+        variants.add((classifier, c.model))
+    ordered = sorted(rows, key=lambda k: (k[0] != "linear", model_order(k[1])))
+    table_name = PAPER_TABLE[state] if resolution == main else (
+        "Table 3" if state == "unfrozen" and paper_resolution == resolution else None)
+    title = f"{state.capitalize()} foundations at {resolution} px"
+    caption = ["Test score in each column's metric: mean ± std over seeds at the learning rate with the best "
+               "mean validation score."]
+    if table_name:
+      title += f" (paper {table_name})"
+    if paper_resolution and paper_resolution != resolution:
+      caption.append(f"The paper's values are at {paper_resolution} px; these runs are at {resolution} px.")
+    if paper_resolution is None:
+      caption.append(f"The paper has no {state} results at {resolution} px.")
+    if resolution != main:
+      caption.append(f"pts: the gain in points (x100) over the same cell at {main} px.")
+    if variants:
+      caption.append(f"{VARIANT_MARK} not the paper's weights: a randomly initialized foundation or stacked DeiT-B "
+                     "(no model.checkpoint / head.checkpoint), or a changed architecture (overrides).")
+    caption.append("Δ = mfjax − paper. Blank: no run.")
+    tables.append({
+        "name": f"{state}_{resolution}", "title": title, "caption": " ".join(caption), "state": state,
+        "resolution": resolution, "main_resolution": main, "paper_resolution": paper_resolution,
+        "columns": columns, "column_titles": [column_title(d, metrics.get(d)) for d in columns],
+        "rows": [{"classifier": cls, "model": model, "cells": rows[(cls, model)],
+                  "foundation": paper.title_of(model) + (f" {VARIANT_MARK}" if (cls, model) in variants else "")}
+                 for cls, model in ordered]})
+  return tables
+
+
+def cell_text(entry: dict | None) -> str:
+  if entry is None:
+    return ""
+  text = fmt(entry["mean"]) + (f" ± {fmt(entry['std'])}" if entry["n"] > 1 else " (1 seed)")
+  if entry["gain"] is not None:
+    text += f" [{fmt(entry['gain'], 1, sign=True)} pts]"
+  if entry["paper_mean"] is not None:
+    text += f" (paper {fmt(entry['paper_mean'])}, Δ {fmt(entry['delta'], sign=True)})"
+  return text
+
+
+def grouped_rows(table):
+  """(classifier label or "", row) with the label only on each group's first row."""
+  previous = None
+  for row in table["rows"]:
+    label = paper.CLASSIFIERS[row["classifier"]] if row["classifier"] != previous else ""
+    previous = row["classifier"]
+    yield label, row
+
+
+def to_markdown(table: dict) -> str:
+  header = ["Classifier", "Foundation"] + table["column_titles"]
+  lines = [f"**{table['title']}.** {table['caption']}", "", "| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for label, row in grouped_rows(table):
+    cells = [cell_text(row["cells"].get(d)) for d in table["columns"]]
+    lines.append("| " + " | ".join([label, row["foundation"]] + cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def to_csv(table: dict) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["state", "resolution", "classifier", "model", "foundation", "dataset", "metric", "mean", "std",
+                   "n_seeds", "lr", f"gain_points_vs_{table['main_resolution']}px", "paper_resolution",
+                   "paper_mean", "paper_std", "delta"])
+  for row in table["rows"]:
+    for dataset in table["columns"]:
+      e = row["cells"].get(dataset)
+      if e is None:
+        continue
+      writer.writerow([table["state"], table["resolution"], row["classifier"], row["model"],
+                       paper.foundation_of(row["model"]) or "", dataset, e["metric"], _num(e["mean"]),
+                       _num(e["std"]), e["n"], repr(e["lr"]), _num(e["gain"]),
+                       table["paper_resolution"] if e["paper_mean"] is not None else "",
+                       _num(e["paper_mean"]), _num(e["paper_std"]), _num(e["delta"])])
+  return out.getvalue()
+
+
+def _num(value) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return ""
+  return f"{float(value):.10g}"
+
+
+LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
+                 "κ": r"$\kappa$", "±": r"$\pm$", "Δ": r"$\Delta$", "−": "-", "†": r"$^\dagger$"}
+
+
+def latex_escape(text: str) -> str:
+  return "".join(LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _latex_cell(entry: dict | None) -> str:
+  if entry is None:
+    return ""
+  text = fmt(entry["mean"]) + (rf" $\pm$ {fmt(entry['std'])}" if entry["n"] > 1 else r"\textsuperscript{1}")
+  if entry["gain"] is not None:
+    text += f" ({fmt(entry['gain'], 1, sign=True)} pts)"
+  if entry["paper_mean"] is not None:
+    text += rf" {{\scriptsize[{fmt(entry['paper_mean'])}, {fmt(entry['delta'], sign=True)}]}}"
+  return text
+
+
+def to_latex(table: dict) -> str:
+  """A booktabs table; each cell "mean ± std [paper, Δ]"; ¹ marks a single seed."""
+  columns = len(table["columns"])
+  lines = [r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering", r"\small",
+           rf"\caption{{{latex_escape(table['title'])}. {latex_escape(table['caption'])} "
+           r"Brackets: [paper, $\Delta$]; \textsuperscript{1}: one seed.}",
+           rf"\label{{tab:{table['name']}}}",
+           r"\begin{tabular}{ll" + "c" * columns + "}", r"\toprule",
+           " & ".join(["Classifier", "Foundation"] + [latex_escape(t) for t in table["column_titles"]]) + r" \\",
+           r"\midrule"]
+  first = True
+  for label, row in grouped_rows(table):
+    if label and not first:
+      lines.append(r"\midrule")
+    first = False
+    cells = [_latex_cell(row["cells"].get(d)) for d in table["columns"]]
+    lines.append(" & ".join([latex_escape(label), latex_escape(row["foundation"])] + cells) + r" \\")
+  lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- every cell
+
+
+CELL_FIELDS = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained",
+               "metric", "variant")
+
+
+def all_cells_rows(cells) -> list[dict]:
+  """One row per cell with every field: the data behind every table and plot."""
+  rows = []
+  for c in cells:
+    row = {k: getattr(c, k) for k in CELL_FIELDS}
+    row.update(foundation=paper.foundation_of(c.model) or "", n_seeds=c.n, mean=c.mean, std=c.std, lr=c.lr,
+               val_mean=float(c.val.mean()) if c.n else float("nan"),
+               iterations_to_best=float(c.iterations_to_best.mean()),
+               test_images_per_second=float(c.images_per_second.mean()),
+               params_total=c.params_total, params_trained=c.params_trained,
+               lr_search="; ".join(f"{lr!r}: {fmt(v)} ({n} seeds)" for lr, (v, n) in c.lr_scores.items()))
+    rows.append(row)
+  return rows
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+  out = io.StringIO()
+  if rows:
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: (_num(v) if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
+  return out.getvalue()

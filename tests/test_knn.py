@@ -1,0 +1,197 @@
+"""k-NN against a brute-force NumPy transcription of the paper's knn_predict; the feature cache."""
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.special
+
+from mfjax.evals import knn, metrics
+from mfjax.report import results as report_results
+
+
+def brute_force(bank, targets, queries, k, temperature):
+  """Per query: cosine similarity to every bank row, the k largest, weights exp(sim/T) normalized
+  to sum 1, weighted sum of the neighbours' label vectors (one-hot or multi-hot)."""
+  bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+  scores, neighbours = [], []
+  for q in queries:
+    sims = bank @ (q / np.linalg.norm(q))
+    order = np.argsort(-sims, kind="stable")[:k]
+    weights = np.exp(sims[order] / temperature)
+    scores.append((weights[:, None] * targets[order]).sum(axis=0) / weights.sum())
+    neighbours.append(order)
+  return np.array(scores), np.array(neighbours)
+
+
+def clustered(rng, sizes, num_classes, dim=24):
+  """Bank and query features around shared class centres, with their labels."""
+  centres = rng.normal(size=(num_classes, dim))
+  out = []
+  for n in sizes:
+    labels = rng.integers(0, num_classes, n)
+    out += [(centres[labels] + 0.7 * rng.normal(size=(n, dim))).astype(np.float32), labels]
+  return out
+
+
+def test_multiclass_equals_brute_force_across_query_blocks(monkeypatch):
+  rng = np.random.default_rng(0)
+  bank, bank_labels, queries, _ = clustered(rng, (300, 23), 5)
+  monkeypatch.setattr(knn, "SIMILARITY_BLOCK", 300 * 5)  # 5 queries per block; the last block is padded
+  sims, indices = knn.nearest_neighbours(bank, queries, 40)
+  _, ref_indices = brute_force(bank.astype(np.float64), np.eye(5)[bank_labels], queries.astype(np.float64), 40, 0.1)
+  np.testing.assert_array_equal(indices, ref_indices)
+  assert np.all(np.diff(sims, axis=1) <= 0)
+  many = knn.knn_predict_many(bank, bank_labels, queries, ks=(1, 10, 40), temperature=0.1, num_classes=5)
+  for k in (1, 10, 40):
+    ref, _ = brute_force(bank.astype(np.float64), np.eye(5)[bank_labels], queries.astype(np.float64), k, 0.1)
+    np.testing.assert_allclose(many[k], ref, atol=1e-5)
+    np.testing.assert_allclose(many[k].sum(axis=1), 1.0, atol=1e-12)
+  single = knn.knn_predict(bank, bank_labels, queries, k=10, num_classes=5)
+  np.testing.assert_array_equal(single, many[10])
+
+
+def test_multilabel_equals_brute_force():
+  rng = np.random.default_rng(1)
+  bank = rng.normal(size=(250, 16)).astype(np.float32)
+  bank_labels = (rng.random((250, 6)) < 0.3).astype(np.int64)
+  queries = rng.normal(size=(17, 16)).astype(np.float32)
+  for k, temperature in ((200, 0.1), (7, 0.5)):
+    scores = knn.knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=6,
+                             multi_label=True)
+    ref, _ = brute_force(bank.astype(np.float64), bank_labels.astype(np.float64), queries.astype(np.float64), k,
+                         temperature)
+    np.testing.assert_allclose(scores, ref, atol=1e-5)
+    assert scores.shape == (17, 6) and scores.min() >= 0 and scores.max() <= 1
+
+
+def test_tiny_temperature_does_not_overflow():
+  """exp(sim/T) overflows float64 for T = 1e-4 (sim/T up to 1e4); the weights are softmax(sim/T)."""
+  rng = np.random.default_rng(2)
+  bank, bank_labels, queries, _ = clustered(rng, (100, 10), 4)
+  scores = knn.knn_predict(bank, bank_labels, queries, k=20, temperature=1e-4, num_classes=4)
+  sims, neighbours = knn.nearest_neighbours(bank, queries, 20)
+  weights = scipy.special.softmax(sims.astype(np.float64) / 1e-4, axis=1)
+  np.testing.assert_allclose(scores, np.einsum("nk,nkc->nc", weights, np.eye(4)[bank_labels[neighbours]]),
+                             atol=1e-9)
+  assert np.all(np.isfinite(scores))
+  np.testing.assert_array_equal(scores.argmax(axis=1), bank_labels[neighbours[:, 0]])
+
+
+def test_knn_evaluate_scores_every_k_with_the_metrics():
+  rng = np.random.default_rng(3)
+  bank, bank_labels, queries, query_labels = clustered(rng, (200, 60), 3)
+  out = knn.knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5, 50), num_classes=3, multi_label=False,
+                         headline="quadratic_kappa")
+  assert sorted(out) == ["5", "50"]
+  for k in (5, 50):
+    ref, _ = brute_force(bank.astype(np.float64), np.eye(3)[bank_labels], queries.astype(np.float64), k, 0.1)
+    expected = metrics.evaluate(ref, query_labels, multi_label=False, headline="quadratic_kappa")
+    assert out[str(k)]["headline"] == pytest.approx(expected["headline"])
+    assert out[str(k)]["accuracy"] == pytest.approx(expected["accuracy"])
+  assert out["5"]["accuracy"] > 0.9  # clustered data is separable: the vote works
+
+  bank_multi = (rng.random((200, 4)) < 0.5).astype(np.int64)
+  query_multi = (rng.random((60, 4)) < 0.5).astype(np.int64)
+  multi = knn.knn_evaluate(bank, bank_multi, queries, query_multi, ks=(10,), num_classes=4, multi_label=True,
+                           headline="mean_auc")
+  ref, _ = brute_force(bank.astype(np.float64), bank_multi.astype(np.float64), queries.astype(np.float64), 10, 0.1)
+  assert multi["10"]["headline"] == pytest.approx(metrics.mean_roc_auc(query_multi, ref)[0])
+
+
+def test_result_json_is_what_the_report_reads(tmp_path):
+  per_k = {"10": {"headline": 0.61, "accuracy": 0.7}, "200": {"headline": 0.55, "accuracy": 0.6}}
+  data = knn.result_json(model="dino_vitb16", dataset="aptos2019", resolution=224,
+                         headline_metric="quadratic_kappa", results=per_k, checkpoint="/ckpt/dino")
+  path = tmp_path / "knn.json"
+  path.write_text(json.dumps(data))
+  read = report_results.read_knn(str(path))
+  assert read["scores"] == {10: 0.61, 200: 0.55}
+  assert (read["model"], read["label"], read["dataset"], read["resolution"]) == (
+      "dino_vitb16", "dino_vitb16", "aptos2019", 224)
+  with pytest.raises(ValueError, match="no 'headline'"):
+    knn.result_json(model="m", dataset="d", resolution=1, headline_metric="x", results={"5": {"accuracy": 1}})
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(k=301), "k=301 must be between 1 and the bank size 300"),
+    (dict(query=np.ones((3, 7))), "bank features have 8 dimensions, query features 7"),
+    (dict(labels=np.full(300, 5)), r"class ids \[5\] outside 0..4"),
+    (dict(labels=np.zeros(299, int)), "300 bank features but 299 bank labels"),
+    (dict(bank=np.where(np.arange(300)[:, None] == 7, np.nan, 1.0) * np.ones((300, 8))),
+     r"bank_features has non-finite values in 1 rows, first rows \[7\]"),
+    (dict(temperature=0.0), "temperature must be positive"),
+])
+def test_bad_input_is_named(change, message):
+  rng = np.random.default_rng(4)
+  args = dict(bank=rng.normal(size=(300, 8)), labels=rng.integers(0, 5, 300), query=rng.normal(size=(3, 8)), k=10,
+              temperature=0.1)
+  args.update(change)
+  with pytest.raises(ValueError, match=message):
+    knn.knn_predict(args["bank"], args["labels"], args["query"], k=args["k"], temperature=args["temperature"],
+                    num_classes=5)
+
+
+def test_multilabel_labels_must_be_binary():
+  with pytest.raises(ValueError, match=r"must hold 0/1 values, got \[-1, 0, 1\]"):
+    knn.knn_predict(np.eye(4), np.array([[1, 0], [0, -1], [1, 1], [0, 0]]), np.eye(4), k=2, num_classes=2,
+                    multi_label=True)
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+def test_feature_cache_computes_once_per_key(tmp_path):
+  cache = knn.FeatureCache(str(tmp_path / "cache"))
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"features": np.arange(12, dtype=np.float32).reshape(3, 4), "labels": np.array([0, 1, 2])}
+
+  key = {"model": "dinov2_vitb14", "checkpoint": {"path": ""}, "dataset": "/data/aptos", "split": "train",
+         "resolution": 224, "transform": "eval"}
+  first = cache.get_or_compute(key, compute)
+  second = cache.get_or_compute(dict(reversed(list(key.items()))), compute)  # same key, other order
+  assert len(calls) == 1
+  for name in ("features", "labels"):
+    np.testing.assert_array_equal(first[name], second[name])
+  assert second["features"].dtype == np.float32
+  cache.get_or_compute(dict(key, split="test"), compute)
+  assert len(calls) == 2
+  with open(cache.path(key)[:-4] + ".json") as f:
+    assert json.load(f) == key
+
+
+def test_feature_cache_corruption_names_the_file(tmp_path):
+  cache = knn.FeatureCache(str(tmp_path))
+  key = {"model": "m"}
+  cache.put(key, {"x": np.zeros(3)})
+  path = cache.path(key)
+  with open(path, "wb") as f:
+    f.write(b"not a zip file")
+  with pytest.raises(knn.CacheError, match=f"feature cache file {path} is corrupt"):
+    cache.get(key)
+  with pytest.raises(TypeError, match="JSON-serializable"):
+    cache.path({"model": object()})
+  with pytest.raises(TypeError, match="non-empty dict of arrays"):
+    cache.put(key, [np.zeros(3)])
+  failing = knn.FeatureCache(str(tmp_path / "other"))
+  with pytest.raises(RuntimeError, match="interrupted"):
+    failing.get_or_compute(key, lambda: (_ for _ in ()).throw(RuntimeError("interrupted")))
+  assert failing.get(key) is None  # nothing half-written is taken for a result
+
+
+def test_fingerprint_changes_with_the_checkpoint(tmp_path):
+  folder = tmp_path / "ckpt"
+  (folder / "params").mkdir(parents=True)
+  (folder / "params" / "data").write_bytes(b"0" * 10)
+  (folder / "model.json").write_text("{}")
+  before = knn.fingerprint(str(folder))
+  assert before["files"] == 2 and before["bytes"] == 12
+  (folder / "params" / "data").write_bytes(b"0" * 11)
+  os.utime(folder / "params" / "data", ns=(before["mtime_ns"] + 10**9, before["mtime_ns"] + 10**9))
+  assert knn.fingerprint(str(folder)) != before
+  assert knn.fingerprint("") == {"path": ""}
+  with pytest.raises(FileNotFoundError, match="missing"):
+    knn.fingerprint(str(tmp_path / "missing"))

@@ -1,0 +1,423 @@
+"""mfjax report: fabricated run results -> tables with hand-computed mean ± std and paper deltas,
+the paper's numbers as data, bad input, and the whole `mfjax report` command with its plots."""
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import paper as paper_config
+from mfjax import cli
+from mfjax.evals import cka as cka_lib
+from mfjax.evals import knn as knn_lib
+from mfjax.report import ReportError, paper, plots, results, tables
+
+HEADLINE = {"aptos2019": "quadratic_kappa", "cbis_ddsm": "roc_auc", "isic2019": "macro_recall",
+            "chexpert": "mean_auc"}
+
+
+def write_run(root, model, dataset, protocol, lr, seed, test, val, *, res=224, folder=None, iterations=1000,
+              speed=100.0, params=86_000_000, metric=None, pretrained=True, **protocol_fields):
+  """A result.json as mfjax.train.fit writes it, with the config from configs/paper.py; pretrained
+  runs name converted checkpoints for the foundation and the stacked DeiT-B."""
+  config = paper_config.get_config(f"model={model},dataset={dataset},protocol={protocol},res={res},lr={lr},"
+                                   f"seed={seed}").to_dict()
+  if pretrained:
+    config["model"]["checkpoint"] = f"/ckpt/{model}"
+    config["head"]["checkpoint"] = "/ckpt/deit_base_patch16"
+  for key, value in protocol_fields.items():
+    config["protocol"][key] = value
+  metric = metric or HEADLINE[dataset]
+  result = {"config": config, "model": model, "dataset": dataset, "protocol": protocol, "headline_metric": metric,
+            "best_epoch": 7, "iterations_to_best": iterations, "val": {metric: val, "headline": val},
+            "test": {metric: test, "headline": test}, "params_total": params, "params_trained": params,
+            "train_seconds": 10.0, "test_seconds": 1.0, "test_images_per_second": speed, "wall_seconds": 12.0,
+            "devices": 1, "device_kind": "cpu"}
+  folder = folder or os.path.join(root, f"{model}-{dataset}-{protocol}-{res}-{sorted(protocol_fields.items())}",
+                                  f"lr{lr}", f"seed{seed}")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "result.json"), "w") as f:
+    json.dump(result, f)
+  return os.path.join(folder, "result.json")
+
+
+def write_cell(root, model, dataset, protocol, tests_by_lr: dict, vals_by_lr: dict, **kw):
+  for lr, tests in tests_by_lr.items():
+    for seed, (t, v) in enumerate(zip(tests, vals_by_lr[lr])):
+      write_run(root, model, dataset, protocol, lr, seed, t, v, **kw)
+
+
+def sample_std(values):
+  mean = sum(values) / len(values)
+  return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+# ----------------------------------------------------------------------------- the paper's numbers
+
+
+def test_published_numbers_are_consistent():
+  rows = paper.published()
+  assert len(rows) == 148
+  by = {(r["table"], r["classifier"], r["foundation"], r["dataset"]): r for r in rows}
+  for table, n_rows in (("table1", 13), ("table2", 13), ("table3", 5), ("tableB1", 3), ("tableB2", 3)):
+    assert sum(r["table"] == table for r in rows) == 4 * n_rows
+  for r in rows:
+    assert r["metric"] == paper.METRICS[r["dataset"]]
+    assert 0.4 < r["mean"] < 1.0
+  # Tables B.1/B.2 repeat Table 1/2's ResNet152 and DINOv2 rows.
+  for b_table, table in (("tableB1", "table1"), ("tableB2", "table2")):
+    for foundation in ("resnet152", "dinov2"):
+      for dataset in paper.DATASETS:
+        b, t = by[(b_table, "linear", foundation, dataset)], by[(table, "linear", foundation, dataset)]
+        assert (b["mean"], b["std"]) == (t["mean"], t["std"])
+  # Table 3's printed gains are Table 3 minus Table 2 in points; see paper.TABLE3_PRINTED_GAIN for the exceptions.
+  for foundation, gains in paper.TABLE3_PRINTED_GAIN.items():
+    for dataset, printed in zip(paper.DATASETS, gains):
+      classifier = "deit_b" if foundation == "blip" else "linear"
+      gain = 100 * (by[("table3", "linear", foundation, dataset)]["mean"]
+                    - by[("table2", classifier, foundation, dataset)]["mean"])
+      if (foundation, dataset) == ("seem", "cbis_ddsm"):
+        assert round(gain, 1) == 0.9 and printed == 0.2
+      else:
+        assert round(gain, 1) == printed, (foundation, dataset)
+  assert paper.lookup("frozen", 224, "deit", "dinov2", "isic2019")["mean"] == 0.790
+  assert paper.lookup("unfrozen", 224, "linear", "imnet1k_sup", "chexpert")["std"] == 0.002
+  assert paper.lookup("frozen", 224, "deit", "dinov1", "isic2019") is None  # the paper has no such row
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@pytest.fixture
+def grid(tmp_path):
+  root = str(tmp_path / "runs")
+  # DINOv2, unfrozen linear, APTOS: lr 1e-4 has the best mean validation score (0.87 vs 0.86).
+  write_cell(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear",
+             {1e-5: [0.99, 0.99, 0.99], 1e-4: [0.90, 0.91, 0.93]},
+             {1e-5: [0.86, 0.85, 0.87], 1e-4: [0.88, 0.86, 0.87]})
+  # DINOv2, frozen DeiT-B, ISIC; CheXpert with mfjax's mean_auc headline (the paper's mean ROC-AUC).
+  write_cell(root, "dinov2_vitb14", "isic2019", "frozen_deit", {1e-4: [0.70, 0.74]}, {1e-4: [0.7, 0.7]})
+  write_cell(root, "dinov2_vitb14", "chexpert", "unfrozen_linear", {1e-4: [0.80, 0.81]}, {1e-4: [0.8, 0.8]})
+  # ImNet-1k-Sup baseline, one seed.
+  write_cell(root, "deit_base_patch16", "aptos2019", "unfrozen_linear", {3e-5: [0.88]}, {3e-5: [0.8]})
+  # A model the paper does not have, and a CBIS-DDSM task scored differently from the paper.
+  write_cell(root, "dinov2_vitl14", "aptos2019", "unfrozen_linear", {1e-4: [0.95, 0.97]}, {1e-4: [0.9, 0.9]})
+  write_cell(root, "blip_vitb16", "cbis_ddsm", "unfrozen_deit", {1e-4: [0.60, 0.64]}, {1e-4: [0.6, 0.6]},
+             metric="macro_recall")
+  return root
+
+
+def _table(tables_list, name):
+  return next(t for t in tables_list if t["name"] == name)
+
+
+def test_tables_match_hand_computed_values(grid):
+  cells = results.load_cells(grid)
+  dinov2 = next(c for c in cells if c.model == "dinov2_vitb14" and c.dataset == "aptos2019")
+  assert dinov2.lr == 1e-4 and dinov2.n == 3
+  assert dinov2.lr_scores[1e-5] == (pytest.approx(0.86), 3)
+  assert dinov2.mean == pytest.approx((0.90 + 0.91 + 0.93) / 3)
+  assert dinov2.std == pytest.approx(sample_std([0.90, 0.91, 0.93]))
+
+  built = tables.comparison_tables(cells)
+  assert [t["name"] for t in built] == ["frozen_224", "unfrozen_224"]
+  unfrozen = _table(built, "unfrozen_224")
+  assert unfrozen["columns"][:4] == ["aptos2019", "cbis_ddsm", "isic2019", "chexpert"]
+  rows = {(r["classifier"], r["model"]): r for r in unfrozen["rows"]}
+  # Linear rows first in the paper's order (ImNet-1k-Sup before DINOv2), then models the paper lacks.
+  assert [k for k in rows] == [("linear", "deit_base_patch16"), ("linear", "dinov2_vitb14"),
+                               ("linear", "dinov2_vitl14"), ("deit", "blip_vitb16")]
+  entry = rows[("linear", "dinov2_vitb14")]["cells"]["aptos2019"]
+  mean, std = (0.90 + 0.91 + 0.93) / 3, sample_std([0.90, 0.91, 0.93])
+  assert entry["paper_mean"] == 0.909 and entry["paper_std"] == 0.009
+  assert entry["delta"] == pytest.approx(mean - 0.909)
+  assert tables.cell_text(entry) == f"{mean:.3f} ± {std:.3f} (paper 0.909, Δ {mean - 0.909:+.3f})"
+  assert tables.cell_text(entry) == "0.913 ± 0.015 (paper 0.909, Δ +0.004)"
+  chexpert = rows[("linear", "dinov2_vitb14")]["cells"]["chexpert"]
+  assert chexpert["paper_mean"] == 0.812 and chexpert["delta"] == pytest.approx(0.805 - 0.812)
+  assert "isic2019" not in rows[("linear", "dinov2_vitb14")]["cells"]  # no run: blank
+  assert tables.cell_text(rows[("linear", "deit_base_patch16")]["cells"]["aptos2019"]) == \
+      "0.880 (1 seed) (paper 0.904, Δ -0.024)"
+  assert rows[("linear", "dinov2_vitl14")]["cells"]["aptos2019"]["paper_mean"] is None
+  blip = rows[("deit", "blip_vitb16")]["cells"]["cbis_ddsm"]
+  assert blip["paper_mean"] is None  # macro recall is not the paper's DDSM metric
+
+  markdown = tables.to_markdown(unfrozen)
+  lines = markdown.splitlines()
+  assert "| Classifier | Foundation | APTOS2019, κ | DDSM, AUC | ISIC2019, Rec. | CheXpert, AUC |" in lines
+  assert lines[4].startswith("| Linear | ImNet-1k-Sup | 0.880 (1 seed) (paper 0.904, Δ -0.024) |")
+  assert "|  | DINOv2 | 0.913 ± 0.015 (paper 0.909, Δ +0.004) |  |  | 0.805 ± 0.007 (paper 0.812, Δ -0.007) |" \
+      in lines
+  assert "| DeiT-B | BLIP |  | 0.620 ± 0.028 |  |  |" in lines
+
+  frozen_rows = list(csv.DictReader(io.StringIO(tables.to_csv(_table(built, "frozen_224")))))
+  assert len(frozen_rows) == 1
+  row = frozen_rows[0]
+  assert (row["classifier"], row["foundation"], row["dataset"]) == ("deit", "dinov2", "isic2019")
+  assert float(row["mean"]) == pytest.approx(0.72) and float(row["std"]) == pytest.approx(sample_std([0.70, 0.74]))
+  assert float(row["paper_mean"]) == 0.790 and float(row["delta"]) == pytest.approx(0.72 - 0.790)
+
+  latex = tables.to_latex(unfrozen)
+  assert r"0.913 $\pm$ 0.015 {\scriptsize[0.909, +0.004]}" in latex
+  assert r"APTOS2019, $\kappa$" in latex and "DINOv2 ViT-L/14" in latex
+  assert tables.latex_escape("dinov3_vitb16 & 50% {x}") == r"dinov3\_vitb16 \& 50\% \{x\}"
+  assert latex.count(r"\\") == 1 + len(unfrozen["rows"])
+
+
+def test_resolution_table_gain_and_table3(tmp_path):
+  root = str(tmp_path)
+  write_cell(root, "dinov2_vitb14", "isic2019", "unfrozen_linear", {1e-4: [0.85, 0.86]}, {1e-4: [0.8, 0.8]})
+  write_cell(root, "dinov2_vitb14", "isic2019", "unfrozen_linear", {1e-4: [0.89, 0.90]}, {1e-4: [0.8, 0.8]},
+             res=1024)
+  built = tables.comparison_tables(results.load_cells(root))
+  assert [t["name"] for t in built] == ["unfrozen_224", "unfrozen_1024"]
+  entry = built[1]["rows"][0]["cells"]["isic2019"]
+  assert entry["gain"] == pytest.approx(100 * (0.895 - 0.855))
+  assert entry["paper_mean"] == 0.895 and entry["delta"] == pytest.approx(0.0)
+  assert tables.cell_text(entry) == "0.895 ± 0.007 [+4.0 pts] (paper 0.895, Δ +0.000)"
+  assert "Table 3" in built[1]["title"]
+
+
+def test_main_resolution_other_than_224_compares_with_224_and_says_so(tmp_path):
+  root = str(tmp_path)
+  write_cell(root, "dinov2_vitb14", "aptos2019", "frozen_linear", {1e-3: [0.5, 0.6]}, {1e-3: [0.5, 0.5]}, res=32)
+  (table,) = tables.comparison_tables(results.load_cells(root))
+  assert table["paper_resolution"] == 224 and "paper's values are at 224 px" in table["caption"]
+  assert table["rows"][0]["cells"]["aptos2019"]["paper_mean"] == 0.881
+
+
+def test_lr_selection_skips_non_finite_validation(tmp_path):
+  root = str(tmp_path)
+  write_cell(root, "sam_vitb", "aptos2019", "frozen_linear", {1e-3: [0.1, 0.1], 1e-4: [0.7, 0.8]},
+             {1e-3: [float("nan"), 0.99], 1e-4: [0.5, 0.6]})
+  (cell,) = results.load_cells(root)
+  assert cell.lr == 1e-4 and cell.mean == pytest.approx(0.75)
+  assert math.isnan(cell.lr_scores[1e-3][0])
+
+
+def test_progressive_and_decapitation_are_separate_cells(tmp_path):
+  root = str(tmp_path)
+  for k in (0, 4, 8):
+    write_cell(root, "dinov2_vitb14", "aptos2019", "progressive", {1e-4: [0.9 - k / 100]}, {1e-4: [0.5]},
+               unfreeze_from=k)
+  for trained in (False, True):
+    write_cell(root, "dinov2_vitb14", "aptos2019", "decapitation", {1e-4: [0.8]}, {1e-4: [0.5]}, keep_blocks=5,
+               decapitation_trained=trained)
+  cells = results.load_cells(root)
+  assert sorted(c.unfreeze_from for c in cells if c.protocol == "progressive") == [0, 4, 8]
+  assert sorted(c.trained for c in cells if c.protocol == "decapitation") == [False, True]
+  assert {c.state for c in cells} == {"partial", "frozen", "unfrozen"}
+  assert tables.comparison_tables(cells) == []  # studies are plotted, not tabled
+
+
+def test_timing_and_relative_gain_numbers(tmp_path):
+  root = str(tmp_path)
+  write_cell(root, "deit_base_patch16", "aptos2019", "unfrozen_linear", {1e-4: [0.80, 0.84]}, {1e-4: [0.5, 0.5]},
+             iterations=1000, speed=200.0)
+  write_cell(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", {1e-4: [0.90, 0.86]}, {1e-4: [0.5, 0.5]},
+             iterations=500, speed=100.0)
+  write_cell(root, "dinov2_vitb14", "aptos2019", "unfrozen_deit", {1e-4: [0.85]}, {1e-4: [0.5]},
+             iterations=3000, speed=50.0)
+  cells = results.load_cells(root)
+  notes = []
+  rows = {(r["model"], r["protocol"]): r for r in plots.timing_rows(cells, notes)}
+  assert rows[("dinov2_vitb14", "unfrozen_linear")]["train_time_ratio"] == pytest.approx(0.5)
+  assert rows[("dinov2_vitb14", "unfrozen_linear")]["inference_time_ratio"] == pytest.approx(2.0)
+  # No stacked baseline run: the linear-head baseline of the same foundation state stands in.
+  assert rows[("dinov2_vitb14", "unfrozen_deit")]["baseline_protocol"] == "unfrozen_linear"
+  assert rows[("dinov2_vitb14", "unfrozen_deit")]["train_time_ratio"] == pytest.approx(3.0)
+  assert rows[("deit_base_patch16", "unfrozen_linear")]["train_time_ratio"] == 1.0
+  gains = {(r["source"], r["model"], r["protocol"]): r["gain_percent"] for r in plots.relative_gains(cells, notes)}
+  assert gains[("mfjax", "dinov2_vitb14", "unfrozen_linear")] == pytest.approx(100 * (0.88 - 0.82) / 0.82)
+  assert gains[("paper", "dinov2_vitb14", "unfrozen_linear")] == pytest.approx(100 * (0.909 - 0.904) / 0.904)
+  assert gains[("paper", "sam_vitb", "frozen_deit")] == pytest.approx(100 * (0.890 - 0.904) / 0.904)
+  assert ("mfjax", "deit_base_patch16", "unfrozen_linear") not in gains
+  assert not notes
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_conflicting_configs_in_one_cell_are_an_error(tmp_path):
+  root = str(tmp_path)
+  first = write_run(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.9, 0.9, folder=f"{root}/a")
+  second = write_run(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, 1, 0.9, 0.9, folder=f"{root}/b")
+  with open(second) as f:
+    data = json.load(f)
+  data["config"]["epochs"] = 2
+  with open(second, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(ReportError, match="epochs: 100 vs 2") as error:
+    results.load_cells(root)
+  assert first in str(error.value) and second in str(error.value)
+  # Where a run read its data and checkpoints from and how it was run do not split a cell ...
+  data["config"]["epochs"] = 100
+  data["config"]["data"]["manual_dir"] = "/elsewhere"
+  data["config"]["model"]["checkpoint"] = "/other/machine/ckpt"
+  data["config"]["mesh"]["data"] = 8
+  with open(second, "w") as f:
+    json.dump(data, f)
+  (cell,) = results.load_cells(root)
+  assert cell.n == 2
+  # ... but a random initialization is not the pretrained model.
+  data["config"]["model"]["checkpoint"] = ""
+  with open(second, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(ReportError, match="model.checkpoint: true vs false"):
+    results.load_cells(root)
+
+
+def test_random_weights_and_changed_architectures_are_marked(tmp_path, capsys):
+  root = str(tmp_path / "runs")
+  write_cell(root, "dinov2_vitb14", "aptos2019", "frozen_linear", {1e-4: [0.5]}, {1e-4: [0.5]}, pretrained=False)
+  write_cell(root, "dino_vitb16", "aptos2019", "frozen_linear", {1e-4: [0.6]}, {1e-4: [0.5]})
+  path = write_run(root, "sam_vitb", "aptos2019", "frozen_linear", 1e-4, 0, 0.7, 0.5)
+  with open(path) as f:
+    data = json.load(f)
+  data["config"]["model"]["overrides"] = {"depth": 2}
+  with open(path, "w") as f:
+    json.dump(data, f)
+  (table,) = tables.comparison_tables(results.load_cells(root))
+  assert [r["foundation"] for r in table["rows"]] == ["DINOv1", "SAM †", "DINOv2 †"]
+  assert "† not the paper's weights" in table["caption"]
+  assert cli.main(["report", root]) == 0
+  assert "note: 2 of 3 cells do not use the paper's weights" in capsys.readouterr().out
+
+
+def test_duplicate_run_is_an_error(tmp_path):
+  root = str(tmp_path)
+  write_run(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.9, 0.9, folder=f"{root}/a")
+  write_run(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.9, 0.9, folder=f"{root}/copy")
+  with pytest.raises(ReportError, match="same run"):
+    results.load_cells(root)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: "{not json", "not readable as JSON"),
+    (lambda d: json.dumps({k: v for k, v in d.items() if k != "test"}), "missing key 'test'"),
+    (lambda d: json.dumps(dict(d, test={"accuracy": 0.5})), "missing key 'test.headline'"),
+    (lambda d: json.dumps(dict(d, val={"headline": "high"})), "val.headline is 'high'"),
+    (lambda d: json.dumps(dict(d, model="sam_vitb")), "disagree with its config"),
+])
+def test_bad_result_file_names_the_file(tmp_path, damage, message):
+  path = write_run(str(tmp_path), "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.9, 0.9)
+  with open(path) as f:
+    data = json.load(f)
+  with open(path, "w") as f:
+    f.write(damage(data))
+  with pytest.raises(ReportError, match=message) as error:
+    results.load_cells(str(tmp_path))
+  assert path in str(error.value)
+
+
+def test_bad_knn_and_cka_files_name_the_file(tmp_path):
+  knn_path = tmp_path / "a" / "knn.json"
+  knn_path.parent.mkdir()
+  knn_path.write_text(json.dumps({"model": "dino_vitb16", "dataset": "aptos2019", "resolution": 224,
+                                  "k": {"twenty": {"headline": 0.5}}}))
+  with pytest.raises(ReportError, match=f"{knn_path}: k 'twenty' is not an integer"):
+    results.load_knn(str(tmp_path))
+  knn_path.unlink()
+  cka_path = tmp_path / "a" / "cka_x.json"
+  cka_path.write_text(json.dumps({"kind": "layers", "rows": ["0", "1"], "cols": ["0"], "matrix": [[1.0]]}))
+  with pytest.raises(ReportError, match=f"{cka_path}: matrix is \\(1, 1\\) but there are 2 row"):
+    results.load_cka(str(tmp_path))
+  cka_path.write_text(json.dumps({"kind": "heatmap", "rows": [], "cols": [], "matrix": []}))
+  with pytest.raises(ReportError, match="kind 'heatmap' is not one of"):
+    results.load_cka(str(tmp_path))
+
+
+def test_cli_errors_on_an_empty_runs_folder(tmp_path, capsys):
+  assert cli.main(["report", str(tmp_path)]) == 2
+  assert "no result.json, knn.json or cka_*.json below" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the whole command
+
+
+def fabricate_study(root):
+  """A small but complete runs folder: every protocol, study, k-NN and CKA kind."""
+  rng = np.random.default_rng(0)
+  datasets = ("aptos2019", "isic2019")
+  models = ("deit_base_patch16", "dinov2_vitb14", "sam_vitb", "seem_focalt")
+  for dataset in datasets:
+    for model in models:
+      for protocol in ("frozen_linear", "frozen_deit", "unfrozen_linear", "unfrozen_deit"):
+        state, classifier = tables.MAIN_PROTOCOLS[protocol]
+        base = paper.lookup(state, 224, classifier, paper.foundation_of(model), dataset)
+        mean = base["mean"] if base else 0.82
+        write_cell(root, model, dataset, protocol, {1e-4: mean + rng.normal(0, 0.01, 3)}, {1e-4: [0.5] * 3},
+                   iterations=int(rng.integers(500, 3000)), speed=float(rng.uniform(50, 300)))
+    for shift, model in enumerate(("dinov2_vitb14", "sam_vitb")):
+      for k in (0, 4, 8, 12):
+        write_cell(root, model, dataset, "progressive", {1e-4: [0.85 - k / (60 + 40 * shift), 0.84 - k / 60]},
+                   {1e-4: [0.5, 0.5]}, unfreeze_from=k, head="linear")
+        write_cell(root, model, dataset, "decapitation", {1e-4: [0.7 + k / 60 - shift / 20]}, {1e-4: [0.5]},
+                   keep_blocks=k or 1, decapitation_trained=True)
+        write_cell(root, model, dataset, "decapitation", {1e-4: [0.75 - abs(k - 5 - shift) / 50]}, {1e-4: [0.5]},
+                   keep_blocks=k or 1, decapitation_trained=False)
+    for size, params in zip("slg", (22e6, 304e6, 1.1e9)):
+      write_cell(root, f"dinov2_vit{size}14", dataset, "unfrozen_linear", {1e-4: [0.8 + params / 1e10] * 2},
+                 {1e-4: [0.5, 0.5]}, params=int(params))
+    write_cell(root, "dinov2_vitb14", dataset, "unfrozen_linear", {1e-4: [0.9, 0.91]}, {1e-4: [0.5, 0.5]}, res=448)
+  for dataset in datasets:
+    for model in models:
+      folder = os.path.join(root, "knn", model, dataset)
+      os.makedirs(folder)
+      per_k = {k: {"headline": float(0.6 + rng.uniform(0, 0.2) - 0.02 * math.log(k))} for k in (10, 20, 50, 200)}
+      with open(os.path.join(folder, "knn.json"), "w") as f:
+        json.dump(knn_lib.result_json(model=model, dataset=dataset, resolution=224,
+                                      headline_metric=HEADLINE[dataset], results=per_k), f)
+  layers = [f"block {i}" for i in range(12)]
+  decay = np.exp(-np.abs(np.subtract.outer(np.arange(12), np.arange(12))) / 3)
+  for low, model in ((0.6, "dinov2_vitb14"), (0.3, "deit_base_patch16")):
+    with open(os.path.join(root, f"cka_{model}_aptos2019.json"), "w") as f:
+      json.dump(cka_lib.result_json("layers", layers, layers, decay * np.linspace(1, low, 12)[None, :],
+                                    model=model, dataset="aptos2019"), f)
+  names = [paper.title_of(m) for m in models]
+  with open(os.path.join(root, "cka_foundations_isic2019.json"), "w") as f:
+    json.dump(cka_lib.result_json("foundations", names, names, np.eye(4) * 0.5 + 0.5, dataset="isic2019"), f)
+  with open(os.path.join(root, "cka_stacked_dinov2.json"), "w") as f:
+    json.dump(cka_lib.result_json("stacked", layers, layers, decay * np.linspace(0.9, 0.2, 12)[None, :],
+                                  model="dinov2_vitb14"), f)
+
+
+EXPECTED_PLOTS = ("relative_gain", "knn", "knn_vs_k", "timing", "progressive_linear", "decapitation", "model_size",
+                  "resolution", "cka_dinov2_vitb14_aptos2019", "cka_deit_base_patch16_aptos2019",
+                  "cka_foundations_isic2019", "cka_stacked_dinov2", "cka_diagonals")
+
+
+def test_report_command_writes_tables_plots_and_page(tmp_path, capsys):
+  root = str(tmp_path / "runs")
+  fabricate_study(root)
+  out = str(tmp_path / "out")
+  os.makedirs(os.path.join(out, "plots"))
+  with open(os.path.join(out, "plots", "stale.png"), "wb") as f:
+    f.write(b"old")
+  assert cli.main(["report", root, "--out", out]) == 0
+  printed = capsys.readouterr().out
+  assert os.path.join(out, "report.md") in printed
+  for name in EXPECTED_PLOTS:
+    path = os.path.join(out, "plots", name + ".png")
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+  assert not os.path.exists(os.path.join(out, "plots", "stale.png"))
+  for name in ("frozen_224", "unfrozen_224", "unfrozen_448"):
+    for ext in ("md", "csv", "tex"):
+      assert os.path.getsize(os.path.join(out, "tables", f"{name}.{ext}")) > 0
+  for name in ("all_cells", "timing", "knn", "relative_gain"):
+    assert os.path.getsize(os.path.join(out, "tables", f"{name}.csv")) > 0
+  with open(os.path.join(out, "report.md")) as f:
+    markdown = f.read()
+  for name in EXPECTED_PLOTS:
+    assert f"(plots/{name}.png)" in markdown
+  assert "| Linear | DINOv2 |" in markdown and "(paper 0.909, Δ" in markdown
+  with open(os.path.join(out, "report.html")) as f:
+    html = f.read()
+  assert html.count("<img ") == len(EXPECTED_PLOTS) and "<table>" in html
+  # The CheXpert and DDSM columns stay blank: no runs there.
+  with open(os.path.join(out, "tables", "unfrozen_224.csv")) as f:
+    assert {row["dataset"] for row in csv.DictReader(f)} == {"aptos2019", "isic2019"}
