@@ -13,9 +13,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MFJAX_COMMANDS = ("train", "sweep", "eval")
-# The file a finished command leaves in its workdir. A preempted `mfjax train` saves a checkpoint
-# and exits 0 without result.json, so exit 0 alone does not mean done. Commands not listed here
-# are judged by their exit status.
+# Where each command keeps its run(s): what the launcher resumes from and checks at the end.
+RUN_FOLDER_FLAGS = {"train": "--workdir", "eval": "--workdir", "sweep": "--runs-dir"}
+# How a launcher tells a finished command from a stopped one. A preempted `mfjax train` or
+# `mfjax sweep` saves a checkpoint and exits 0, so exit 0 alone does not mean done: a finished
+# train run leaves WORKDIR/result.json; a finished sweep has no run left in `mfjax sweep ... --list`.
+# eval is judged by its exit status.
 DONE_FILES = {"train": "result.json"}
 
 
@@ -36,7 +39,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def mfjax_command(args: list[str]) -> tuple[list[str], str]:
-  """The mfjax arguments given after `--` and the run's --workdir; clear errors otherwise."""
+  """The mfjax arguments given after `--` and the folder of the run(s) (--workdir, or --runs-dir
+  for a sweep); clear errors otherwise."""
   if args and args[0] == "--":
     args = args[1:]
   example = "-- train --config configs/paper.py:model=...,dataset=... --workdir DIR"
@@ -44,21 +48,34 @@ def mfjax_command(args: list[str]) -> tuple[list[str], str]:
     raise LaunchError(f"no mfjax command given: put it after the launcher's flags, e.g. {example}")
   if args[0] not in MFJAX_COMMANDS:
     raise LaunchError(f"unknown mfjax command {args[0]!r}; valid: {', '.join(MFJAX_COMMANDS)} (e.g. {example})")
-  workdir = None
+  flag = RUN_FOLDER_FLAGS[args[0]]
+  folder = None
   for i, arg in enumerate(args):
-    if arg == "--workdir" and i + 1 < len(args):
-      workdir = args[i + 1]
-    elif arg.startswith("--workdir="):
-      workdir = arg.split("=", 1)[1]
-  if not workdir:
-    raise LaunchError(f"the mfjax command has no --workdir: the launcher needs it to resume and to "
+    if arg == flag and i + 1 < len(args):
+      folder = args[i + 1]
+    elif arg.startswith(flag + "="):
+      folder = arg.split("=", 1)[1]
+  if not folder:
+    raise LaunchError(f"the mfjax {args[0]} command has no {flag}: the launcher needs it to resume and to "
                       f"find the result (e.g. {example})")
-  return args, workdir.rstrip("/")
+  if args[0] == "sweep" and any(a in ("--list", "--select-only") for a in args):
+    raise LaunchError("launch `mfjax sweep` without --list or --select-only: those only print or select, run "
+                      "them where the runs dir is")
+  return args, folder.rstrip("/")
 
 
-def done_file(command: list[str], workdir: str) -> str | None:
+def done_file(command: list[str], folder: str) -> str | None:
   name = DONE_FILES.get(command[0])
-  return f"{workdir}/{name}" if name else None
+  return f"{folder}/{name}" if name else None
+
+
+def resumes_from(command: list[str], folder: str) -> str:
+  return f"the unfinished runs in {folder}" if command[0] == "sweep" else f"{folder}/checkpoints"
+
+
+def unfinished_listing(command: list[str]) -> list[str] | None:
+  """For a sweep: the mfjax arguments that print its unfinished runs (nothing once it is done)."""
+  return [*command, "--list"] if command[0] == "sweep" else None
 
 
 def shell_line(argv: list[str], env: dict | None = None) -> str:

@@ -137,37 +137,52 @@ def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: commo
   return (rc if rc >= 0 else 128 - rc), (received[0] if received else None)
 
 
+def finished(args, command: list[str], done: str | None) -> bool:
+  """After every process exited 0: did the run end, or was it stopped after a checkpoint?"""
+  if done:
+    return os.path.exists(done)
+  listing = common.unfinished_listing(command)
+  if listing:
+    out = subprocess.run([args.python, "-m", "mfjax.cli", *listing], capture_output=True, text=True)
+    return out.returncode == 0 and not out.stdout.strip()
+  return True
+
+
 def local(args, runner: common.Runner) -> int:
   command, workdir = args.mfjax
   done = common.done_file(command, workdir)
   if done and "://" in done:
     done = None  # a bucket: judged by the exit status
+  resumes_from = common.resumes_from(command, workdir)
   log_dir = args.log_dir or (os.path.join(workdir, "logs") if "://" not in workdir else "mfjax_logs")
   argv = [args.python, "-m", "mfjax.cli", *command]
   split = gpus_per_process(args)
   runner.note(f"{args.processes} process(es)" + (f", {split} GPU(s) each" if split else "")
-              + f"; the same command started again resumes from {workdir}/checkpoints")
+              + f"; the same command started again resumes from {resumes_from}")
   for attempt in range(args.max_restarts + 1):
     envs = process_envs(args.processes, args.port or free_port(), split)
     if runner.dry_run:
       for i, env in reversed(list(enumerate(envs))):
         tail = "" if i == 0 else f" > {shlex.quote(os.path.join(log_dir, f'process_{i}.log'))} 2>&1 &"
         runner.say(common.display(argv, env) + tail)
-      runner.note(f"finished when every process exits 0{f' and {done} exists' if done else ''}; otherwise "
-                  f"started again up to --max-restarts={args.max_restarts} times. SIGTERM or Ctrl-C to this "
-                  "launcher is passed on as SIGTERM: the run saves a checkpoint and stops")
+      listing = common.unfinished_listing(command)
+      rule = (f" and {done} exists" if done else
+              f" and `{common.shell_line([args.python, '-m', 'mfjax.cli', *listing])}` lists no run" if listing else "")
+      runner.note(f"finished when every process exits 0{rule}; otherwise started again up to "
+                  f"--max-restarts={args.max_restarts} times. SIGTERM or Ctrl-C to this launcher is passed on as "
+                  "SIGTERM: the run saves a checkpoint and stops")
       return 0
     rc, received = run_processes(argv, envs, log_dir, runner)
     if received is not None:
-      runner.note(f"stopped by {signal.Signals(received).name}; the same command resumes from {workdir}/checkpoints")
+      runner.note(f"stopped by {signal.Signals(received).name}; the same command resumes from {resumes_from}")
       return rc or (130 if received == signal.SIGINT else 0)
-    if rc == 0 and (done is None or os.path.exists(done)):
+    if rc == 0 and finished(args, command, done):
       runner.note(f"finished: results in {workdir}")
       return 0
-    why = f"exit status {rc}" if rc else f"no {done}"
+    why = f"exit status {rc}" if rc else "stopped after a checkpoint"
     if attempt < args.max_restarts:
-      runner.note(f"the run stopped before its end ({why}); restart {attempt + 1} of {args.max_restarts}")
-  runner.note(f"the run stopped before its end ({why}); the same command resumes from {workdir}/checkpoints")
+      runner.note(f"the run did not finish ({why}); restart {attempt + 1} of {args.max_restarts}")
+  runner.note(f"the run did not finish ({why}); the same command resumes from {resumes_from}")
   return rc or INCOMPLETE
 
 
@@ -193,7 +208,7 @@ def slurm(args, runner: common.Runner) -> int:
   runner.require(args.sbatch, "run this on a SLURM login node, or pass --sbatch PATH")
   runner.note(f"{args.nodes} node(s) x {args.gpus_per_node} GPUs, one process per node; paths in the mfjax "
               f"arguments are relative to {common.ROOT}; a run stopped by the time limit or preemption is "
-              f"requeued up to {args.max_restarts} times and resumes from {workdir}/checkpoints")
+              f"requeued up to {args.max_restarts} times and resumes from {common.resumes_from(command, workdir)}")
   if runner.dry_run:
     runner.run(cmd, env)
     runner.note("the job then runs, on its first node:")
@@ -222,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Python with mfjax's dependencies (the [cuda] extra) that runs the training")
   shared.add_argument("--dry-run", action="store_true", help="print the commands without running them")
   sub = p.add_subparsers(dest="mode", required=True, metavar="{local,slurm}")
-  usage = "%(prog)s [flags] -- {train,sweep,eval} MFJAX_ARGS ... --workdir DIR"
+  usage = "%(prog)s [flags] -- {train,sweep,eval} MFJAX_ARGS ... {--workdir,--runs-dir} DIR"
   g = sub.add_parser("local", parents=[shared], formatter_class=common.HelpFormatter, usage=usage,
                      help="this machine: one process with all GPUs, or --processes N",
                      description="Run on this machine: one process with all of its GPUs, or N processes.")

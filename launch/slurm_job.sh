@@ -18,8 +18,8 @@
 # Variables: MFJAX_ROOT (the checkout, on a filesystem every node sees), MFJAX_PYTHON (a Python
 # with mfjax's dependencies, default python3), MFJAX_GPUS_PER_NODE (default SLURM_GPUS_ON_NODE),
 # MFJAX_MAX_RESTARTS (default 0), MFJAX_DONE_FILE (the file a finished run leaves, e.g.
-# WORKDIR/result.json; empty: exit status 0 means finished), MFJAX_DRY_RUN (print the srun
-# command instead of running it).
+# WORKDIR/result.json; empty: a sweep is finished when `mfjax sweep ... --list` lists no run,
+# anything else when it exits 0), MFJAX_DRY_RUN (print the srun command instead of running it).
 #SBATCH --job-name=mfjax
 #SBATCH --ntasks-per-node=1
 #SBATCH --requeue
@@ -60,15 +60,21 @@ while kill -0 "$srun_pid" 2> /dev/null; do
   wait "$srun_pid" || rc=$?
 done
 
+# Did the run end, or was it stopped after a checkpoint (time limit, preemption)? Both exit 0.
 finished() {
-  case "$MFJAX_DONE_FILE" in
-    "") [ "$rc" -eq 0 ] ;;
-    gs://*) gcloud storage ls "$MFJAX_DONE_FILE" > /dev/null 2>&1 ;;
-    *) [ -f "$MFJAX_DONE_FILE" ] ;;
-  esac
+  [ "$rc" -eq 0 ] || return 1
+  if [ -n "$MFJAX_DONE_FILE" ]; then
+    case "$MFJAX_DONE_FILE" in
+      gs://*) gcloud storage ls "$MFJAX_DONE_FILE" > /dev/null 2>&1 ;;
+      *) [ -f "$MFJAX_DONE_FILE" ] ;;
+    esac
+  elif [ "$1" = sweep ]; then
+    # A finished sweep has no run left to list.
+    unfinished="$("$MFJAX_PYTHON" -m mfjax.cli "$@" --list)" && [ -z "$unfinished" ]
+  fi
 }
 
-if finished; then
+if finished "$@"; then
   echo "mfjax: finished"
   exit 0
 fi

@@ -6,9 +6,9 @@ run `mfjax train` / `mfjax sweep` on all workers, stream worker 0's log, delete 
       train --config configs/paper.py:model=dinov2_vitb14,dataset=aptos2019,protocol=unfrozen_linear \
       --config.data.manual_dir=~/data/aptos2019 --workdir gs://my-bucket/runs/dinov2_aptos
 
-The workdir must be a gs:// path: every worker writes its share of each orbax checkpoint there,
-and it outlives the TPU. Starting the same command again (or --watch, after a spot TPU is
-preempted) creates the TPU anew and resumes from WORKDIR/checkpoints.
+The workdir (a sweep's --runs-dir) must be a gs:// path: every worker writes its share of each
+orbax checkpoint there, and it outlives the TPU. Starting the same command again (or --watch,
+after a spot TPU is preempted) creates the TPU anew and resumes from WORKDIR/checkpoints.
 
 Costs: the TPU is billed from creation until deletion. It is deleted when the run ends, fails or
 is interrupted (Ctrl-C), unless --keep; if deleting fails, the command to do it is printed.
@@ -109,6 +109,7 @@ class Tpu:
     self.command = command
     self.workdir = workdir
     self.done_file = common.done_file(command, workdir)
+    self.resumes_from = common.resumes_from(command, workdir)
     self.scope = [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
     self.ready_state = "ACTIVE" if args.queued else "READY"
     self.tarball = os.path.join(tempfile.gettempdir(), f"mfjax-src-{args.name}.tar.gz")
@@ -210,6 +211,13 @@ class Tpu:
         'for _ in $(seq 10); do [ -f exit_code ] && exit "$(cat exit_code)"; sleep 1; done',
         f"exit {NO_EXIT_STATUS}"]))
 
+  def list_unfinished(self) -> list[str] | None:
+    """For a sweep: worker 0 prints the runs without result.json (nothing once it is done)."""
+    listing = common.unfinished_listing(self.command)
+    if listing is None:
+      return None
+    return self.ssh("0", "\n".join(["cd ~/mfjax", common.shell_line([".venv/bin/python", "-m", "mfjax.cli", *listing])]))
+
   def stop(self) -> list[str]:
     """SIGTERM the run on every worker: mfjax saves a checkpoint and exits."""
     return self.ssh("all", 'if [ -s ~/mfjax_run/pid ]; then kill -TERM "$(cat ~/mfjax_run/pid)" 2> /dev/null || true; fi')
@@ -258,6 +266,17 @@ def create(tpu: Tpu, runner: common.Runner) -> None:
     time.sleep(tpu.args.poll_seconds)
 
 
+def finished(tpu: Tpu, runner: common.Runner) -> bool:
+  """After an exit status 0: did the run end, or was it stopped after a checkpoint (preemption)?"""
+  if tpu.done_file:
+    return runner.run(tpu.exists(tpu.done_file), check=False, capture=True).returncode == 0
+  listing = tpu.list_unfinished()
+  if listing:
+    out = runner.run(listing, check=False, capture=True)
+    return out.returncode == 0 and not out.stdout.strip()
+  return True
+
+
 def follow(tpu: Tpu, runner: common.Runner, attempt: int) -> tuple[str, int]:
   """Stream worker 0 until the run ends: ('done'|'failed'|'preempted'|'interrupted', exit status)."""
   a = tpu.args
@@ -279,17 +298,16 @@ def follow(tpu: Tpu, runner: common.Runner, attempt: int) -> tuple[str, int]:
           runner.run(tpu.stop(), check=False)
           raise LaunchError(
               f"the run has written nothing to {tpu.workdir} in {a.startup_timeout} s (no config.json): check that "
-              f"the TPU's service account can write to the bucket, and that this mfjax writes gs:// workdirs "
-              f"(worker 0's log: ~/mfjax_run/attempt-{attempt}.log)")
-    if rc == 0:
-      if tpu.done_file is None or runner.run(tpu.exists(tpu.done_file), check=False, capture=True).returncode == 0:
-        return "done", 0
+              f"the TPU's service account can write to the bucket, and worker 0's log above "
+              f"(every worker's: ~/mfjax_run/attempt-{attempt}.log)")
+    if rc == 0 and finished(tpu, runner):
+      return "done", 0
     state = state_of(tpu, runner)
     if state != tpu.ready_state:
       runner.note(f"{a.name} is {state}: preempted or gone")
       return "preempted", rc
     if rc == 0:
-      runner.note(f"the run stopped before its end (no {tpu.done_file}); its checkpoint is in {tpu.workdir}")
+      runner.note(f"the run stopped before its end; it resumes from {tpu.resumes_from}")
       return "interrupted", rc
     if rc != SSH_LOST:
       return "failed", rc
@@ -325,11 +343,11 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
         return rc
       if not a.watch or restarts >= a.max_restarts:
         runner.note(f"the run is incomplete ({outcome}); run the same command again to resume from "
-                    f"{tpu.workdir}/checkpoints" + ("" if a.watch else " (--watch does this by itself)"))
+                    f"{tpu.resumes_from}" + ("" if a.watch else " (--watch does this by itself)"))
         return INCOMPLETE
       restarts += 1
       created = outcome == "preempted"
-      runner.note(f"--watch: restart {restarts} of {a.max_restarts}, resuming from {tpu.workdir}/checkpoints")
+      runner.note(f"--watch: restart {restarts} of {a.max_restarts}, resuming from {tpu.resumes_from}")
       if created:
         runner.run(tpu.delete(), check=False)
         create(tpu, runner)
@@ -356,7 +374,7 @@ def dry_run(tpu: Tpu, runner: common.Runner) -> int:
   runner.note(f"{a.type}: {shape['workers']} worker(s) x {shape['chips_per_worker']} chips, "
               f"{shape['devices']} JAX devices; runtime {tpu.runtime}"
               + ("; spot" if a.spot else "; preemptible" if a.preemptible else "; on demand"))
-  runner.note(f"workdir {tpu.workdir}: the same command started again resumes from {tpu.workdir}/checkpoints")
+  runner.note(f"{tpu.workdir}: the same command started again resumes from {tpu.resumes_from}")
   if a.reuse:
     runner.note(f"--reuse: {a.name} exists already")
   else:
@@ -377,11 +395,14 @@ def dry_run(tpu: Tpu, runner: common.Runner) -> int:
   if tpu.done_file:
     runner.note("when it exits 0: finished if this exists, else it was stopped (preempted) after a checkpoint:")
     runner.run(tpu.exists(tpu.done_file))
+  elif tpu.list_unfinished():
+    runner.note("when it exits 0: finished if this lists no run, else it was stopped (preempted) after a checkpoint:")
+    runner.run(tpu.list_unfinished())
   runner.note(f"if it did not finish: preempted unless the state is {tpu.ready_state}:")
   runner.run(tpu.describe())
   if a.watch:
     runner.note(f"--watch, up to {a.max_restarts} times: a preempted TPU is created again and the run resumes "
-                f"from {tpu.workdir}/checkpoints:")
+                f"from {tpu.resumes_from}:")
     runner.run(tpu.delete())
     runner.run(tpu.create())
     for cmd in tpu.ship():
@@ -397,7 +418,7 @@ def dry_run(tpu: Tpu, runner: common.Runner) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="launch/tpu.sh", description=__doc__, formatter_class=common.HelpFormatter,
-                              usage="%(prog)s [flags] -- {train,sweep,eval} MFJAX_ARGS ... --workdir gs://...")
+                              usage="%(prog)s [flags] -- {train,sweep,eval} MFJAX_ARGS ... {--workdir,--runs-dir} gs://...")
   g = p.add_argument_group("the TPU")
   g.add_argument("--name", required=True, help="TPU (and queued resource) name")
   g.add_argument("--zone", required=True, help="zone, e.g. us-central2-b")
@@ -433,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "and resume from the last checkpoint")
   g.add_argument("--max-restarts", type=int, default=10, help="with --watch: restarts before giving up")
   g.add_argument("--poll-seconds", type=float, default=30.0, help="how often to check the TPU and the workdir")
-  g.add_argument("--startup-timeout", type=float, default=1800.0, help="stop if `mfjax train` has written no "
+  g.add_argument("--startup-timeout", type=float, default=600.0, help="stop if `mfjax train` has written no "
                  "config.json to the workdir after this many seconds (install, data staging and start-up)")
   g = p.add_argument_group("this launcher")
   g.add_argument("--dry-run", action="store_true", help="print the commands (gcloud, ssh and the scripts they "
@@ -452,8 +473,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
   args = parser.parse_args(own)
   command, workdir = common.mfjax_command(rest)
   if not workdir.startswith("gs://"):
-    raise LaunchError(f"--workdir {workdir}: on TPUs the workdir must be a gs:// path. Every worker writes its "
-                      "part of each checkpoint to it, and it must outlive the TPU, which is deleted at the end")
+    raise LaunchError(f"{common.RUN_FOLDER_FLAGS[command[0]]} {workdir}: on TPUs it must be a gs:// path. Every "
+                      "worker writes its part of each checkpoint there, and it must outlive the TPU, which is "
+                      "deleted at the end")
   if args.spot and args.preemptible:
     raise LaunchError("--spot and --preemptible exclude each other (prefer --spot)")
   if args.queued and args.preemptible:

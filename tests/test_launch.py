@@ -177,14 +177,19 @@ def test_tpu_dry_run_queued_v5e_from_git(guard, capsys):
                       "--force", "--quiet"]
 
 
-def test_tpu_single_host_sweep_has_no_result_check(guard, capsys):
-  sweep = ["sweep", "--config", "configs/paper.py:model=deit_base_patch16", "--workdir", "gs://b/sweeps/deit"]
+def test_tpu_single_host_sweep_is_checked_with_list(guard, capsys):
+  sweep = ["sweep", "--sweep", "configs/sweeps/paper.py:data_root=~/data,checkpoint_root=ckpt",
+           "--runs-dir", "gs://b/runs/paper"]
   assert tpu.main(["--dry-run", "--name", "one", "--zone", "z", "--type", "v6e-8", "--", *sweep]) == 0
   out = capsys.readouterr().out
   assert "1 worker(s) x 8 chips, 8 JAX devices; runtime v2-alpha-tpuv6e; on demand" in out
+  assert "resumes from the unfinished runs in gs://b/runs/paper" in out
   cmds = commands(out)
-  assert not any(gcloud_verb(c) == ("storage", "ls") for c in cmds)  # a sweep is judged by its exit status
+  assert not any(gcloud_verb(c) == ("storage", "ls") for c in cmds)  # no single result.json to look for
   assert f"mfjax.cli {shlex.join(sweep)} &" in script_of(cmds[3])
+  listing = next(c for c in cmds if any(a.startswith("--command=") for a in c) and script_of(c).endswith("--list"))
+  assert "--worker=0" in listing
+  assert script_of(listing) == f"cd ~/mfjax\n.venv/bin/python -m mfjax.cli {shlex.join(sweep)} --list"
 
 
 @pytest.mark.parametrize("flags,mfjax,message", [
@@ -196,6 +201,9 @@ def test_tpu_single_host_sweep_has_no_result_check(guard, capsys):
     (["--type", "v4-8"], [], "no mfjax command given"),
     (["--type", "v4-8"], ["trian", "--workdir", "gs://b/x"], "unknown mfjax command 'trian'"),
     (["--type", "v4-8"], ["train", "--config", "c.py"], "has no --workdir"),
+    (["--type", "v4-8"], ["sweep", "--sweep", "s.py", "--workdir", "gs://b/x"], "sweep command has no --runs-dir"),
+    (["--type", "v4-8"], ["sweep", "--sweep", "s.py", "--runs-dir", "gs://b/x", "--list"], "without --list"),
+    (["--type", "v4-8"], ["sweep", "--sweep", "s.py", "--runs-dir", "runs/x"], "--runs-dir runs/x: on TPUs"),
     (["--type", "v4-8", "--commit", "abc"], TRAIN, "go with --code git"),
     (["--type", "v4-8", "--extras", "tpu;rm"], TRAIN, "--extras"),
 ])
@@ -314,7 +322,7 @@ class MetadataServer(http.server.BaseHTTPRequestHandler):
     ("t1v-n-0-w-0,t1v-n-0-w-1", "1",
      "export MFJAX_COORDINATOR=t1v-n-0-w-0:8482\nexport MFJAX_NUM_PROCESSES=2\nexport MFJAX_PROCESS_ID=1"),
     ("unknown:unknown:10.1.0.5", "0", ""),
-])
+], ids=["four workers", "hostnames", "one worker"])
 def test_tpu_worker_env_reads_the_metadata(monkeypatch, capsys, endpoints, worker, expected):
   MetadataServer.values = {"worker-network-endpoints": endpoints, "agent-worker-number": worker}
   server = http.server.HTTPServer(("127.0.0.1", 0), MetadataServer)
@@ -349,6 +357,8 @@ FAKE_GCLOUD = """
       rc = 0 if words[2].endswith("config.json") else take("result_rc")
     elif "describe" in words:
       print(take("states"))
+    elif "ssh" in words and "--worker=0" in args and args[-1].endswith("--list"):
+      print(take("unfinished"))
     elif "ssh" in words and "--worker=0" in args:
       print("worker 0: training")
       rc = take("stream_rc")
@@ -361,17 +371,17 @@ FAKE_GCLOUD = """
 @pytest.fixture
 def run_watch(tmp_path, monkeypatch):
   """Runs the TPU launcher for real against a scripted gcloud; -> (exit status, the steps it took)."""
-  return lambda scenario, *flags: _run_watch(tmp_path, monkeypatch, scenario, *flags)
+  return lambda scenario, *flags, **kw: _run_watch(tmp_path, monkeypatch, scenario, *flags, **kw)
 
 
-def _run_watch(tmp_path, monkeypatch, scenario, *flags):
+def _run_watch(tmp_path, monkeypatch, scenario, *flags, command=TRAIN):
   state = tmp_path / "gcloud_state.json"
   state.write_text(json.dumps({"calls": [], **scenario}))
   fake = write_script(tmp_path / "fake_gcloud", FAKE_GCLOUD.format(python=sys.executable))
   monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state))
   rc = tpu.main(["--name", "spot-v4", "--zone", "z", "--type", "v4-32", "--spot", "--gcloud", fake,
                  "--code", "git", "--repo", "https://example.com/mfjax.git", "--commit", "0123abcd",
-                 "--poll-seconds", "0.05", *flags, "--", *TRAIN])
+                 "--poll-seconds", "0.05", *flags, "--", *command])
   calls = json.loads(state.read_text())["calls"]
   steps = []
   for c in calls:
@@ -383,6 +393,7 @@ def _run_watch(tmp_path, monkeypatch, scenario, *flags):
     elif verb == ("tpu-vm", "ssh"):
       script = script_of(c)
       steps.append("setup" if "uv pip install" in script else "stop" if "kill -TERM" in script else
+                   "unfinished?" if script.endswith("--list") else
                    ("start-" if "--worker=all" in c else "stream-") + script.split("attempt-")[1][0])
     else:
       steps.append(verb[1])
@@ -410,6 +421,15 @@ def test_tpu_watch_restarts_in_place_and_reattaches(guard, run_watch):
   assert rc == 0
   assert steps == ["create", "setup", "start-1", "stream-1", "result?", "describe",
                    "start-2", "stream-2", "describe", "stream-2", "result?", "delete"]
+
+
+def test_tpu_sweep_is_restarted_until_no_run_is_left(guard, run_watch):
+  sweep = ["sweep", "--sweep", "configs/sweeps/paper.py", "--runs-dir", "gs://b/runs/paper"]
+  rc, steps = run_watch({"stream_rc": [0], "states": ["READY"], "unfinished": ["mfjax train --config ...", ""]},
+                        "--watch", command=sweep)
+  assert rc == 0
+  assert steps == ["create", "setup", "start-1", "stream-1", "unfinished?", "describe",
+                   "start-2", "stream-2", "unfinished?", "delete"]
 
 
 def test_tpu_failure_is_reported_and_the_tpu_deleted(guard, run_watch, capsys):
@@ -479,6 +499,21 @@ def test_gpu_local_restarts_until_the_result_exists(guard, tmp_path, capsys):
   assert (tmp_path / "attempts").read_text().count("attempt") == 3
   out = capsys.readouterr().out
   assert "restart 1 of 1" in out and "finished: results in" in out
+
+
+def test_gpu_local_sweep_is_finished_when_no_run_is_left(guard, tmp_path, capsys):
+  """A sweep that exits 0 with runs left (stopped after a checkpoint) is started again."""
+  (tmp_path / "unfinished").write_text("mfjax train --config ... --workdir runs/paper/cell/lr=0.001/seed=0\n")
+  fake = write_script(tmp_path / "fake_python", f"""
+      #!/usr/bin/env bash
+      if [ "${{@: -1}}" = --list ]; then cat {tmp_path}/unfinished; exit 0; fi
+      echo "$*" >> {tmp_path}/runs
+      if [ "$(wc -l < {tmp_path}/runs)" -ge 2 ]; then : > {tmp_path}/unfinished; fi
+      """)
+  sweep = ["sweep", "--sweep", "configs/sweeps/paper.py", "--runs-dir", str(tmp_path / "paper")]
+  assert gpu.main(["local", "--python", fake, "--max-restarts", "2", "--", *sweep]) == 0
+  assert (tmp_path / "runs").read_text().splitlines() == [f"-m mfjax.cli {' '.join(sweep)}"] * 2
+  assert "restart 1 of 2" in capsys.readouterr().out
 
 
 def test_gpu_local_one_failure_stops_the_others(guard, tmp_path, capsys):
@@ -560,15 +595,14 @@ def slurm_stand_ins(tmp_path):
       echo "$*" >> {tmp_path}/scontrol_args
       """)
 
-  def run(**env):
+  def run(command=("train", "--workdir", "w"), **env):
     full = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MFJAX_ROOT": ROOT,
             "MFJAX_DONE_FILE": str(tmp_path / "result.json"), "MFJAX_MAX_RESTARTS": "2", "SLURM_JOB_ID": "77",
             **env}
     for f in ("scontrol_args", "result.json"):
       if (tmp_path / f).exists():
         (tmp_path / f).unlink()
-    out = subprocess.run(["bash", gpu.JOB_SCRIPT, "train", "--workdir", "w"], env=full, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(["bash", gpu.JOB_SCRIPT, *command], env=full, capture_output=True, text=True, timeout=60)
     scontrol = tmp_path / "scontrol_args"
     return out.returncode, out.stdout, scontrol.read_text().strip() if scontrol.exists() else None
 
@@ -588,6 +622,22 @@ def test_slurm_job_requeues_a_stopped_run(guard, slurm_stand_ins):
   assert (rc, scontrol) == (7, None) and "srun failed with exit status 7" in out
   rc, out, scontrol = slurm_stand_ins(MFJAX_DONE_FILE="", FAKE_SRUN_RC="0")  # judged by the exit status
   assert (rc, scontrol) == (0, None)
+
+
+def test_slurm_job_requeues_a_sweep_with_runs_left(guard, slurm_stand_ins, tmp_path):
+  fake = write_script(tmp_path / "fake_python", f"""
+      #!/usr/bin/env bash
+      echo "$*" > {tmp_path}/list_args
+      cat {tmp_path}/unfinished
+      """)
+  sweep = ("sweep", "--sweep", "configs/sweeps/paper.py", "--runs-dir", "runs/paper")
+  (tmp_path / "unfinished").write_text("mfjax train --config ... --workdir runs/paper/cell/lr=0.001/seed=0\n")
+  rc, out, scontrol = slurm_stand_ins(sweep, MFJAX_DONE_FILE="", MFJAX_PYTHON=fake)
+  assert (rc, scontrol) == (0, "requeue 77")
+  assert (tmp_path / "list_args").read_text().split() == ["-m", "mfjax.cli", *sweep, "--list"]
+  (tmp_path / "unfinished").write_text("")
+  rc, out, scontrol = slurm_stand_ins(sweep, MFJAX_DONE_FILE="", MFJAX_PYTHON=fake)
+  assert (rc, scontrol) == (0, None) and "mfjax: finished" in out
 
 
 # ------------------------------------------------------------------------------- shell lint
