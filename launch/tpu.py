@@ -48,9 +48,9 @@ GENERATIONS = {
 ONE_VM_CHIPS = (1, 4, 8)
 POD_CHIPS = (16, 32, 64, 128, 256)
 
-# etils.epath, orbax's file layer, opens gs:// paths through gcsfs; tensorboardX writes its event
-# files to gs:// through google-cloud-storage. tensorstore (orbax's array writer) speaks GCS itself.
-GCS_PACKAGES = ("gcsfs", "google-cloud-storage")
+# etils.epath (orbax's file layer, and mfjax's for config.json, metrics.jsonl and result.json)
+# opens gs:// paths through gcsfs; tensorstore, orbax's array writer, speaks GCS itself.
+GCS_PACKAGES = ("gcsfs",)
 SOURCE_TARBALL = "mfjax-src.tar.gz"   # in each worker's home folder (--code copy)
 COORDINATOR_PORT = 8482               # the port JAX's own Cloud TPU detection uses
 SSH_LOST = 255                        # what gcloud ssh returns when the connection drops
@@ -163,8 +163,10 @@ class Tpu:
     if a.code == "copy":
       cmds.append(self.gcloud("compute", "tpus", "tpu-vm", "scp", self.tarball, f"{a.name}:{SOURCE_TARBALL}",
                               *self.scope, "--worker=all", "--quiet"))
+      # Replace the previous code, but keep the virtualenv and data staged inside the checkout.
+      keep = " ".join(f"! -name {shlex.quote(name)}" for name in [".venv", *self.staged_in_checkout()])
       code = ["mkdir -p ~/mfjax",
-              "find ~/mfjax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +",
+              f"find ~/mfjax -mindepth 1 -maxdepth 1 {keep} -exec rm -rf {{}} +",
               f"tar -xzf ~/{SOURCE_TARBALL} -C ~/mfjax",
               "cd ~/mfjax"]
     else:
@@ -184,6 +186,15 @@ class Tpu:
                 f"gcloud storage rsync --recursive {shlex.quote(src)} {remote_path(dest)}"]
     cmds.append(self.ssh("all", "\n".join(["set -euo pipefail", *code, *install, *stage])))
     return cmds
+
+  def staged_in_checkout(self) -> list[str]:
+    """Top-level folders of ~/mfjax that --stage fills (a relative PATH lies in the checkout)."""
+    names = []
+    for _, dest in self.args.stage:
+      rel = dest[len("~/mfjax/"):] if dest.startswith("~/mfjax/") else None if dest.startswith(("/", "~")) else dest
+      if rel and rel.split("/")[0] not in ("", ".", ".."):
+        names.append(rel.split("/")[0])
+    return sorted(set(names))
 
   def start(self, attempt: int) -> list[str]:
     """Start the run on every worker, detached (immune to SIGHUP), so it outlives the ssh session."""
@@ -446,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--extras", default="tpu", help="mfjax extras to install")
   g = p.add_argument_group("the run")
   g.add_argument("--stage", action="append", type=stage_pair, default=[], metavar="gs://SRC=PATH",
-                 help="copy a bucket folder to this path on every worker before the run (gcloud storage rsync), "
-                 "e.g. the dataset's download folder and built data (repeatable)")
+                 help="copy a bucket folder to PATH on every worker before the run (gcloud storage rsync), e.g. the "
+                 "built dataset, its download folder's CSV files, converted checkpoints; a relative PATH is in "
+                 "the checkout, where the run starts (repeatable)")
   g.add_argument("--env", action="append", type=common.key_value, default=[], metavar="KEY=VALUE",
                  help="environment variable for the run on every worker (repeatable)")
   g.add_argument("--watch", action="store_true", help="when a spot/preemptible TPU is preempted, create it again "

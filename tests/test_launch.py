@@ -117,7 +117,8 @@ def test_tpu_dry_run_pod_slice(guard, tmp_path):
   """Through the shell wrapper: every command of a spot v4-32 run with --watch, in order."""
   out = subprocess.run([os.path.join(ROOT, "launch", "tpu.sh"), "--dry-run", "--name", "mfjax-v4", "--zone",
                         "us-central2-b", "--project", "my-proj", "--type", "v4-32", "--spot", "--watch",
-                        "--stage", "gs://bucket/aptos2019=~/data/aptos2019", "--env", "XLA_FLAGS=--xla_foo", "--",
+                        "--stage", "gs://bucket/aptos2019=~/data/aptos2019", "--stage", "gs://bucket/ckpt=ckpt",
+                        "--env", "XLA_FLAGS=--xla_foo", "--",
                         *TRAIN], capture_output=True, text=True, env={**os.environ, "MFJAX_LAUNCH_PYTHON": sys.executable})
   assert out.returncode == 0, out.stderr
   assert "4 worker(s) x 4 chips, 16 JAX devices" in out.stdout
@@ -137,8 +138,10 @@ def test_tpu_dry_run_pod_slice(guard, tmp_path):
   assert "--worker=all" in scp and scp[6] == "mfjax-v4:mfjax-src.tar.gz"
   assert "--worker=all" in setup and "--worker=all" in start and "--worker=0" in stream
   install = script_of(setup)
-  assert 'uv pip install --python .venv/bin/python -e ".[tpu]" gcsfs google-cloud-storage' in install
+  assert 'uv pip install --python .venv/bin/python -e ".[tpu]" gcsfs' in install
   assert 'gcloud storage rsync --recursive gs://bucket/aptos2019 "$HOME"/data/aptos2019' in install
+  assert "cd ~/mfjax" in install and "gcloud storage rsync --recursive gs://bucket/ckpt ckpt" in install
+  assert "find ~/mfjax -mindepth 1 -maxdepth 1 ! -name .venv ! -name ckpt -exec rm -rf {} +" in install
   run = script_of(start)
   assert "launch.tpu_worker_env --port 8482 --expect-workers 4" in run
   assert (f"XLA_FLAGS=--xla_foo .venv/bin/python -m mfjax.cli {shlex.join(TRAIN)} & echo $! > ~/mfjax_run/pid"
@@ -300,6 +303,41 @@ def test_tpu_worker_scripts_run_and_stop(tmp_path):
   assert bash(t.stop()).returncode == 0
   done = bash(t.stream(2))
   assert done.returncode == 0 and "saving a checkpoint" in done.stdout
+
+
+def test_tpu_worker_setup_script(tmp_path):
+  """The setup script, run here with bash in a fake worker home (uv and gcloud replaced by
+  recorders): the shipped code replaces the old one, the virtualenv and staged data stay."""
+  args, command, workdir = tpu.parse(["--name", "x", "--zone", "z", "--type", "v4-8", "--stage",
+                                      "gs://b/data=~/mfjax_data", "--stage", "gs://b/ckpt=ckpt", "--", *TRAIN])
+  t = tpu.Tpu(args, command, workdir)
+  home, tools = tmp_path / "home", tmp_path / "tools"
+  for d in (home / "mfjax" / ".venv" / "bin", home / "mfjax" / "ckpt", home / "mfjax" / "old_module", tools):
+    d.mkdir(parents=True)
+  (home / "mfjax" / ".venv" / "bin" / "python").write_text("")
+  (home / "mfjax" / ".venv" / "bin" / "python").chmod(0o755)
+  (home / "mfjax" / "ckpt" / "model.json").write_text("{}")
+  source = tmp_path / "source"
+  source.mkdir()
+  (source / "setup.py").write_text("# new code\n")
+  import tarfile
+  with tarfile.open(home / tpu.SOURCE_TARBALL, "w:gz") as tar:
+    tar.add(source / "setup.py", arcname="setup.py")
+  for tool in ("uv", "gcloud"):
+    write_script(tools / tool, f"""
+        #!/usr/bin/env bash
+        echo "$PWD: {tool} $*" >> {tmp_path}/calls
+        """)
+  env = {"HOME": str(home), "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
+  out = subprocess.run(["bash", "-c", script_of(t.ship()[-1])], env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert sorted(os.listdir(home / "mfjax")) == [".venv", "ckpt", "setup.py"]
+  assert (home / "mfjax" / "ckpt" / "model.json").exists() and (home / "mfjax_data").is_dir()
+  checkout = home / "mfjax"
+  assert (tmp_path / "calls").read_text().splitlines() == [
+      f"{checkout}: uv pip install --python .venv/bin/python -e .[tpu] gcsfs",
+      f"{checkout}: gcloud storage rsync --recursive gs://b/data {home}/mfjax_data",
+      f"{checkout}: gcloud storage rsync --recursive gs://b/ckpt ckpt"]
 
 
 class MetadataServer(http.server.BaseHTTPRequestHandler):
