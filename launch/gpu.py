@@ -220,10 +220,11 @@ def slurm(args, runner: common.Runner) -> int:
     return 0
   os.makedirs(log_dir, exist_ok=True)
   out = runner.run(cmd, env, capture=True)
-  print(out.stdout.strip())
+  runner.say(out.stdout.strip())
   job = out.stdout.strip().split()[-1] if out.stdout.strip() else "JOBID"
-  runner.note(f"follow it: squeue -j {job}; tail -f {os.path.join(log_dir, f'{args.job_name}-{job}.out')}; "
-              f"stop it (it saves a checkpoint first): scancel --signal=TERM --full {job}")
+  runner.note(f"follow it: squeue -j {job}; tail -f {os.path.join(log_dir, f'{args.job_name}-{job}.out')}. "
+              f"`scancel {job}` stops it (SIGTERM: the run saves a checkpoint if the cluster's KillWait leaves "
+              "time); the same command resumes it")
   return 0
 
 

@@ -339,12 +339,18 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
     if created:
       create(tpu, runner)
     while True:
-      if attempt == 0 or created:
-        for cmd in tpu.ship():
-          runner.run(cmd)
-      attempt += 1
-      runner.run(tpu.start(attempt))
-      outcome, rc = follow(tpu, runner, attempt)
+      try:
+        if attempt == 0 or created:
+          for cmd in tpu.ship():
+            runner.run(cmd)
+        attempt += 1
+        runner.run(tpu.start(attempt))
+        outcome, rc = follow(tpu, runner, attempt)
+      except LaunchError:
+        if state_of(tpu, runner) == tpu.ready_state:
+          raise
+        runner.note(f"{a.name} went away during the install or start: preempted")
+        outcome, rc = "preempted", 0
       if outcome == "done":
         runner.note(f"finished: results in {tpu.workdir}")
         return 0
@@ -361,7 +367,11 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
       runner.note(f"--watch: restart {restarts} of {a.max_restarts}, resuming from {tpu.resumes_from}")
       if created:
         runner.run(tpu.delete(), check=False)
-        create(tpu, runner)
+        try:
+          create(tpu, runner)
+        except LaunchError as e:
+          raise LaunchError(f"{e}\nCould not create {a.name} again (no spot capacity?); the same command, later "
+                            f"or with --queued, resumes from {tpu.resumes_from}") from None
   except KeyboardInterrupt:
     if attempt:
       runner.note("interrupted: asking the run to save a checkpoint before the TPU goes")

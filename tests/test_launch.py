@@ -400,6 +400,8 @@ FAKE_GCLOUD = """
     elif "ssh" in words and "--worker=0" in args:
       print("worker 0: training")
       rc = take("stream_rc")
+    elif "ssh" in words and "mfjax.cli" in args[-1]:
+      rc = take("start_rc") if "start_rc" in state else 0
     with open(path, "w") as f:
       json.dump(state, f)
     sys.exit(rc)
@@ -442,6 +444,14 @@ def test_tpu_watch_recreates_a_preempted_tpu_and_resumes(guard, run_watch):
   rc, steps = run_watch({"stream_rc": [255, 0], "states": ["PREEMPTED"], "result_rc": [0]}, "--watch")
   assert rc == 0
   assert steps == ["create", "setup", "start-1", "stream-1", "describe",
+                   "delete", "create", "setup", "start-2", "stream-2", "result?", "delete"]
+
+
+def test_tpu_watch_treats_a_tpu_lost_during_start_as_preempted(guard, run_watch):
+  rc, steps = run_watch({"start_rc": [255, 0], "stream_rc": [0], "states": ["PREEMPTED"], "result_rc": [0]},
+                        "--watch")
+  assert rc == 0
+  assert steps == ["create", "setup", "start-1", "describe",
                    "delete", "create", "setup", "start-2", "stream-2", "result?", "delete"]
 
 
