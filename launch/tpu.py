@@ -332,7 +332,8 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
                  "or pass --gcloud PATH")
   if a.code == "copy":
     n = pack_worktree(common.ROOT, tpu.tarball)
-    runner.note(f"packed {n} files of {common.ROOT} into {tpu.tarball}")
+    runner.note(f"packed {n} files of {common.ROOT} into {tpu.tarball} "
+                f"({os.path.getsize(tpu.tarball) / 1e6:.1f} MB)")
   created = not a.reuse
   restarts, attempt = 0, 0
   try:

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -320,7 +321,6 @@ def test_tpu_worker_setup_script(tmp_path):
   source = tmp_path / "source"
   source.mkdir()
   (source / "setup.py").write_text("# new code\n")
-  import tarfile
   with tarfile.open(home / tpu.SOURCE_TARBALL, "w:gz") as tar:
     tar.add(source / "setup.py", arcname="setup.py")
   for tool in ("uv", "gcloud"):
@@ -505,7 +505,6 @@ def test_copy_mode_packs_tracked_and_untracked_but_not_ignored_files(tmp_path):
   (repo / "run.log").write_text("ignored\n")
   (repo / ".venv").mkdir()
   (repo / ".venv" / "python").write_text("ignored\n")
-  import tarfile
   assert tpu.pack_worktree(str(repo), str(tmp_path / "src.tar.gz")) == 3
   with tarfile.open(tmp_path / "src.tar.gz") as tar:
     assert sorted(tar.getnames()) == [".gitignore", "pkg/tracked.py", "untracked.py"]
@@ -624,6 +623,27 @@ def test_gpu_slurm_dry_run(guard, capsys):
   assert srun == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7", "srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                   "/env/bin/python", "-m", "mfjax.cli", "train", "--config", "configs/paper.py:model=dinov2_vitb14",
                   "--workdir", "runs/x"]
+
+
+def test_gpu_slurm_submits_with_sbatch(guard, tmp_path, capsys):
+  fake = write_script(tmp_path / "fake_sbatch", f"""
+      #!/usr/bin/env bash
+      echo "$*" > {tmp_path}/sbatch_args
+      env | grep ^MFJAX_ | sort > {tmp_path}/sbatch_env
+      echo "Submitted batch job 4321"
+      """)
+  rc = gpu.main(["slurm", "--sbatch", fake, "--python", "/env/bin/python", "--gpus-per-node", "4",
+                 "--log-dir", str(tmp_path / "logs"), "--", "sweep", "--sweep", "configs/sweeps/paper.py",
+                 "--runs-dir", "/shared/runs/paper"])
+  assert rc == 0
+  assert (tmp_path / "logs").is_dir()  # sbatch needs the folder of --output
+  assert (tmp_path / "sbatch_args").read_text().split()[-6:] == [
+      gpu.JOB_SCRIPT, "sweep", "--sweep", "configs/sweeps/paper.py", "--runs-dir", "/shared/runs/paper"]
+  assert (tmp_path / "sbatch_env").read_text().splitlines() == [
+      "MFJAX_DONE_FILE=", "MFJAX_GPUS_PER_NODE=4", "MFJAX_MAX_RESTARTS=3", "MFJAX_PYTHON=/env/bin/python",
+      f"MFJAX_ROOT={ROOT}"]
+  out = capsys.readouterr().out
+  assert "Submitted batch job 4321" in out and "squeue -j 4321" in out
 
 
 @pytest.fixture
