@@ -52,7 +52,8 @@ setup(
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
         "hub": ["huggingface_hub>=0.24"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
-        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11", "gcsfs>=2024.2"],
+        "gcs": ["gcsfs>=2024.2"],
     },
     entry_points={"console_scripts": ["mfjax=mfjax.cli:main"]},
 )

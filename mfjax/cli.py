@@ -158,7 +158,7 @@ def main(argv=None) -> int:
       runs = sweep.expand(spec, args.runs_dir, rest)
       if args.list:
         for run in runs:
-          if not os.path.exists(os.path.join(run.workdir, "result.json")):
+          if not run.finished():
             print(run.command())
         return 0
       selections = sweep.select(runs) if args.select_only else sweep.run_all(

@@ -20,9 +20,10 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                                  process_id: int | None = None) -> None:
   """`jax.distributed.initialize` for multi-host runs.
 
-  Explicit arguments win; otherwise JAX's own detection covers Cloud TPU pods and SLURM
-  (`SLURM_JOB_ID` with several tasks), and MFJAX_COORDINATOR / MFJAX_NUM_PROCESSES /
-  MFJAX_PROCESS_ID cover anything else. A single process does nothing.
+  Explicit arguments win, then MFJAX_COORDINATOR / MFJAX_NUM_PROCESSES / MFJAX_PROCESS_ID (what
+  launch/tpu.sh and launch/gpu.sh set). Under SLURM with several tasks, or with
+  MFJAX_DISTRIBUTED=auto (e.g. on a multi-host Cloud TPU VM started by hand), JAX's own detection
+  fills everything in. A single process does nothing.
   """
   coordinator = coordinator or os.environ.get("MFJAX_COORDINATOR")
   if num_processes is None and "MFJAX_NUM_PROCESSES" in os.environ:
@@ -31,7 +32,8 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     process_id = int(os.environ["MFJAX_PROCESS_ID"])
   if coordinator:
     jax.distributed.initialize(coordinator, num_processes, process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("MFJAX_DISTRIBUTED") == "auto"
+        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0):
     jax.distributed.initialize()
 
 

@@ -101,6 +101,7 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
 
 
 def read_model_json(model_dir: str) -> dict[str, Any]:
+  model_dir = os.path.expanduser(str(model_dir))
   path = os.path.join(model_dir, MODEL_JSON)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {model_dir} is not a converted mfjax model "
@@ -112,6 +113,7 @@ def read_model_json(model_dir: str) -> dict[str, Any]:
 def load(model_dir: str):
   """`(module, variables)` of a model written by `save` (e.g. by `python -m convert`)."""
   import orbax.checkpoint as ocp
+  model_dir = os.path.expanduser(str(model_dir))
   meta = read_model_json(model_dir)
   module = create(meta["name"], **meta["overrides"])
   target = abstract_variables(module)

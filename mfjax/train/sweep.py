@@ -22,6 +22,7 @@ import os
 import shlex
 
 import numpy as np
+from etils import epath
 
 from mfjax.config import ConfigError
 
@@ -37,6 +38,9 @@ class Run:
   config_spec: str        # "configs/paper.py:model=...,lr=..."
   overrides: list[str]    # ["--config.protocol.unfreeze_from=3", ...]
   values: dict
+
+  def finished(self) -> bool:
+    return (epath.Path(self.workdir) / "result.json").exists()
 
   def command(self) -> str:
     return shlex.join(["mfjax", "train", "--config", self.config_spec, *self.overrides,
@@ -59,6 +63,11 @@ def _fmt(v) -> str:
   return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def join(*parts) -> str:
+  """os.path.join that keeps a URL's scheme (gs://bucket/...) intact."""
+  return str(epath.Path(parts[0]).joinpath(*parts[1:])) if "://" in str(parts[0]) else os.path.join(*parts)
+
+
 def expand(sweep, runs_dir: str, extra_overrides: list[str] = ()) -> list[Run]:
   """Every run of the grid, in a stable order (cell by cell, then lr, then seed)."""
   axes = dict(sweep["axes"])
@@ -73,8 +82,8 @@ def expand(sweep, runs_dir: str, extra_overrides: list[str] = ()) -> list[Run]:
     dotted += _per_run_paths(sweep, values)
     cell = ",".join(f"{a}={_fmt(values[a])}" for a in cell_axes) or "all"
     sub = [f"{a}={_fmt(values[a])}" for a in SELECTED_BY if a in values]
-    cell_dir = os.path.join(runs_dir, cell)
-    runs.append(Run(cell, cell_dir, os.path.join(cell_dir, *sub), f"{sweep['config']}:{','.join(args)}",
+    cell_dir = join(runs_dir, cell)
+    runs.append(Run(cell, cell_dir, join(cell_dir, *sub), f"{sweep['config']}:{','.join(args)}",
                     fixed + dotted, values))
   return runs
 
@@ -100,7 +109,7 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
   from mfjax.train import fit
   runs = expand(sweep, runs_dir, extra_overrides)
   configs = [load_config(r.config_spec, r.overrides) for r in runs]  # every config checked up front
-  todo = [(r, c) for r, c in zip(runs, configs) if not os.path.exists(os.path.join(r.workdir, "result.json"))]
+  todo = [(r, c) for r, c in zip(runs, configs) if not r.finished()]
   log.info("sweep: %d runs, %d finished, %d to go", len(runs), len(runs) - len(todo), len(todo))
   for i, (run, config) in enumerate(todo):
     log.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
@@ -115,10 +124,9 @@ def select(runs: list[Run]) -> dict:
   """Per cell: the lr with the best mean validation headline; its seeds' test mean and std."""
   by_cell: dict[str, list[tuple[Run, dict]]] = {}
   for run in runs:
-    path = os.path.join(run.workdir, "result.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        by_cell.setdefault(run.cell, []).append((run, json.load(f)))
+    path = epath.Path(run.workdir) / "result.json"
+    if path.exists():
+      by_cell.setdefault(run.cell, []).append((run, json.loads(path.read_text())))
   selections = {}
   for cell, items in by_cell.items():
     by_lr: dict = {}
@@ -130,8 +138,8 @@ def select(runs: list[Run]) -> dict:
     selections[cell] = {"lr": best_lr, "val_mean_by_lr": {_fmt(k): v for k, v in scores.items()},
                         "test_mean": float(np.nanmean(tests)), "test_std": float(np.nanstd(tests)),
                         "seeds": len(tests), "headline_metric": by_lr[best_lr][0]["headline_metric"]}
-    with open(os.path.join(items[0][0].cell_dir, "selection.json"), "w") as f:
-      json.dump(selections[cell], f, indent=2, default=float)
+    (epath.Path(items[0][0].cell_dir) / "selection.json").write_text(
+        json.dumps(selections[cell], indent=2, default=float))
   return selections
 
 
