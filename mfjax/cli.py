@@ -88,6 +88,14 @@ def _parse(value: str, current, name=""):
   return parsed
 
 
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache (~/.cache/mfjax/jax, or $JAX_COMPILATION_CACHE_DIR):
+  the runs of a sweep that differ only in seed or learning rate compile once."""
+  import jax
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mfjax/jax"))
+
+
 def _config_overrides(parser, rest: list[str]) -> list[str]:
   bad = [r for r in rest if not r.startswith("--config.")]
   if bad:
@@ -137,6 +145,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="output folder (default RUNS_DIR/report)")
   args, rest = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  enable_compilation_cache()
   try:
     if args.command == "train":
       bad = [r for r in rest if not r.startswith("--config.")]

@@ -304,9 +304,10 @@ PARAM_KEYS = ("trainable", "frozen", "batch_stats")
 
 
 def quiet_libraries() -> None:
-  """Orbax and tfds log every save and load at INFO through absl; keep the console readable."""
+  """Orbax and tfds log every save and load through absl (tfds warns about every custom config);
+  keep the console readable."""
   import absl.logging
-  absl.logging.set_verbosity(absl.logging.WARNING)
+  absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 def train(config, workdir: str, progress: bool = True) -> dict:
