@@ -135,7 +135,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("demo", help="the benchmark end to end on synthetic APTOS-layout data (a few minutes)")
   p.add_argument("--out", default="demo_out")
   p.add_argument("--images", type=int, default=240)
-  p.add_argument("--epochs", type=int, default=4)
+  p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--seeds", type=int, default=2)
   p = sub.add_parser("eval", help="score a trained run's best checkpoint on a split")
   p.add_argument("--workdir", required=True)

@@ -28,7 +28,7 @@ def demo_sweep(downloads: str, data_dir: str, epochs: int, seeds: int, models=MO
               fixed={"epochs": epochs, "batch_size": 16, "data.data_dir": data_dir, "data.resolution": 32})
 
 
-def run(out_dir: str = "demo_out", num_images: int = 240, image_size: int = 64, epochs: int = 4,
+def run(out_dir: str = "demo_out", num_images: int = 240, image_size: int = 64, epochs: int = 3,
         seeds: int = 2, models=MODELS) -> str:
   from mfjax import data as mdata
   from mfjax.cli import load_config

@@ -146,7 +146,8 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
       head_cka.update(pick(ha), pick(hb))
   written = []
   name = config.model.name
-  results = [("layers", layer_cka, f"{name} pretrained", f"{name} fine-tuned")]
+  start = "pretrained" if config.model.checkpoint else "at random init"
+  results = [("layers", layer_cka, f"{name} {start}", f"{name} fine-tuned")]
   if has_head:
     results.append(("stacked", head_cka, "DeiT-B head before", "DeiT-B head after"))
   for kind, acc, row_label, col_label in results:

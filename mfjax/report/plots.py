@@ -61,7 +61,9 @@ def _grid(n: int, width: float = 4.2, height: float = 3.4, columns: int = 4, **k
 def _save(fig, out_dir: str, name: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name + ".png")
-  fig.savefig(path, dpi=DPI)
+  # "tight" grows the canvas to hold every title and label: a one-dataset figure is narrower
+  # than its suptitle.
+  fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
   return path
 
 
@@ -163,7 +165,7 @@ def relative_gain(rows: list[dict], out_dir: str, notes: list) -> dict | None:
   labels += ["mfjax (filled)", "paper (open)"]
   _legend_below(fig, handles, labels)
   resolution_note = "" if main == 224 else f" (mfjax at {main} px, paper at 224 px)"
-  fig.suptitle(f"Gain over fine-tuned ImNet-1k-Sup with a linear head (paper Fig. 1){resolution_note}")
+  fig.suptitle(f"Gain over fine-tuned ImNet-1k-Sup\nwith a linear head (paper Fig. 1){resolution_note}")
   return {"file": _save(fig, out_dir, "relative_gain"), "title": "Relative gain over the ImageNet baseline",
           "caption": "100 × (score − baseline) / baseline, the baseline being ImNet-1k-Sup (DeiT-B, supervised "
                      "on ImageNet-1k) fine-tuned with a linear head on the same dataset. Filled: mfjax; open: the "
