@@ -165,7 +165,19 @@ def uses_feature_cache(config) -> bool:
   return config.protocol.name == "frozen_linear" and not config.data.augment and config.data.cache_features
 
 
-def cached_features(config, dataset, mesh) -> dict:
+def frozen_foundation(config, num_classes: int, init_rng):
+  """(module, variables) of the foundation exactly as the full classifier would hold it: the
+  converted checkpoint, or the classifier's own random init (same rng, same values)."""
+  from mfjax.evals import studies
+  if config.model.checkpoint:
+    return studies.foundation(config)
+  classifier = build.build_classifier(config, num_classes)
+  images = jnp.zeros((1, config.data.resolution, config.data.resolution, 3), jnp.float32)
+  variables = jax.jit(classifier.init)(init_rng, images)
+  return classifier.foundation, {c: tree["foundation"] for c, tree in variables.items() if "foundation" in tree}
+
+
+def cached_features(config, dataset, mesh, init_rng) -> dict:
   """{split: {"image": pooled features, "label"[, "mask"]}} from the feature cache (or computed)."""
   from mfjax.evals import knn as knn_lib, studies
   cache = knn_lib.FeatureCache(config.data.feature_cache)
@@ -179,7 +191,7 @@ def cached_features(config, dataset, mesh) -> dict:
 
     def compute():
       if not net:
-        net.extend(studies.foundation(config))
+        net.extend(frozen_foundation(config, dataset.spec.num_classes, init_rng))
       log.info("caching %s features of %s/%s", name, dataset.spec.name, split)
       return studies.extract_pooled(net[0], net[1], config, dataset, split, mesh)
 
@@ -199,9 +211,10 @@ def prepare(config) -> Setup:
   steps_per_epoch = mdata.steps_per_epoch(dataset.split_sizes["train"], config.batch_size)
   loader_args = dict(resolution=config.data.resolution, uncertainty=config.data.uncertainty,
                      worker_count=config.data.num_workers)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   cached = uses_feature_cache(config)
   if cached:
-    features = cached_features(config, dataset, mesh)
+    features = cached_features(config, dataset, mesh, init_rng)
     classifier = heads.LinearProbe(spec.num_classes)
     input_shape = features["train"]["image"].shape[1:]
     train_loader = lambda epochs: mdata.make_array_loader(
@@ -218,7 +231,6 @@ def prepare(config) -> Setup:
   # Model, parameters and optimizer, placed on the mesh shapes-first.
   protocol = config.protocol.name
   foundation_train = protocols.foundation_trains(protocol, config.protocol.decapitation_trained)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   abstract = build.abstract_params(classifier, input_shape)
   mask = protocols.trainable_mask(abstract["params"], protocol, config.protocol.unfreeze_from,
                                   config.protocol.decapitation_trained)
@@ -265,7 +277,7 @@ def prepare(config) -> Setup:
     updates = jax.tree_util.tree_map(lambda u: -lr * u, updates)
     new = dict(state, step=state["step"] + 1, trainable=optax.apply_updates(state["trainable"], updates),
                opt=opt, batch_stats=stats)
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   batch_sharding = parallel.batch_sharding(mesh)
 
