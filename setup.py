@@ -31,6 +31,7 @@ TEST = [
     "torchvision==0.29.1",
     "timm>=1.0.20,<1.1",
     "open-clip-torch>=3.0,<4",
+    "segment-anything>=1.0",
     "transformers>=4.56,<6",
     "safetensors>=0.4",
     "scikit-learn>=1.4",

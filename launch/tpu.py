@@ -208,7 +208,7 @@ class Tpu:
         f"exports=$(.venv/bin/python -m launch.tpu_worker_env --port {COORDINATOR_PORT} "
         f"--expect-workers {self.shape['workers']})",
         'eval "$exports"',
-        f'( set +e; trap "" HUP; {run} & echo $! > ~/mfjax_run/pid; wait $!; echo $? > ~/mfjax_run/exit_code ) '
+        f'( set +e; trap "" HUP; {run} & echo $! > ~/mfjax_run/pid; wait $!; echo $? > ~/mfjax_run/exit_code.tmp; mv ~/mfjax_run/exit_code.tmp ~/mfjax_run/exit_code ) '
         f"> ~/mfjax_run/attempt-{attempt}.log 2>&1 < /dev/null &"]))
 
   def stream(self, attempt: int) -> list[str]:
@@ -219,7 +219,7 @@ class Tpu:
         "for _ in $(seq 120); do [ -s pid ] && break; sleep 1; done",
         f"if [ ! -s pid ]; then cat {log}; exit {NO_EXIT_STATUS}; fi",
         f'tail --pid="$(cat pid)" -n +1 -F {log}',
-        'for _ in $(seq 10); do [ -f exit_code ] && exit "$(cat exit_code)"; sleep 1; done',
+        'for _ in $(seq 10); do [ -s exit_code ] && exit "$(cat exit_code)"; sleep 1; done',
         f"exit {NO_EXIT_STATUS}"]))
 
   def list_unfinished(self) -> list[str] | None:
