@@ -1,4 +1,5 @@
 """Building blocks shared by the transformer families."""
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -12,8 +13,15 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+  """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)); on CPU the erf polynomial is
+  cheaper than the erfc form of jax.nn.gelu (`gelu_erfc`, more accurate far below zero)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
+    "gelu_erfc": lambda x: nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "silu": nn.silu,
@@ -45,6 +53,7 @@ class Attention(nn.Module):
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   attn_impl: str | None = None  # None: let XLA pick ('cudnn' on GPU when it can), or 'xla'/'cudnn'
+  remat_core: bool = False      # recompute the (heads, N, N) attention weights in the backward pass
 
   @nn.compact
   def __call__(self, x, rope: Callable | None = None):
@@ -54,7 +63,8 @@ class Attention(nn.Module):
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if rope is not None:
       q, k = rope(q), rope(k)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attn_impl)
+    attend = functools.partial(jax.nn.dot_product_attention, implementation=self.attn_impl)
+    out = (jax.checkpoint(attend) if self.remat_core else attend)(q, k, v)
     return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
 
 
@@ -91,12 +101,51 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   attn_impl: str | None = None
+  remat_attention: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False, rope: Callable | None = None):
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     scale = (lambda name: LayerScale(name=name)) if self.layerscale else (lambda name: (lambda y: y))
-    y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, name="attn")(norm("norm1")(x), rope)
+    y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, self.remat_attention,
+                  name="attn")(norm("norm1")(x), rope)
     x = x + DropPath(self.drop_path)(scale("ls1")(y), train)
     y = Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(norm("norm2")(x))
     return x + DropPath(self.drop_path)(scale("ls2")(y), train)
+
+
+# What a rematerialised ("remat") block keeps for the backward pass; the rest is recomputed.
+#   block      only the block's input: the whole block runs again (least memory)
+#   dots       the outputs of the weight matmuls too; norms, GELU and attention run again
+#   attention  everything except the (heads, N, N) attention weights, recomputed from q and k:
+#              the activations that grow with N^2 and dominate at 1024 px
+REMAT_POLICIES = ("block", "dots", "attention")
+
+
+def block_class(remat: bool, policy: str = "block") -> tuple[type, dict]:
+  """(module class, extra Block fields) for a transformer block with or without remat."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+  if not remat:
+    return Block, {}
+  if policy == "attention":
+    return Block, {"remat_attention": True}
+  saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+  return nn.remat(Block, static_argnums=(2,), policy=saveable), {}
+
+
+def scan_blocks(block: Block, block_params: list[dict], x, remat: bool, policy: str, collect: bool):
+  """Run identical blocks with `lax.scan` over their stacked parameters: XLA compiles one block
+  instead of `len(block_params)`. `block` is an unbound Block (no drop-path: every block runs
+  the same function). Returns (output, [each block's output as float32] if `collect`)."""
+  stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *block_params)
+
+  def body(x, params):
+    y = block.apply({"params": params}, x)
+    return y, (y.astype(jnp.float32) if collect else None)
+
+  if remat and policy != "attention":
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                          if policy == "dots" else None)
+  x, ys = jax.lax.scan(body, x, stacked)
+  return x, (list(ys) if collect else [])
