@@ -29,6 +29,12 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+def dense(layer: nn.Dense, x):
+  """`layer(x)` on `x` flattened to (rows, features): XLA:CPU then runs the backward matmuls
+  without transposing copies of the activations (5% faster ViT-B step on CPU; same result)."""
+  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.features)
+
+
 class Mlp(nn.Module):
   """fc1 -> activation -> fc2. `act="swiglu"` packs both SwiGLU inputs into fc1."""
   hidden: int
@@ -39,12 +45,39 @@ class Mlp(nn.Module):
   def __call__(self, x):
     out_dim = x.shape[-1]
     if self.act == "swiglu":
-      h = nn.Dense(2 * self.hidden, dtype=self.dtype, name="fc1")(x)
+      h = dense(nn.Dense(2 * self.hidden, dtype=self.dtype, name="fc1"), x)
       gate, value = jnp.split(h, 2, axis=-1)
       h = nn.silu(gate) * value
     else:
-      h = ACTIVATIONS[self.act](nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
-    return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(h)
+      h = ACTIVATIONS[self.act](dense(nn.Dense(self.hidden, dtype=self.dtype, name="fc1"), x))
+    return dense(nn.Dense(out_dim, dtype=self.dtype, name="fc2"), h)
+
+
+ATTENTION_IMPLS = (None, "xla", "cudnn", "softmax")
+
+
+def softmax_attention(q, k, v):
+  """softmax(q k^T / sqrt(D)) v on (B, N, H, D) inputs, computed head-major with the logits in
+  float32 and the normalisation applied after the product with v: one pass fewer over the
+  (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU."""
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / weights.sum(axis=-1, keepdims=True)
+  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+def attention_fn(impl: str | None) -> Callable:
+  """The attention core for `attn_impl`: None picks `softmax` on CPU and lets
+  jax.nn.dot_product_attention choose elsewhere (cuDNN's fused kernel on GPU when it can);
+  'xla'/'cudnn' force that jax.nn.dot_product_attention implementation."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attn_impl {impl!r}; valid: {', '.join(map(str, ATTENTION_IMPLS))}")
+  if impl == "softmax" or (impl is None and jax.default_backend() == "cpu"):
+    return softmax_attention
+  return functools.partial(jax.nn.dot_product_attention, implementation=impl)
 
 
 class Attention(nn.Module):
@@ -52,20 +85,20 @@ class Attention(nn.Module):
   heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
-  attn_impl: str | None = None  # None: let XLA pick ('cudnn' on GPU when it can), or 'xla'/'cudnn'
+  attn_impl: str | None = None  # see attention_fn
   remat_core: bool = False      # recompute the (heads, N, N) attention weights in the backward pass
 
   @nn.compact
   def __call__(self, x, rope: Callable | None = None):
     b, n, d = x.shape
-    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    qkv = dense(nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv"), x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if rope is not None:
       q, k = rope(q), rope(k)
-    attend = functools.partial(jax.nn.dot_product_attention, implementation=self.attn_impl)
+    attend = attention_fn(self.attn_impl)
     out = (jax.checkpoint(attend) if self.remat_core else attend)(q, k, v)
-    return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
+    return dense(nn.Dense(d, dtype=self.dtype, name="proj"), out.reshape(b, n, d))
 
 
 class LayerScale(nn.Module):
