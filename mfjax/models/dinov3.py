@@ -46,7 +46,7 @@ class Block(nn.Module):
   def __call__(self, x, train: bool, sin, cos):
     rope = lambda t: layers.apply_rope(t, sin, cos)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
-    y = layers.Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, self.k_bias, name="attn")(y, rope)
+    y = layers.Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, k_bias=self.k_bias, name="attn")(y, rope)
     x = subset_drop_path(self, x, layers.LayerScale(name="ls1")(y), self.drop_path, train)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
     y = layers.Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(y)

@@ -28,6 +28,7 @@ class StackedDeiT(nn.Module):
   dtype: str = "float32"
   attn_impl: str | None = None
   remat: bool = False
+  remat_policy: str = "block"    # layers.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, tokens, grid, train: bool = False, return_blocks: bool = False):
@@ -42,11 +43,11 @@ class StackedDeiT(nn.Module):
     cls = self.param("cls_token", init, (1, 1, self.width)) + pos[:, :1]
     x = x + grid_pos.reshape(1, -1, self.width).astype(dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(dtype), x], axis=1)
-    block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
+    block_cls, extra = layers.block_class(self.remat, self.remat_policy)
     blocks = []
     for i in range(self.depth):
       x = block_cls(self.heads, self.mlp_hidden, "gelu", True, self.ln_eps, False,
-                    self.drop_path * i / max(self.depth - 1, 1), dtype, self.attn_impl,
+                    self.drop_path * i / max(self.depth - 1, 1), dtype, self.attn_impl, **extra,
                     name=f"blocks_{i}")(x, train)
       blocks.append(x.astype(jnp.float32))
     cls_out = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)[:, 0]

@@ -1,4 +1,5 @@
 """Building blocks shared by the transformer families."""
+import functools
 import math
 from typing import Any, Callable
 
@@ -14,13 +15,26 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+  """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)); on CPU the erf polynomial is
+  cheaper than the erfc form of jax.nn.gelu (`gelu_erfc`, more accurate far below zero)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
+    "gelu_erfc": lambda x: nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "silu": nn.silu,
     "relu": nn.relu,
 }
+
+
+def dense(layer: nn.Dense, x):
+  """`layer(x)` on `x` flattened to (rows, features): XLA:CPU then runs the backward matmuls
+  without transposing copies of the activations (5% faster ViT-B step on CPU; same result)."""
+  return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.features)
 
 
 class Mlp(nn.Module):
@@ -33,12 +47,39 @@ class Mlp(nn.Module):
   def __call__(self, x):
     out_dim = x.shape[-1]
     if self.act == "swiglu":
-      h = nn.Dense(2 * self.hidden, dtype=self.dtype, name="fc1")(x)
+      h = dense(nn.Dense(2 * self.hidden, dtype=self.dtype, name="fc1"), x)
       gate, value = jnp.split(h, 2, axis=-1)
       h = nn.silu(gate) * value
     else:
-      h = ACTIVATIONS[self.act](nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
-    return nn.Dense(out_dim, dtype=self.dtype, name="fc2")(h)
+      h = ACTIVATIONS[self.act](dense(nn.Dense(self.hidden, dtype=self.dtype, name="fc1"), x))
+    return dense(nn.Dense(out_dim, dtype=self.dtype, name="fc2"), h)
+
+
+ATTENTION_IMPLS = (None, "xla", "cudnn", "softmax")
+
+
+def softmax_attention(q, k, v):
+  """softmax(q k^T / sqrt(D)) v on (B, N, H, D) inputs, computed head-major with the logits in
+  float32 and the normalisation applied after the product with v: one pass fewer over the
+  (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU."""
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / weights.sum(axis=-1, keepdims=True)
+  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+def attention_fn(impl: str | None) -> Callable:
+  """The attention core for `attn_impl`: None picks `softmax` on CPU and lets
+  jax.nn.dot_product_attention choose elsewhere (cuDNN's fused kernel on GPU when it can);
+  'xla'/'cudnn' force that jax.nn.dot_product_attention implementation."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attn_impl {impl!r}; valid: {', '.join(map(str, ATTENTION_IMPLS))}")
+  if impl == "softmax" or (impl is None and jax.default_backend() == "cpu"):
+    return softmax_attention
+  return functools.partial(jax.nn.dot_product_attention, implementation=impl)
 
 
 class MaskedKeyBiasDense(nn.Module):
@@ -69,22 +110,24 @@ class Attention(nn.Module):
   heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
-  attn_impl: str | None = None  # None: let XLA pick ('cudnn' on GPU when it can), or 'xla'/'cudnn'
+  attn_impl: str | None = None  # see attention_fn
+  remat_core: bool = False      # recompute the (heads, N, N) attention weights in the backward pass
   k_bias: bool = True
 
   @nn.compact
   def __call__(self, x, rope: Callable | None = None):
     b, n, d = x.shape
     if self.qkv_bias and not self.k_bias:
-      qkv = MaskedKeyBiasDense(3 * d, self.dtype, name="qkv")(x)
+      qkv = dense(MaskedKeyBiasDense(3 * d, self.dtype, name="qkv"), x)
     else:
-      qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+      qkv = dense(nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv"), x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, d // self.heads), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
     if rope is not None:
       q, k = rope(q), rope(k)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attn_impl)
-    return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
+    attend = attention_fn(self.attn_impl)
+    out = (jax.checkpoint(attend) if self.remat_core else attend)(q, k, v)
+    return dense(nn.Dense(d, dtype=self.dtype, name="proj"), out.reshape(b, n, d))
 
 
 class LayerScale(nn.Module):
@@ -120,15 +163,54 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   attn_impl: str | None = None
+  remat_attention: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False, rope: Callable | None = None):
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     scale = (lambda name: LayerScale(name=name)) if self.layerscale else (lambda name: (lambda y: y))
-    y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, name="attn")(norm("norm1")(x), rope)
+    y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, self.remat_attention,
+                  name="attn")(norm("norm1")(x), rope)
     x = x + DropPath(self.drop_path)(scale("ls1")(y), train)
     y = Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(norm("norm2")(x))
     return x + DropPath(self.drop_path)(scale("ls2")(y), train)
+
+
+# What a rematerialised ("remat") block keeps for the backward pass; the rest is recomputed.
+#   block      only the block's input: the whole block runs again (least memory)
+#   dots       the outputs of the weight matmuls too; norms, GELU and attention run again
+#   attention  everything except the (heads, N, N) attention weights, recomputed from q and k:
+#              the activations that grow with N^2 and dominate at 1024 px
+REMAT_POLICIES = ("block", "dots", "attention")
+
+
+def block_class(remat: bool, policy: str = "block") -> tuple[type, dict]:
+  """(module class, extra Block fields) for a transformer block with or without remat."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+  if not remat:
+    return Block, {}
+  if policy == "attention":
+    return Block, {"remat_attention": True}
+  saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+  return nn.remat(Block, static_argnums=(2,), policy=saveable), {}
+
+
+def scan_blocks(block: Block, block_params: list[dict], x, remat: bool, policy: str, collect: bool):
+  """Run identical blocks with `lax.scan` over their stacked parameters: XLA compiles one block
+  instead of `len(block_params)`. `block` is an unbound Block (no drop-path: every block runs
+  the same function). Returns (output, [each block's output as float32] if `collect`)."""
+  stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *block_params)
+
+  def body(x, params):
+    y = block.apply({"params": params}, x)
+    return y, (y.astype(jnp.float32) if collect else None)
+
+  if remat and policy != "attention":
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                          if policy == "dots" else None)
+  x, ys = jax.lax.scan(body, x, stacked)
+  return x, (list(ys) if collect else [])
 
 
 # ------------------------------------------------------------------- axial RoPE (DINOv3)

@@ -36,6 +36,8 @@ class Model(nn.Module):
   dtype: str = "float32"         # compute dtype; parameters stay float32
   attn_impl: str | None = None   # jax.nn.dot_product_attention implementation
   remat: bool = False
+  remat_policy: str = "block"    # what remat keeps: block | dots | attention (layers.REMAT_POLICIES)
+  scan_blocks: bool = False      # lax.scan over the blocks (shorter compiles; not with drop-path in training)
 
   @property
   def native_grid(self) -> tuple[int, int]:
@@ -71,14 +73,20 @@ class Model(nn.Module):
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
 
     depth = self.depth if self.num_blocks is None else self.num_blocks
-    block_cls = nn.remat(layers.Block, static_argnums=(2,)) if self.remat else layers.Block
-    blocks = []
-    for i in range(depth):
-      x = block_cls(self.heads, self.mlp_hidden, self.mlp_act, self.qkv_bias, self.ln_eps,
-                    self.layerscale, self.drop_path * i / max(self.depth - 1, 1), dtype,
-                    self.attn_impl, name=f"blocks_{i}")(x, train)
-      if return_blocks:
-        blocks.append(x.astype(jnp.float32))
+    fields = dict(heads=self.heads, mlp_hidden=self.mlp_hidden, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias,
+                  ln_eps=self.ln_eps, layerscale=self.layerscale, dtype=dtype, attn_impl=self.attn_impl)
+    if self.scan_blocks and not self.is_initializing() and not (train and self.drop_path):
+      block = layers.Block(**fields, remat_attention=self.remat and self.remat_policy == "attention", parent=None)
+      params = [self.variables["params"][f"blocks_{i}"] for i in range(depth)]
+      x, blocks = layers.scan_blocks(block, params, x, self.remat, self.remat_policy, return_blocks)
+    else:
+      block_cls, extra = layers.block_class(self.remat, self.remat_policy)
+      blocks = []
+      for i in range(depth):
+        x = block_cls(**fields, drop_path=self.drop_path * i / max(self.depth - 1, 1), **extra,
+                      name=f"blocks_{i}")(x, train)
+        if return_blocks:
+          blocks.append(x.astype(jnp.float32))
 
     normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)
     first_patch = 1 + self.num_registers

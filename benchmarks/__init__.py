@@ -1,0 +1,1 @@
+"""Benchmarks: mfjax next to its PyTorch reference, measured in the same run (see BENCHMARKS.md)."""

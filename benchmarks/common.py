@@ -1,0 +1,185 @@
+"""Plumbing shared by the benchmarks: the machine, interleaved timing, the measured matmul peak,
+FLOPs and memory of a compiled step, and the output (a Markdown table row and a JSON line)."""
+import datetime
+import json
+import os
+import platform
+import resource
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def prepare_process() -> None:
+  """Call before importing jax: JAX must not preallocate the GPU, torch runs in the same process."""
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+  import jax
+  import torch
+  device = jax.devices()[0]
+  env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+         "platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
+         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+         "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": round(os.getloadavg()[0], 2)}
+  env["device"] = (f"{device.device_kind} x{jax.device_count()}" if device.platform != "cpu"
+                   else f"CPU {env['cpu']}, {env['cpu_count']} cores")
+  return env
+
+
+def torch_device() -> str:
+  """The torch device matching JAX's default backend."""
+  import jax
+  import torch
+  if jax.default_backend() == "gpu":
+    if not torch.cuda.is_available():
+      raise RuntimeError("JAX runs on the GPU but torch sees no CUDA device: install a CUDA build of torch")
+    return "cuda"
+  return "cpu"
+
+
+def torch_sync(device: str) -> None:
+  if device == "cuda":
+    import torch
+    torch.cuda.synchronize()
+
+
+def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str, int]) -> dict[str, list[float]]:
+  """Seconds per call of each function, timed in turns (A B C A B C ...) so that a change in the
+  machine's load hits all of them alike. Each timing runs `calls[name]` calls back to back; each
+  function must return only when its work is done."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(calls[name]):
+        fn()
+      times[name].append((time.perf_counter() - start) / calls[name])
+  return times
+
+
+def warm_up(fn: Callable[[], None], steps: int, min_seconds: float) -> int:
+  """Run `fn` `steps` times untimed (at least once); return how many calls make one timing of at
+  least `min_seconds`, judged from the last warm-up call (1 for slow steps)."""
+  for _ in range(max(steps, 1)):
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+  return max(1, int(np.ceil(min_seconds / max(once, 1e-6))))
+
+
+def summary(seconds: list[float]) -> dict:
+  return {"median_s": float(np.median(seconds)), "min_s": float(np.min(seconds)),
+          "max_s": float(np.max(seconds)), "timings": len(seconds)}
+
+
+def matmul_peak_fns(dtype: str = "float32") -> tuple[dict, float]:
+  """Two timing functions, a large square matmul in JAX and in torch, and the FLOPs of one call.
+
+  They join the interleaved timings of a benchmark, so the device's matmul rate is measured
+  under the same load as the steps; the better of the two medians is the denominator of MFU.
+  """
+  import jax
+  import jax.numpy as jnp
+  import torch
+  gpu = jax.default_backend() == "gpu"
+  n, reps = (8192, 20) if gpu else (2048, 1)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  device = torch_device()
+  ta = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+  tb = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+
+  def jax_fn():
+    for _ in range(reps):
+      out = matmul(a, b)
+    out.block_until_ready()
+
+  def torch_fn():
+    for _ in range(reps):
+      torch.matmul(ta, tb)
+    torch_sync(device)
+
+  return {"matmul_jax": jax_fn, "matmul_torch": torch_fn}, reps * 2.0 * n ** 3
+
+
+def matmul_peak(times: dict, flops_per_call: float, dtype: str) -> dict:
+  rates = {k: flops_per_call / float(np.median(times[k])) for k in ("matmul_jax", "matmul_torch")}
+  return {"dtype": dtype, "jax_flops_per_s": rates["matmul_jax"], "torch_flops_per_s": rates["matmul_torch"],
+          "peak_flops_per_s": max(rates.values())}
+
+
+def cost_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled JAX computation, as XLA counts them."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def jax_memory(compiled) -> dict:
+  """XLA's static memory plan of a compiled computation (bytes, per device)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, k + "_in_bytes")) for k in ("argument_size", "output_size", "alias_size", "temp_size")
+         if hasattr(m, k + "_in_bytes")}
+  if len(out) == 4:
+    out["peak_plan"] = out["argument_size"] + out["output_size"] - out["alias_size"] + out["temp_size"]
+  return out
+
+
+def jax_device_peak_bytes() -> int | None:
+  """Peak bytes in use on the first device since the process started (GPU/TPU; None on CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def gib(n) -> str:
+  return "" if n is None else f"{n / 2 ** 30:.2f}"
+
+
+def fmt(value, spec: str = ".2f") -> str:
+  if value is None:
+    return "n/a"
+  if isinstance(value, str):
+    return value
+  return format(value, spec)
+
+
+def emit(rows: dict | list[dict], columns: list[tuple[str, str]], out: str | None) -> None:
+  """Print a Markdown table of `row[key]` for (header, key) in `columns`, one line per row, then
+  each whole row as a JSON line; append the JSON lines to `out` if given."""
+  rows = [rows] if isinstance(rows, dict) else rows
+  print()
+  print("| " + " | ".join(h for h, _ in columns) + " |")
+  print("|" + "---|" * len(columns))
+  for row in rows:
+    print("| " + " | ".join(str(row.get(k, "")) for _, k in columns) + " |")
+  lines = [json.dumps(row, sort_keys=True, default=float) for row in rows]
+  print("\n".join(lines), flush=True)
+  if out:
+    with open(out, "a") as f:
+      f.write("".join(line + "\n" for line in lines))

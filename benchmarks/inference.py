@@ -1,0 +1,118 @@
+r"""Inference throughput of mfjax next to its PyTorch reference, measured in the same run.
+
+  PYTHONPATH=. python -m benchmarks.inference --model dinov2_vitb14 --res 518 --batch 16 \
+      [--dtype bfloat16] [--torch eager,compile]
+
+JAX: the trainer's classifier (built by `fit.prepare` from configs/paper.py) in inference mode,
+jitted, on a device-resident random batch. PyTorch: the same reference classifier as
+benchmarks/train_step.py in eval() under inference_mode (bf16 autocast with --dtype bfloat16).
+Timed in turns with a large matmul in each framework (the measured peak, for MFU); medians.
+"""
+import argparse
+import os
+import sys
+import time
+
+from benchmarks import common
+
+common.prepare_process()
+
+COLUMNS = [("device", "device"), ("model", "model"), ("res", "res"), ("batch", "batch"), ("dtype", "dtype"),
+           ("JAX img/s", "jax_img_s"), ("torch eager img/s", "torch_eager_img_s"), ("JAX / eager", "ratio_eager"),
+           ("torch.compile img/s", "torch_compile_img_s"), ("JAX / compile", "ratio_compile"),
+           ("JAX compile s", "jax_compile_s"), ("GFLOP/img", "gflop_per_img"), ("MFU JAX", "mfu_jax"),
+           ("MFU torch", "mfu_torch_eager"), ("peak GFLOP/s", "peak_gflop_s"), ("load", "load_average")]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="deit_base_patch16")
+  parser.add_argument("--res", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--torch", default="eager", help="comma list of eager, compile; or none")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--min-seconds", type=float, default=1.0)
+  parser.add_argument("--out", default=None)
+  args, extra = parser.parse_known_args(argv)
+  bad = [e for e in extra if not e.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)}")
+  variants = [] if args.torch == "none" else args.torch.split(",")
+  for v in variants:
+    if v not in ("eager", "compile"):
+      parser.error(f"--torch: unknown variant {v!r}; valid: eager, compile, none")
+
+  import jax
+  from benchmarks import jax_side
+  from mfjax.train import fit
+
+  load_start = os.getloadavg()[0]
+  config = jax_side.paper_config(args.model, "frozen_linear", args.res, args.batch,
+                                 [f"--config.model.dtype={args.dtype}", *extra])
+  run = fit.prepare(config)
+  images = jax_side.random_batch(run, args.batch, args.res)["image"]
+  params = (run.state["trainable"], run.state["frozen"], run.state["batch_stats"])
+  forward = jax_side.forward_fn(run)
+  t0 = time.perf_counter()
+  compiled = forward.lower(*params, images).compile()
+  compile_s = time.perf_counter() - t0
+  flops = common.cost_flops(compiled)
+  fns = {"jax": lambda: compiled(*params, images).block_until_ready()}
+  calls = {"jax": common.warm_up(fns["jax"], 1, args.min_seconds)}
+
+  import torch
+  from benchmarks import torch_reference
+  device = common.torch_device()
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count())
+  elif args.dtype == "float32":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  env = common.environment()
+  errors, what = {}, None
+  if variants:
+    torch.manual_seed(0)
+    model, what = torch_reference.classifier(args.model, args.res, run.spec.num_classes, "frozen_linear")
+    model = model.to(device)
+    timages = torch.randn(args.batch, 3, args.res, args.res, device=device)
+    for variant in variants:
+      name = f"torch_{variant}"
+      try:
+        step = torch_reference.inference_step(model, timages, device, bf16=args.dtype == "bfloat16",
+                                              compile_model=variant == "compile")
+        calls[name] = common.warm_up(step, 2, args.min_seconds)
+        fns[name] = step
+      except Exception as e:  # torch.compile does not work everywhere; report why and go on
+        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+  matmuls, matmul_flops = common.matmul_peak_fns(args.dtype)
+  for name, fn in matmuls.items():
+    calls[name] = common.warm_up(fn, 1, 0.0)
+  times = common.interleave({**fns, **matmuls}, args.rounds, calls)
+  peak = common.matmul_peak(times, matmul_flops, args.dtype)
+  median = {name: common.summary(t)["median_s"] for name, t in times.items() if name in fns}
+  img_s = lambda name: args.batch / median[name] if name in median else None
+  mfu = lambda name: flops / median[name] / peak["peak_flops_per_s"] if name in median and flops else None
+  ratio = lambda name: common.fmt(img_s("jax") / img_s(name)) if name in median else "n/a"
+  row = {"benchmark": "inference", "device": env["device"], "model": args.model, "res": args.res,
+         "batch": args.batch, "dtype": args.dtype, "jax_img_s": common.fmt(img_s("jax")),
+         "torch_eager_img_s": common.fmt(img_s("torch_eager")), "ratio_eager": ratio("torch_eager"),
+         "torch_compile_img_s": common.fmt(img_s("torch_compile")), "ratio_compile": ratio("torch_compile"),
+         "jax_compile_s": common.fmt(compile_s, ".1f"),
+         "gflop_per_img": common.fmt(flops / args.batch / 1e9 if flops else None, ".1f"),
+         "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),
+         "mfu_torch_compile": common.fmt(mfu("torch_compile"), ".1%"),
+         "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"),
+         "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",
+         "timings_s": {name: common.summary(t) for name, t in times.items()}, "calls_per_timing": calls,
+         "forward_flops_xla": flops, "matmul_peak": peak, "jax_memory_plan": common.jax_memory(compiled),
+         "torch_reference": what, "errors": errors, "config_overrides": extra,
+         "command": "python -m benchmarks.inference " + " ".join(argv if argv is not None else sys.argv[1:]),
+         **env}
+  common.emit(row, COLUMNS, args.out)
+  return row
+
+
+if __name__ == "__main__":
+  main()

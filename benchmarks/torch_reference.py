@@ -1,0 +1,265 @@
+"""The PyTorch side of the benchmarks: each mfjax model's reference implementation with the
+paper's heads and protocols, and its train and inference steps.
+
+References (random weights; only the compute matters here):
+  deit_base_patch16, dino_vitb16, blip_vitb16   timm vit_base_patch16_224 (the same ViT-B/16)
+  dinov2_vit{s,b,l,g}14[_reg4]                   timm vit_{small,base,large,giant}_patch14[_reg4]_dinov2
+  openclip_vitb16                                open_clip ViT-B-16 visual tower
+  sam_vit{b,l,h}                                 segment_anything ImageEncoderViT (windowed, rel-pos, neck)
+  focalnet_*                                     the timm FocalNet of the same name
+  seem_focalt                                    timm focalnet_tiny_lrf: SEEM's FocalNet-T without its
+                                                 depthwise residual convs (a few % fewer FLOPs)
+  resnet50/101/152                               torchvision
+Each foundation returns (pooled, tokens) like the mfjax model and exposes its blocks or stages in
+order, so progressive freezing and decapitation act on the same units as in mfjax.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mfjax import models
+from mfjax.train import protocols
+
+
+class ViT(nn.Module):
+  """timm VisionTransformer: pooled = final-normed CLS, tokens = final-normed patch tokens."""
+
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  @property
+  def units(self):
+    return self.net.blocks
+
+  def cut(self, k):
+    self.net.blocks = self.net.blocks[:k]
+
+  def forward(self, x):
+    x = self.net.forward_features(x)
+    return x[:, 0], x[:, self.net.num_prefix_tokens:]
+
+
+class OpenCLIP(nn.Module):
+  def __init__(self, visual):
+    super().__init__()
+    visual.output_tokens = True
+    self.net = visual
+
+  @property
+  def units(self):
+    return self.net.transformer.resblocks
+
+  def cut(self, k):
+    self.net.transformer.resblocks = self.net.transformer.resblocks[:k]
+
+  def forward(self, x):
+    return self.net(x)
+
+
+class FocalNet(nn.Module):
+  """timm FocalNet; a cut network skips the final norm (its width belongs to the last stage)."""
+
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  @property
+  def units(self):
+    return self.net.layers
+
+  def cut(self, k):
+    self.net.layers = self.net.layers[:k]
+    if k < 4:
+      self.net.norm = nn.Identity()
+
+  def forward(self, x):
+    x = self.net.norm(self.net.layers(self.net.stem(x)))
+    return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+
+
+class ResNet(nn.Module):
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+    self.stages = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
+
+  @property
+  def units(self):
+    return self.stages
+
+  def cut(self, k):
+    self.stages = self.stages[:k]
+
+  def forward(self, x):
+    n = self.net
+    x = self.stages(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
+    return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+
+
+class SAM(nn.Module):
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  @property
+  def units(self):
+    return self.net.blocks
+
+  def cut(self, k):
+    self.net.blocks = self.net.blocks[:k]
+
+  def forward(self, x):
+    x = self.net(x)
+    return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+
+
+_SAM = {"sam_vitb": (768, 12, 12, (2, 5, 8, 11)), "sam_vitl": (1024, 24, 16, (5, 11, 17, 23)),
+        "sam_vith": (1280, 32, 16, (7, 15, 23, 31))}
+_DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+
+
+def foundation(name: str, resolution: int) -> tuple[nn.Module, str]:
+  """(reference module, what it is) for the mfjax model `name` at `resolution`."""
+  import timm
+  family = models.family_of(name)
+  if name in ("deit_base_patch16", "dino_vitb16", "blip_vitb16"):
+    return ViT(timm.create_model("vit_base_patch16_224", img_size=resolution, num_classes=0)), \
+        "timm vit_base_patch16_224"
+  if name.startswith("dinov2_vit"):
+    size = _DINOV2_SIZES[name[len("dinov2_vit")]]
+    timm_name = f"vit_{size}_patch14{'_reg4' if name.endswith('_reg4') else ''}_dinov2"
+    return ViT(timm.create_model(timm_name, img_size=resolution, num_classes=0)), f"timm {timm_name}"
+  if name == "openclip_vitb16":
+    import open_clip
+    model = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=resolution)
+    return OpenCLIP(model.visual), "open_clip ViT-B-16 visual"
+  if name in _SAM:
+    from segment_anything.modeling import ImageEncoderViT
+    width, depth, heads, global_blocks = _SAM[name]
+    net = ImageEncoderViT(img_size=resolution, embed_dim=width, depth=depth, num_heads=heads,
+                          global_attn_indexes=global_blocks, window_size=14, use_rel_pos=True, out_chans=256,
+                          qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+    return SAM(net), "segment_anything ImageEncoderViT"
+  if family == "focalnet":
+    timm_name = "focalnet_tiny_lrf" if name == "seem_focalt" else name
+    return FocalNet(timm.create_model(timm_name, num_classes=0)), f"timm {timm_name}"
+  if family == "resnet":
+    import torchvision
+    return ResNet(getattr(torchvision.models, name)()), f"torchvision {name}"
+  raise ValueError(f"no PyTorch reference is wired for {name!r} (family {family}); references exist for "
+                   "DeiT/DINO/BLIP/DINOv2/OpenCLIP ViTs, SAM, FocalNet and ResNet")
+
+
+class StackedDeiT(nn.Module):
+  """The paper's stacked classifier: Linear -> LayerNorm -> DeiT-B CLS + posemb -> 12 blocks -> norm -> fc."""
+
+  def __init__(self, in_dim, num_tokens, num_classes, width=768, depth=12, heads=12):
+    super().__init__()
+    from timm.models.vision_transformer import Block
+    self.projector = nn.Linear(in_dim, width)
+    self.projector_norm = nn.LayerNorm(width)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+    self.pos_embed = nn.Parameter(torch.randn(1, 1 + num_tokens, width) * 0.02)
+    norm = functools.partial(nn.LayerNorm, eps=1e-6)
+    self.blocks = nn.Sequential(*[Block(width, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+    self.norm = norm(width)
+    self.fc = nn.Linear(width, num_classes)
+
+  def forward(self, tokens):
+    x = self.projector_norm(self.projector(tokens))
+    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    return self.fc(self.norm(self.blocks(x))[:, 0])
+
+
+class Classifier(nn.Module):
+  def __init__(self, foundation_module, head, num_classes, resolution):
+    super().__init__()
+    self.foundation = foundation_module
+    self.head = head
+    with torch.no_grad():
+      pooled, tokens = foundation_module.eval()(torch.zeros(1, 3, resolution, resolution))
+    if head == "linear":
+      self.fc = nn.Linear(pooled.shape[-1], num_classes)
+    else:
+      self.stacked = StackedDeiT(tokens.shape[-1], tokens.shape[1], num_classes)
+
+  def forward(self, x):
+    pooled, tokens = self.foundation(x)
+    return self.fc(pooled) if self.head == "linear" else self.stacked(tokens)
+
+
+def classifier(name, resolution, num_classes, protocol, unfreeze_from=0, keep_blocks=0,
+               decapitation_trained=False, head=None) -> tuple[Classifier, str]:
+  """The reference classifier with `protocol` applied as mfjax applies it: the same head, the
+  same trained parameters, the foundation in training mode only when all of it trains."""
+  net, what = foundation(name, resolution)
+  if protocol == "decapitation":
+    net.cut(keep_blocks)
+  model = Classifier(net, protocols.head_of(protocol, head), num_classes, resolution)
+  trains = protocols.foundation_trains(protocol, decapitation_trained)
+  for p in net.parameters():
+    p.requires_grad_(trains)
+  if protocol == "progressive":
+    for unit in list(net.units)[unfreeze_from:]:
+      for p in unit.parameters():
+        p.requires_grad_(True)
+  model.train()
+  net.train(trains)
+  return model, what
+
+
+def adamw(params, lr=1e-4, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8) -> tuple[torch.optim.Optimizer, str]:
+  """torch AdamW, decay on matrices only (as mfjax); the fused kernel where this torch has it."""
+  groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+  try:
+    return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=eps, fused=True), "fused"
+  except (RuntimeError, ValueError):
+    return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=eps, foreach=True), "foreach"
+
+
+def train_step(model, images, labels, device, bf16=False, compile_model=False, clip_norm=1.0):
+  """One optimizer step (forward, CE loss, backward, grad clipping, AdamW) as a no-argument
+  function that returns when the step is done, and a description of the optimizer."""
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt, kind = adamw(params)
+  net = torch.compile(model) if compile_model else model
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      logits = net(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return loss
+
+  return step, f"AdamW ({kind})"
+
+
+def inference_step(model, images, device, bf16=False, compile_model=False):
+  model.eval()
+  net = torch.compile(model) if compile_model else model
+
+  def step():
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      out = net(images)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  return step
+
+
+def count_flops(fn) -> float | None:
+  """FLOPs of one call of `fn` as torch's FlopCounterMode counts them (matmuls and convolutions)."""
+  from torch.utils.flop_counter import FlopCounterMode
+  with FlopCounterMode(display=False) as counter:
+    fn()
+  return float(counter.get_total_flops())

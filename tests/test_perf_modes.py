@@ -1,0 +1,175 @@
+"""The speed and memory options compute what the plain float32 model computes: bf16 compute within
+a stated tolerance of float32 (parameters and optimizer state stay float32), remat policies and
+scanned blocks to rounding, and GELU as torch computes it."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from mfjax import data as mdata
+from mfjax import models
+from mfjax.cli import load_config
+from mfjax.data import synthetic
+from mfjax.models import heads, layers
+from mfjax.train import fit
+
+# bf16 compute against float32, same float32 parameters (README, "Performance"):
+BF16_OUTPUT_RTOL = 3e-2   # max |delta| <= 3e-2 x max |float32| on embedding, tokens, logits
+BF16_LOSS_RTOL = 1e-2     # |loss delta| <= 1e-2 x loss
+BF16_GRAD_COSINE = 0.999  # cosine similarity of the flattened gradients
+BF16_GRAD_NORM_RTOL = 2e-2
+
+SMALL = dict(width=96, depth=3, heads=3, mlp_hidden=192)
+
+
+def small(name, **kw):
+  res = 42 if name.startswith("dinov2") else 48
+  return models.create(name, **SMALL, native_resolution=(res, res), **kw), res
+
+
+def images(n, res, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((n, res, res, 3)), jnp.float32)
+
+
+def rel(got, ref):
+  return float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def flat(tree):
+  return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_grads(classifier, params, x, y):
+  def loss(p):
+    logits = classifier.apply({"params": p}, x)["logits"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("name", ["deit_base_patch16", "dinov2_vitb14", "openclip_vitb16"])
+def test_bf16_compute_matches_float32(name):
+  foundation, res = small(name)
+  f32 = heads.Classifier(foundation, 5)
+  b16 = heads.Classifier(small(name, dtype="bfloat16")[0], 5)
+  x, y = images(4, res), jnp.array([0, 1, 2, 3])
+  variables = f32.init(jax.random.PRNGKey(0), x)
+  # bf16 mode creates float32 parameters: the same tree, the same dtypes.
+  b16_abstract = jax.eval_shape(b16.init, jax.random.PRNGKey(0), x)
+  assert {str(l.dtype) for l in jax.tree_util.tree_leaves(b16_abstract)} == {"float32"}
+  assert jax.tree_util.tree_structure(b16_abstract) == jax.tree_util.tree_structure(variables)
+
+  ref = f32.apply(variables, x, return_blocks=True)
+  got = b16.apply(variables, x, return_blocks=True)
+  for key in ("embedding", "logits"):
+    assert got[key].dtype == jnp.float32
+    assert rel(got[key], ref[key]) <= BF16_OUTPUT_RTOL, key
+  tokens = lambda c: c.apply(variables, x, method=lambda m, x: m.foundation(x))["tokens"]
+  assert rel(tokens(b16), tokens(f32)) <= BF16_OUTPUT_RTOL
+
+  loss, grads = loss_and_grads(f32, variables["params"], x, y)
+  loss16, grads16 = loss_and_grads(b16, variables["params"], x, y)
+  assert {str(g.dtype) for g in jax.tree_util.tree_leaves(grads16)} == {"float32"}
+  assert abs(float(loss16 - loss)) <= BF16_LOSS_RTOL * float(loss)
+  g, g16 = flat(grads), flat(grads16)
+  assert float(g @ g16 / jnp.linalg.norm(g) / jnp.linalg.norm(g16)) >= BF16_GRAD_COSINE
+  assert abs(float(jnp.linalg.norm(g16) / jnp.linalg.norm(g)) - 1) <= BF16_GRAD_NORM_RTOL
+
+
+@pytest.fixture(scope="module")
+def aptos(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("aptos")
+  manual = synthetic.aptos2019(str(tmp / "download"), num_images=24, size=32)
+  mdata.build("aptos2019", manual, str(tmp / "data"))
+  return manual, str(tmp / "data")
+
+
+def two_steps(aptos, *overrides):
+  manual, data_dir = aptos
+  config = load_config("configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=unfrozen_deit",
+                       [f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}", *overrides])
+  run = fit.prepare(config)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.standard_normal((8, 32, 32, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 5, 8), jnp.int32)}
+  state, losses = run.state, []
+  for _ in range(2):
+    state, metrics = run.train_step(state, batch, jnp.float32(1e-3))
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_bf16_train_step_keeps_float32_parameters_and_optimizer_state(aptos):
+  _, losses = two_steps(aptos)
+  state, losses16 = two_steps(aptos, "--config.model.dtype=bfloat16", "--config.optim.mu_dtype=bfloat16")
+  dtypes = lambda tree: {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)}
+  assert dtypes(state["trainable"]) == {"float32"}
+  adam = state["opt"][1]
+  assert dtypes(adam.nu) == {"float32"}
+  assert dtypes(adam.mu) == {"bfloat16"}  # the optional bf16 first moment
+  for loss, loss16 in zip(losses, losses16):
+    assert abs(loss16 - loss) <= BF16_LOSS_RTOL * loss
+
+
+def test_remat_policies_and_scanned_blocks_compute_the_same():
+  plain, res = small("dinov2_vitb14")
+  x, y = images(2, res), jnp.array([1, 3])
+  variables = heads.Classifier(plain, 5).init(jax.random.PRNGKey(0), x)
+  ref_out = heads.Classifier(plain, 5).apply(variables, x, return_blocks=True)
+  ref_loss, ref_grads = loss_and_grads(heads.Classifier(plain, 5), variables["params"], x, y)
+  variants = [dict(remat=True, remat_policy=p) for p in layers.REMAT_POLICIES]
+  variants += [dict(scan_blocks=True), dict(scan_blocks=True, remat=True, remat_policy="dots"),
+               dict(scan_blocks=True, remat=True, remat_policy="attention")]
+  for kw in variants:
+    classifier = heads.Classifier(small("dinov2_vitb14", **kw)[0], 5)
+    out = classifier.apply(variables, x, return_blocks=True)
+    assert rel(out["logits"], ref_out["logits"]) <= 1e-5, kw
+    assert len(out["foundation_blocks"]) == SMALL["depth"]
+    for got, ref in zip(out["foundation_blocks"], ref_out["foundation_blocks"]):
+      assert rel(got, ref) <= 1e-5, kw
+    loss, grads = loss_and_grads(classifier, variables["params"], x, y)
+    assert abs(float(loss - ref_loss)) <= 1e-5 * float(ref_loss), kw
+    assert rel(flat(grads), flat(ref_grads)) <= 1e-4, kw
+
+
+def test_stacked_head_remat_policies_compute_the_same():
+  foundation, res = small("deit_base_patch16")
+  head = dict(width=64, depth=2, heads=2, mlp_hidden=128, native_grid=(4, 4))
+  x, y = images(2, res), jnp.array([0, 4])
+  plain = heads.Classifier(foundation, 5, "deit", tuple(sorted(head.items())))
+  variables = plain.init(jax.random.PRNGKey(0), x)
+  ref_loss, ref_grads = loss_and_grads(plain, variables["params"], x, y)
+  for policy in layers.REMAT_POLICIES:
+    fields = dict(head, remat=True, remat_policy=policy)
+    loss, grads = loss_and_grads(heads.Classifier(foundation, 5, "deit", tuple(sorted(fields.items()))),
+                                 variables["params"], x, y)
+    assert abs(float(loss - ref_loss)) <= 1e-5 * float(ref_loss), policy
+    assert rel(flat(grads), flat(ref_grads)) <= 1e-4, policy
+
+
+def test_scanned_blocks_train_with_drop_path_like_the_loop():
+  # Blocks with different drop-path rates are not one function: scan_blocks falls back to the loop.
+  loop, res = small("deit_base_patch16", drop_path=0.3)
+  scanned, _ = small("deit_base_patch16", drop_path=0.3, scan_blocks=True)
+  x = images(4, res)
+  variables = loop.init(jax.random.PRNGKey(0), x)
+  rngs = {"dropout": jax.random.PRNGKey(5)}
+  np.testing.assert_array_equal(loop.apply(variables, x, train=True, rngs=rngs)["pooled"],
+                                scanned.apply(variables, x, train=True, rngs=rngs)["pooled"])
+
+
+def test_unknown_remat_policy_names_the_valid_ones():
+  model, res = small("deit_base_patch16", remat=True, remat_policy="everything")
+  with pytest.raises(ValueError, match="remat_policy 'everything'; valid: block, dots, attention"):
+    model.init(jax.random.PRNGKey(0), images(1, res))
+
+
+def test_gelu_is_torchs():
+  x = np.linspace(-12, 12, 100001, dtype=np.float32)
+  ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(layers.gelu(jnp.asarray(x))), ref, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(layers.ACTIVATIONS["gelu_erfc"](jnp.asarray(x))), ref, rtol=0, atol=2e-6)
