@@ -79,8 +79,7 @@ def main(argv=None):
   lr = jnp.float32(1e-4)
   holder = {"state": run.state}
   def loader():
-    return iter(mdata.make_loader(run.dataset, "train", batch_size=args.batch, train=True, seed=0,
-                                  num_epochs=None, **run.loader_args))
+    return iter(run.train_loader(None))  # the trainer's own loader, repeating
 
   host_batches, prefetched = loader(), prefetch_to_device(loader(), sharding)
   resident = mdata.global_batch(next(loader()), sharding)

@@ -1,0 +1,92 @@
+"""The benchmark commands run end to end on tiny cells and write the rows BENCHMARKS.md is made
+of. No timing is asserted: only that every measurement is taken and is a real number."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(tmp_path, module: str, *args: str) -> list[dict]:
+  out = tmp_path / f"{module}.jsonl"  # the benchmarks append: one file per command
+  # TMPDIR: each test builds its own synthetic dataset (benchmarks/jax_side.py caches it there).
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| device |" in proc.stdout  # the Markdown table
+  return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def positive(value: str) -> float:
+  number = float(str(value).rstrip("x%"))
+  assert number > 0
+  return number
+
+
+def test_train_step_measures_jax_and_torch_in_one_run(tmp_path):
+  [row] = run_benchmark(tmp_path, "train_step", "--model", "resnet50", "--protocol", "progressive", "--res", "32",
+                        "--batch", "2", "--unfreeze-from", "3", "--rounds", "1", "--min-seconds", "0", "--no-rss")
+  assert row["benchmark"] == "train_step" and row["protocol"] == "progressive"
+  for key in ("jax_img_s", "torch_eager_img_s", "ratio_eager", "jax_compile_s", "mfu_jax", "mfu_torch_eager"):
+    positive(row[key])
+  assert row["step_flops_xla"] > 0 and row["params_trained"] < row["params_total"]
+  assert row["command"].startswith("python -m benchmarks.train_step")
+
+
+def test_inference_and_ablation_rows(tmp_path):
+  [row] = run_benchmark(tmp_path, "inference", "--model", "dinov2_vits14", "--res", "28", "--batch", "2",
+                        "--rounds", "1", "--min-seconds", "0")
+  positive(row["jax_img_s"]), positive(row["torch_eager_img_s"])
+  rows = run_benchmark(tmp_path, "ablate", "--model", "dinov2_vits14", "--res", "28", "--batch", "2",
+                       "--compile-only", "--variant", "base=", "--variant", "remat=--config.model.remat=True")
+  assert [r["variant"] for r in rows] == ["base", "remat"]
+  for r in rows:
+    positive(r["compile_s"])
+    assert r["memory_plan"]["temp_size"] > 0
+
+
+def test_feature_cache_trains_the_same_probe_faster(tmp_path):
+  [row] = run_benchmark(tmp_path, "feature_cache", "--model", "dinov2_vits14", "--res", "28", "--batch", "4",
+                        "--num-images", "24", "--image-size", "32", "--epochs", "2")
+  assert float(row["recompute_epoch_s"]) > float(row["cached_epoch_s"]) > 0
+  assert row["runs"]["cached"]["train_images"] == row["runs"]["recompute"]["train_images"] > 0
+  for mode in ("recompute", "cached"):
+    assert 0 <= row["runs"][mode]["test"]["accuracy"] <= 1
+
+
+def test_input_bound_times_the_trainers_loader(tmp_path):
+  [row] = run_benchmark(tmp_path, "input_bound", "--model", "dinov2_vits14", "--res", "28", "--batch", "2",
+                        "--num-images", "16", "--image-size", "32", "--steps", "1", "--drain", "1", "--rounds", "1")
+  for key in ("resident_img_s", "pipeline_img_s", "prefetch_img_s"):
+    positive(row[key])
+
+
+def test_fsdp_memory_counts_every_shard(tmp_path):
+  [row] = run_benchmark(tmp_path, "fsdp_memory", "--model", "dinov2_vits14", "--fsdp", "2",
+                        "--config.min_fsdp_mb=0")
+  assert row["device_count"] == 2 and len(row["per_device_bytes"]) == 2
+  assert sum(row["per_device_bytes"]) >= row["total_bytes"]
+  # With every leaf sharded the heaviest device holds about half (odd-sized leaves stay whole).
+  assert 1.0 <= float(row["ratio"]) < 1.2
+
+
+def test_grid_lists_one_train_step_command_per_cell():
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.grid", "--list", "--models", "sam_vitb", "dinov2_vitb14",
+                         "--protocols", "frozen_linear"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert all("benchmarks.train_step" in line and "--protocol frozen_linear" in line for line in lines)
+  assert any("--model sam_vitb" in line and "--res 1024" in line for line in lines)
+  assert any("--model dinov2_vitb14" in line and "--res 518" in line for line in lines)
+
+
+@pytest.mark.parametrize("module", ["train_step", "feature_cache", "ablate"])
+def test_unknown_flags_are_refused(module):
+  proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--modle", "x", "--variant", "a="],
+                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "--modle" in proc.stderr
