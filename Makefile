@@ -29,7 +29,7 @@ demo: $(CORE_STAMP)
 	$(VENV)/bin/mfjax demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out

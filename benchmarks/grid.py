@@ -18,9 +18,9 @@ import sys
 
 from benchmarks.train_step import COLUMNS
 
-# One model per family and per paper foundation; SAM joins when its family is registered.
+# One model per family and per paper foundation.
 MODELS = ("deit_base_patch16", "dino_vitb16", "dinov2_vitb14", "openclip_vitb16", "blip_vitb16",
-          "seem_focalt", "resnet152", "sam_vitb")
+          "seem_focalt", "resnet152", "sam_vitb", "dinov3_vitb16")
 PROTOCOLS = ("frozen_linear", "frozen_deit", "unfrozen_linear", "unfrozen_deit", "progressive", "decapitation")
 
 

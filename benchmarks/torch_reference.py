@@ -5,6 +5,7 @@ References (random weights; only the compute matters here):
   deit_base_patch16, dino_vitb16, blip_vitb16   timm vit_base_patch16_224 (the same ViT-B/16)
   dinov2_vit{s,b,l,g}14[_reg4]                   timm vit_{small,base,large,giant}_patch14[_reg4]_dinov2
   openclip_vitb16                                open_clip ViT-B-16 visual tower
+  dinov3_vit{s,b,l}16, meddinov3_vitb16          timm vit_{small,base,large}_patch16_dinov3[_qkvb] (RoPE, 4 registers)
   sam_vit{b,l,h}                                 segment_anything ImageEncoderViT (windowed, rel-pos, neck)
   focalnet_*                                     the timm FocalNet of the same name
   seem_focalt                                    timm focalnet_tiny_lrf: SEEM's FocalNet-T without its
@@ -132,6 +133,11 @@ def foundation(name: str, resolution: int) -> tuple[nn.Module, str]:
     size = _DINOV2_SIZES[name[len("dinov2_vit")]]
     timm_name = f"vit_{size}_patch14{'_reg4' if name.endswith('_reg4') else ''}_dinov2"
     return ViT(timm.create_model(timm_name, img_size=resolution, num_classes=0)), f"timm {timm_name}"
+  if family == "dinov3":
+    size = {"s": "small", "b": "base", "l": "large"}[name.split("_vit")[1][0]]
+    # MedDINOv3 trains its ViT-B without qkv biases; DINOv3's released ViTs have them.
+    timm_name = f"vit_{size}_patch16_dinov3{'' if name.startswith('med') else '_qkvb'}"
+    return ViT(timm.create_model(timm_name, img_size=resolution, num_classes=0)), f"timm {timm_name}"
   if name == "openclip_vitb16":
     import open_clip
     model = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=resolution)
@@ -150,7 +156,7 @@ def foundation(name: str, resolution: int) -> tuple[nn.Module, str]:
     import torchvision
     return ResNet(getattr(torchvision.models, name)()), f"torchvision {name}"
   raise ValueError(f"no PyTorch reference is wired for {name!r} (family {family}); references exist for "
-                   "DeiT/DINO/BLIP/DINOv2/OpenCLIP ViTs, SAM, FocalNet and ResNet")
+                   "DeiT/DINO/BLIP/DINOv2/DINOv3/OpenCLIP ViTs, SAM, FocalNet and ResNet")
 
 
 class StackedDeiT(nn.Module):

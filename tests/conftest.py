@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two xdist workers and the subprocesses they start share the cores: OpenMP threads (torch) that
+# spin while idle would take them from the other process's XLA threads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # One persistent compilation cache for the suite: the many short training runs (in this process
 # and in subprocesses, which inherit the environment) compile the same programs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
