@@ -16,6 +16,21 @@ def prepare_process() -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def parse_args(parser, argv) -> tuple:
+  """(args, config overrides): the parser's flags, and the --config.* flags that pass through to
+  the trainer's config; any other flag is refused (exit 2) with its name."""
+  args, extra = parser.parse_known_args(argv)
+  bad = [e for e in extra if not e.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)} (only --config.* overrides pass through)")
+  if hasattr(args, "torch"):
+    args.torch_variants = [] if args.torch == "none" else args.torch.split(",")
+    for v in args.torch_variants:
+      if v not in ("eager", "compile"):
+        parser.error(f"--torch: unknown variant {v!r}; valid: eager, compile, none")
+  return args, extra
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -122,6 +137,19 @@ def matmul_peak(times: dict, flops_per_call: float, dtype: str) -> dict:
   rates = {k: flops_per_call / float(np.median(times[k])) for k in ("matmul_jax", "matmul_torch")}
   return {"dtype": dtype, "jax_flops_per_s": rates["matmul_jax"], "torch_flops_per_s": rates["matmul_torch"],
           "peak_flops_per_s": max(rates.values())}
+
+
+def time_with_peak(fns: dict, calls: dict, rounds: int, dtype: str) -> tuple[dict, dict, dict]:
+  """Time `fns` in turns together with a large matmul in each framework (the measured peak, for
+  MFU); the matmuls' calls per timing are added to `calls`. Returns (all timings, median seconds
+  of each of `fns`, the peak)."""
+  matmuls, matmul_flops = matmul_peak_fns(dtype)
+  for name, fn in matmuls.items():
+    calls[name] = warm_up(fn, 1, 0.0)
+  times = interleave({**fns, **matmuls}, rounds, calls)
+  peak = matmul_peak(times, matmul_flops, dtype)
+  median = {name: summary(t)["median_s"] for name, t in times.items() if name in fns}
+  return times, median, peak
 
 
 def cost_flops(compiled) -> float | None:

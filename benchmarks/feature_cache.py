@@ -64,10 +64,7 @@ def main(argv=None):
   parser.add_argument("--epochs", type=int, default=4, help="per run; the first (compile) is not timed")
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--out", default=None)
-  args, extra = parser.parse_known_args(argv)
-  bad = [e for e in extra if not e.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)}")
+  args, extra = common.parse_args(parser, argv)
   if args.epochs < 2:
     parser.error("--epochs must be >= 2: the first epoch holds the compile and is not timed")
 

@@ -33,10 +33,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--compile", action="store_true", help="also compile the step: XLA's per-device plan")
   parser.add_argument("--out", default=None)
-  args, extra = parser.parse_known_args(argv)
-  bad = [e for e in extra if not e.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)}")
+  args, extra = common.parse_args(parser, argv)
 
   flag = f"--xla_force_host_platform_device_count={args.fsdp}"
   if os.environ.get("MFJAX_FSDP_CHILD") != "1":

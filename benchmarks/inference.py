@@ -34,16 +34,8 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--min-seconds", type=float, default=1.0)
   parser.add_argument("--out", default=None)
-  args, extra = parser.parse_known_args(argv)
-  bad = [e for e in extra if not e.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)}")
-  variants = [] if args.torch == "none" else args.torch.split(",")
-  for v in variants:
-    if v not in ("eager", "compile"):
-      parser.error(f"--torch: unknown variant {v!r}; valid: eager, compile, none")
+  args, extra = common.parse_args(parser, argv)
 
-  import jax
   from benchmarks import jax_side
   from mfjax.train import fit
 
@@ -71,12 +63,12 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
   env = common.environment()
   errors, what = {}, None
-  if variants:
+  if args.torch_variants:
     torch.manual_seed(0)
     model, what = torch_reference.classifier(args.model, args.res, run.spec.num_classes, "frozen_linear")
     model = model.to(device)
     timages = torch.randn(args.batch, 3, args.res, args.res, device=device)
-    for variant in variants:
+    for variant in args.torch_variants:
       name = f"torch_{variant}"
       try:
         step = torch_reference.inference_step(model, timages, device, bf16=args.dtype == "bfloat16",
@@ -86,12 +78,7 @@ def main(argv=None):
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
         errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
-  matmuls, matmul_flops = common.matmul_peak_fns(args.dtype)
-  for name, fn in matmuls.items():
-    calls[name] = common.warm_up(fn, 1, 0.0)
-  times = common.interleave({**fns, **matmuls}, args.rounds, calls)
-  peak = common.matmul_peak(times, matmul_flops, args.dtype)
-  median = {name: common.summary(t)["median_s"] for name, t in times.items() if name in fns}
+  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
   img_s = lambda name: args.batch / median[name] if name in median else None
   mfu = lambda name: flops / median[name] / peak["peak_flops_per_s"] if name in median and flops else None
   ratio = lambda name: common.fmt(img_s("jax") / img_s(name)) if name in median else "n/a"

@@ -58,10 +58,7 @@ def main(argv=None):
   parser.add_argument("--drain", type=int, default=3, help="untimed steps before each timing")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--out", default=None)
-  args, extra = parser.parse_known_args(argv)
-  bad = [e for e in extra if not e.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)}")
+  args, extra = common.parse_args(parser, argv)
 
   import jax
   import jax.numpy as jnp

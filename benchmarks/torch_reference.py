@@ -24,97 +24,90 @@ from mfjax import models
 from mfjax.train import protocols
 
 
-class ViT(nn.Module):
-  """timm VisionTransformer: pooled = final-normed CLS, tokens = final-normed patch tokens."""
+class Reference(nn.Module):
+  """A reference foundation: `net`, and its trainable units (blocks or stages) at the dotted
+  attribute path UNITS, which progressive freezing and decapitation act on."""
+  UNITS = "net.blocks"
 
   def __init__(self, net):
     super().__init__()
     self.net = net
 
+  def _owner(self):
+    *path, attr = self.UNITS.split(".")
+    owner = self
+    for name in path:
+      owner = getattr(owner, name)
+    return owner, attr
+
   @property
   def units(self):
-    return self.net.blocks
+    owner, attr = self._owner()
+    return getattr(owner, attr)
 
   def cut(self, k):
-    self.net.blocks = self.net.blocks[:k]
+    owner, attr = self._owner()
+    setattr(owner, attr, self.units[:k])
+
+
+def map_outputs(x):
+  """(pooled, tokens) of a (B, C, H, W) feature map: its spatial mean and its flattened positions."""
+  return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+
+
+class ViT(Reference):
+  """timm VisionTransformer or Eva: pooled = final-normed CLS, tokens = final-normed patch tokens."""
 
   def forward(self, x):
     x = self.net.forward_features(x)
     return x[:, 0], x[:, self.net.num_prefix_tokens:]
 
 
-class OpenCLIP(nn.Module):
+class OpenCLIP(Reference):
+  UNITS = "net.transformer.resblocks"
+
   def __init__(self, visual):
-    super().__init__()
     visual.output_tokens = True
-    self.net = visual
-
-  @property
-  def units(self):
-    return self.net.transformer.resblocks
-
-  def cut(self, k):
-    self.net.transformer.resblocks = self.net.transformer.resblocks[:k]
+    super().__init__(visual)
 
   def forward(self, x):
     return self.net(x)
 
 
-class FocalNet(nn.Module):
+class FocalNet(Reference):
   """timm FocalNet; a cut network skips the final norm (its width belongs to the last stage)."""
-
-  def __init__(self, net):
-    super().__init__()
-    self.net = net
-
-  @property
-  def units(self):
-    return self.net.layers
+  UNITS = "net.layers"
 
   def cut(self, k):
-    self.net.layers = self.net.layers[:k]
+    super().cut(k)
     if k < 4:
       self.net.norm = nn.Identity()
 
   def forward(self, x):
-    x = self.net.norm(self.net.layers(self.net.stem(x)))
-    return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+    return map_outputs(self.net.norm(self.net.layers(self.net.stem(x))))
 
 
-class ResNet(nn.Module):
+class ResNet(Reference):
+  UNITS = "stages"
+
   def __init__(self, net):
-    super().__init__()
-    self.net = net
+    super().__init__(net)
     self.stages = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
-
-  @property
-  def units(self):
-    return self.stages
-
-  def cut(self, k):
-    self.stages = self.stages[:k]
 
   def forward(self, x):
     n = self.net
-    x = self.stages(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
-    return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+    return map_outputs(self.stages(n.maxpool(n.relu(n.bn1(n.conv1(x))))))
 
 
-class SAM(nn.Module):
-  def __init__(self, net):
-    super().__init__()
-    self.net = net
-
-  @property
-  def units(self):
-    return self.net.blocks
-
-  def cut(self, k):
-    self.net.blocks = self.net.blocks[:k]
+class SAM(Reference):
+  """segment_anything's encoder up to its last block, like mfjax's `pooled`/`tokens` (the neck
+  is not part of the features the paper probes)."""
 
   def forward(self, x):
-    x = self.net(x)
-    return x.mean((2, 3)), x.flatten(2).transpose(1, 2)
+    x = self.net.patch_embed(x) + self.net.pos_embed
+    for block in self.net.blocks:
+      x = block(x)
+    return map_outputs(x.permute(0, 3, 1, 2))
 
 
 _SAM = {"sam_vitb": (768, 12, 12, (2, 5, 8, 11)), "sam_vitl": (1024, 24, 16, (5, 11, 17, 23)),

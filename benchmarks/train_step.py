@@ -60,15 +60,7 @@ def parse_args(argv=None):
   parser.add_argument("--no-rss", action="store_true", help="CPU: skip torch's peak RSS child process")
   parser.add_argument("--out", default=None, help="append the JSON row to this file")
   parser.add_argument("--torch-rss-only", action="store_true", help=argparse.SUPPRESS)
-  args, extra = parser.parse_known_args(argv)
-  bad = [e for e in extra if not e.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognized arguments: {' '.join(bad)} (only --config.* overrides pass through)")
-  variants = [] if args.torch == "none" else args.torch.split(",")
-  for v in variants:
-    if v not in ("eager", "compile"):
-      parser.error(f"--torch: unknown variant {v!r}; valid: eager, compile, none")
-  args.torch_variants = variants
+  args, extra = common.parse_args(parser, argv)
   args.config_overrides = extra
   return args
 
@@ -185,12 +177,7 @@ def main(argv=None):
       else:
         errors["torch_rss"] = child.stderr.strip().splitlines()[-1][:300] if child.stderr.strip() else "failed"
 
-  matmuls, matmul_flops = common.matmul_peak_fns(args.dtype)
-  for name, fn in matmuls.items():
-    calls[name] = common.warm_up(fn, 1, 0.0)
-  times = common.interleave({**fns, **matmuls}, args.rounds, calls)
-  peak = common.matmul_peak(times, matmul_flops, args.dtype)
-  median = {name: common.summary(t)["median_s"] for name, t in times.items() if name in fns}
+  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
 
   img_s = lambda name: args.batch / median[name] if name in median else None
   mfu = lambda name: step_flops / median[name] / peak["peak_flops_per_s"] if name in median and step_flops else None

@@ -50,3 +50,20 @@ def assert_close(name: str, got, ref, rtol: float = RTOL) -> float:
   scale = float(np.abs(ref).max())
   assert err <= rtol * scale, f"{name}: max|delta| {err:.3g} > {rtol} x max|ref| {scale:.3g}"
   return err / scale
+
+
+def assert_outputs_match(got: dict, want: dict, label: str, keys=("pooled", "tokens", "neck"),
+                         rtol: float = RTOL) -> float:
+  """`got[k]` against `want[k]` for each of `keys` in `want` and for every block's output:
+  max |delta| / max |ref| <= rtol. Prints and returns the worst ratio."""
+  worst = 0.0
+  pairs = [(k, got[k], want[k]) for k in keys if k in want]
+  pairs += [(f"block {i}", g, w) for i, (g, w) in enumerate(zip(got["blocks"], want["blocks"], strict=True))]
+  for name, g, w in pairs:
+    g = np.asarray(g)
+    assert g.shape == w.shape, f"{label} {name}: shape {g.shape} vs reference {w.shape}"
+    err = float(np.abs(g - w).max() / np.abs(w).max())
+    assert err <= rtol, f"{label} {name}: max|delta|/max|ref| = {err:.2e} > {rtol}"
+    worst = max(worst, err)
+  print(f"{label}: worst relative error {worst:.2e}")
+  return worst

@@ -22,8 +22,8 @@ from convert import core
 from convert import dinov3 as convert_dinov3
 from mfjax import models
 from mfjax.models import dinov3, layers
+from tests.parity import assert_outputs_match
 
-REL_TOL = 1e-4
 SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 
@@ -104,20 +104,6 @@ def run_hf(model, images, **kw):
   return run_torch(lambda x: model(pixel_values=x, **kw).last_hidden_state, model.model.layer, images)
 
 
-def assert_parity(got: dict, want: dict, label: str) -> float:
-  worst = 0.0
-  pairs = [(k, got[k], want[k]) for k in ("pooled", "tokens")]
-  pairs += [(f"block {i}", g, w) for i, (g, w) in enumerate(zip(got["blocks"], want["blocks"], strict=True))]
-  for name, g, w in pairs:
-    g = np.asarray(g)
-    assert g.shape == w.shape, f"{label} {name}: shape {g.shape} vs reference {w.shape}"
-    err = float(np.abs(g - w).max() / np.abs(w).max())
-    assert err <= REL_TOL, f"{label} {name}: max|delta|/max|ref| = {err:.2e} > {REL_TOL}"
-    worst = max(worst, err)
-  print(f"{label}: worst relative error {worst:.2e}")
-  return worst
-
-
 def images(shape, seed):
   return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
@@ -164,7 +150,7 @@ def test_official_vitb16_matches_timm(official_b, converted_official_b, size):
   got = (jax.jit(functools.partial(apply_all, module)) if size > 224 else functools.partial(apply_all, module))(
       variables, x)
   assert got["tokens"].shape == (1, (size // 16) ** 2, 768) and got["blocks"][0].shape[1] == 5 + (size // 16) ** 2
-  assert_parity(got, run_timm(reference, x), f"dinov3_vitb16 {size} vs timm")
+  assert_outputs_match(got, run_timm(reference, x), f"dinov3_vitb16 {size} vs timm")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +174,7 @@ def test_hf_vitb16_matches_transformers(hf_b, size):
   x = images((1, size, size, 3), seed=size + 1)
   got = (jax.jit(functools.partial(apply_all, module)) if size > 224 else functools.partial(apply_all, module))(
       variables, x)
-  assert_parity(got, run_hf(model, x), f"dinov3_vitb16 {size} vs transformers")
+  assert_outputs_match(got, run_hf(model, x), f"dinov3_vitb16 {size} vs transformers")
 
 
 def test_meddinov3_checkpoint_matches_timm_without_qkv_bias(tmp_path):
@@ -206,7 +192,7 @@ def test_meddinov3_checkpoint_matches_timm_without_qkv_bias(tmp_path):
   reference = timm_reference("vit_base_patch16_dinov3", backbone,
                              norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
   x = images((1, 224, 224, 3), seed=5)
-  assert_parity(apply_all(module, variables, x), run_timm(reference, x), "meddinov3_vitb16 224 vs timm")
+  assert_outputs_match(apply_all(module, variables, x), run_timm(reference, x), "meddinov3_vitb16 224 vs timm")
 
 
 def test_vits16_full_and_vitl16_reduced_depth_match_timm():
@@ -214,7 +200,7 @@ def test_vits16_full_and_vitl16_reduced_depth_match_timm():
   name, overrides, variables = convert_dinov3.from_checkpoint(state, None, "original", _Args())
   assert (name, overrides) == ("dinov3_vits16", {})
   x = images((1, 224, 224, 3), seed=7)
-  assert_parity(apply_all(models.create(name), variables, x),
+  assert_outputs_match(apply_all(models.create(name), variables, x),
                 run_timm(timm_reference("vit_small_patch16_dinov3_qkvb", state), x), "dinov3_vits16 224 vs timm")
 
   width, _, heads = SIZES["l"]
@@ -222,7 +208,7 @@ def test_vits16_full_and_vitl16_reduced_depth_match_timm():
   variables = convert_dinov3.convert({k: core.to_numpy(v) for k, v in state.items()}, "original", "dinov3_vitl16",
                                      depth=2)
   reference = timm_reference("vit_large_patch16_dinov3_qkvb", state, depth=2)
-  assert_parity(apply_all(models.create("dinov3_vitl16", depth=2), variables, x), run_timm(reference, x),
+  assert_outputs_match(apply_all(models.create("dinov3_vitl16", depth=2), variables, x), run_timm(reference, x),
                 "dinov3_vitl16 depth 2 vs timm")
 
 
@@ -262,7 +248,7 @@ def test_masks_match_transformers_bool_masked_pos(small_hf):
   masks = np.random.RandomState(12).rand(2, 4 * 6) < 0.4
   got = apply_all(module, variables, x, masks=jnp.asarray(masks))
   want = run_hf(model, x, bool_masked_pos=torch.from_numpy(masks))
-  assert_parity(got, want, "dinov3 masked tokens vs transformers")
+  assert_outputs_match(got, want, "dinov3 masked tokens vs transformers")
   unmasked = apply_all(module, variables, x)
   assert np.abs(np.asarray(unmasked["pooled"]) - np.asarray(got["pooled"])).max() > 1e-3
 

@@ -22,8 +22,8 @@ from convert import core
 from convert import sam as convert_sam
 from mfjax import models
 from mfjax.models import posemb
+from tests.parity import assert_outputs_match
 
-REL_TOL = 1e-4
 VITB_GLOBAL_BLOCKS = (2, 5, 8, 11)
 
 
@@ -105,21 +105,6 @@ def run_hf(model: SamVisionModel, images):
   return run_torch(model, model.vision_encoder.layers, images, lambda y: y.last_hidden_state)
 
 
-def assert_parity(got: dict, want: dict, label: str, keys=("pooled", "tokens", "neck")) -> float:
-  """max |delta| / max |ref| over the outputs and every block; asserts <= REL_TOL, returns the worst."""
-  worst = 0.0
-  pairs = [(k, got[k], want[k]) for k in keys if k in want]
-  pairs += [(f"block {i}", g, w) for i, (g, w) in enumerate(zip(got["blocks"], want["blocks"], strict=True))]
-  for name, g, w in pairs:
-    g = np.asarray(g)
-    assert g.shape == w.shape, f"{label} {name}: shape {g.shape} vs reference {w.shape}"
-    err = float(np.abs(g - w).max() / np.abs(w).max())
-    assert err <= REL_TOL, f"{label} {name}: max|delta|/max|ref| = {err:.2e} > {REL_TOL}"
-    worst = max(worst, err)
-  print(f"{label}: worst relative error {worst:.2e}")
-  return worst
-
-
 def images(shape, seed):
   return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
@@ -185,14 +170,14 @@ def outputs_1024(converted_b):
 def test_vitb_1024_matches_segment_anything(released_b, outputs_1024):
   x, got = outputs_1024
   assert got["tokens"].shape == (1, 64 * 64, 768) and got["neck"].shape == (1, 64, 64, 256)
-  assert_parity(got, run_sa(released_b.image_encoder, x), "sam_vitb 1024 vs segment_anything")
+  assert_outputs_match(got, run_sa(released_b.image_encoder, x), "sam_vitb 1024 vs segment_anything")
 
 
 def test_vitb_1024_matches_transformers(encoder_state, outputs_1024):
   x, got = outputs_1024
   hf = SamVisionModel(hf_vision_config(1024)).eval()
   hf.vision_encoder.load_state_dict({hf_key(k): v for k, v in encoder_state.items()}, strict=True)
-  assert_parity(got, run_hf(hf, x), "sam_vitb 1024 vs transformers")
+  assert_outputs_match(got, run_hf(hf, x), "sam_vitb 1024 vs transformers")
 
 
 def test_hf_folder_converts_to_the_same_parameters(hf_folder, converted_b):
@@ -214,8 +199,8 @@ def test_vitb_224_matches_references_with_the_papers_resampling(encoder_state, c
   x = images((1, 224, 224, 3), seed=4)
   got = flax_apply(module)(variables, x)
   assert got["tokens"].shape == (1, 14 * 14, 768)
-  assert_parity(got, run_sa(sa, x), "sam_vitb 224 (nearest) vs segment_anything")
-  assert_parity(got, run_hf(hf, x), "sam_vitb 224 (nearest) vs transformers")
+  assert_outputs_match(got, run_sa(sa, x), "sam_vitb 224 (nearest) vs segment_anything")
+  assert_outputs_match(got, run_hf(hf, x), "sam_vitb 224 (nearest) vs transformers")
 
 
 def test_linear_rel_pos_matches_segment_anythings_runtime_interpolation(encoder_state, converted_b):
@@ -234,7 +219,7 @@ def test_linear_rel_pos_matches_segment_anythings_runtime_interpolation(encoder_
   x = images((1, *size, 3), seed=5)
   got = flax_apply(module)(variables, x)
   assert got["tokens"].shape == (1, grid[0] * grid[1], 768)
-  assert_parity(got, run_sa(sa, x), f"sam_vitb {size} (linear) vs segment_anything")
+  assert_outputs_match(got, run_sa(sa, x), f"sam_vitb {size} (linear) vs segment_anything")
   nearest = flax_apply(models.create("sam_vitb"))(variables, x)
   assert np.abs(np.asarray(nearest["pooled"]) - np.asarray(got["pooled"])).max() > 1e-3  # the modes differ
 
@@ -266,7 +251,7 @@ def test_vitl_vith_reduced_depth_parity(name, width, heads):
   variables = convert_sam.convert(state, "original", name, depth=2, global_blocks=(1,), native_resolution=(224, 224))
   module = models.create(name, depth=2, global_blocks=(1,), native_resolution=(224, 224))
   x = images((1, 224, 224, 3), seed=7)
-  assert_parity(flax_apply(module)(variables, x), run_sa(sa, x), f"{name} depth 2 vs segment_anything")
+  assert_outputs_match(flax_apply(module)(variables, x), run_sa(sa, x), f"{name} depth 2 vs segment_anything")
 
 
 # ------------------------------------------------------------------ converter refusals

@@ -97,11 +97,8 @@ class Model(nn.Module):
     if self.tokens not in ("normed", "prenorm"):
       raise ValueError(f"unknown tokens {self.tokens!r}; valid: ('normed', 'prenorm')")
     dtype = jnp.dtype(self.dtype)
-    b, h, w, _ = images.shape
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=dtype, name="patch_embed")(images.astype(dtype))
+    b = images.shape[0]
+    x = layers.patch_embed(images, self.width, self.patch_size, dtype)
     grid = x.shape[1:3]
     x = x.reshape(b, -1, self.width)
 

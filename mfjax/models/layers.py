@@ -37,6 +37,16 @@ def dense(layer: nn.Dense, x):
   return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.features)
 
 
+def patch_embed(images, width: int, patch_size: int, dtype, use_bias: bool = True):
+  """The non-overlapping patch projection, a strided conv named `patch_embed` in the calling
+  module: (B, H, W, C) -> (B, H/p, W/p, width). H and W must be multiples of the patch size."""
+  h, w = images.shape[1:3]
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")
+  return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", use_bias=use_bias,
+                 dtype=dtype, name="patch_embed")(images.astype(dtype))
+
+
 class Mlp(nn.Module):
   """fc1 -> activation -> fc2. `act="swiglu"` packs both SwiGLU inputs into fc1."""
   hidden: int

@@ -162,11 +162,8 @@ class Model(nn.Module):
     if self.rel_pos_resize not in REL_POS_RESIZE:
       raise ValueError(f"unknown rel_pos_resize {self.rel_pos_resize!r}; valid: {REL_POS_RESIZE}")
     dtype = jnp.dtype(self.dtype)
-    b, h, w, _ = images.shape
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=dtype, name="patch_embed")(images.astype(dtype))
+    b = images.shape[0]
+    x = layers.patch_embed(images, self.width, self.patch_size, dtype)
     grid = x.shape[1:3]
     pos = self.param("pos_embed", nn.initializers.zeros_init(), (1, *self.native_grid, self.width))
     x = x + posemb.resample_grid(pos[0], grid, self.posemb)[None].astype(dtype)

@@ -50,11 +50,8 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False, return_blocks: bool = False):
     dtype = jnp.dtype(self.dtype)
-    b, h, w, _ = images.shape
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                use_bias=self.patch_bias, dtype=dtype, name="patch_embed")(images.astype(dtype))
+    b = images.shape[0]
+    x = layers.patch_embed(images, self.width, self.patch_size, dtype, self.patch_bias)
     grid = x.shape[1:3]
     x = x.reshape(b, -1, self.width)
 
