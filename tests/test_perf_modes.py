@@ -173,3 +173,22 @@ def test_gelu_is_torchs():
   ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
   np.testing.assert_allclose(np.asarray(layers.gelu(jnp.asarray(x))), ref, rtol=0, atol=2e-6)
   np.testing.assert_allclose(np.asarray(layers.ACTIVATIONS["gelu_erfc"](jnp.asarray(x))), ref, rtol=0, atol=2e-6)
+
+
+def test_sam_query_chunked_global_attention_computes_the_same():
+  from mfjax.models import sam
+  assert [sam.chunk_rows(64, r) for r in (0, 8, 7, 64, 100)] == [64, 8, 4, 64, 64]
+  tiny = dict(width=48, depth=2, heads=2, mlp_hidden=96, global_blocks=(1,), window=4, native_resolution=(96, 96))
+  plain = models.create("sam_vitb", **tiny)
+  chunked = models.create("sam_vitb", **tiny, global_query_chunk_rows=4, remat=True)  # 6 rows -> chunks of 3
+  x = images(2, 96)
+  variables = plain.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree_util.tree_map(lambda a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(1), a.shape), variables)
+
+  def loss_and_grad(model):
+    return jax.value_and_grad(lambda v: (model.apply(v, x)["tokens"] ** 2).mean())(variables)
+
+  ref_loss, ref_grads = loss_and_grad(plain)
+  loss, grads = loss_and_grad(chunked)
+  assert abs(float(loss - ref_loss)) <= 1e-5 * float(ref_loss)
+  assert rel(flat(grads), flat(ref_grads)) <= 1e-5

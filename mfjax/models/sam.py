@@ -70,6 +70,7 @@ class RelPosAttention(nn.Module):
   rel_pos_resize: str = "nearest"
   dtype: layers.Dtype = jnp.float32
   attn_impl: str | None = None
+  query_chunk_rows: int = 0    # > 0: attend this many grid rows of queries at a time (see Model)
 
   @nn.compact
   def __call__(self, x):
@@ -81,12 +82,35 @@ class RelPosAttention(nn.Module):
     table_w = self.param("rel_pos_w", nn.initializers.zeros_init(), (2 * self.table_grid[1] - 1, head_dim))
     rel_h = relative_embeddings(table_h, h, self.rel_pos_resize).astype(self.dtype)
     rel_w = relative_embeddings(table_w, w, self.rel_pos_resize).astype(self.dtype)
+
+    def attend(grid_q, rel_h_rows):
+      """Queries of `r` grid rows (B, r, W, heads, C) against every key; rel_h_rows: (r, H, C)."""
+      r = grid_q.shape[1]
+      bias_h = jnp.einsum("brwnc,rkc->bnrwk", grid_q, rel_h_rows)
+      bias_w = jnp.einsum("brwnc,wkc->bnrwk", grid_q, rel_w)
+      bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.heads, r * w, h * w)
+      return jax.nn.dot_product_attention(grid_q.reshape(b, r * w, self.heads, head_dim), k, v, bias=bias,
+                                          implementation=self.attn_impl)
+
     grid_q = q.reshape(b, h, w, self.heads, head_dim)
-    bias_h = jnp.einsum("bhwnc,hkc->bnhwk", grid_q, rel_h)
-    bias_w = jnp.einsum("bhwnc,wkc->bnhwk", grid_q, rel_w)
-    bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.heads, h * w, h * w)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attn_impl)
+    rows = chunk_rows(h, self.query_chunk_rows)
+    if rows == h:
+      out = attend(grid_q, rel_h)
+    else:
+      # One chunk of query rows at a time, each recomputed in the backward pass: the (heads, N, N)
+      # logits, bias and probabilities never exist whole, only (heads, rows * W, N) of them.
+      chunks = h // rows
+      q_chunks = grid_q.reshape(b, chunks, rows, w, self.heads, head_dim).swapaxes(0, 1)
+      out = jax.lax.map(lambda c: jax.checkpoint(attend)(*c), (q_chunks, rel_h.reshape(chunks, rows, h, head_dim)))
+      out = out.swapaxes(0, 1).reshape(b, h * w, self.heads, head_dim)
     return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, h, w, d))
+
+
+def chunk_rows(h: int, requested: int) -> int:
+  """The largest divisor of `h` not above `requested` (all of `h` when `requested` is 0)."""
+  if requested <= 0 or requested >= h:
+    return h
+  return max(r for r in range(1, requested + 1) if h % r == 0)
 
 
 class Block(nn.Module):
@@ -99,6 +123,7 @@ class Block(nn.Module):
   ln_eps: float = 1e-6
   dtype: layers.Dtype = jnp.float32
   attn_impl: str | None = None
+  query_chunk_rows: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -107,7 +132,7 @@ class Block(nn.Module):
     if self.window:
       y = window_partition(y, self.window)
     y = RelPosAttention(self.heads, self.table_grid, self.rel_pos_resize, self.dtype, self.attn_impl,
-                        name="attn")(y)
+                        0 if self.window else self.query_chunk_rows, name="attn")(y)
     if self.window:
       y = window_unpartition(y, self.window, size)
     x = x + y
@@ -146,6 +171,9 @@ class Model(nn.Module):
   dtype: str = "float32"           # compute dtype; parameters stay float32
   attn_impl: str | None = None     # jax.nn.dot_product_attention implementation
   remat: bool = False
+  # Global blocks attend this many rows of the token grid's queries at a time (0: all at once):
+  # at 1024 px the (heads, 4096, 4096) logits, bias and probabilities otherwise dominate memory.
+  global_query_chunk_rows: int = 0
 
   @property
   def native_grid(self) -> tuple[int, int]:
@@ -176,7 +204,7 @@ class Model(nn.Module):
       is_global = i in self.global_blocks
       x = block_cls(self.heads, self.mlp_hidden, 0 if is_global else self.window,
                     self.native_grid if is_global else window_grid, self.rel_pos_resize, self.ln_eps,
-                    dtype, self.attn_impl, name=f"blocks_{i}")(x)
+                    dtype, self.attn_impl, self.global_query_chunk_rows, name=f"blocks_{i}")(x)
       if return_blocks:
         blocks.append(x.reshape(b, -1, self.width).astype(jnp.float32))
 
