@@ -11,9 +11,16 @@ from typing import Callable
 import numpy as np
 
 
+KEEP_FREED_MEMORY = False
+
+
 def prepare_process() -> None:
-  """Call before importing jax: JAX must not preallocate the GPU, torch runs in the same process."""
+  """Call before importing jax: JAX must not preallocate the GPU, torch runs in the same process,
+  and freed host memory stays in the process (mfjax/hostmem.py) as it does under the mfjax CLI."""
+  global KEEP_FREED_MEMORY
+  from mfjax import hostmem
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  KEEP_FREED_MEMORY = hostmem.keep_freed_memory()
 
 
 def parse_args(parser, argv) -> tuple:
@@ -50,7 +57,8 @@ def environment() -> dict:
          "platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
          "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
          "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-         "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": round(os.getloadavg()[0], 2)}
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "keep_freed_memory": KEEP_FREED_MEMORY,
+         "load_average_start": round(os.getloadavg()[0], 2)}
   env["device"] = (f"{device.device_kind} x{jax.device_count()}" if device.platform != "cpu"
                    else f"CPU {env['cpu']}, {env['cpu_count']} cores")
   return env

@@ -20,6 +20,7 @@ import sys
 
 import ml_collections
 
+from mfjax import hostmem
 from mfjax.config import ConfigError
 
 log = logging.getLogger("mfjax")
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="output folder (default RUNS_DIR/report)")
   args, rest = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  hostmem.keep_freed_memory()  # before JAX starts its threads
   if args.command == "demo" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     # The demo's models are tiny: compiling them dominates its time, and XLA's cheapest CPU
     # optimisation level compiles ~2x faster (set before JAX starts its backend).

@@ -94,3 +94,17 @@ def test_unknown_flags_are_refused(module):
   proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--modle", "x", "--variant", "a="],
                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "--modle" in proc.stderr
+
+
+def test_step_parts_times_every_part_in_both_frameworks(tmp_path):
+  rows = run_benchmark(tmp_path, "step_parts", "--width", "64", "--depth", "2", "--heads", "2", "--tokens", "17",
+                       "--batch", "2", "--rounds", "1", "--min-seconds", "0")
+  parts = [r["part"] for r in rows]
+  assert len(parts) == 4 * 3 + 3 + 1 and parts[-1] == "sum of the parts"
+  assert {"attention core, forward + backward", "clip + AdamW update"} <= set(parts)
+  for row in rows[:-1]:
+    positive(row["jax_ms"]), positive(row["torch_ms"]), positive(row["ratio"])
+    assert row["keep_freed_memory"] in (True, False)
+  total = rows[-1]
+  assert float(total["jax_step_ms"]) >= max(float(r["jax_step_ms"]) for r in rows[:-1])
+  assert total["command"].startswith("python -m benchmarks.step_parts")
