@@ -84,14 +84,17 @@ def torch_sync(device: str) -> None:
 def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str, int]) -> dict[str, list[float]]:
   """Seconds per call of each function, timed in turns (A B C A B C ...) so that a change in the
   machine's load hits all of them alike. Each timing runs `calls[name]` calls back to back; each
-  function must return only when its work is done."""
+  function must return only when its work is done. One untimed round comes first: a function's
+  first call after the others ran can pay for memory they left behind (a heap grown around their
+  blocks, pages to fault in), which its own warm-up did not see."""
   times = {name: [] for name in fns}
-  for _ in range(rounds):
+  for round_index in range(rounds + 1):
     for name, fn in fns.items():
       start = time.perf_counter()
       for _ in range(calls[name]):
         fn()
-      times[name].append((time.perf_counter() - start) / calls[name])
+      if round_index:
+        times[name].append((time.perf_counter() - start) / calls[name])
   return times
 
 

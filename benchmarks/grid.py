@@ -12,6 +12,7 @@ at 518; SAM at 1024; 1024 for all, the resolution study) unless --res is given. 
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -72,7 +73,9 @@ def main(argv=None):
     if result.returncode == 0 and lines:
       rows.append(json.loads(lines[-1]))
     else:
-      error = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
+      stderr = result.stderr.strip().splitlines() or ["no output"]
+      # The exception line, not JAX's note on filtered frames that can follow it.
+      error = next((l for l in reversed(stderr) if re.match(r"^[\w.]+(Error|Exception)\b", l)), stderr[-1])[:300]
       print(f"  failed: {error}", flush=True)
       failed = {"benchmark": "train_step", "model": command[4], "protocol": command[6], "res": command[8],
                 "batch": args.batch, "error": error}

@@ -13,14 +13,14 @@ cross-entropy, clip_grad_norm_(1.0) and AdamW; eager and, with `--torch eager,co
 torch.compile; under bf16 autocast when --dtype bfloat16. On a GPU in float32 both use TF32
 matmuls (JAX's default precision there).
 
-Timing: warm-up steps are not timed; then the variants are timed in turns (JAX, torch eager,
-torch.compile, JAX, ...) for --rounds rounds, each timing at least --min-seconds long, and the
-median is reported (min and max in the JSON). Reported FLOPs are XLA's count for the compiled
-step (`cost_analysis`), cross-checked against 3x the compiled forward and against torch's
-FlopCounterMode on the reference step. MFU = step FLOPs / step time / the matmul rate measured in
-this run (the better of a large jnp and torch matmul). Memory: on GPU the peak device memory of
-each framework; on CPU XLA's memory plan for the step and each framework's peak RSS (torch's in
-a child process, so that the two do not mix).
+Timing: warm-up steps are not timed, nor is a first round in turns; then the variants are timed
+in turns (JAX, torch eager, torch.compile, JAX, ...) for --rounds rounds, each timing at least
+--min-seconds long, and the median is reported (min and max in the JSON). Reported FLOPs are
+XLA's count for the compiled step (`cost_analysis`), cross-checked against 3x the compiled
+forward and against torch's FlopCounterMode on the reference step. MFU = step FLOPs / step time
+/ the matmul rate measured in this run (the better of a large jnp and torch matmul). Memory: on
+GPU the peak device memory of each framework; on CPU XLA's memory plan for the step and each
+framework's peak RSS (torch's in a child process, so that the two do not mix).
 """
 import argparse
 import json
@@ -50,8 +50,10 @@ def parse_args(argv=None):
   parser.add_argument("--res", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--unfreeze-from", type=int, default=6, help="progressive: blocks/stages >= this train")
-  parser.add_argument("--keep-blocks", type=int, default=6, help="decapitation: blocks/stages kept")
+  parser.add_argument("--unfreeze-from", type=int, default=None,
+                      help="progressive: blocks/stages >= this train (default: the second half)")
+  parser.add_argument("--keep-blocks", type=int, default=None,
+                      help="decapitation: blocks/stages kept (default: the first half)")
   parser.add_argument("--decapitation-trained", action="store_true")
   parser.add_argument("--torch", default="eager", help="comma list of eager, compile; or none")
   parser.add_argument("--rounds", type=int, default=5, help="timings per variant, taken in turns")
@@ -62,7 +64,18 @@ def parse_args(argv=None):
   parser.add_argument("--torch-rss-only", action="store_true", help=argparse.SUPPRESS)
   args, extra = common.parse_args(parser, argv)
   args.config_overrides = extra
+  half = foundation_depth(args.model) // 2
+  args.unfreeze_from = half if args.unfreeze_from is None else args.unfreeze_from
+  args.keep_blocks = half if args.keep_blocks is None else args.keep_blocks
   return args
+
+
+def foundation_depth(model: str) -> int:
+  """Blocks (ViT, SAM, DINOv3) or stages (ResNet, FocalNet) of a registered model: 12 for ViT-B,
+  4 for ResNet-152."""
+  from mfjax import models as registry
+  module = registry.create(model)
+  return len(module.depths) if hasattr(module, "depths") else module.depth
 
 
 def protocol_overrides(args) -> list[str]:
