@@ -3,7 +3,7 @@
 XLA:CPU allocates all the temporaries of a step as one block (1.67 GB for a ViT-B/16 train step
 at batch 8) and frees it when the step ends. glibc returns a block that large to the kernel at
 once (munmap), so every step faults the whole block back in, page by page: about 420,000 page
-faults and 0.3 s of kernel time per 3.3 s step when the process runs alone, and up to 2.4 s when
+faults and 0.6 s of kernel CPU time per 3.5 s step when the process runs alone, and up to 2.4 s when
 another framework in the same process has just touched its own memory (BENCHMARKS.md, "Host
 memory"). Torch's own allocations of the same step are small enough that glibc reuses them.
 
@@ -31,8 +31,8 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: ne
 
 
 def keep_freed_memory() -> bool:
-  """Apply SETTINGS through glibc's mallopt; True when they are in force. False (and nothing
-  changed) off Linux, on a C library without mallopt, or when MFJAX_KEEP_FREED_MEMORY=0."""
+  """Apply SETTINGS through glibc's mallopt; True when they are in force. False off Linux, on a
+  C library without mallopt or that refuses a setting (logged), or when MFJAX_KEEP_FREED_MEMORY=0."""
   if os.environ.get("MFJAX_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
     return False
   try:
