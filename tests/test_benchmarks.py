@@ -104,7 +104,7 @@ def test_step_parts_times_every_part_in_both_frameworks(tmp_path):
   assert {"attention core, forward + backward", "clip + AdamW update"} <= set(parts)
   for row in rows[:-1]:
     positive(row["jax_ms"]), positive(row["torch_ms"]), positive(row["ratio"])
-    assert row["keep_freed_memory"] in (True, False)
+    assert row["keep_freed_memory"] is sys.platform.startswith("linux")  # mfjax/hostmem.py applied
   total = rows[-1]
   assert float(total["jax_step_ms"]) >= max(float(r["jax_step_ms"]) for r in rows[:-1])
   assert total["command"].startswith("python -m benchmarks.step_parts")
