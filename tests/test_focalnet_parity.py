@@ -376,3 +376,33 @@ def test_seem_converter_refuses_other_checkpoints(tmp_path, capsys):
     seem.convert(state, model="focalnet_tiny_lrf", layout="timm")
   assert "focal_layers.2.0.weight" in str(info.value) and "mis-shaped" in str(info.value)
   assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+def test_depthwise_conv_and_its_gradients_equal_a_grouped_convolution(kernel_size):
+  """The shifted-products depthwise conv and its hand-written VJP against XLA's grouped conv."""
+  channels = 6
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, channels))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, channels))
+  cotangent = jax.random.normal(jax.random.key(2), x.shape)
+
+  def grouped(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel[:, :, None, :], (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=channels,
+                                        precision=jax.lax.Precision.HIGHEST)
+
+  with jax.default_matmul_precision("highest"):
+    for name, fn in (("shifted", focalnet.depthwise_conv), ("grouped", grouped)):
+      out, vjp = jax.vjp(fn, x, kernel)
+      if name == "shifted":
+        got = (out, *vjp(cotangent))
+      else:
+        ref = (out, *vjp(cotangent))
+  for label, a, b in zip(("output", "input gradient", "kernel gradient"), got, ref):
+    assert_close(label, a, b)
+
+
+def test_depthwise_conv_refuses_an_even_kernel():
+  with pytest.raises(ValueError, match="kernel_size 4"):
+    focalnet.DepthwiseConv(4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

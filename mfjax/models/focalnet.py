@@ -17,6 +17,7 @@ the start of stages 1..3, which computes the same thing.
           (B, rows_s*cols_s, C_s) tokens: SEEM's res2..res5 (what decapitation cuts at).
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mfjax.models import layers
@@ -33,11 +34,50 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 
+def _shifted_products(x, kernel):
+  """out[b, y, x, c] = sum_ij pad(x)[b, y + i, x + j, c] * kernel[i, j, c]: one fused loop."""
+  k, (rows, cols) = kernel.shape[0], x.shape[1:3]
+  p = k // 2
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return sum(padded[:, i:i + rows, j:j + cols, :] * kernel[i, j] for i in range(k) for j in range(k))
+
+
+@jax.custom_vjp
+def depthwise_conv(x, kernel):
+  """A same-padded, stride-1 depthwise convolution: x (B, H, W, C), kernel (k, k, C), k odd."""
+  return _shifted_products(x, kernel)
+
+
+def _depthwise_conv_forward(x, kernel):
+  return _shifted_products(x, kernel), (x, kernel)
+
+
+def _depthwise_conv_backward(saved, grad):
+  # Written out because autodiff of the k*k shifted terms gives k*k separate pad-and-reduce
+  # passes that XLA:CPU runs slowly and compiles for long; here the input gradient is the same
+  # fused loop with the flipped kernel, the kernel gradient one small loop over the k*k offsets.
+  x, kernel = saved
+  k, (batch, rows, cols, channels) = kernel.shape[0], x.shape
+  grad_x = _shifted_products(grad, kernel[::-1, ::-1])
+  p = k // 2
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+  def offset_grad(offset):
+    window = jax.lax.dynamic_slice(padded, (0, offset // k, offset % k, 0), (batch, rows, cols, channels))
+    return jnp.sum(window * grad, axis=(0, 1, 2), dtype=jnp.float32)
+
+  grad_kernel = jax.lax.map(offset_grad, jnp.arange(k * k)).reshape(k, k, channels)
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_conv_forward, _depthwise_conv_backward)
+
+
 class DepthwiseConv(nn.Module):
   """A same-padded depthwise k x k convolution (nn.Conv with feature_group_count=C and its
-  parameters: kernel (k, k, 1, C), bias (C,)), computed as a sum of k*k shifted products.
-  Same result; XLA:CPU fuses the sum into one loop, where its grouped convolution ran 6-15x
-  slower forward and backward (its kernel gradient became a dense C x C convolution)."""
+  parameters: kernel (k, k, 1, C), bias (C,)), computed as a sum of k*k shifted products with a
+  hand-written gradient. Same result; XLA:CPU's grouped convolution ran 6-15x slower forward and
+  backward (its kernel gradient became a dense C x C convolution)."""
   kernel_size: int
   use_bias: bool = True
   dtype: str = "float32"
@@ -45,12 +85,12 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     k, c = self.kernel_size, x.shape[-1]
+    if k % 2 == 0:
+      raise ValueError(f"DepthwiseConv: kernel_size {k} is even; 'same' padding needs an odd size")
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c))
     bias = self.param("bias", nn.initializers.zeros_init(), (c,)) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    p, (rows, cols) = k // 2, x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    out = sum(padded[:, i:i + rows, j:j + cols, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+    out = depthwise_conv(x, kernel[:, :, 0])
     return out + bias if bias is not None else out
 
 class ConvEmbed(nn.Module):
