@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -45,6 +46,21 @@ def cells(models, protocols, res):
         yield model, protocol, r
 
 
+def failure_message(returncode: int, stderr: str) -> str:
+  """Why a cell's process failed: its exception line (not JAX's note on filtered frames that can
+  follow it), else the signal that killed it or its exit status, with its last line of stderr."""
+  lines = stderr.strip().splitlines()
+  exception = next((l for l in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", l)), None)
+  if exception:
+    return exception[:300]
+  if returncode < 0:
+    name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+    cause = f"killed by {name}" + (" (the kernel's out-of-memory killer, most likely)" if name == "SIGKILL" else "")
+  else:
+    cause = f"exit status {returncode}" if returncode else "no JSON row printed"
+  return f"{cause}; last stderr line: {lines[-1][:200] if lines else '(none)'}"
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -73,9 +89,7 @@ def main(argv=None):
     if result.returncode == 0 and lines:
       rows.append(json.loads(lines[-1]))
     else:
-      stderr = result.stderr.strip().splitlines() or ["no output"]
-      # The exception line, not JAX's note on filtered frames that can follow it.
-      error = next((l for l in reversed(stderr) if re.match(r"^[\w.]+(Error|Exception)\b", l)), stderr[-1])[:300]
+      error = failure_message(result.returncode, result.stderr)
       print(f"  failed: {error}", flush=True)
       failed = {"benchmark": "train_step", "model": command[4], "protocol": command[6], "res": command[8],
                 "batch": args.batch, "error": error}

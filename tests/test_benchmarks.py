@@ -89,6 +89,17 @@ def test_grid_lists_one_train_step_command_per_cell():
   assert any("--model dinov2_vitb14" in line and "--res 518" in line for line in lines)
 
 
+def test_grid_says_why_a_cell_failed():
+  from benchmarks.grid import failure_message
+  killed = subprocess.run([sys.executable, "-c", "import os, signal, sys; print('WARNING: a note', file=sys.stderr, "
+                           "flush=True); os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True)
+  message = failure_message(killed.returncode, killed.stderr)
+  assert message.startswith("killed by SIGKILL (the kernel's out-of-memory killer") and "WARNING: a note" in message
+  raised = subprocess.run([sys.executable, "-c", "raise MemoryError('too big')"], capture_output=True, text=True)
+  assert failure_message(raised.returncode, raised.stderr) == "MemoryError: too big"
+  assert failure_message(3, "") == "exit status 3; last stderr line: (none)"
+
+
 @pytest.mark.parametrize("module", ["train_step", "feature_cache", "ablate"])
 def test_unknown_flags_are_refused(module):
   proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--modle", "x", "--variant", "a="],

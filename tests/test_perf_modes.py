@@ -187,14 +187,42 @@ def test_sam_query_chunked_global_attention_computes_the_same():
   x = images(2, 96)
   variables = plain.init(jax.random.PRNGKey(0), x)
   variables = jax.tree_util.tree_map(lambda a: a + 0.02 * jax.random.normal(jax.random.PRNGKey(1), a.shape), variables)
+  assert_same_tokens_loss_and_grads(chunked, plain, variables, x)
 
-  def loss_and_grad(model):
-    return jax.value_and_grad(lambda v: (model.apply(v, x)["tokens"] ** 2).mean())(variables)
 
-  ref_loss, ref_grads = loss_and_grad(plain)
-  loss, grads = loss_and_grad(chunked)
+def assert_same_tokens_loss_and_grads(model, reference, variables, x):
+  def loss_and_grad(m):
+    return jax.value_and_grad(lambda v: (m.apply(v, x)["tokens"] ** 2).mean())(variables)
+
+  ref_loss, ref_grads = loss_and_grad(reference)
+  loss, grads = loss_and_grad(model)
   assert abs(float(loss - ref_loss)) <= 1e-5 * float(ref_loss)
   assert rel(flat(grads), flat(ref_grads)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,attn_impl", [("deit_base_patch16", None), ("deit_base_patch16", "xla"),
+                                            ("dinov3_vitb16", None)])
+def test_query_chunked_attention_computes_the_same(name, attn_impl):
+  plain, res = small(name, attn_impl=attn_impl)
+  chunked, _ = small(name, attn_impl=attn_impl, attn_query_chunk=4)  # 3x3 patches + prefix: a padded last chunk
+  x = images(2, res)
+  assert_same_tokens_loss_and_grads(chunked, plain, plain.init(jax.random.PRNGKey(0), x), x)
+
+
+def test_query_chunked_stacked_deit_head_computes_the_same():
+  tokens = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 24)), jnp.float32)
+  fields = dict(num_classes=3, width=32, depth=2, heads=2, mlp_hidden=64, native_grid=(2, 2))
+  plain, chunked = heads.StackedDeiT(**fields), heads.StackedDeiT(**fields, attn_query_chunk=5)  # 17 tokens
+  variables = plain.init(jax.random.PRNGKey(0), tokens, (4, 4))
+  grad = lambda head: jax.grad(lambda v: (head.apply(v, tokens, (4, 4))[0] ** 2).sum())(variables)
+  np.testing.assert_allclose(chunked.apply(variables, tokens, (4, 4))[0], plain.apply(variables, tokens, (4, 4))[0],
+                             rtol=1e-5, atol=1e-6)
+  assert rel(flat(grad(chunked)), flat(grad(plain))) <= 1e-5
+
+
+def test_a_negative_query_chunk_is_refused():
+  with pytest.raises(ValueError, match="attn_query_chunk must be >= 0.*-8"):
+    layers.attention_fn(None, -8)
 
 
 HOST_MEMORY_CYCLE = r"""

@@ -41,12 +41,14 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: layers.Dtype = jnp.float32
   attn_impl: str | None = None
+  attn_query_chunk: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool, sin, cos):
     rope = lambda t: layers.apply_rope(t, sin, cos)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
-    y = layers.Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, k_bias=self.k_bias, name="attn")(y, rope)
+    y = layers.Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, k_bias=self.k_bias,
+                         query_chunk=self.attn_query_chunk, name="attn")(y, rope)
     x = subset_drop_path(self, x, layers.LayerScale(name="ls1")(y), self.drop_path, train)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
     y = layers.Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(y)
@@ -76,6 +78,7 @@ class Model(nn.Module):
   drop_path: float = 0.0
   dtype: str = "float32"            # compute dtype; parameters stay float32
   attn_impl: str | None = None
+  attn_query_chunk: int = 0         # > 0: attend this many queries at a time (memory at 1024 px)
   remat: bool = False
 
   def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
@@ -119,7 +122,7 @@ class Model(nn.Module):
     blocks = []
     for i in range(depth):
       x = block_cls(self.heads, self.mlp_hidden, self.mlp_act, self.qkv_bias, self.k_bias, self.ln_eps,
-                    self.drop_path, dtype, self.attn_impl, name=f"blocks_{i}")(x, train, sin, cos)
+                    self.drop_path, dtype, self.attn_impl, self.attn_query_chunk, name=f"blocks_{i}")(x, train, sin, cos)
       if return_blocks:
         blocks.append(x.astype(jnp.float32))
 

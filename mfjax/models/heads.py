@@ -29,6 +29,7 @@ class StackedDeiT(nn.Module):
   attn_impl: str | None = None
   remat: bool = False
   remat_policy: str = "block"    # layers.REMAT_POLICIES
+  attn_query_chunk: int = 0      # > 0: attend this many queries at a time (memory at 1024 px)
 
   @nn.compact
   def __call__(self, tokens, grid, train: bool = False, return_blocks: bool = False):
@@ -48,7 +49,7 @@ class StackedDeiT(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.heads, self.mlp_hidden, "gelu", True, self.ln_eps, False,
                     self.drop_path * i / max(self.depth - 1, 1), dtype, self.attn_impl, **extra,
-                    name=f"blocks_{i}")(x, train)
+                    attn_query_chunk=self.attn_query_chunk, name=f"blocks_{i}")(x, train)
       blocks.append(x.astype(jnp.float32))
     cls_out = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)[:, 0]
     logits = nn.Dense(self.num_classes, dtype=dtype, name="fc")(cls_out)

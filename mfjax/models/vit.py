@@ -35,6 +35,7 @@ class Model(nn.Module):
   drop_path: float = 0.0
   dtype: str = "float32"         # compute dtype; parameters stay float32
   attn_impl: str | None = None   # jax.nn.dot_product_attention implementation
+  attn_query_chunk: int = 0      # > 0: attend this many queries at a time (memory at 1024 px)
   remat: bool = False
   remat_policy: str = "block"    # what remat keeps: block | dots | attention (layers.REMAT_POLICIES)
   scan_blocks: bool = False      # lax.scan over the blocks (shorter compiles; not with drop-path in training)
@@ -71,7 +72,8 @@ class Model(nn.Module):
 
     depth = self.depth if self.num_blocks is None else self.num_blocks
     fields = dict(heads=self.heads, mlp_hidden=self.mlp_hidden, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias,
-                  ln_eps=self.ln_eps, layerscale=self.layerscale, dtype=dtype, attn_impl=self.attn_impl)
+                  ln_eps=self.ln_eps, layerscale=self.layerscale, dtype=dtype, attn_impl=self.attn_impl,
+                  attn_query_chunk=self.attn_query_chunk)
     if self.scan_blocks and not self.is_initializing() and not (train and self.drop_path):
       block = layers.Block(**fields, remat_attention=self.remat and self.remat_policy == "attention", parent=None)
       params = [self.variables["params"][f"blocks_{i}"] for i in range(depth)]
