@@ -211,3 +211,43 @@ def test_resnet_converter_refuses_other_checkpoints(tmp_path, capsys):
   assert convert_main(["resnet", "--checkpoint", str(folder), "--out", str(tmp_path / "b")]) == 1
   assert "architecture 'resnet152d'" in capsys.readouterr().err
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _widest_fusion(compiled) -> int:
+  """The most operands of any fusion in a compiled XLA:CPU program's entry computation."""
+  import re
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  return max(m.group(1).count("%") for m in re.finditer(r" fusion\((.*?)\), kind=", entry))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the materialisation is XLA:CPU's")
+def test_residual_stream_is_stored_once_and_changes_no_number(monkeypatch):
+  """XLA:CPU fused each block's relu(x + bn(conv)) into its consumers and recomputed it from
+  every earlier block's conv output, forward and backward (fusions with ~150 operands in
+  ResNet-152). `resnet.materialized` stores it once; loss, gradients and statistics stay the same."""
+  from mfjax.models import resnet as resnet_model
+  model = resnet_model.Model(depths=(1, 10), num_stages=2)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+  def loss(params):
+    out, updated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                               mutable=["batch_stats"])
+    return jnp.sum(out["pooled"] ** 2), updated["batch_stats"]
+
+  def compiled():
+    return jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(variables["params"]).compile()
+
+  stored = compiled()
+  monkeypatch.setattr(resnet_model, "materialized", lambda x, token: x)
+  fused = compiled()
+  # Nine identical blocks: the fused chain reads the conv outputs of all of them (4 operands each).
+  assert _widest_fusion(fused) > 30 and _widest_fusion(stored) <= 12, (_widest_fusion(fused), _widest_fusion(stored))
+  (loss_stored, stats_stored), grads_stored = stored(variables["params"])
+  (loss_fused, stats_fused), grads_fused = fused(variables["params"])
+  assert_close("loss", loss_stored, loss_fused)
+  for (path, got), ref in zip(flatten_dict(grads_stored).items(), flatten_dict(grads_fused).values()):
+    assert_close(f"gradient {'/'.join(path)}", got, ref)
+  for (path, got), ref in zip(flatten_dict(stats_stored).items(), flatten_dict(stats_fused).values()):
+    assert_close(f"batch_stats {'/'.join(path)}", got, ref)
