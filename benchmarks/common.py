@@ -38,15 +38,25 @@ def parse_args(parser, argv) -> tuple:
   return args, extra
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+def cpu_model(cpuinfo: str | None = None) -> str:
+  """The CPU's model name, with its family and model numbers when the name alone does not tell
+  the generation (a VM's "AMD EPYC" is Zen 2 at family 23, Zen 4 at family 25 model 17): the
+  hosts of this project's container changed between runs, and XLA's and torch's kernels differ
+  per generation."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return platform.processor() or platform.machine()
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  if not any(ch.isdigit() for ch in name) and "cpu family" in fields:
+    name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+  return name
 
 
 def environment() -> dict:

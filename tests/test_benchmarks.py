@@ -119,3 +119,12 @@ def test_step_parts_times_every_part_in_both_frameworks(tmp_path):
   total = rows[-1]
   assert float(total["jax_step_ms"]) >= max(float(r["jax_step_ms"]) for r in rows[:-1])
   assert total["command"].startswith("python -m benchmarks.step_parts")
+
+
+def test_cpu_name_tells_the_generation_when_the_model_name_does_not():
+  from benchmarks.common import cpu_model
+  vm_amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+  assert cpu_model(vm_amd) == "AMD EPYC (family 25, model 17)"
+  xeon = "cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+  assert cpu_model(xeon) == "Intel(R) Xeon(R) Platinum 8488C"
+  assert cpu_model(vm_amd + "\n" + vm_amd.replace("25", "23")) == "AMD EPYC (family 25, model 17)"  # first core
