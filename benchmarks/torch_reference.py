@@ -8,8 +8,8 @@ References (random weights; only the compute matters here):
   dinov3_vit{s,b,l}16, meddinov3_vitb16          timm vit_{small,base,large}_patch16_dinov3[_qkvb] (RoPE, 4 registers)
   sam_vit{b,l,h}                                 segment_anything ImageEncoderViT (windowed, rel-pos, neck)
   focalnet_*                                     the timm FocalNet of the same name
-  seem_focalt                                    timm focalnet_tiny_lrf: SEEM's FocalNet-T without its
-                                                 depthwise residual convs (a few % fewer FLOPs)
+  seem_focalt                                    SEEM's FocalNet-T: timm's FocalNet with SEEM's changes
+                                                 (`seem_focalt_net`, also the parity tests' reference)
   resnet50/101/152                               torchvision
 Each foundation returns (pooled, tokens) like the mfjax model and exposes its blocks or stages in
 order, so progressive freezing and decapitation act on the same units as in mfjax.
@@ -87,6 +87,43 @@ class FocalNet(Reference):
     return map_outputs(self.net.norm(self.net.layers(self.net.stem(x))))
 
 
+class SEEMFocalNet(FocalNet):
+  """SEEM's FocalNet-T (`seem_focalt_net`); a cut network ends with that stage's output norm."""
+
+  def cut(self, k):
+    Reference.cut(self, k)
+    if k < 4:
+      self.net.norm = self.net.stage_norms[k - 1]
+
+
+def _seem_block_forward(self, x):
+  x = x + self.dw1(x)
+  x = self.norm1_post(x + self.ls1(self.modulation(x)))
+  x = x + self.dw2(x)
+  return self.norm2_post(x + self.ls2(self.mlp(x)))
+
+
+def seem_focalt_net():
+  """SEEM's FocalNet-T (focal_dw) as timm's FocalNet with SEEM's four changes: depthwise 3x3
+  convs added residually before the modulation and the MLP, LayerNorm after the residual add,
+  stem padding 3, and a LayerNorm on each of the first three stages' outputs (`stage_norms`,
+  SEEM's res2..res4; the last stage uses `norm`). Random weights from timm's init."""
+  from timm.layers import LayerNorm2d
+  from timm.models.focalnet import FocalNet as TimmFocalNet
+  import types
+  model = TimmFocalNet(embed_dim=96, depths=(2, 2, 6, 2), focal_levels=(3,) * 4, focal_windows=(3,) * 4,
+                       use_overlap_down=True, use_post_norm=True, normalize_modulator=True,
+                       layerscale_value=1e-4, num_classes=0)
+  model.stem.proj.padding = (3, 3)
+  for stage in model.layers:
+    for block in stage.blocks:
+      block.dw1 = nn.Conv2d(block.dim, block.dim, 3, padding=1, groups=block.dim)
+      block.dw2 = nn.Conv2d(block.dim, block.dim, 3, padding=1, groups=block.dim)
+      block.forward = types.MethodType(_seem_block_forward, block)
+  model.stage_norms = nn.ModuleList(LayerNorm2d(d, eps=1e-5) for d in (96, 192, 384))
+  return model
+
+
 class ResNet(Reference):
   UNITS = "stages"
 
@@ -142,9 +179,10 @@ def foundation(name: str, resolution: int) -> tuple[nn.Module, str]:
                           global_attn_indexes=global_blocks, window_size=14, use_rel_pos=True, out_chans=256,
                           qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
     return SAM(net), "segment_anything ImageEncoderViT"
+  if name == "seem_focalt":
+    return SEEMFocalNet(seem_focalt_net()), "SEEM FocalNet-T (timm FocalNet + SEEM's focal_dw changes)"
   if family == "focalnet":
-    timm_name = "focalnet_tiny_lrf" if name == "seem_focalt" else name
-    return FocalNet(timm.create_model(timm_name, num_classes=0)), f"timm {timm_name}"
+    return FocalNet(timm.create_model(name, num_classes=0)), f"timm {name}"
   if family == "resnet":
     import torchvision
     return ResNet(getattr(torchvision.models, name)()), f"torchvision {name}"

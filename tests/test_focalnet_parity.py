@@ -2,7 +2,8 @@
 
 The SEEM reference is timm's FocalNet with the three changes that make it SEEM's focal_dw
 (depthwise residual convs, LayerNorm after the residual add, stem padding 3) plus SEEM's
-per-stage output norms; its weights are saved under SEEM's original names (all 300 keys).
+per-stage output norms (`benchmarks.torch_reference.seem_focalt_net`, which the benchmarks time
+too); its weights are saved under SEEM's original names (all 300 keys).
 """
 import functools
 import json
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from timm.layers import LayerNorm2d
 from timm.models import create_model
 from timm.models.focalnet import FocalNet
 
+from benchmarks import torch_reference
 from convert import core, seem
 from convert.__main__ import main as convert_main
 from mfjax import models
@@ -75,26 +76,9 @@ def _forward(module, variables, x):
 # ------------------------------------------------------------------ SEEM reference
 
 
-def _seem_block_forward(self, x):
-  x = x + self.dw1(x)
-  x = self.norm1_post(x + self.ls1(self.modulation(x)))
-  x = x + self.dw2(x)
-  return self.norm2_post(x + self.ls2(self.mlp(x)))
-
-
 def seem_reference(seed=0):
   torch.manual_seed(seed)
-  model = FocalNet(embed_dim=96, depths=SEEM_DEPTHS, focal_levels=(3,) * 4, focal_windows=(3,) * 4,
-                   use_overlap_down=True, use_post_norm=True, normalize_modulator=True,
-                   layerscale_value=1e-4, num_classes=0)
-  model.stem.proj.padding = (3, 3)
-  for stage in model.layers:
-    for block in stage.blocks:
-      block.dw1 = torch.nn.Conv2d(block.dim, block.dim, 3, padding=1, groups=block.dim)
-      block.dw2 = torch.nn.Conv2d(block.dim, block.dim, 3, padding=1, groups=block.dim)
-      block.forward = types.MethodType(_seem_block_forward, block)
-  model.stage_norms = torch.nn.ModuleList(LayerNorm2d(d, eps=1e-5) for d in SEEM_DIMS[:3])
-  return randomize(model, seed)
+  return randomize(torch_reference.seem_focalt_net(), seed)
 
 
 def seem_reference_forward(model, x):
