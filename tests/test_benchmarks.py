@@ -128,3 +128,34 @@ def test_cpu_name_tells_the_generation_when_the_model_name_does_not():
   xeon = "cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
   assert cpu_model(xeon) == "Intel(R) Xeon(R) Platinum 8488C"
   assert cpu_model(vm_amd + "\n" + vm_amd.replace("25", "23")) == "AMD EPYC (family 25, model 17)"  # first core
+
+
+def test_gpu_suite_runs_every_step_on_tiny_cells(tmp_path):
+  """The prepared GPU run, on tiny cells: each step's command line is accepted by its benchmark
+  and writes its rows, so no lent GPU minute goes to a typo."""
+  out_dir = tmp_path / "gpu_out"
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--tiny", "--out-dir", str(out_dir)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  from benchmarks.gpu_suite import STEPS
+  summary = proc.stdout[proc.stdout.index("| step | status | s |"):]
+  for name in ["env"] + [name for name, *_ in STEPS]:
+    assert f"| {name} | ok |" in summary
+    assert (out_dir / f"{name}.log").exists()
+  rows = [json.loads(line) for line in (out_dir / "gpu.jsonl").read_text().splitlines()]
+  assert [r["model"] for r in rows if r["benchmark"] == "train_step"] == ["deit_base_patch16", "sam_vitb"]
+  assert sorted(r["variant"] for r in rows if r["benchmark"] == "ablate") == ["bf16", "bf16_cudnn", "bf16_mu", "fp32"]
+
+
+def test_gpu_suite_reports_a_spent_budget_and_refuses_unknown_steps(tmp_path):
+  run = lambda *args: subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--out-dir", str(tmp_path), *args],
+                                     cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                                     timeout=120)
+  spent = run("--steps", "vitb16_bf16,sam1024_remat", "--budget-s", "0")
+  assert spent.returncode == 1
+  assert "| vitb16_bf16 | skipped (budget spent) |" in spent.stdout and "| sam1024_remat | skipped" in spent.stdout
+  typo = run("--steps", "vitb16_bf61")
+  assert typo.returncode == 2 and "vitb16_bf61" in typo.stderr
+  no_wheels = run("--wheels", str(tmp_path), "--steps", "env")
+  assert no_wheels.returncode != 0 and "no .whl files" in no_wheels.stderr
