@@ -18,11 +18,25 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch's clip_grad_norm_: every gradient times min(1, max_norm / (global norm + 1e-6)).
+
+  One scalar multiplies each gradient, so XLA fuses the clipping into Adam's moment updates;
+  optax's version divides every element by the norm, which XLA:CPU writes out as a clipped copy
+  of the gradients first (clip + AdamW over ViT-B's parameters alone: 177 -> 103 ms on 2 cores).
+  """
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(params, clip_norm=1.0, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8,
                    mu_dtype=None) -> optax.GradientTransformation:
   """Gradient transform whose output, times -lr, is torch's AdamW update (decoupled decay)."""
   return optax.chain(
-      optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+      clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None),
       optax.add_decayed_weights(weight_decay, mask=decay_mask(params)),
   )
