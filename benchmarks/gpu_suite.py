@@ -16,7 +16,7 @@ and autocast (the MFU and 1.2x targets), SAM ViT-B at 1024 with remat against se
 encoder, and the bf16 / cuDNN attention / bf16 first-moment ablation. Each step runs as its own
 process with its own timeout, capped by what is left of --budget-s; a step that fails or runs out
 of time is reported and the next one still runs. The benchmarks append their JSON rows to
-OUT_DIR/gpu.jsonl; each step's full output is in OUT_DIR/STEP.log; a summary table comes last.
+OUT_DIR/gpu.jsonl; each step's full output is in OUT_DIR/STEP.log; a summary table (with its JSON lines) comes last.
 
 `--tiny` runs the same steps on tiny cells (a few blocks, small images, batch 2, torch eager): on a
 CPU it checks in a minute that every step's command line is accepted (tests/test_benchmarks.py).
@@ -28,6 +28,8 @@ import shlex
 import subprocess
 import sys
 import time
+
+from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,11 +178,12 @@ def run_step(name: str, command: list[str], env: dict, timeout: float, out_dir: 
       status = "ok" if rc == 0 else f"failed (rc {rc})"
     except subprocess.TimeoutExpired:
       status = f"timed out after {timeout:.0f} s"
+  seconds = time.monotonic() - start
   text = open(log_path, errors="replace").read()
   rows = [line for line in text.splitlines() if line.startswith("|")]
-  print(f"== {name}: {status} in {time.monotonic() - start:.0f} s", flush=True)
+  print(f"== {name}: {status} in {seconds:.0f} s", flush=True)
   print("\n".join(rows) if rows and status == "ok" else "\n".join(text.splitlines()[-25:]), flush=True)
-  return {"step": name, "status": status, "seconds": time.monotonic() - start, "rows": rows}
+  return {"step": name, "status": status, "seconds": f"{seconds:.0f}"}
 
 
 def main(argv=None) -> int:
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     print("== env\n" + text.strip(), flush=True)
     open(os.path.join(args.out_dir, "env.log"), "w").write(text)
     results.append({"step": "env", "status": "ok" if rc == 0 else "failed (imports)",
-                    "seconds": time.monotonic() - start, "rows": []})
+                    "seconds": f"{time.monotonic() - start:.0f}"})
     if rc:
       print("stopping: the steps would fail on the imports above")
       return 1
@@ -212,13 +215,11 @@ def main(argv=None) -> int:
       continue
     left = deadline - time.monotonic()
     if left < 30:
-      results.append({"step": name, "status": "skipped (budget spent)", "seconds": 0, "rows": []})
+      results.append({"step": name, "status": "skipped (budget spent)", "seconds": "0"})
       continue
     command = step_command(module, arguments, args.out_dir, args.tiny)
     results.append(run_step(name, command, env, min(longest, left), args.out_dir))
-  print("\n| step | status | s |\n|---|---|---|")
-  for r in results:
-    print(f"| {r['step']} | {r['status']} | {r['seconds']:.0f} |")
+  common.emit(results, [("step", "step"), ("status", "status"), ("s", "seconds")], None)
   return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
