@@ -91,20 +91,26 @@ def torch_sync(device: str) -> None:
     torch.cuda.synchronize()
 
 
-def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str, int]) -> dict[str, list[float]]:
+def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str, int],
+               busy: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
   """Seconds per call of each function, timed in turns (A B C A B C ...) so that a change in the
   machine's load hits all of them alike. Each timing runs `calls[name]` calls back to back; each
   function must return only when its work is done. One untimed round comes first: a function's
   first call after the others ran can pay for memory they left behind (a heap grown around their
-  blocks, pages to fault in), which its own warm-up did not see."""
+  blocks, pages to fault in), which its own warm-up did not see. Given a `busy` dict, it also
+  gets, per function and timing, the process's CPU seconds per wall second: how many cores the
+  work kept busy (on a CPU device; a GPU run counts only the host threads)."""
   times = {name: [] for name in fns}
   for round_index in range(rounds + 1):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       for _ in range(calls[name]):
         fn()
       if round_index:
-        times[name].append((time.perf_counter() - start) / calls[name])
+        wall = time.perf_counter() - start
+        times[name].append(wall / calls[name])
+        if busy is not None:
+          busy.setdefault(name, []).append((time.process_time() - cpu_start) / wall)
   return times
 
 

@@ -13,7 +13,10 @@ Parts (float32 unless --dtype bfloat16), each with the number of times one step 
 - the optimizer: gradient clipping at norm 1.0 and AdamW over ViT-shaped parameters (mfjax's
   optax chain against torch's fused AdamW), once per step.
 The last row sums the parts; a whole step also runs LayerNorms, residual adds and the head.
-Timings are taken in turns (JAX, torch, JAX, ...), medians of --rounds after a warm-up.
+Timings are taken in turns (JAX, torch, JAX, ...), medians of --rounds after a warm-up. On a
+CPU, "cores busy" is the process's CPU time per wall second while the part ran: a part near 1.0
+on a multi-core host ran on one thread (XLA:CPU's YNNPACK batched dots of the attention core at
+197 tokens do; at 512 tokens they use both cores of the 2-core container).
 """
 import argparse
 import os
@@ -28,6 +31,7 @@ common.prepare_process()
 COLUMNS = [("device", "device"), ("part", "part"), ("shape", "shape"), ("per step", "per_step"),
            ("GFLOP", "gflop"), ("JAX ms", "jax_ms"), ("torch ms", "torch_ms"), ("JAX / torch speed", "ratio"),
            ("JAX GFLOP/s", "jax_gflop_s"), ("torch GFLOP/s", "torch_gflop_s"),
+           ("JAX cores busy", "jax_busy"), ("torch cores busy", "torch_busy"),
            ("JAX ms / step", "jax_step_ms"), ("torch ms / step", "torch_step_ms")]
 
 
@@ -152,13 +156,16 @@ def main(argv=None):
   if common.torch_device() == "cpu":
     torch.set_num_threads(os.cpu_count())
   env = common.environment()
+  device_is_cpu = common.torch_device() == "cpu"
   table, fns, calls = parts(args), {}, {}
   for i, (_, _, _, _, jax_fn, torch_fn) in enumerate(table):
     for side, fn in (("jax", jax_fn), ("torch", torch_fn)):
       fns[f"{i}:{side}"] = fn
       calls[f"{i}:{side}"] = common.warm_up(fn, 2, args.min_seconds)
-  times = common.interleave(fns, args.rounds, calls)
+  busy = {}
+  times = common.interleave(fns, args.rounds, calls, busy)
   median = {k: float(np.median(v)) for k, v in times.items()}
+  cores = {k: common.fmt(float(np.median(v)) if device_is_cpu else None, ".2f") for k, v in busy.items()}
 
   rows, totals = [], {"jax": 0.0, "torch": 0.0}
   for i, (name, shape, per_step, flops, _, _) in enumerate(table):
@@ -171,6 +178,7 @@ def main(argv=None):
         "torch_ms": common.fmt(torch_s * 1e3), "ratio": common.fmt(torch_s / jax_s),
         "jax_gflop_s": common.fmt(flops / jax_s / 1e9 if flops else None, ".0f"),
         "torch_gflop_s": common.fmt(flops / torch_s / 1e9 if flops else None, ".0f"),
+        "jax_busy": cores[f"{i}:jax"], "torch_busy": cores[f"{i}:torch"],
         "jax_step_ms": common.fmt(jax_s * per_step * 1e3, ".0f"),
         "torch_step_ms": common.fmt(torch_s * per_step * 1e3, ".0f"),
         "timings_s": {"jax": common.summary(times[f"{i}:jax"]), "torch": common.summary(times[f"{i}:torch"])},

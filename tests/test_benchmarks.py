@@ -115,10 +115,27 @@ def test_step_parts_times_every_part_in_both_frameworks(tmp_path):
   assert {"attention core, forward + backward", "clip + AdamW update"} <= set(parts)
   for row in rows[:-1]:
     positive(row["jax_ms"]), positive(row["torch_ms"]), positive(row["ratio"])
+    for side in ("jax_busy", "torch_busy"):
+      assert 0 < float(row[side]) <= os.cpu_count() + 0.5, (row["part"], side, row[side])
     assert row["keep_freed_memory"] is sys.platform.startswith("linux")  # mfjax/hostmem.py applied
   total = rows[-1]
   assert float(total["jax_step_ms"]) >= max(float(r["jax_step_ms"]) for r in rows[:-1])
   assert total["command"].startswith("python -m benchmarks.step_parts")
+
+
+def test_interleave_counts_the_cores_a_function_keeps_busy():
+  import time
+  from benchmarks.common import interleave
+
+  def spin(seconds=0.05):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+      pass
+
+  busy = {}
+  times = interleave({"sleep": lambda: time.sleep(0.05), "spin": spin}, 2, {"sleep": 1, "spin": 2}, busy)
+  assert [len(times[k]) for k in ("sleep", "spin")] == [2, 2] and min(times["sleep"]) >= 0.05
+  assert max(busy["sleep"]) < 0.3 and min(busy["spin"]) > 0.7, busy
 
 
 def test_cpu_name_tells_the_generation_when_the_model_name_does_not():
