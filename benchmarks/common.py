@@ -179,14 +179,33 @@ def time_with_peak(fns: dict, calls: dict, rounds: int, dtype: str) -> tuple[dic
   return times, median, peak
 
 
+def program_devices(compiled) -> int:
+  """How many devices a compiled JAX computation runs on: those its inputs are placed on."""
+  import jax
+  devices = set()
+  for sharding in jax.tree_util.tree_leaves(compiled.input_shardings):
+    devices |= set(sharding.device_set)
+  return max(1, len(devices))
+
+
 def cost_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled JAX computation, as XLA counts them."""
+  """FLOPs of one call of a compiled JAX computation, as XLA counts them, on all its devices
+  together: XLA counts one device's share of an SPMD-partitioned program (half of the step on
+  a 2-device data-parallel mesh), so the count is multiplied by `program_devices`."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
     return None
-  return float(cost["flops"])
+  return float(cost["flops"]) * program_devices(compiled)
+
+
+def mesh_peak(peak: dict, devices: int) -> float:
+  """The peak FLOP/s of `devices` devices, from the peak measured on one: accelerators add up;
+  CPU devices (--xla_force_host_platform_device_count) share one host's cores, whose peak the
+  one-device matmul already measures."""
+  import jax
+  return peak["peak_flops_per_s"] * (1 if jax.default_backend() == "cpu" else devices)
 
 
 def jax_memory(compiled) -> dict:

@@ -7,6 +7,8 @@ JAX: the trainer's classifier (built by `fit.prepare` from configs/paper.py) in 
 jitted, on a device-resident random batch. PyTorch: the same reference classifier as
 benchmarks/train_step.py in eval() under inference_mode (bf16 autocast with --dtype bfloat16).
 Timed in turns with a large matmul in each framework (the measured peak, for MFU); medians.
+JAX runs on every device of the mesh, torch on one; FLOPs and MFU count the devices as
+benchmarks/train_step.py does.
 """
 import argparse
 import os
@@ -18,7 +20,8 @@ from benchmarks import common
 common.prepare_process()
 
 COLUMNS = [("device", "device"), ("model", "model"), ("res", "res"), ("batch", "batch"), ("dtype", "dtype"),
-           ("JAX img/s", "jax_img_s"), ("torch eager img/s", "torch_eager_img_s"), ("JAX / eager", "ratio_eager"),
+           ("JAX devices", "jax_devices"), ("JAX img/s", "jax_img_s"), ("torch eager img/s", "torch_eager_img_s"),
+           ("JAX / eager", "ratio_eager"),
            ("torch.compile img/s", "torch_compile_img_s"), ("JAX / compile", "ratio_compile"),
            ("JAX compile s", "jax_compile_s"), ("GFLOP/img", "gflop_per_img"), ("MFU JAX", "mfu_jax"),
            ("MFU torch", "mfu_torch_eager"), ("peak GFLOP/s", "peak_gflop_s"), ("load", "load_average")]
@@ -80,7 +83,10 @@ def main(argv=None):
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
   img_s = lambda name: args.batch / median[name] if name in median else None
-  mfu = lambda name: flops / median[name] / peak["peak_flops_per_s"] if name in median and flops else None
+  jax_devices = common.program_devices(compiled)
+  # JAX runs on every device of the mesh, torch on one.
+  peaks = {name: common.mesh_peak(peak, jax_devices if name == "jax" else 1) for name in median}
+  mfu = lambda name: flops / median[name] / peaks[name] if name in median and flops else None
   ratio = lambda name: common.fmt(img_s("jax") / img_s(name)) if name in median else "n/a"
   row = {"benchmark": "inference", "device": env["device"], "model": args.model, "res": args.res,
          "batch": args.batch, "dtype": args.dtype, "jax_img_s": common.fmt(img_s("jax")),
@@ -90,7 +96,7 @@ def main(argv=None):
          "gflop_per_img": common.fmt(flops / args.batch / 1e9 if flops else None, ".1f"),
          "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),
          "mfu_torch_compile": common.fmt(mfu("torch_compile"), ".1%"),
-         "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"),
+         "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"), "jax_devices": jax_devices,
          "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",
          "timings_s": {name: common.summary(t) for name, t in times.items()}, "calls_per_timing": calls,
          "forward_flops_xla": flops, "matmul_peak": peak, "jax_memory_plan": common.jax_memory(compiled),

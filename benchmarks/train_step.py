@@ -18,7 +18,11 @@ in turns (JAX, torch eager, torch.compile, JAX, ...) for --rounds rounds, each t
 --min-seconds long, and the median is reported (min and max in the JSON). Reported FLOPs are
 XLA's count for the compiled step (`cost_analysis`), cross-checked against 3x the compiled
 forward and against torch's FlopCounterMode on the reference step. MFU = step FLOPs / step time
-/ the matmul rate measured in this run (the better of a large jnp and torch matmul). Memory: on
+/ the matmul rate measured in this run (the better of a large jnp and torch matmul). JAX runs on
+every device of the trainer's mesh and torch on one: on a multi-GPU host set
+CUDA_VISIBLE_DEVICES=0 for a one-device comparison. With N devices the step FLOPs are XLA's
+per-device count times N and JAX's MFU is against N times the one-device peak (CPU devices
+simulated by --xla_force_host_platform_device_count share the host's cores and its peak). Memory: on
 GPU the peak device memory of each framework; on CPU XLA's memory plan for the step and each
 framework's peak RSS (torch's in a child process, so that the two do not mix).
 """
@@ -34,7 +38,7 @@ from benchmarks import common
 common.prepare_process()
 
 COLUMNS = [("device", "device"), ("model", "model"), ("protocol", "protocol"), ("res", "res"),
-           ("batch", "batch"), ("dtype", "dtype"), ("JAX img/s", "jax_img_s"),
+           ("batch", "batch"), ("dtype", "dtype"), ("JAX devices", "jax_devices"), ("JAX img/s", "jax_img_s"),
            ("torch eager img/s", "torch_eager_img_s"), ("JAX / eager", "ratio_eager"),
            ("torch.compile img/s", "torch_compile_img_s"), ("JAX / compile", "ratio_compile"),
            ("JAX compile s", "jax_compile_s"), ("torch.compile s", "torch_compile_s"),
@@ -193,7 +197,10 @@ def main(argv=None):
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
 
   img_s = lambda name: args.batch / median[name] if name in median else None
-  mfu = lambda name: step_flops / median[name] / peak["peak_flops_per_s"] if name in median and step_flops else None
+  jax_devices = common.program_devices(compiled)
+  # JAX runs on every device of the mesh, torch on one.
+  peaks = {name: common.mesh_peak(peak, jax_devices if name == "jax" else 1) for name in median}
+  mfu = lambda name: step_flops / median[name] / peaks[name] if name in median and step_flops else None
   row = {
       "benchmark": "train_step", "device": env["device"], "model": args.model, "protocol": args.protocol,
       "res": args.res, "batch": args.batch, "dtype": args.dtype,
@@ -205,7 +212,7 @@ def main(argv=None):
       "gflop_per_img": common.fmt(step_flops / args.batch / 1e9 if step_flops else None, ".1f"),
       "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),
       "mfu_torch_compile": common.fmt(mfu("torch_compile"), ".1%"),
-      "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"),
+      "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"), "jax_devices": jax_devices,
       "jax_mem_gib": common.gib(jax_mem), "torch_mem_gib": common.gib(torch_mem) or "n/a",
       "jax_mem_kind": "device peak" if gpu else "peak RSS", "torch_mem_kind": "device peak" if gpu else "peak RSS",
       "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",

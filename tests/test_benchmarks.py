@@ -10,10 +10,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_benchmark(tmp_path, module: str, *args: str) -> list[dict]:
+def run_benchmark(tmp_path, module: str, *args: str, xla_flags: str = "") -> list[dict]:
+  tmp_path.mkdir(parents=True, exist_ok=True)
   out = tmp_path / f"{module}.jsonl"  # the benchmarks append: one file per command
   # TMPDIR: each test builds its own synthetic dataset (benchmarks/jax_side.py caches it there).
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
   proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,6 +39,19 @@ def test_train_step_measures_jax_and_torch_in_one_run(tmp_path):
     positive(row[key])
   assert row["step_flops_xla"] > 0 and row["params_trained"] < row["params_total"]
   assert row["command"].startswith("python -m benchmarks.train_step")
+
+
+def test_step_flops_count_every_device_of_the_mesh(tmp_path):
+  """XLA's cost analysis counts one device's share of a partitioned step; the benchmark's FLOPs
+  per image must not halve when the same step runs data-parallel on two devices."""
+  cell = ("--model", "dinov2_vits14", "--protocol", "unfrozen_linear", "--res", "56", "--batch", "4",
+          "--torch", "none", "--rounds", "1", "--min-seconds", "0", TWO_BLOCKS)
+  [one] = run_benchmark(tmp_path / "one", "train_step", *cell)
+  [two] = run_benchmark(tmp_path / "two", "train_step", *cell, xla_flags="--xla_force_host_platform_device_count=2")
+  assert (one["jax_devices"], two["jax_devices"]) == (1, 2)
+  # Each device also runs the whole optimizer update on its replicated parameters: a few % more.
+  assert 0.98 < float(two["gflop_per_img"]) / float(one["gflop_per_img"]) < 1.1, (one["gflop_per_img"], two["gflop_per_img"])
+  positive(two["mfu_jax"])
 
 
 def test_inference_and_ablation_rows(tmp_path):
