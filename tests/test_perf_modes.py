@@ -3,6 +3,7 @@ a stated tolerance of float32 (parameters and optimizer state stay float32), rem
 scanned blocks to rounding, and GELU as torch computes it; freed host memory is kept for reuse."""
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -27,11 +28,13 @@ BF16_GRAD_COSINE = 0.999  # cosine similarity of the flattened gradients
 BF16_GRAD_NORM_RTOL = 2e-2
 
 SMALL = dict(width=96, depth=3, heads=3, mlp_hidden=192)
+SMALL_BY_NAME = {"sam_vitb": dict(SMALL, window=2, global_blocks=(1,), neck_features=32),
+                 "seem_focalt": dict(embed_dim=32, depths=(1, 1, 2, 1))}
 
 
 def small(name, **kw):
-  res = 42 if name.startswith("dinov2") else 48
-  return models.create(name, **SMALL, native_resolution=(res, res), **kw), res
+  res = 42 if name.startswith("dinov2") else 64 if name == "seem_focalt" else 48
+  return models.create(name, **SMALL_BY_NAME.get(name, SMALL), native_resolution=(res, res), **kw), res
 
 
 def images(n, res, seed=0):
@@ -54,7 +57,8 @@ def loss_and_grads(classifier, params, x, y):
   return jax.value_and_grad(loss)(params)
 
 
-@pytest.mark.parametrize("name", ["deit_base_patch16", "dinov2_vitb14", "openclip_vitb16"])
+@pytest.mark.parametrize("name", ["deit_base_patch16", "dinov2_vitb14", "openclip_vitb16", "sam_vitb",
+                                  "seem_focalt"])
 def test_bf16_compute_matches_float32(name):
   foundation, res = small(name)
   f32 = heads.Classifier(foundation, 5)
@@ -259,3 +263,40 @@ def test_freed_host_memory_is_reused_without_page_faults():
   # block went back to the kernel), next to none when the block was kept.
   assert default_faults >= 128, default_faults
   assert kept_faults < 32, kept_faults
+
+
+def dot_operand_dtypes(compiled_text):
+  """The operand dtypes of every dot in compiled HLO text, one set per dot."""
+  dtypes = []
+  for computation in compiled_text.split("\n\n"):
+    dtype_of = dict(re.findall(r"%([\w.-]+) = (\w+)\[", computation))
+    for lhs, rhs in re.findall(r" dot\(%([\w.-]+), %([\w.-]+)\)", computation):
+      dtypes.append({dtype_of[lhs], dtype_of[rhs]})
+  return dtypes
+
+
+def dense_grads(dot_general):
+  def loss(x, w):
+    out = dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    return (out.astype(jnp.float32) * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size).sum()
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def test_cpu_bf16_dense_runs_every_gemm_on_bf16_operands():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 64, 96)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((96, 128)) / 10, jnp.bfloat16)
+  fast = dense_grads(layers.dense_dot_general)
+  # forward, input gradient and weight gradient: three GEMMs, none on upcast float32 operands
+  # (XLA's default lowering upcasts the weight gradient's; tests the reason for the custom VJP)
+  assert dot_operand_dtypes(fast.lower(x, w).compile().as_text()) == [{"bf16"}] * 3
+  assert {"f32"} in dot_operand_dtypes(dense_grads(jax.lax.dot_general).lower(x, w).compile().as_text())
+  (value, (gx, gw)) = fast(x, w)
+  (ref_value, (ref_gx, ref_gw)) = dense_grads(jax.lax.dot_general)(x.astype(jnp.float32), w.astype(jnp.float32))
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  assert abs(float(value - ref_value)) <= 1e-2 * abs(float(ref_value))
+  assert rel(gx.astype(jnp.float32), ref_gx) <= 1e-2
+  assert rel(gw.astype(jnp.float32), ref_gw) <= 1e-2
+  # float32 and non-Dense contractions keep lax.dot_general's own lowering
+  assert (layers.dense_dot_general(x.astype(jnp.float32), w.astype(jnp.float32), (((2,), (0,)), ((), ())))
+          == jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), (((2,), (0,)), ((), ())))).all()

@@ -121,7 +121,7 @@ class FocalModulation(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     levels = self.focal_level
-    y = nn.Dense(2 * c + levels + 1, dtype=self.dtype, name="f")(x)
+    y = layers.Dense(2 * c + levels + 1, dtype=self.dtype, name="f")(x)
     q, ctx, gates = y[..., :c], y[..., c:2 * c], y[..., 2 * c:]
     ctx_all = 0.0
     for level in range(levels):
@@ -132,10 +132,10 @@ class FocalModulation(nn.Module):
     ctx_all = ctx_all + ctx_global * gates[..., levels:]
     if self.normalize_modulator:
       ctx_all = ctx_all / (levels + 1)
-    out = q * nn.Dense(c, dtype=self.dtype, name="h")(ctx_all)
+    out = q * layers.Dense(c, dtype=self.dtype, name="h")(ctx_all)
     if self.post_norm:
       out = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(out)
-    return nn.Dense(c, dtype=self.dtype, name="proj")(out)
+    return layers.Dense(c, dtype=self.dtype, name="proj")(out)
 
 
 class Block(nn.Module):

@@ -35,7 +35,7 @@ class StackedDeiT(nn.Module):
   def __call__(self, tokens, grid, train: bool = False, return_blocks: bool = False):
     dtype = jnp.dtype(self.dtype)
     b = tokens.shape[0]
-    x = nn.Dense(self.width, dtype=dtype, name="projector")(tokens.astype(dtype))
+    x = layers.Dense(self.width, dtype=dtype, name="projector")(tokens.astype(dtype))
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="projector_norm")(x)  # torch default eps
     gh, gw = self.native_grid
     init = nn.initializers.truncated_normal(0.02)
@@ -52,7 +52,7 @@ class StackedDeiT(nn.Module):
                     attn_query_chunk=self.attn_query_chunk, name=f"blocks_{i}")(x, train)
       blocks.append(x.astype(jnp.float32))
     cls_out = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)[:, 0]
-    logits = nn.Dense(self.num_classes, dtype=dtype, name="fc")(cls_out)
+    logits = layers.Dense(self.num_classes, dtype=dtype, name="fc")(cls_out)
     return logits.astype(jnp.float32), cls_out.astype(jnp.float32), (blocks if return_blocks else [])
 
 

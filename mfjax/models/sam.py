@@ -76,7 +76,7 @@ class RelPosAttention(nn.Module):
   def __call__(self, x):
     b, h, w, d = x.shape
     head_dim = d // self.heads
-    qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, h * w, 3, self.heads, head_dim)
+    qkv = layers.Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, h * w, 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     table_h = self.param("rel_pos_h", nn.initializers.zeros_init(), (2 * self.table_grid[0] - 1, head_dim))
     table_w = self.param("rel_pos_w", nn.initializers.zeros_init(), (2 * self.table_grid[1] - 1, head_dim))
@@ -103,7 +103,7 @@ class RelPosAttention(nn.Module):
       q_chunks = grid_q.reshape(b, chunks, rows, w, self.heads, head_dim).swapaxes(0, 1)
       out = jax.lax.map(lambda c: jax.checkpoint(attend)(*c), (q_chunks, rel_h.reshape(chunks, rows, h, head_dim)))
       out = out.swapaxes(0, 1).reshape(b, h * w, self.heads, head_dim)
-    return nn.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, h, w, d))
+    return layers.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, h, w, d))
 
 
 def chunk_rows(h: int, requested: int) -> int:
