@@ -74,7 +74,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 def Dense(features: int, **kwargs) -> nn.Dense:  # pylint: disable=invalid-name
-  """nn.Dense whose matmuls go through `dense_dot_general`: the same parameters and results."""
+  """nn.Dense whose matmuls go through `dense_dot_general`: the same parameters; in float32 the
+  same computation, in bf16 on CPU float32-accumulated GEMMs."""
   return nn.Dense(features, dot_general=dense_dot_general, **kwargs)
 
 
