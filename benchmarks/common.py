@@ -134,6 +134,8 @@ def matmul_peak_fns(dtype: str = "float32") -> tuple[dict, float]:
 
   They join the interleaved timings of a benchmark, so the device's matmul rate is measured
   under the same load as the steps; the better of the two medians is the denominator of MFU.
+  JAX's accumulates in float32 (`preferred_element_type`), the form mfjax's bf16 layers use: a
+  bf16-result dot runs XLA:CPU's bf16 GEMMs at about half the rate.
   """
   import jax
   import jax.numpy as jnp
@@ -142,7 +144,7 @@ def matmul_peak_fns(dtype: str = "float32") -> tuple[dict, float]:
   n, reps = (8192, 20) if gpu else (2048, 1)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   device = torch_device()
   ta = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
   tb = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))

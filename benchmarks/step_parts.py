@@ -6,7 +6,9 @@ time goes and which part makes the difference between the frameworks.
 Parts (float32 unless --dtype bfloat16), each with the number of times one step runs it:
 - the four dense layers (qkv, proj, fc1, fc2) in the three matmul layouts of a step: forward
   `x @ W`, input gradient `dy @ W^T`, weight gradient `x^T @ dy` (XLA sends the last to a
-  different GEMM path than the first two on CPU);
+  different GEMM path than the first two on CPU). `--dense mfjax` (default) times the GEMMs
+  `layers.Dense` runs: in bf16 on CPU its float32-accumulated forms (`layers.bf16_gemm_*`);
+  `--dense lax` times `lax.dot_general` as a plain Flax Dense and its autodiff run them;
 - the attention core, forward and backward: mfjax's (`layers.attention_fn(None)`: the
   softmax-then-normalise core on CPU) against torch's `scaled_dot_product_attention`;
 - GELU (erf form), forward and backward;
@@ -44,6 +46,8 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--mlp-ratio", type=int, default=4)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--dense", default="mfjax", choices=["mfjax", "lax"],
+                      help="the dense GEMMs JAX runs: layers.Dense's (mfjax) or plain lax.dot_general's (lax)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--min-seconds", type=float, default=0.3, help="shortest single timing (calls repeat)")
   parser.add_argument("--out", default=None, help="append the JSON rows to this file")
@@ -81,19 +85,23 @@ def parts(args):
       common.torch_sync(device)
     return run
 
+  plain_forms = (lambda x, w: x @ w,
+                 lambda g, w: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))),
+                 lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))))
+  mfjax_bf16 = args.dense == "mfjax" and args.dtype == "bfloat16" and jax.default_backend() == "cpu"
+  forward, grad_input, grad_weight = ((layers.bf16_gemm_forward, layers.bf16_gemm_grad_input,
+                                       layers.bf16_gemm_grad_weight) if mfjax_bf16 else plain_forms)
   out = []
   for layer, (n_in, n_out) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}.items():
     (jx, jw, jdy), (tx, tw, tdy) = arrays((rows, n_in), (n_in, n_out), (rows, n_out))
     flops = 2.0 * rows * n_in * n_out
     out += [
         (f"{layer} forward x @ W", f"{rows}x{n_in} @ {n_in}x{n_out}", args.depth, flops,
-         jax_call(lambda x, w: x @ w, jx, jw), torch_call(lambda tx=tx, tw=tw: tx @ tw)),
+         jax_call(forward, jx, jw), torch_call(lambda tx=tx, tw=tw: tx @ tw)),
         (f"{layer} input grad dy @ W^T", f"{rows}x{n_out} @ ({n_in}x{n_out})^T", args.depth, flops,
-         jax_call(lambda g, w: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))), jdy, jw),
-         torch_call(lambda tdy=tdy, tw=tw: tdy @ tw.t())),
+         jax_call(grad_input, jdy, jw), torch_call(lambda tdy=tdy, tw=tw: tdy @ tw.t())),
         (f"{layer} weight grad x^T @ dy", f"({rows}x{n_in})^T @ {rows}x{n_out}", args.depth, flops,
-         jax_call(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))), jx, jdy),
-         torch_call(lambda tx=tx, tdy=tdy: tx.t() @ tdy)),
+         jax_call(grad_weight, jx, jdy), torch_call(lambda tx=tx, tdy=tdy: tx.t() @ tdy)),
     ]
 
   head_dim = d // args.heads
@@ -182,12 +190,12 @@ def main(argv=None):
         "jax_step_ms": common.fmt(jax_s * per_step * 1e3, ".0f"),
         "torch_step_ms": common.fmt(torch_s * per_step * 1e3, ".0f"),
         "timings_s": {"jax": common.summary(times[f"{i}:jax"]), "torch": common.summary(times[f"{i}:torch"])},
-        "dtype": args.dtype, **env,
+        "dtype": args.dtype, "dense": args.dense, **env,
     })
   rows.append({"benchmark": "step_parts", "device": env["device"], "part": "sum of the parts", "shape": "",
                "per_step": "", "ratio": common.fmt(totals["torch"] / totals["jax"]),
                "jax_step_ms": common.fmt(totals["jax"] * 1e3, ".0f"),
-               "torch_step_ms": common.fmt(totals["torch"] * 1e3, ".0f"), "dtype": args.dtype,
+               "torch_step_ms": common.fmt(totals["torch"] * 1e3, ".0f"), "dtype": args.dtype, "dense": args.dense,
                "command": "python -m benchmarks.step_parts " + " ".join(argv if argv is not None else sys.argv[1:]),
                **env})
   common.emit(rows, COLUMNS, args.out)

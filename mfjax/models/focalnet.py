@@ -25,8 +25,7 @@ from mfjax.models import layers
 NORM_PLACEMENTS = ("pre", "post", "post_add")
 
 
-def gelu(x):
-  return nn.gelu(x, approximate=False)
+gelu = layers.ACTIVATIONS["gelu_erfc"]
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:

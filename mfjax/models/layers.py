@@ -11,10 +11,23 @@ import numpy as np
 Dtype = Any
 
 
+def in_float32(fn: Callable) -> Callable:
+  """`fn` (elementwise) computed in float32 and returned in its input's dtype. XLA:CPU has no
+  bf16 vector arithmetic and converts around each op of a bf16 chain; in float32 the chain is
+  one loop (bf16 erf GELU forward + backward at ViT-B's fc1 size: 7.6 -> 2.9 ms on Zen 4), and
+  it rounds once instead of at every op, as torch's bf16 CPU kernels do."""
+  @functools.wraps(fn)
+  def computed_in_float32(x):
+    return fn(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
+  return computed_in_float32
+
+
+@in_float32
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+@in_float32
 def gelu(x):
   """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)); on CPU the erf polynomial is
   cheaper than the erfc form of jax.nn.gelu (`gelu_erfc`, more accurate far below zero)."""
@@ -23,10 +36,10 @@ def gelu(x):
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": gelu,
-    "gelu_erfc": lambda x: nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_erfc": in_float32(lambda x: nn.gelu(x, approximate=False)),
+    "gelu_tanh": in_float32(lambda x: nn.gelu(x, approximate=True)),
     "quick_gelu": quick_gelu,
-    "silu": nn.silu,
+    "silu": in_float32(nn.silu),
     "relu": nn.relu,
 }
 
@@ -39,9 +52,24 @@ def _rows_first(a):
   return jnp.transpose(a.reshape(m, k, 1), (1, 0, 2)).reshape(k, m)
 
 
+def bf16_gemm_forward(x, w):
+  """x @ w for 2-D bf16 operands, float32-accumulated: the bf16 Dense's forward GEMM."""
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def bf16_gemm_grad_input(grad, w):
+  """grad @ w.T, float32-accumulated: the bf16 Dense's input-gradient GEMM."""
+  return jax.lax.dot_general(grad, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(grad.dtype)
+
+
+def bf16_gemm_grad_weight(x, grad):
+  """x.T @ grad on a row-major copy of x.T, float32-accumulated: the bf16 Dense's weight-gradient GEMM."""
+  return jnp.dot(_rows_first(x), grad, preferred_element_type=jnp.float32).astype(grad.dtype)
+
+
 @jax.custom_vjp
 def _bf16_matmul(x, w):
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return bf16_gemm_forward(x, w)
 
 
 def _bf16_matmul_fwd(x, w):
@@ -50,9 +78,7 @@ def _bf16_matmul_fwd(x, w):
 
 def _bf16_matmul_bwd(residuals, grad):
   x, w = residuals
-  grad_x = jax.lax.dot_general(grad, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  grad_w = jnp.dot(_rows_first(x), grad, preferred_element_type=jnp.float32)
-  return grad_x.astype(x.dtype), grad_w.astype(w.dtype)
+  return bf16_gemm_grad_input(grad, w).astype(x.dtype), bf16_gemm_grad_weight(x, grad).astype(w.dtype)
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -107,7 +133,7 @@ class Mlp(nn.Module):
     if self.act == "swiglu":
       h = dense(Dense(2 * self.hidden, dtype=self.dtype, name="fc1"), x)
       gate, value = jnp.split(h, 2, axis=-1)
-      h = nn.silu(gate) * value
+      h = ACTIVATIONS["silu"](gate) * value
     else:
       h = ACTIVATIONS[self.act](dense(Dense(self.hidden, dtype=self.dtype, name="fc1"), x))
     return dense(Dense(out_dim, dtype=self.dtype, name="fc2"), h)
