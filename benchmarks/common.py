@@ -134,8 +134,8 @@ def matmul_peak_fns(dtype: str = "float32") -> tuple[dict, float]:
 
   They join the interleaved timings of a benchmark, so the device's matmul rate is measured
   under the same load as the steps; the better of the two medians is the denominator of MFU.
-  JAX's accumulates in float32 (`preferred_element_type`), the form mfjax's bf16 layers use: a
-  bf16-result dot runs XLA:CPU's bf16 GEMMs at about half the rate.
+  JAX's accumulates in float32 (`preferred_element_type`), the form mfjax's bf16 layers use on
+  CPU, where a bf16-result dot runs at about half the rate.
   """
   import jax
   import jax.numpy as jnp

@@ -185,7 +185,7 @@ def test_gelu_is_torchs():
 @pytest.mark.parametrize("name", sorted(layers.ACTIVATIONS))
 def test_bf16_activations_round_once_from_float32(name):
   """bf16 activations are computed in float32 and rounded once (forward and gradient): on CPU the
-  bf16 op-by-op form is 2.7x slower and rounds at every op."""
+  bf16 op-by-op form is about 2.5x slower and rounds at every op."""
   act = layers.ACTIVATIONS[name]
   x = jnp.linspace(-6, 6, 4097, dtype=jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
   g = jnp.cos(7 * x)

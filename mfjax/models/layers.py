@@ -14,7 +14,7 @@ Dtype = Any
 def in_float32(fn: Callable) -> Callable:
   """`fn` (elementwise) computed in float32 and returned in its input's dtype. XLA:CPU has no
   bf16 vector arithmetic and converts around each op of a bf16 chain; in float32 the chain is
-  one loop (bf16 erf GELU forward + backward at ViT-B's fc1 size: 7.6 -> 2.9 ms on Zen 4), and
+  one loop (bf16 erf GELU forward + backward at ViT-B's fc1 size: 7.9 -> 3.2 ms on Zen 4), and
   it rounds once instead of at every op, as torch's bf16 CPU kernels do."""
   @functools.wraps(fn)
   def computed_in_float32(x):
@@ -73,12 +73,12 @@ def _bf16_matmul(x, w):
 
 
 def _bf16_matmul_fwd(x, w):
-  return _bf16_matmul(x, w), (x, w)
+  return bf16_gemm_forward(x, w), (x, w)
 
 
 def _bf16_matmul_bwd(residuals, grad):
   x, w = residuals
-  return bf16_gemm_grad_input(grad, w).astype(x.dtype), bf16_gemm_grad_weight(x, grad).astype(w.dtype)
+  return bf16_gemm_grad_input(grad, w), bf16_gemm_grad_weight(x, grad)  # all bf16: see dense_dot_general
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
