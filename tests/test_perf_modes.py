@@ -239,6 +239,40 @@ def test_query_chunked_stacked_deit_head_computes_the_same():
   assert rel(flat(grad(chunked)), flat(grad(plain))) <= 1e-5
 
 
+def test_softmax_attention_with_a_bias_matches_dot_product_attention():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 10, 3, 8)), jnp.float32) for _ in range(3))
+  bias = jnp.asarray(rng.standard_normal((2, 3, 10, 10)), jnp.float32)
+  weights = jnp.asarray(rng.standard_normal((2, 10, 3, 8)), jnp.float32)
+
+  def loss(attend):
+    return jax.value_and_grad(lambda *a: (attend(*a) * weights).sum(), argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+  with jax.default_matmul_precision("highest"):
+    got_loss, got = loss(lambda q, k, v, b: layers.softmax_attention(q, k, v, bias=b))
+    ref_loss, ref = loss(lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=b, implementation="xla"))
+  assert abs(float(got_loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
+  for name, g, r in zip("qkv", got, ref):
+    assert rel(g, r) <= 1e-5, name
+  assert rel(got[3], ref[3]) <= 1e-5, "bias"
+
+
+def test_sam_attention_on_cpu_plans_less_memory_than_the_xla_core():
+  """SAM's relative-position attention runs the softmax-then-normalise core on CPU (one (heads, N,
+  N) tensor fewer than jax.nn.dot_product_attention's XLA path keeps for the backward pass)."""
+  from mfjax.models import sam
+  x = jnp.ones((1, 32, 32, 64))
+
+  def temp_bytes(attn_impl):
+    attn = sam.RelPosAttention(heads=2, table_grid=(64, 64), attn_impl=attn_impl)
+    variables = attn.init(jax.random.PRNGKey(0), x)
+    grad = jax.jit(jax.grad(lambda v, x: (attn.apply(v, x) ** 2).sum()))
+    return grad.lower(variables, x).compile().memory_analysis().temp_size_in_bytes
+
+  one_weights_tensor = 2 * 1024 * 1024 * 4
+  assert temp_bytes(None) <= temp_bytes("xla") - 0.9 * one_weights_tensor
+
+
 def test_a_negative_query_chunk_is_refused():
   with pytest.raises(ValueError, match="attn_query_chunk must be >= 0.*-8"):
     layers.attention_fn(None, -8)

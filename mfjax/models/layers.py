@@ -142,13 +142,16 @@ class Mlp(nn.Module):
 ATTENTION_IMPLS = (None, "xla", "cudnn", "softmax")
 
 
-def softmax_attention(q, k, v):
-  """softmax(q k^T / sqrt(D)) v on (B, N, H, D) inputs, computed head-major with the logits in
-  float32 and the normalisation applied after the product with v: one pass fewer over the
-  (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU."""
+def softmax_attention(q, k, v, bias=None):
+  """softmax(q k^T / sqrt(D) + bias) v on (B, N, H, D) inputs, computed head-major with the logits
+  in float32 and the normalisation applied after the product with v: one pass fewer over the
+  (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU. `bias` broadcasts
+  against the (B, H, N, N) logits."""
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
   out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out = out / weights.sum(axis=-1, keepdims=True)

@@ -76,12 +76,14 @@ class RelPosAttention(nn.Module):
   def __call__(self, x):
     b, h, w, d = x.shape
     head_dim = d // self.heads
-    qkv = layers.Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(b, h * w, 3, self.heads, head_dim)
+    qkv = layers.dense(layers.Dense(3 * d, dtype=self.dtype, name="qkv"), x).reshape(b, h * w, 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     table_h = self.param("rel_pos_h", nn.initializers.zeros_init(), (2 * self.table_grid[0] - 1, head_dim))
     table_w = self.param("rel_pos_w", nn.initializers.zeros_init(), (2 * self.table_grid[1] - 1, head_dim))
     rel_h = relative_embeddings(table_h, h, self.rel_pos_resize).astype(self.dtype)
     rel_w = relative_embeddings(table_w, w, self.rel_pos_resize).astype(self.dtype)
+
+    core = layers.attention_fn(self.attn_impl)
 
     def attend(grid_q, rel_h_rows):
       """Queries of `r` grid rows (B, r, W, heads, C) against every key; rel_h_rows: (r, H, C)."""
@@ -89,8 +91,7 @@ class RelPosAttention(nn.Module):
       bias_h = jnp.einsum("brwnc,rkc->bnrwk", grid_q, rel_h_rows)
       bias_w = jnp.einsum("brwnc,wkc->bnrwk", grid_q, rel_w)
       bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.heads, r * w, h * w)
-      return jax.nn.dot_product_attention(grid_q.reshape(b, r * w, self.heads, head_dim), k, v, bias=bias,
-                                          implementation=self.attn_impl)
+      return core(grid_q.reshape(b, r * w, self.heads, head_dim), k, v, bias=bias)
 
     grid_q = q.reshape(b, h, w, self.heads, head_dim)
     rows = chunk_rows(h, self.query_chunk_rows)
@@ -103,7 +104,7 @@ class RelPosAttention(nn.Module):
       q_chunks = grid_q.reshape(b, chunks, rows, w, self.heads, head_dim).swapaxes(0, 1)
       out = jax.lax.map(lambda c: jax.checkpoint(attend)(*c), (q_chunks, rel_h.reshape(chunks, rows, h, head_dim)))
       out = out.swapaxes(0, 1).reshape(b, h * w, self.heads, head_dim)
-    return layers.Dense(d, dtype=self.dtype, name="proj")(out.reshape(b, h, w, d))
+    return layers.dense(layers.Dense(d, dtype=self.dtype, name="proj"), out.reshape(b, h, w, d))
 
 
 def chunk_rows(h: int, requested: int) -> int:
