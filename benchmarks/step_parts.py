@@ -182,8 +182,8 @@ def main(argv=None):
     totals["torch"] += torch_s * per_step
     rows.append({
         "benchmark": "step_parts", "device": env["device"], "part": name, "shape": shape, "per_step": per_step,
-        "gflop": common.fmt(flops / 1e9 if flops else None, ".2f"), "jax_ms": common.fmt(jax_s * 1e3),
-        "torch_ms": common.fmt(torch_s * 1e3), "ratio": common.fmt(torch_s / jax_s),
+        "gflop": common.fmt(flops / 1e9 if flops else None, ".2f"), "jax_ms": common.fmt(jax_s * 1e3, ".3g"),
+        "torch_ms": common.fmt(torch_s * 1e3, ".3g"), "ratio": common.fmt(torch_s / jax_s),
         "jax_gflop_s": common.fmt(flops / jax_s / 1e9 if flops else None, ".0f"),
         "torch_gflop_s": common.fmt(flops / torch_s / 1e9 if flops else None, ".0f"),
         "jax_busy": cores[f"{i}:jax"], "torch_busy": cores[f"{i}:torch"],
