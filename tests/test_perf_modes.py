@@ -257,6 +257,24 @@ def test_softmax_attention_with_a_bias_matches_dot_product_attention():
   assert rel(got[3], ref[3]) <= 1e-5, "bias"
 
 
+def test_recomputed_attention_keeps_its_values_and_drops_their_matmul(monkeypatch):
+  """Query-chunked attention recomputes each chunk's weights in the backward pass but keeps the
+  chunk's weights @ v product, so the recomputation runs one (chunk, N) x (N, D) matmul fewer."""
+  b, n, h, d, chunk = 2, 32, 2, 8, 8
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(3))
+  attend = layers.chunk_queries(layers.softmax_attention, chunk)
+  grad = lambda: jax.jit(jax.grad(lambda *a: (attend(*a) ** 2).sum(), argnums=(0, 1, 2)))
+  flops_and_grads = lambda fn: (fn.lower(q, k, v).compile().cost_analysis()["flops"], fn(q, k, v))
+  kept_flops, kept = flops_and_grads(grad())
+  monkeypatch.setattr(layers, "recompute_attention", jax.checkpoint)
+  plain_flops, plain = flops_and_grads(grad())
+  # XLA's cost analysis counts the chunk loop's body once: the difference is one chunk's matmul.
+  assert plain_flops - kept_flops == pytest.approx(2 * b * h * chunk * n * d, rel=0.05)
+  for got, ref in zip(kept, plain):
+    assert rel(got, ref) <= 1e-6
+
+
 def test_sam_attention_on_cpu_plans_less_memory_than_the_xla_core():
   """SAM's relative-position attention runs the softmax-then-normalise core on CPU (one (heads, N,
   N) tensor fewer than jax.nn.dot_product_attention's XLA path keeps for the backward pass)."""

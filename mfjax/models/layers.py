@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -142,6 +143,16 @@ class Mlp(nn.Module):
 ATTENTION_IMPLS = (None, "xla", "cudnn", "softmax")
 
 
+ATTENTION_VALUES = "attention_values"
+
+
+def recompute_attention(attend: Callable) -> Callable:
+  """`attend` under jax.checkpoint: its (B, H, N, N) weights are recomputed in the backward pass.
+  The softmax core's unnormalised values (B, H, N, D) are kept, so the recomputation leaves out
+  their weights @ v matmul (the backward needs them only for the normaliser's gradient)."""
+  return jax.checkpoint(attend, policy=jax.checkpoint_policies.save_only_these_names(ATTENTION_VALUES))
+
+
 def softmax_attention(q, k, v, bias=None):
   """softmax(q k^T / sqrt(D) + bias) v on (B, N, H, D) inputs, computed head-major with the logits
   in float32 and the normalisation applied after the product with v: one pass fewer over the
@@ -154,7 +165,7 @@ def softmax_attention(q, k, v, bias=None):
     logits = logits + bias
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
   out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out / weights.sum(axis=-1, keepdims=True)
+  out = checkpoint_name(out, ATTENTION_VALUES) / weights.sum(axis=-1, keepdims=True)
   return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
@@ -185,7 +196,7 @@ def chunk_queries(attend: Callable, chunk: int) -> Callable:
       return attend(q, k, v)
     q = jnp.pad(q, ((0, 0), (0, -n % chunk), (0, 0), (0, 0)))
     q_chunks = q.reshape(b, -1, chunk, *q.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(lambda q_chunk: jax.checkpoint(attend)(q_chunk, k, v), q_chunks)
+    out = jax.lax.map(lambda q_chunk: recompute_attention(attend)(q_chunk, k, v), q_chunks)
     return out.swapaxes(0, 1).reshape(b, -1, *out.shape[3:])[:, :n]
   return chunked
 
@@ -235,7 +246,7 @@ class Attention(nn.Module):
     if rope is not None:
       q, k = rope(q), rope(k)
     attend = attention_fn(self.attn_impl, self.query_chunk)
-    out = (jax.checkpoint(attend) if self.remat_core else attend)(q, k, v)
+    out = (recompute_attention(attend) if self.remat_core else attend)(q, k, v)
     return dense(Dense(d, dtype=self.dtype, name="proj"), out.reshape(b, n, d))
 
 

@@ -102,7 +102,8 @@ class RelPosAttention(nn.Module):
       # logits, bias and probabilities never exist whole, only (heads, rows * W, N) of them.
       chunks = h // rows
       q_chunks = grid_q.reshape(b, chunks, rows, w, self.heads, head_dim).swapaxes(0, 1)
-      out = jax.lax.map(lambda c: jax.checkpoint(attend)(*c), (q_chunks, rel_h.reshape(chunks, rows, h, head_dim)))
+      out = jax.lax.map(lambda c: layers.recompute_attention(attend)(*c),
+                        (q_chunks, rel_h.reshape(chunks, rows, h, head_dim)))
       out = out.swapaxes(0, 1).reshape(b, h * w, self.heads, head_dim)
     return layers.dense(layers.Dense(d, dtype=self.dtype, name="proj"), out.reshape(b, h, w, d))
 
