@@ -171,7 +171,7 @@ class Model(nn.Module):
   rel_pos_resize: str = "nearest"  # nearest (the paper) | linear (segment_anything's get_rel_pos)
   num_blocks: int | None = None    # keep only the first k blocks (decapitation)
   dtype: str = "float32"           # compute dtype; parameters stay float32
-  attn_impl: str | None = None     # jax.nn.dot_product_attention implementation
+  attn_impl: str | None = None     # the attention core: see layers.attention_fn
   remat: bool = False
   # Global blocks attend this many rows of the token grid's queries at a time (0: all at once):
   # at 1024 px the (heads, 4096, 4096) logits, bias and probabilities otherwise dominate memory.

@@ -34,7 +34,7 @@ class Model(nn.Module):
   num_blocks: int | None = None  # keep only the first k blocks (decapitation)
   drop_path: float = 0.0
   dtype: str = "float32"         # compute dtype; parameters stay float32
-  attn_impl: str | None = None   # jax.nn.dot_product_attention implementation
+  attn_impl: str | None = None   # the attention core: see layers.attention_fn
   attn_query_chunk: int = 0      # > 0: attend this many queries at a time (memory at 1024 px)
   remat: bool = False
   remat_policy: str = "block"    # what remat keeps: block | dots | attention (layers.REMAT_POLICIES)
