@@ -47,11 +47,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["mfjax", "mfjax.*", "convert", "convert.*", "configs"]),
+    package_data={"mfjax": ["cpu_gemm.cc"]},  # built on first use (mfjax/cpu_gemm.py)
     install_requires=CORE,
     extras_require={
         "test": TEST,
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
         "hub": ["huggingface_hub>=0.24"],
+        "mkl": ["mkl>=2024"],  # MKL's float32 GEMMs for the CPU step on Intel (mfjax/cpu_gemm.py)
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11", "gcsfs>=2024.2"],
         "gcs": ["gcsfs>=2024.2"],

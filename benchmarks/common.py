@@ -62,13 +62,14 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 def environment() -> dict:
   import jax
   import torch
+  from mfjax import cpu_gemm
   device = jax.devices()[0]
   env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
          "platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
          "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
          "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "keep_freed_memory": KEEP_FREED_MEMORY,
-         "load_average_start": round(os.getloadavg()[0], 2)}
+         "cpu_gemm": cpu_gemm.describe(), "load_average_start": round(os.getloadavg()[0], 2)}
   env["device"] = (f"{device.device_kind} x{jax.device_count()}" if device.platform != "cpu"
                    else f"CPU {env['cpu']}, {env['cpu_count']} cores")
   return env
@@ -193,13 +194,18 @@ def program_devices(compiled) -> int:
 def cost_flops(compiled) -> float | None:
   """FLOPs of one call of a compiled JAX computation, as XLA counts them, on all its devices
   together: XLA counts one device's share of an SPMD-partitioned program (half of the step on
-  a 2-device data-parallel mesh), so the count is multiplied by `program_devices`."""
+  a 2-device data-parallel mesh), so the count is multiplied by `program_devices`. XLA counts
+  a custom call as nothing: the MKL GEMMs of `mfjax.cpu_gemm` are added from the program's text."""
+  from mfjax import cpu_gemm
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
     return None
-  return float(cost["flops"]) * program_devices(compiled)
+  flops = float(cost["flops"])
+  if cpu_gemm.TARGET in (text := compiled.as_text()):
+    flops += cpu_gemm.custom_call_flops(text)
+  return flops * program_devices(compiled)
 
 
 def mesh_peak(peak: dict, devices: int) -> float:

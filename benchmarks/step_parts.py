@@ -7,10 +7,11 @@ Parts (float32 unless --dtype bfloat16), each with the number of times one step 
 - the four dense layers (qkv, proj, fc1, fc2) in the three matmul layouts of a step: forward
   `x @ W`, input gradient `dy @ W^T`, weight gradient `x^T @ dy` (XLA sends the last to a
   different GEMM path than the first two on CPU). `--dense mfjax` (default) times the GEMMs
-  `layers.Dense` runs: in bf16 on CPU its float32-accumulated forms (`layers.bf16_gemm_*`);
+  `layers.Dense` runs: in bf16 on CPU its float32-accumulated forms (`layers.bf16_gemm_*`), in
+  float32 MKL's (`mfjax.cpu_gemm`) where MFJAX_CPU_GEMM picks it;
   `--dense lax` times `lax.dot_general` as a plain Flax Dense and its autodiff run them;
 - the attention core, forward and backward: mfjax's (`layers.attention_fn(None)`: the
-  softmax-then-normalise core on CPU) against torch's `scaled_dot_product_attention`;
+  softmax-then-normalise core on CPU, its matmuls in MKL where `layers.Dense` uses it) against torch's `scaled_dot_product_attention`;
 - GELU (erf form), forward and backward;
 - the optimizer: gradient clipping at norm 1.0 and AdamW over ViT-shaped parameters (mfjax's
   optax chain against torch's fused AdamW), once per step.
@@ -62,6 +63,7 @@ def parts(args):
   import optax
   import torch
   import torch.nn.functional as F
+  from mfjax import cpu_gemm
   from mfjax.models import layers
   from mfjax.train import optim
 
@@ -88,9 +90,13 @@ def parts(args):
   plain_forms = (lambda x, w: x @ w,
                  lambda g, w: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ()))),
                  lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))))
+  mkl_forms = (cpu_gemm.matmul, lambda g, w: cpu_gemm.matmul(g, w, False, True),
+               lambda x, g: cpu_gemm.matmul(x, g, True, False))
   mfjax_bf16 = args.dense == "mfjax" and args.dtype == "bfloat16" and jax.default_backend() == "cpu"
+  mfjax_mkl = args.dense == "mfjax" and cpu_gemm.enabled_for(jnp.zeros((), jdtype))
   forward, grad_input, grad_weight = ((layers.bf16_gemm_forward, layers.bf16_gemm_grad_input,
-                                       layers.bf16_gemm_grad_weight) if mfjax_bf16 else plain_forms)
+                                       layers.bf16_gemm_grad_weight) if mfjax_bf16
+                                      else mkl_forms if mfjax_mkl else plain_forms)
   out = []
   for layer, (n_in, n_out) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}.items():
     (jx, jw, jdy), (tx, tw, tdy) = arrays((rows, n_in), (n_in, n_out), (rows, n_out))

@@ -14,6 +14,8 @@ import optax
 import pytest
 import torch
 
+from benchmarks import common
+from mfjax import cpu_gemm
 from mfjax import data as mdata
 from mfjax import models
 from mfjax.cli import load_config
@@ -257,15 +259,23 @@ def test_softmax_attention_with_a_bias_matches_dot_product_attention():
   assert rel(got[3], ref[3]) <= 1e-5, "bias"
 
 
-def test_recomputed_attention_keeps_its_values_and_drops_their_matmul(monkeypatch):
+@pytest.mark.parametrize("cpu_gemm_mode", ["xla", "mkl"])
+def test_recomputed_attention_keeps_its_values_and_drops_their_matmul(monkeypatch, cpu_gemm_mode):
   """Query-chunked attention recomputes each chunk's weights in the backward pass but keeps the
-  chunk's weights @ v product, so the recomputation runs one (chunk, N) x (N, D) matmul fewer."""
+  chunk's weights @ v product, so the recomputation runs one (chunk, N) x (N, D) matmul fewer;
+  with XLA's dots and with MKL's (mfjax.cpu_gemm, whose calls `cost_flops` adds to XLA's count)."""
+  monkeypatch.setenv("MFJAX_CPU_GEMM", cpu_gemm_mode)
+  if cpu_gemm_mode == "mkl":
+    try:
+      cpu_gemm.load()
+    except cpu_gemm.Unavailable as e:
+      pytest.skip(f"no MKL here: {e}")
   b, n, h, d, chunk = 2, 32, 2, 8, 8
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(3))
   attend = layers.chunk_queries(layers.softmax_attention, chunk)
   grad = lambda: jax.jit(jax.grad(lambda *a: (attend(*a) ** 2).sum(), argnums=(0, 1, 2)))
-  flops_and_grads = lambda fn: (fn.lower(q, k, v).compile().cost_analysis()["flops"], fn(q, k, v))
+  flops_and_grads = lambda fn: (common.cost_flops(fn.lower(q, k, v).compile()), fn(q, k, v))
   kept_flops, kept = flops_and_grads(grad())
   monkeypatch.setattr(layers, "recompute_attention", jax.checkpoint)
   plain_flops, plain = flops_and_grads(grad())
@@ -349,7 +359,8 @@ def dense_grads(dot_general):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def test_cpu_bf16_dense_runs_every_gemm_on_bf16_operands():
+def test_cpu_bf16_dense_runs_every_gemm_on_bf16_operands(monkeypatch):
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "xla")  # float32 through MKL: tests/test_cpu_gemm.py
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 64, 96)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((96, 128)) / 10, jnp.bfloat16)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from mfjax import cpu_gemm
+
 Dtype = Any
 
 
@@ -86,17 +88,23 @@ _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """nn.Dense's `dot_general`: lax.dot_general, except for bf16 on CPU, where each GEMM of the
-  layer (forward, input and weight gradient) runs bf16 x bf16 with float32 accumulation on
-  row-major operands, the only form XLA:CPU sends to its bf16 kernel (about twice its float32
-  GEMM rate on AVX512-BF16; the default lowering runs bf16 dots below the float32 rate)."""
+  """nn.Dense's `dot_general`: lax.dot_general, except on CPU: in float32 MKL's GEMMs where
+  `cpu_gemm.enabled_for` says so; in bf16 each GEMM of the layer (forward, input and weight
+  gradient) runs bf16 x bf16 with float32 accumulation on row-major operands, the only form
+  XLA:CPU sends to its bf16 kernel (about twice its float32 GEMM rate on AVX512-BF16; the default
+  lowering runs bf16 dots below the float32 rate)."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
-  if (jax.default_backend() != "cpu" or lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16
-      or preferred_element_type not in (None, jnp.bfloat16) or batch != ((), ())
-      or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or rhs.ndim != 2):
+  plain_matmul = (batch == ((), ()) and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+                  and rhs.ndim == 2)
+  if plain_matmul and preferred_element_type in (None, jnp.float32) and cpu_gemm.enabled_for(lhs, rhs):
+    matmul = cpu_gemm.matmul
+  elif (plain_matmul and jax.default_backend() == "cpu" and lhs.dtype == rhs.dtype == jnp.bfloat16
+        and preferred_element_type in (None, jnp.bfloat16)):
+    matmul = _bf16_matmul
+  else:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
-  out = _bf16_matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+  out = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
   return out.reshape(*lhs.shape[:-1], rhs.shape[1])
 
 
@@ -156,15 +164,23 @@ def recompute_attention(attend: Callable) -> Callable:
 def softmax_attention(q, k, v, bias=None):
   """softmax(q k^T / sqrt(D) + bias) v on (B, N, H, D) inputs, computed head-major with the logits
   in float32 and the normalisation applied after the product with v: one pass fewer over the
-  (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU. `bias` broadcasts
-  against the (B, H, N, N) logits."""
+  (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU; its two batched
+  matmuls run in MKL where `cpu_gemm.enabled_for` says so. `bias` broadcasts against the
+  (B, H, N, N) logits."""
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  mkl = cpu_gemm.enabled_for(q, k, v)
+  if mkl:
+    logits = cpu_gemm.matmul(q, k, transpose_b=True)
+  else:
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  if mkl:
+    out = cpu_gemm.matmul(weights, v)
+  else:
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out = checkpoint_name(out, ATTENTION_VALUES) / weights.sum(axis=-1, keepdims=True)
   return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 

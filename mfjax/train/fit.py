@@ -23,6 +23,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mfjax import cpu_gemm
 from mfjax import data as mdata
 from mfjax import parallel
 from mfjax.config import ConfigError, check_choice, to_dict
@@ -336,6 +337,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   log.info("%s / %s / %s: %.1fM parameters, %.1fM trained; mesh %s; %d steps/epoch",
            config.model.name, spec.name, protocol, run.n_total / 1e6, run.n_trainable / 1e6,
            dict(run.mesh.shape), steps_per_epoch)
+  if jax.default_backend() == "cpu":
+    log.info("CPU float32 GEMMs: %s", cpu_gemm.describe())
   train_loader = run.train_loader(config.epochs)
   batch_sharding = parallel.batch_sharding(run.mesh)
   train_step, evaluate = run.train_step, run.evaluate

@@ -1,0 +1,245 @@
+"""float32 matmuls on the CPU through MKL, inside XLA's program.
+
+On Intel Xeons XLA:CPU's own float32 GEMMs run at 0.76-0.88x of MKL's on every shape of a ViT-B
+step, and its batched attention matmuls at about half of torch's (BENCHMARKS.md, "Why the CPU
+train step is below 1.0x on the Intel Xeon"). `matmul` runs op(a) @ op(b) as an XLA FFI custom
+call into MKL's sgemm_ / sgemm_batch_ (`cpu_gemm.cc`, compiled on first use with the host's C++
+compiler and cached under ~/.cache/mfjax/native), with a custom VJP whose two gradients are the
+same call; the operands stay in XLA's buffers, no host copies. `layers.Dense` and the softmax
+attention core use it when `enabled_for` says so.
+
+MFJAX_CPU_GEMM picks the path:
+  auto  (default) MKL on an Intel CPU when a library is found and the native call builds, on
+        a single-device CPU backend; XLA's dots otherwise (on AMD EPYCs XLA's GEMMs are the
+        faster ones). Why MKL is not used is logged once.
+  mkl   MKL wherever the backend is one CPU device; an error naming the reason when it cannot.
+  xla   XLA's dots.
+The MKL library is, in this order: $MFJAX_MKL_LIBRARY (any shared library exporting sgemm_ and
+sgemm_batch_), the `mkl` wheel's libmkl_rt (`pip install mkl`), torch's libtorch_cpu.so (x86
+builds link MKL statically). MKL's threads follow its own settings (MKL_NUM_THREADS; torch's
+set_num_threads when the library is torch's).
+"""
+import ctypes
+import functools
+import glob
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+log = logging.getLogger("mfjax")
+
+MODES = ("auto", "mkl", "xla")
+TARGET = "mfjax_cpu_gemm"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.cc")
+
+
+class Unavailable(RuntimeError):
+  """Why the MKL path cannot run in this process."""
+
+
+def mode() -> str:
+  value = os.environ.get("MFJAX_CPU_GEMM", "auto").strip().lower()
+  if value not in MODES:
+    raise ValueError(f"MFJAX_CPU_GEMM={value!r} is not one of {', '.join(MODES)}")
+  return value
+
+
+@functools.cache
+def intel_cpu(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+  try:
+    with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+      return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+  except OSError:
+    return False
+
+
+def mkl_library_candidates() -> list[str]:
+  """Where an MKL library may be, in the order tried (see the module docstring)."""
+  if os.environ.get("MFJAX_MKL_LIBRARY"):
+    return [os.environ["MFJAX_MKL_LIBRARY"]]
+  candidates = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+  torch_spec = importlib.util.find_spec("torch")
+  if torch_spec is not None and torch_spec.submodule_search_locations:
+    candidates.append(os.path.join(torch_spec.submodule_search_locations[0], "lib", "libtorch_cpu.so"))
+  return candidates
+
+
+def _blas_functions(path: str):
+  try:
+    library = ctypes.CDLL(path)
+  except OSError as e:
+    raise Unavailable(f"MKL library {path} does not load: {e}") from e
+  try:
+    return library, library.sgemm_, library.sgemm_batch_
+  except AttributeError as e:
+    raise Unavailable(f"{path} exports no sgemm_ / sgemm_batch_ (not an MKL build)") from e
+
+
+def cache_dir() -> str:
+  path = os.path.expanduser(os.environ.get("MFJAX_NATIVE_CACHE", "~/.cache/mfjax/native"))
+  try:
+    os.makedirs(path, exist_ok=True)
+    if os.access(path, os.W_OK):
+      return path
+  except OSError:
+    pass
+  path = os.path.join(tempfile.gettempdir(), f"mfjax-native-{os.getuid()}")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def build() -> str:
+  """cpu_gemm.cc compiled against this jaxlib's FFI headers; the shared library's path. Built
+  once per source, jaxlib and compiler, written atomically (test workers may build at once)."""
+  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if not compiler:
+    raise Unavailable("no C++ compiler to build mfjax/cpu_gemm.cc (install g++ or set CXX)")
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
+  out = os.path.join(cache_dir(), f"libmfjax_cpu_gemm-{key}.so")
+  if os.path.exists(out):
+    return out
+  partial = f"{out}.{os.getpid()}.partial"
+  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", SOURCE,
+             "-o", partial]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise Unavailable(f"compiling {SOURCE} failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+  os.replace(partial, out)
+  return out
+
+
+_loaded: dict = {}
+
+
+@functools.cache
+def load() -> str:
+  """Builds and registers the custom call with the first MKL library that works; the library's
+  path. Raises Unavailable (cached: tried once per process) naming every reason."""
+  reasons = []
+  for path in mkl_library_candidates():
+    try:
+      library, sgemm, sgemm_batch = _blas_functions(path)
+      break
+    except Unavailable as e:
+      reasons.append(str(e))
+  else:
+    raise Unavailable("no MKL library: " + ("; ".join(reasons) or
+                      "set MFJAX_MKL_LIBRARY, `pip install mkl` or install torch"))
+  native = _loaded.get("native")
+  if native is None:  # built and registered once per process; `load` again only swaps the library
+    native = ctypes.CDLL(build())
+    native.MfjaxCpuGemmSetBlas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(native.MfjaxCpuGemm), platform="cpu")
+    _loaded["native"] = native
+  native.MfjaxCpuGemmSetBlas(ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemm_batch, ctypes.c_void_p))
+  _loaded.setdefault("libraries", []).append(library)  # each must outlive the programs that called it
+  log.info("CPU float32 GEMMs through MKL from %s", path)
+  return path
+
+
+def decision() -> tuple[bool, str]:
+  """(whether float32 CPU matmuls go through MKL in this process, why): MFJAX_CPU_GEMM, the
+  backend, its device count, the CPU's vendor and whether MKL loads (see the module docstring)."""
+  chosen = mode()
+  if jax.default_backend() != "cpu":
+    return False, f"the backend is {jax.default_backend()}"
+  if chosen == "xla":
+    return False, "MFJAX_CPU_GEMM=xla"
+  if jax.device_count() > 1:
+    if chosen == "mkl":
+      raise ValueError(f"MFJAX_CPU_GEMM=mkl runs on a single CPU device; this process has "
+                       f"{jax.device_count()} (its custom call has no sharding rule)")
+    return False, f"{jax.device_count()} CPU devices (the custom call has no sharding rule)"
+  if chosen == "auto" and not intel_cpu():
+    return False, "not an Intel CPU (XLA's GEMMs are the faster ones on AMD EPYCs)"
+  try:
+    return True, f"MKL from {load()}"
+  except Unavailable as e:
+    if chosen == "mkl":
+      raise Unavailable(f"MFJAX_CPU_GEMM=mkl: {e}") from e
+    return False, str(e)
+
+
+@functools.cache
+def _log_decision(reason: str) -> None:
+  log.info("CPU float32 GEMMs through XLA: %s", reason)
+
+
+def enabled_for(*arrays) -> bool:
+  """Whether `matmul` replaces XLA's dot for these operands (decided at trace time): float32 ones
+  when `decision` says so. Why not is logged once per reason."""
+  if any(a.dtype != jnp.float32 for a in arrays):
+    return False
+  use, reason = decision()
+  if not use and jax.default_backend() == "cpu":
+    _log_decision(reason)
+  return use
+
+
+def describe() -> str:
+  """One line for logs and benchmark records: 'mkl (MKL from PATH)' or 'xla (why)'."""
+  use, reason = decision()
+  return f"{'mkl' if use else 'xla'} ({reason})"
+
+
+def _gemm(a, b, transpose_a: bool, transpose_b: bool):
+  if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2]:
+    raise ValueError(f"cpu_gemm.matmul: operands {a.shape} and {b.shape} need the same batch dimensions")
+  m, k = a.shape[-2:][::-1] if transpose_a else a.shape[-2:]
+  k_b, n = b.shape[-2:][::-1] if transpose_b else b.shape[-2:]
+  if k != k_b:
+    raise ValueError(f"cpu_gemm.matmul: contracting sizes differ: {a.shape} (transposed: {transpose_a}) and "
+                     f"{b.shape} (transposed: {transpose_b})")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
+                          vmap_method="broadcast_all")
+  return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
+  """op(a) @ op(b) over matching leading dimensions, float32, through MKL (call `load` or
+  `enabled_for` first); op transposes the last two dimensions when its flag is set."""
+  return _gemm(a, b, transpose_a, transpose_b)
+
+
+def _matmul_forward(a, b, transpose_a, transpose_b):
+  return matmul(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _matmul_backward(transpose_a, transpose_b, operands, grad):
+  a, b = operands
+  grad_a = matmul(b, grad, transpose_b, True) if transpose_a else matmul(grad, b, False, not transpose_b)
+  grad_b = matmul(grad, a, True, transpose_a) if transpose_b else matmul(a, grad, not transpose_a, False)
+  return grad_a, grad_b
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+_CUSTOM_CALL = re.compile(r"= f32\[([\d,]*)\][^\n]*? custom-call\([^\n]*?custom_call_target=\"" + TARGET
+                          + r"\"[^\n]*?operand_layout_constraints=\{f32\[([\d,]*)\][^\n]*?transpose_a = (true|false)")
+
+
+def custom_call_flops(hlo_text: str) -> float:
+  """FLOPs of the mfjax_cpu_gemm calls in a compiled program's HLO text: XLA's cost analysis
+  counts a custom call as nothing."""
+  flops = 0.0
+  for out_dims, a_dims, transpose_a in _CUSTOM_CALL.findall(hlo_text):
+    out = [int(d) for d in out_dims.split(",") if d]
+    a = [int(d) for d in a_dims.split(",") if d]
+    contracted = a[-2] if transpose_a == "true" else a[-1]
+    flops += 2.0 * contracted * math.prod(out)
+  return flops

@@ -1,0 +1,172 @@
+"""mfjax.cpu_gemm: MKL's float32 GEMMs as an XLA custom call, and the layers that use it."""
+import ctypes.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common
+from mfjax import cpu_gemm
+from mfjax.models import layers
+
+
+@pytest.fixture
+def mkl(monkeypatch):
+  """MFJAX_CPU_GEMM=mkl for the test; skipped where no MKL library loads (not an x86 torch)."""
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "mkl")
+  monkeypatch.delenv("MFJAX_MKL_LIBRARY", raising=False)
+  cpu_gemm.load.cache_clear()
+  try:
+    cpu_gemm.load()
+  except cpu_gemm.Unavailable as e:
+    pytest.skip(f"no MKL here: {e}")
+  yield
+  cpu_gemm.load.cache_clear()
+
+
+def torch_library() -> str:
+  import torch
+  return os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+
+
+def compiled_text(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def operands(shape_a, shape_b, seed=0):
+  ka, kb = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(ka, shape_a), jax.random.normal(kb, shape_b)
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_matmul_and_its_gradients_match_xla(mkl, transpose_a, transpose_b, batch):
+  m, k, n = 17, 33, 9
+  a, b = operands((*batch, k, m) if transpose_a else (*batch, m, k), (*batch, n, k) if transpose_b else (*batch, k, n))
+  op = lambda x, t: jnp.swapaxes(x, -1, -2) if t else x
+  reference = lambda a, b: op(a, transpose_a) @ op(b, transpose_b)
+  ours = lambda a, b: cpu_gemm.matmul(a, b, transpose_a, transpose_b)
+  assert cpu_gemm.TARGET in compiled_text(ours, a, b)
+  np.testing.assert_allclose(jax.jit(ours)(a, b), reference(a, b), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(a, b)
+  want = jax.grad(loss(reference), argnums=(0, 1))(a, b)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_under_vmap_and_second_order_grad(mkl):
+  a, b = operands((4, 6, 5), (5, 3))
+  out = jax.vmap(lambda x: cpu_gemm.matmul(x, b))(a)
+  np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
+  hvp = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(lambda y: jnp.sum(f(y, b) ** 3))(x)))
+  np.testing.assert_allclose(jax.jit(hvp(cpu_gemm.matmul))(a[0]), hvp(jnp.matmul)(a[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_names_bad_shapes(mkl):
+  a, b = operands((2, 4, 5), (3, 5, 6))
+  with pytest.raises(ValueError, match="same batch dimensions"):
+    cpu_gemm.matmul(a, b)
+  with pytest.raises(ValueError, match="contracting sizes differ"):
+    cpu_gemm.matmul(a, b[:2], False, True)
+
+
+def test_dense_and_attention_take_mkl_with_the_same_numbers(mkl, monkeypatch):
+  """layers.Dense and the softmax attention core (with a bias, as SAM's) run through the custom
+  call under MFJAX_CPU_GEMM=mkl and not under xla; outputs and gradients agree."""
+  dense = layers.Dense(48)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 32))
+  params = dense.init(jax.random.key(1), x)
+  q, k, v = (jax.random.normal(key, (2, 11, 3, 16)) for key in jax.random.split(jax.random.key(2), 3))
+  bias = jax.random.normal(jax.random.key(3), (1, 3, 11, 11))
+
+  def loss(params, x, q, k, v):
+    h = layers.dense(dense.bind(params), x)
+    return jnp.sum(h ** 2) + jnp.sum(jnp.cos(layers.softmax_attention(q, k, v, bias)))
+
+  step = lambda: jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+  results, texts = {}, {}
+  for mode in ("mkl", "xla"):
+    monkeypatch.setenv("MFJAX_CPU_GEMM", mode)
+    texts[mode] = compiled_text(step(), params, x, q, k, v)
+    results[mode] = jax.jit(step())(params, x, q, k, v)
+  # forward, input and weight gradient of the Dense; logits and weights @ v, each with two gradients
+  assert texts["mkl"].count(f'custom_call_target="{cpu_gemm.TARGET}"') == 3 + 2 * 3
+  assert cpu_gemm.TARGET not in texts["xla"]
+  for got, want in zip(jax.tree_util.tree_leaves(results["mkl"]), jax.tree_util.tree_leaves(results["xla"])):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_bf16_keeps_its_own_path(mkl):
+  dense = layers.Dense(8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  x = jnp.ones((4, 16), jnp.bfloat16)
+  params = dense.init(jax.random.key(0), x)
+  assert cpu_gemm.TARGET not in compiled_text(lambda p, x: dense.apply(p, x), params, x)
+
+
+def test_benchmark_flops_count_the_custom_calls(mkl, monkeypatch):
+  a, b = operands((4, 64, 32), (4, 32, 48))
+  f = lambda a, b: jnp.tanh(cpu_gemm.matmul(a, b)) @ jnp.ones((48, 8))
+  flops = {}
+  for mode in ("mkl", "xla"):
+    monkeypatch.setenv("MFJAX_CPU_GEMM", mode)
+    fn = f if mode == "mkl" else (lambda a, b: jnp.tanh(a @ b) @ jnp.ones((48, 8)))
+    flops[mode] = common.cost_flops(jax.jit(fn).lower(a, b).compile())
+  assert cpu_gemm.custom_call_flops(compiled_text(f, a, b)) == 2 * 4 * 64 * 32 * 48
+  assert flops["mkl"] == pytest.approx(flops["xla"], rel=1e-3)
+
+
+def test_library_from_the_environment(mkl, monkeypatch):
+  monkeypatch.setenv("MFJAX_MKL_LIBRARY", torch_library())
+  cpu_gemm.load.cache_clear()
+  assert cpu_gemm.load() == torch_library()
+  assert cpu_gemm.describe() == f"mkl (MKL from {torch_library()})"
+  a, b = operands((5, 6), (6, 7))
+  np.testing.assert_allclose(jax.jit(cpu_gemm.matmul)(a, b), a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_settings_are_named(mkl, monkeypatch, tmp_path):
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "mlk")
+  with pytest.raises(ValueError, match="MFJAX_CPU_GEMM='mlk' is not one of auto, mkl, xla"):
+    cpu_gemm.enabled_for(jnp.ones(2))
+
+  not_mkl = ctypes.util.find_library("m")
+  for library, reason in ((str(tmp_path / "libmissing.so"), "libmissing.so does not load"), (not_mkl, "exports no sgemm_")):
+    monkeypatch.setenv("MFJAX_MKL_LIBRARY", library)
+    cpu_gemm.load.cache_clear()
+    monkeypatch.setenv("MFJAX_CPU_GEMM", "mkl")
+    with pytest.raises(cpu_gemm.Unavailable, match=reason):
+      cpu_gemm.enabled_for(jnp.ones(2))
+    monkeypatch.setenv("MFJAX_CPU_GEMM", "auto")
+    use, why = cpu_gemm.decision()
+    assert not use and (reason in why or "not an Intel CPU" in why)
+    assert not cpu_gemm.enabled_for(jnp.ones(2))
+
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "mkl")
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  with pytest.raises(ValueError, match="single CPU device; this process has 2"):
+    cpu_gemm.enabled_for(jnp.ones(2))
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "auto")
+  assert cpu_gemm.decision() == (False, "2 CPU devices (the custom call has no sharding rule)")
+
+
+def test_a_failed_build_is_named(monkeypatch, tmp_path):
+  monkeypatch.setenv("MFJAX_NATIVE_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "/bin/false")
+  with pytest.raises(cpu_gemm.Unavailable, match="compiling .*cpu_gemm.cc failed"):
+    cpu_gemm.build()
+  assert not list(tmp_path.iterdir())
+
+
+def test_the_build_is_cached(monkeypatch, tmp_path):
+  monkeypatch.setenv("MFJAX_NATIVE_CACHE", str(tmp_path))
+  monkeypatch.delenv("CXX", raising=False)
+  try:
+    first = cpu_gemm.build()
+  except cpu_gemm.Unavailable as e:
+    pytest.skip(str(e))
+  assert os.path.dirname(first) == str(tmp_path) and cpu_gemm.build() == first
+  assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first)]
