@@ -124,10 +124,27 @@ def build() -> str:
 _loaded: dict = {}
 
 
-@functools.cache
 def load() -> str:
   """Builds and registers the custom call with the first MKL library that works; the library's
-  path. Raises Unavailable (cached: tried once per process) naming every reason."""
+  path. Raises Unavailable naming every reason. Tried once per process (until `reset`): every
+  layer asks at trace time."""
+  if "outcome" not in _loaded:
+    try:
+      _loaded["outcome"] = _load()
+    except Unavailable as e:
+      _loaded["outcome"] = e
+  if isinstance(_loaded["outcome"], Unavailable):
+    raise Unavailable(str(_loaded["outcome"]))
+  return _loaded["outcome"]
+
+
+def reset() -> None:
+  """Forget `load`'s outcome: the next call looks for the library again (after a change of
+  MFJAX_MKL_LIBRARY)."""
+  _loaded.pop("outcome", None)
+
+
+def _load() -> str:
   reasons = []
   for path in mkl_library_candidates():
     try:

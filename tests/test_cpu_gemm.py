@@ -17,13 +17,13 @@ def mkl(monkeypatch):
   """MFJAX_CPU_GEMM=mkl for the test; skipped where no MKL library loads (not an x86 torch)."""
   monkeypatch.setenv("MFJAX_CPU_GEMM", "mkl")
   monkeypatch.delenv("MFJAX_MKL_LIBRARY", raising=False)
-  cpu_gemm.load.cache_clear()
+  cpu_gemm.reset()
   try:
     cpu_gemm.load()
   except cpu_gemm.Unavailable as e:
     pytest.skip(f"no MKL here: {e}")
   yield
-  cpu_gemm.load.cache_clear()
+  cpu_gemm.reset()
 
 
 def torch_library() -> str:
@@ -121,7 +121,7 @@ def test_benchmark_flops_count_the_custom_calls(mkl, monkeypatch):
 
 def test_library_from_the_environment(mkl, monkeypatch):
   monkeypatch.setenv("MFJAX_MKL_LIBRARY", torch_library())
-  cpu_gemm.load.cache_clear()
+  cpu_gemm.reset()
   assert cpu_gemm.load() == torch_library()
   assert cpu_gemm.describe() == f"mkl (MKL from {torch_library()})"
   a, b = operands((5, 6), (6, 7))
@@ -136,7 +136,7 @@ def test_bad_settings_are_named(mkl, monkeypatch, tmp_path):
   not_mkl = ctypes.util.find_library("m")
   for library, reason in ((str(tmp_path / "libmissing.so"), "libmissing.so does not load"), (not_mkl, "exports no sgemm_")):
     monkeypatch.setenv("MFJAX_MKL_LIBRARY", library)
-    cpu_gemm.load.cache_clear()
+    cpu_gemm.reset()
     monkeypatch.setenv("MFJAX_CPU_GEMM", "mkl")
     with pytest.raises(cpu_gemm.Unavailable, match=reason):
       cpu_gemm.enabled_for(jnp.ones(2))
@@ -170,3 +170,19 @@ def test_the_build_is_cached(monkeypatch, tmp_path):
     pytest.skip(str(e))
   assert os.path.dirname(first) == str(tmp_path) and cpu_gemm.build() == first
   assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first)]
+
+
+def test_a_missing_library_is_looked_for_once(monkeypatch, tmp_path):
+  """Every layer asks at trace time: a failed load is remembered, not retried per layer."""
+  missing = str(tmp_path / "libnone.so")
+  monkeypatch.setenv("MFJAX_MKL_LIBRARY", missing)
+  calls, real = [], cpu_gemm._blas_functions
+  monkeypatch.setattr(cpu_gemm, "_blas_functions", lambda path: calls.append(path) or real(path))
+  cpu_gemm.reset()
+  try:
+    for _ in range(3):
+      with pytest.raises(cpu_gemm.Unavailable, match="libnone.so does not load"):
+        cpu_gemm.load()
+    assert calls == [missing]
+  finally:
+    cpu_gemm.reset()
