@@ -1,6 +1,7 @@
 """mfjax.cpu_gemm: MKL's float32 GEMMs as an XLA custom call, and the layers that use it."""
 import ctypes.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -186,3 +187,17 @@ def test_a_missing_library_is_looked_for_once(monkeypatch, tmp_path):
     assert calls == [missing]
   finally:
     cpu_gemm.reset()
+
+
+def test_library_search_order(mkl, monkeypatch, tmp_path):
+  """$MFJAX_MKL_LIBRARY alone when set; else the `mkl` wheel's libmkl_rt in the environment's lib
+  folder (here a link to torch's MKL build standing in for it), then torch's libtorch_cpu.so."""
+  (tmp_path / "lib").mkdir()
+  wheel_library = tmp_path / "lib" / "libmkl_rt.so.3"
+  wheel_library.symlink_to(torch_library())
+  monkeypatch.setattr(sys, "prefix", str(tmp_path))
+  assert cpu_gemm.mkl_library_candidates() == [str(wheel_library), torch_library()]
+  cpu_gemm.reset()
+  assert cpu_gemm.load() == str(wheel_library)
+  monkeypatch.setenv("MFJAX_MKL_LIBRARY", "/elsewhere/libmkl_rt.so.2")
+  assert cpu_gemm.mkl_library_candidates() == ["/elsewhere/libmkl_rt.so.2"]
