@@ -4,9 +4,9 @@ On Intel Xeons XLA:CPU's own float32 GEMMs run at 0.76-0.88x of MKL's on every s
 step, and its batched attention matmuls at about half of torch's (BENCHMARKS.md, "Why the CPU
 train step is below 1.0x on the Intel Xeon"). `matmul` runs op(a) @ op(b) as an XLA FFI custom
 call into MKL's sgemm_ / sgemm_batch_ (`cpu_gemm.cc`, compiled on first use with the host's C++
-compiler and cached under ~/.cache/mfjax/native), with a custom VJP whose two gradients are the
-same call; the operands stay in XLA's buffers, no host copies. `layers.Dense` and the softmax
-attention core use it when `enabled_for` says so.
+compiler and cached under ~/.cache/mfjax/native or $MFJAX_NATIVE_CACHE), with a custom VJP whose
+two gradients are the same call; the operands stay in XLA's buffers, no host copies.
+`layers.Dense` and the softmax attention core use it when `enabled_for` says so.
 
 MFJAX_CPU_GEMM picks the path:
   auto  (default) MKL on an Intel CPU when a library is found and the native call builds, on
