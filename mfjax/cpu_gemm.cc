@@ -5,6 +5,7 @@
 // Operands are row-major with the same leading (batch) dimensions; op() transposes the last two
 // dimensions when transpose_a / transpose_b is set. MKL is column-major, so the row-major
 // product out = op(a) op(b) is computed as the column-major out^T = op(b)^T op(a)^T.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -63,6 +64,10 @@ static ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
       bd[rank - 1] > kMaxInt)
     return ffi::Error::InvalidArgument("mfjax_cpu_gemm: dimensions beyond 32-bit BLAS indices");
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {  // an empty sum; BLAS would refuse the leading dimension of a (m, 0) operand
+    std::fill(out->typed_data(), out->typed_data() + batch * m * n, 0.0f);
+    return ffi::Error::Success();
+  }
 
   const int mi = m, ni = n, ki = k, lda = ad[rank - 1], ldb = bd[rank - 1], ldc = n;
   const char op_b = transpose_b ? 'T' : 'N', op_a = transpose_a ? 'T' : 'N';

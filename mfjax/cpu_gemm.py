@@ -220,6 +220,7 @@ def _gemm(a, b, transpose_a: bool, transpose_b: bool):
   if k != k_b:
     raise ValueError(f"cpu_gemm.matmul: contracting sizes differ: {a.shape} (transposed: {transpose_a}) and "
                      f"{b.shape} (transposed: {transpose_b})")
+  load()  # registers the custom call, or names why it cannot run here
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
                           vmap_method="broadcast_all")
   return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
@@ -227,8 +228,8 @@ def _gemm(a, b, transpose_a: bool, transpose_b: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
-  """op(a) @ op(b) over matching leading dimensions, float32, through MKL (call `load` or
-  `enabled_for` first); op transposes the last two dimensions when its flag is set."""
+  """op(a) @ op(b) over matching leading dimensions, float32, through MKL (`Unavailable` names
+  why where it cannot run); op transposes the last two dimensions when its flag is set."""
   return _gemm(a, b, transpose_a, transpose_b)
 
 

@@ -1,6 +1,7 @@
 """mfjax.cpu_gemm: MKL's float32 GEMMs as an XLA custom call, and the layers that use it."""
 import ctypes.util
 import os
+import subprocess
 import sys
 
 import jax
@@ -73,6 +74,28 @@ def test_matmul_names_bad_shapes(mkl):
     cpu_gemm.matmul(a, b)
   with pytest.raises(ValueError, match="contracting sizes differ"):
     cpu_gemm.matmul(a, b[:2], False, True)
+
+
+def test_a_fresh_process_calls_matmul_directly_and_an_empty_sum_is_zero(mkl):
+  """`matmul` registers the custom call itself (no `load` first), and a product over k = 0 is
+  zeros: BLAS refuses a (m, 0) operand's leading dimension and would leave the output unwritten."""
+  script = """
+import jax, jax.numpy as jnp, numpy as np
+from mfjax import cpu_gemm
+for shape_a, shape_b, ta, tb in [((3, 0), (0, 4), False, False), ((0, 3), (0, 4), True, False),
+                                 ((3, 0), (4, 0), False, True), ((2, 3, 0), (2, 0, 4), False, False)]:
+  f = jax.jit(lambda a, b: cpu_gemm.matmul(a, b, ta, tb))
+  a, b = jnp.ones(shape_a), jnp.ones(shape_b)
+  assert cpu_gemm.TARGET in f.lower(a, b).compile().as_text()
+  out = np.asarray(f(a, b))
+  print(shape_a, shape_b, out.shape, np.abs(out).max())
+"""
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "MFJAX_CPU_GEMM": "mkl"}, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ERROR" not in proc.stdout + proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 4 and all(line.endswith(" 0.0") for line in lines), proc.stdout
 
 
 def test_dense_and_attention_take_mkl_with_the_same_numbers(mkl, monkeypatch):
