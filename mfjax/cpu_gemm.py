@@ -36,11 +36,13 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 log = logging.getLogger("mfjax")
 
 MODES = ("auto", "mkl", "xla")
 TARGET = "mfjax_cpu_gemm"
+ATTENTION_TARGET, ATTENTION_GRAD_TARGET = "mfjax_cpu_attention", "mfjax_cpu_attention_grad"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.cc")
 
 
@@ -81,9 +83,14 @@ def _blas_functions(path: str):
   except OSError as e:
     raise Unavailable(f"MKL library {path} does not load: {e}") from e
   try:
-    return library, library.sgemm_, library.sgemm_batch_
+    functions = [library.sgemm_, library.sgemm_batch_]
   except AttributeError as e:
     raise Unavailable(f"{path} exports no sgemm_ / sgemm_batch_ (not an MKL build)") from e
+  # MKL's per-thread thread count, for the fused attention's own threads (None: not offered). The
+  # C functions are the CamelCase symbols (mkl.h maps its lower-case names to them); the lower-case
+  # symbols are the Fortran ones, which take pointers.
+  functions += [getattr(library, name, None) for name in ("MKL_Set_Num_Threads_Local", "MKL_Get_Max_Threads")]
+  return library, functions
 
 
 def cache_dir() -> str:
@@ -99,6 +106,17 @@ def cache_dir() -> str:
   return path
 
 
+def cpu_identity(cpuinfo_path: str = "/proc/cpuinfo") -> bytes:
+  """The CPU's model name and instruction-set flags (a build made with -march=native runs only
+  on CPUs that have them)."""
+  try:
+    with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+      lines = [line for line in f if line.startswith(("model name", "flags"))]
+  except OSError:
+    lines = []
+  return "".join(sorted(set(lines))).encode()
+
+
 def build() -> str:
   """cpu_gemm.cc compiled against this jaxlib's FFI headers; the shared library's path. Built
   once per source, jaxlib and compiler, written atomically (test workers may build at once)."""
@@ -107,13 +125,14 @@ def build() -> str:
     raise Unavailable("no C++ compiler to build mfjax/cpu_gemm.cc (install g++ or set CXX)")
   with open(SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
+  # -march=native: the build is for this CPU (its exp loops vectorise), so the CPU is in the key.
+  key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode() + cpu_identity()).hexdigest()[:16]
   out = os.path.join(cache_dir(), f"libmfjax_cpu_gemm-{key}.so")
   if os.path.exists(out):
     return out
   partial = f"{out}.{os.getpid()}.partial"
-  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", SOURCE,
-             "-o", partial]
+  command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-w",
+             f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     raise Unavailable(f"compiling {SOURCE} failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
@@ -148,7 +167,7 @@ def _load() -> str:
   reasons = []
   for path in mkl_library_candidates():
     try:
-      library, sgemm, sgemm_batch = _blas_functions(path)
+      library, functions = _blas_functions(path)
       break
     except Unavailable as e:
       reasons.append(str(e))
@@ -158,10 +177,13 @@ def _load() -> str:
   native = _loaded.get("native")
   if native is None:  # built and registered once per process; `load` again only swaps the library
     native = ctypes.CDLL(build())
-    native.MfjaxCpuGemmSetBlas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(native.MfjaxCpuGemm), platform="cpu")
+    native.MfjaxCpuGemmSetBlas.argtypes = [ctypes.c_void_p] * 4
+    for target, symbol in ((TARGET, native.MfjaxCpuGemm), (ATTENTION_TARGET, native.MfjaxCpuAttention),
+                           (ATTENTION_GRAD_TARGET, native.MfjaxCpuAttentionGrad)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _loaded["native"] = native
-  native.MfjaxCpuGemmSetBlas(ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemm_batch, ctypes.c_void_p))
+  native.MfjaxCpuGemmSetBlas(*(ctypes.cast(f, ctypes.c_void_p) if f is not None else None for f in functions))
+  _loaded["fused_attention"] = all(f is not None for f in functions)
   _loaded.setdefault("libraries", []).append(library)  # each must outlive the programs that called it
   log.info("CPU float32 GEMMs through MKL from %s", path)
   return path
@@ -247,17 +269,72 @@ def _matmul_backward(transpose_a, transpose_b, operands, grad):
 matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
+def fused_attention_enabled_for(*arrays) -> bool:
+  """Whether `attention` replaces the softmax attention core for these operands: `enabled_for`,
+  and the MKL library sets thread counts per thread (the fused core runs its own threads)."""
+  return enabled_for(*arrays) and _loaded.get("fused_attention", False)
+
+
+def _check_attention(q, k, v):
+  if q.ndim < 3 or not q.ndim == k.ndim == v.ndim or q.shape[:-3] != k.shape[:-3] or k.shape != v.shape \
+      or q.shape[-2:] != k.shape[-2:]:
+    raise ValueError(f"cpu_gemm.attention: q {q.shape}, k {k.shape}, v {v.shape} are not (..., N_q, heads, "
+                     "head_dim) and two (..., N_k, heads, head_dim)")
+
+
+def _attention_forward_call(q, k, v, scale):
+  _check_attention(q, k, v)
+  load()
+  lse = jax.ShapeDtypeStruct((*q.shape[:-3], q.shape[-2], q.shape[-3]), jnp.float32)
+  call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), lse),
+                          vmap_method="broadcast_all")
+  return call(q, k, v, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def attention(q, k, v, scale: float):
+  """softmax(scale q k^T) v per batch and head on float32 (..., N, heads, head_dim) operands, fused:
+  blocks of queries against blocks of keys with an online softmax, so the (N_q, N_k) weights are
+  never stored whole; the backward pass recomputes them block by block from the saved log-sum-exp
+  (`cpu_gemm.cc`). Check `fused_attention_enabled_for` first."""
+  return _attention_forward_call(q, k, v, scale)[0]
+
+
+def _attention_forward(q, k, v, scale):
+  out, lse = _attention_forward_call(q, k, v, scale)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_backward(scale, residuals, grad):
+  call = jax.ffi.ffi_call(ATTENTION_GRAD_TARGET, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                                                       for x in residuals[:3]), vmap_method="broadcast_all")
+  q, k, v, out, lse = residuals
+  return call(q, k, v, out, grad, lse, scale=np.float32(scale))
+
+
+attention.defvjp(_attention_forward, _attention_backward)
+
+
 _CUSTOM_CALL = re.compile(r"= f32\[([\d,]*)\][^\n]*? custom-call\([^\n]*?custom_call_target=\"" + TARGET
                           + r"\"[^\n]*?operand_layout_constraints=\{f32\[([\d,]*)\][^\n]*?transpose_a = (true|false)")
 
 
+_ATTENTION_CALL = re.compile(r"custom_call_target=\"(" + ATTENTION_TARGET + r"(?:_grad)?)\", "
+                             r"operand_layout_constraints=\{f32\[([\d,]*)\](?:\{[\d,]*\})?, f32\[([\d,]*)\]")
+
+
 def custom_call_flops(hlo_text: str) -> float:
-  """FLOPs of the mfjax_cpu_gemm calls in a compiled program's HLO text: XLA's cost analysis
-  counts a custom call as nothing."""
+  """FLOPs of the mfjax_cpu_gemm and fused attention calls in a compiled program's HLO text:
+  XLA's cost analysis counts a custom call as nothing. The attention counts what the unfused
+  core computes (forward 2, backward 4 matmuls), not the backward's recomputed logits."""
   flops = 0.0
   for out_dims, a_dims, transpose_a in _CUSTOM_CALL.findall(hlo_text):
     out = [int(d) for d in out_dims.split(",") if d]
     a = [int(d) for d in a_dims.split(",") if d]
     contracted = a[-2] if transpose_a == "true" else a[-1]
     flops += 2.0 * contracted * math.prod(out)
+  for target, q_dims, k_dims in _ATTENTION_CALL.findall(hlo_text):
+    q = [int(d) for d in q_dims.split(",") if d]
+    matmuls = 4 if target == ATTENTION_GRAD_TARGET else 2
+    flops += matmuls * 2.0 * math.prod(q) * int(k_dims.split(",")[-3])
   return flops

@@ -124,6 +124,72 @@ def test_dense_and_attention_take_mkl_with_the_same_numbers(mkl, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+def reference_attention(q, k, v, scale):
+  logits = jnp.einsum("...qhd,...khd->...hqk", q, k, precision="highest") * scale
+  return jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(logits, axis=-1), v, precision="highest")
+
+
+@pytest.mark.parametrize("batch, queries, keys, heads, dim", [
+    ((2,), 197, 197, 3, 16),   # one key block, two query blocks
+    ((1,), 300, 600, 2, 8),    # three query and three key blocks, the last ones partial
+    ((2, 3), 5, 9, 2, 4),      # two batch dimensions
+    ((1,), 1, 1, 1, 4),
+])
+def test_fused_attention_and_its_gradients_match_softmax(mkl, batch, queries, keys, heads, dim):
+  kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+  q = 2 * jax.random.normal(kq, (*batch, queries, heads, dim))
+  k, v = (jax.random.normal(key, (*batch, keys, heads, dim)) for key in (kk, kv))
+  grad = jax.random.normal(kg, q.shape)
+  scale = 1.5 / dim ** 0.5
+  ours = lambda q, k, v: cpu_gemm.attention(q, k, v, scale)
+  assert cpu_gemm.ATTENTION_TARGET in compiled_text(ours, q, k, v)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), reference_attention(q, k, v, scale), rtol=2e-5, atol=2e-5)
+  got = jax.jit(lambda *a: jax.vjp(ours, *a[:3])[1](a[3]))(q, k, v, grad)
+  want = jax.vjp(lambda *a: reference_attention(*a, scale), q, k, v)[1](grad)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * (1 + float(jnp.abs(w).max())))
+
+
+def test_fused_attention_under_vmap_and_on_empty_operands(mkl):
+  q, k = operands((3, 2, 6, 2, 4), (3, 2, 5, 2, 4))
+  ours = lambda q, k: cpu_gemm.attention(q, k, k, 0.5)
+  np.testing.assert_allclose(jax.vmap(ours)(q, k), reference_attention(q, k, k, 0.5), rtol=2e-5, atol=2e-5)
+  no_keys = jax.jit(ours)(q[0], k[0, :, :0])
+  assert no_keys.shape == q[0].shape and not np.any(np.asarray(no_keys))
+  assert jax.jit(ours)(q[0, :, :0], k[0]).shape == (2, 0, 2, 4)
+  with pytest.raises(ValueError, match="not \\(..., N_q, heads, head_dim\\)"):
+    ours(q[0], k[0, ..., :3])
+
+
+def test_softmax_attention_takes_the_fused_core_without_a_bias(mkl, monkeypatch):
+  """The softmax core runs fused (one call forward, one backward) when it has no bias, also
+  query-chunked with recomputation, and keeps the two matmul calls with a bias (SAM's)."""
+  q, k, v = (jax.random.normal(key, (2, 300, 2, 16)) for key in jax.random.split(jax.random.key(0), 3))
+  loss = lambda core: lambda q, k, v: jnp.sum(jnp.sin(core(q, k, v)))
+  results = {}
+  for mode in ("mkl", "xla"):
+    monkeypatch.setenv("MFJAX_CPU_GEMM", mode)
+    # built anew per mode: jax.checkpoint caches its trace per function, which fixes the path
+    fresh = lambda q, k, v: layers.softmax_attention(q, k, v)
+    cores = {"plain": layers.softmax_attention, "chunked": layers.chunk_queries(fresh, 128),
+             "bias": lambda q, k, v: layers.softmax_attention(q, k, v, jnp.zeros((1, 2, 300, 300)))}
+    for name, core in cores.items():
+      step = jax.value_and_grad(loss(core), argnums=(0, 1, 2))
+      text = compiled_text(step, q, k, v)
+      results[mode, name] = jax.jit(step)(q, k, v)
+      fused = text.count(f'custom_call_target="{cpu_gemm.ATTENTION_TARGET}"')
+      fused_grad = text.count(f'custom_call_target="{cpu_gemm.ATTENTION_GRAD_TARGET}"')
+      if mode == "xla":
+        assert fused == fused_grad == 0
+      elif name == "bias":
+        assert fused == fused_grad == 0 and cpu_gemm.TARGET in text
+      else:
+        assert fused >= 1 and fused_grad == 1, (name, fused, fused_grad)
+  for name in cores:
+    for got, want in zip(jax.tree_util.tree_leaves(results["mkl", name]), jax.tree_util.tree_leaves(results["xla", name])):
+      np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5)
+
+
 def test_bf16_keeps_its_own_path(mkl):
   dense = layers.Dense(8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   x = jnp.ones((4, 16), jnp.bfloat16)
@@ -141,6 +207,17 @@ def test_benchmark_flops_count_the_custom_calls(mkl, monkeypatch):
     flops[mode] = common.cost_flops(jax.jit(fn).lower(a, b).compile())
   assert cpu_gemm.custom_call_flops(compiled_text(f, a, b)) == 2 * 4 * 64 * 32 * 48
   assert flops["mkl"] == pytest.approx(flops["xla"], rel=1e-3)
+
+  # the fused attention counts as the unfused core: forward 2 matmuls, backward 4
+  q, k = operands((2, 40, 3, 8), (2, 24, 3, 8))
+  attention_step = lambda q, k, g: jax.vjp(lambda q, k: layers.softmax_attention(q, k, k), q, k)[1](g)
+  for mode in ("mkl", "xla"):
+    monkeypatch.setenv("MFJAX_CPU_GEMM", mode)
+    flops[mode] = common.cost_flops(jax.jit(attention_step).lower(q, k, q).compile())
+  text = compiled_text(attention_step, q, k, q)
+  assert cpu_gemm.ATTENTION_GRAD_TARGET in text
+  assert cpu_gemm.custom_call_flops(text) == 6 * 2 * 2 * 3 * 40 * 24 * 8
+  assert flops["mkl"] == pytest.approx(flops["xla"], rel=0.05)
 
 
 def test_library_from_the_environment(mkl, monkeypatch):

@@ -167,6 +167,8 @@ def softmax_attention(q, k, v, bias=None):
   (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU; its two batched
   matmuls run in MKL where `cpu_gemm.enabled_for` says so. `bias` broadcasts against the
   (B, H, N, N) logits."""
+  if bias is None and cpu_gemm.fused_attention_enabled_for(q, k, v):
+    return cpu_gemm.attention(q, k, v, q.shape[-1] ** -0.5)
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   mkl = cpu_gemm.enabled_for(q, k, v)
