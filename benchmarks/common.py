@@ -195,16 +195,15 @@ def cost_flops(compiled) -> float | None:
   """FLOPs of one call of a compiled JAX computation, as XLA counts them, on all its devices
   together: XLA counts one device's share of an SPMD-partitioned program (half of the step on
   a 2-device data-parallel mesh), so the count is multiplied by `program_devices`. XLA counts
-  a custom call as nothing: the MKL GEMMs of `mfjax.cpu_gemm` are added from the program's text."""
+  a custom call as nothing: the MKL GEMMs and fused attention of `mfjax.cpu_gemm` are added from
+  the program's text."""
   from mfjax import cpu_gemm
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   if not cost or "flops" not in cost:
     return None
-  flops = float(cost["flops"])
-  if cpu_gemm.TARGET in (text := compiled.as_text()):
-    flops += cpu_gemm.custom_call_flops(text)
+  flops = float(cost["flops"]) + cpu_gemm.custom_call_flops(compiled.as_text())
   return flops * program_devices(compiled)
 
 

@@ -10,8 +10,8 @@ Parts (float32 unless --dtype bfloat16), each with the number of times one step 
   `layers.Dense` runs: in bf16 on CPU its float32-accumulated forms (`layers.bf16_gemm_*`), in
   float32 MKL's (`mfjax.cpu_gemm`) where MFJAX_CPU_GEMM picks it;
   `--dense lax` times `lax.dot_general` as a plain Flax Dense and its autodiff run them;
-- the attention core, forward and backward: mfjax's (`layers.attention_fn(None)`: the
-  softmax-then-normalise core on CPU, its matmuls in MKL where `layers.Dense` uses it) against
+- the attention core, forward and backward: mfjax's (`layers.attention_fn(None)`: on CPU the
+  fused MKL attention where `layers.Dense` uses MKL, else the softmax-then-normalise core) against
   torch's `scaled_dot_product_attention`;
 - GELU (erf form), forward and backward;
 - the optimizer: gradient clipping at norm 1.0 and AdamW over ViT-shaped parameters (mfjax's

@@ -210,14 +210,15 @@ def test_benchmark_flops_count_the_custom_calls(mkl, monkeypatch):
 
   # the fused attention counts as the unfused core: forward 2 matmuls, backward 4
   q, k = operands((2, 40, 3, 8), (2, 24, 3, 8))
-  attention_step = lambda q, k, g: jax.vjp(lambda q, k: layers.softmax_attention(q, k, k), q, k)[1](g)
-  for mode in ("mkl", "xla"):
-    monkeypatch.setenv("MFJAX_CPU_GEMM", mode)
-    flops[mode] = common.cost_flops(jax.jit(attention_step).lower(q, k, q).compile())
+  step = lambda core: lambda q, k, g: jax.vjp(lambda q, k: core(q, k, k), q, k)[1](g)
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "xla")
+  flops["xla"] = common.cost_flops(jax.jit(step(layers.softmax_attention)).lower(q, k, q).compile())
+  attention_step = step(lambda q, k, v: cpu_gemm.attention(q, k, v, 0.5))
+  flops["mkl"] = common.cost_flops(jax.jit(attention_step).lower(q, k, q).compile())
   text = compiled_text(attention_step, q, k, q)
   assert cpu_gemm.ATTENTION_GRAD_TARGET in text
   assert cpu_gemm.custom_call_flops(text) == 6 * 2 * 2 * 3 * 40 * 24 * 8
-  assert flops["mkl"] == pytest.approx(flops["xla"], rel=0.05)
+  assert flops["mkl"] == pytest.approx(flops["xla"], rel=0.1)  # XLA also counts the softmax's exp, max, sum
 
 
 def test_library_from_the_environment(mkl, monkeypatch):
