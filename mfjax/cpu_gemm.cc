@@ -230,6 +230,56 @@ static ffi::Error AttentionShapeOf(ffi::Span<const int64_t> qd, ffi::Span<const 
   return ffi::Error::Success();
 }
 
+// SAM's decomposed relative-position bias: bias[query, key] = rows[query, key / width] +
+// cols[query, key % width], for keys on a (height, width) grid. One query's logits over the keys
+// [first, first + count) get it added; its gradient is summed back into the two tables.
+struct DecomposedBias {
+  const float* rows = nullptr;  // (..., heads, queries, height), or null: no bias
+  const float* cols = nullptr;  // (..., heads, queries, width)
+  float* grad_rows = nullptr;
+  float* grad_cols = nullptr;
+  int64_t height = 0, width = 0;
+};
+
+template <typename Segment>
+static void ForKeyRows(int64_t first, int count, int64_t width, Segment segment) {
+  for (int c = 0; c < count;) {  // segment(offset in the block, key row, first key column, length)
+    const int64_t key = first + c, column = key % width;
+    const int length = static_cast<int>(std::min<int64_t>(count - c, width - column));
+    segment(c, key / width, column, length);
+    c += length;
+  }
+}
+
+static void AddBias(const DecomposedBias& bias, int64_t head_query, float* logits, int64_t first, int count) {
+  const float* rows = bias.rows + head_query * bias.height;
+  const float* cols = bias.cols + head_query * bias.width;
+  ForKeyRows(first, count, bias.width, [&](int c, int64_t key_row, int64_t column, int length) {
+    const float row = rows[key_row];
+    float* __restrict s = logits + c;
+    const float* __restrict w = cols + column;
+#pragma omp simd
+    for (int j = 0; j < length; ++j) s[j] += row + w[j];
+  });
+}
+
+static void AccumulateBiasGrad(const DecomposedBias& bias, int64_t head_query, const float* grad_logits,
+                               int64_t first, int count) {
+  float* rows = bias.grad_rows + head_query * bias.height;
+  float* cols = bias.grad_cols + head_query * bias.width;
+  ForKeyRows(first, count, bias.width, [&](int c, int64_t key_row, int64_t column, int length) {
+    const float* __restrict g = grad_logits + c;
+    float* __restrict w = cols + column;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < length; ++j) {
+      w[j] += g[j];
+      sum += g[j];
+    }
+    rows[key_row] += sum;
+  });
+}
+
 // Copies `rows` rows of one head, `stride` floats apart in the models' (N, heads, head_dim)
 // layout, into (or, with to_strided, out of) a contiguous (rows, dim) block: MKL's single-threaded
 // GEMMs run at ~150 GFLOP/s on contiguous blocks and ~100 on the strided rows.
@@ -241,8 +291,9 @@ static void ScatterRows(const float* block, int64_t rows, int64_t dim, float* st
   for (int64_t r = 0; r < rows; ++r) std::memcpy(strided + r * stride, block + r * dim, dim * sizeof(float));
 }
 
-static ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
+static ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                                   const DecomposedBias& bias) {
   AttentionShape sh;
   if (auto error = AttentionShapeOf(q.dimensions(), k.dimensions(), v.dimensions(), &sh); error.failure())
     return error;
@@ -287,6 +338,7 @@ static ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k
                      kKeyBlock);
         for (int r = 0; r < rows; ++r) {
           float* s = logits + r * kKeyBlock;
+          if (bias.rows) AddBias(bias, bh * sh.queries + first + r, s, key, cols);
           const float block_max = RowMax(s, cols, max[r]);
           const float block_sum = ExpInPlace(s, cols, block_max);
           const float correction = std::exp(max[r] - block_max);  // 0 for the first block
@@ -308,6 +360,38 @@ static ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k
   return ffi::Error::Success();
 }
 
+static ffi::Error BiasShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& rows,
+                              ffi::Buffer<ffi::F32>& cols, DecomposedBias* bias) {
+  auto qd = q.dimensions(), kd = k.dimensions(), rd = rows.dimensions(), cd = cols.dimensions();
+  const size_t rank = qd.size();
+  bool ok = rd.size() == rank && cd.size() == rank && rank >= 3;
+  for (size_t i = 0; ok && i + 3 < rank; ++i) ok = rd[i] == qd[i] && cd[i] == qd[i];
+  ok = ok && rd[rank - 3] == qd[rank - 2] && cd[rank - 3] == qd[rank - 2] && rd[rank - 2] == qd[rank - 3] &&
+       cd[rank - 2] == qd[rank - 3] && rd[rank - 1] * cd[rank - 1] == kd[rank - 3] && cd[rank - 1] > 0;
+  if (!ok)
+    return ffi::Error::InvalidArgument("mfjax_cpu_attention: bias tables " + Shape(rd) + " and " + Shape(cd) +
+                                       " are not (..., heads, N_q, key rows) and (..., heads, N_q, key columns) "
+                                       "for q " + Shape(qd) + " and k " + Shape(kd));
+  bias->rows = rows.typed_data();
+  bias->cols = cols.typed_data();
+  bias->height = rd[rank - 1];
+  bias->width = cd[rank - 1];
+  return ffi::Error::Success();
+}
+
+static ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  return AttentionForward(q, k, v, out, lse, scale, DecomposedBias());
+}
+
+static ffi::Error AttentionBiasImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                    ffi::Buffer<ffi::F32> bias_rows, ffi::Buffer<ffi::F32> bias_cols,
+                                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  DecomposedBias bias;
+  if (auto error = BiasShapeOf(q, k, bias_rows, bias_cols, &bias); error.failure()) return error;
+  return AttentionForward(q, k, v, out, lse, scale, bias);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttention, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -317,11 +401,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttention, AttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
 
-static ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionBias, AttentionBiasImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+static ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> grad_out,
                                     ffi::Buffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> grad_q,
                                     ffi::ResultBuffer<ffi::F32> grad_k, ffi::ResultBuffer<ffi::F32> grad_v,
-                                    float scale) {
+                                    float scale, const DecomposedBias& bias) {
   AttentionShape sh;
   if (auto error = AttentionShapeOf(q.dimensions(), k.dimensions(), v.dimensions(), &sh); error.failure())
     return error;
@@ -329,6 +424,10 @@ static ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   float* dq_data = grad_q->typed_data();
   float* dk_data = grad_k->typed_data();
   float* dv_data = grad_v->typed_data();
+  if (bias.rows) {  // each head's thread adds into its own rows of the tables' gradients
+    std::fill(bias.grad_rows, bias.grad_rows + sh.batch * sh.heads * sh.queries * bias.height, 0.0f);
+    std::fill(bias.grad_cols, bias.grad_cols + sh.batch * sh.heads * sh.queries * bias.width, 0.0f);
+  }
   if (sh.keys == 0 || sh.queries == 0 || sh.dim == 0) {
     std::fill(dq_data, dq_data + sh.batch * sh.queries * row, 0.0f);
     std::fill(dk_data, dk_data + sh.batch * sh.keys * row, 0.0f);
@@ -372,7 +471,10 @@ static ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
         const int cols = static_cast<int>(std::min<int64_t>(kKeyBlock, n - key));
         const float *k_block = keys + key * dim, *v_block = values + key * dim;
         GemmRowMajor(false, true, rows, cols, dim, scale, q_block, dim, k_block, dim, 0.0f, weights, kKeyBlock);
-        for (int r = 0; r < rows; ++r) ExpInPlace(weights + r * kKeyBlock, cols, lse_data[bh * m + first + r]);
+        for (int r = 0; r < rows; ++r) {
+          if (bias.rows) AddBias(bias, bh * m + first + r, weights + r * kKeyBlock, key, cols);
+          ExpInPlace(weights + r * kKeyBlock, cols, lse_data[bh * m + first + r]);
+        }
         // dv += p^T do;  dp = do v^T;  ds = p (dp - delta);  dq += scale ds k;  dk += scale ds^T q
         GemmRowMajor(true, false, cols, dim, rows, 1.0f, weights, kKeyBlock, do_block, dim, 1.0f,
                      grad_values + key * dim, dim);
@@ -383,6 +485,7 @@ static ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
           const float dr = delta[first + r];
 #pragma omp simd
           for (int c = 0; c < cols; ++c) ds[c] = p[c] * (ds[c] - dr);
+          if (bias.rows) AccumulateBiasGrad(bias, bh * m + first + r, ds, key, cols);
         }
         GemmRowMajor(false, false, rows, dim, cols, scale, grad_weights, kKeyBlock, k_block, dim, 1.0f, dq_block, dim);
         GemmRowMajor(true, false, cols, dim, rows, scale, grad_weights, kKeyBlock, q_block, dim, 1.0f,
@@ -395,6 +498,45 @@ static ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   });
   return ffi::Error::Success();
 }
+
+static ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> grad_out,
+                                    ffi::Buffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> grad_q,
+                                    ffi::ResultBuffer<ffi::F32> grad_k, ffi::ResultBuffer<ffi::F32> grad_v,
+                                    float scale) {
+  return AttentionBackward(q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, scale, DecomposedBias());
+}
+
+static ffi::Error AttentionBiasGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                        ffi::Buffer<ffi::F32> bias_rows, ffi::Buffer<ffi::F32> bias_cols,
+                                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> grad_out,
+                                        ffi::Buffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> grad_q,
+                                        ffi::ResultBuffer<ffi::F32> grad_k, ffi::ResultBuffer<ffi::F32> grad_v,
+                                        ffi::ResultBuffer<ffi::F32> grad_bias_rows,
+                                        ffi::ResultBuffer<ffi::F32> grad_bias_cols, float scale) {
+  DecomposedBias bias;
+  if (auto error = BiasShapeOf(q, k, bias_rows, bias_cols, &bias); error.failure()) return error;
+  bias.grad_rows = grad_bias_rows->typed_data();
+  bias.grad_cols = grad_bias_cols->typed_data();
+  return AttentionBackward(q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, scale, bias);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionBiasGrad, AttentionBiasGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionGrad, AttentionGradImpl,
                               ffi::Ffi::Bind()

@@ -50,6 +50,7 @@ log = logging.getLogger("mfjax")
 MODES = ("auto", "mkl", "xla")
 TARGET = "mfjax_cpu_gemm"
 ATTENTION_TARGET, ATTENTION_GRAD_TARGET = "mfjax_cpu_attention", "mfjax_cpu_attention_grad"
+ATTENTION_BIAS_TARGET, ATTENTION_BIAS_GRAD_TARGET = "mfjax_cpu_attention_bias", "mfjax_cpu_attention_bias_grad"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.cc")
 
 
@@ -186,7 +187,9 @@ def _load() -> str:
     native = ctypes.CDLL(build())
     native.MfjaxCpuGemmSetBlas.argtypes = [ctypes.c_void_p] * 4
     for target, symbol in ((TARGET, native.MfjaxCpuGemm), (ATTENTION_TARGET, native.MfjaxCpuAttention),
-                           (ATTENTION_GRAD_TARGET, native.MfjaxCpuAttentionGrad)):
+                           (ATTENTION_GRAD_TARGET, native.MfjaxCpuAttentionGrad),
+                           (ATTENTION_BIAS_TARGET, native.MfjaxCpuAttentionBias),
+                           (ATTENTION_BIAS_GRAD_TARGET, native.MfjaxCpuAttentionBiasGrad)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     _loaded["native"] = native
   native.MfjaxCpuGemmSetBlas(*(ctypes.cast(f, ctypes.c_void_p) if f is not None else None for f in functions))
@@ -282,51 +285,68 @@ def fused_attention_enabled_for(*arrays) -> bool:
   return enabled_for(*arrays) and _loaded.get("fused_attention", False)
 
 
-def _check_attention(q, k, v):
+def _check_attention(q, k, v, bias):
   if q.ndim < 3 or not q.ndim == k.ndim == v.ndim or q.shape[:-3] != k.shape[:-3] or k.shape != v.shape \
       or q.shape[-2:] != k.shape[-2:]:
     raise ValueError(f"cpu_gemm.attention: q {q.shape}, k {k.shape}, v {v.shape} are not (..., N_q, heads, "
                      "head_dim) and two (..., N_k, heads, head_dim)")
+  if bias:
+    rows, cols = bias
+    lead = (*q.shape[:-3], q.shape[-2], q.shape[-3])
+    if rows.shape[:-1] != lead or cols.shape[:-1] != lead or rows.shape[-1] * cols.shape[-1] != k.shape[-3]:
+      raise ValueError(f"cpu_gemm.attention: bias tables {rows.shape} and {cols.shape} are not (..., heads, N_q, "
+                       f"key rows) and (..., heads, N_q, key columns) for q {q.shape} and k {k.shape}")
 
 
-def _attention_forward_call(q, k, v, scale):
-  _check_attention(q, k, v)
+def _attention_forward_call(q, k, v, bias, scale):
+  _check_attention(q, k, v, bias)
   load()
   lse = jax.ShapeDtypeStruct((*q.shape[:-3], q.shape[-2], q.shape[-3]), jnp.float32)
-  call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct(q.shape, jnp.float32), lse),
+  call = jax.ffi.ffi_call(ATTENTION_BIAS_TARGET if bias else ATTENTION_TARGET,
+                          (jax.ShapeDtypeStruct(q.shape, jnp.float32), lse), vmap_method="broadcast_all")
+  return call(q, k, v, *bias, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_attention(q, k, v, bias, scale):
+  return _attention_forward_call(q, k, v, bias, scale)[0]
+
+
+def _fused_attention_forward(q, k, v, bias, scale):
+  out, lse = _attention_forward_call(q, k, v, bias, scale)
+  return out, (q, k, v, bias, out, lse)
+
+
+def _fused_attention_backward(scale, residuals, grad):
+  q, k, v, bias, out, lse = residuals
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v, *bias))
+  call = jax.ffi.ffi_call(ATTENTION_BIAS_GRAD_TARGET if bias else ATTENTION_GRAD_TARGET, shapes,
                           vmap_method="broadcast_all")
-  return call(q, k, v, scale=np.float32(scale))
+  grad_q, grad_k, grad_v, *grad_bias = call(q, k, v, *bias, out, grad, lse, scale=np.float32(scale))
+  return grad_q, grad_k, grad_v, tuple(grad_bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention(q, k, v, scale: float):
-  """softmax(scale q k^T) v per batch and head on float32 (..., N, heads, head_dim) operands, fused:
-  blocks of queries against blocks of keys with an online softmax, so the (N_q, N_k) weights are
-  never stored whole; the backward pass recomputes them block by block from the saved log-sum-exp
-  (`cpu_gemm.cc`). Check `fused_attention_enabled_for` first."""
-  return _attention_forward_call(q, k, v, scale)[0]
+_fused_attention.defvjp(_fused_attention_forward, _fused_attention_backward)
 
 
-def _attention_forward(q, k, v, scale):
-  out, lse = _attention_forward_call(q, k, v, scale)
-  return out, (q, k, v, out, lse)
-
-
-def _attention_backward(scale, residuals, grad):
-  call = jax.ffi.ffi_call(ATTENTION_GRAD_TARGET, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
-                                                       for x in residuals[:3]), vmap_method="broadcast_all")
-  q, k, v, out, lse = residuals
-  return call(q, k, v, out, grad, lse, scale=np.float32(scale))
-
-
-attention.defvjp(_attention_forward, _attention_backward)
+def attention(q, k, v, scale: float, bias_rows=None, bias_cols=None):
+  """softmax(scale q k^T + bias) v per batch and head on float32 (..., N, heads, head_dim)
+  operands, fused: blocks of queries against blocks of keys with an online softmax, so the (N_q,
+  N_k) weights are never stored whole; the backward pass recomputes them block by block from the
+  saved log-sum-exp (`cpu_gemm.cc`). The optional bias is SAM's decomposed relative-position
+  bias for keys on a (rows, columns) grid: bias[..., h, q, key] = bias_rows[..., h, q, key //
+  columns] + bias_cols[..., h, q, key % columns], both tables differentiable. Check
+  `fused_attention_enabled_for` first."""
+  if (bias_rows is None) != (bias_cols is None):
+    raise ValueError("cpu_gemm.attention: give both bias tables or neither")
+  return _fused_attention(q, k, v, () if bias_rows is None else (bias_rows, bias_cols), scale)
 
 
 _CUSTOM_CALL = re.compile(r"= f32\[([\d,]*)\][^\n]*? custom-call\([^\n]*?custom_call_target=\"" + TARGET
                           + r"\"[^\n]*?operand_layout_constraints=\{f32\[([\d,]*)\][^\n]*?transpose_a = (true|false)")
 
 
-_ATTENTION_CALL = re.compile(r"custom_call_target=\"(" + ATTENTION_TARGET + r"(?:_grad)?)\", "
+_ATTENTION_CALL = re.compile(r"custom_call_target=\"(" + ATTENTION_TARGET + r"(?:_bias)?(?:_grad)?)\", "
                              r"operand_layout_constraints=\{f32\[([\d,]*)\](?:\{[\d,]*\})?, f32\[([\d,]*)\]")
 
 
@@ -342,6 +362,6 @@ def custom_call_flops(hlo_text: str) -> float:
     flops += 2.0 * contracted * math.prod(out)
   for target, q_dims, k_dims in _ATTENTION_CALL.findall(hlo_text):
     q = [int(d) for d in q_dims.split(",") if d]
-    matmuls = 4 if target == ATTENTION_GRAD_TARGET else 2
+    matmuls = 4 if target.endswith("_grad") else 2
     flops += matmuls * 2.0 * math.prod(q) * int(k_dims.split(",")[-3])
   return flops

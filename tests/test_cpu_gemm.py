@@ -161,6 +161,61 @@ def test_fused_attention_under_vmap_and_on_empty_operands(mkl):
     ours(q[0], k[0, ..., :3])
 
 
+@pytest.mark.parametrize("batch, queries, key_rows, key_cols, heads, dim", [
+    (2, 70, 20, 30, 2, 8),    # key blocks of 256 end inside a grid row
+    (1, 300, 16, 16, 3, 16),
+    (1, 5, 3, 4, 1, 4),
+])
+def test_fused_attention_with_a_decomposed_bias(mkl, batch, queries, key_rows, key_cols, heads, dim):
+  """SAM's relative-position bias, given as its two tables: outputs and the gradients of q, k, v
+  and both tables equal a softmax attention with the dense bias."""
+  keys = jax.random.split(jax.random.key(1), 6)
+  q = jax.random.normal(keys[0], (batch, queries, heads, dim))
+  k, v = (jax.random.normal(key, (batch, key_rows * key_cols, heads, dim)) for key in keys[1:3])
+  rows = jax.random.normal(keys[3], (batch, heads, queries, key_rows))
+  cols = jax.random.normal(keys[4], (batch, heads, queries, key_cols))
+  grad = jax.random.normal(keys[5], q.shape)
+  scale = dim ** -0.5
+
+  def reference(q, k, v, rows, cols):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * scale
+    logits = logits + layers.DecomposedBias(rows, cols).dense()
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v, precision="highest")
+
+  ours = lambda q, k, v, rows, cols: cpu_gemm.attention(q, k, v, scale, rows, cols)
+  assert cpu_gemm.ATTENTION_BIAS_TARGET in compiled_text(ours, q, k, v, rows, cols)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, rows, cols), reference(q, k, v, rows, cols), rtol=2e-5, atol=2e-5)
+  got = jax.jit(lambda *a: jax.vjp(ours, *a[:5])[1](a[5]))(q, k, v, rows, cols, grad)
+  want = jax.vjp(reference, q, k, v, rows, cols)[1](grad)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * (1 + float(jnp.abs(w).max())))
+  with pytest.raises(ValueError, match="bias tables"):
+    cpu_gemm.attention(q, k, v, scale, rows[..., :-1], cols)
+  with pytest.raises(ValueError, match="both bias tables"):
+    cpu_gemm.attention(q, k, v, scale, rows)
+
+
+def test_sam_global_attention_takes_the_fused_core(mkl, monkeypatch):
+  """SAM's attention over a grid of more than FUSED_MIN_KEYS tokens runs fused with its
+  relative-position tables under mkl, with the outputs and gradients (the tables' included) of
+  the dense-bias core."""
+  from mfjax.models import sam
+  x = jax.random.normal(jax.random.key(0), (1, 17, 17, 64))
+  module = sam.RelPosAttention(heads=2, table_grid=(17, 17))
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  loss = lambda params, x: jnp.sum(jnp.sin(module.apply(params, x)))
+  results = {}
+  for mode in ("mkl", "xla"):
+    monkeypatch.setenv("MFJAX_CPU_GEMM", mode)
+    step = jax.value_and_grad(loss, argnums=(0, 1))
+    text = compiled_text(step, params, x)
+    assert (cpu_gemm.ATTENTION_BIAS_GRAD_TARGET in text) == (mode == "mkl")
+    results[mode] = jax.jit(step)(params, x)
+  for got, want in zip(jax.tree_util.tree_leaves(results["mkl"]), jax.tree_util.tree_leaves(results["xla"])):
+    np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5 * (1 + float(jnp.abs(want).max())))
+
+
 def test_softmax_attention_takes_the_fused_core_without_a_bias(mkl, monkeypatch):
   """The softmax core runs fused (one call forward, one backward) when it has no bias, also
   query-chunked with recomputation, and keeps the two matmul calls with a bias (SAM's)."""

@@ -1,7 +1,7 @@
 """Building blocks shared by the transformer families."""
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -161,6 +161,24 @@ def recompute_attention(attend: Callable) -> Callable:
   return jax.checkpoint(attend, policy=jax.checkpoint_policies.save_only_these_names(ATTENTION_VALUES))
 
 
+class DecomposedBias(NamedTuple):
+  """An attention bias that is a sum over a grid of keys: bias[..., h, q, key] = rows[..., h, q,
+  key // columns] + cols[..., h, q, key % columns] (SAM's decomposed relative positions). The
+  fused CPU core takes the two tables; every other core gets `dense()`."""
+  rows: jax.Array  # (..., heads, N_q, key rows)
+  cols: jax.Array  # (..., heads, N_q, key columns)
+
+  def dense(self):
+    return (self.rows[..., :, None] + self.cols[..., None, :]).reshape(*self.rows.shape[:-1], -1)
+
+
+def dense_bias(attend: Callable) -> Callable:
+  """`attend` (a core that takes a dense bias) accepting a DecomposedBias too."""
+  def attend_dense(q, k, v, bias=None):
+    return attend(q, k, v, bias=bias.dense() if isinstance(bias, DecomposedBias) else bias)
+  return attend_dense
+
+
 # Keys above which the softmax core runs fused on CPU. At 197 tokens (ViT-B at 224) the fused core
 # alone is faster, but the whole train step measured 0.98-0.995x with it (in-process A/B, Intel
 # Xeon, 2026-12-06); at 1370 and 4096 tokens it is 1.4-1.5x faster and holds no (N, N) weights.
@@ -171,12 +189,16 @@ def softmax_attention(q, k, v, bias=None):
   """softmax(q k^T / sqrt(D) + bias) v on (B, N, H, D) inputs, computed head-major with the logits
   in float32 and the normalisation applied after the product with v: one pass fewer over the
   (B, H, N, N) weights than softmax-then-matmul. The fastest form on CPU; its two batched
-  matmuls run in MKL where `cpu_gemm.enabled_for` says so, and without a bias, beyond
-  FUSED_MIN_KEYS keys, the whole core runs as MKL's fused attention (`cpu_gemm.attention`: no
-  (N, N) weights in memory). `bias`
-  broadcasts against the (B, H, N, N) logits."""
-  if bias is None and k.shape[1] > FUSED_MIN_KEYS and cpu_gemm.fused_attention_enabled_for(q, k, v):
-    return cpu_gemm.attention(q, k, v, q.shape[-1] ** -0.5)
+  matmuls run in MKL where `cpu_gemm.enabled_for` says so, and without a bias or with a
+  DecomposedBias, beyond FUSED_MIN_KEYS keys, the whole core runs as MKL's fused attention
+  (`cpu_gemm.attention`: no (N, N) weights in memory). A dense `bias` broadcasts against the (B,
+  H, N, N) logits."""
+  decomposed = isinstance(bias, DecomposedBias)
+  if ((bias is None or decomposed) and k.shape[1] > FUSED_MIN_KEYS
+      and cpu_gemm.fused_attention_enabled_for(q, k, v, *(bias if decomposed else ()))):
+    return cpu_gemm.attention(q, k, v, q.shape[-1] ** -0.5, *(bias if decomposed else ()))
+  if decomposed:
+    bias = bias.dense()
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   mkl = cpu_gemm.enabled_for(q, k, v)
@@ -207,7 +229,7 @@ def attention_fn(impl: str | None, query_chunk: int = 0) -> Callable:
   if impl == "softmax" or (impl is None and jax.default_backend() == "cpu"):
     attend = softmax_attention
   else:
-    attend = functools.partial(jax.nn.dot_product_attention, implementation=impl)
+    attend = dense_bias(functools.partial(jax.nn.dot_product_attention, implementation=impl))
   return chunk_queries(attend, query_chunk) if query_chunk else attend
 
 

@@ -90,7 +90,7 @@ class RelPosAttention(nn.Module):
       r = grid_q.shape[1]
       bias_h = jnp.einsum("brwnc,rkc->bnrwk", grid_q, rel_h_rows)
       bias_w = jnp.einsum("brwnc,wkc->bnrwk", grid_q, rel_w)
-      bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.heads, r * w, h * w)
+      bias = layers.DecomposedBias(bias_h.reshape(b, self.heads, r * w, h), bias_w.reshape(b, self.heads, r * w, w))
       return core(grid_q.reshape(b, r * w, self.heads, head_dim), k, v, bias=bias)
 
     grid_q = q.reshape(b, h, w, self.heads, head_dim)
