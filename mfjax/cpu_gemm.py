@@ -11,9 +11,11 @@ two gradients are the same call; the operands stay in XLA's buffers, no host cop
 `attention` is softmax(scale q k^T) v fused the same way (a flash-attention style kernel on
 MKL's GEMMs: blocks of queries against blocks of keys, an online softmax, the weights recomputed
 in the backward pass from the saved log-sum-exp), so the (N, N) weights never exist whole. The
-softmax attention core takes it when it has no bias and more than `layers.FUSED_MIN_KEYS` keys
-(`fused_attention_enabled_for`): at DINOv2's 518 px (1370 tokens) its forward + backward went
-from 0.67x to 0.95-1.02x torch's scaled_dot_product_attention on a 2-core Xeon (BENCHMARKS.md).
+softmax attention core takes it when it has no bias or SAM's decomposed relative-position one
+(`layers.DecomposedBias`) and more than `layers.FUSED_MIN_KEYS` keys (`fused_attention_enabled_for`):
+at DINOv2's 518 px (1370 tokens) its forward + backward went from 0.67x to 0.95x torch's
+scaled_dot_product_attention on a 2-core Xeon, and SAM ViT-B trains at 1024 px at 1.28x
+segment_anything (BENCHMARKS.md).
 
 MFJAX_CPU_GEMM picks the path:
   auto  (default) MKL on an Intel CPU when a library is found and the native call builds, on
