@@ -14,7 +14,9 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -181,10 +183,11 @@ static float* Scratch(size_t n) {
   return scratch.data();
 }
 
-// Runs work(unit) for unit in [0, units) on up to MKL's thread count of threads (the caller's
-// among them), each with MKL single-threaded.
 static int MaxThreads() { return mkl_get_max_threads ? std::max(1, mkl_get_max_threads()) : 1; }
 
+// Runs work(unit) for unit in [0, units) on up to MKL's thread count of threads (the caller's
+// among them), each with MKL single-threaded. A thread that cannot be started leaves its share
+// to the others.
 template <typename Work>
 static void ParallelFor(int64_t units, Work work) {
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(MaxThreads(), units)));
@@ -195,7 +198,10 @@ static void ParallelFor(int64_t units, Work work) {
     mkl_set_num_threads_local(previous);
   };
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  try {
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  } catch (const std::system_error&) {
+  }
   worker();
   for (auto& thread : pool) thread.join();
 }
@@ -379,6 +385,18 @@ static ffi::Error BiasShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k
   return ffi::Error::Success();
 }
 
+// The attention handlers' bindings: `args` float32 buffers in, `rets` out, and the scale.
+template <int args, int rets, typename Binding>
+static auto F32Buffers(Binding binding) {
+  if constexpr (args > 0) {
+    return F32Buffers<args - 1, rets>(std::move(binding).template Arg<ffi::Buffer<ffi::F32>>());
+  } else if constexpr (rets > 0) {
+    return F32Buffers<0, rets - 1>(std::move(binding).template Ret<ffi::Buffer<ffi::F32>>());
+  } else {
+    return std::move(binding).template Attr<float>("scale");
+  }
+}
+
 static ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                 ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale) {
   return AttentionForward(q, k, v, out, lse, scale, DecomposedBias());
@@ -392,25 +410,9 @@ static ffi::Error AttentionBiasImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   return AttentionForward(q, k, v, out, lse, scale, bias);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttention, AttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttention, AttentionImpl, (F32Buffers<3, 2>(ffi::Ffi::Bind())));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionBias, AttentionBiasImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionBias, AttentionBiasImpl, (F32Buffers<5, 2>(ffi::Ffi::Bind())));
 
 static ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> grad_out,
@@ -521,32 +523,6 @@ static ffi::Error AttentionBiasGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   return AttentionBackward(q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, scale, bias);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionBiasGrad, AttentionBiasGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionBiasGrad, AttentionBiasGradImpl, (F32Buffers<8, 5>(ffi::Ffi::Bind())));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionGrad, AttentionGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfjaxCpuAttentionGrad, AttentionGradImpl, (F32Buffers<6, 3>(ffi::Ffi::Bind())));
