@@ -184,7 +184,8 @@ def test_fused_attention_with_a_decomposed_bias(mkl, batch, queries, key_rows, k
 
   ours = lambda q, k, v, rows, cols: cpu_gemm.attention(q, k, v, scale, rows, cols)
   assert cpu_gemm.ATTENTION_BIAS_TARGET in compiled_text(ours, q, k, v, rows, cols)
-  np.testing.assert_allclose(jax.jit(ours)(q, k, v, rows, cols), reference(q, k, v, rows, cols), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v, rows, cols), reference(q, k, v, rows, cols),
+                             rtol=2e-5, atol=2e-5)
   got = jax.jit(lambda *a: jax.vjp(ours, *a[:5])[1](a[5]))(q, k, v, rows, cols, grad)
   want = jax.vjp(reference, q, k, v, rows, cols)[1](grad)
   for g, w in zip(got, want):
@@ -241,7 +242,8 @@ def test_softmax_attention_takes_the_fused_core_without_a_bias(mkl, monkeypatch)
       else:
         assert fused >= 1 and fused_grad == 1, (name, fused, fused_grad)
   for name in cores:
-    for got, want in zip(jax.tree_util.tree_leaves(results["mkl", name]), jax.tree_util.tree_leaves(results["xla", name])):
+    got_leaves, want_leaves = (jax.tree_util.tree_leaves(results[mode, name]) for mode in ("mkl", "xla"))
+    for got, want in zip(got_leaves, want_leaves):
       np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5)
 
 

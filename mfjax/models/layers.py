@@ -193,11 +193,11 @@ def softmax_attention(q, k, v, bias=None):
   DecomposedBias, beyond FUSED_MIN_KEYS keys, the whole core runs as MKL's fused attention
   (`cpu_gemm.attention`: no (N, N) weights in memory). A dense `bias` broadcasts against the (B,
   H, N, N) logits."""
-  decomposed = isinstance(bias, DecomposedBias)
-  if ((bias is None or decomposed) and k.shape[1] > FUSED_MIN_KEYS
-      and cpu_gemm.fused_attention_enabled_for(q, k, v, *(bias if decomposed else ()))):
-    return cpu_gemm.attention(q, k, v, q.shape[-1] ** -0.5, *(bias if decomposed else ()))
-  if decomposed:
+  tables = tuple(bias) if isinstance(bias, DecomposedBias) else ()
+  fusable = (bias is None or tables) and k.shape[1] > FUSED_MIN_KEYS
+  if fusable and cpu_gemm.fused_attention_enabled_for(q, k, v, *tables):
+    return cpu_gemm.attention(q, k, v, q.shape[-1] ** -0.5, *tables)
+  if tables:
     bias = bias.dense()
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
