@@ -625,7 +625,9 @@ def test_gpu_slurm_dry_run(guard, capsys):
                   "--workdir", "runs/x"]
 
 
-def test_gpu_slurm_submits_with_sbatch(guard, tmp_path, capsys):
+def test_gpu_slurm_submits_with_sbatch(guard, tmp_path, capsys, monkeypatch):
+  for name in [name for name in os.environ if name.startswith("MFJAX_")]:  # the caller's own settings
+    monkeypatch.delenv(name)
   fake = write_script(tmp_path / "fake_sbatch", f"""
       #!/usr/bin/env bash
       echo "$*" > {tmp_path}/sbatch_args
