@@ -11,8 +11,9 @@ Parts (float32 unless --dtype bfloat16), each with the number of times one step 
   float32 MKL's (`mfjax.cpu_gemm`) where MFJAX_CPU_GEMM picks it;
   `--dense lax` times `lax.dot_general` as a plain Flax Dense and its autodiff run them;
 - the attention core, forward and backward: mfjax's (`layers.attention_fn(None)`: on CPU the
-  fused MKL attention where `layers.Dense` uses MKL, else the softmax-then-normalise core) against
-  torch's `scaled_dot_product_attention`;
+  softmax-then-normalise core, its matmuls in MKL where `layers.Dense` uses it, and beyond
+  `layers.FUSED_MIN_KEYS` keys MKL's fused attention there) against torch's
+  `scaled_dot_product_attention`;
 - GELU (erf form), forward and backward;
 - the optimizer: gradient clipping at norm 1.0 and AdamW over ViT-shaped parameters (mfjax's
   optax chain against torch's fused AdamW), once per step.

@@ -287,8 +287,8 @@ static void AccumulateBiasGrad(const DecomposedBias& bias, int64_t head_query, c
 }
 
 // Copies `rows` rows of one head, `stride` floats apart in the models' (N, heads, head_dim)
-// layout, into (or, with to_strided, out of) a contiguous (rows, dim) block: MKL's single-threaded
-// GEMMs run at ~150 GFLOP/s on contiguous blocks and ~100 on the strided rows.
+// layout, into a contiguous (rows, dim) block (ScatterRows: back out of one): MKL's
+// single-threaded GEMMs run at ~150 GFLOP/s on contiguous blocks and ~100 on the strided rows.
 static void GatherRows(const float* strided, int64_t stride, int64_t rows, int64_t dim, float* block) {
   for (int64_t r = 0; r < rows; ++r) std::memcpy(block + r * dim, strided + r * stride, dim * sizeof(float));
 }

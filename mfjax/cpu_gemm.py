@@ -129,7 +129,7 @@ def cpu_identity(cpuinfo_path: str = "/proc/cpuinfo") -> bytes:
 
 def build() -> str:
   """cpu_gemm.cc compiled against this jaxlib's FFI headers; the shared library's path. Built
-  once per source, jaxlib and compiler, written atomically (test workers may build at once)."""
+  once per source, jaxlib, compiler and CPU, written atomically (test workers may build at once)."""
   compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
   if not compiler:
     raise Unavailable("no C++ compiler to build mfjax/cpu_gemm.cc (install g++ or set CXX)")
