@@ -17,6 +17,8 @@ CORE = [
     "grain>=0.2.18,<0.3",
     "absl-py>=2",
     "pydicom>=3,<4",
+    # MedDINOv3: CT/MRI volumes in NIfTI (nnU-Net raw layout)
+    "nibabel>=5,<6",
     # training logs: TensorBoard event files without TensorFlow; gs:// workdirs through epath
     "tensorboardX>=2.6",
     "etils[epath]>=1.7",

@@ -9,6 +9,10 @@
   mfjax cka   --workdir runs/x                      (foundation and head, before vs after fine-tuning)
   mfjax cka   --config configs/paper.py:dataset=aptos2019 --models dinov2_vitb14+sam_vitb --checkpoints ckpt/a+ckpt/b --out runs/cka
   mfjax report runs/ [--out runs/report]
+  mfjax segment --config configs/segment.py:raw=nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2,fold=0 \
+                --config.model.checkpoint=ckpt/meddinov3_vitb16 --workdir runs/amos_fold0
+  mfjax segment --workdir runs/amos_fold0 --predict nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2/imagesTs \
+                --out predictions/amos
 """
 import argparse
 import ast
@@ -22,6 +26,7 @@ import ml_collections
 
 from mfjax import hostmem
 from mfjax.config import ConfigError
+from mfjax.data import nnunet, volumes
 
 log = logging.getLogger("mfjax")
 
@@ -144,6 +149,12 @@ def main(argv=None) -> int:
   p = sub.add_parser("report", help="tables and plots of a runs folder beside the paper's numbers")
   p.add_argument("runs_dir", help="folder searched for result.json, knn.json and cka_*.json")
   p.add_argument("--out", help="output folder (default RUNS_DIR/report)")
+  p = sub.add_parser("segment", help="MedDINOv3 2-D segmentation on an nnU-Net raw dataset; or --predict volumes")
+  p.add_argument("--config", help="configs/segment.py[:raw=PATH,...] (training)")
+  p.add_argument("--workdir", required=True, help="the run folder (trained in, or predicted with)")
+  p.add_argument("--predict", help="a folder of NIfTI volumes to segment with a finished run")
+  p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
+  p.add_argument("--no-progress", action="store_true")
   args, rest = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   hostmem.keep_freed_memory()  # before JAX starts its threads
@@ -213,6 +224,22 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {rest}")
       from mfjax.train import fit
       print(json.dumps(fit.evaluate_run(args.workdir, args.split), indent=2, default=float))
+    elif args.command == "segment":
+      from mfjax.train import segment
+      if args.predict:
+        if args.config or rest or not args.out:
+          parser.error("segment --predict takes --workdir RUN --predict FOLDER --out FOLDER (no config)")
+        for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress):
+          print(path)
+        return 0
+      if not args.config:
+        parser.error("segment needs --config (training) or --predict (with a finished run)")
+      config = load_config(args.config, _config_overrides(parser, rest))
+      result = segment.train(config, args.workdir, progress=not args.no_progress)
+      if result.get("status") == "preempted":
+        return 0
+      val = result.get("val", {})
+      print(json.dumps({"mean_dice": val.get("mean_dice"), "dice": val.get("dice")}))
     elif args.command == "report":
       if rest:
         parser.error(f"unrecognized arguments: {rest}")
@@ -227,7 +254,7 @@ def main(argv=None) -> int:
             f"{len(written['plots'])} plots in {os.path.dirname(written['markdown'])}/plots")
       for note in written["notes"]:
         print(f"note: {note}")
-  except ConfigError as e:
+  except (ConfigError, nnunet.DatasetError, volumes.VolumeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

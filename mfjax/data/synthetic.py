@@ -9,9 +9,12 @@ model can learn it:
   cbis_ddsm   malignant = bright spiculated mass / dense calcification cluster; benign = faint
   ddsm_lists  normal = no lesion, benign = faint blob, cancer = bright blob
   csv_images  class k = k+1 bright bars (multi-label: label j = a bar at row j)
+  nnunet_ct   CT volumes (NIfTI, nnU-Net raw layout): a body, a "liver" (+100 HU) and two
+              "kidneys" (+250 HU) labelled 1 and 2; spacings and orientations vary per case
 Everything is a function of (arguments, seed): the same call writes the same bytes.
 """
 import csv
+import json
 import os
 
 import numpy as np
@@ -294,3 +297,53 @@ def csv_images(root: str, num_images: int = 36, size: int = 48, seed: int = 0, m
   header = ["image", *class_names, "patient"] if multi_label else ["image", "label", "patient"]
   _write_csv(os.path.join(root, "labels.csv"), header, rows)
   return root
+
+
+# ----------------------------------------------------------------------------- nnU-Net CT
+
+
+def ct_volume(rng, shape) -> tuple[np.ndarray, np.ndarray]:
+  """(HU (X, Y, Z) float32, labels uint8): air, an elliptic body, a liver and two kidneys."""
+  x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+  body = (x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1
+  image = np.where(body, 0.0, -1000.0)
+  labels = np.zeros(shape, np.uint8)
+  lx, ly = rng.uniform(-0.45, -0.25), rng.uniform(-0.2, 0.1)
+  liver = ((x - lx) / 0.3) ** 2 + ((y - ly) / 0.3) ** 2 + (z / 0.9) ** 2 <= 1
+  labels[liver & body] = 1
+  for side in (-1, 1):
+    kx = 0.35 + rng.uniform(-0.05, 0.05) if side > 0 else rng.uniform(-0.1, 0.0)
+    kidney = ((x - kx) / 0.12) ** 2 + ((y - 0.35 * side * 0 - 0.3) / 0.12) ** 2 + (z / 0.6) ** 2 <= 1
+    labels[kidney & body & ~liver] = 2
+  image = image + 100.0 * (labels == 1) + 250.0 * (labels == 2)
+  image = image + rng.normal(0, 20, shape)
+  return image.astype(np.float32), labels
+
+
+def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
+              name: str = "Dataset990_SynthCT", test_cases: int = 0) -> str:
+  """An nnU-Net v2 raw dataset folder root/name (dataset.json, imagesTr, labelsTr[, imagesTs]).
+
+  In-plane spacing varies between 0.7 and 0.9 mm and every third case is stored in LPS
+  orientation, so readers must resample and reorient."""
+  from mfjax.data import volumes
+  rng = np.random.default_rng(seed)
+  folder = os.path.join(root, name)
+  for i in range(num_cases + test_cases):
+    image, labels = ct_volume(rng, shape)
+    spacing = (rng.uniform(0.7, 0.9), rng.uniform(0.7, 0.9), 3.0)
+    case = f"synth_{i:03d}"
+    split = "Tr" if i < num_cases else "Ts"
+    affine = np.diag([*spacing, 1.0])
+    if i % 3 == 2:  # LPS: flip the first two axes in the file, the affine says so
+      image, labels = image[::-1, ::-1], labels[::-1, ::-1]
+      affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+      affine[:2, 3] = [(shape[0] - 1) * spacing[0], (shape[1] - 1) * spacing[1]]
+    volumes.write_volume(os.path.join(folder, f"images{split}", f"{case}_0000.nii.gz"),
+                         np.round(image).astype(np.int16), affine=affine)
+    volumes.write_volume(os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), labels, affine=affine)
+  meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "kidney": 2},
+          "numTraining": num_cases, "file_ending": ".nii.gz", "name": name}
+  with open(os.path.join(folder, "dataset.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  return folder

@@ -5,6 +5,9 @@ rotates the patch tokens' queries and keys only, with coordinates computed from 
 so any multiple of the patch size works without resampling anything.
   pooled  the final-normed CLS token (DINOv3's `x_norm_clstoken`, HF's `pooler_output`);
   tokens  the final-normed patch tokens ("normed") or the last block's output ("prenorm").
+  intermediate  with `intermediate=(i, ...)`: those blocks' patch tokens (0-based block numbers),
+          each through the final LayerNorm (DINOv3's get_intermediate_layers(norm=True)), the
+          input of MedDINOv3's segmentation decoder.
 `masks` (B, rows * cols) bool replaces those patch embeddings by `mask_token`, as in iBOT.
 
 Training (`train=True`, 'dropout' rng): RoPE coordinates get DINOv3's shift / jitter / rescale
@@ -80,6 +83,7 @@ class Model(nn.Module):
   attn_impl: str | None = None
   attn_query_chunk: int = 0         # > 0: attend this many queries at a time (memory at 1024 px)
   remat: bool = False
+  intermediate: tuple[int, ...] = ()  # blocks whose final-normed patch tokens are returned
 
   def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
     """(rows, cols) of `tokens` for an input of `image_size`."""
@@ -118,20 +122,28 @@ class Model(nn.Module):
 
     sin, cos = self.rope(grid, train)
     depth = self.depth if self.num_blocks is None else self.num_blocks
+    bad = [i for i in self.intermediate if not 0 <= i < depth]
+    if bad:
+      raise ValueError(f"intermediate blocks {bad} do not exist: the model has blocks 0..{depth - 1}")
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    blocks = []
+    blocks, taken = [], []
     for i in range(depth):
       x = block_cls(self.heads, self.mlp_hidden, self.mlp_act, self.qkv_bias, self.k_bias, self.ln_eps,
                     self.drop_path, dtype, self.attn_impl, self.attn_query_chunk, name=f"blocks_{i}")(x, train, sin, cos)
       if return_blocks:
         blocks.append(x.astype(jnp.float32))
+      if i in self.intermediate:
+        taken.append(x)
 
-    normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)
+    norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")
+    normed = norm(x)
     first_patch = 1 + self.num_storage
     tokens = (normed if self.tokens == "normed" else x)[:, first_patch:]
     out = {"pooled": normed[:, 0].astype(jnp.float32), "tokens": tokens.astype(jnp.float32)}
     if return_blocks:
       out["blocks"] = blocks
+    if self.intermediate:
+      out["intermediate"] = [norm(t[:, first_patch:]) for t in taken]
     return out
 
 

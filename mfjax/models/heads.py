@@ -6,7 +6,14 @@
            DeiT-B's own CLS token and position embedding (resized to the foundation's token grid
            as the paper's DeiT does, sqrt(n_new / n_old)) -> DeiT-B's 12 blocks -> norm -> CLS ->
            Dense(num_classes). DeiT-B's patch embedding is bypassed (it has no parameters here).
+
+`Segmenter` = MedDINOv3's 2-D segmentation network (Primus_Multiscale): a DINOv3 backbone's
+final-normed patch tokens from blocks `interaction_indices`, concatenated along channels (no
+projection), decoded by log2(patch) stages of [2x2 stride-2 transposed conv -> channel LayerNorm
+(eps 1e-6) -> GELU], each halving the channels, then a 1x1 conv to class logits at full resolution.
 """
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -92,3 +99,73 @@ class LinearProbe(nn.Module):
                return_blocks: bool = False):
     return {"logits": nn.Dense(self.num_classes, name="fc")(features), "embedding": features,
             "foundation_blocks": []}
+
+
+# nnU-Net's InitWeights_He(1e-2): kaiming_normal_(a=0.01) with torch's fan-in, which for a
+# transposed conv's (in, out, kh, kw) weight is out * kh * kw.
+_HE_GAIN = 2.0 / (1.0 + 0.01 ** 2)
+
+
+class TransposedConv2x2(nn.Module):
+  """torch's ConvTranspose2d(k=2, s=2): every input pixel becomes a 2x2 block, one matmul.
+
+  `kernel` is (in, 2 * 2 * out) in (row, col, out) order: torch's weight.permute(0, 2, 3, 1)."""
+  features: int
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, _ = x.shape
+    dtype = jnp.dtype(self.dtype)
+    init = nn.initializers.variance_scaling(_HE_GAIN, "fan_out", "normal")
+    y = layers.dense(layers.Dense(4 * self.features, use_bias=False, dtype=dtype, kernel_init=init,
+                                  name="up"), x.astype(dtype))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(dtype)
+
+
+class PatchDecoder(nn.Module):
+  """(B, h, w, C) features of a patch-`patch_size` grid -> (B, h * p, w * p, num_classes) logits."""
+  num_classes: int
+  patch_size: int = 16
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    stages = int(round(math.log2(self.patch_size)))
+    if 2 ** stages != self.patch_size:
+      raise ValueError(f"the decoder upsamples by 2 per stage: patch size {self.patch_size} is not a power of 2")
+    dtype = jnp.dtype(self.dtype)
+    channels = x.shape[-1]
+    for stage in range(stages):
+      channels //= 2
+      if channels < 1:
+        raise ValueError(f"{x.shape[-1]} input channels cannot be halved {stages} times")
+      x = TransposedConv2x2(channels, self.dtype, name=f"up_{stage}")(x)
+      x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=f"norm_{stage}")(x)
+      x = layers.gelu(x)
+    init = nn.initializers.variance_scaling(_HE_GAIN, "fan_in", "normal")
+    logits = layers.dense(layers.Dense(self.num_classes, dtype=dtype, kernel_init=init, name="classifier"), x)
+    return logits.astype(jnp.float32)
+
+
+class Segmenter(nn.Module):
+  """MedDINOv3's Primus_Multiscale: `foundation` must be a DINOv3-family model whose `intermediate`
+  field names `interaction_indices`. One-channel inputs are repeated to three (no re-normalisation)."""
+  foundation: nn.Module
+  num_classes: int
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if images.shape[-1] == 1:
+      images = jnp.repeat(images, 3, axis=-1)
+    if not getattr(self.foundation, "intermediate", ()):
+      raise ValueError("the segmentation backbone must be created with intermediate=(block, ...), "
+                       "e.g. (2, 5, 8, 11) for ViT-B")
+    out = self.foundation(images, train=train)
+    rows, cols = self.foundation.token_grid(images.shape[1:3])
+    feats = jnp.concatenate(out["intermediate"], axis=-1)
+    feats = feats.reshape(feats.shape[0], rows, cols, feats.shape[-1])
+    return PatchDecoder(self.num_classes, self.foundation.patch_size, self.dtype, name="decoder")(feats)

@@ -31,7 +31,7 @@ def foundation_spec(config) -> tuple[str, dict]:
   for key in ("dtype", "remat", "drop_path"):
     if key in module_fields:
       overrides[key] = config.model[key]
-  protocol = config.protocol.name
+  protocol = config.protocol.name if "protocol" in config else None  # `mfjax segment` has none
   if protocol == "decapitation":
     if config.protocol.keep_blocks <= 0:
       raise ConfigError("protocol decapitation needs protocol.keep_blocks >= 1")
@@ -72,7 +72,7 @@ def abstract_params(classifier, input_shape: tuple[int, ...]):
   return jax.eval_shape(classifier.init, jax.random.PRNGKey(0), inputs)
 
 
-def _fill(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False) -> int:
+def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False) -> int:
   """Replace leaves of `target_flat` under `prefix` by `source`'s, keeping each leaf's sharding.
 
   Every source leaf must exist in the model with the same shape (blocks beyond a decapitation
@@ -105,7 +105,7 @@ def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> di
   if config.model.checkpoint:
     _, pretrained = models.load(config.model.checkpoint)
     for collection, tree in pretrained.items():
-      n = _fill(flat, tree, (collection, "foundation"), f"foundation checkpoint {config.model.checkpoint}",
+      n = fill_pretrained(flat, tree, (collection, "foundation"), f"foundation checkpoint {config.model.checkpoint}",
                 drop_extra_blocks=config.protocol.name == "decapitation")
       log.info("loaded %d %s tensors of the foundation from %s", n, collection, config.model.checkpoint)
   else:
@@ -115,7 +115,7 @@ def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> di
       _, deit = models.load(config.head.checkpoint)
       keep = {k: v for k, v in deit["params"].items()
               if k in ("cls_token", "pos_embed", "norm") or k.startswith("blocks_")}
-      n = _fill(flat, keep, ("params", "stacked"), f"DeiT-B checkpoint {config.head.checkpoint}")
+      n = fill_pretrained(flat, keep, ("params", "stacked"), f"DeiT-B checkpoint {config.head.checkpoint}")
       log.info("loaded %d tensors of the stacked DeiT-B from %s", n, config.head.checkpoint)
     else:
       log.warning("head.checkpoint is empty: the stacked DeiT-B starts from random weights")

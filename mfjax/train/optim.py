@@ -33,12 +33,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(params, clip_norm=1.0, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8,
-                   mu_dtype=None) -> optax.GradientTransformation:
-  """Gradient transform whose output, times -lr, is torch's AdamW update (decoupled decay)."""
+                   mu_dtype=None, decay_everything=False) -> optax.GradientTransformation:
+  """Gradient transform whose output, times -lr, is torch's AdamW update (decoupled decay).
+
+  Weight decay skips biases and 1-D parameters unless `decay_everything` (MedDINOv3's nnU-Net
+  trainer decays every parameter)."""
   return optax.chain(
       clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None),
-      optax.add_decayed_weights(weight_decay, mask=decay_mask(params)),
+      optax.add_decayed_weights(weight_decay, mask=None if decay_everything else decay_mask(params)),
   )
 
 

@@ -1,0 +1,361 @@
+"""nnU-Net raw datasets for 2-D (axial slice) segmentation: read, plan, preprocess, sample.
+
+The raw layout is nnU-Net v2's (the MSD v1 `dataset.json` with a "training" list works too):
+  DatasetXXX_Name/dataset.json     channel_names {"0": "CT"}, labels {"background": 0, ...},
+                                   numTraining, file_ending ".nii.gz"
+  DatasetXXX_Name/imagesTr/CASE_0000.nii.gz,  labelsTr/CASE.nii.gz   (imagesTs/ optional)
+
+`preprocess(raw, out_dir)` does what nnU-Net's 2-D configuration does before training, once:
+  - target spacing: the median in-plane spacing of the training cases (slices keep their own);
+  - each case resampled in-plane to it (image cubic spline, labels nearest) and written as
+    (Z, X, Y) float32 / uint8 .npy files (one axial slice is contiguous; read memory-mapped);
+  - intensity properties: CT: 0.5 / 99.5 percentiles, mean and std of foreground voxels (up to
+    10000 sampled per case, seeded) -> CTNormalization; other modalities: z-score per case;
+  - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
+`SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
+each batch centred on a foreground voxel of a random present class, like nnU-Net's
+oversample_foreground_percent), with nnU-Net-style 2-D augmentation when asked.
+Folds are nnU-Net's: KFold(5, shuffle, random_state=12345) over the sorted case ids, or the
+dataset's own splits_final.json.
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from mfjax.data import volumes
+
+DATASET_JSON = "dataset.json"
+PLANS_JSON = "plans.json"
+SPLITS_JSON = "splits_final.json"
+FG_SAMPLES_PER_CASE = 10000
+LOCATIONS_PER_CLASS = 1000
+
+
+class DatasetError(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class RawDataset:
+  root: str
+  name: str
+  modality: str                      # the one channel's name, e.g. "CT" or "MRI"
+  labels: dict[int, str]             # class id -> name, background 0 included
+  cases: dict[str, tuple[str, str]]  # case id -> (image path, label path)
+  file_ending: str
+
+  @property
+  def num_classes(self) -> int:
+    return max(self.labels) + 1
+
+
+def read_raw(root: str) -> RawDataset:
+  """The training cases of an nnU-Net raw dataset folder, with every file checked to exist."""
+  root = os.path.abspath(os.path.expanduser(str(root)))
+  path = os.path.join(root, DATASET_JSON)
+  if not os.path.exists(path):
+    raise DatasetError(f"{path} not found: {root} is not an nnU-Net raw dataset folder")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DatasetError(f"{path}: not valid JSON ({e})") from e
+  channels = meta.get("channel_names", meta.get("modality"))
+  if not isinstance(channels, dict) or not channels:
+    raise DatasetError(f"{path}: needs 'channel_names' (nnU-Net v2) or 'modality' (v1), e.g. {{\"0\": \"CT\"}}")
+  if len(channels) != 1:
+    raise DatasetError(f"{path}: {len(channels)} input channels {channels}; mfjax segments one-channel "
+                       "CT/MR volumes")
+  modality = str(next(iter(channels.values())))
+  labels = _parse_labels(meta.get("labels"), path)
+  file_ending = meta.get("file_ending", ".nii.gz")
+  if file_ending not in volumes.NIFTI_ENDINGS:
+    raise DatasetError(f"{path}: file_ending {file_ending!r} is not supported; mfjax reads NIfTI "
+                       f"({', '.join(volumes.NIFTI_ENDINGS)})")
+  if "training" in meta:  # v1 (Medical Segmentation Decathlon): explicit pairs, no _0000 suffix
+    cases = {}
+    for item in meta["training"]:
+      image, label = (os.path.normpath(os.path.join(root, item[k])) for k in ("image", "label"))
+      cases[volumes.strip_ending(os.path.basename(image))] = (image, label)
+  else:
+    images_dir = os.path.join(root, "imagesTr")
+    if not os.path.isdir(images_dir):
+      raise DatasetError(f"{images_dir} not found")
+    suffix = "_0000" + file_ending
+    ids = [f[: -len(suffix)] for f in sorted(os.listdir(images_dir)) if f.endswith(suffix)]
+    cases = {case: (os.path.join(images_dir, case + suffix), os.path.join(root, "labelsTr", case + file_ending))
+             for case in ids}
+  missing = [p for pair in cases.values() for p in pair if not os.path.exists(p)]
+  if missing:
+    raise DatasetError(f"{root}: {len(missing)} file(s) listed or implied are missing: {', '.join(missing[:10])}")
+  if not cases:
+    raise DatasetError(f"{root}: no training cases (expected imagesTr/CASE_0000{file_ending})")
+  expected = meta.get("numTraining")
+  if expected is not None and int(expected) != len(cases):
+    raise DatasetError(f"{path}: numTraining is {expected} but {len(cases)} training cases were found")
+  name = meta.get("name") or os.path.basename(root)
+  return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending)
+
+
+def _parse_labels(labels, path) -> dict[int, str]:
+  if not isinstance(labels, dict) or not labels:
+    raise DatasetError(f"{path}: needs a 'labels' mapping, e.g. {{\"background\": 0, \"liver\": 1}}")
+  out = {}
+  for key, value in labels.items():
+    if isinstance(value, (list, tuple)):
+      raise DatasetError(f"{path}: label {key!r} is a region {value}; region-based training is not supported")
+    name, ident = (key, value) if isinstance(value, int) else (value, key)  # v2 name->id, v1 id->name
+    try:
+      out[int(ident)] = str(name)
+    except ValueError as e:
+      raise DatasetError(f"{path}: label {key!r}: {value!r} is not a class id") from e
+  if 0 not in out:
+    raise DatasetError(f"{path}: labels must include background as 0; got {labels}")
+  return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------------- folds
+
+
+def kfold_splits(case_ids, folds: int = 5, seed: int = 12345) -> list[dict]:
+  """nnU-Net's default split: sklearn KFold(folds, shuffle=True, random_state=seed) on sorted ids."""
+  keys = np.sort(np.asarray(list(case_ids)))
+  if len(keys) < folds:
+    raise DatasetError(f"{len(keys)} cases cannot be split into {folds} folds")
+  order = np.arange(len(keys))
+  np.random.RandomState(seed).shuffle(order)
+  sizes = np.full(folds, len(keys) // folds)
+  sizes[: len(keys) % folds] += 1
+  splits, start = [], 0
+  for size in sizes:
+    val = np.sort(order[start:start + size])
+    train = np.setdiff1d(np.arange(len(keys)), val)
+    splits.append({"train": keys[train].tolist(), "val": keys[val].tolist()})
+    start += size
+  return splits
+
+
+def fold_cases(raw: RawDataset, fold: int | str) -> tuple[list[str], list[str]]:
+  """(train ids, validation ids) of `fold` (0..4, or "all": train on everything, no validation)."""
+  if fold == "all":
+    return list(raw.cases), []
+  splits_path = os.path.join(raw.root, SPLITS_JSON)
+  if os.path.exists(splits_path):
+    with open(splits_path) as f:
+      splits = json.load(f)
+  else:
+    splits = kfold_splits(raw.cases)
+  fold = int(fold)
+  if not 0 <= fold < len(splits):
+    raise DatasetError(f"fold {fold} does not exist: valid 0..{len(splits) - 1} or 'all'")
+  unknown = sorted(set(splits[fold]["train"] + splits[fold]["val"]) - set(raw.cases))
+  if unknown:
+    raise DatasetError(f"{splits_path}: fold {fold} names cases that are not in the dataset: {unknown[:10]}")
+  return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+# ------------------------------------------------------------------------------- preprocess
+
+
+def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int], order: int) -> np.ndarray:
+  """(X, Y, Z) -> (X', Y', Z): spline order 3 for images, 0 (nearest) for labels, slice by slice."""
+  from scipy import ndimage
+  if tuple(volume.shape[:2]) == tuple(shape_xy):
+    return volume
+  zoom = (shape_xy[0] / volume.shape[0], shape_xy[1] / volume.shape[1])
+  out = np.empty((*shape_xy, volume.shape[2]), volume.dtype)
+  for k in range(volume.shape[2]):
+    out[:, :, k] = ndimage.zoom(volume[:, :, k], zoom, order=order, mode="nearest", grid_mode=True)
+  return out
+
+
+def target_shape(shape_xy, spacing_xy, target_spacing_xy) -> tuple[int, int]:
+  return tuple(int(round(s * sp / t)) for s, sp, t in zip(shape_xy, spacing_xy, target_spacing_xy))
+
+
+def _fingerprint(raw: RawDataset) -> dict:
+  return {case: [os.path.getsize(p) for p in pair] for case, pair in raw.cases.items()}
+
+
+def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = True) -> dict:
+  """Write the preprocessed cases and plans.json to `out_dir` (reused when up to date); the plans.
+
+  `spacing_xy`: the in-plane target spacing (mm); None: the median of the training cases'. A
+  finer one than the data's upsamples, as MedDINOv3's 2d_896 configuration does."""
+  out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
+  os.makedirs(out_dir, exist_ok=True)
+  plans_path = os.path.join(out_dir, PLANS_JSON)
+  fingerprint = {"files": _fingerprint(raw), "spacing_xy": None if spacing_xy is None else list(map(float, spacing_xy))}
+  if os.path.exists(plans_path):
+    with open(plans_path) as f:
+      plans = json.load(f)
+    if plans.get("fingerprint") == fingerprint and plans.get("dataset_root") == raw.root:
+      return plans
+    raise DatasetError(f"{out_dir} holds preprocessed data of another dataset or an older version of it; "
+                       "choose a new preprocessed folder or delete it")
+
+  spacings = {case: volumes.read_spacing(image) for case, (image, _) in raw.cases.items()}
+  target_xy = (np.median(np.stack(list(spacings.values()))[:, :2], axis=0) if spacing_xy is None
+               else np.asarray(spacing_xy, np.float64))
+  from tqdm.auto import tqdm
+  cases, fg_values = {}, []
+  for i, (case, (image_path, label_path)) in enumerate(tqdm(raw.cases.items(), desc=f"preprocess {raw.name}",
+                                                           unit="case", disable=not progress)):
+    image, spacing = volumes.read_volume(image_path)
+    labels, _ = volumes.read_labels(label_path)
+    if labels.shape != image.shape:
+      raise DatasetError(f"{label_path}: shape {labels.shape} differs from its image {image_path} {image.shape}")
+    unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels))
+    if unknown:
+      raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}")
+    rng = np.random.default_rng([12345, i])
+    foreground = image[labels > 0]
+    if foreground.size:
+      fg_values.append(rng.choice(foreground, min(FG_SAMPLES_PER_CASE, foreground.size), replace=False))
+    shape_xy = target_shape(image.shape[:2], spacing[:2], target_xy)
+    image = resample_inplane(image, shape_xy, order=3)
+    labels = resample_inplane(labels, shape_xy, order=0)
+    np.save(os.path.join(out_dir, case + ".npy"), np.ascontiguousarray(image.transpose(2, 0, 1)))
+    np.save(os.path.join(out_dir, case + "_seg.npy"), np.ascontiguousarray(labels.transpose(2, 0, 1)))
+    np.save(os.path.join(out_dir, case + "_locations.npy"), _class_locations(labels, rng))
+    cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
+                   "shape": [labels.shape[2], *labels.shape[:2]],  # of the (Z, X, Y) arrays
+                   "mean": float(image.mean()), "std": float(image.std())}
+  if not fg_values:
+    raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
+  fg = np.concatenate(fg_values)
+  plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality,
+           "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
+           "intensity": {"mean": float(fg.mean()), "std": float(fg.std()),
+                         "percentile_00_5": float(np.percentile(fg, 0.5)),
+                         "percentile_99_5": float(np.percentile(fg, 99.5))},
+           "cases": cases, "fingerprint": fingerprint}
+  tmp = plans_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(plans, f, indent=1)
+  os.replace(tmp, plans_path)  # plans.json last: its presence means every case is written
+  return plans
+
+
+def _class_locations(labels: np.ndarray, rng) -> np.ndarray:
+  """(N, 4) int32 rows (class, z, x, y): up to LOCATIONS_PER_CLASS sampled voxels per present class."""
+  rows = []
+  for c in np.unique(labels):
+    if c == 0:
+      continue
+    where = np.argwhere(labels == c)
+    take = rng.choice(len(where), min(LOCATIONS_PER_CLASS, len(where)), replace=False)
+    xyz = where[np.sort(take)]
+    rows.append(np.column_stack([np.full(len(xyz), c), xyz[:, 2], xyz[:, 0], xyz[:, 1]]))
+  return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def normalize(image: np.ndarray, plans: dict, case: str) -> np.ndarray:
+  """CT: clip to the foreground 0.5 / 99.5 percentiles, then (x - mean) / std (nnU-Net's
+  CTNormalization); anything else: z-score with the case's own mean and std."""
+  if plans["modality"].upper() == "CT":
+    p = plans["intensity"]
+    image = np.clip(image, p["percentile_00_5"], p["percentile_99_5"])
+    return ((image - p["mean"]) / max(p["std"], 1e-8)).astype(np.float32)
+  c = plans["cases"][case]
+  return ((image - c["mean"]) / max(c["std"], 1e-8)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+class SliceSampler:
+  """Training patches (image (H, W, 1) float32 normalised, label (H, W) int32) from preprocessed cases.
+
+  Sample `index` of step `step` depends only on (seed, step, index): a resumed run draws the same
+  patches, and each process draws only its own rows of the global batch.
+  """
+
+  def __init__(self, out_dir: str, plans: dict, case_ids, patch: tuple[int, int], batch_size: int,
+               foreground_fraction: float = 0.33, augment: bool = True, seed: int = 0):
+    self.out_dir, self.plans, self.cases = out_dir, plans, list(case_ids)
+    if not self.cases:
+      raise DatasetError("no training cases to sample from")
+    self.patch, self.batch_size, self.augment, self.seed = tuple(patch), batch_size, augment, seed
+    self.num_foreground = int(round(batch_size * foreground_fraction))
+    self._arrays = {}
+
+  def arrays(self, case: str):
+    if case not in self._arrays:
+      load = lambda suffix: np.load(os.path.join(self.out_dir, case + suffix), mmap_mode="r")
+      self._arrays[case] = (load(".npy"), load("_seg.npy"), load("_locations.npy"))
+    return self._arrays[case]
+
+  def sample(self, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, step, index])
+    case = self.cases[rng.integers(len(self.cases))]
+    image, labels, locations = self.arrays(case)
+    foreground = index >= self.batch_size - self.num_foreground and len(locations)
+    if foreground:
+      classes = np.unique(locations[:, 0])
+      rows = locations[locations[:, 0] == classes[rng.integers(len(classes))]]
+      _, z, cx, cy = rows[rng.integers(len(rows))]
+      center = np.array([cx, cy], np.float64) + 0.5
+    else:
+      z = rng.integers(image.shape[0])
+      # the patch's lower corner anywhere it overlaps the slice, padding where the slice is small
+      lo = np.minimum(0, np.array(image.shape[1:]) - self.patch)
+      hi = np.maximum(0, np.array(image.shape[1:]) - self.patch)
+      center = np.array([rng.integers(l, h + 1) for l, h in zip(lo, hi)]) + np.array(self.patch) / 2
+    slice_image = normalize(np.asarray(image[z]), self.plans, case)
+    slice_labels = np.asarray(labels[z])
+    return augment_patch(slice_image, slice_labels, center, self.patch, rng, self.augment)
+
+  def batch(self, step: int, rows: range | None = None) -> dict:
+    """Rows `rows` (default all) of the global batch of `step`."""
+    rows = range(self.batch_size) if rows is None else rows
+    samples = [self.sample(step, i) for i in rows]
+    return {"image": np.stack([s[0] for s in samples])[..., None], "label": np.stack([s[1] for s in samples])}
+
+
+def augment_patch(image, labels, center, patch, rng, augment: bool):
+  """Cut a `patch` around `center` of one slice, with nnU-Net's default 2-D augmentation when asked:
+  rotation (p 0.2, any angle) and scaling (p 0.2, 0.7-1.4) in one resampling (image linear, labels
+  nearest, outside the slice 0), Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15),
+  contrast (p 0.15), gamma (p 0.3, inverted p 0.1) and mirroring per axis (p 0.5). Not done:
+  nnU-Net's low-resolution simulation and elastic deformation (off in its defaults)."""
+  from scipy import ndimage
+  patch = np.asarray(patch)
+  offsets = np.stack(np.meshgrid(*(np.arange(p) - (p - 1) / 2 for p in patch), indexing="ij"), axis=0)
+  if augment:
+    angle = rng.uniform(-np.pi, np.pi) if rng.random() < 0.2 else 0.0
+    scale = rng.uniform(0.7, 1.4) if rng.random() < 0.2 else 1.0
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+    offsets = np.einsum("ij,jhw->ihw", rot, offsets)
+  coords = offsets + (np.asarray(center, np.float64) - 0.5)[:, None, None]
+  image = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
+  labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(np.int32)
+  if not augment:
+    return image, labels
+  if rng.random() < 0.1:
+    image = image + rng.normal(0.0, np.sqrt(rng.uniform(0, 0.1)), image.shape).astype(np.float32)
+  if rng.random() < 0.2:
+    image = ndimage.gaussian_filter(image, rng.uniform(0.5, 1.0)).astype(np.float32)
+  if rng.random() < 0.15:
+    image = image * np.float32(rng.uniform(0.75, 1.25))
+  if rng.random() < 0.15:
+    mean, lo, hi = image.mean(), image.min(), image.max()
+    image = np.clip((image - mean) * np.float32(rng.uniform(0.75, 1.25)) + mean, lo, hi)
+  for invert, p in ((True, 0.1), (False, 0.3)):
+    if rng.random() < p:
+      image = _gamma(-image if invert else image, rng.uniform(0.7, 1.5))
+      image = -image if invert else image
+  for axis in (0, 1):
+    if rng.random() < 0.5:
+      image, labels = np.flip(image, axis), np.flip(labels, axis)
+  return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(labels)
+
+
+def _gamma(image, gamma):
+  """batchgenerators' gamma: on the [0, 1]-scaled patch, mean and std restored afterwards."""
+  mean, std, lo = image.mean(), image.std(), image.min()
+  span = image.max() - lo
+  out = ((image - lo) / (span + 1e-7)) ** gamma * span + lo
+  return ((out - out.mean()) / (out.std() + 1e-8) * std + mean).astype(np.float32)

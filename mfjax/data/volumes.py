@@ -1,0 +1,103 @@
+"""CT/MRI volumes on disk: NIfTI (.nii, .nii.gz) read into canonical (RAS+) voxel order.
+
+`read_volume(path)` returns (array (X, Y, Z) float32, spacing (3,) mm). After reorientation to
+the closest canonical orientation, axis 2 runs inferior -> superior, so `array[:, :, k]` is the
+k-th axial slice whatever orientation the scanner wrote. Labels are read with `read_labels`,
+which insists on whole numbers.
+"""
+import os
+
+import numpy as np
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+class VolumeError(ValueError):
+  pass
+
+
+def _load(path: str):
+  import nibabel as nib
+  path, image = _load_header(path)
+  try:
+    image = nib.as_closest_canonical(image)
+  except Exception as e:  # nibabel raises ImageFileError, gzip / EOF / struct errors
+    raise VolumeError(f"{path}: not a readable NIfTI volume ({type(e).__name__}: {e})") from e
+  if len(image.shape) != 3:
+    if len(image.shape) == 4 and image.shape[3] == 1:
+      image = image.slicer[..., 0]
+    else:
+      raise VolumeError(f"{path}: expected a 3-D volume, got shape {image.shape}")
+  return path, image
+
+
+def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(voxels (X, Y, Z) float32 with the header's scaling applied, spacing (3,) float64 in mm)."""
+  path, image = _load(path)
+  try:
+    data = np.asarray(image.get_fdata(dtype=np.float32))
+  except Exception as e:
+    raise VolumeError(f"{path}: the voxel data cannot be read ({type(e).__name__}: {e})") from e
+  if not np.isfinite(data).all():
+    raise VolumeError(f"{path}: {int((~np.isfinite(data)).sum())} voxels are NaN or infinite")
+  spacing = np.asarray(image.header.get_zooms()[:3], np.float64)
+  if (spacing <= 0).any():
+    raise VolumeError(f"{path}: voxel spacing {tuple(spacing)} is not positive")
+  return data, spacing
+
+
+def read_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(labels (X, Y, Z) uint8, spacing (3,)): a segmentation map of whole-number class ids 0..255."""
+  data, spacing = read_volume(path)
+  labels = np.rint(data)
+  if np.abs(labels - data).max(initial=0) > 1e-3 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+    raise VolumeError(f"{path}: a label map must hold whole numbers in 0..255; found values in "
+                      f"[{data.min():g}, {data.max():g}]")
+  return labels.astype(np.uint8), spacing
+
+
+def write_volume(path: str, data: np.ndarray, spacing=(1.0, 1.0, 1.0), affine=None) -> str:
+  """Write (X, Y, Z) voxels as NIfTI (default: RAS+ with `spacing` mm, else `affine`); the dtype is kept."""
+  import nibabel as nib
+  affine = np.diag([*map(float, spacing), 1.0]) if affine is None else np.asarray(affine, np.float64)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image = nib.Nifti1Image(np.asarray(data), affine)  # the header's zooms follow the affine
+  nib.save(image, path)
+  return path
+
+
+def strip_ending(name: str) -> str:
+  for ending in NIFTI_ENDINGS:
+    if name.endswith(ending):
+      return name[: -len(ending)]
+  return name
+
+
+def read_spacing(path: str) -> np.ndarray:
+  """The canonical-order (X, Y, Z) voxel spacing of a NIfTI file, from its header alone."""
+  import nibabel as nib
+  path, image = _load_header(path)
+  ornt = nib.orientations.io_orientation(image.affine)
+  spacing = np.zeros(3)
+  for axis, (target, _) in enumerate(ornt[:3]):
+    spacing[int(target)] = image.header.get_zooms()[axis]
+  return spacing
+
+
+def _load_header(path: str):
+  import nibabel as nib
+  path = os.path.expanduser(str(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: volume not found")
+  try:
+    return path, nib.load(path)
+  except Exception as e:
+    raise VolumeError(f"{path}: not a readable NIfTI volume ({type(e).__name__}: {e})") from e
+
+
+def canonical_affine(path: str) -> np.ndarray:
+  """The voxel-to-world affine of `read_volume(path)`'s array (for writing predictions back)."""
+  import nibabel as nib
+  path, image = _load_header(path)
+  ornt = nib.orientations.io_orientation(image.affine)
+  return image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape[:3])

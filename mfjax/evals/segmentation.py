@@ -1,0 +1,104 @@
+"""Segmentation evaluation as nnU-Net does it: sliding-window 2-D inference stitched into volumes,
+and per-case, per-class 3-D Dice.
+
+Sliding window (nnU-Net's predict_sliding_window_return_logits, per axial slice): slices smaller
+than the patch are padded; tiles start at nnU-Net's `compute_steps_for_sliding_window` positions
+(step 0.5 of the patch); each tile's logits are weighted by a Gaussian (sigma = patch / 8, peak
+normalised to 1) and the sum is divided by the summed weights; with `mirror`, logits are averaged
+over the flips of each tile. The logits are resampled (linearly) to the original slice size and
+the argmax is the prediction.
+
+Dice (MedDINOv3's compute_metrics): per case and foreground class, 2|P∩G| / (|P| + |G|); a class
+absent from the case's ground truth is skipped for that case. Mean over cases per class, then
+over classes.
+"""
+from typing import Callable
+
+import numpy as np
+
+
+def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+  """nnU-Net's tile positions along one axis of length `size` >= `patch`."""
+  if size <= patch:
+    return [0]
+  num = int(np.ceil((size - patch) / (patch * step))) + 1
+  actual = (size - patch) / (num - 1)
+  return [int(np.round(actual * i)) for i in range(num)]
+
+
+def gaussian_weights(patch: tuple[int, int], sigma_scale: float = 1 / 8) -> np.ndarray:
+  from scipy import ndimage
+  impulse = np.zeros(patch, np.float32)
+  impulse[tuple(p // 2 for p in patch)] = 1
+  weights = ndimage.gaussian_filter(impulse, [p * sigma_scale for p in patch], mode="constant", cval=0)
+  weights = weights / weights.max()
+  weights[weights == 0] = weights[weights > 0].min()
+  return weights.astype(np.float32)
+
+
+def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[int, int], num_classes: int,
+                   batch_size: int = 8, step: float = 0.5, mirror: bool = False) -> np.ndarray:
+  """(Z, X, Y) normalised slices -> (Z, C, X, Y) float32 logits.
+
+  `predict_logits(images (B, H, W, 1) float32) -> (B, H, W, C)`; B is always `batch_size` (the
+  last batch is padded), so a jitted function compiles once."""
+  z, sx, sy = slices.shape
+  px, py = patch
+  pad = ((0, 0), (0, max(px - sx, 0)), (0, max(py - sy, 0)))
+  padded = np.pad(slices, pad)
+  weights = gaussian_weights(patch)
+  tiles = [(k, i, j) for k in range(z) for i in window_starts(padded.shape[1], px, step)
+           for j in window_starts(padded.shape[2], py, step)]
+  logits = np.zeros((z, padded.shape[1], padded.shape[2], num_classes), np.float32)
+  norm = np.zeros(padded.shape, np.float32)
+  flips = [(), (1,), (2,), (1, 2)] if mirror else [()]
+  for start in range(0, len(tiles), batch_size):
+    chunk = tiles[start:start + batch_size]
+    batch = np.zeros((batch_size, px, py, 1), np.float32)
+    for n, (k, i, j) in enumerate(chunk):
+      batch[n, ..., 0] = padded[k, i:i + px, j:j + py]
+    out = 0
+    for axes in flips:
+      flipped = np.flip(batch, axes) if axes else batch
+      pred = np.asarray(predict_logits(flipped), np.float32)
+      out = out + (np.flip(pred, axes) if axes else pred)
+    out = out / len(flips)
+    for n, (k, i, j) in enumerate(chunk):
+      logits[k, i:i + px, j:j + py] += out[n] * weights[..., None]
+      norm[k, i:i + px, j:j + py] += weights
+  logits = logits / norm[..., None]
+  return logits[:, :sx, :sy].transpose(0, 3, 1, 2)
+
+
+def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
+  """(Z, C, X', Y') logits -> (X, Y, Z) uint8 argmax after resampling each slice to `shape_xy`."""
+  from scipy import ndimage
+  z, c = logits.shape[:2]
+  out = np.empty((*shape_xy, z), np.uint8)
+  zoom = (shape_xy[0] / logits.shape[2], shape_xy[1] / logits.shape[3])
+  for k in range(z):
+    resized = logits[k] if zoom == (1.0, 1.0) else np.stack(
+        [ndimage.zoom(logits[k, ch], zoom, order=1, mode="nearest", grid_mode=True) for ch in range(c)])
+    out[:, :, k] = resized.argmax(0)
+  return out
+
+
+def dice_per_class(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[int, float]:
+  """{class: Dice} of one case; NaN where the class is absent from `truth`."""
+  out = {}
+  for c in classes:
+    p, t = prediction == c, truth == c
+    n_true = int(t.sum())
+    out[int(c)] = float("nan") if n_true == 0 else 2.0 * float((p & t).sum()) / (float(p.sum()) + n_true)
+  return out
+
+
+def summarize_dice(per_case: dict[str, dict[int, float]], class_names: dict[int, str]) -> dict:
+  """Mean Dice per class over the cases where it is present, and their mean."""
+  per_class = {}
+  for c, name in class_names.items():
+    values = [d[c] for d in per_case.values() if np.isfinite(d.get(c, np.nan))]
+    per_class[name] = float(np.mean(values)) if values else float("nan")
+  finite = [v for v in per_class.values() if np.isfinite(v)]
+  return {"mean_dice": float(np.mean(finite)) if finite else float("nan"), "dice": per_class,
+          "cases": len(per_case)}

@@ -1,0 +1,321 @@
+"""`mfjax segment`: MedDINOv3's 2-D segmentation on an nnU-Net raw dataset. Read top to bottom.
+
+workdir/
+  config.json      the resolved config (a restart with a different one is refused)
+  metrics.jsonl    one JSON line per logged step and per epoch (+ TensorBoard events)
+  preprocessed/    resampled cases and plans.json, unless data.preprocessed names a shared folder
+  checkpoints/     latest train state, for resuming (the patch sampler is a function of the step)
+  best/            the final parameters (nnU-Net's checkpoint_final), used by `--predict`
+  validation/      the fold's validation cases as predicted label volumes (NIfTI)
+  result.json      per-class and mean 3-D Dice of the validation cases, timing
+
+The model is `heads.Segmenter`: a DINOv3-family backbone (random, or a converted checkpoint)
+and MedDINOv3's multi-scale patch decoder. Parameters are replicated and the batch is split
+over every device of every process.
+"""
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import time
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from mfjax import data as mdata
+from mfjax import models, parallel
+from mfjax.config import ConfigError, to_dict
+from mfjax.data import nnunet, volumes
+from mfjax.evals import segmentation
+from mfjax.models import heads
+from mfjax.train import build
+from mfjax.train.checkpoints import RunCheckpoints
+from mfjax.train.fit import NonFiniteError, Writer, abstract_of, check_workdir, quiet_libraries, workdir_path
+from mfjax.train.optim import make_optimizer
+
+log = logging.getLogger("mfjax")
+
+
+def dice_ce_loss(logits, labels, num_classes: int, smooth: float = 1e-5):
+  """nnU-Net's DC_and_CE_loss for 2-D plans: cross-entropy + (-soft Dice), the Dice of softmax
+  probabilities over foreground classes, summed over the batch and pixels (batch_dice), then
+  averaged over classes. Returns (loss, {"ce", "dice"})."""
+  logits = logits.astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  ce = optax.softmax_cross_entropy(logits, onehot).mean()
+  probs, truth = jax.nn.softmax(logits)[..., 1:], onehot[..., 1:]
+  axes = tuple(range(logits.ndim - 1))
+  intersect, sum_pred, sum_true = (probs * truth).sum(axes), probs.sum(axes), truth.sum(axes)
+  dice = ((2 * intersect + smooth) / jnp.maximum(sum_true + sum_pred + smooth, 1e-8)).mean()
+  return ce - dice, {"ce": ce, "dice": dice}
+
+
+def build_segmenter(config, num_classes: int) -> heads.Segmenter:
+  name, overrides = build.foundation_spec(config)
+  if models.family_of(name) != "dinov3":
+    raise ConfigError(f"model.name={name!r}: the segmentation backbone must be a DINOv3-family model "
+                      f"({', '.join(n for n in models.NAMES if models.family_of(n) == 'dinov3')})")
+  overrides["intermediate"] = tuple(config.model.interaction_indices)
+  backbone = models.create(name, **overrides)
+  if config.data.patch % backbone.patch_size:
+    raise ConfigError(f"data.patch={config.data.patch} is not a multiple of the patch size {backbone.patch_size}")
+  return heads.Segmenter(backbone, num_classes, config.model.dtype)
+
+
+def load_backbone(config, variables: dict) -> dict:
+  if not config.model.checkpoint:
+    log.warning("model.checkpoint is empty: the backbone starts from random weights")
+    return variables
+  flat = traverse_util.flatten_dict(variables)
+  _, pretrained = models.load(config.model.checkpoint)
+  n = build.fill_pretrained(flat, pretrained["params"], ("params", "foundation"),
+                            f"backbone checkpoint {config.model.checkpoint}")
+  log.info("loaded %d tensors of the backbone from %s", n, config.model.checkpoint)
+  return traverse_util.unflatten_dict(flat)
+
+
+def local_rows(batch_size: int) -> range:
+  """This process's rows of a global batch (processes hold equal, consecutive shares)."""
+  per = batch_size // jax.process_count()
+  return range(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def make_predictor(model, mesh, batch_size: int):
+  """predict(params, images (batch_size, H, W, 1) numpy, the same on every process) -> logits numpy."""
+  sharding = parallel.batch_sharding(mesh)
+  apply = jax.jit(lambda params, images: model.apply({"params": params}, images))
+  rows = local_rows(batch_size)
+
+  def predict(params, images):
+    arrays = mdata.global_batch({"image": images[rows.start:rows.stop]}, sharding)
+    return np.asarray(multihost_utils.process_allgather(apply(params, arrays["image"]), tiled=True))
+  return predict
+
+
+def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
+  """(Z, X', Y') normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window."""
+  patch = (config.data.patch, config.data.patch)
+  return segmentation.predict_slices(lambda images: predict(params, images), slices, patch,
+                                     len(plans["labels"]), config.eval.batch_size, config.eval.step,
+                                     config.eval.mirror)
+
+
+def train(config, workdir: str, progress: bool = True) -> dict:
+  start_time = time.time()
+  quiet_libraries()
+  workdir = workdir_path(workdir)
+  config_dict = to_dict(config)
+  parallel.maybe_initialize_distributed()
+  check_workdir(workdir, config_dict)
+
+  # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
+  if not config.data.raw:
+    raise ConfigError("data.raw is empty: give the nnU-Net raw dataset folder (raw=PATH)")
+  raw = nnunet.read_raw(config.data.raw)
+  pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
+  spacing = (config.data.spacing,) * 2 if config.data.spacing else None
+  if jax.process_index() == 0:
+    nnunet.preprocess(raw, pre_dir, spacing, progress)
+  multihost_utils.sync_global_devices("preprocessed")
+  plans = nnunet.preprocess(raw, pre_dir, spacing, progress=False)  # reads the finished plans
+  train_ids, val_ids = nnunet.fold_cases(raw, config.data.fold)
+  mesh = parallel.make_mesh()
+  for what, size in (("batch_size", config.batch_size), ("eval.batch_size", config.eval.batch_size)):
+    if size % mesh.devices.size:
+      raise ConfigError(f"{what}={size} is not divisible by the {mesh.devices.size} devices")
+  patch = (config.data.patch, config.data.patch)
+  sampler = nnunet.SliceSampler(pre_dir, plans, train_ids, patch, config.batch_size,
+                                config.data.foreground_fraction, config.data.augment, config.seed)
+
+  # Model, parameters and optimizer; parameters and optimizer state replicated.
+  model = build_segmenter(config, raw.num_classes)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  replicated = parallel.replicated(mesh)
+  variables = jax.jit(model.init, out_shardings=replicated)(init_rng, jnp.zeros((1, *patch, 1), jnp.float32))
+  params = load_backbone(config, variables)["params"]
+  tx = make_optimizer(params, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1, config.optim.b2,
+                      config.optim.eps, decay_everything=True)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "rng": jax.device_put(train_rng, replicated), "params": params,
+           "opt": jax.jit(tx.init, out_shardings=replicated)(params)}
+  group_lr = {"foundation": config.optim.lr_backbone, "decoder": config.optim.lr_decoder}
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+  def train_step(state, batch, lr_scale):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_of(params):
+      logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      return dice_ce_loss(logits, batch["label"], raw.num_classes)
+
+    (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    updates = {group: jax.tree_util.tree_map(lambda u, lr=group_lr[group]: -lr * lr_scale * u, tree)
+               for group, tree in updates.items()}
+    new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates), opt=opt)
+    return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+
+  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  batch_sharding = parallel.batch_sharding(mesh)
+  rows = local_rows(config.batch_size)
+  total_steps = config.epochs * config.iters_per_epoch
+  log.info("%s on %s fold %s: %d train / %d validation cases, %d classes, patch %s at %s mm, %.1fM parameters, "
+           "mesh %s", config.model.name, raw.name, config.data.fold, len(train_ids), len(val_ids), raw.num_classes,
+           patch, [round(s, 3) for s in plans["target_spacing_xy"]], n_params / 1e6, dict(mesh.shape))
+
+  # Resume.
+  ckpts = RunCheckpoints(workdir)
+  host = {"train_seconds": 0.0}
+  restored = ckpts.restore_latest(abstract_of(state))
+  if restored is not None:
+    state, host = restored
+    log.info("resumed %s at step %d", workdir, int(state["step"]))
+  step = int(state["step"])
+  writer = Writer(workdir, step)
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  segment_start = time.time()
+  save = lambda s: ckpts.save_latest(s, state, {"train_seconds": host["train_seconds"] + time.time() - segment_start})
+
+  # The loop: epochs of iterations; the poly learning-rate factor changes once per epoch. The next
+  # batch is drawn and augmented on a host thread while the device runs the current step.
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc=f"segment {raw.name}")
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    upcoming = pool.submit(sampler.batch, step, rows)
+    epoch_losses = []
+    while step < total_steps:
+      epoch = step // config.iters_per_epoch
+      lr_scale = (1 - epoch / config.epochs) ** config.optim.poly_exponent
+      batch = upcoming.result()
+      if step + 1 < total_steps:
+        upcoming = pool.submit(sampler.batch, step + 1, rows)
+      state, metrics = train_step(state, mdata.global_batch(batch, batch_sharding), jnp.float32(lr_scale))
+      step += 1
+      if bar is not None:
+        bar.update(1)
+      end_of_epoch = step % config.iters_per_epoch == 0
+      if step % config.log_every_steps == 0 or end_of_epoch:
+        values = {k: float(v) for k, v in metrics.items()}
+        if not np.isfinite(values["loss"]):
+          raise NonFiniteError(f"loss is {values['loss']} at step {step}; lower the learning rates or use float32")
+        epoch_losses.append(values["loss"])
+        writer.write(step, {**{f"train/{k}": v for k, v in values.items()},
+                            "lr_backbone": config.optim.lr_backbone * lr_scale,
+                            "lr_decoder": config.optim.lr_decoder * lr_scale})
+        if bar is not None:
+          bar.set_postfix(loss=f"{values['loss']:.4f}", dice=f"{values['dice']:.3f}")
+      if end_of_epoch:
+        writer.write(step, {"epoch": epoch + 1, "train/epoch_loss": float(np.mean(epoch_losses))})
+        epoch_losses = []
+      if preempted or (end_of_epoch and (epoch + 1) % config.checkpoint_every_epochs == 0):
+        save(step)
+        writer.flush()
+      if preempted:
+        log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
+        return {"status": "preempted", "step": step}
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+    signal.signal(signal.SIGTERM, previous_handler)
+    if bar is not None:
+      bar.close()
+  train_seconds = host["train_seconds"] + time.time() - segment_start
+  if ckpts.latest.latest_step() != step:
+    save(step)
+  if ckpts.best.latest_step() != step:
+    ckpts.save_best(step, state["params"], {"epochs": config.epochs})
+
+  # Validation: every validation case by sliding window, Dice against the original labels.
+  t0 = time.time()
+  result = {"config": config_dict, "model": config.model.name, "dataset": raw.name, "fold": str(config.data.fold),
+            "params_total": int(n_params), "train_seconds": train_seconds, "devices": int(mesh.devices.size),
+            "device_kind": jax.devices()[0].device_kind}
+  if val_ids:
+    out_dir = workdir / "validation" if config.eval.save_predictions else None
+    per_case = validate(model, state["params"], mesh, plans, pre_dir, val_ids, config, out_dir, progress)
+    result["val"] = segmentation.summarize_dice(per_case, {c: n for c, n in raw.labels.items() if c})
+    result["val"]["per_case"] = {case: {raw.labels[c]: d for c, d in dice.items()} for case, dice in per_case.items()}
+    writer.write(step, {"val/mean_dice": result["val"]["mean_dice"],
+                        **{f"val/dice_{k}": v for k, v in result["val"]["dice"].items()}})
+    log.info("validation mean Dice %.4f: %s", result["val"]["mean_dice"],
+             ", ".join(f"{k} {v:.4f}" for k, v in result["val"]["dice"].items()))
+  result["validation_seconds"] = time.time() - t0
+  result["wall_seconds"] = time.time() - start_time
+  writer.close()
+  ckpts.close()
+  if jax.process_index() == 0:
+    (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+  return result
+
+
+def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, progress) -> dict:
+  """{case: {class id: Dice}}; with `out_dir`, the predicted label volumes are written there."""
+  predict = make_predictor(model, mesh, config.eval.batch_size)
+  classes = [int(c) for c in plans["labels"] if int(c)]
+  per_case = {}
+  from tqdm.auto import tqdm
+  for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
+    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, case)
+    truth, _ = volumes.read_labels(plans["cases"][case]["label"])
+    logits = segment_volume(predict, params, slices, plans, config)
+    prediction = segmentation.labels_at_shape(logits, truth.shape[:2])
+    per_case[case] = segmentation.dice_per_class(prediction, truth, classes)
+    if out_dir is not None and jax.process_index() == 0:
+      volumes.write_volume(str(out_dir / f"{case}.nii.gz"), prediction,
+                           affine=volumes.canonical_affine(plans["cases"][case]["image"]))
+  return per_case
+
+
+def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = True) -> list[str]:
+  """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with a finished run's final
+  parameters; writes OUT_DIR/CASE.nii.gz label volumes aligned with their inputs."""
+  import ml_collections
+  quiet_libraries()
+  workdir = workdir_path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise ConfigError(f"{config_path} not found: {workdir} is not an `mfjax segment` run")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
+  with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
+    plans = json.load(f)
+  model = build_segmenter(config, len(plans["labels"]))
+  mesh = parallel.make_mesh()
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, config.data.patch, config.data.patch, 1), jnp.float32))
+  ckpts = RunCheckpoints(workdir)
+  restored = ckpts.restore_best(jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), abstract["params"]))
+  ckpts.close()
+  if restored is None:
+    raise ConfigError(f"{workdir} has no final parameters (best/): the run has not finished")
+  params = restored[0]
+  predict = make_predictor(model, mesh, config.eval.batch_size)
+  inputs = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
+  if not inputs:
+    raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  from tqdm.auto import tqdm
+  for name in tqdm(inputs, desc="predict", unit="case", disable=not progress or jax.process_index() != 0):
+    path = os.path.join(input_dir, name)
+    case = volumes.strip_ending(name)
+    case = case[:-5] if case.endswith("_0000") else case
+    image, spacing = volumes.read_volume(path)
+    shape_xy = nnunet.target_shape(image.shape[:2], spacing[:2], plans["target_spacing_xy"])
+    resampled = nnunet.resample_inplane(image, shape_xy, order=3).transpose(2, 0, 1)
+    stats = {"cases": {case: {"mean": float(resampled.mean()), "std": float(resampled.std())}}}
+    slices = nnunet.normalize(resampled, {**plans, **stats}, case)
+    prediction = segmentation.labels_at_shape(segment_volume(predict, params, slices, plans, config), image.shape[:2])
+    if jax.process_index() == 0:
+      written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
+                                          affine=volumes.canonical_affine(path)))
+  return written

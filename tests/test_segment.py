@@ -1,0 +1,363 @@
+"""MedDINOv3 segmentation: the network against PyTorch (timm's DINOv3 intermediates and a torch
+PatchDecode), the nnU-Net loss, folds, raw-dataset checks, preprocessing, patch sampling,
+sliding-window inference, Dice, and `mfjax segment` end to end with resume and prediction."""
+import functools
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from sklearn.model_selection import KFold
+
+from configs import segment as segment_config
+from mfjax import cli, models
+from mfjax.config import ConfigError
+from mfjax.data import nnunet, synthetic, volumes
+from mfjax.evals import segmentation
+from mfjax.models import heads
+from mfjax.train import segment
+from tests.parity import assert_outputs_match
+from tests.test_dinov3_parity import SIZES, convert_file, official_state, timm_reference
+
+
+# ------------------------------------------------------------------ the network against PyTorch
+
+
+class TorchLayerNormNd(torch.nn.Module):
+  """dynamic_network_architectures' LayerNormNd: LayerNorm over channels of NCHW, eps 1e-6."""
+
+  def __init__(self, channels):
+    super().__init__()
+    self.weight = torch.nn.Parameter(torch.ones(channels))
+    self.bias = torch.nn.Parameter(torch.zeros(channels))
+
+  def forward(self, x):
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    return self.weight[None, :, None, None] * (x - u) / torch.sqrt(s + 1e-6) + self.bias[None, :, None, None]
+
+
+def torch_patch_decode(channels: int, num_classes: int, stages: int) -> torch.nn.Sequential:
+  """MedDINOv3's PatchDecode: stages x [ConvTranspose2d(2, 2) -> LayerNormNd -> GELU] -> Conv2d 1x1."""
+  layers = []
+  for _ in range(stages):
+    layers += [torch.nn.ConvTranspose2d(channels, channels // 2, 2, 2), TorchLayerNormNd(channels // 2),
+               torch.nn.GELU()]
+    channels //= 2
+  return torch.nn.Sequential(*layers, torch.nn.Conv2d(channels, num_classes, 1))
+
+
+def decoder_params_from_torch(decoder: torch.nn.Sequential, stages: int) -> dict:
+  t = {k: v.detach().numpy() for k, v in decoder.state_dict().items()}
+  params = {}
+  for s in range(stages):
+    w = t[f"{3 * s}.weight"]  # (in, out, 2, 2)
+    params[f"up_{s}"] = {"up": {"kernel": w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)}, "bias": t[f"{3 * s}.bias"]}
+    params[f"norm_{s}"] = {"scale": t[f"{3 * s + 1}.weight"], "bias": t[f"{3 * s + 1}.bias"]}
+  conv = t[f"{3 * stages}.weight"]
+  params["classifier"] = {"kernel": conv[:, :, 0, 0].T, "bias": t[f"{3 * stages}.bias"]}
+  return params
+
+
+def test_patch_decoder_matches_torch():
+  torch.manual_seed(0)
+  reference = torch_patch_decode(256, 5, 4).eval()
+  with torch.no_grad():
+    for p in reference.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 256)).astype(np.float32)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+  ours = heads.PatchDecoder(5, 16).apply({"params": decoder_params_from_torch(reference, 4)}, x)
+  assert ours.shape == (2, 48, 80, 5)
+  np.testing.assert_allclose(ours, expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_decoder_init_is_nnunet_he_with_torch_fan_in():
+  variables = heads.PatchDecoder(3, 4).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 512)))["params"]
+  gain = np.sqrt(2 / (1 + 0.01 ** 2))
+  up = np.asarray(variables["up_0"]["up"]["kernel"])  # torch fan-in of ConvTranspose2d(512, 256, 2): 256 * 4
+  assert abs(up.std() / (gain / np.sqrt(256 * 4)) - 1) < 0.02
+  cls = np.asarray(variables["classifier"]["kernel"])  # Conv2d(128, 3, 1): fan-in 128
+  assert abs(cls.std() / (gain / np.sqrt(128)) - 1) < 0.1
+  assert not np.asarray(variables["up_0"]["bias"]).any()
+
+
+def test_segmenter_features_are_timm_normed_intermediates(tmp_path):
+  """Blocks 2, 5, 8, 11 of a converted MedDINOv3 ViT-B through the final norm, as timm's
+  forward_intermediates(norm=True) gives them; a 1-channel slice is repeated to 3 channels."""
+  backbone = official_state(*SIZES["b"], qkv_bias=False, seed=7)
+  module, variables, _ = convert_file(tmp_path, {"teacher": {"backbone." + k: v for k, v in backbone.items()}})
+  reference = timm_reference("vit_base_patch16_dinov3", backbone,
+                             norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
+  x = np.random.default_rng(1).standard_normal((1, 224, 160, 1)).astype(np.float32)
+  with torch.no_grad():
+    expected = reference.forward_intermediates(torch.from_numpy(np.repeat(x, 3, -1)).permute(0, 3, 1, 2),
+                                               indices=[2, 5, 8, 11], norm=True, intermediates_only=True)
+  ours = module.clone(intermediate=(2, 5, 8, 11)).apply(variables, np.repeat(x, 3, -1))["intermediate"]
+  assert_outputs_match({"blocks": [np.asarray(a) for a in ours]},
+                       {"blocks": [b.permute(0, 2, 3, 1).reshape(1, -1, 768).numpy() for b in expected]},
+                       "normed intermediates 2, 5, 8, 11 vs timm")
+  segmenter = heads.Segmenter(module.clone(intermediate=(2, 5, 8, 11)), 4)
+  params = segmenter.init(jax.random.PRNGKey(0), x)["params"]
+  params["foundation"] = variables["params"]
+  logits = segmenter.apply({"params": params}, x)
+  assert logits.shape == (1, 224, 160, 4) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_intermediate_blocks_must_exist():
+  module = models.create("meddinov3_vitb16", width=32, depth=2, heads=2, mlp_hidden=64, intermediate=(1, 2))
+  with pytest.raises(ValueError, match=r"intermediate blocks \[2\] do not exist"):
+    module.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+# ------------------------------------------------------------------ loss, folds, metrics
+
+
+def torch_dc_and_ce(logits: torch.Tensor, target: torch.Tensor, smooth=1e-5) -> torch.Tensor:
+  """nnU-Net's DC_and_CE_loss(batch_dice=True, do_bg=False) with MemoryEfficientSoftDiceLoss, NCHW."""
+  ce = torch.nn.functional.cross_entropy(logits, target)
+  x = torch.softmax(logits, 1)[:, 1:]
+  y = torch.nn.functional.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+  intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
+  dc = ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
+  return ce - dc
+
+
+def test_dice_ce_loss_and_gradient_match_nnunet():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((3, 8, 9, 4)).astype(np.float32) * 2
+  labels = rng.integers(0, 4, (3, 8, 9))
+  labels[:, :, :3] = 0
+  t_logits = torch.from_numpy(logits.transpose(0, 3, 1, 2).copy()).requires_grad_()
+  expected = torch_dc_and_ce(t_logits, torch.from_numpy(labels))
+  expected.backward()
+  loss_fn = lambda z: segment.dice_ce_loss(z, jnp.asarray(labels), 4)[0]
+  np.testing.assert_allclose(loss_fn(logits), expected.item(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(loss_fn)(logits)), t_logits.grad.numpy().transpose(0, 2, 3, 1),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [5, 12, 33])
+def test_folds_are_nnunets_kfold(n):
+  ids = [f"case_{i:03d}" for i in range(n)][::-1]
+  ours = nnunet.kfold_splits(ids)
+  keys = np.sort(ids)
+  for fold, (train, val) in enumerate(KFold(5, shuffle=True, random_state=12345).split(keys)):
+    assert ours[fold] == {"train": keys[train].tolist(), "val": keys[val].tolist()}
+
+
+def test_window_starts_and_stitching_equal_whole_slice_prediction():
+  assert segmentation.window_starts(100, 64) == [0, 18, 36]
+  assert segmentation.window_starts(64, 64) == [0] and segmentation.window_starts(40, 64) == [0]
+  rng = np.random.default_rng(0)
+  slices = rng.standard_normal((3, 41, 77)).astype(np.float32)
+  w = rng.standard_normal(4).astype(np.float32)
+  pixelwise = lambda images: images * w  # (B, H, W, 1) -> (B, H, W, 4), any tiling gives the same
+  for mirror in (False, True):
+    logits = segmentation.predict_slices(pixelwise, slices, (32, 32), 4, batch_size=5, mirror=mirror)
+    np.testing.assert_allclose(logits, slices[:, None] * w[None, :, None, None], atol=1e-5)
+  weights = segmentation.gaussian_weights((32, 32))
+  assert weights.max() == 1 and weights.min() > 0 and weights[16, 16] == 1
+
+
+def test_dice_skips_classes_absent_from_the_truth():
+  truth = np.zeros((4, 4, 2), np.uint8)
+  truth[:2, :2] = 1
+  prediction = truth.copy()
+  prediction[0, 0, 0] = 0
+  prediction[3, 3, 1] = 2
+  dice = segmentation.dice_per_class(prediction, truth, [1, 2])
+  assert dice[1] == pytest.approx(2 * 7 / (7 + 8)) and np.isnan(dice[2])
+  summary = segmentation.summarize_dice({"a": dice, "b": {1: 1.0, 2: 0.5}}, {1: "liver", 2: "kidney"})
+  assert summary["dice"] == {"liver": pytest.approx((14 / 15 + 1) / 2), "kidney": 0.5}
+  assert summary["mean_dice"] == pytest.approx(((14 / 15 + 1) / 2 + 0.5) / 2)
+
+
+# ------------------------------------------------------------------ raw datasets and preprocessing
+
+
+@pytest.fixture(scope="module")
+def raw_ct(tmp_path_factory):
+  return synthetic.nnunet_ct(str(tmp_path_factory.mktemp("raw")), num_cases=6, test_cases=2)
+
+
+def test_volumes_are_read_in_canonical_orientation(tmp_path):
+  data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+  volumes.write_volume(str(tmp_path / "ras.nii.gz"), data, (0.5, 0.6, 2.0))
+  lps = np.diag([-0.5, -0.6, 2.0, 1.0])
+  volumes.write_volume(str(tmp_path / "lps.nii.gz"), data[::-1, ::-1], affine=lps)
+  for name in ("ras", "lps"):
+    array, spacing = volumes.read_volume(str(tmp_path / f"{name}.nii.gz"))
+    np.testing.assert_array_equal(array, data)
+    np.testing.assert_allclose(spacing, (0.5, 0.6, 2.0), rtol=1e-6)
+    np.testing.assert_allclose(volumes.read_spacing(str(tmp_path / f"{name}.nii.gz")), spacing)
+  (tmp_path / "bad.nii.gz").write_bytes(b"not a volume")
+  with pytest.raises(volumes.VolumeError, match="bad.nii.gz: not a readable NIfTI"):
+    volumes.read_volume(str(tmp_path / "bad.nii.gz"))
+  volumes.write_volume(str(tmp_path / "half.nii.gz"), data + 0.5)
+  with pytest.raises(volumes.VolumeError, match="half.nii.gz: a label map must hold whole numbers"):
+    volumes.read_labels(str(tmp_path / "half.nii.gz"))
+
+
+def _copy_raw(raw_ct, tmp_path):
+  import shutil
+  return shutil.copytree(raw_ct, tmp_path / "Dataset990_SynthCT")
+
+
+def test_raw_dataset_problems_name_the_file_or_key(raw_ct, tmp_path):
+  raw = nnunet.read_raw(raw_ct)
+  assert (raw.modality, raw.num_classes, len(raw.cases)) == ("CT", 3, 6)
+  assert raw.labels == {0: "background", 1: "liver", 2: "kidney"}
+  root = _copy_raw(raw_ct, tmp_path)
+  meta = json.loads((root / "dataset.json").read_text())
+
+  def expect(change, match):
+    (root / "dataset.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(nnunet.DatasetError, match=match):
+      nnunet.read_raw(str(root))
+
+  expect({"channel_names": {"0": "T1", "1": "T2"}}, "2 input channels")
+  expect({"labels": {"background": 0, "kidney": [1, 2]}}, "region")
+  expect({"labels": {"liver": 1}}, "background as 0")
+  expect({"numTraining": 9}, "numTraining is 9 but 6")
+  expect({"file_ending": ".mha"}, "file_ending '.mha' is not supported")
+  (root / "dataset.json").write_text(json.dumps(meta))
+  os.remove(root / "labelsTr" / "synth_003.nii.gz")
+  with pytest.raises(nnunet.DatasetError, match="labelsTr/synth_003.nii.gz"):
+    nnunet.read_raw(str(root))
+
+
+def test_preprocessing_errors_name_the_case(raw_ct, tmp_path):
+  root = _copy_raw(raw_ct, tmp_path)
+  (root / "imagesTr" / "synth_001_0000.nii.gz").write_bytes(b"\x1f\x8b broken")
+  with pytest.raises(volumes.VolumeError, match="synth_001_0000.nii.gz"):
+    nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
+  root = _copy_raw(raw_ct, tmp_path / "again")
+  labels, _ = volumes.read_labels(str(root / "labelsTr" / "synth_004.nii.gz"))
+  labels[0, 0, 0] = 7
+  volumes.write_volume(str(root / "labelsTr" / "synth_004.nii.gz"), labels,
+                       affine=volumes.canonical_affine(str(root / "labelsTr" / "synth_004.nii.gz")))
+  with pytest.raises(nnunet.DatasetError, match=r"synth_004.nii.gz: label values \[7\]"):
+    nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre2"), progress=False)
+
+
+def test_preprocess_plans_resampling_and_reuse(raw_ct, tmp_path):
+  raw = nnunet.read_raw(raw_ct)
+  plans = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
+  spacings = np.stack([volumes.read_spacing(image) for image, _ in raw.cases.values()])
+  np.testing.assert_allclose(plans["target_spacing_xy"], np.median(spacings[:, :2], axis=0))
+  foreground = []
+  for case, (image_path, label_path) in raw.cases.items():
+    image, spacing = volumes.read_volume(image_path)
+    labels, _ = volumes.read_labels(label_path)
+    foreground.append(image[labels > 0])  # fewer than 10000 per case: all of them are used
+    stored = np.load(tmp_path / "pre" / f"{case}_seg.npy")
+    expected_xy = nnunet.target_shape(image.shape[:2], spacing[:2], plans["target_spacing_xy"])
+    assert stored.shape == (image.shape[2], *expected_xy) == tuple(plans["cases"][case]["shape"])
+    locations = np.load(tmp_path / "pre" / f"{case}_locations.npy")
+    assert (stored[locations[:, 1], locations[:, 2], locations[:, 3]] == locations[:, 0]).all()
+  foreground = np.concatenate(foreground)
+  assert plans["intensity"]["mean"] == pytest.approx(foreground.mean(), rel=1e-5)
+  assert plans["intensity"]["percentile_99_5"] == pytest.approx(np.percentile(foreground, 99.5), rel=1e-5)
+  again = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
+  assert again == plans
+  with pytest.raises(nnunet.DatasetError, match="another dataset"):
+    nnunet.preprocess(raw, str(tmp_path / "pre"), spacing_xy=(0.5, 0.5), progress=False)
+
+
+def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
+  raw = nnunet.read_raw(raw_ct)
+  plans = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
+  sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(raw.cases), (24, 24), 6, 0.5, seed=3)
+  first, again = sampler.batch(5), sampler.batch(5)
+  np.testing.assert_array_equal(first["image"], again["image"])
+  assert first["image"].shape == (6, 24, 24, 1) and first["label"].shape == (6, 24, 24)
+  np.testing.assert_array_equal(sampler.batch(5, range(3, 6))["label"], first["label"][3:])
+  for step in range(10):  # the last half of each batch is centred on a foreground voxel
+    labels = sampler.batch(step, range(3, 6))["label"]
+    assert all((l > 0).any() for l in labels)
+  plain = nnunet.SliceSampler(str(tmp_path / "pre"), plans, ["synth_000"], (24, 24), 2, 0.0, augment=False, seed=0)
+  image, labels = plain.sample(0, 0)
+  rng = np.random.default_rng([0, 0, 0])
+  rng.integers(1)
+  z = rng.integers(plans["cases"]["synth_000"]["shape"][0])
+  full = np.load(tmp_path / "pre" / "synth_000_seg.npy")[z]
+  corner = [int(rng.integers(0, s - 24 + 1)) for s in full.shape]
+  np.testing.assert_array_equal(labels, full[corner[0]:corner[0] + 24, corner[1]:corner[1] + 24])
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_config_errors():
+  with pytest.raises(ConfigError, match="unknown config argument 'patchsize'"):
+    segment_config.get_config("patchsize=64")
+  config = segment_config.get_config("tiny=true,patch=36")
+  with pytest.raises(ConfigError, match="data.patch=36 is not a multiple of the patch size 8"):
+    segment.build_segmenter(config, 3)
+  config = segment_config.get_config("tiny=true,model=dinov2_vitb14")
+  with pytest.raises(ConfigError, match="must be a DINOv3-family model"):
+    segment.build_segmenter(config, 3)
+
+
+def _best_params(workdir):
+  from mfjax.train.checkpoints import RunCheckpoints
+  config = segment_config.get_config("tiny=true")
+  model = segment.build_segmenter(config, 3)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))["params"]
+  ckpts = RunCheckpoints(workdir)
+  params, _ = ckpts.restore_best(abstract)
+  ckpts.close()
+  return params
+
+
+def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeypatch):
+  args = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=6,iters=40",
+          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress"]
+  assert cli.main(args + ["--workdir", str(tmp_path / "run")]) == 0
+  result = json.loads((tmp_path / "run" / "result.json").read_text())
+  assert result["val"]["cases"] == 2 and result["val"]["mean_dice"] > 0.6, result["val"]
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  losses = [l["train/epoch_loss"] for l in lines if "train/epoch_loss" in l]
+  assert len(losses) == 6 and losses[-1] < losses[0]
+
+  # A validation case stored in LPS orientation: the written prediction lines up with its labels.
+  _, val_ids = nnunet.fold_cases(nnunet.read_raw(raw_ct), 0)
+  lps = next(c for c in val_ids if int(c[-3:]) % 3 == 2)
+  predicted, _ = volumes.read_labels(str(tmp_path / "run" / "validation" / f"{lps}.nii.gz"))
+  truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTr", f"{lps}.nii.gz"))
+  assert segmentation.dice_per_class(predicted, truth, [1])[1] == pytest.approx(
+      result["val"]["per_case"][lps]["liver"])
+
+  # SIGTERM after step 50 (one epoch saved at 40): the run checkpoints, exits, and resumes to the
+  # same final parameters as the uninterrupted run.
+  batch = nnunet.SliceSampler.batch
+
+  def interrupted(self, step, rows=None):
+    if step == 50:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch(self, step, rows)
+  monkeypatch.setattr(nnunet.SliceSampler, "batch", interrupted)
+  shared = [f"--config.data.preprocessed={tmp_path / 'run' / 'preprocessed'}"]
+  assert cli.main(args + shared + ["--workdir", str(tmp_path / "resumed")]) == 0
+  assert not (tmp_path / "resumed" / "result.json").exists()
+  monkeypatch.setattr(nnunet.SliceSampler, "batch", batch)
+  assert cli.main(args + shared + ["--workdir", str(tmp_path / "resumed")]) == 0
+  jax.tree.map(np.testing.assert_array_equal, _best_params(str(tmp_path / "run")),
+               _best_params(str(tmp_path / "resumed")))
+
+  # Predicting new volumes: one label volume per input, aligned with it.
+  out = tmp_path / "predicted"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw_ct, "imagesTs"),
+                   "--out", str(out)]) == 0
+  assert sorted(os.listdir(out)) == ["synth_006.nii.gz", "synth_007.nii.gz"]
+  for case in ("synth_006", "synth_007"):
+    predicted, _ = volumes.read_labels(str(out / f"{case}.nii.gz"))
+    truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTs", f"{case}.nii.gz"))
+    assert segmentation.dice_per_class(predicted, truth, [1, 2])[1] > 0.5
