@@ -234,6 +234,34 @@ def jax_device_peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def throughput_fields(median: dict, batch: int) -> dict:
+  """The rows' images/s of JAX, torch eager and torch.compile (from median seconds per step) and
+  JAX's ratio to each torch variant ("n/a" for one that did not run)."""
+  img_s = lambda name: batch / median[name] if name in median else None
+  ratio = lambda name: fmt(img_s("jax") / img_s(name)) if name in median else "n/a"
+  return {"jax_img_s": fmt(img_s("jax")), "torch_eager_img_s": fmt(img_s("torch_eager")),
+          "torch_compile_img_s": fmt(img_s("torch_compile")), "ratio_eager": ratio("torch_eager"),
+          "ratio_compile": ratio("torch_compile")}
+
+
+def jax_stepper(compiled, state, *inputs) -> Callable[[], None]:
+  """A no-argument function that runs one compiled train step on the state it returned last
+  (the state is donated) and returns when the step is done."""
+  import jax
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], *inputs)
+    jax.block_until_ready((holder["state"], metrics))
+  return step
+
+
+def jax_peak_memory() -> int | None:
+  """The JAX side's peak memory so far: the device's peak on GPU/TPU, the process's peak RSS on CPU."""
+  import jax
+  return peak_rss_bytes() if jax.default_backend() == "cpu" else jax_device_peak_bytes()
+
+
 def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 

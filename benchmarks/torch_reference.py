@@ -258,18 +258,20 @@ def adamw(params, lr=1e-4, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8) -> tup
     return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=eps, foreach=True), "foreach"
 
 
-def train_step(model, images, labels, device, bf16=False, compile_model=False, clip_norm=1.0):
-  """One optimizer step (forward, CE loss, backward, grad clipping, AdamW) as a no-argument
-  function that returns when the step is done, and a description of the optimizer."""
+def train_step(model, images, labels, device, bf16=False, compile_model=False, clip_norm=1.0,
+               loss_fn=F.cross_entropy, optimizer=None):
+  """One optimizer step (forward, loss (default CE), backward, grad clipping, AdamW (or
+  `optimizer`: (torch optimizer, description))) as a no-argument function that returns when the
+  step is done, and a description of the optimizer."""
   params = [p for p in model.parameters() if p.requires_grad]
-  opt, kind = adamw(params)
+  opt, kind = optimizer or adamw(params)
   net = torch.compile(model) if compile_model else model
 
   def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       logits = net(images)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = loss_fn(logits.float(), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, clip_norm)
     opt.step()
@@ -300,3 +302,69 @@ def count_flops(fn) -> float | None:
   with FlopCounterMode(display=False) as counter:
     fn()
   return float(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------ MedDINOv3 segmentation
+
+
+class LayerNormNd(nn.Module):
+  """dynamic_network_architectures' LayerNormNd: LayerNorm over the channels of NCHW, eps 1e-6."""
+
+  def __init__(self, channels):
+    super().__init__()
+    self.weight = nn.Parameter(torch.ones(channels))
+    self.bias = nn.Parameter(torch.zeros(channels))
+
+  def forward(self, x):
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    return self.weight[None, :, None, None] * (x - u) / torch.sqrt(s + 1e-6) + self.bias[None, :, None, None]
+
+
+def patch_decode(channels: int, num_classes: int, stages: int) -> nn.Sequential:
+  """MedDINOv3's PatchDecode: stages x [ConvTranspose2d(2, 2) -> LayerNormNd -> GELU] -> Conv2d 1x1."""
+  layers = []
+  for _ in range(stages):
+    layers += [nn.ConvTranspose2d(channels, channels // 2, 2, 2), LayerNormNd(channels // 2), nn.GELU()]
+    channels //= 2
+  return nn.Sequential(*layers, nn.Conv2d(channels, num_classes, 1))
+
+
+class Segmenter(nn.Module):
+  """MedDINOv3's Primus_Multiscale on a timm DINOv3: 1 -> 3 channels, normed intermediates of
+  `indices` concatenated, PatchDecode to full-resolution logits."""
+
+  def __init__(self, name: str, num_classes: int, indices=(2, 5, 8, 11)):
+    super().__init__()
+    import timm
+    timm_name = {"meddinov3_vitb16": "vit_base_patch16_dinov3", "dinov3_vitb16": "vit_base_patch16_dinov3_qkvb"}[name]
+    self.vit = timm.create_model(timm_name, pretrained=False,
+                                 norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
+    self.indices = list(indices)
+    self.decode = patch_decode(self.vit.embed_dim * len(self.indices), num_classes, 4)
+
+  def forward(self, x):
+    feats = self.vit.forward_intermediates(x.repeat(1, 3, 1, 1), indices=self.indices, norm=True,
+                                           intermediates_only=True)
+    return self.decode(torch.cat(feats, 1))
+
+
+def dice_ce_loss(logits, target, smooth=1e-5):
+  """nnU-Net's DC_and_CE_loss(batch_dice=True, do_bg=False) with MemoryEfficientSoftDiceLoss, NCHW."""
+  ce = F.cross_entropy(logits, target)
+  x = torch.softmax(logits, 1)[:, 1:]
+  with torch.no_grad():
+    y = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(x.dtype)
+  intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
+  return ce - ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
+
+
+def segment_optimizer(model: Segmenter, lr_backbone=3e-5, lr_decoder=3e-4):
+  """MedDINOv3's: AdamW (0.9, 0.98), weight decay 0.05 on every parameter, two learning rates."""
+  groups = [{"params": list(model.vit.parameters()), "lr": lr_backbone},
+            {"params": list(model.decode.parameters()), "lr": lr_decoder}]
+  try:
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.05, fused=True), "AdamW, 2 groups (fused)"
+  except (RuntimeError, ValueError):
+    return (torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.05, foreach=True),
+            "AdamW, 2 groups (foreach)")

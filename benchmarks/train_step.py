@@ -143,15 +143,10 @@ def main(argv=None):
   jax_plan = common.jax_memory(compiled)
   sizes = jax_side.state_bytes(state)
 
-  holder = {"state": state}
-
-  def jax_step():
-    holder["state"], metrics = compiled(holder["state"], batch, lr)
-    jax.block_until_ready((holder["state"], metrics))
-
+  jax_step = common.jax_stepper(compiled, state, batch, lr)
   calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds)}
   gpu = jax.default_backend() == "gpu"
-  jax_mem = common.jax_device_peak_bytes() if gpu else common.peak_rss_bytes()
+  jax_mem = common.jax_peak_memory()
 
   import torch
   from benchmarks import torch_reference
@@ -196,7 +191,6 @@ def main(argv=None):
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
 
-  img_s = lambda name: args.batch / median[name] if name in median else None
   jax_devices = common.program_devices(compiled)
   # JAX runs on every device of the mesh, torch on one.
   peaks = {name: common.mesh_peak(peak, jax_devices if name == "jax" else 1) for name in median}
@@ -204,10 +198,7 @@ def main(argv=None):
   row = {
       "benchmark": "train_step", "device": env["device"], "model": args.model, "protocol": args.protocol,
       "res": args.res, "batch": args.batch, "dtype": args.dtype,
-      "jax_img_s": common.fmt(img_s("jax")), "torch_eager_img_s": common.fmt(img_s("torch_eager")),
-      "torch_compile_img_s": common.fmt(img_s("torch_compile")),
-      "ratio_eager": common.fmt(img_s("jax") / img_s("torch_eager")) if "torch_eager" in median else "n/a",
-      "ratio_compile": common.fmt(img_s("jax") / img_s("torch_compile")) if "torch_compile" in median else "n/a",
+      **common.throughput_fields(median, args.batch),
       "jax_compile_s": common.fmt(jax_compile_s, ".1f"), "torch_compile_s": common.fmt(compile_seconds.get("compile"), ".1f"),
       "gflop_per_img": common.fmt(step_flops / args.batch / 1e9 if step_flops else None, ".1f"),
       "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),

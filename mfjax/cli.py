@@ -13,6 +13,7 @@
                 --config.model.checkpoint=ckpt/meddinov3_vitb16 --workdir runs/amos_fold0
   mfjax segment --workdir runs/amos_fold0 --predict nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2/imagesTs \
                 --out predictions/amos
+  mfjax pretrain --config configs/pretrain.py --config.data.folders=ct/volumes --workdir runs/pretrain
 """
 import argparse
 import ast
@@ -25,8 +26,7 @@ import sys
 import ml_collections
 
 from mfjax import hostmem
-from mfjax.config import ConfigError
-from mfjax.data import nnunet, volumes
+from mfjax.config import ConfigError, DataError
 
 log = logging.getLogger("mfjax")
 
@@ -155,6 +155,10 @@ def main(argv=None) -> int:
   p.add_argument("--predict", help="a folder of NIfTI volumes to segment with a finished run")
   p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
   p.add_argument("--no-progress", action="store_true")
+  p = sub.add_parser("pretrain", help="MedDINOv3 pretraining (DINO + iBOT + KoLeo [+ Gram]) on CT volumes")
+  p.add_argument("--config", required=True, help="configs/pretrain.py[:key=value,...]")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--no-progress", action="store_true")
   args, rest = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   hostmem.keep_freed_memory()  # before JAX starts its threads
@@ -240,6 +244,13 @@ def main(argv=None) -> int:
         return 0
       val = result.get("val", {})
       print(json.dumps({"mean_dice": val.get("mean_dice"), "dice": val.get("dice")}))
+    elif args.command == "pretrain":
+      from mfjax.ssl import pretrain
+      config = load_config(args.config, _config_overrides(parser, rest))
+      result = pretrain.run(config, args.workdir, progress=not args.no_progress)
+      if result.get("status") == "preempted":
+        return 0
+      print(json.dumps({"backbone": result["backbone"], "steps": result["steps"]}))
     elif args.command == "report":
       if rest:
         parser.error(f"unrecognized arguments: {rest}")
@@ -254,7 +265,7 @@ def main(argv=None) -> int:
             f"{len(written['plots'])} plots in {os.path.dirname(written['markdown'])}/plots")
       for note in written["notes"]:
         print(f"note: {note}")
-  except (ConfigError, nnunet.DatasetError, volumes.VolumeError) as e:
+  except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

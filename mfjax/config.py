@@ -9,6 +9,11 @@ class ConfigError(ValueError):
   pass
 
 
+class DataError(ValueError):
+  """Input data that cannot be used (a corrupt volume, a dataset folder missing files); the
+  message names the file."""
+
+
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   """'model=dinov2_vitb14,lr=3e-5' -> ConfigDict, typed by the defaults; unknown keys fail."""
   out = ml_collections.ConfigDict(defaults)

@@ -106,3 +106,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put_global(tree, sharding):
+  """Host values that every process holds in full (the same on each) as global jax.Arrays with
+  `sharding` (one for every leaf): each process supplies the pieces of its own devices."""
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(one, tree)

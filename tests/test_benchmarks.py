@@ -41,6 +41,17 @@ def test_train_step_measures_jax_and_torch_in_one_run(tmp_path):
   assert row["command"].startswith("python -m benchmarks.train_step")
 
 
+def test_segment_step_measures_both_frameworks_on_the_same_work(tmp_path):
+  [row] = run_benchmark(tmp_path, "segment_step", "--patch", "64", "--batch", "1", "--classes", "3", "--rounds", "1",
+                        "--warmup", "1", "--min-seconds", "0")
+  assert row["benchmark"] == "segment_step" and row["patch"] == 64
+  for key in ("jax_img_s", "torch_eager_img_s", "ratio_eager", "jax_compile_s", "mfu_jax", "jax_plan_gib"):
+    positive(row[key])
+  # XLA's count of the JAX step and torch's FlopCounterMode of the reference step (matmuls and
+  # convolutions only; XLA also counts the element-wise work and AdamW): the same network.
+  assert 1.0 < row["step_flops_xla"] / row["step_flops_torch_counter"] < 1.2
+
+
 def test_step_flops_count_every_device_of_the_mesh(tmp_path):
   """XLA's cost analysis counts one device's share of a partitioned step; the benchmark's FLOPs
   per image must not halve when the same step runs data-parallel on two devices."""

@@ -1,5 +1,5 @@
-"""MedDINOv3 segmentation: the network against PyTorch (timm's DINOv3 intermediates and a torch
-PatchDecode), the nnU-Net loss, folds, raw-dataset checks, preprocessing, patch sampling,
+"""MedDINOv3 segmentation: the network against PyTorch (timm's DINOv3 intermediates and the torch
+PatchDecode of benchmarks/torch_reference.py), the nnU-Net loss (ditto), folds, raw-dataset checks, preprocessing, patch sampling,
 sliding-window inference, Dice, and `mfjax segment` end to end with resume and prediction."""
 import functools
 import json
@@ -14,6 +14,7 @@ import timm
 import torch
 from sklearn.model_selection import KFold
 
+from benchmarks import torch_reference
 from configs import segment as segment_config
 from mfjax import cli, models
 from mfjax.config import ConfigError
@@ -26,30 +27,6 @@ from tests.test_dinov3_parity import SIZES, convert_file, official_state, timm_r
 
 
 # ------------------------------------------------------------------ the network against PyTorch
-
-
-class TorchLayerNormNd(torch.nn.Module):
-  """dynamic_network_architectures' LayerNormNd: LayerNorm over channels of NCHW, eps 1e-6."""
-
-  def __init__(self, channels):
-    super().__init__()
-    self.weight = torch.nn.Parameter(torch.ones(channels))
-    self.bias = torch.nn.Parameter(torch.zeros(channels))
-
-  def forward(self, x):
-    u = x.mean(1, keepdim=True)
-    s = (x - u).pow(2).mean(1, keepdim=True)
-    return self.weight[None, :, None, None] * (x - u) / torch.sqrt(s + 1e-6) + self.bias[None, :, None, None]
-
-
-def torch_patch_decode(channels: int, num_classes: int, stages: int) -> torch.nn.Sequential:
-  """MedDINOv3's PatchDecode: stages x [ConvTranspose2d(2, 2) -> LayerNormNd -> GELU] -> Conv2d 1x1."""
-  layers = []
-  for _ in range(stages):
-    layers += [torch.nn.ConvTranspose2d(channels, channels // 2, 2, 2), TorchLayerNormNd(channels // 2),
-               torch.nn.GELU()]
-    channels //= 2
-  return torch.nn.Sequential(*layers, torch.nn.Conv2d(channels, num_classes, 1))
 
 
 def decoder_params_from_torch(decoder: torch.nn.Sequential, stages: int) -> dict:
@@ -66,7 +43,7 @@ def decoder_params_from_torch(decoder: torch.nn.Sequential, stages: int) -> dict
 
 def test_patch_decoder_matches_torch():
   torch.manual_seed(0)
-  reference = torch_patch_decode(256, 5, 4).eval()
+  reference = torch_reference.patch_decode(256, 5, 4).eval()
   with torch.no_grad():
     for p in reference.parameters():
       p.add_(0.1 * torch.randn_like(p))
@@ -119,23 +96,13 @@ def test_intermediate_blocks_must_exist():
 # ------------------------------------------------------------------ loss, folds, metrics
 
 
-def torch_dc_and_ce(logits: torch.Tensor, target: torch.Tensor, smooth=1e-5) -> torch.Tensor:
-  """nnU-Net's DC_and_CE_loss(batch_dice=True, do_bg=False) with MemoryEfficientSoftDiceLoss, NCHW."""
-  ce = torch.nn.functional.cross_entropy(logits, target)
-  x = torch.softmax(logits, 1)[:, 1:]
-  y = torch.nn.functional.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-  intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
-  dc = ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
-  return ce - dc
-
-
 def test_dice_ce_loss_and_gradient_match_nnunet():
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((3, 8, 9, 4)).astype(np.float32) * 2
   labels = rng.integers(0, 4, (3, 8, 9))
   labels[:, :, :3] = 0
   t_logits = torch.from_numpy(logits.transpose(0, 3, 1, 2).copy()).requires_grad_()
-  expected = torch_dc_and_ce(t_logits, torch.from_numpy(labels))
+  expected = torch_reference.dice_ce_loss(t_logits, torch.from_numpy(labels))
   expected.backward()
   loss_fn = lambda z: segment.dice_ce_loss(z, jnp.asarray(labels), 4)[0]
   np.testing.assert_allclose(loss_fn(logits), expected.item(), rtol=1e-5)

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from mfjax.config import DataError
 from mfjax.data import volumes
 
 DATASET_JSON = "dataset.json"
@@ -33,7 +34,7 @@ FG_SAMPLES_PER_CASE = 10000
 LOCATIONS_PER_CLASS = 1000
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
   pass
 
 

@@ -9,10 +9,12 @@ import os
 
 import numpy as np
 
+from mfjax.config import DataError
+
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
-class VolumeError(ValueError):
+class VolumeError(DataError):
   pass
 
 

@@ -12,11 +12,18 @@ from etils import epath
 class RunCheckpoints:
   def __init__(self, workdir):
     """`workdir`: a local path or a remote one orbax can write (gs://, through tensorstore)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    self.latest = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints",
-                                        options=options, item_names=("state", "host"))
-    self.best = ocp.CheckpointManager(epath.Path(workdir) / "best",
-                                      options=options, item_names=("params", "host"))
+    self.workdir = epath.Path(workdir)
+    self.options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=self.options,
+                                        item_names=("state", "host"))
+    self._best = None
+
+  @property
+  def best(self) -> ocp.CheckpointManager:
+    """The `best` manager, made (and its folder created) on first use: pretraining has none."""
+    if self._best is None:
+      self._best = ocp.CheckpointManager(self.workdir / "best", options=self.options, item_names=("params", "host"))
+    return self._best
 
   def save_latest(self, step: int, state, host: dict) -> None:
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -47,4 +54,5 @@ class RunCheckpoints:
 
   def close(self):
     self.latest.close()
-    self.best.close()
+    if self._best is not None:
+      self._best.close()

@@ -323,13 +323,20 @@ def quiet_libraries() -> None:
   absl.logging.set_verbosity(absl.logging.ERROR)
 
 
-def train(config, workdir: str, progress: bool = True) -> dict:
-  start_time = time.time()
+def start_run(config, workdir) -> tuple[epath.Path, dict]:
+  """The start of every training command: quiet library logs, multi-host initialisation, and the
+  workdir with its config.json written (or checked against a restarted run's). (workdir, config dict)."""
   quiet_libraries()
   workdir = workdir_path(workdir)
   config_dict = to_dict(config)
   parallel.maybe_initialize_distributed()
   check_workdir(workdir, config_dict)
+  return workdir, config_dict
+
+
+def train(config, workdir: str, progress: bool = True) -> dict:
+  start_time = time.time()
+  workdir, config_dict = start_run(config, workdir)
   run = prepare(config)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
   protocol = config.protocol.name
@@ -459,15 +466,20 @@ def _check_and_log(pending, writer, config, bar, force=False):
     writer.write(step + 1, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr})
 
 
-def evaluate_run(workdir: str, split: str = "test") -> dict:
-  """`mfjax eval`: rebuild a finished (or running) run from its config and score its best checkpoint."""
+def read_run_config(workdir) -> tuple[epath.Path, Any]:
+  """(workdir, its config) of a started run, for commands that reuse it (eval, predict)."""
   import ml_collections
   quiet_libraries()
   workdir = workdir_path(workdir)
   path = workdir / "config.json"
   if not path.exists():
     raise ConfigError(f"{workdir} has no config.json: not an mfjax run folder")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  return workdir, ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def evaluate_run(workdir: str, split: str = "test") -> dict:
+  """`mfjax eval`: rebuild a finished (or running) run from its config and score its best checkpoint."""
+  workdir, config = read_run_config(workdir)
   run = prepare(config)
   best = RunCheckpoints(workdir).restore_best(abstract_of({k: run.state[k] for k in PARAM_KEYS}))
   if best is None:

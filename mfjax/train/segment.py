@@ -29,13 +29,13 @@ from jax.experimental import multihost_utils
 
 from mfjax import data as mdata
 from mfjax import models, parallel
-from mfjax.config import ConfigError, to_dict
+from mfjax.config import ConfigError
 from mfjax.data import nnunet, volumes
 from mfjax.evals import segmentation
 from mfjax.models import heads
 from mfjax.train import build
 from mfjax.train.checkpoints import RunCheckpoints
-from mfjax.train.fit import NonFiniteError, Writer, abstract_of, check_workdir, quiet_libraries, workdir_path
+from mfjax.train.fit import NonFiniteError, Writer, abstract_of, read_run_config, start_run
 from mfjax.train.optim import make_optimizer
 
 log = logging.getLogger("mfjax")
@@ -105,13 +105,41 @@ def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
                                      config.eval.mirror)
 
 
+def prepare(config, num_classes: int, mesh):
+  """(model, train state placed on `mesh` (replicated), jitted train_step(state, batch, lr_scale))."""
+  model = build_segmenter(config, num_classes)
+  patch = (config.data.patch, config.data.patch)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  replicated = parallel.replicated(mesh)
+  variables = jax.jit(model.init, out_shardings=replicated)(init_rng, jnp.zeros((1, *patch, 1), jnp.float32))
+  params = load_backbone(config, variables)["params"]
+  tx = make_optimizer(params, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1, config.optim.b2,
+                      config.optim.eps, decay_everything=True)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "rng": jax.device_put(train_rng, replicated), "params": params,
+           "opt": jax.jit(tx.init, out_shardings=replicated)(params)}
+  group_lr = {"foundation": config.optim.lr_backbone, "decoder": config.optim.lr_decoder}
+
+  def train_step(state, batch, lr_scale):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss_of(params):
+      logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      return dice_ce_loss(logits, batch["label"], num_classes)
+
+    (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    updates = {group: jax.tree_util.tree_map(lambda u, lr=group_lr[group]: -lr * lr_scale * u, tree)
+               for group, tree in updates.items()}
+    new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates), opt=opt)
+    return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+
+  return model, state, jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
 def train(config, workdir: str, progress: bool = True) -> dict:
   start_time = time.time()
-  quiet_libraries()
-  workdir = workdir_path(workdir)
-  config_dict = to_dict(config)
-  parallel.maybe_initialize_distributed()
-  check_workdir(workdir, config_dict)
+  workdir, config_dict = start_run(config, workdir)
 
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
   if not config.data.raw:
@@ -132,35 +160,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   sampler = nnunet.SliceSampler(pre_dir, plans, train_ids, patch, config.batch_size,
                                 config.data.foreground_fraction, config.data.augment, config.seed)
 
-  # Model, parameters and optimizer; parameters and optimizer state replicated.
-  model = build_segmenter(config, raw.num_classes)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  replicated = parallel.replicated(mesh)
-  variables = jax.jit(model.init, out_shardings=replicated)(init_rng, jnp.zeros((1, *patch, 1), jnp.float32))
-  params = load_backbone(config, variables)["params"]
-  tx = make_optimizer(params, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1, config.optim.b2,
-                      config.optim.eps, decay_everything=True)
-  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-           "rng": jax.device_put(train_rng, replicated), "params": params,
-           "opt": jax.jit(tx.init, out_shardings=replicated)(params)}
-  group_lr = {"foundation": config.optim.lr_backbone, "decoder": config.optim.lr_decoder}
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-  def train_step(state, batch, lr_scale):
-    rng = jax.random.fold_in(state["rng"], state["step"])
-
-    def loss_of(params):
-      logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-      return dice_ce_loss(logits, batch["label"], raw.num_classes)
-
-    (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    updates = {group: jax.tree_util.tree_map(lambda u, lr=group_lr[group]: -lr * lr_scale * u, tree)
-               for group, tree in updates.items()}
-    new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates), opt=opt)
-    return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
-
-  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  model, state, train_step = prepare(config, raw.num_classes, mesh)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   batch_sharding = parallel.batch_sharding(mesh)
   rows = local_rows(config.batch_size)
   total_steps = config.epochs * config.iters_per_epoch
@@ -277,13 +278,9 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
 def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = True) -> list[str]:
   """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with a finished run's final
   parameters; writes OUT_DIR/CASE.nii.gz label volumes aligned with their inputs."""
-  import ml_collections
-  quiet_libraries()
-  workdir = workdir_path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.exists():
-    raise ConfigError(f"{config_path} not found: {workdir} is not an `mfjax segment` run")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  workdir, config = read_run_config(workdir)
+  if "iters_per_epoch" not in config:
+    raise ConfigError(f"{workdir} is not an `mfjax segment` run")
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
   with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
     plans = json.load(f)

@@ -1,0 +1,506 @@
+"""MedDINOv3 pretraining (mfjax.ssl): losses against PyTorch written from DINOv3's code, masks,
+heads, crops, schedules, and a tiny end-to-end run with resume, export and bad inputs."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import pretrain as pretrain_config
+from mfjax import models, parallel
+from mfjax.config import ConfigError
+from mfjax.data import volumes
+from mfjax.ssl import augment, heads, losses, masking, pretrain
+
+
+def close(a, b, tol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b, dtype=np.float64), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------- PyTorch references
+# Written from DINOv3's loss/*.py (single process: all_reduce is the identity).
+
+
+def torch_sinkhorn(teacher_output, temp, iterations=3):
+  q = torch.exp(teacher_output.float() / temp).t()
+  b, k = q.shape[1], q.shape[0]
+  q /= torch.sum(q)
+  for _ in range(iterations):
+    q /= torch.sum(q, dim=1, keepdim=True)
+    q /= k
+    q /= torch.sum(q, dim=0, keepdim=True)
+    q /= b
+  q *= b
+  return q.t()
+
+
+def torch_dino(student_logits, teacher_probs, ignore_diagonal=False, student_temp=0.1):
+  s, b, _ = student_logits.shape
+  t = teacher_probs.shape[0]
+  log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+  if not ignore_diagonal:
+    return -torch.einsum("sbk,tbk->", log_p, teacher_probs) / (b * s * t)
+  loss = -torch.einsum("sbk,tbk->st", log_p, teacher_probs)
+  m = min(s, t)
+  loss = torch.diagonal_scatter(loss, loss.new_zeros(m))
+  return loss.sum() / (b * s * t - b * m)
+
+
+def torch_ibot(student_masked, teacher_masked, masks, student_temp=0.1):
+  loss = torch.sum(teacher_masked * F.log_softmax(student_masked / student_temp, dim=-1), dim=-1)
+  weights = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+  return -(loss * weights).sum() / masks.shape[0]
+
+
+def torch_koleo(x, eps=1e-8):
+  x = F.normalize(x, eps=eps, p=2, dim=-1)
+  dots = torch.mm(x, x.t())
+  n = x.shape[0]
+  dots.view(-1)[::(n + 1)].fill_(-1)
+  nearest = torch.max(dots, dim=1)[1]
+  distances = torch.nn.PairwiseDistance(2, eps=eps)(x, x[nearest])
+  return -torch.log(distances + eps).mean()
+
+
+def torch_gram(student, teacher, student_grid, teacher_grid, img_level):
+  b, _, d = teacher.shape
+  if teacher_grid != student_grid:
+    teacher = teacher.transpose(1, 2).reshape(b, d, *teacher_grid)
+    teacher = F.interpolate(teacher, size=student_grid, mode="bicubic", align_corners=False)
+    teacher = teacher.flatten(2).transpose(1, 2)
+  teacher, student = F.normalize(teacher, dim=-1), F.normalize(student, dim=-1)
+  if not img_level:
+    teacher, student = teacher.flatten(0, 1), student.flatten(0, 1)
+  return F.mse_loss(student @ student.transpose(-1, -2), teacher @ teacher.transpose(-1, -2))
+
+
+def t(x):
+  return torch.from_numpy(np.asarray(x, np.float32)).requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------- losses
+
+
+def test_sinkhorn_knopp_matches_dinov3_and_is_balanced():
+  logits = np.random.default_rng(0).normal(size=(12, 40)).astype(np.float32)
+  ours = losses.sinkhorn_knopp(jnp.asarray(logits), 0.05)
+  ref = torch_sinkhorn(torch.from_numpy(logits), 0.05).numpy()
+  assert np.isfinite(ref).all()
+  close(ours, ref)
+  close(ours.sum(axis=1), np.ones(12))          # every sample's target is a distribution
+  # Logits around 50 at temperature 0.04: exp(1250) overflows in the reference, not here.
+  assert not np.isfinite(torch_sinkhorn(torch.from_numpy(logits + 50), 0.04).numpy()).all()
+  close(losses.sinkhorn_knopp(jnp.asarray(logits + 50), 0.04), torch_sinkhorn(torch.from_numpy(logits), 0.04).numpy())
+
+
+def test_sinkhorn_knopp_all_reduces_over_axis_name():
+  logits = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+  full = losses.sinkhorn_knopp(jnp.asarray(logits), 0.07)
+  per_device = jax.vmap(lambda x: losses.sinkhorn_knopp(x, 0.07, axis_name="devices"), axis_name="devices")
+  sharded = per_device(jnp.asarray(logits).reshape(2, 4, 16)).reshape(8, 16)
+  close(sharded, full)
+  local_only = jax.vmap(lambda x: losses.sinkhorn_knopp(x, 0.07))(jnp.asarray(logits).reshape(2, 4, 16))
+  assert not np.allclose(local_only.reshape(8, 16), full, atol=1e-4)
+
+
+def test_dino_losses_match_dinov3():
+  rng = np.random.default_rng(2)
+  b, k = 3, 20
+  student_global, student_local = rng.normal(size=(2, b, k)), rng.normal(size=(8, b, k))
+  teacher = torch_sinkhorn(torch.from_numpy(rng.normal(size=(2 * b, k)).astype(np.float32)), 0.04)
+  teacher = teacher.reshape(2, b, k).numpy()
+  for ignore in (False, True):
+    ours = losses.dino_loss(jnp.asarray(student_global, jnp.float32), jnp.asarray(teacher), 0.1, ignore)
+    close(ours, torch_dino(t(student_global), torch.from_numpy(teacher), ignore).item())
+  terms = losses.dino_cls_loss(jnp.asarray(student_global, jnp.float32), jnp.asarray(student_local, jnp.float32),
+                               jnp.asarray(teacher), local_weight=0.5)
+  local = torch_dino(t(student_local), torch.from_numpy(teacher)).item()
+  global_ = torch_dino(t(student_global), torch.from_numpy(teacher), True).item()
+  close(terms["dino_local"], local)
+  close(terms["dino_global"], global_)
+  close(terms["dino"], 16 / 18 * 0.5 * local + 2 / 18 * global_)
+
+
+def test_ibot_loss_matches_dinov3_with_unmasked_images_counted():
+  rng = np.random.default_rng(3)
+  masks = np.zeros((4, 9), bool)
+  masks[0, [1, 2, 5]] = True
+  masks[2, [0, 8]] = True                      # images 1 and 3 have no mask but count in 1/(2B)
+  m = int(masks.sum())
+  student, teacher_logits = rng.normal(size=(m, 12)), rng.normal(size=(m, 12))
+  teacher = torch_sinkhorn(torch.from_numpy(teacher_logits.astype(np.float32)), 0.07).numpy()
+  per_crop = np.maximum(masks.sum(1, keepdims=True), 1)
+  weights = np.broadcast_to(1.0 / per_crop, masks.shape)[masks].astype(np.float32)
+  ours = losses.ibot_loss(jnp.asarray(student, jnp.float32), jnp.asarray(teacher), jnp.asarray(weights), 4)
+  close(ours, torch_ibot(t(student), torch.from_numpy(teacher), torch.from_numpy(masks)).item())
+
+
+def test_koleo_matches_dinov3_value_and_gradient():
+  x = np.random.default_rng(4).normal(size=(6, 16)).astype(np.float32)
+  x[3] = x[1] * 2.0                            # same direction: distance ~0, eps keeps it finite
+  value, grad = jax.value_and_grad(losses.koleo_loss)(jnp.asarray(x))
+  xt = t(x)
+  ref = torch_koleo(xt)
+  ref.backward()
+  close(value, ref.item(), 1e-4)
+  assert np.isfinite(np.asarray(grad)).all()
+  ok = [0, 2, 4, 5]                            # rows whose distance is not at the eps floor
+  close(np.asarray(grad)[ok], xt.grad.numpy()[ok], 1e-3)
+
+
+@pytest.mark.parametrize("img_level", [True, False])
+@pytest.mark.parametrize("teacher_grid", [(4, 4), (6, 5)])
+def test_gram_loss_matches_dinov3(img_level, teacher_grid):
+  rng = np.random.default_rng(5)
+  student = rng.normal(size=(2, 16, 8)).astype(np.float32)
+  teacher = rng.normal(size=(2, teacher_grid[0] * teacher_grid[1], 8)).astype(np.float32)
+  value, grad = jax.value_and_grad(losses.gram_loss)(jnp.asarray(student), jnp.asarray(teacher), (4, 4),
+                                                     teacher_grid, img_level)
+  st = t(student)
+  ref = torch_gram(st, torch.from_numpy(teacher), (4, 4), teacher_grid, img_level)
+  ref.backward()
+  close(value, ref.item())
+  close(grad, st.grad.numpy())
+
+
+# ------------------------------------------------------------------------------- heads
+
+
+def test_dino_head_shapes_normalisation_and_torch_equivalence():
+  head = heads.DINOHead(out_dim=10, hidden_dim=12, bottleneck_dim=6)
+  x = np.random.default_rng(6).normal(size=(5, 8)).astype(np.float32)
+  params = head.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+  assert set(params) == {"mlp_0", "mlp_1", "mlp_2", "last_layer"}
+  assert "bias" not in params["last_layer"] and params["last_layer"]["kernel"].shape == (6, 10)
+  out = head.apply({"params": params}, jnp.asarray(x))
+  assert out.shape == (5, 10)
+  linear = lambda layer: (torch.tensor(np.asarray(params[layer]["kernel"])),
+                          torch.tensor(np.asarray(params[layer]["bias"])))
+  y = torch.from_numpy(x)
+  for layer, act in (("mlp_0", True), ("mlp_1", True), ("mlp_2", False)):
+    w, b = linear(layer)
+    y = y @ w + b
+    y = F.gelu(y) if act else y
+  bottleneck = F.normalize(y, dim=-1)
+  assert torch.allclose(bottleneck.norm(dim=-1), torch.ones(5))
+  close(out, (bottleneck @ torch.tensor(np.asarray(params["last_layer"]["kernel"]))).numpy())
+  # A zero input (a masked token at init) has a finite gradient, as F.normalize's.
+  grad = jax.grad(lambda p: head.apply({"params": p}, jnp.zeros((1, 8))).sum())(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grad))
+
+
+# ------------------------------------------------------------------------------- masking
+
+
+def test_block_masks_exact_counts_shuffled_and_seeded():
+  grid = (14, 14)
+  expected = masking.masked_counts(16, 196)
+  assert expected == [int(196 * r) for r in np.linspace(0.1, 0.5, 9)[1:]]
+  arrangements = set()
+  for seed in range(6):
+    out = masking.collate_masks(np.random.default_rng(seed), 16, grid)
+    counts = out["masks"].sum(axis=1)
+    assert sorted(counts[counts > 0].tolist()) == expected and (counts == 0).sum() == 8
+    assert out["indices"].shape == (sum(expected),)
+    np.testing.assert_array_equal(out["indices"], np.flatnonzero(out["masks"]))
+    np.testing.assert_allclose(out["weights"], np.repeat(1.0 / counts[counts > 0], counts[counts > 0]))
+    arrangements.add(tuple(counts))
+    again = masking.collate_masks(np.random.default_rng(seed), 16, grid)
+    np.testing.assert_array_equal(again["masks"], out["masks"])
+  assert len(arrangements) == 6, "masks are not shuffled across crops"
+
+
+def test_block_mask_uses_rectangles_and_tops_up():
+  rng = np.random.default_rng(7)
+  mask = masking.block_mask(rng, (14, 14), 40)
+  assert mask.sum() == 40
+  # Blocks: most masked patches have a masked 4-neighbour (random patches rarely do).
+  padded = np.pad(mask, 1)
+  neighbours = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+  assert (neighbours & mask).sum() / mask.sum() > 0.8
+  # A grid too small for any rectangle (w, h must be < the grid's) is filled with random patches.
+  assert masking.block_mask(rng, (1, 8), 5).sum() == 5
+
+
+# ------------------------------------------------------------------------------- crops
+
+
+def test_multi_crop_shapes_ranges_and_determinism():
+  slice_hu = np.random.default_rng(8).uniform(-2000, 3000, (50, 60)).astype(np.float32)
+  out = augment.multi_crop(slice_hu, np.random.default_rng(0), 32, 16, 3, gram_size=48)
+  assert out["global"].shape == (2, 32, 32, 3) and out["local"].shape == (3, 16, 16, 3)
+  assert out["gram"].shape == (2, 48, 48, 3)
+  lo, hi = (-1000 - augment.CT_MEAN) / augment.CT_STD, (1000 - augment.CT_MEAN) / augment.CT_STD
+  for crops in out.values():
+    assert crops.dtype == np.float32 and crops.min() >= lo - 1e-5 and crops.max() <= hi + 1e-5
+    np.testing.assert_array_equal(crops[..., 0], crops[..., 2])
+  again = augment.multi_crop(slice_hu, np.random.default_rng(0), 32, 16, 3, gram_size=48)
+  for k in out:
+    np.testing.assert_array_equal(out[k], again[k])
+  close(augment.normalize_ct(np.array([[-3000.0, 0.0, 65.1084, 5000.0]]))[0, :, 1],
+        [(-1000 - 65.1084) / 178.0166, -65.1084 / 178.0166, 0.0, (1000 - 65.1084) / 178.0166])
+
+
+def test_gaussian_blur_matches_torchvision():
+  import torchvision.transforms.functional as TF
+  image = np.random.default_rng(9).uniform(size=(20, 24)).astype(np.float32)
+  ref = TF.gaussian_blur(torch.from_numpy(image)[None], [9, 9], [1.3, 1.3])[0].numpy()
+  close(augment.gaussian_blur(image, 1.3), ref)
+
+
+# ------------------------------------------------------------------------------- schedules, optimizer
+
+
+def dinov2_cosine_scheduler(base, final, total, warmup=0, start_warmup=0.0, freeze=0):
+  iters = np.arange(total - warmup - freeze)
+  schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+  return np.concatenate((np.zeros(freeze), np.linspace(start_warmup, base, warmup), schedule))
+
+
+def test_schedules_match_dinov2_cosine_scheduler():
+  ref = dinov2_cosine_scheduler(1e-3, 1e-6, 50, warmup=10, freeze=5)
+  close([pretrain.cosine_schedule(i, 1e-3, 1e-6, 50, 10, 0.0, 5) for i in range(50)], ref, 1e-9)
+  assert pretrain.cosine_schedule(60, 1e-3, 1e-6, 50, 10) == 1e-6
+  c = pretrain_config.get_config("tiny=true,epochs=3,epoch_length=4")
+  temps = [pretrain.schedules(c, i)["teacher_temp"] for i in range(12)]
+  close(temps[:4], np.linspace(0.04, 0.07, 4), 1e-9)
+  assert temps[4:] == [0.07] * 8
+  first = pretrain.schedules(c, 0)
+  assert first["last_layer_lr"] == 0.0 and pretrain.schedules(c, 4)["last_layer_lr"] > 0
+  close(pretrain.schedules(c, 11)["momentum"], dinov2_cosine_scheduler(0.992, 1.0, 12)[11], 1e-9)
+
+
+def test_parameter_plan_layer_decay_and_no_decay_groups():
+  module = models.create("dinov3_vitb16", **pretrain_config.TINY_MODEL)
+  params = {"backbone": models.init_params(module, image_size=(32, 32))["params"],
+            "dino_head": heads.DINOHead(8, 8, 4).init(jax.random.PRNGKey(0), jnp.zeros((1, 32)))["params"]}
+  plan = pretrain.parameter_plan(params, depth=2, layer_decay=0.9, patch_embed_mult=0.2)
+  scale, decay, last = plan["lr_scale"], plan["decay"], plan["last"]
+  close(scale["backbone"]["patch_embed"]["kernel"], 0.9 ** 3 * 0.2)
+  close(scale["backbone"]["cls_token"], 0.9 ** 3)
+  close(scale["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"], 0.9 ** 2)
+  close(scale["backbone"]["blocks_1"]["mlp"]["fc1"]["kernel"], 0.9)
+  assert scale["backbone"]["norm"]["scale"] == 1.0 and scale["dino_head"]["mlp_0"]["kernel"] == 1.0
+  assert decay["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"] == 1.0
+  for no_decay in (decay["backbone"]["blocks_0"]["attn"]["qkv"]["bias"], decay["backbone"]["blocks_0"]["ls1"]["gamma"],
+                   decay["backbone"]["norm"]["scale"], decay["backbone"]["cls_token"],
+                   decay["backbone"]["storage_tokens"], decay["backbone"]["mask_token"]):
+    assert no_decay == 0.0
+  assert last["dino_head"]["last_layer"]["kernel"] == 1.0 and last["dino_head"]["mlp_0"]["kernel"] == 0.0
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def test_slice_pool_rotates_through_every_volume_as_a_function_of_the_step():
+  paths = [f"v{i}.nii.gz" for i in range(5)]
+  pool = pretrain.SlicePool(paths, seed=0, size=2, new_per_step=1)
+  ids = [pool.volume_ids(step) for step in range(10)]
+  assert all(len(i) == 2 for i in ids)
+  assert all(ids[s][1] == ids[s + 1][0] for s in range(9))   # a window sliding over the shuffled stream
+  assert sorted(ids[s][0] for s in range(5)) == list(range(5))  # each pass visits every volume once
+  assert ids[7] == pretrain.SlicePool(paths, seed=0, size=2, new_per_step=1).volume_ids(7)
+  assert ids != [pretrain.SlicePool(paths, seed=1, size=2, new_per_step=1).volume_ids(s) for s in range(10)]
+  assert pretrain.SlicePool(paths, seed=0, size=9, new_per_step=1).volume_ids(3) == list(range(5))
+
+
+def test_axial_slices_are_in_radiological_view(tmp_path):
+  volume = np.zeros((4, 3, 2), np.float32)
+  volume[3, 2, 1] = 1.0                         # most right (+x), most anterior (+y), upper slice
+  path = volumes.write_volume(str(tmp_path / "v.nii.gz"), volume)
+  slices = pretrain.axial_slices(path)
+  assert slices.shape == (2, 3, 4) and slices[1, 0, 0] == 1.0 and slices.sum() == 1.0
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ct_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("ct")
+  rng = np.random.default_rng(10)
+  for i, shape in enumerate([(40, 36, 6), (44, 40, 4), (38, 42, 5)]):
+    volumes.write_volume(str(folder / f"case{i}.nii.gz"), rng.uniform(-1200, 1500, shape).astype(np.float32))
+  return folder
+
+
+def tiny_config(folder, **changes):
+  c = pretrain_config.get_config("tiny=true")
+  c.data.folders = str(folder)
+  c.gram.weight = 0.5
+  c.gram.teacher_step = 1
+  c.gram.crop_size = 48                         # a 6x6 Gram-teacher grid resized to the 4x4 student grid
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_pretrain_end_to_end_resume_and_export(ct_folder, tmp_path, monkeypatch):
+  config = tiny_config(ct_folder)
+  result = pretrain.run(config, tmp_path / "full", progress=False)
+  assert result["steps"] == 4
+  lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
+  terms = ("loss", "dino", "dino_local", "dino_global", "ibot", "koleo", "grad_norm", "lr", "wd", "momentum",
+           "teacher_temp")
+  for line in lines:
+    assert all(np.isfinite(line[f"train/{k}"]) for k in terms)
+  assert "train/gram" not in lines[0] and all(np.isfinite(l["train/gram"]) for l in lines[1:])
+
+  # Interrupted after the step-2 checkpoint, then resumed: the same numbers as the full run.
+  make_batch = pretrain.make_batch
+
+  def interrupted(config, pool, step, *args):
+    if step == 3:
+      raise KeyboardInterrupt
+    return make_batch(config, pool, step, *args)
+
+  monkeypatch.setattr(pretrain, "make_batch", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    pretrain.run(config, tmp_path / "resumed", progress=False)
+  assert not (tmp_path / "resumed" / "backbone").exists()
+  steps_run = []
+
+  def recorded(config, pool, step, *args):
+    steps_run.append(step)
+    return make_batch(config, pool, step, *args)
+
+  monkeypatch.setattr(pretrain, "make_batch", recorded)
+  pretrain.run(config, tmp_path / "resumed", progress=False)
+  assert steps_run == [2, 3], "the resumed run did not start from the step-2 checkpoint"
+  assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+  # SIGTERM while step 2 runs (preemption): a checkpoint at step 3 and a clean exit; rerun finishes identically.
+  def preempted(config, pool, step, *args):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return make_batch(config, pool, step, *args)
+
+  monkeypatch.setattr(pretrain, "make_batch", preempted)
+  assert pretrain.run(config, tmp_path / "preempted", progress=False) == {"status": "preempted", "step": 3}
+  monkeypatch.setattr(pretrain, "make_batch", make_batch)
+  pretrain.run(config, tmp_path / "preempted", progress=False)
+  assert (tmp_path / "preempted" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+  module, full = models.load(tmp_path / "full" / "backbone")
+  _, resumed = models.load(tmp_path / "resumed" / "backbone")
+  for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  initial = models.init_params(module, jax.random.PRNGKey(config.seed), (32, 32))
+  assert not np.allclose(full["params"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+                         initial["params"]["blocks_0"]["mlp"]["fc1"]["kernel"])
+
+  # The exported teacher backbone is a converted model: features at any multiple of the patch size.
+  assert module.width == 32 and module.depth == 2 and module.qkv_bias is False
+  out = module.apply(full, jnp.ones((2, 48, 40, 3)))
+  assert out["pooled"].shape == (2, 32) and out["tokens"].shape == (2, 30, 32)
+  assert np.isfinite(np.asarray(out["tokens"])).all()
+  # A finished run returns its result; continuing from the export (Gram teacher from it too) runs.
+  assert pretrain.run(config, tmp_path / "full", progress=False)["steps"] == 4
+  backbone = str(tmp_path / "full" / "backbone")
+  stage2 = tiny_config(ct_folder, epochs=1, epoch_length=1, **{"model.checkpoint": backbone,
+                                                              "gram.checkpoint": backbone, "gram.teacher_step": 0})
+  result = pretrain.run(stage2, tmp_path / "stage2", progress=False)
+  assert np.isfinite(result["final"]["train/gram"])
+
+
+def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ConfigError, match=re.escape(str(empty))):
+    pretrain.run(tiny_config(empty), tmp_path / "w1", progress=False)
+  with pytest.raises(ConfigError, match="is not a folder"):
+    pretrain.list_volumes(str(tmp_path / "missing"))
+  corrupt = tmp_path / "corrupt"
+  corrupt.mkdir()
+  (corrupt / "bad.nii.gz").write_bytes(b"not a nifti volume")
+  with pytest.raises(volumes.VolumeError, match="bad.nii.gz"):
+    pretrain.run(tiny_config(corrupt), tmp_path / "w2", progress=False)
+  flat = tmp_path / "flat"
+  volumes.write_volume(str(flat / "slice.nii"), np.zeros((8, 8, 2, 2), np.float32))
+  with pytest.raises(volumes.VolumeError, match="slice.nii"):
+    pretrain.axial_slices(str(flat / "slice.nii"))
+  with pytest.raises(ConfigError, match="unknown config argument 'bogus'.*n_local"):
+    pretrain_config.get_config("tiny=true,bogus=1")
+  with pytest.raises(ConfigError, match="DINOv3-family"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"model.name": "dinov2_vitb14"}))
+  with pytest.raises(ConfigError, match="gram.weight"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"gram.weight": 0.0}))
+
+
+def test_default_config_is_the_reference_recipe():
+  c = pretrain_config.get_config()
+  assert c.model.name == "meddinov3_vitb16" and c.heads.dino_prototypes == 65536
+  assert (c.data.global_size, c.data.local_size, c.data.n_local) == (224, 96, 8)
+  assert (c.teacher.momentum, c.teacher.warmup_temp, c.teacher.temp) == (0.992, 0.04, 0.07)
+  assert (c.optim.weight_decay, c.optim.final_weight_decay, c.optim.clip_norm) == (0.04, 0.4, 3.0)
+  lr = pretrain.schedules(c, c.optim.warmup_epochs * c.epoch_length)["lr"]
+  close(lr, 4e-3 * math.sqrt(512 / 1024), 1e-9)
+
+
+def test_train_step_combines_losses_updates_and_ema(ct_folder):
+  config = tiny_config(ct_folder)
+  networks, _ = pretrain.build_networks(config)
+  state = pretrain.initial_state(config, networks, None)
+  state["teacher"] = jax.tree_util.tree_map(lambda x: x + 0.01, state["teacher"])
+  plan = jax.tree_util.tree_map(jnp.float32, pretrain.parameter_plan(state["student"], 2, 0.9, 0.2))
+  pool = pretrain.SlicePool(pretrain.list_volumes(config.data.folders), config.seed, 2, 1)
+  batch = pretrain.make_batch(config, pool, 0, networks.student_grid, None)
+  before = jax.tree_util.tree_map(np.asarray, state)
+  lr, wd, m = 1e-3, 0.04, 0.9
+  sched = {"lr": lr, "last_layer_lr": 0.0, "wd": wd, "momentum": m, "teacher_temp": 0.05}
+  new, metrics = pretrain.jitted_train_step(state, batch, jax.tree_util.tree_map(jnp.float32, sched), plan,
+                                            networks=networks, use_gram=True,
+                                            state_sharding=parallel.replicated(parallel.make_mesh()))
+  metrics = {k: float(v) for k, v in metrics.items()}
+  close(metrics["loss"], metrics["dino"] + metrics["ibot"] + 0.1 * 2 * metrics["koleo"] + 0.5 * metrics["gram"], 1e-5)
+  assert int(new["step"]) == 1
+  student = jax.tree_util.tree_map(np.asarray, new["student"])
+  for name in pretrain.HEADS:
+    np.testing.assert_array_equal(student[name]["last_layer"]["kernel"],
+                                  before["student"][name]["last_layer"]["kernel"])
+  # One AdamW step moves each parameter by at most lr * lr_scale * (1 + wd * |p|) (|adam| <= 1 at step 1).
+  moved = jax.tree_util.tree_map(
+      lambda new_p, p, scale, decay: float(np.max(np.abs(new_p - p + lr * scale * wd * decay * p)) / (lr * scale)),
+      student, before["student"], jax.tree_util.tree_map(float, plan["lr_scale"]),
+      jax.tree_util.tree_map(float, plan["decay"]))
+  assert max(jax.tree_util.tree_leaves(moved)) <= 1.0 + 1e-4
+  assert moved["backbone"]["blocks_1"]["mlp"]["fc1"]["kernel"] > 0.5
+  ema = jax.tree_util.tree_map(lambda t_, s_: m * t_ + (1 - m) * s_, before["teacher"], student)
+  for a, b in zip(jax.tree_util.tree_leaves(new["teacher"]), jax.tree_util.tree_leaves(ema)):
+    close(a, b, 1e-6)
+
+
+def test_pretrain_splits_the_batch_over_devices(ct_folder, tmp_path):
+  """Two simulated devices (a separate process: the device count is fixed at JAX's start) give
+  the one-device run's first step: the crops are split, the losses' sums stay global."""
+  config = tiny_config(ct_folder, epochs=1, epoch_length=1)
+  one = pretrain.run(config, tmp_path / "one", progress=False)
+  script = (f"from configs import pretrain as c; from mfjax.ssl import pretrain; import json\n"
+            f"config = c.get_config('tiny=true,epochs=1,epoch_length=1')\n"
+            f"config.data.folders = {str(ct_folder)!r}; config.gram.weight = 0.5; config.gram.teacher_step = 1\n"
+            f"config.gram.crop_size = 48\n"
+            f"print(json.dumps(pretrain.run(config, {str(tmp_path / 'two')!r}, progress=False)))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (one["devices"], two["devices"]) == (1, 2)
+  for key in ("train/dino", "train/dino_local", "train/dino_global", "train/ibot"):
+    close(two["final"][key], one["final"][key], 1e-4)
+  # KoLeo takes the log of nearest-neighbour distances of ~1e-4 here (the CLS tokens of a random
+  # tiny model barely differ): the rounding of a differently split matmul shows at 1e-3.
+  for key in ("train/koleo", "train/loss"):
+    close(two["final"][key], one["final"][key], 2e-2)
