@@ -273,6 +273,25 @@ def test_config_errors():
     segment.build_segmenter(config, 3)
 
 
+def test_backbone_checkpoint_must_cover_the_model(tmp_path):
+  config = segment_config.get_config("tiny=true")
+  model = segment.build_segmenter(config, 3)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
+  fields = dict(segment_config.TINY_BACKBONE)
+  for depth in (4, 2):
+    backbone = models.create("meddinov3_vitb16", **{**fields, "depth": depth})
+    models.save(str(tmp_path / f"depth{depth}"), "meddinov3_vitb16",
+                models.init_params(backbone, jax.random.PRNGKey(depth), (32, 32)), {**fields, "depth": depth})
+  config.model.checkpoint = str(tmp_path / "depth4")
+  loaded = segment.load_backbone(config, variables)
+  saved = models.load(str(tmp_path / "depth4"))[1]["params"]
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["foundation"], saved)
+  assert jax.tree.map(np.shape, loaded["params"]["decoder"]) == jax.tree.map(np.shape, variables["params"]["decoder"])
+  config.model.checkpoint = str(tmp_path / "depth2")  # the config's depth 4 overrides the checkpoint's 2
+  with pytest.raises(ConfigError, match="missing blocks_2/"):
+    segment.load_backbone(config, variables)
+
+
 def _best_params(workdir):
   from mfjax.train.checkpoints import RunCheckpoints
   config = segment_config.get_config("tiny=true")

@@ -72,13 +72,20 @@ def abstract_params(classifier, input_shape: tuple[int, ...]):
   return jax.eval_shape(classifier.init, jax.random.PRNGKey(0), inputs)
 
 
-def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False) -> int:
+def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False,
+                    fill_all=False) -> int:
   """Replace leaves of `target_flat` under `prefix` by `source`'s, keeping each leaf's sharding.
 
   Every source leaf must exist in the model with the same shape (blocks beyond a decapitation
-  cut excepted); problems are collected and raised together.
+  cut excepted), and with `fill_all` every model leaf under `prefix` must come from `source`
+  (a checkpoint with fewer blocks than the configured model is not silently topped up with
+  random weights); problems are collected and raised together.
   """
   problems, n = [], 0
+  if fill_all:
+    filled = {prefix + path for path in traverse_util.flatten_dict(source)}
+    problems += [f"missing {'/'.join(key[len(prefix):])} (the model has it, the checkpoint does not)"
+                 for key in target_flat if key[:len(prefix)] == prefix and key not in filled]
   for path, value in traverse_util.flatten_dict(source).items():
     key = prefix + path
     if key not in target_flat:
@@ -106,7 +113,7 @@ def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> di
     _, pretrained = models.load(config.model.checkpoint)
     for collection, tree in pretrained.items():
       n = fill_pretrained(flat, tree, (collection, "foundation"), f"foundation checkpoint {config.model.checkpoint}",
-                drop_extra_blocks=config.protocol.name == "decapitation")
+                          drop_extra_blocks=config.protocol.name == "decapitation", fill_all=True)
       log.info("loaded %d %s tensors of the foundation from %s", n, collection, config.model.checkpoint)
   else:
     log.warning("model.checkpoint is empty: the foundation starts from random weights")

@@ -74,7 +74,7 @@ def load_backbone(config, variables: dict) -> dict:
   flat = traverse_util.flatten_dict(variables)
   _, pretrained = models.load(config.model.checkpoint)
   n = build.fill_pretrained(flat, pretrained["params"], ("params", "foundation"),
-                            f"backbone checkpoint {config.model.checkpoint}")
+                            f"backbone checkpoint {config.model.checkpoint}", fill_all=True)
   log.info("loaded %d tensors of the backbone from %s", n, config.model.checkpoint)
   return traverse_util.unflatten_dict(flat)
 
