@@ -1,6 +1,7 @@
 """MedDINOv3 segmentation: the network against PyTorch (timm's DINOv3 intermediates and the torch
-PatchDecode of benchmarks/torch_reference.py), the nnU-Net loss (ditto), folds, raw-dataset checks, preprocessing, patch sampling,
-sliding-window inference, Dice, and `mfjax segment` end to end with resume and prediction."""
+PatchDecode of benchmarks/torch_reference.py), the nnU-Net loss (ditto), folds, raw-dataset
+checks, preprocessing, patch sampling, sliding-window inference, Dice, HD95 and NSD against
+MONAI, and `mfjax segment` end to end with resume and prediction."""
 import functools
 import json
 import os
@@ -141,9 +142,48 @@ def test_dice_skips_classes_absent_from_the_truth():
   prediction[3, 3, 1] = 2
   dice = segmentation.dice_per_class(prediction, truth, [1, 2])
   assert dice[1] == pytest.approx(2 * 7 / (7 + 8)) and np.isnan(dice[2])
-  summary = segmentation.summarize_dice({"a": dice, "b": {1: 1.0, 2: 0.5}}, {1: "liver", 2: "kidney"})
-  assert summary["dice"] == {"liver": pytest.approx((14 / 15 + 1) / 2), "kidney": 0.5}
-  assert summary["mean_dice"] == pytest.approx(((14 / 15 + 1) / 2 + 0.5) / 2)
+  summary = segmentation.summarize({"a": {"dice": dice, "hd95": {1: 2.0, 2: np.nan}},
+                                    "b": {"dice": {1: 1.0, 2: 0.5}, "hd95": {1: 4.0, 2: 7.0}},
+                                    "c": {"dice": {1: 0.0, 2: np.nan}, "hd95": {1: np.nan, 2: np.nan}}},
+                                   {1: "liver", 2: "kidney"})
+  assert summary["dice"] == {"liver": pytest.approx((14 / 15 + 1) / 3), "kidney": 0.5}
+  assert summary["mean_dice"] == pytest.approx(((14 / 15 + 1) / 3 + 0.5) / 2)
+  assert summary["hd95"] == {"liver": 3.0, "kidney": 7.0} and summary["mean_hd95"] == 5.0
+  assert summary["hd95_missed"] == {"liver": 1, "kidney": 0}
+
+
+def _blobs(rng, shape):
+  from scipy import ndimage
+  return ndimage.gaussian_filter(rng.standard_normal(shape), 2.0) > 0.05
+
+
+@pytest.mark.parametrize("case", ["overlap", "empty_prediction", "both_at_the_border"])
+def test_hd95_and_nsd_match_monai(case):
+  from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+  rng = np.random.default_rng({"overlap": 0, "empty_prediction": 1, "both_at_the_border": 2}[case])
+  shape, spacing = (40, 36, 12), (0.8, 0.7, 2.5)
+  truth = _blobs(rng, shape).astype(np.uint8)  # about a third of the volume, in several pieces
+  prediction = ((truth == 1) & (rng.random(shape) < 0.9) | _blobs(rng, shape)).astype(np.uint8)
+  if case == "empty_prediction":
+    prediction[:] = 0
+  if case == "both_at_the_border":
+    truth[:, :, 0] = prediction[:, :, 0] = 1
+  ours = segmentation.surface_metrics(prediction, truth, [1], spacing, tolerance=1.0)
+  onehot = lambda x: torch.from_numpy(np.stack([x == 0, x == 1])[None].astype(np.float32))
+  with np.errstate(all="ignore"), pytest.warns() if case == "empty_prediction" else _no_warning():
+    hd95 = compute_hausdorff_distance(onehot(prediction), onehot(truth), percentile=95, spacing=spacing).item()
+    nsd = compute_surface_dice(onehot(prediction), onehot(truth), [1.0], spacing=spacing).item()
+  assert ours["hd95"][1] == pytest.approx(hd95, rel=1e-5, nan_ok=True)
+  assert ours["nsd"][1] == pytest.approx(nsd, rel=1e-6)
+  if case == "overlap":  # a case where neither metric is trivial
+    assert 2 < ours["hd95"][1] < 10 and 0.5 < ours["nsd"][1] < 0.95
+  assert (case == "empty_prediction") == np.isnan(ours["hd95"][1]) == np.isnan(hd95)
+  assert np.isnan(segmentation.surface_metrics(prediction, 0 * truth, [1], spacing)["hd95"][1])
+
+
+def _no_warning():
+  import contextlib
+  return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ raw datasets and preprocessing
@@ -309,6 +349,7 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   assert cli.main(args + ["--workdir", str(tmp_path / "run")]) == 0
   result = json.loads((tmp_path / "run" / "result.json").read_text())
   assert result["val"]["cases"] == 2 and result["val"]["mean_dice"] > 0.6, result["val"]
+  assert 0 < result["val"]["mean_nsd"] <= 1 and 0 < result["val"]["mean_hd95"] < 60, result["val"]
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   losses = [l["train/epoch_loss"] for l in lines if "train/epoch_loss" in l]
   assert len(losses) == 6 and losses[-1] < losses[0]
@@ -319,7 +360,7 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   predicted, _ = volumes.read_labels(str(tmp_path / "run" / "validation" / f"{lps}.nii.gz"))
   truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTr", f"{lps}.nii.gz"))
   assert segmentation.dice_per_class(predicted, truth, [1])[1] == pytest.approx(
-      result["val"]["per_case"][lps]["liver"])
+      result["val"]["per_case"][lps]["dice"]["liver"])
 
   # SIGTERM after step 50 (one epoch saved at 40): the run checkpoints, exits, and resumes to the
   # same final parameters as the uninterrupted run.

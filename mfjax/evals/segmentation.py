@@ -10,7 +10,12 @@ the argmax is the prediction.
 
 Dice (MedDINOv3's compute_metrics): per case and foreground class, 2|P∩G| / (|P| + |G|); a class
 absent from the case's ground truth is skipped for that case. Mean over cases per class, then
-over classes.
+over classes. HD95 and NSD as MONAI computes them (MedDINOv3 reports them with MONAI's
+`compute_hausdorff_distance(percentile=95)` and `compute_surface_dice` at 1 mm): surfaces are
+the voxels a 6-neighbour erosion removes, distances are Euclidean in mm between the two surfaces;
+HD95 is the larger of the two directed 95th percentiles, NSD the share of both surfaces within
+the tolerance of the other. As in MONAI, a class the prediction misses has NSD 0 but HD95 NaN,
+so it drops out of the mean HD95: `summarize` counts those cases ("hd95_missed").
 """
 from typing import Callable
 
@@ -93,12 +98,59 @@ def dice_per_class(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[i
   return out
 
 
-def summarize_dice(per_case: dict[str, dict[int, float]], class_names: dict[int, str]) -> dict:
-  """Mean Dice per class over the cases where it is present, and their mean."""
-  per_class = {}
-  for c, name in class_names.items():
-    values = [d[c] for d in per_case.values() if np.isfinite(d.get(c, np.nan))]
-    per_class[name] = float(np.mean(values)) if values else float("nan")
-  finite = [v for v in per_class.values() if np.isfinite(v)]
-  return {"mean_dice": float(np.mean(finite)) if finite else float("nan"), "dice": per_class,
-          "cases": len(per_case)}
+def surface_distances(prediction: np.ndarray, truth: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+  """(distances from each predicted surface voxel to the true surface, and the reverse), in the
+  units of `spacing`, for two boolean volumes; computed on their joint bounding box (+1 voxel)."""
+  from scipy import ndimage
+  both = prediction | truth
+  if not both.any():
+    return np.zeros(0), np.zeros(0)
+  box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(both))
+  pred, true = prediction[box], truth[box]
+  pred_surface = pred ^ ndimage.binary_erosion(pred)
+  true_surface = true ^ ndimage.binary_erosion(true)
+
+  def to(surface_from, surface_to):
+    if not surface_to.any():
+      return np.full(int(surface_from.sum()), np.inf)
+    return ndimage.distance_transform_edt(~surface_to, sampling=spacing)[surface_from]
+  return to(pred_surface, true_surface), to(true_surface, pred_surface)
+
+
+def surface_metrics(prediction: np.ndarray, truth: np.ndarray, classes, spacing, tolerance: float = 1.0) -> dict:
+  """{"hd95": {class: mm}, "nsd": {class: share}} of one case; NaN where the class is absent from
+  `truth` (as Dice), and HD95 NaN where the prediction lacks it (MONAI's result)."""
+  out = {"hd95": {}, "nsd": {}}
+  for c in classes:
+    p, t = prediction == c, truth == c
+    if not t.any():
+      out["hd95"][int(c)] = out["nsd"][int(c)] = float("nan")
+      continue
+    to_true, to_pred = surface_distances(p, t, spacing)
+    out["hd95"][int(c)] = float("nan") if not p.any() else float(max(np.percentile(to_true, 95),
+                                                                       np.percentile(to_pred, 95)))
+    within = int((to_true <= tolerance).sum() + (to_pred <= tolerance).sum())
+    out["nsd"][int(c)] = within / (len(to_true) + len(to_pred))
+  return out
+
+
+def summarize(per_case: dict[str, dict[str, dict[int, float]]], class_names: dict[int, str]) -> dict:
+  """Per metric ("dice", and "hd95" / "nsd" when measured): the mean per class over the cases where
+  it is defined (the class present in the truth; for HD95 also predicted), and the mean over
+  classes ("mean_dice", ...); "hd95_missed": per class, the cases present in the truth but not
+  predicted, which HD95 leaves out."""
+  metrics = sorted({m for case in per_case.values() for m in case}, key=["dice", "hd95", "nsd"].index)
+  out = {"cases": len(per_case)}
+  for metric in metrics:
+    per_class = {}
+    for c, name in class_names.items():
+      values = [case[metric][c] for case in per_case.values() if not np.isnan(case[metric].get(c, np.nan))]
+      per_class[name] = float(np.mean(values)) if values else float("nan")
+    present = [v for v in per_class.values() if not np.isnan(v)]
+    out[metric] = per_class
+    out[f"mean_{metric}"] = float(np.mean(present)) if present else float("nan")
+  if "hd95" in metrics:
+    out["hd95_missed"] = {name: sum(1 for case in per_case.values() if np.isnan(case["hd95"].get(c, np.nan))
+                                    and not np.isnan(case["dice"].get(c, np.nan)))
+                          for c, name in class_names.items()}
+  return out

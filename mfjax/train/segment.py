@@ -242,11 +242,12 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if val_ids:
     out_dir = workdir / "validation" if config.eval.save_predictions else None
     per_case = validate(model, state["params"], mesh, plans, pre_dir, val_ids, config, out_dir, progress)
-    result["val"] = segmentation.summarize_dice(per_case, {c: n for c, n in raw.labels.items() if c})
-    result["val"]["per_case"] = {case: {raw.labels[c]: d for c, d in dice.items()} for case, dice in per_case.items()}
-    writer.write(step, {"val/mean_dice": result["val"]["mean_dice"],
-                        **{f"val/dice_{k}": v for k, v in result["val"]["dice"].items()}})
-    log.info("validation mean Dice %.4f: %s", result["val"]["mean_dice"],
+    result["val"] = segmentation.summarize(per_case, {c: n for c, n in raw.labels.items() if c})
+    result["val"]["per_case"] = {case: {metric: {raw.labels[c]: v for c, v in values.items()}
+                                        for metric, values in metrics.items()} for case, metrics in per_case.items()}
+    writer.write(step, {f"val/{k}": v for k, v in result["val"].items() if k.startswith("mean_")})
+    log.info("validation: %s; Dice per class: %s",
+             ", ".join(f"{k} {v:.4f}" for k, v in result["val"].items() if k.startswith("mean_")),
              ", ".join(f"{k} {v:.4f}" for k, v in result["val"]["dice"].items()))
   result["validation_seconds"] = time.time() - t0
   result["wall_seconds"] = time.time() - start_time
@@ -258,17 +259,21 @@ def train(config, workdir: str, progress: bool = True) -> dict:
 
 
 def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, progress) -> dict:
-  """{case: {class id: Dice}}; with `out_dir`, the predicted label volumes are written there."""
+  """{case: {"dice": {class id: value}[, "hd95": ..., "nsd": ...]}}; with `out_dir`, the predicted
+  label volumes are written there."""
   predict = make_predictor(model, mesh, config.eval.batch_size)
   classes = [int(c) for c in plans["labels"] if int(c)]
   per_case = {}
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, case)
-    truth, _ = volumes.read_labels(plans["cases"][case]["label"])
+    truth, spacing = volumes.read_labels(plans["cases"][case]["label"])
     logits = segment_volume(predict, params, slices, plans, config)
     prediction = segmentation.labels_at_shape(logits, truth.shape[:2])
-    per_case[case] = segmentation.dice_per_class(prediction, truth, classes)
+    per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes)}
+    if config.eval.surface_metrics:
+      per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
+                                                         config.eval.nsd_tolerance_mm))
     if out_dir is not None and jax.process_index() == 0:
       volumes.write_volume(str(out_dir / f"{case}.nii.gz"), prediction,
                            affine=volumes.canonical_affine(plans["cases"][case]["image"]))
