@@ -13,7 +13,8 @@ There, one command (the wheels go to /tmp/site; every step's output lands in --o
 Steps, in order of importance (`--steps` picks some): the environment and an import check (fails
 in seconds if a package is missing), then ViT-B/16 at 224 in bf16 against timm with torch.compile
 and autocast (the MFU and 1.2x targets), SAM ViT-B at 1024 with remat against segment_anything's
-encoder, and the bf16 / cuDNN attention / bf16 first-moment ablation. Each step runs as its own
+encoder, the bf16 / cuDNN attention / bf16 first-moment ablation, and MedDINOv3's segmentation
+step at 512 px in bf16 against timm + PatchDecode with torch.compile. Each step runs as its own
 process with its own timeout, capped by what is left of --budget-s; a step that fails or runs out
 of time is reported and the next one still runs. The benchmarks append their JSON rows to
 OUT_DIR/gpu.jsonl; each step's full output is in OUT_DIR/STEP.log; a summary table (with its JSON lines) comes last.
@@ -45,7 +46,8 @@ WHEELS = (
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 IMPORTS = ("jax", "flax", "optax", "orbax.checkpoint", "torch", "timm", "segment_anything", "tensorflow_datasets",
-           "grain", "array_record", "ml_collections", "mfjax.data", "mfjax.train.fit", "benchmarks.torch_reference")
+           "grain", "array_record", "ml_collections", "mfjax.data", "mfjax.train.fit", "mfjax.train.segment",
+           "benchmarks.torch_reference")
 
 SAM_1024 = ("--config.model.remat=True", "--config.model.overrides.global_query_chunk_rows=8")
 STEPS = (
@@ -62,6 +64,8 @@ STEPS = (
                                               "--config.model.overrides.attn_impl=cudnn",
                                  "--variant", "bf16_mu=--config.model.dtype=bfloat16 --config.optim.mu_dtype=bfloat16"),
      150),
+    ("segment512_bf16", "segment_step", ("--patch", "512", "--batch", "16", "--dtype", "bfloat16",
+                                         "--torch", "eager,compile"), 180),
 )
 STEP_NAMES = ("env",) + tuple(name for name, *_ in STEPS)
 TINY_MODEL_ARGS = ("--config.model.overrides.num_blocks=2",)
@@ -124,14 +128,15 @@ def install(folder: str, site: str) -> None:
 def step_command(module: str, arguments: tuple, out_dir: str, tiny: bool) -> list[str]:
   arguments = list(arguments)
   if tiny:
-    arguments = tiny_arguments(arguments)
+    arguments = tiny_arguments(arguments, module)
   return [sys.executable, "-m", f"benchmarks.{module}", *arguments, "--out", os.path.join(out_dir, "gpu.jsonl")]
 
 
-def tiny_arguments(arguments: list[str]) -> list[str]:
-  """The same command on a tiny cell: 2 blocks, 32-px images, batch 2, one quick round, torch eager,
-  float32 (torch's bf16 on a CPU is slow) and XLA's attention instead of cuDNN's."""
-  replace = {"--res": "32", "--batch": "2", "--torch": "eager", "--dtype": "float32"}
+def tiny_arguments(arguments: list[str], module: str = "train_step") -> list[str]:
+  """The same command on a tiny cell: 2 blocks (the segmentation step keeps its 12, which its
+  decoder reads, on 64-px patches), 32-px images, batch 2, one quick round, torch eager, float32
+  (torch's bf16 on a CPU is slow) and XLA's attention instead of cuDNN's."""
+  replace = {"--res": "32", "--patch": "64", "--batch": "2", "--torch": "eager", "--dtype": "float32"}
   out = [replace.get(prev, a) if prev in replace else a for prev, a in zip([None] + arguments[:-1], arguments)]
   out = [("--config.model.overrides.global_query_chunk_rows=1" if a.startswith("--config.model.overrides.global_query")
           else a.replace("attn_impl=cudnn", "attn_impl=xla")) for a in out]
@@ -142,6 +147,8 @@ def tiny_arguments(arguments: list[str]) -> list[str]:
   if "--variant" in out:  # ablate: each variant carries the overrides
     out = [a + " " + " ".join(TINY_MODEL_ARGS) if prev == "--variant" else a
            for prev, a in zip([None] + out[:-1], out)]
+    return out + ["--rounds", "1"]
+  if module == "segment_step":
     return out + ["--rounds", "1"]
   return out + list(TINY_MODEL_ARGS) + ["--rounds", "1", "--no-rss"]
 

@@ -190,6 +190,7 @@ def test_gpu_suite_runs_every_step_on_tiny_cells(tmp_path):
   rows = [json.loads(line) for line in (out_dir / "gpu.jsonl").read_text().splitlines()]
   assert [r["model"] for r in rows if r["benchmark"] == "train_step"] == ["deit_base_patch16", "sam_vitb"]
   assert sorted(r["variant"] for r in rows if r["benchmark"] == "ablate") == ["bf16", "bf16_cudnn", "bf16_mu", "fp32"]
+  assert [(r["patch"], r["batch"]) for r in rows if r["benchmark"] == "segment_step"] == [(64, 2)]
 
 
 def test_gpu_suite_reports_a_spent_budget_and_refuses_unknown_steps(tmp_path):

@@ -88,6 +88,30 @@ def test_segmenter_features_are_timm_normed_intermediates(tmp_path):
   assert logits.shape == (1, 224, 160, 4) and np.isfinite(np.asarray(logits)).all()
 
 
+def test_bfloat16_segmenter_stays_close_to_float32():
+  """bf16 compute (float32 parameters), the tolerance of tests/test_perf_modes.py: logits within
+  3e-2 x max |fp32|, the Dice + CE loss within 1%, gradient cosine >= 0.999."""
+  config = segment_config.get_config("tiny=true")
+  f32 = segment.build_segmenter(config, 3)
+  config.model.dtype = "bfloat16"
+  bf16 = segment.build_segmenter(config, 3)
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((2, 32, 32, 1)).astype(np.float32)
+  labels = jnp.asarray(rng.integers(0, 3, (2, 32, 32)))
+  params = f32.init(jax.random.PRNGKey(0), images)["params"]
+  outputs = {}
+  for name, model in (("f32", f32), ("bf16", bf16)):
+    loss = lambda p, model=model: segment.dice_ce_loss(model.apply({"params": p}, images), labels, 3)[0]
+    outputs[name] = (model.apply({"params": params}, images), *jax.value_and_grad(loss)(params))
+  (logits32, loss32, grad32), (logits16, loss16, grad16) = outputs["f32"], outputs["bf16"]
+  assert logits16.dtype == jnp.float32
+  assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() <= 3e-2 * np.abs(np.asarray(logits32)).max()
+  assert abs(float(loss16) - float(loss32)) <= 0.01 * abs(float(loss32))
+  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
+  g16, g32 = flat(grad16), flat(grad32)
+  assert g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)) >= 0.999
+
+
 def test_intermediate_blocks_must_exist():
   module = models.create("meddinov3_vitb16", width=32, depth=2, heads=2, mlp_hidden=64, intermediate=(1, 2))
   with pytest.raises(ValueError, match=r"intermediate blocks \[2\] do not exist"):
