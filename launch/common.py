@@ -12,14 +12,15 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MFJAX_COMMANDS = ("train", "sweep", "eval")
+MFJAX_COMMANDS = ("train", "sweep", "eval", "segment", "pretrain")
 # Where each command keeps its run(s): what the launcher resumes from and checks at the end.
-RUN_FOLDER_FLAGS = {"train": "--workdir", "eval": "--workdir", "sweep": "--runs-dir"}
+RUN_FOLDER_FLAGS = {"train": "--workdir", "eval": "--workdir", "sweep": "--runs-dir", "segment": "--workdir",
+                    "pretrain": "--workdir"}
 # How a launcher tells a finished command from a stopped one. A preempted `mfjax train` or
 # `mfjax sweep` saves a checkpoint and exits 0, so exit 0 alone does not mean done: a finished
-# train run leaves WORKDIR/result.json; a finished sweep has no run left in `mfjax sweep ... --list`.
-# eval is judged by its exit status.
-DONE_FILES = {"train": "result.json"}
+# train (segment, pretrain) run leaves WORKDIR/result.json; a finished sweep has no run left in
+# `mfjax sweep ... --list`. eval and `segment --predict` are judged by their exit status.
+DONE_FILES = {"train": "result.json", "segment": "result.json", "pretrain": "result.json"}
 
 
 class LaunchError(Exception):
@@ -65,6 +66,8 @@ def mfjax_command(args: list[str]) -> tuple[list[str], str]:
 
 
 def done_file(command: list[str], folder: str) -> str | None:
+  if "--predict" in command or any(a.startswith("--predict=") for a in command):
+    return None
   name = DONE_FILES.get(command[0])
   return f"{folder}/{name}" if name else None
 

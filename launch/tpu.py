@@ -495,6 +495,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
     own, rest = argv, []
   args = parser.parse_args(own)
   command, workdir = common.mfjax_command(rest)
+  if command[0] == "segment":
+    raise LaunchError("mfjax segment writes its preprocessed volumes and predictions as local files, which a TPU "
+                      "pod's gs:// workdir cannot hold: run it with launch/gpu.sh, or on one TPU VM directly")
   if not workdir.startswith("gs://"):
     raise LaunchError(f"{common.RUN_FOLDER_FLAGS[command[0]]} {workdir}: on TPUs it must be a gs:// path. Every "
                       "worker writes its part of each checkpoint there, and it must outlive the TPU, which is "

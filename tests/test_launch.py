@@ -210,6 +210,7 @@ def test_tpu_single_host_sweep_is_checked_with_list(guard, capsys):
     (["--type", "v4-8"], ["sweep", "--sweep", "s.py", "--runs-dir", "runs/x"], "--runs-dir runs/x: on TPUs"),
     (["--type", "v4-8", "--commit", "abc"], TRAIN, "go with --code git"),
     (["--type", "v4-8", "--extras", "tpu;rm"], TRAIN, "--extras"),
+    (["--type", "v4-8"], ["segment", "--config", "c.py", "--workdir", "gs://b/x"], "run it with launch/gpu.sh"),
 ])
 def test_tpu_flag_errors(guard, capsys, flags, mfjax, message):
   assert tpu.main(["--dry-run", "--name", "x", "--zone", "z", *flags, "--", *mfjax]) == 2
@@ -721,3 +722,11 @@ def test_shell_scripts_pass_shellcheck():
   assert len(scripts) == 3
   out = subprocess.run([shellcheck, "--severity=style", *scripts], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout
+
+
+def test_segment_and_pretrain_are_done_when_their_result_exists():
+  from launch import common
+  assert common.done_file(["segment", "--config", "c.py", "--workdir", "w"], "w") == "w/result.json"
+  assert common.done_file(["pretrain", "--config", "c.py", "--workdir", "w"], "w") == "w/result.json"
+  # Predicting with a finished run leaves no result.json: its exit status says whether it worked.
+  assert common.done_file(["segment", "--workdir", "w", "--predict", "in", "--out", "o"], "w") is None

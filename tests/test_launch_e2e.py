@@ -98,3 +98,51 @@ def test_slurm_job_tasks_join_one_jax_job(tmp_path):
     assert r["processes"] == 2 and r["gathered"] == [0, 1]
     assert r["argv"] == ["-m", "mfjax.cli", *command]
     assert r["visible_gpus"] == "0,1"  # every GPU of the node, not just the one numbered SLURM_LOCALID
+
+
+def test_segment_and_pretrain_run_as_two_process_jobs(tmp_path):
+  """`mfjax segment` and `mfjax pretrain` as two-process jobs: each process feeds its share of the
+  batch; segmentation ends with the parameters of the one-process run, pretraining exports its
+  backbone once."""
+  import numpy as np
+  import jax
+  from configs import segment as segment_config
+  from mfjax.data import volumes
+  from mfjax.train import segment
+  from mfjax.train.checkpoints import RunCheckpoints
+
+  raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=5)
+  spec = f"configs/segment.py:raw={raw},tiny=true,epochs=1,iters=6"
+  launch = lambda *command: subprocess.run(
+      [os.path.join(ROOT, "launch", "gpu.sh"), "local", "--processes", "2", "--python", sys.executable, "--",
+       *command], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+  def final_params(workdir):
+    model = segment.build_segmenter(segment_config.get_config(spec.split(":", 1)[1]), 3)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 1), np.float32))["params"]
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # a checkpoint of a 2-process run, read by one
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), abstract)
+    ckpts = RunCheckpoints(workdir)
+    params = ckpts.restore_best(abstract)[0]
+    ckpts.close()
+    return params
+
+  out = launch("segment", "--no-progress", "--config", spec, "--workdir", str(tmp_path / "two"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert json.loads((tmp_path / "two" / "result.json").read_text())["devices"] == 2
+  one = subprocess.run([sys.executable, "-m", "mfjax.cli", "segment", "--no-progress", "--config", spec,
+                        "--workdir", str(tmp_path / "one")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               final_params(str(tmp_path / "one")), final_params(str(tmp_path / "two")))
+
+  folder = tmp_path / "ct"
+  for i in range(2):
+    volumes.write_volume(str(folder / f"ct{i}.nii.gz"),
+                         np.random.default_rng(i).uniform(-1000, 1000, (36, 40, 5)).astype(np.float32))
+  out = launch("pretrain", "--no-progress", "--config", "configs/pretrain.py:tiny=true",
+               f"--config.data.folders={folder}", "--workdir", str(tmp_path / "pretrain"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  result = json.loads((tmp_path / "pretrain" / "result.json").read_text())
+  assert result["devices"] == 2 and (tmp_path / "pretrain" / "backbone" / "model.json").exists()

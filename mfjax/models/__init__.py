@@ -86,7 +86,9 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
   try:
     import orbax.checkpoint as ocp
     host = jax.tree_util.tree_map(np.asarray, variables)
-    with ocp.StandardCheckpointer() as ckptr:
+    # This process alone writes (in a multi-process job, the others must not be waited for).
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
     meta = {"name": name, "overrides": overrides or {}, "provenance": provenance or {}}
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from mfjax import models, parallel
 from mfjax.config import ConfigError
@@ -444,6 +445,7 @@ def run(config, workdir, progress: bool = True) -> dict:
     models.save(str(backbone_dir), name, {"params": backbone}, overrides,
                 provenance={"source": "mfjax pretrain", "workdir": str(workdir), "steps": total_steps})
     result_path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+  multihost_utils.sync_global_devices("mfjax pretrain: backbone written")
   return result
 
 

@@ -139,6 +139,9 @@ def prepare(config, num_classes: int, mesh):
 
 def train(config, workdir: str, progress: bool = True) -> dict:
   start_time = time.time()
+  if "://" in str(workdir):
+    raise ConfigError(f"--workdir {workdir}: mfjax segment writes preprocessed volumes and NIfTI predictions as "
+                      "local files; use a local (or mounted) folder")
   workdir, config_dict = start_run(config, workdir)
 
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
