@@ -195,7 +195,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   pool = concurrent.futures.ThreadPoolExecutor(1)
   try:
     upcoming = pool.submit(sampler.batch, step, rows)
-    epoch_losses = []
+    loss_sum, loss_steps = jnp.float32(0.0), 0  # this epoch's, summed on the device (no sync per step)
     while step < total_steps:
       epoch = step // config.iters_per_epoch
       lr_scale = (1 - epoch / config.epochs) ** config.optim.poly_exponent
@@ -203,6 +203,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       if step + 1 < total_steps:
         upcoming = pool.submit(sampler.batch, step + 1, rows)
       state, metrics = train_step(state, mdata.global_batch(batch, batch_sharding), jnp.float32(lr_scale))
+      loss_sum, loss_steps = loss_sum + metrics["loss"], loss_steps + 1
       step += 1
       if bar is not None:
         bar.update(1)
@@ -211,15 +212,14 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         values = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(values["loss"]):
           raise NonFiniteError(f"loss is {values['loss']} at step {step}; lower the learning rates or use float32")
-        epoch_losses.append(values["loss"])
         writer.write(step, {**{f"train/{k}": v for k, v in values.items()},
                             "lr_backbone": config.optim.lr_backbone * lr_scale,
                             "lr_decoder": config.optim.lr_decoder * lr_scale})
         if bar is not None:
           bar.set_postfix(loss=f"{values['loss']:.4f}", dice=f"{values['dice']:.3f}")
-      if end_of_epoch:
-        writer.write(step, {"epoch": epoch + 1, "train/epoch_loss": float(np.mean(epoch_losses))})
-        epoch_losses = []
+      if end_of_epoch:  # the mean over the epoch's steps (since the resume, in a resumed epoch)
+        writer.write(step, {"epoch": epoch + 1, "train/epoch_loss": float(loss_sum) / loss_steps})
+        loss_sum, loss_steps = jnp.float32(0.0), 0
       if preempted or (end_of_epoch and (epoch + 1) % config.checkpoint_every_epochs == 0):
         save(step)
         writer.flush()
