@@ -403,6 +403,8 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   jax.tree.map(np.testing.assert_array_equal, _best_params(str(tmp_path / "run")),
                _best_params(str(tmp_path / "resumed")))
 
+  assert cli.main(["eval", "--workdir", str(tmp_path / "run")]) == 2  # not a classification run: a clear error
+
   # Predicting new volumes: one label volume per input, aligned with it.
   out = tmp_path / "predicted"
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw_ct, "imagesTs"),

@@ -480,6 +480,9 @@ def read_run_config(workdir) -> tuple[epath.Path, Any]:
 def evaluate_run(workdir: str, split: str = "test") -> dict:
   """`mfjax eval`: rebuild a finished (or running) run from its config and score its best checkpoint."""
   workdir, config = read_run_config(workdir)
+  if "protocol" not in config:
+    raise ConfigError(f"{workdir} is not an `mfjax train` run: a segmentation run is scored in its result.json "
+                      "(and predicts with `mfjax segment --predict`), a pretraining run has no evaluation")
   run = prepare(config)
   best = RunCheckpoints(workdir).restore_best(abstract_of({k: run.state[k] for k in PARAM_KEYS}))
   if best is None:
