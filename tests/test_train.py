@@ -262,6 +262,11 @@ def test_frozen_linear_on_cached_features_matches_the_full_model(aptos, tmp_path
   assert len(losses["cached"]) > 3
   np.testing.assert_allclose(losses["cached"], losses["full"], rtol=1e-4)
   assert cached["test"]["headline"] == pytest.approx(full["test"]["headline"], abs=1e-6)
+  # `mfjax eval` rebuilds the run from its folder and scores its best checkpoint as the run did.
+  from mfjax import cli
+  assert cli.main(["eval", "--workdir", str(tmp_path / "full")]) == 0
+  scored = json.loads((tmp_path / "full" / "eval_test.json").read_text())
+  assert scored["metrics"]["headline"] == pytest.approx(full["test"]["headline"], abs=1e-6)
 
 
 @pytest.mark.parametrize("model", ["sam_vitb", "dinov3_vitb16"])

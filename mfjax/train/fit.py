@@ -489,7 +489,7 @@ def evaluate_run(workdir: str, split: str = "test") -> dict:
     raise ConfigError(f"{workdir} has no best checkpoint yet (no validation epoch finished)")
   params, host = best
   metrics = run.evaluate(split, params)
-  out = {"workdir": workdir, "split": split, "best_epoch": host["epoch"], "metrics": metrics}
+  out = {"workdir": str(workdir), "split": split, "best_epoch": host["epoch"], "metrics": metrics}
   if jax.process_index() == 0:
     (workdir / f"eval_{split}.json").write_text(json.dumps(out, indent=2, default=float))
   return out
