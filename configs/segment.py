@@ -40,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.spacing = a.spacing         # in-plane target spacing in mm; 0 = the median of the training cases
   c.data.foreground_fraction = 0.33  # nnU-Net's oversample_foreground_percent
   c.data.augment = True
+  c.data.num_workers = 8             # threads cutting and augmenting each batch's patches (0: one)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = a.model             # a DINOv3-family backbone (dinov3_vitb16, meddinov3_vitb16, ...)

@@ -308,6 +308,8 @@ def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
   sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(raw.cases), (24, 24), 6, 0.5, seed=3)
   first, again = sampler.batch(5), sampler.batch(5)
   np.testing.assert_array_equal(first["image"], again["image"])
+  threaded = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(raw.cases), (24, 24), 6, 0.5, seed=3, workers=3)
+  jax.tree.map(np.testing.assert_array_equal, threaded.batch(5), first)
   assert first["image"].shape == (6, 24, 24, 1) and first["label"].shape == (6, 24, 24)
   np.testing.assert_array_equal(sampler.batch(5, range(3, 6))["label"], first["label"][3:])
   for step in range(10):  # the last half of each batch is centred on a foreground voxel

@@ -18,6 +18,7 @@ oversample_foreground_percent), with nnU-Net-style 2-D augmentation when asked.
 Folds are nnU-Net's: KFold(5, shuffle, random_state=12345) over the sorted case ids, or the
 dataset's own splits_final.json.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -271,17 +272,20 @@ class SliceSampler:
   """Training patches (image (H, W, 1) float32 normalised, label (H, W) int32) from preprocessed cases.
 
   Sample `index` of step `step` depends only on (seed, step, index): a resumed run draws the same
-  patches, and each process draws only its own rows of the global batch.
+  patches, each process draws only its own rows of the global batch, and `workers` threads cut
+  them in parallel with the same result (SciPy's resampling releases the GIL: a 512-px patch
+  takes about 20 ms of one core).
   """
 
   def __init__(self, out_dir: str, plans: dict, case_ids, patch: tuple[int, int], batch_size: int,
-               foreground_fraction: float = 0.33, augment: bool = True, seed: int = 0):
+               foreground_fraction: float = 0.33, augment: bool = True, seed: int = 0, workers: int = 0):
     self.out_dir, self.plans, self.cases = out_dir, plans, list(case_ids)
     if not self.cases:
       raise DatasetError("no training cases to sample from")
     self.patch, self.batch_size, self.augment, self.seed = tuple(patch), batch_size, augment, seed
     self.num_foreground = int(round(batch_size * foreground_fraction))
     self._arrays = {}
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers else None
 
   def arrays(self, case: str):
     if case not in self._arrays:
@@ -312,7 +316,8 @@ class SliceSampler:
   def batch(self, step: int, rows: range | None = None) -> dict:
     """Rows `rows` (default all) of the global batch of `step`."""
     rows = range(self.batch_size) if rows is None else rows
-    samples = [self.sample(step, i) for i in rows]
+    cut = lambda i: self.sample(step, i)
+    samples = list(self._pool.map(cut, rows) if self._pool else map(cut, rows))
     return {"image": np.stack([s[0] for s in samples])[..., None], "label": np.stack([s[1] for s in samples])}
 
 

@@ -161,7 +161,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       raise ConfigError(f"{what}={size} is not divisible by the {mesh.devices.size} devices")
   patch = (config.data.patch, config.data.patch)
   sampler = nnunet.SliceSampler(pre_dir, plans, train_ids, patch, config.batch_size,
-                                config.data.foreground_fraction, config.data.augment, config.seed)
+                                config.data.foreground_fraction, config.data.augment, config.seed,
+                                config.data.num_workers)
 
   model, state, train_step = prepare(config, raw.num_classes, mesh)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
