@@ -10,8 +10,8 @@ class ConfigError(ValueError):
 
 
 class DataError(ValueError):
-  """Input data that cannot be used (a corrupt volume, a dataset folder missing files); the
-  message names the file."""
+  """Input data that cannot be used (a corrupt image or volume, a bad CSV row, a dataset folder
+  missing files, a bad dataset option); the message names the file, row or option at fault."""
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:

@@ -213,6 +213,15 @@ def test_config_errors(aptos, tmp_path):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})
 
 
+def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
+  from mfjax import cli
+  missing = tmp_path / "not_downloaded"
+  assert cli.main(["train", "--config", "configs/tiny.py:model=deit_base_patch16,dataset=aptos2019",
+                   f"--config.data.manual_dir={missing}", f"--config.data.data_dir={tmp_path / 'data'}",
+                   "--workdir", str(tmp_path / "run"), "--no-progress"]) == 2
+  assert f"error: aptos2019: manual_dir '{missing}' is not a folder" in capsys.readouterr().err
+
+
 def test_nonfinite_loss_stops_with_the_step(aptos, tmp_path):
   config = tiny(aptos, "unfrozen_linear", "--config.optim.lr=1e30", "--config.optim.clip_norm=0.0",
                 "--config.checkpoint_every_steps=1000")

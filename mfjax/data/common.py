@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mfjax.config import DataError
 from mfjax.data import images, splits
 
 VERSION = "1.0.0"
@@ -45,10 +46,6 @@ COMMON_DEFAULTS = {
 }
 # Options that only change how fast a build runs, never what it writes.
 RUNTIME_OPTIONS = {"num_threads": 8}
-
-
-class DataError(ValueError):
-  """Bad dataset input; the message names the file, row and column (or option) at fault."""
 
 
 @dataclasses.dataclass(frozen=True)
