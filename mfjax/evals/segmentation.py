@@ -78,12 +78,12 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
 def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
   """(Z, C, X', Y') logits -> (X, Y, Z) uint8 argmax after resampling each slice to `shape_xy`."""
   from scipy import ndimage
-  z, c = logits.shape[:2]
+  z = logits.shape[0]
   out = np.empty((*shape_xy, z), np.uint8)
   zoom = (shape_xy[0] / logits.shape[2], shape_xy[1] / logits.shape[3])
   for k in range(z):
-    resized = logits[k] if zoom == (1.0, 1.0) else np.stack(
-        [ndimage.zoom(logits[k, ch], zoom, order=1, mode="nearest", grid_mode=True) for ch in range(c)])
+    resized = logits[k] if zoom == (1.0, 1.0) else ndimage.zoom(logits[k], (1.0, *zoom), order=1, mode="nearest",
+                                                                 grid_mode=True)
     out[:, :, k] = resized.argmax(0)
   return out
 

@@ -55,7 +55,7 @@ from mfjax.config import ConfigError
 from mfjax.data import volumes
 from mfjax.ssl import augment, losses, masking
 from mfjax.ssl.heads import DINOHead
-from mfjax.train import fit
+from mfjax.train import build, fit
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.optim import clip_by_global_norm, decay_mask
 
@@ -274,10 +274,9 @@ def parameter_plan(params: dict, depth: int, layer_decay: float, patch_embed_mul
 
 def initial_state(config, networks: Networks, gram_variables) -> dict:
   init_rng, dino_rng, ibot_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+  backbone = models.init_params(networks.student, init_rng, (config.data.global_size,) * 2)["params"]
   if config.model.checkpoint:
-    backbone = models.load(config.model.checkpoint)[1]["params"]
-  else:
-    backbone = models.init_params(networks.student, init_rng, (config.data.global_size,) * 2)["params"]
+    backbone = build.with_checkpoint(backbone, config.model.checkpoint, (), "backbone")
   features = jnp.zeros((1, networks.student.width), jnp.float32)
   student = {"backbone": backbone,
              "dino_head": networks.dino_head.init(dino_rng, features)["params"],

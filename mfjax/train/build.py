@@ -103,6 +103,16 @@ def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, d
   return n
 
 
+def with_checkpoint(tree: dict, checkpoint: str, prefix: tuple, what: str) -> dict:
+  """`tree` (initialised, possibly sharded) with the converted model at `checkpoint` put in under
+  `prefix`; every leaf there must come from the checkpoint, with its shape (`fill_pretrained`)."""
+  flat = traverse_util.flatten_dict(tree)
+  _, pretrained = models.load(checkpoint)
+  n = fill_pretrained(flat, pretrained["params"], prefix, f"{what} checkpoint {checkpoint}", fill_all=True)
+  log.info("loaded %d tensors of the %s from %s", n, what, checkpoint)
+  return traverse_util.unflatten_dict(flat)
+
+
 def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> dict:
   """`variables` (randomly initialised, possibly sharded) with the converted foundation and
   DeiT-B weights put in where the config names them."""

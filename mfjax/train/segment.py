@@ -20,7 +20,6 @@ import os
 import signal
 import time
 
-import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,7 @@ from mfjax.evals import segmentation
 from mfjax.models import heads
 from mfjax.train import build
 from mfjax.train.checkpoints import RunCheckpoints
-from mfjax.train.fit import NonFiniteError, Writer, abstract_of, read_run_config, start_run
+from mfjax.train.fit import NonFiniteError, Writer, abstract_of, is_remote, read_run_config, start_run
 from mfjax.train.optim import make_optimizer
 
 log = logging.getLogger("mfjax")
@@ -71,12 +70,7 @@ def load_backbone(config, variables: dict) -> dict:
   if not config.model.checkpoint:
     log.warning("model.checkpoint is empty: the backbone starts from random weights")
     return variables
-  flat = traverse_util.flatten_dict(variables)
-  _, pretrained = models.load(config.model.checkpoint)
-  n = build.fill_pretrained(flat, pretrained["params"], ("params", "foundation"),
-                            f"backbone checkpoint {config.model.checkpoint}", fill_all=True)
-  log.info("loaded %d tensors of the backbone from %s", n, config.model.checkpoint)
-  return traverse_util.unflatten_dict(flat)
+  return build.with_checkpoint(variables, config.model.checkpoint, ("params", "foundation"), "backbone")
 
 
 def local_rows(batch_size: int) -> range:
@@ -139,7 +133,7 @@ def prepare(config, num_classes: int, mesh):
 
 def train(config, workdir: str, progress: bool = True) -> dict:
   start_time = time.time()
-  if "://" in str(workdir):
+  if is_remote(workdir):
     raise ConfigError(f"--workdir {workdir}: mfjax segment writes preprocessed volumes and NIfTI predictions as "
                       "local files; use a local (or mounted) folder")
   workdir, config_dict = start_run(config, workdir)
@@ -270,7 +264,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   per_case = {}
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
-    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, case)
+    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, plans["cases"][case])
     truth, spacing = volumes.read_labels(plans["cases"][case]["label"])
     logits = segment_volume(predict, params, slices, plans, config)
     prediction = segmentation.labels_at_shape(logits, truth.shape[:2])
@@ -316,10 +310,8 @@ def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = 
     case = volumes.strip_ending(name)
     case = case[:-5] if case.endswith("_0000") else case
     image, spacing = volumes.read_volume(path)
-    shape_xy = nnunet.target_shape(image.shape[:2], spacing[:2], plans["target_spacing_xy"])
-    resampled = nnunet.resample_inplane(image, shape_xy, order=3).transpose(2, 0, 1)
-    stats = {"cases": {case: {"mean": float(resampled.mean()), "std": float(resampled.std())}}}
-    slices = nnunet.normalize(resampled, {**plans, **stats}, case)
+    resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
+    slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
     prediction = segmentation.labels_at_shape(segment_volume(predict, params, slices, plans, config), image.shape[:2])
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
