@@ -13,7 +13,11 @@ released MedDINOv3 ViT-B/16 architecture: 2 global crops at 224 and 8 local at 9
 10 warmup epochs then cosine to 1e-6, weight decay cosine 0.04 -> 0.4, layer-wise LR decay 0.9,
 patch-embed LR x0.2, clip 3.0, teacher momentum cosine 0.992 -> 1, teacher temperature
 0.04 -> 0.07 over 30 epochs, drop path 0.3, 100 epochs of 1250 iterations, batch 512.
-Gram anchoring is off (gram.weight = 0); Stage 2 turns it on against an earlier checkpoint.
+Gram anchoring is off (gram.weight = 0). Stages 2 (Gram anchoring) and 3 (high resolution) are
+further runs: model.init_from_run continues an earlier run's EMA teacher, heads included;
+gram.checkpoint names an exported backbone (export_every_steps keeps intermediate ones);
+gram.refresh_every, loss.local_weight_schedule, gram.weight_schedule and data.mixed_sizes carry
+DINOv3's other stage settings. The README's "Pretrain" section gives the commands.
 
 tiny=true keeps every code path at toy size (width 32, 2 blocks, 2 heads, 8-px patches,
 32-px globals, 16-px locals, 64 prototypes): a few steps take seconds on a CPU.
@@ -28,6 +32,14 @@ TINY_ARGS = dict(batch=4, epochs=2, epoch_length=2, global_size=32, local_size=1
 TINY_MODEL = dict(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=8, native_resolution=(32, 32))
 
 
+def weight_schedule(start: float = 0.0, peak: float = 0.0, end: float = 0.0, warmup_epochs: int = 0,
+                    cosine_epochs: int = -1, enabled: bool = False) -> ml_collections.ConfigDict:
+  """DINOv3's linear_warmup_cosine_decay of a loss weight: linear start -> peak over warmup_epochs,
+  cosine peak -> end over cosine_epochs (-1: the rest of the run), then constant end."""
+  return ml_collections.ConfigDict(dict(enabled=enabled, start=start, peak=peak, end=end,
+                                        warmup_epochs=warmup_epochs, cosine_epochs=cosine_epochs))
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = parse_arg(arg, **ARGS)
   if a.tiny:
@@ -40,7 +52,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = a.model             # any dinov3-family name of mfjax.models
-  c.model.checkpoint = ""            # a converted model folder to start from; "" = random init
+  c.model.checkpoint = ""            # a converted model folder to start the backbone from; "" = random init
+  c.model.init_from_run = ""         # a pretrain workdir: student and teacher (backbone and both heads) start
+                                     # as its latest EMA teacher; step, optimizer and schedules start afresh
   c.model.drop_path = 0.3            # the student's; the teachers run without
   c.model.dtype = "float32"          # compute dtype (bfloat16 for speed); parameters stay float32
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model
@@ -61,6 +75,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.pool_volumes = 16           # volumes held in memory; slices are drawn from these
   c.data.new_volumes_per_step = 1    # how many pool volumes are replaced after each step
   c.data.num_workers = 8             # threads cropping the batch's slices; 0 = the main thread
+  c.data.mixed_sizes = ()            # high-resolution adaptation: ((global, local, gram, share), ...); each step
+                                     # draws one (global, local, gram) size set with probability share / sum of
+                                     # shares, in place of global_size, local_size and gram.crop_size
 
   c.masking = ml_collections.ConfigDict()
   c.masking.probability = 0.5        # share of global crops that are masked
@@ -71,10 +88,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.student_temp = 0.1
-  c.loss.local_weight = 1.0          # DINO local-crop term
+  c.loss.local_weight = 1.0          # DINO local-crop term ...
+  c.loss.local_weight_schedule = weight_schedule()  # ... or, when enabled, this schedule of it
   c.loss.ibot_weight = 1.0
   c.loss.koleo_weight = 0.1          # times the sum over the two global crops
   c.loss.sinkhorn_iterations = 3
+  c.loss.koleo_group_size = 0        # KoLeo over groups of this many images (DINOv3 computes it per GPU's
+                                     # share, e.g. 64 for 512 on 8 GPUs); 0 = over the whole batch
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.momentum = 0.992
@@ -98,15 +118,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optim.freeze_last_layer_epochs = 1  # the heads' last layers have learning rate 0 this long
 
   c.gram = ml_collections.ConfigDict()
-  c.gram.weight = 0.0                # > 0: Gram anchoring on
+  c.gram.weight = 0.0                # > 0: Gram anchoring on, with this weight ...
+  c.gram.weight_schedule = weight_schedule()  # ... or, when enabled, this schedule of it
   c.gram.checkpoint = ""             # converted model folder of the Gram teacher; "" = the EMA teacher ...
   c.gram.teacher_step = 0            # ... copied at this step; the Gram loss counts from this step on
   c.gram.crop_size = 0               # Gram teacher input size; 0 = the global crops themselves
   c.gram.distortions = True          # Gram crops get their own photometric augmentation
   c.gram.img_level = True            # one Gram matrix per image (False: one over the whole batch)
+  c.gram.refresh_every = 0           # > 0: after every this many steps the EMA teacher replaces the Gram teacher ...
+  c.gram.first_refresh = 0           # ... from this step on ...
+  c.gram.max_refreshes = 0           # ... at most this many times (0: no limit); DINOv3's rep_update
 
   c.log_every_steps = 20
   c.checkpoint_every_steps = 1250
+  c.export_every_steps = 0           # > 0: also export the EMA teacher's backbone to backbones/step_N this often
 
   if a.tiny:
     c.model.overrides = ml_collections.ConfigDict(TINY_MODEL)

@@ -120,3 +120,28 @@ def test_registry_errors():
     models.create("deit_base_patch16", widht=3)
   with pytest.raises(FileNotFoundError, match="not a converted mfjax model"):
     models.load("/nonexistent/model")
+
+
+def test_object_store_save_writes_model_json_last(tmp_path, monkeypatch):
+  """On gs:// (no folder rename) a model is params first, model.json last, so a save that fails
+  leaves no folder that reads as a model; the same branch runs here on a local folder."""
+  import orbax.checkpoint as ocp
+  module = models.create("dinov3_vits16", depth=1)
+  variables = models.init_params(module, image_size=(32, 32))
+  monkeypatch.setattr(models, "is_remote", lambda path: True)
+  real_save = ocp.StandardCheckpointer.save
+
+  def failing(self, *args, **kwargs):
+    raise OSError("connection reset")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", failing)
+  with pytest.raises(OSError, match="connection reset"):
+    models.save(str(tmp_path / "store"), "dinov3_vits16", variables, {"depth": 1})
+  with pytest.raises(FileNotFoundError, match="not a converted mfjax model"):
+    models.read_model_json(str(tmp_path / "store"))
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", real_save)
+  models.save(str(tmp_path / "store"), "dinov3_vits16", variables, {"depth": 1})
+  _, loaded = models.load(str(tmp_path / "store"))
+  np.testing.assert_array_equal(np.asarray(loaded["params"]["cls_token"]), np.asarray(variables["params"]["cls_token"]))
+  with pytest.raises(FileExistsError, match="holds a model already"):
+    models.save(str(tmp_path / "store"), "dinov3_vits16", variables, {"depth": 1})

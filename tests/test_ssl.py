@@ -279,6 +279,57 @@ def test_schedules_match_dinov2_cosine_scheduler():
   close(pretrain.schedules(c, 11)["momentum"], dinov2_cosine_scheduler(0.992, 1.0, 12)[11], 1e-9)
 
 
+def dinov3_warmup_cosine(start, peak, end, warmup, total, cosine=None):
+  """DINOv3's cosine_lr_scheduler.linear_warmup_cosine_decay, as an array over the run."""
+  cosine = total - warmup if cosine is None else cosine
+  ramp = np.linspace(start, peak, warmup, endpoint=False)
+  wave = (peak - end) * (np.cos(np.linspace(0, np.pi, cosine)) + 1) / 2 + end
+  return np.concatenate([ramp, wave, np.full(total - warmup - cosine, end)])
+
+
+@pytest.mark.parametrize("start,peak,end,warmup,cosine", [(0, 0, 2.0, 6, 1), (1, 1, 0.5, 6, 1), (0.2, 1.0, 0.1, 3, None),
+                                                          (0, 1, 0.5, 0, 4), (1.5, 1.5, 1.5, 0, 0)])
+def test_loss_weight_schedules_match_dinov3(start, peak, end, warmup, cosine):
+  total = 10
+  reference = dinov3_warmup_cosine(start, peak, end, warmup, total, cosine)
+  ours = [pretrain.warmup_cosine(i, start, peak, end, warmup, total, -1 if cosine is None else cosine)
+          for i in range(total + 2)]
+  np.testing.assert_allclose(ours[:total], reference, rtol=0, atol=1e-12)
+  assert ours[total:] == [end, end]
+  # Through the config, in epochs: the Gram weight of DINOv3's Stage 2 (0 until the switch, then 2.0).
+  c = pretrain_config.get_config("tiny=true,epochs=12,epoch_length=2")
+  c.gram.weight_schedule = pretrain_config.weight_schedule(0.0, 0.0, 2.0, warmup_epochs=10, cosine_epochs=1,
+                                                           enabled=True)
+  weights = [pretrain.schedules(c, i)["gram_weight"] for i in range(24)]
+  np.testing.assert_allclose(weights, dinov3_warmup_cosine(0.0, 0.0, 2.0, 20, 24, 2), atol=1e-12)
+  assert weights[19:22] == [0.0, 0.0, 2.0]
+  assert pretrain.schedules(c, 3)["local_weight"] == 1.0   # the constant while its schedule is off
+
+
+def test_gram_refresh_follows_dinov3_rep_update():
+  c = pretrain_config.get_config("tiny=true")
+  c.gram.weight = 1.0
+  for every, first, most in [(3, 0, 0), (3, 7, 2), (10, 10, 3), (4, 5, 1)]:
+    c.gram.refresh_every, c.gram.first_refresh, c.gram.max_refreshes = every, first, most
+    # DINOv3's train loop: after iteration `it`, refresh when (it + 1) >= first, (it + 1) % every == 0
+    # and fewer than max_updates so far.
+    expected, done = [], 0
+    for it in range(60):
+      if it + 1 >= first and (it + 1) % every == 0 and (not most or done < most):
+        expected.append(it + 1)
+        done += 1
+    assert [s for s in range(61) if pretrain.gram_refresh_due(c, s)] == expected, (every, first, most)
+  c.gram.weight = 0.0
+  assert not any(pretrain.gram_refresh_due(c, s) for s in range(30))
+
+
+def test_koleo_groups_are_dinov3_per_gpu_koleo():
+  x = np.random.default_rng(5).normal(size=(8, 16)).astype(np.float32)
+  per_gpu = np.mean([torch_koleo(t(x[i:i + 4])).detach().item() for i in (0, 4)])
+  close(losses.koleo_loss(jnp.asarray(x), group_size=4), per_gpu, 1e-5)
+  close(losses.koleo_loss(jnp.asarray(x), group_size=8), losses.koleo_loss(jnp.asarray(x)), 1e-7)
+
+
 def test_parameter_plan_layer_decay_and_no_decay_groups():
   module = models.create("dinov3_vitb16", **pretrain_config.TINY_MODEL)
   params = {"backbone": models.init_params(module, image_size=(32, 32))["params"],
@@ -415,6 +466,65 @@ def test_pretrain_end_to_end_resume_and_export(ct_folder, tmp_path, monkeypatch)
   assert np.isfinite(result["final"]["train/gram"])
 
 
+def test_three_stage_recipe_continues_refreshes_and_mixes_sizes(ct_folder, tmp_path, monkeypatch):
+  """Stage 1 exports intermediate backbones; Stage 2 starts from Stage 1's EMA teacher (heads
+  included) against an intermediate Gram teacher, with DINOv3's weight schedules, a Gram-teacher
+  refresh and per-group KoLeo; Stage 3 mixes crop sizes per step."""
+  stage1 = tiny_config(ct_folder, **{"gram.weight": 0.0, "gram.crop_size": 0, "export_every_steps": 2})
+  pretrain.run(stage1, tmp_path / "s1", progress=False)
+  assert (tmp_path / "s1" / "backbones" / "step_2" / "model.json").exists()
+  assert not (tmp_path / "s1" / "backbones" / "step_4").exists()   # the final one is backbone/
+  _, intermediate = models.load(tmp_path / "s1" / "backbones" / "step_2")
+  _, final = models.load(tmp_path / "s1" / "backbone")
+  assert not np.allclose(intermediate["params"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+                         final["params"]["blocks_0"]["mlp"]["fc1"]["kernel"])
+
+  stage2 = tiny_config(ct_folder, epochs=3, epoch_length=2, **{
+      "model.init_from_run": str(tmp_path / "s1"), "gram.weight": 0.0, "gram.crop_size": 0,
+      "gram.checkpoint": str(tmp_path / "s1" / "backbones" / "step_2"), "gram.teacher_step": 0,
+      "gram.refresh_every": 2, "gram.first_refresh": 4, "gram.max_refreshes": 1, "loss.koleo_group_size": 2})
+  stage2.gram.weight_schedule = pretrain_config.weight_schedule(0.0, 0.0, 2.0, warmup_epochs=1, cosine_epochs=1,
+                                                                enabled=True)
+  stage2.loss.local_weight_schedule = pretrain_config.weight_schedule(1.0, 1.0, 0.5, warmup_epochs=1,
+                                                                      cosine_epochs=1, enabled=True)
+  seen = []
+  real_step = pretrain.jitted_train_step
+
+  def watched(state, batch, sched, plan, **kwargs):
+    leaf = lambda tree: np.asarray(tree["blocks_0"]["mlp"]["fc1"]["kernel"]).copy()
+    seen.append({"step": int(state["step"]), "gram": leaf(state["gram"]), "teacher": leaf(state["teacher"]["backbone"]),
+                 "dino_head": np.asarray(state["student"]["dino_head"]["last_layer"]["kernel"]).copy(),
+                 "global": batch["global"].shape})
+    return real_step(state, batch, sched, plan, **kwargs)
+
+  monkeypatch.setattr(pretrain, "jitted_train_step", watched)
+  pretrain.run(stage2, tmp_path / "s2", progress=False)
+  saved = pretrain.RunCheckpoints(tmp_path / "s1").restore_latest_as_saved(None)[1]
+  np.testing.assert_array_equal(seen[0]["dino_head"], np.asarray(saved["teacher"]["dino_head"]["last_layer"]["kernel"]))
+  np.testing.assert_array_equal(seen[0]["teacher"], final["params"]["blocks_0"]["mlp"]["fc1"]["kernel"])
+  gram_leaf = intermediate["params"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  for record in seen[:4]:
+    np.testing.assert_array_equal(record["gram"], gram_leaf)
+  for record in seen[4:]:            # refreshed once, before step 4, from the EMA teacher of then
+    np.testing.assert_array_equal(record["gram"], seen[4]["teacher"])
+  lines = [json.loads(l) for l in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["train/gram_weight"] for l in lines] == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
+  assert [l["train/local_weight"] for l in lines] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+
+  stage3 = tiny_config(ct_folder, **{"model.init_from_run": str(tmp_path / "s2"), "gram.crop_size": 0,
+                                     "gram.checkpoint": str(tmp_path / "s1" / "backbone"), "gram.teacher_step": 0,
+                                     "data.mixed_sizes": ((32, 16, 48, 1.0), (48, 24, 64, 1.0))})
+  seen.clear()
+  pretrain.run(stage3, tmp_path / "s3", progress=False)
+  sizes = [pretrain.step_sizes(stage3, i) for i in range(4)]
+  assert {s[0] for s in sizes} == {32, 48}
+  assert [r["global"][1] for r in seen] == [s[0] for s in sizes]
+
+  with pytest.raises(ConfigError, match="different|another network"):
+    pretrain.run(tiny_config(ct_folder, **{"model.init_from_run": str(tmp_path / "s1"), "heads.hidden_dim": 48}),
+                 tmp_path / "bad", progress=False)
+
+
 def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -437,6 +547,23 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
     pretrain.build_networks(tiny_config(ct_folder, **{"model.name": "dinov2_vitb14"}))
   with pytest.raises(ConfigError, match="gram.weight"):
     pretrain.build_networks(tiny_config(ct_folder, **{"gram.weight": 0.0}))
+  with pytest.raises(ConfigError, match="gram.refresh_every"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"gram.weight": 0.0, "gram.crop_size": 0,
+                                                      "gram.refresh_every": 5}))
+  with pytest.raises(ConfigError, match="loss.koleo_group_size=3"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"loss.koleo_group_size": 3}))
+  with pytest.raises(ConfigError, match=re.escape("data.mixed_sizes[1]=(48, 24)")):
+    pretrain.build_networks(tiny_config(ct_folder, **{"data.mixed_sizes": ((32, 16, 48, 1.0), (48, 24))}))
+  with pytest.raises(ConfigError, match="model.init_from_run and model.checkpoint"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"model.init_from_run": "a", "model.checkpoint": "b"}))
+  too_long = tiny_config(ct_folder)
+  too_long.loss.local_weight_schedule = pretrain_config.weight_schedule(1, 1, 0.5, 2, 1, enabled=True)
+  with pytest.raises(ConfigError, match="loss.local_weight_schedule.*epochs=2"):
+    pretrain.build_networks(too_long)
+  with pytest.raises(ConfigError, match="not an `mfjax pretrain` run"):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"protocol": {"name": "frozen_linear"}}')
+    pretrain.teacher_of_run(tiny_config(ct_folder, **{"model.init_from_run": str(tmp_path / "other")}), None)
 
 
 def test_default_config_is_the_reference_recipe():
@@ -456,10 +583,11 @@ def test_train_step_combines_losses_updates_and_ema(ct_folder):
   state["teacher"] = jax.tree_util.tree_map(lambda x: x + 0.01, state["teacher"])
   plan = jax.tree_util.tree_map(jnp.float32, pretrain.parameter_plan(state["student"], 2, 0.9, 0.2))
   pool = pretrain.SlicePool(pretrain.list_volumes(config.data.folders), config.seed, 2, 1)
-  batch = pretrain.make_batch(config, pool, 0, networks.student_grid, None)
+  batch = pretrain.make_batch(config, pool, 0, networks, None)
   before = jax.tree_util.tree_map(np.asarray, state)
   lr, wd, m = 1e-3, 0.04, 0.9
-  sched = {"lr": lr, "last_layer_lr": 0.0, "wd": wd, "momentum": m, "teacher_temp": 0.05}
+  sched = {"lr": lr, "last_layer_lr": 0.0, "wd": wd, "momentum": m, "teacher_temp": 0.05, "local_weight": 1.0,
+           "gram_weight": 0.5}
   new, metrics = pretrain.jitted_train_step(state, batch, jax.tree_util.tree_map(jnp.float32, sched), plan,
                                             networks=networks, use_gram=True,
                                             state_sharding=parallel.replicated(parallel.make_mesh()))

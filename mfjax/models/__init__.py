@@ -69,30 +69,46 @@ def abstract_variables(module, image_size=None):
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), images)
 
 
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
 def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None,
          provenance: dict | None = None) -> str:
-  """Write `variables` (an orbax checkpoint) and `model.json` atomically to `out_dir`.
+  """Write `variables` (an orbax checkpoint) and `model.json` to `out_dir` (local, or gs:// and
+  other paths orbax and etils can write).
 
-  Everything is first written to a sibling temporary folder that is renamed at the end, so an
-  interrupted or failed save leaves no partial model behind.
+  A local model is first written to a sibling temporary folder that is renamed at the end, so an
+  interrupted or failed save leaves no partial model behind. Object stores have no folder rename:
+  there `model.json` is written last, so a folder without it is not a model (`read_model_json`).
   """
+  import orbax.checkpoint as ocp
+  from etils import epath
   family_of(name)
-  out_dir = os.path.abspath(out_dir)
+  meta = {"name": name, "overrides": overrides or {}, "provenance": provenance or {}}
+  host = jax.tree_util.tree_map(np.asarray, variables)
+  # This process alone writes (in a multi-process job, the others must not be waited for).
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+  def write(folder: str) -> None:
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+      ckptr.save(epath.Path(folder) / PARAMS_DIR, host)
+    (epath.Path(folder) / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+  if is_remote(out_dir):
+    out = epath.Path(str(out_dir))
+    if (out / MODEL_JSON).exists():
+      raise FileExistsError(f"{out_dir} holds a model already; choose a new --out folder")
+    write(str(out))
+    return str(out_dir)
+  out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out folder")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
   try:
-    import orbax.checkpoint as ocp
-    host = jax.tree_util.tree_map(np.asarray, variables)
-    # This process alone writes (in a multi-process job, the others must not be waited for).
-    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), host)
-    meta = {"name": name, "overrides": overrides or {}, "provenance": provenance or {}}
-    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
+    write(tmp)
     if os.path.exists(out_dir):
       os.rmdir(out_dir)
     os.rename(tmp, out_dir)
@@ -102,23 +118,26 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
   return out_dir
 
 
+def _model_path(model_dir) -> str:
+  return str(model_dir) if is_remote(model_dir) else os.path.abspath(os.path.expanduser(str(model_dir)))
+
+
 def read_model_json(model_dir: str) -> dict[str, Any]:
-  model_dir = os.path.expanduser(str(model_dir))
-  path = os.path.join(model_dir, MODEL_JSON)
-  if not os.path.exists(path):
+  from etils import epath
+  path = epath.Path(_model_path(model_dir)) / MODEL_JSON
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: {model_dir} is not a converted mfjax model "
                             "(run `python -m convert FAMILY --checkpoint ... --out DIR` first)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def load(model_dir: str):
   """`(module, variables)` of a model written by `save` (e.g. by `python -m convert`)."""
   import orbax.checkpoint as ocp
-  model_dir = os.path.expanduser(str(model_dir))
+  from etils import epath
   meta = read_model_json(model_dir)
   module = create(meta["name"], **meta["overrides"])
   target = abstract_variables(module)
   with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(os.path.join(os.path.abspath(model_dir), PARAMS_DIR), target)
+    variables = ckptr.restore(epath.Path(_model_path(model_dir)) / PARAMS_DIR, target)
   return module, variables

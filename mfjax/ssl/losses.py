@@ -81,12 +81,17 @@ def ibot_loss(student_logits, teacher_probs, weights, n_images: int, student_tem
   return -jnp.sum(per_patch * weights) / n_images
 
 
-def koleo_loss(features, eps: float = 1e-8):
+def koleo_loss(features, eps: float = 1e-8, group_size: int = 0):
   """-mean log(distance to the nearest other sample + eps) of L2-normalised (B, D) features.
 
   As DINOv3 (`nn.PairwiseDistance(2, eps)`), eps is also added to the difference vector before
   its norm, so the distance (and its gradient) stays finite for duplicate samples.
+  group_size > 0: neighbours are sought within consecutive groups of that many samples, and the
+  groups' losses averaged, as DINOv3's KoLeo on each GPU's share of the batch.
   """
+  if group_size and group_size != features.shape[0]:
+    grouped = features.reshape(-1, group_size, features.shape[-1])
+    return jnp.mean(jax.vmap(lambda x: koleo_loss(x, eps))(grouped))
   x = features.astype(jnp.float32)
   x = l2_normalize(x, eps)
   dots = jnp.matmul(x, x.T, precision="highest")

@@ -6,26 +6,35 @@ workdir/
   events.*        TensorBoard events
   checkpoints/    the latest state (student, EMA teacher, Gram teacher, optimizer, step), for resuming
   backbone/       the final EMA teacher's backbone as a converted model: `mfjax.models.load(workdir/backbone)`
+  backbones/      step_N/: the same every `export_every_steps` (a later stage's Gram teacher)
   result.json     steps, final losses, timing
 
 Data: every *.nii.gz / *.nii volume of `data.folders` is a source of axial slices. Each step draws
 `batch_size` slices from a rotating pool of volumes held in memory, and cuts each into 2 global and
 `n_local` local crops (`augment.multi_crop`); half the global crops get iBOT block masks
-(`masking.collate_masks`). All of it is a function of (seed, step), so a resumed run sees the
-batches an uninterrupted one would have.
+(`masking.collate_masks`). With `data.mixed_sizes` (the high-resolution stage) each step draws its
+crop sizes from a weighted list, and each size set compiles its own step. All of it is a function
+of (seed, step), so a resumed run sees the batches an uninterrupted one would have.
+
+Stages (DINOv3's, run as separate runs): Stage 1 from random or converted weights; Stage 2 and 3
+start from an earlier run's EMA teacher, heads included (`model.init_from_run`), with Gram
+anchoring against an exported backbone (`gram.checkpoint`), refreshed from the EMA teacher every
+`gram.refresh_every` steps (DINOv3's rep_update).
 
 One step (one `jax.jit`, state donated):
   teacher (EMA, no drop path) on the unmasked global crops -> DINO head on CLS, iBOT head on the
       masked patches -> Sinkhorn-Knopp targets at the scheduled teacher temperature;
   student (drop path) on the masked global crops and on the local crops ->
       L = L_DINO + ibot_weight L_iBOT + koleo_weight * sum over the 2 global crops of KoLeo(CLS)
-          (+ gram.weight L_Gram against the frozen Gram teacher, from gram.teacher_step on);
+          (+ w_gram L_Gram against the frozen Gram teacher, from gram.teacher_step on), the DINO
+          local term weighted by w_local; KoLeo over groups of loss.koleo_group_size if set;
   gradients clipped per module (backbone, DINO head, iBOT head) as DINOv2's trainer does, Adam, then
   p -= lr * multiplier * (adam + wd * p) with DINOv2's layer-wise LR decay, patch-embed multiplier,
   no decay on biases / norms / LayerScale / tokens, and the heads' last layers frozen at first;
   teacher = m * teacher + (1 - m) * student over backbone and both heads.
 Schedules (DINOv2's CosineScheduler, per iteration, host side): LR linear warmup then cosine,
-weight decay cosine, teacher momentum cosine, teacher temperature linear warmup.
+weight decay cosine, teacher momentum cosine, teacher temperature linear warmup; w_local and w_gram
+constant or DINOv3's linear_warmup_cosine_decay (`*_weight_schedule`).
 
 Devices: the state is replicated and the crops of a batch are split over every device of every
 process (batch_size must divide by the device count); every process draws the whole batch (it is
@@ -48,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mfjax import models, parallel
@@ -122,21 +132,44 @@ class SlicePool:
     return [stacks[v][p - (ends[v] - len(stacks[v]))] for v, p in zip(which, picks)]
 
 
-def make_batch(config, pool: SlicePool, step: int, grid: tuple[int, int], executor) -> dict[str, np.ndarray]:
-  """Crop-major multi-crop batch: global (2B, G, G, 3), local (n_local B, L, L, 3)[, gram (2B, S, S, 3)],
-  masks (2B, N) and the masked-patch gather arrays."""
+def gram_on(config) -> bool:
+  return config.gram.weight > 0 or config.gram.weight_schedule.enabled
+
+
+def size_sets(config) -> list[tuple[int, int, int]]:
+  """The (global, local, Gram-teacher) crop sizes a step may use; Gram size 0 = the global crops."""
+  d = config.data
+  if not d.mixed_sizes:
+    return [(d.global_size, d.local_size, config.gram.crop_size if gram_on(config) else 0)]
+  return [(int(g), int(l), int(gram)) for g, l, gram, _ in d.mixed_sizes]
+
+
+def step_sizes(config, step: int) -> tuple[int, int, int]:
+  """The crop sizes of `step`: with data.mixed_sizes, a seeded draw weighted by the shares
+  (DINOv3's multi-resolution loader picks one loader per batch by its ratio)."""
+  sets = size_sets(config)
+  if len(sets) == 1:
+    return sets[0]
+  shares = np.array([float(entry[3]) for entry in config.data.mixed_sizes])
+  return sets[int(np.random.default_rng([config.seed, 4, step]).choice(len(sets), p=shares / shares.sum()))]
+
+
+def make_batch(config, pool: SlicePool, step: int, networks: "Networks", executor) -> dict[str, np.ndarray]:
+  """Crop-major multi-crop batch at the step's sizes: global (2B, G, G, 3), local (n_local B, L, L, 3)
+  [, gram (2B, S, S, 3)], masks (2B, N) and the masked-patch gather arrays."""
   b, d = config.batch_size, config.data
+  global_size, local_size, gram_size = step_sizes(config, step)
   slices = pool.sample(step, np.random.default_rng([config.seed, 0, step]), b)
 
   def crops(i):
     rng = np.random.default_rng([config.seed, 2, step, i])
-    return augment.multi_crop(slices[i], rng, d.global_size, d.local_size, d.n_local, tuple(d.global_scale),
-                              tuple(d.local_scale), config.gram.crop_size if config.gram.weight else 0,
-                              config.gram.distortions)
+    return augment.multi_crop(slices[i], rng, global_size, local_size, d.n_local, tuple(d.global_scale),
+                              tuple(d.local_scale), gram_size, config.gram.distortions)
 
   per_slice = list(executor.map(crops, range(b)) if executor else map(crops, range(b)))
   crop_major = lambda kind: np.stack([c[kind][k] for k in range(len(per_slice[0][kind])) for c in per_slice])
   m = config.masking
+  grid = networks.student.token_grid((global_size,) * 2)
   masks = masking.collate_masks(np.random.default_rng([config.seed, 3, step]), 2 * b, grid, m.probability,
                                 tuple(m.ratio), m.min_patches, m.min_aspect, m.max_fraction)
   return {"global": crop_major("global"), "local": crop_major("local"), "masks": masks["masks"],
@@ -162,6 +195,35 @@ def cosine_schedule(step: int, base: float, final: float, total: int, warmup: in
   return final + 0.5 * (base - final) * (1 + math.cos(math.pi * step / (total - warmup - freeze)))
 
 
+def warmup_cosine(step: int, start: float, peak: float, end: float, warmup: int, total: int,
+                  cosine: int = -1) -> float:
+  """DINOv3's linear_warmup_cosine_decay(...)[step]: linspace(start, peak, warmup) without its end,
+  then a cosine from peak to end over `cosine` steps (-1: the rest; both ends included), then end."""
+  if step < warmup:
+    return start + (peak - start) * step / warmup
+  step -= warmup
+  cosine = total - warmup if cosine < 0 else cosine
+  if step < cosine:
+    return end + (peak - end) * (1 + math.cos(math.pi * step / (cosine - 1) if cosine > 1 else 0.0)) / 2
+  return end
+
+
+# The scheduled loss weights: config[part][key] is the constant, config[part][key + "_schedule"] the schedule.
+WEIGHT_SCHEDULES = {"local_weight": ("loss", "local_weight"), "gram_weight": ("gram", "weight")}
+
+
+def loss_weight(config, name: str, step: int) -> float:
+  """A loss weight at `step`: its constant, or its schedule when that is enabled."""
+  part, key = WEIGHT_SCHEDULES[name]
+  constant, schedule = config[part][key], config[part][key + "_schedule"]
+  if not schedule.enabled:
+    return float(constant)
+  length = config.epoch_length
+  cosine = schedule.cosine_epochs * length if schedule.cosine_epochs >= 0 else -1
+  return warmup_cosine(step, schedule.start, schedule.peak, schedule.end, schedule.warmup_epochs * length,
+                       config.epochs * length, cosine)
+
+
 def schedules(config, step: int) -> dict[str, float]:
   length, o, t = config.epoch_length, config.optim, config.teacher
   total = config.epochs * length
@@ -172,7 +234,21 @@ def schedules(config, step: int) -> dict[str, float]:
           "last_layer_lr": 0.0 if step < o.freeze_last_layer_epochs * length else lr,
           "wd": cosine_schedule(step, o.weight_decay, o.final_weight_decay, total),
           "momentum": cosine_schedule(step, t.momentum, t.final_momentum, total),
-          "teacher_temp": cosine_schedule(step, t.temp, t.temp, temp_warmup, temp_warmup, t.warmup_temp)}
+          "teacher_temp": cosine_schedule(step, t.temp, t.temp, temp_warmup, temp_warmup, t.warmup_temp),
+          "local_weight": loss_weight(config, "local_weight", step),
+          **({"gram_weight": loss_weight(config, "gram_weight", step)} if gram_on(config) else {})}
+
+
+def gram_refresh_due(config, step: int) -> bool:
+  """Whether the EMA teacher replaces the Gram teacher before `step` (after step - 1): DINOv3's
+  rep_update at every multiple of gram.refresh_every from gram.first_refresh on, at most
+  gram.max_refreshes times. A function of the step, so a resumed run refreshes where an
+  uninterrupted one did."""
+  g = config.gram
+  if not (gram_on(config) and g.refresh_every) or step <= 0 or step < g.first_refresh or step % g.refresh_every:
+    return False
+  earlier = (step - 1) // g.refresh_every - (max(g.first_refresh, 1) - 1) // g.refresh_every
+  return not g.max_refreshes or earlier < g.max_refreshes
 
 
 # ------------------------------------------------------------------------------- model and state
@@ -191,11 +267,10 @@ class Networks:
   student_grid: tuple[int, int]
   gram_grid: tuple[int, int]
   student_temp: float
-  local_weight: float
   ibot_weight: float
   koleo_weight: float
+  koleo_group_size: int
   sinkhorn_iterations: int
-  gram_weight: float
   gram_img_level: bool
   clip_norm: float
   b1: float
@@ -217,32 +292,66 @@ def architecture(config) -> tuple[str, dict]:
   return name, overrides
 
 
-def build_networks(config) -> tuple[Networks, dict | None]:
-  """The step's Networks, and the Gram teacher's loaded variables when gram.checkpoint names one."""
+def check_config(config) -> None:
+  """The config's pretraining-specific rules, each broken one an error naming its key."""
+  group = config.loss.koleo_group_size
   if config.batch_size < 2 or config.data.n_local < 1:
     raise ConfigError(f"batch_size={config.batch_size}, data.n_local={config.data.n_local}: KoLeo needs a batch "
                       "of at least 2 and the DINO loss at least one local crop")
+  if group and (group < 2 or config.batch_size % group):
+    raise ConfigError(f"loss.koleo_group_size={group}: a KoLeo group needs at least 2 images and must divide "
+                      f"batch_size={config.batch_size}")
+  g = config.gram
+  if not gram_on(config) and (g.checkpoint or g.crop_size or g.refresh_every):
+    raise ConfigError("gram.checkpoint, gram.crop_size and gram.refresh_every need Gram anchoring on "
+                      "(gram.weight > 0 or gram.weight_schedule.enabled)")
+  if min(g.refresh_every, g.first_refresh, g.max_refreshes) < 0:
+    raise ConfigError("gram.refresh_every, gram.first_refresh and gram.max_refreshes must be >= 0")
+  for part, key in WEIGHT_SCHEDULES.values():
+    schedule = config[part][key + "_schedule"]
+    if schedule.enabled and (schedule.warmup_epochs < 0 or schedule.warmup_epochs + max(schedule.cosine_epochs, 0)
+                             > config.epochs):
+      raise ConfigError(f"{part}.{key}_schedule: warmup_epochs={schedule.warmup_epochs} + cosine_epochs={schedule.cosine_epochs} "
+                        f"must fit in epochs={config.epochs}")
+  if config.model.init_from_run and config.model.checkpoint:
+    raise ConfigError("model.init_from_run and model.checkpoint both name a starting point; set one")
+  for i, entry in enumerate(config.data.mixed_sizes):
+    entry = tuple(entry)
+    if len(entry) != 4 or min(entry[0], entry[1], entry[3]) <= 0 or entry[2] < 0:
+      raise ConfigError(f"data.mixed_sizes[{i}]={entry}: give (global, local, gram, share) with positive sizes "
+                        "and share (gram 0 = the global crops)")
+    if entry[2] and not gram_on(config):
+      raise ConfigError(f"data.mixed_sizes[{i}]={entry} has a Gram crop size but Gram anchoring is off")
+
+
+def build_networks(config) -> tuple[Networks, dict | None]:
+  """The step's Networks (at the first crop sizes; `at_sizes` gives the others), and the Gram
+  teacher's loaded variables when gram.checkpoint names one."""
+  check_config(config)
   name, overrides = architecture(config)
   student = models.create(name, **overrides, dtype=config.model.dtype, drop_path=config.model.drop_path)
   teacher = models.create(name, **overrides, dtype=config.model.dtype, drop_path=0.0)
   gram_teacher, gram_variables = teacher, None
-  if not config.gram.weight and (config.gram.checkpoint or config.gram.crop_size):
-    raise ConfigError("gram.checkpoint and gram.crop_size need gram.weight > 0 (Gram anchoring is off)")
-  if config.gram.weight and config.gram.checkpoint:
+  if gram_on(config) and config.gram.checkpoint:
     if models.family_of(models.read_model_json(config.gram.checkpoint)["name"]) != "dinov3":
       raise ConfigError(f"gram.checkpoint {config.gram.checkpoint} is not a DINOv3-family model")
     gram_teacher, gram_variables = models.load(config.gram.checkpoint)
     gram_teacher = gram_teacher.clone(dtype=config.model.dtype, drop_path=0.0)
-  gram_size = config.gram.crop_size or config.data.global_size
   h = config.heads
   networks = Networks(
       student, teacher, gram_teacher, DINOHead(h.dino_prototypes, h.hidden_dim, h.bottleneck_dim),
       DINOHead(h.ibot_prototypes, h.hidden_dim, h.bottleneck_dim), config.batch_size, config.data.n_local,
-      student.token_grid((config.data.global_size,) * 2), gram_teacher.token_grid((gram_size,) * 2),
-      config.loss.student_temp, config.loss.local_weight, config.loss.ibot_weight, config.loss.koleo_weight,
-      config.loss.sinkhorn_iterations, config.gram.weight, config.gram.img_level, config.optim.clip_norm,
+      (0, 0), (0, 0), config.loss.student_temp, config.loss.ibot_weight, config.loss.koleo_weight,
+      config.loss.koleo_group_size, config.loss.sinkhorn_iterations, config.gram.img_level, config.optim.clip_norm,
       config.optim.b1, config.optim.b2, config.optim.eps)
-  return networks, gram_variables
+  return at_sizes(networks, size_sets(config)[0]), gram_variables
+
+
+def at_sizes(networks: Networks, sizes: tuple[int, int, int]) -> Networks:
+  """`networks` for (global, local, Gram) crop sizes: a step compiles once per size set."""
+  global_size, _, gram_size = sizes
+  return dataclasses.replace(networks, student_grid=networks.student.token_grid((global_size,) * 2),
+                             gram_grid=networks.gram_teacher.token_grid(((gram_size or global_size),) * 2))
 
 
 def adam(networks: Networks) -> optax.GradientTransformation:
@@ -272,7 +381,30 @@ def parameter_plan(params: dict, depth: int, layer_decay: float, patch_embed_mul
           "last": jax.tree_util.tree_map_with_path(lambda p, _: float("last_layer" in names(p)), params)}
 
 
-def initial_state(config, networks: Networks, gram_variables) -> dict:
+def teacher_of_run(config, sharding) -> dict:
+  """The EMA teacher (backbone and both heads) of the latest checkpoint of the pretrain run at
+  model.init_from_run, which must have this run's architecture and heads."""
+  source, source_config = fit.read_run_config(config.model.init_from_run)
+  key = "model.init_from_run"
+  if "masking" not in source_config or "heads" not in source_config:
+    raise ConfigError(f"{key}: {source} is not an `mfjax pretrain` run")
+  ours = {"model": architecture(config), "heads": config.heads.to_dict()}
+  theirs = {"model": architecture(source_config), "heads": source_config.heads.to_dict()}
+  differ = [f"{k}: {ours[k]} here, {theirs[k]} there" for k in ours if json.dumps(ours[k], sort_keys=True, default=str)
+            != json.dumps(theirs[k], sort_keys=True, default=str)]
+  if differ:
+    raise ConfigError(f"{key}: {source} trained another network; " + "; ".join(differ))
+  found = RunCheckpoints(source).restore_latest_as_saved(sharding)
+  if found is None:
+    raise ConfigError(f"{key}: {source} has no checkpoint yet")
+  step, saved = found
+  log.info("student and teacher start as the EMA teacher of %s at its step %d", source, step)
+  return saved["teacher"]
+
+
+def initial_state(config, networks: Networks, gram_variables, start: dict | None = None) -> dict:
+  """The step-0 state; `start` (backbone and both heads, from `teacher_of_run`) replaces the
+  random student and teacher."""
   init_rng, dino_rng, ibot_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)
   backbone = models.init_params(networks.student, init_rng, (config.data.global_size,) * 2)["params"]
   if config.model.checkpoint:
@@ -281,11 +413,23 @@ def initial_state(config, networks: Networks, gram_variables) -> dict:
   student = {"backbone": backbone,
              "dino_head": networks.dino_head.init(dino_rng, features)["params"],
              "ibot_head": networks.ibot_head.init(ibot_rng, features)["params"]}
+  if start is not None:
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
+    if shapes(start) != shapes(student):
+      raise ConfigError(f"model.init_from_run: {config.model.init_from_run}'s teacher does not have this run's "
+                        "parameter shapes")
+    student = start
   copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
   state = {"step": jnp.zeros((), jnp.int32), "rng": train_rng, "student": copy(student), "teacher": copy(student),
            "opt": adam(networks).init(student)}
-  if config.gram.weight:
-    state["gram"] = copy(gram_variables["params"] if gram_variables else backbone)
+  if gram_on(config):
+    state["gram"] = copy(gram_variables["params"] if gram_variables else student["backbone"])
+    if config.gram.refresh_every and (jax.tree_util.tree_structure(state["gram"]) !=
+                                      jax.tree_util.tree_structure(student["backbone"]) or any(
+        a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(state["gram"]),
+                                           jax.tree_util.tree_leaves(student["backbone"])))):
+      raise ConfigError(f"gram.refresh_every: the EMA teacher cannot replace the Gram teacher of gram.checkpoint "
+                        f"{config.gram.checkpoint}, whose architecture differs from the student's")
   return state
 
 
@@ -315,15 +459,15 @@ def train_step(state, batch, sched, plan, networks: Networks, use_gram: bool, st
     l = n.student.apply({"params": params["backbone"]}, batch["local"], train=True, rngs={"dropout": local_rng})
     terms = losses.dino_cls_loss(head(n.dino_head, params["dino_head"], g["pooled"]).reshape(n_global, b, -1),
                                  head(n.dino_head, params["dino_head"], l["pooled"]).reshape(n.n_local, b, -1),
-                                 dino_targets, n.local_weight, n.student_temp)
+                                 dino_targets, sched["local_weight"], n.student_temp)
     terms["ibot"] = losses.ibot_loss(head(n.ibot_head, params["ibot_head"], masked(g["tokens"])), ibot_targets,
                                      batch["mask_weights"], n_global * b, n.student_temp)
     cls = g["pooled"].reshape(n_global, b, -1)
-    terms["koleo"] = sum(losses.koleo_loss(cls[i]) for i in range(n_global)) / n_global
+    terms["koleo"] = sum(losses.koleo_loss(cls[i], group_size=n.koleo_group_size) for i in range(n_global)) / n_global
     total = terms["dino"] + n.ibot_weight * terms["ibot"] + n.koleo_weight * n_global * terms["koleo"]
     if use_gram:
       terms["gram"] = losses.gram_loss(g["tokens"], gram_tokens, n.student_grid, n.gram_grid, n.gram_img_level)
-      total = total + n.gram_weight * terms["gram"]
+      total = total + sched["gram_weight"] * terms["gram"]
     return total, dict(terms, loss=total)
 
   grads, terms = jax.grad(loss_of, has_aux=True)(state["student"])
@@ -372,11 +516,14 @@ def run(config, workdir, progress: bool = True) -> dict:
     log.info("%s has finished already: %s", workdir, backbone_dir)
     return json.loads(result_path.read_text())
 
-  state = parallel.put_global(initial_state(config, networks, gram_variables), replicated)
+  ckpts = RunCheckpoints(workdir)
+  start = None
+  if config.model.init_from_run and ckpts.latest.latest_step() is None:
+    start = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), teacher_of_run(config, replicated))
+  state = parallel.put_global(initial_state(config, networks, gram_variables, start), replicated)
   plan = parallel.put_global(jax.tree_util.tree_map(np.float32, parameter_plan(
       state["student"], networks.student.depth, config.optim.layer_decay, config.optim.patch_embed_lr_mult)),
       replicated)
-  ckpts = RunCheckpoints(workdir)
   host = {"train_seconds": 0.0}
   restored = ckpts.restore_latest(fit.abstract_of(state))
   if restored is not None:
@@ -389,6 +536,10 @@ def run(config, workdir, progress: bool = True) -> dict:
   executor = concurrent.futures.ThreadPoolExecutor(config.data.num_workers) if config.data.num_workers else None
   log.info("pretraining %s on %d volumes: %d steps of %d slices", config.model.name, len(paths), total_steps,
            config.batch_size)
+  networks_of = {sizes: at_sizes(networks, sizes) for sizes in size_sets(config)}
+  if len(networks_of) > 1:
+    log.info("crop sizes (global, local, Gram) drawn per step from %s; each set compiles its own step",
+             list(networks_of))
 
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -400,13 +551,17 @@ def run(config, workdir, progress: bool = True) -> dict:
   pending, last = None, {}  # the previous step's metrics, read one step late to keep the device busy
   try:
     while step < total_steps:
-      if config.gram.weight and not config.gram.checkpoint and step == config.gram.teacher_step:
+      refresh = gram_refresh_due(config, step)
+      if gram_on(config) and (refresh or not config.gram.checkpoint and step == config.gram.teacher_step):
+        if refresh:
+          log.info("step %d: the EMA teacher replaces the Gram teacher", step)
         state["gram"] = jax.tree_util.tree_map(jnp.array, state["teacher"]["backbone"])
-      batch = place_batch(make_batch(config, pool, step, networks.student_grid, executor), mesh)
+      step_networks = networks_of[step_sizes(config, step)]
+      batch = place_batch(make_batch(config, pool, step, step_networks, executor), mesh)
       sched = schedules(config, step)
-      use_gram = bool(config.gram.weight) and step >= config.gram.teacher_step
+      use_gram = gram_on(config) and step >= config.gram.teacher_step
       state, metrics = jitted_train_step(state, batch, jax.tree_util.tree_map(jnp.float32, sched), plan,
-                                         networks=networks, use_gram=use_gram, state_sharding=replicated)
+                                         networks=step_networks, use_gram=use_gram, state_sharding=replicated)
       if pending is not None:
         last = _check_and_log(pending, writer, config)
       pending = (step, sched, metrics)
@@ -422,6 +577,8 @@ def run(config, workdir, progress: bool = True) -> dict:
         segment_start = time.time()
         ckpts.save_latest(step, state, host)
         writer.flush()
+      if config.export_every_steps and step % config.export_every_steps == 0 and step < total_steps:
+        export_backbone(config, state, workdir / "backbones" / f"step_{step}", workdir, step)
       if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}
@@ -432,20 +589,28 @@ def run(config, workdir, progress: bool = True) -> dict:
     if executor is not None:
       executor.shutdown()
 
-  name, overrides = architecture(config)
-  backbone = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), state["teacher"]["backbone"])
-  result = {"config": config_dict, "model": name, "steps": total_steps, "volumes": len(paths),
+  result = {"config": config_dict, "model": config.model.name, "steps": total_steps, "volumes": len(paths),
             "backbone": str(backbone_dir), "final": last, "train_seconds": host["train_seconds"],
             "wall_seconds": time.time() - start_time, "devices": int(mesh.devices.size),
             "device_kind": jax.devices()[0].device_kind}
   writer.close()
   ckpts.close()
+  export_backbone(config, state, backbone_dir, workdir, total_steps)
   if jax.process_index() == 0:
-    models.save(str(backbone_dir), name, {"params": backbone}, overrides,
-                provenance={"source": "mfjax pretrain", "workdir": str(workdir), "steps": total_steps})
     result_path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
   multihost_utils.sync_global_devices("mfjax pretrain: backbone written")
   return result
+
+
+def export_backbone(config, state, out_dir: epath.Path, workdir, step: int) -> None:
+  """The EMA teacher's backbone as a converted model at `out_dir`, written by process 0; an export
+  that exists already (a resumed run passing the same step) is the same and is kept."""
+  if jax.process_index() != 0 or (out_dir / models.MODEL_JSON).exists():
+    return
+  name, overrides = architecture(config)
+  backbone = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), state["teacher"]["backbone"])
+  models.save(str(out_dir), name, {"params": backbone}, overrides,
+              provenance={"source": "mfjax pretrain", "workdir": str(workdir), "steps": step})
 
 
 def _check_and_log(pending, writer, config, force: bool = False) -> dict:

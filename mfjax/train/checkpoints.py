@@ -5,6 +5,7 @@ rule, the best validation metric so far. Saves are finished before the call retu
 SIGKILL right after leaves a complete checkpoint, and orbax's temporary-then-rename protocol
 means a SIGKILL during a save leaves the previous one intact.
 """
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -38,6 +39,18 @@ class RunCheckpoints:
     out = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
     return out["state"], out["host"]
+
+  def restore_latest_as_saved(self, sharding):
+    """(step, state) of the latest checkpoint with the tree and shapes it was saved with (no template
+    needed: another run's), every array placed with `sharding`; None if there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    directory = self.workdir / "checkpoints" / str(step) / "state"
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(directory).item_metadata.tree
+      abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
+      return step, checkpointer.restore(directory, abstract)
 
   def save_best(self, step: int, params, host: dict) -> None:
     self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
