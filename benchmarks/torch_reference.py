@@ -359,6 +359,17 @@ def dice_ce_loss(logits, target, smooth=1e-5):
   return ce - ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
 
 
+def dice_bce_loss(logits, target, regions, smooth=1e-5):
+  """nnU-Net's DC_and_BCE_loss (BCEWithLogitsLoss + MemoryEfficientSoftDiceLoss(sigmoid,
+  batch_dice=True, do_bg=True)) on region targets, NCHW; `regions`: lists of label values."""
+  with torch.no_grad():
+    y = torch.stack([torch.isin(target, torch.tensor(ids)) for ids in regions], 1).to(logits.dtype)
+  bce = F.binary_cross_entropy_with_logits(logits, y)
+  x = torch.sigmoid(logits)
+  intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
+  return bce - ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
+
+
 def segment_optimizer(model: Segmenter, lr_backbone=3e-5, lr_decoder=3e-4):
   """MedDINOv3's: AdamW (0.9, 0.98), weight decay 0.05 on every parameter, two learning rates."""
   groups = [{"params": list(model.vit.parameters()), "lr": lr_backbone},

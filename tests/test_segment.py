@@ -135,6 +135,32 @@ def test_dice_ce_loss_and_gradient_match_nnunet():
                              atol=1e-6)
 
 
+def test_dice_bce_region_loss_and_gradient_match_nnunet():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((3, 8, 9, 3)).astype(np.float32) * 2
+  labels = rng.integers(0, 4, (3, 8, 9))
+  regions = ((1, 2, 3), (2, 3), (3,))   # BraTS' whole tumour, tumour core, enhancing tumour
+  t_logits = torch.from_numpy(logits.transpose(0, 3, 1, 2).copy()).requires_grad_()
+  expected = torch_reference.dice_bce_loss(t_logits, torch.from_numpy(labels), regions)
+  expected.backward()
+  loss_fn = lambda z: segment.dice_bce_loss(z, jnp.asarray(labels), regions)[0]
+  np.testing.assert_allclose(loss_fn(logits), expected.item(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(loss_fn)(logits)), t_logits.grad.numpy().transpose(0, 2, 3, 1),
+                             atol=1e-6)
+
+
+def test_region_predictions_follow_regions_class_order_and_score_per_region():
+  # two nested regions (organs = {1, 2}, kidney = {2}): kidney written over organs
+  logits = np.full((1, 2, 2, 3), -5.0, np.float32)
+  logits[0, 0, :, :2] = 5.0       # organs at columns 0-1
+  logits[0, 1, :, 1:] = 5.0       # kidney at columns 1-2 (column 2: kidney alone)
+  labels = segmentation.labels_at_shape(logits, (2, 3), regions_class_order=(1, 2))
+  np.testing.assert_array_equal(labels[..., 0], [[1, 2, 2], [1, 2, 2]])
+  truth = np.array([[1, 2, 0], [1, 1, 0]])[..., None]
+  dice = segmentation.dice_per_class(labels, truth, {1: (1, 2), 2: (2,)})
+  assert dice == {1: pytest.approx(2 * 4 / (6 + 4)), 2: pytest.approx(2 * 1 / (4 + 1))}
+
+
 @pytest.mark.parametrize("n", [5, 12, 33])
 def test_folds_are_nnunets_kfold(n):
   ids = [f"case_{i:03d}" for i in range(n)][::-1]
@@ -254,7 +280,11 @@ def test_raw_dataset_problems_name_the_file_or_key(raw_ct, tmp_path):
       nnunet.read_raw(str(root))
 
   expect({"channel_names": {"0": "T1", "1": "T2"}}, "2 input channels")
-  expect({"labels": {"background": 0, "kidney": [1, 2]}}, "region")
+  expect({"labels": {"background": 0, "kidney": [1, 2]}}, "need 'regions_class_order'")
+  expect({"labels": {"background": 0, "kidney": [1, 2]}, "regions_class_order": [1, 2]}, "one positive label value")
+  expect({"labels": {"background": 0, "kidney": [1, "x"]}, "regions_class_order": [1]}, "not a list of positive")
+  expect({"labels": {"background": 0, "liver": 1, "kidney": 3}}, "not consecutive")
+  expect({"labels": {"background": 0, "liver": 1, "ignore": 2}}, "'ignore' label")
   expect({"labels": {"liver": 1}}, "background as 0")
   expect({"numTraining": 9}, "numTraining is 9 but 6")
   expect({"file_ending": ".mha"}, "file_ending '.mha' is not supported")
@@ -416,3 +446,38 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
     predicted, _ = volumes.read_labels(str(out / f"{case}.nii.gz"))
     truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTs", f"{case}.nii.gz"))
     assert segmentation.dice_per_class(predicted, truth, [1, 2])[1] > 0.5
+
+
+def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
+  """KiTS/BraTS-style nested regions: one sigmoid channel per region, nnU-Net's region loss,
+  predictions written by regions_class_order, Dice / HD95 / NSD per region."""
+  raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=6, test_cases=1, regions=True,
+                            name="Dataset991_SynthRegions")
+  dataset = nnunet.read_raw(raw)
+  assert dataset.regions == {"organs": (1, 2), "kidney": (2,)} and dataset.regions_class_order == (1, 2)
+  plans = nnunet.preprocess(dataset, str(tmp_path / "pre"), progress=False)
+  assert nnunet.targets(plans) == {1: (1, 2), 2: (2,)} and nnunet.num_outputs(plans) == 2
+  locations = np.load(tmp_path / "pre" / "synth_000_locations.npy")
+  seg = np.load(tmp_path / "pre" / "synth_000_seg.npy")
+  assert set(locations[:, 0]) == {1, 2}   # sampled per region
+  assert np.isin(seg[tuple(locations[locations[:, 0] == 1, 1:].T)], (1, 2)).all()
+  assert (seg[tuple(locations[locations[:, 0] == 2, 1:].T)] == 2).all()
+
+  args = ["segment", "--config", f"configs/segment.py:raw={raw},tiny=true,epochs=4,iters=30",
+          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress",
+          f"--config.data.preprocessed={tmp_path / 'pre'}", "--workdir", str(tmp_path / "run")]
+  assert cli.main(args) == 0
+  result = json.loads((tmp_path / "run" / "result.json").read_text())
+  assert set(result["val"]["dice"]) == {"organs", "kidney"} and result["val"]["mean_dice"] > 0.4, result["val"]
+  _, val_ids = nnunet.fold_cases(dataset, 0)
+  predicted, _ = volumes.read_labels(str(tmp_path / "run" / "validation" / f"{val_ids[0]}.nii.gz"))
+  assert set(np.unique(predicted)) <= {0, 1, 2}
+  truth, _ = volumes.read_labels(os.path.join(raw, "labelsTr", f"{val_ids[0]}.nii.gz"))
+  assert segmentation.dice_per_class(predicted, truth, {1: (1, 2)})[1] == pytest.approx(
+      result["val"]["per_case"][val_ids[0]]["dice"]["organs"])
+  out = tmp_path / "predicted"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw, "imagesTs"),
+                   "--out", str(out)]) == 0
+  predicted, _ = volumes.read_labels(str(out / "synth_006.nii.gz"))
+  truth, _ = volumes.read_labels(os.path.join(raw, "labelsTs", "synth_006.nii.gz"))
+  assert segmentation.dice_per_class(predicted, truth, {1: (1, 2)})[1] > 0.5

@@ -17,6 +17,8 @@ each batch centred on a foreground voxel of a random present class, like nnU-Net
 oversample_foreground_percent), with nnU-Net-style 2-D augmentation when asked.
 Folds are nnU-Net's: KFold(5, shuffle, random_state=12345) over the sorted case ids, or the
 dataset's own splits_final.json.
+Region-based datasets (nnU-Net's: labels such as {"whole tumor": [1, 2, 3], "tumor core": [2, 3]}
+with "regions_class_order", as KiTS23) are predicted and scored per region (`targets`).
 """
 import concurrent.futures
 import dataclasses
@@ -44,9 +46,11 @@ class RawDataset:
   root: str
   name: str
   modality: str                      # the one channel's name, e.g. "CT" or "MRI"
-  labels: dict[int, str]             # class id -> name, background 0 included
+  labels: dict[int, str]             # label value -> name, background 0 included ("label N" in a region dataset)
   cases: dict[str, tuple[str, str]]  # case id -> (image path, label path)
   file_ending: str
+  regions: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # name -> label values
+  regions_class_order: tuple[int, ...] = ()  # the label value each region's prediction is written as
 
   @property
   def num_classes(self) -> int:
@@ -71,7 +75,7 @@ def read_raw(root: str) -> RawDataset:
     raise DatasetError(f"{path}: {len(channels)} input channels {channels}; mfjax segments one-channel "
                        "CT/MR volumes")
   modality = str(next(iter(channels.values())))
-  labels = _parse_labels(meta.get("labels"), path)
+  labels, regions, order = _parse_labels(meta.get("labels"), meta.get("regions_class_order"), path)
   file_ending = meta.get("file_ending", ".nii.gz")
   if file_ending not in volumes.NIFTI_ENDINGS:
     raise DatasetError(f"{path}: file_ending {file_ending!r} is not supported; mfjax reads NIfTI "
@@ -98,16 +102,22 @@ def read_raw(root: str) -> RawDataset:
   if expected is not None and int(expected) != len(cases):
     raise DatasetError(f"{path}: numTraining is {expected} but {len(cases)} training cases were found")
   name = meta.get("name") or os.path.basename(root)
-  return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending)
+  return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending, regions, order)
 
 
-def _parse_labels(labels, path) -> dict[int, str]:
+def _parse_labels(labels, regions_class_order, path) -> tuple[dict[int, str], dict[str, tuple[int, ...]], tuple]:
+  """(label value -> name, region name -> label values, regions_class_order) of dataset.json.
+
+  nnU-Net v2 region-based labels ({"background": 0, "whole tumor": [1, 2, 3], "enhancing": 3})
+  are detected by any list value; they need "regions_class_order", one label value per region."""
   if not isinstance(labels, dict) or not labels:
     raise DatasetError(f"{path}: needs a 'labels' mapping, e.g. {{\"background\": 0, \"liver\": 1}}")
+  if "ignore" in labels:
+    raise DatasetError(f"{path}: nnU-Net's 'ignore' label (sparse annotation) is not supported")
+  if any(isinstance(v, (list, tuple)) for v in labels.values()):
+    return _parse_regions(labels, regions_class_order, path)
   out = {}
   for key, value in labels.items():
-    if isinstance(value, (list, tuple)):
-      raise DatasetError(f"{path}: label {key!r} is a region {value}; region-based training is not supported")
     name, ident = (key, value) if isinstance(value, int) else (value, key)  # v2 name->id, v1 id->name
     try:
       out[int(ident)] = str(name)
@@ -115,7 +125,28 @@ def _parse_labels(labels, path) -> dict[int, str]:
       raise DatasetError(f"{path}: label {key!r}: {value!r} is not a class id") from e
   if 0 not in out:
     raise DatasetError(f"{path}: labels must include background as 0; got {labels}")
-  return dict(sorted(out.items()))
+  if sorted(out) != list(range(len(out))):
+    raise DatasetError(f"{path}: label values {sorted(out)} are not consecutive from 0 (nnU-Net requires it)")
+  return dict(sorted(out.items())), {}, ()
+
+
+def _parse_regions(labels, regions_class_order, path):
+  if labels.get("background") != 0:
+    raise DatasetError(f"{path}: labels must include background as 0; got {labels}")
+  regions = {}
+  for name, value in labels.items():
+    if name == "background":
+      continue
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
+      raise DatasetError(f"{path}: region {name!r}: {value!r} is not a list of positive label values")
+    regions[str(name)] = tuple(ids)
+  if not isinstance(regions_class_order, (list, tuple)) or len(regions_class_order) != len(regions) or not all(
+      isinstance(i, int) and i > 0 for i in regions_class_order):
+    raise DatasetError(f"{path}: region-based labels {list(regions)} need 'regions_class_order', one positive "
+                       f"label value per region (nnU-Net's); got {regions_class_order!r}")
+  values = sorted({i for ids in regions.values() for i in ids} | set(regions_class_order))
+  return {0: "background", **{v: f"label {v}" for v in values}}, regions, tuple(regions_class_order)
 
 
 # ------------------------------------------------------------------------------- folds
@@ -196,7 +227,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
   os.makedirs(out_dir, exist_ok=True)
   plans_path = os.path.join(out_dir, PLANS_JSON)
-  fingerprint = {"files": _fingerprint(raw), "spacing_xy": None if spacing_xy is None else list(map(float, spacing_xy))}
+  fingerprint = {"files": _fingerprint(raw), "spacing_xy": None if spacing_xy is None else list(map(float, spacing_xy)),
+                 **({"regions": [[k, list(v)] for k, v in raw.regions.items()]} if raw.regions else {})}
   if os.path.exists(plans_path):
     with open(plans_path) as f:
       plans = json.load(f)
@@ -227,7 +259,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     labels = axial_slices(labels, spacing, target_xy, order=0)
     np.save(os.path.join(out_dir, case + ".npy"), image)
     np.save(os.path.join(out_dir, case + "_seg.npy"), labels)
-    np.save(os.path.join(out_dir, case + "_locations.npy"), _class_locations(labels, rng))
+    np.save(os.path.join(out_dir, case + "_locations.npy"), _class_locations(labels, rng, list(raw.regions.values())))
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
                    "shape": list(labels.shape),  # of the (Z, X, Y) arrays
                    "mean": float(image.mean()), "std": float(image.std())}
@@ -236,6 +268,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   fg = np.concatenate(fg_values)
   plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality,
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
+           **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
+               "regions_class_order": list(raw.regions_class_order)} if raw.regions else {}),
            "intensity": {"mean": float(fg.mean()), "std": float(fg.std()),
                          "percentile_00_5": float(np.percentile(fg, 0.5)),
                          "percentile_99_5": float(np.percentile(fg, 99.5))},
@@ -247,17 +281,40 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   return plans
 
 
-def _class_locations(labels: np.ndarray, rng) -> np.ndarray:
+def _class_locations(labels: np.ndarray, rng, regions=()) -> np.ndarray:
   """(N, 4) int32 rows (class, z, x, y) of (Z, X, Y) labels: up to LOCATIONS_PER_CLASS sampled
-  voxels per present class."""
+  voxels per present class; with `regions` (lists of label values), per present region, whose
+  "class" is its position + 1 (nnU-Net samples regions' foreground so)."""
   rows = []
-  for c in np.unique(labels):
-    if c == 0:
+  masks = ([(i + 1, np.isin(labels, ids)) for i, ids in enumerate(regions)] if regions
+           else [(c, labels == c) for c in np.unique(labels) if c])
+  for c, mask in masks:
+    if not mask.any():
       continue
-    where = np.argwhere(labels == c)
+    where = np.argwhere(mask)
     take = rng.choice(len(where), min(LOCATIONS_PER_CLASS, len(where)), replace=False)
     rows.append(np.column_stack([np.full(len(take), c), where[np.sort(take)]]))
   return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def targets(plans: dict) -> dict[int, tuple[int, ...]]:
+  """What the network predicts and what is scored, {output channel: label values}: each foreground
+  class alone (channel = class id, background is channel 0), or each region (channel = position + 1
+  here; the network has no background channel then)."""
+  if plans.get("regions"):
+    return {i + 1: tuple(ids) for i, (_, ids) in enumerate(plans["regions"])}
+  return {int(c): (int(c),) for c in plans["labels"] if int(c)}
+
+
+def target_names(plans: dict) -> dict[int, str]:
+  if plans.get("regions"):
+    return {i + 1: name for i, (name, _) in enumerate(plans["regions"])}
+  return {int(c): name for c, name in plans["labels"].items() if int(c)}
+
+
+def num_outputs(plans: dict) -> int:
+  """The network's output channels: the classes with background, or one per region."""
+  return len(plans["regions"]) if plans.get("regions") else len(plans["labels"])
 
 
 def normalize(image: np.ndarray, plans: dict, case_stats: dict) -> np.ndarray:

@@ -321,11 +321,13 @@ def ct_volume(rng, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
-              name: str = "Dataset990_SynthCT", test_cases: int = 0) -> str:
+              name: str = "Dataset990_SynthCT", test_cases: int = 0, regions: bool = False) -> str:
   """An nnU-Net v2 raw dataset folder root/name (dataset.json, imagesTr, labelsTr[, imagesTs]).
 
   In-plane spacing varies between 0.7 and 0.9 mm and every third case is stored in LPS
-  orientation, so readers must resample and reorient."""
+  orientation, so readers must resample and reorient. Label values: 1 liver, 2 kidney; with
+  `regions`, dataset.json declares them as nested regions ("organs" = [1, 2] containing
+  "kidney" = [2]), as KiTS23 does."""
   from mfjax.data import volumes
   rng = np.random.default_rng(seed)
   folder = os.path.join(root, name)
@@ -344,6 +346,8 @@ def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
     volumes.write_volume(os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), labels, affine=affine)
   meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "kidney": 2},
           "numTraining": num_cases, "file_ending": ".nii.gz", "name": name}
+  if regions:
+    meta.update(labels={"background": 0, "organs": [1, 2], "kidney": 2}, regions_class_order=[1, 2])
   with open(os.path.join(folder, "dataset.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return folder

@@ -75,8 +75,10 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
   return logits[:, :sx, :sy].transpose(0, 3, 1, 2)
 
 
-def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
-  """(Z, C, X', Y') logits -> (X, Y, Z) uint8 argmax after resampling each slice to `shape_xy`."""
+def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int], regions_class_order=()) -> np.ndarray:
+  """(Z, C, X', Y') logits -> (X, Y, Z) uint8 labels after resampling each slice to `shape_xy`: the
+  argmax, or, for region logits, nnU-Net's conversion: each region whose sigmoid exceeds 0.5 is
+  written as its `regions_class_order` value, later regions over earlier ones."""
   from scipy import ndimage
   z = logits.shape[0]
   out = np.empty((*shape_xy, z), np.uint8)
@@ -84,17 +86,35 @@ def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray
   for k in range(z):
     resized = logits[k] if zoom == (1.0, 1.0) else ndimage.zoom(logits[k], (1.0, *zoom), order=1, mode="nearest",
                                                                  grid_mode=True)
-    out[:, :, k] = resized.argmax(0)
+    if regions_class_order:
+      labels = np.zeros(shape_xy, np.uint8)
+      for region, value in zip(resized, regions_class_order):
+        labels[region > 0] = value
+      out[:, :, k] = labels
+    else:
+      out[:, :, k] = resized.argmax(0)
   return out
 
 
+def _targets(classes) -> dict[int, tuple[int, ...]]:
+  """{key: label values}: a list of classes is {c: (c,)}; a dict (regions, `nnunet.targets`) as it is."""
+  if isinstance(classes, dict):
+    return {int(k): tuple(v) for k, v in classes.items()}
+  return {int(c): (int(c),) for c in classes}
+
+
+def _mask(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+  return labels == values[0] if len(values) == 1 else np.isin(labels, values)
+
+
 def dice_per_class(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[int, float]:
-  """{class: Dice} of one case; NaN where the class is absent from `truth`."""
+  """{class: Dice} of one case; NaN where the class is absent from `truth`. `classes`: class ids,
+  or {key: label values} for regions (a region is the union of its values)."""
   out = {}
-  for c in classes:
-    p, t = prediction == c, truth == c
+  for c, values in _targets(classes).items():
+    p, t = _mask(prediction, values), _mask(truth, values)
     n_true = int(t.sum())
-    out[int(c)] = float("nan") if n_true == 0 else 2.0 * float((p & t).sum()) / (float(p.sum()) + n_true)
+    out[c] = float("nan") if n_true == 0 else 2.0 * float((p & t).sum()) / (float(p.sum()) + n_true)
   return out
 
 
@@ -121,16 +141,16 @@ def surface_metrics(prediction: np.ndarray, truth: np.ndarray, classes, spacing,
   """{"hd95": {class: mm}, "nsd": {class: share}} of one case; NaN where the class is absent from
   `truth` (as Dice), and HD95 NaN where the prediction lacks it (MONAI's result)."""
   out = {"hd95": {}, "nsd": {}}
-  for c in classes:
-    p, t = prediction == c, truth == c
+  for c, values in _targets(classes).items():
+    p, t = _mask(prediction, values), _mask(truth, values)
     if not t.any():
-      out["hd95"][int(c)] = out["nsd"][int(c)] = float("nan")
+      out["hd95"][c] = out["nsd"][c] = float("nan")
       continue
     to_true, to_pred = surface_distances(p, t, spacing)
-    out["hd95"][int(c)] = float("nan") if not p.any() else float(max(np.percentile(to_true, 95),
-                                                                       np.percentile(to_pred, 95)))
+    out["hd95"][c] = float("nan") if not p.any() else float(max(np.percentile(to_true, 95),
+                                                                np.percentile(to_pred, 95)))
     within = int((to_true <= tolerance).sum() + (to_pred <= tolerance).sum())
-    out["nsd"][int(c)] = within / (len(to_true) + len(to_pred))
+    out["nsd"][c] = within / (len(to_true) + len(to_pred))
   return out
 
 

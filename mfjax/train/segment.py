@@ -54,6 +54,20 @@ def dice_ce_loss(logits, labels, num_classes: int, smooth: float = 1e-5):
   return ce - dice, {"ce": ce, "dice": dice}
 
 
+def dice_bce_loss(logits, labels, regions, smooth: float = 1e-5):
+  """nnU-Net's DC_and_BCE_loss for region-based datasets: binary cross-entropy on each region's
+  mask (`regions`: tuples of label values) + (-soft Dice) of the sigmoids, over every region (no
+  background channel), batch Dice as in dice_ce_loss. Returns (loss, {"ce", "dice"})."""
+  logits = logits.astype(jnp.float32)
+  truth = jnp.stack([jnp.isin(labels, jnp.asarray(ids)) for ids in regions], axis=-1).astype(jnp.float32)
+  bce = optax.sigmoid_binary_cross_entropy(logits, truth).mean()
+  probs = jax.nn.sigmoid(logits)
+  axes = tuple(range(logits.ndim - 1))
+  intersect, sum_pred, sum_true = (probs * truth).sum(axes), probs.sum(axes), truth.sum(axes)
+  dice = ((2 * intersect + smooth) / jnp.maximum(sum_true + sum_pred + smooth, 1e-8)).mean()
+  return bce - dice, {"ce": bce, "dice": dice}
+
+
 def build_segmenter(config, num_classes: int) -> heads.Segmenter:
   name, overrides = build.foundation_spec(config)
   if models.family_of(name) != "dinov3":
@@ -95,12 +109,14 @@ def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
   """(Z, X', Y') normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window."""
   patch = (config.data.patch, config.data.patch)
   return segmentation.predict_slices(lambda images: predict(params, images), slices, patch,
-                                     len(plans["labels"]), config.eval.batch_size, config.eval.step,
+                                     nnunet.num_outputs(plans), config.eval.batch_size, config.eval.step,
                                      config.eval.mirror)
 
 
-def prepare(config, num_classes: int, mesh):
-  """(model, train state placed on `mesh` (replicated), jitted train_step(state, batch, lr_scale))."""
+def prepare(config, num_classes: int, mesh, regions=()):
+  """(model, train state placed on `mesh` (replicated), jitted train_step(state, batch, lr_scale)).
+  `num_classes` output channels; with `regions` (tuples of label values, one per channel) the
+  loss is nnU-Net's region loss (dice_bce_loss)."""
   model = build_segmenter(config, num_classes)
   patch = (config.data.patch, config.data.patch)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -119,6 +135,8 @@ def prepare(config, num_classes: int, mesh):
 
     def loss_of(params):
       logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+      if regions:
+        return dice_bce_loss(logits, batch["label"], regions)
       return dice_ce_loss(logits, batch["label"], num_classes)
 
     (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
@@ -158,14 +176,14 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                                 config.data.foreground_fraction, config.data.augment, config.seed,
                                 config.data.num_workers)
 
-  model, state, train_step = prepare(config, raw.num_classes, mesh)
+  model, state, train_step = prepare(config, nnunet.num_outputs(plans), mesh, tuple(raw.regions.values()))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   batch_sharding = parallel.batch_sharding(mesh)
   rows = local_rows(config.batch_size)
   total_steps = config.epochs * config.iters_per_epoch
-  log.info("%s on %s fold %s: %d train / %d validation cases, %d classes, patch %s at %s mm, %.1fM parameters, "
-           "mesh %s", config.model.name, raw.name, config.data.fold, len(train_ids), len(val_ids), raw.num_classes,
-           patch, [round(s, 3) for s in plans["target_spacing_xy"]], n_params / 1e6, dict(mesh.shape))
+  log.info("%s on %s fold %s: %d train / %d validation cases, %d %s, patch %s at %s mm, %.1fM parameters, "
+           "mesh %s", config.model.name, raw.name, config.data.fold, len(train_ids), len(val_ids),
+           len(nnunet.targets(plans)), "regions" if raw.regions else "foreground classes", patch, [round(s, 3) for s in plans["target_spacing_xy"]], n_params / 1e6, dict(mesh.shape))
 
   # Resume.
   ckpts = RunCheckpoints(workdir)
@@ -240,13 +258,14 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if val_ids:
     out_dir = workdir / "validation" if config.eval.save_predictions else None
     per_case = validate(model, state["params"], mesh, plans, pre_dir, val_ids, config, out_dir, progress)
-    result["val"] = segmentation.summarize(per_case, {c: n for c, n in raw.labels.items() if c})
-    result["val"]["per_case"] = {case: {metric: {raw.labels[c]: v for c, v in values.items()}
+    names = nnunet.target_names(plans)
+    result["val"] = segmentation.summarize(per_case, names)
+    result["val"]["per_case"] = {case: {metric: {names[c]: v for c, v in values.items()}
                                         for metric, values in metrics.items()} for case, metrics in per_case.items()}
     writer.write(step, {f"val/{k}": v for k, v in result["val"].items() if k.startswith("mean_")})
-    log.info("validation: %s; Dice per class: %s",
+    log.info("validation: %s; Dice per %s: %s",
              ", ".join(f"{k} {v:.4f}" for k, v in result["val"].items() if k.startswith("mean_")),
-             ", ".join(f"{k} {v:.4f}" for k, v in result["val"]["dice"].items()))
+             "region" if raw.regions else "class", ", ".join(f"{k} {v:.4f}" for k, v in result["val"]["dice"].items()))
   result["validation_seconds"] = time.time() - t0
   result["wall_seconds"] = time.time() - start_time
   writer.close()
@@ -260,14 +279,14 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   """{case: {"dice": {class id: value}[, "hd95": ..., "nsd": ...]}}; with `out_dir`, the predicted
   label volumes are written there."""
   predict = make_predictor(model, mesh, config.eval.batch_size)
-  classes = [int(c) for c in plans["labels"] if int(c)]
+  classes = nnunet.targets(plans)
   per_case = {}
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, plans["cases"][case])
     truth, spacing = volumes.read_labels(plans["cases"][case]["label"])
     logits = segment_volume(predict, params, slices, plans, config)
-    prediction = segmentation.labels_at_shape(logits, truth.shape[:2])
+    prediction = segmentation.labels_at_shape(logits, truth.shape[:2], plans.get("regions_class_order", ()))
     per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
@@ -287,7 +306,7 @@ def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = 
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
   with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
     plans = json.load(f)
-  model = build_segmenter(config, len(plans["labels"]))
+  model = build_segmenter(config, nnunet.num_outputs(plans))
   mesh = parallel.make_mesh()
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros((1, config.data.patch, config.data.patch, 1), jnp.float32))
@@ -312,7 +331,8 @@ def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = 
     image, spacing = volumes.read_volume(path)
     resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
     slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
-    prediction = segmentation.labels_at_shape(segment_volume(predict, params, slices, plans, config), image.shape[:2])
+    prediction = segmentation.labels_at_shape(segment_volume(predict, params, slices, plans, config), image.shape[:2],
+                                              plans.get("regions_class_order", ()))
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
                                           affine=volumes.canonical_affine(path)))
