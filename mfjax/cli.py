@@ -13,6 +13,7 @@
                 --config.model.checkpoint=ckpt/meddinov3_vitb16 --workdir runs/amos_fold0
   mfjax segment --workdir runs/amos_fold0 --predict nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2/imagesTs \
                 --out predictions/amos
+  mfjax segment --workdir runs/amos_fold0 --workdir runs/amos_fold1 ... --predict IMAGES --out OUT   (fold ensemble)
   mfjax pretrain --config configs/pretrain.py --config.data.folders=ct/volumes --workdir runs/pretrain
 """
 import argparse
@@ -151,7 +152,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="output folder (default RUNS_DIR/report)")
   p = sub.add_parser("segment", help="MedDINOv3 2-D segmentation on an nnU-Net raw dataset; or --predict volumes")
   p.add_argument("--config", help="configs/segment.py[:raw=PATH,...] (training)")
-  p.add_argument("--workdir", required=True, help="the run folder (trained in, or predicted with)")
+  p.add_argument("--workdir", required=True, action="append",
+                 help="the run folder (trained in, or predicted with); with --predict, repeat it to average "
+                      "the logits of several finished runs, e.g. the 5 folds, as nnU-Net does")
   p.add_argument("--predict", help="a folder of NIfTI volumes to segment with a finished run")
   p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
   p.add_argument("--no-progress", action="store_true")
@@ -232,14 +235,17 @@ def main(argv=None) -> int:
       from mfjax.train import segment
       if args.predict:
         if args.config or rest or not args.out:
-          parser.error("segment --predict takes --workdir RUN --predict FOLDER --out FOLDER (no config)")
+          parser.error("segment --predict takes --workdir RUN [--workdir RUN ...] --predict FOLDER --out FOLDER "
+                       "(no config)")
         for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress):
           print(path)
         return 0
       if not args.config:
         parser.error("segment needs --config (training) or --predict (with a finished run)")
+      if len(args.workdir) > 1:
+        parser.error("segment training takes one --workdir (several are for --predict)")
       config = load_config(args.config, _config_overrides(parser, rest))
-      result = segment.train(config, args.workdir, progress=not args.no_progress)
+      result = segment.train(config, args.workdir[0], progress=not args.no_progress)
       if result.get("status") == "preempted":
         return 0
       val = result.get("val", {})

@@ -17,7 +17,7 @@ from sklearn.model_selection import KFold
 
 from benchmarks import torch_reference
 from configs import segment as segment_config
-from mfjax import cli, models
+from mfjax import cli, models, parallel
 from mfjax.config import ConfigError
 from mfjax.data import nnunet, synthetic, volumes
 from mfjax.evals import segmentation
@@ -447,6 +447,25 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
     truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTs", f"{case}.nii.gz"))
     assert segmentation.dice_per_class(predicted, truth, [1, 2])[1] > 0.5
 
+  # A fold ensemble (nnU-Net's default prediction): the runs' logits are averaged.
+  fold1 = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=1,iters=10,fold=1",
+           "--no-progress", *shared, "--workdir", str(tmp_path / "fold1")]
+  assert cli.main(fold1) == 0
+  ensembled = tmp_path / "ensembled"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--workdir", str(tmp_path / "fold1"),
+                   "--predict", os.path.join(raw_ct, "imagesTs"), "--out", str(ensembled)]) == 0
+  mesh = parallel.make_mesh()
+  (plans, first), (_, second) = (segment.load_run(str(tmp_path / w), mesh) for w in ("run", "fold1"))
+  image, spacing = volumes.read_volume(os.path.join(raw_ct, "imagesTs", "synth_006_0000.nii.gz"))
+  resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
+  slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
+  one, two = first(slices), second(slices)
+  assert np.abs(one - two).max() > 0.1
+  expected = segmentation.labels_at_shape((one + two) / 2, image.shape[:2])
+  np.testing.assert_array_equal(volumes.read_labels(str(ensembled / "synth_006.nii.gz"))[0], expected)
+  with pytest.raises(SystemExit):   # training takes one workdir
+    cli.main(["segment", "--config", "configs/segment.py:tiny=true", "--workdir", "a", "--workdir", "b"])
+
 
 def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
   """KiTS/BraTS-style nested regions: one sigmoid channel per region, nnU-Net's region loss,
@@ -481,3 +500,16 @@ def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
   predicted, _ = volumes.read_labels(str(out / "synth_006.nii.gz"))
   truth, _ = volumes.read_labels(os.path.join(raw, "labelsTs", "synth_006.nii.gz"))
   assert segmentation.dice_per_class(predicted, truth, {1: (1, 2)})[1] > 0.5
+
+  # Runs preprocessed differently cannot be ensembled: an error naming what differs.
+  import shutil
+  shutil.copytree(tmp_path / "run", tmp_path / "other")
+  shutil.copytree(tmp_path / "pre", tmp_path / "pre_other")
+  plans = json.loads((tmp_path / "pre_other" / "plans.json").read_text())
+  (tmp_path / "pre_other" / "plans.json").write_text(json.dumps(dict(plans, target_spacing_xy=[1.0, 1.0])))
+  config = json.loads((tmp_path / "other" / "config.json").read_text())
+  config["data"]["preprocessed"] = str(tmp_path / "pre_other")
+  (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match="plans differ in target_spacing_xy"):
+    segment.predict_folder([str(tmp_path / "run"), str(tmp_path / "other")], os.path.join(raw, "imagesTs"),
+                           str(tmp_path / "never"), progress=False)

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -297,9 +298,8 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   return per_case
 
 
-def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = True) -> list[str]:
-  """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with a finished run's final
-  parameters; writes OUT_DIR/CASE.nii.gz label volumes aligned with their inputs."""
+def load_run(workdir, mesh) -> tuple[dict, Callable]:
+  """(plans, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
   workdir, config = read_run_config(workdir)
   if "iters_per_epoch" not in config:
     raise ConfigError(f"{workdir} is not an `mfjax segment` run")
@@ -307,7 +307,6 @@ def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = 
   with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
     plans = json.load(f)
   model = build_segmenter(config, nnunet.num_outputs(plans))
-  mesh = parallel.make_mesh()
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros((1, config.data.patch, config.data.patch, 1), jnp.float32))
   ckpts = RunCheckpoints(workdir)
@@ -318,6 +317,30 @@ def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = 
     raise ConfigError(f"{workdir} has no final parameters (best/): the run has not finished")
   params = restored[0]
   predict = make_predictor(model, mesh, config.eval.batch_size)
+  return plans, lambda slices: segment_volume(predict, params, slices, plans, config)
+
+
+# What must agree for several runs' logits to be averaged: the same input resampling and
+# normalisation, and the same output channels.
+ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "labels", "regions", "regions_class_order")
+
+
+def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True) -> list[str]:
+  """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with the final parameters of one
+  finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
+  prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
+  their inputs."""
+  workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
+  mesh = parallel.make_mesh()
+  runs = [load_run(workdir, mesh) for workdir in workdirs]
+  plans = runs[0][0]
+  for workdir, (other, _) in zip(workdirs[1:], runs[1:]):
+    differ = [k for k in ENSEMBLE_KEYS if other.get(k) != plans.get(k)]
+    if differ:
+      raise ConfigError(f"{workdir} and {workdirs[0]} cannot be ensembled: their plans differ in {', '.join(differ)} "
+                        "(train the folds on one data.preprocessed folder)")
+  if len(runs) > 1:
+    log.info("averaging the logits of %d runs: %s", len(runs), ", ".join(map(str, workdirs)))
   inputs = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
   if not inputs:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
@@ -331,8 +354,8 @@ def predict_folder(workdir: str, input_dir: str, out_dir: str, progress: bool = 
     image, spacing = volumes.read_volume(path)
     resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
     slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
-    prediction = segmentation.labels_at_shape(segment_volume(predict, params, slices, plans, config), image.shape[:2],
-                                              plans.get("regions_class_order", ()))
+    logits = sum(logits_of(slices) for _, logits_of in runs) / len(runs)
+    prediction = segmentation.labels_at_shape(logits, image.shape[:2], plans.get("regions_class_order", ()))
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
                                           affine=volumes.canonical_affine(path)))
