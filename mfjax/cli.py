@@ -164,6 +164,8 @@ def main(argv=None) -> int:
   p.add_argument("--no-progress", action="store_true")
   args, rest = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # JAX tells at INFO that it found no TPU on every machine without one: noise in a CPU or GPU log.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   hostmem.keep_freed_memory()  # before JAX starts its threads
   if args.command == "demo" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     # The demo's models are tiny: compiling them dominates its time, and XLA's cheapest CPU
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
             f"{len(written['plots'])} plots in {os.path.dirname(written['markdown'])}/plots")
       for note in written["notes"]:
         print(f"note: {note}")
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: the message names the key or file
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -513,3 +513,11 @@ def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
   with pytest.raises(ConfigError, match="plans differ in target_spacing_xy"):
     segment.predict_folder([str(tmp_path / "run"), str(tmp_path / "other")], os.path.join(raw, "imagesTs"),
                            str(tmp_path / "never"), progress=False)
+
+
+def test_cli_names_a_missing_checkpoint_in_one_line(raw_ct, tmp_path, capsys):
+  missing = str(tmp_path / "no_such_model")
+  assert cli.main(["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true", "--no-progress",
+                   f"--config.model.checkpoint={missing}", "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert f"error: {missing}/model.json not found" in err and "Traceback" not in err

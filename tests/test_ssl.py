@@ -553,7 +553,10 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   with pytest.raises(ConfigError, match="loss.koleo_group_size=3"):
     pretrain.build_networks(tiny_config(ct_folder, **{"loss.koleo_group_size": 3}))
   with pytest.raises(ConfigError, match=re.escape("data.mixed_sizes[1]=(48, 24)")):
-    pretrain.build_networks(tiny_config(ct_folder, **{"data.mixed_sizes": ((32, 16, 48, 1.0), (48, 24))}))
+    pretrain.build_networks(tiny_config(ct_folder, **{"gram.crop_size": 0,
+                                                      "data.mixed_sizes": ((32, 16, 48, 1.0), (48, 24))}))
+  with pytest.raises(ConfigError, match="gram.crop_size=48 and data.mixed_sizes"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"data.mixed_sizes": ((32, 16, 48, 1.0),)}))
   with pytest.raises(ConfigError, match="model.init_from_run and model.checkpoint"):
     pretrain.build_networks(tiny_config(ct_folder, **{"model.init_from_run": "a", "model.checkpoint": "b"}))
   too_long = tiny_config(ct_folder)

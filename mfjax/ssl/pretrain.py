@@ -315,6 +315,9 @@ def check_config(config) -> None:
                         f"must fit in epochs={config.epochs}")
   if config.model.init_from_run and config.model.checkpoint:
     raise ConfigError("model.init_from_run and model.checkpoint both name a starting point; set one")
+  if config.data.mixed_sizes and g.crop_size:
+    raise ConfigError(f"gram.crop_size={g.crop_size} and data.mixed_sizes both set the Gram crop size; with "
+                      "mixed sizes, give it in each (global, local, gram, share) entry")
   for i, entry in enumerate(config.data.mixed_sizes):
     entry = tuple(entry)
     if len(entry) != 4 or min(entry[0], entry[1], entry[3]) <= 0 or entry[2] < 0:
