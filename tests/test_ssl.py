@@ -287,8 +287,9 @@ def dinov3_warmup_cosine(start, peak, end, warmup, total, cosine=None):
   return np.concatenate([ramp, wave, np.full(total - warmup - cosine, end)])
 
 
-@pytest.mark.parametrize("start,peak,end,warmup,cosine", [(0, 0, 2.0, 6, 1), (1, 1, 0.5, 6, 1), (0.2, 1.0, 0.1, 3, None),
-                                                          (0, 1, 0.5, 0, 4), (1.5, 1.5, 1.5, 0, 0)])
+@pytest.mark.parametrize("start,peak,end,warmup,cosine", [(0, 0, 2.0, 6, 1), (1, 1, 0.5, 6, 1),
+                                                          (0.2, 1.0, 0.1, 3, None), (0, 1, 0.5, 0, 4),
+                                                          (1.5, 1.5, 1.5, 0, 0)])
 def test_loss_weight_schedules_match_dinov3(start, peak, end, warmup, cosine):
   total = 10
   reference = dinov3_warmup_cosine(start, peak, end, warmup, total, cosine)

@@ -286,8 +286,8 @@ def _class_locations(labels: np.ndarray, rng, regions=()) -> np.ndarray:
   voxels per present class; with `regions` (lists of label values), per present region, whose
   "class" is its position + 1 (nnU-Net samples regions' foreground so)."""
   rows = []
-  masks = ([(i + 1, np.isin(labels, ids)) for i, ids in enumerate(regions)] if regions
-           else [(c, labels == c) for c in np.unique(labels) if c])
+  masks = (((i + 1, np.isin(labels, ids)) for i, ids in enumerate(regions)) if regions
+           else ((c, labels == c) for c in np.unique(labels) if c))  # one mask at a time
   for c, mask in masks:
     if not mask.any():
       continue

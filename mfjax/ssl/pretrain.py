@@ -311,8 +311,8 @@ def check_config(config) -> None:
     schedule = config[part][key + "_schedule"]
     if schedule.enabled and (schedule.warmup_epochs < 0 or schedule.warmup_epochs + max(schedule.cosine_epochs, 0)
                              > config.epochs):
-      raise ConfigError(f"{part}.{key}_schedule: warmup_epochs={schedule.warmup_epochs} + cosine_epochs={schedule.cosine_epochs} "
-                        f"must fit in epochs={config.epochs}")
+      raise ConfigError(f"{part}.{key}_schedule: warmup_epochs={schedule.warmup_epochs} + "
+                        f"cosine_epochs={schedule.cosine_epochs} must fit in epochs={config.epochs}")
   if config.model.init_from_run and config.model.checkpoint:
     raise ConfigError("model.init_from_run and model.checkpoint both name a starting point; set one")
   if config.data.mixed_sizes and g.crop_size:

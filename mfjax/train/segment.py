@@ -184,7 +184,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   total_steps = config.epochs * config.iters_per_epoch
   log.info("%s on %s fold %s: %d train / %d validation cases, %d %s, patch %s at %s mm, %.1fM parameters, "
            "mesh %s", config.model.name, raw.name, config.data.fold, len(train_ids), len(val_ids),
-           len(nnunet.targets(plans)), "regions" if raw.regions else "foreground classes", patch, [round(s, 3) for s in plans["target_spacing_xy"]], n_params / 1e6, dict(mesh.shape))
+           len(nnunet.targets(plans)), "regions" if raw.regions else "foreground classes", patch,
+           [round(s, 3) for s in plans["target_spacing_xy"]], n_params / 1e6, dict(mesh.shape))
 
   # Resume.
   ckpts = RunCheckpoints(workdir)
