@@ -204,3 +204,9 @@ def test_gpu_suite_reports_a_spent_budget_and_refuses_unknown_steps(tmp_path):
   assert typo.returncode == 2 and "vitb16_bf61" in typo.stderr
   no_wheels = run("--wheels", str(tmp_path), "--steps", "env")
   assert no_wheels.returncode != 0 and "no .whl files" in no_wheels.stderr
+
+
+def test_label_memory_compares_whole_and_chunked_labelling(tmp_path):
+  row, = run_benchmark(tmp_path, "label_memory", "--slices", "12", "--size", "48", "--classes", "3", "--patch", "32")
+  assert row["same_labels"] is True and row["whole_mib"] >= 0 and row["chunked_mib"] >= 0
+  assert row["whole_s"] > 0 and row["chunked_s"] > 0

@@ -207,6 +207,20 @@ def _blobs(rng, shape):
   return ndimage.gaussian_filter(rng.standard_normal(shape), 2.0) > 0.05
 
 
+@pytest.mark.parametrize("regions_class_order", [(), (1, 3)])
+def test_labels_in_chunks_equal_the_whole_volume_at_once(regions_class_order):
+  rng = np.random.default_rng(3)
+  weights = rng.standard_normal(3).astype(np.float32)
+  slices = rng.standard_normal((7, 40, 36)).astype(np.float32)
+  logits_of = lambda s: segmentation.predict_slices(lambda images: np.tanh(images * weights), s, (32, 32), 3, 4,
+                                                    mirror=True)[:, :len(regions_class_order) or 3]
+  whole = segmentation.labels_at_shape(logits_of(slices), (45, 50), regions_class_order)
+  for chunk in (1, 3, 7, 10):
+    np.testing.assert_array_equal(segmentation.labels_in_chunks(logits_of, slices, (45, 50), regions_class_order,
+                                                                chunk), whole)
+  assert len(np.unique(whole)) > 1
+
+
 @pytest.mark.parametrize("case", ["overlap", "empty_prediction", "both_at_the_border"])
 def test_hd95_and_nsd_match_monai(case):
   from monai.metrics import compute_hausdorff_distance, compute_surface_dice
@@ -455,7 +469,7 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--workdir", str(tmp_path / "fold1"),
                    "--predict", os.path.join(raw_ct, "imagesTs"), "--out", str(ensembled)]) == 0
   mesh = parallel.make_mesh()
-  (plans, first), (_, second) = (segment.load_run(str(tmp_path / w), mesh) for w in ("run", "fold1"))
+  (plans, _, first), (_, _, second) = (segment.load_run(str(tmp_path / w), mesh) for w in ("run", "fold1"))
   image, spacing = volumes.read_volume(os.path.join(raw_ct, "imagesTs", "synth_006_0000.nii.gz"))
   resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
   slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})

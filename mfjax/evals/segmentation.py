@@ -96,6 +96,21 @@ def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int], regions_class
   return out
 
 
+def labels_in_chunks(logits_of: Callable, slices: np.ndarray, shape_xy: tuple[int, int], regions_class_order=(),
+                     chunk: int = 8) -> np.ndarray:
+  """(X, Y, Z) uint8 labels of (Z, X', Y') slices, `chunk` slices at a time: `logits_of(slices)`
+  gives their (z, C, X', Y') logits (`predict_slices`, or several runs' mean). Slices are
+  predicted independently, so the labels equal the whole volume's at once; only one chunk's
+  logits are held (a whole CT's would be Z·C·X'·Y' floats: 8 GiB for 500 slices of 512² and
+  16 classes)."""
+  z = slices.shape[0]
+  out = np.empty((*shape_xy, z), np.uint8)
+  for start in range(0, z, chunk):
+    out[:, :, start:start + chunk] = labels_at_shape(logits_of(slices[start:start + chunk]), shape_xy,
+                                                     regions_class_order)
+  return out
+
+
 def _targets(classes) -> dict[int, tuple[int, ...]]:
   """{key: label values}: a list of classes is {c: (c,)}; a dict (regions, `nnunet.targets`) as it is."""
   if isinstance(classes, dict):

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -287,8 +287,9 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, plans["cases"][case])
     truth, spacing = volumes.read_labels(plans["cases"][case]["label"])
-    logits = segment_volume(predict, params, slices, plans, config)
-    prediction = segmentation.labels_at_shape(logits, truth.shape[:2], plans.get("regions_class_order", ()))
+    prediction = segmentation.labels_in_chunks(lambda chunk: segment_volume(predict, params, chunk, plans, config),
+                                               slices, truth.shape[:2], plans.get("regions_class_order", ()),
+                                               config.eval.batch_size)
     per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
@@ -299,8 +300,8 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   return per_case
 
 
-def load_run(workdir, mesh) -> tuple[dict, Callable]:
-  """(plans, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
+def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
+  """(plans, config, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
   workdir, config = read_run_config(workdir)
   if "iters_per_epoch" not in config:
     raise ConfigError(f"{workdir} is not an `mfjax segment` run")
@@ -318,7 +319,7 @@ def load_run(workdir, mesh) -> tuple[dict, Callable]:
     raise ConfigError(f"{workdir} has no final parameters (best/): the run has not finished")
   params = restored[0]
   predict = make_predictor(model, mesh, config.eval.batch_size)
-  return plans, lambda slices: segment_volume(predict, params, slices, plans, config)
+  return plans, config, lambda slices: segment_volume(predict, params, slices, plans, config)
 
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
@@ -334,8 +335,8 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
-  plans = runs[0][0]
-  for workdir, (other, _) in zip(workdirs[1:], runs[1:]):
+  plans, config, _ = runs[0]
+  for workdir, (other, _, _) in zip(workdirs[1:], runs[1:]):
     differ = [k for k in ENSEMBLE_KEYS if other.get(k) != plans.get(k)]
     if differ:
       raise ConfigError(f"{workdir} and {workdirs[0]} cannot be ensembled: their plans differ in {', '.join(differ)} "
@@ -355,8 +356,9 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     image, spacing = volumes.read_volume(path)
     resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
     slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
-    logits = sum(logits_of(slices) for _, logits_of in runs) / len(runs)
-    prediction = segmentation.labels_at_shape(logits, image.shape[:2], plans.get("regions_class_order", ()))
+    mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
+    prediction = segmentation.labels_in_chunks(mean_logits, slices, image.shape[:2],
+                                               plans.get("regions_class_order", ()), config.eval.batch_size)
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
                                           affine=volumes.canonical_affine(path)))
