@@ -421,3 +421,56 @@ def test_report_command_writes_tables_plots_and_page(tmp_path, capsys):
   # The CheXpert and DDSM columns stay blank: no runs there.
   with open(os.path.join(out, "tables", "unfrozen_224.csv")) as f:
     assert {row["dataset"] for row in csv.DictReader(f)} == {"aptos2019", "isic2019"}
+
+
+# ----------------------------------------------------------------------------- MedDINOv3 runs
+
+
+def write_segment_run(root, fold, dice, *, backbone="", seed=0, folder=None):
+  """A result.json as `mfjax segment` writes it (config from configs/segment.py)."""
+  from configs import segment as segment_config
+  config = segment_config.get_config(f"raw=/data/Dataset219_AMOS,fold={fold}").to_dict()
+  config["model"]["checkpoint"], config["seed"] = backbone, seed
+  val = {"cases": 4, "dice": dice, "mean_dice": float(np.mean(list(dice.values()))), "mean_hd95": 5.0 + fold,
+         "mean_nsd": 0.8}
+  folder = folder or os.path.join(root, f"seg_{os.path.basename(backbone) or 'random'}_{seed}_fold{fold}")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "result.json"), "w") as f:
+    json.dump({"config": config, "model": config["model"]["name"], "dataset": "Dataset219_AMOS", "fold": str(fold),
+               "val": val}, f)
+  return os.path.join(folder, "result.json")
+
+
+def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path):
+  from configs import pretrain as pretrain_config
+  write_run(str(tmp_path), "dinov2_vitb14", "aptos2019", "frozen_linear", 1e-3, 0, 0.7, 0.71)
+  write_segment_run(tmp_path, 0, {"liver": 0.9, "spleen": 0.7}, backbone="/ckpt/meddinov3")
+  write_segment_run(tmp_path, 1, {"liver": 0.8, "spleen": 0.5}, backbone="/ckpt/meddinov3")
+  write_segment_run(tmp_path, 0, {"liver": 0.6, "spleen": 0.4})          # random init: its own setup
+  write_segment_run(tmp_path, 0, {"liver": 0.5, "spleen": 0.3}, seed=1)  # another seed: its own setup
+  pre = tmp_path / "pretrain"
+  pre.mkdir()
+  (pre / "result.json").write_text(json.dumps({
+      "config": pretrain_config.get_config().to_dict(), "model": "meddinov3_vitb16", "steps": 125000, "volumes": 10,
+      "backbone": str(pre / "backbone"), "final": {"train/loss": 3.25}}))
+  written = cli.main(["report", str(tmp_path)])
+  assert written == 0
+  rows = list(csv.DictReader(open(tmp_path / "report" / "tables" / "segmentation.csv")))
+  assert [(r["backbone"], r["fold"]) for r in rows] == [
+      ("/ckpt/meddinov3", "0"), ("/ckpt/meddinov3", "1"), ("/ckpt/meddinov3", "mean of 0,1"),
+      ("random init", "0"), ("random init", "0")]
+  mean = rows[2]
+  assert float(mean["dice"]) == pytest.approx((0.8 + 0.65) / 2) and float(mean["hd95"]) == pytest.approx(5.5)
+  assert float(mean["dice:spleen"]) == pytest.approx(0.6) and mean["cases"] == "8"
+  (pretrained,) = csv.DictReader(open(tmp_path / "report" / "tables" / "pretraining.csv"))
+  assert (pretrained["steps"], pretrained["loss"], pretrained["gram"]) == ("125000", "3.25", "False")
+  page = (tmp_path / "report" / "report.md").read_text()
+  assert "## MedDINOv3 segmentation (mfjax segment)" in page and "## MedDINOv3 pretraining" in page
+  assert "1 training runs selected into 1 cells" in page and "4 segmentation and 1 pretraining runs" in page
+  # The same setup and fold twice (a copied run) is an error naming both files.
+  write_segment_run(tmp_path, 1, {"liver": 0.8, "spleen": 0.5}, backbone="/ckpt/meddinov3",
+                    folder=str(tmp_path / "copy"))
+  from mfjax import report
+  with pytest.raises(ReportError, match="the same segmentation setup and fold twice") as error:
+    report.build(str(tmp_path))
+  assert "copy/result.json" in str(error.value) and "seg_meddinov3_0_fold1/result.json" in str(error.value)

@@ -44,7 +44,9 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
   cells = results.load_cells(runs_dir, exclude=out_dir)
   knn = results.load_knn(runs_dir, exclude=out_dir)
   cka = results.load_cka(runs_dir, exclude=out_dir)
-  if not (cells or knn or cka):
+  segment_runs = results.load_segment_runs(runs_dir, exclude=out_dir)
+  pretrain_runs = results.load_pretrain_runs(runs_dir, exclude=out_dir)
+  if not (cells or knn or cka or segment_runs or pretrain_runs):
     raise ReportError(f"no result.json, knn.json or cka_*.json below {runs_dir}")
   _clear_previous(out_dir)
   table_dir, plot_dir = os.path.join(out_dir, "tables"), os.path.join(out_dir, "plots")
@@ -87,14 +89,19 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
                "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
               for r in knn for k, v in r["scores"].items()]
   cell_rows = tables.all_cells_rows(cells)
+  segment_rows = tables.segmentation_rows(segment_runs)
+  pretrain_rows = [{k: r[k] for k in ("model", "start", "steps", "batch", "volumes", "gram", "loss", "backbone")}
+                   for r in pretrain_runs]
   data_links = [(name, rel(save_table(name, tables.rows_to_csv(rows))))
                 for name, rows in (("all_cells.csv", cell_rows), ("relative_gain.csv", gain_rows),
-                                   ("timing.csv", timing_rows), ("knn.csv", knn_rows)) if rows]
+                                   ("timing.csv", timing_rows), ("knn.csv", knn_rows),
+                                   ("segmentation.csv", segment_rows), ("pretraining.csv", pretrain_rows)) if rows]
 
   blocks = [("heading", 1, "mfjax report"),
             ("text", f"Runs folder: {runs_dir}. {sum(c.n for c in cells)} training runs selected into "
                      f"{len(cells)} cells (from every result.json below it), {len(knn)} k-NN results, "
-                     f"{len(cka)} CKA matrices. Each cell shows the test score at the learning rate with the "
+                     f"{len(cka)} CKA matrices, {len(segment_runs)} segmentation and {len(pretrain_runs)} "
+                     "pretraining runs. Each cell shows the test score at the learning rate with the "
                      "best mean validation score, as mean ± std over its seeds; paper values are from "
                      "Huix et al., WACV 2024.")]
   if notes:
@@ -111,6 +118,20 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
                ("text", "Every cell found (everything a run's config fixes except lr and seed), with its selected "
                         "lr; all_cells.csv adds the lr search, timing and parameter counts."),
                ("table", columns, [[_show(row[c], c) for c in columns] for row in cell_rows])]
+  if segment_rows:
+    columns = ["dataset", "model", "backbone", "fold", "epochs", "cases", "dice", "hd95", "nsd"]
+    blocks += [("heading", 2, "MedDINOv3 segmentation (mfjax segment)"),
+               ("text", "Validation of each run: MedDINOv3's Dice (per case and class, classes absent from a "
+                        "case skipped, mean over cases then classes), HD95 in mm and NSD at the run's tolerance "
+                        "as MONAI computes them. Where several folds of one setup are present, a row gives their "
+                        "mean. segmentation.csv adds the Dice of each class."),
+               ("table", columns, [[_show(row[c], c) for c in columns] for row in segment_rows])]
+  if pretrain_rows:
+    columns = ["model", "start", "steps", "batch", "volumes", "gram", "loss", "backbone"]
+    blocks += [("heading", 2, "MedDINOv3 pretraining (mfjax pretrain)"),
+               ("text", "Each pretraining run: where it started, its length, whether Gram anchoring was on, the "
+                        "final total loss and its exported backbone."),
+               ("table", columns, [[_show(row[c], c) for c in columns] for row in pretrain_rows])]
   if data_links:
     blocks += [("heading", 2, "Data"), ("links", data_links)]
 

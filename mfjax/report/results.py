@@ -1,4 +1,5 @@
-"""Reading a runs folder: training runs grouped into cells, k-NN results, CKA matrices.
+"""Reading a runs folder: training runs grouped into cells, k-NN results, CKA matrices, and the
+MedDINOv3 segmentation and pretraining runs (`mfjax segment`, `mfjax pretrain`) as their own rows.
 
 A cell is everything a run's config fixes except the learning rate and the seed. Runs are
 found by globbing `**/result.json` and grouped by their config, never by folder names. Per
@@ -227,8 +228,67 @@ def find(runs_dir: str, pattern: str, exclude: str | None = None) -> list[str]:
   return paths
 
 
+def run_kind(data: dict) -> str:
+  """What wrote a result.json, told by its config: "segmentation", "pretraining" or "classification"."""
+  config = data.get("config")
+  if isinstance(config, dict) and "iters_per_epoch" in config:
+    return "segmentation"
+  if isinstance(config, dict) and "masking" in config and "heads" in config:
+    return "pretraining"
+  return "classification"
+
+
+def results_of(runs_dir: str, kind: str, exclude: str | None = None) -> list[str]:
+  return [p for p in find(runs_dir, "result.json", exclude) if run_kind(_read_json(p)) == kind]
+
+
 def load_cells(runs_dir: str, exclude: str | None = None) -> list[Cell]:
-  return group_cells([read_run(p) for p in find(runs_dir, "result.json", exclude)])
+  return group_cells([read_run(p) for p in results_of(runs_dir, "classification", exclude)])
+
+
+SEGMENT_SETUP_FIELDS = ("seed", "batch_size", "iters_per_epoch", "data.patch", "data.spacing", "model.overrides",
+                        "model.interaction_indices", "optim.lr_backbone", "optim.lr_decoder")
+
+
+def read_segment_run(path: str) -> dict:
+  """One `mfjax segment` result.json: its setup and the validation means (NaN without validation)."""
+  data = _read_json(path)
+  config = _get(data, "config", path)
+  val = data.get("val", {})
+  mean = lambda metric: _number(val.get(f"mean_{metric}"), f"val.mean_{metric}", path)
+  run = {"dataset": str(_get(data, "dataset", path)), "model": str(_get(config, "model.name", path)),
+         "backbone": _get(config, "model.checkpoint", path) or "random init",
+         "fold": str(_get(data, "fold", path)), "epochs": int(_get(config, "epochs", path))}
+  # What a fold ensemble shares: everything that changes the result except the fold.
+  run["setup"] = (run["dataset"], run["model"], run["backbone"], run["epochs"]) + tuple(
+      json.dumps(_get(config, key, path)) for key in SEGMENT_SETUP_FIELDS)
+  return {**run, "cases": val.get("cases", 0),
+          "dice": mean("dice"), "hd95": mean("hd95"), "nsd": mean("nsd"),
+          "dice_per_class": {str(k): _number(v, f"val.dice.{k}", path) for k, v in val.get("dice", {}).items()},
+          "file": path}
+
+
+def read_pretrain_run(path: str) -> dict:
+  """One `mfjax pretrain` result.json: its setup and final losses."""
+  data = _read_json(path)
+  config = _get(data, "config", path)
+  model, gram = _get(config, "model", path), _get(config, "gram", path)
+  final = data.get("final") or {}
+  return {"model": str(_get(data, "model", path)), "steps": int(_get(data, "steps", path)),
+          "batch": int(_get(config, "batch_size", path)), "volumes": int(data.get("volumes", 0)),
+          "start": model.get("checkpoint") or model.get("init_from_run") or "random init",
+          "gram": bool(gram.get("weight")) or bool(gram.get("weight_schedule", {}).get("enabled")),
+          "loss": _number(final.get("train/loss"), "final.train/loss", path),
+          "backbone": str(_get(data, "backbone", path)), "file": path}
+
+
+def load_segment_runs(runs_dir: str, exclude: str | None = None) -> list[dict]:
+  runs = [read_segment_run(p) for p in results_of(runs_dir, "segmentation", exclude)]
+  return sorted(runs, key=lambda r: (r["dataset"], r["model"], r["backbone"], r["fold"]))
+
+
+def load_pretrain_runs(runs_dir: str, exclude: str | None = None) -> list[dict]:
+  return [read_pretrain_run(p) for p in results_of(runs_dir, "pretraining", exclude)]
 
 
 def read_knn(path: str) -> dict:

@@ -15,6 +15,7 @@ import io
 import math
 
 from mfjax.report import paper
+from mfjax.report.results import ReportError
 
 MAIN_PROTOCOLS = {"frozen_linear": ("frozen", "linear"), "frozen_deit": ("frozen", "deit"),
                   "unfrozen_linear": ("unfrozen", "linear"), "unfrozen_deit": ("unfrozen", "deit")}
@@ -245,10 +246,41 @@ def all_cells_rows(cells) -> list[dict]:
   return rows
 
 
+def segmentation_rows(runs: list[dict]) -> list[dict]:
+  """One row per segmentation run with its validation means and per-class Dice ("dice:NAME"),
+  grouped by setup (everything but the fold); after a setup with two or more numbered folds, a
+  row with their mean. The same fold of one setup twice is an error naming both files."""
+  groups: dict[tuple, list[dict]] = {}
+  for run in runs:
+    groups.setdefault(run["setup"], []).append(run)
+  rows = []
+  for folds in groups.values():
+    seen = {}
+    for run in sorted(folds, key=lambda r: (not r["fold"].isdigit(), r["fold"].zfill(4))):
+      if run["fold"] in seen:
+        raise ReportError(f"{run['file']} and {seen[run['fold']]}: the same segmentation setup and fold twice")
+      seen[run["fold"]] = run["file"]
+      row = {k: run[k] for k in ("dataset", "model", "backbone", "fold", "epochs", "cases", "dice", "hd95", "nsd")}
+      row.update({f"dice:{name}": value for name, value in run["dice_per_class"].items()})
+      rows.append(row)
+    numbered = [r for r in rows[len(rows) - len(folds):] if r["fold"].isdigit()]
+    if len(numbered) >= 2:
+      first = numbered[0]
+      mean = {"dataset": first["dataset"], "model": first["model"], "backbone": first["backbone"],
+              "fold": "mean of " + ",".join(r["fold"] for r in numbered), "epochs": first["epochs"],
+              "cases": sum(r["cases"] for r in numbered)}
+      for key in dict.fromkeys(k for r in numbered for k in r if k in ("dice", "hd95", "nsd") or k.startswith("dice:")):
+        values = [r[key] for r in numbered if key in r and not math.isnan(r[key])]
+        mean[key] = sum(values) / len(values) if values else float("nan")
+      rows.append(mean)
+  return rows
+
+
 def rows_to_csv(rows: list[dict]) -> str:
   out = io.StringIO()
   if rows:
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # rows may differ (classes per dataset)
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
       writer.writerow({k: (_num(v) if isinstance(v, float) else ("" if v is None else v)) for k, v in row.items()})
