@@ -146,3 +146,13 @@ def test_segment_and_pretrain_run_as_two_process_jobs(tmp_path):
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   result = json.loads((tmp_path / "pretrain" / "result.json").read_text())
   assert result["devices"] == 2 and (tmp_path / "pretrain" / "backbone" / "model.json").exists()
+  # Stage 2 as a two-process job: both processes restore the first run's teacher, the Gram teacher
+  # is refreshed, and process 0 alone writes the intermediate export.
+  out = launch("pretrain", "--no-progress", "--config", "configs/pretrain.py:tiny=true",
+               f"--config.data.folders={folder}", f"--config.model.init_from_run={tmp_path / 'pretrain'}",
+               "--config.gram.weight=1.0", f"--config.gram.checkpoint={tmp_path / 'pretrain' / 'backbone'}",
+               "--config.gram.refresh_every=2", "--config.export_every_steps=2", "--workdir", str(tmp_path / "stage2"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "the EMA teacher replaces the Gram teacher" in out.stdout + out.stderr
+  assert (tmp_path / "stage2" / "backbones" / "step_2" / "model.json").exists()
+  assert json.loads((tmp_path / "stage2" / "result.json").read_text())["devices"] == 2
