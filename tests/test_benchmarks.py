@@ -210,3 +210,9 @@ def test_label_memory_compares_whole_and_chunked_labelling(tmp_path):
   row, = run_benchmark(tmp_path, "label_memory", "--slices", "12", "--size", "48", "--classes", "3", "--patch", "32")
   assert row["same_labels"] is True and row["whole_mib"] >= 0 and row["chunked_mib"] >= 0
   assert row["whole_s"] > 0 and row["chunked_s"] > 0
+
+
+def test_window_host_compares_host_and_device_stitching(tmp_path):
+  row, = run_benchmark(tmp_path, "window_host", "--size", "40", "--patch", "32", "--classes", "3", "--slices", "4",
+                       "--batch", "4", "--mirror", "--rounds", "1")
+  assert row["same"] is True and row["host_ms"] > 0 and row["device_ms"] > 0 and positive(row["speedup"])

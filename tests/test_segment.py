@@ -184,6 +184,23 @@ def test_window_starts_and_stitching_equal_whole_slice_prediction():
   assert weights.max() == 1 and weights.min() > 0 and weights[16, 16] == 1
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_device_weighted_tiles_equal_the_host_stitching(mirror):
+  """make_predictor's path (flips and Gaussian inside one jitted call) gives predict_slices'
+  host-side result, for a tile function that flips change (a horizontal difference)."""
+  rng = np.random.default_rng(2)
+  slices = rng.standard_normal((3, 45, 70)).astype(np.float32)
+  w = jnp.asarray(rng.standard_normal(3).astype(np.float32))
+  tile_fn = lambda x: (x - jnp.roll(x, 1, axis=2)) * w + x * x  # (B, H, W, 1) -> (B, H, W, 3)
+  host = segmentation.predict_slices(lambda images: np.asarray(tile_fn(jnp.asarray(images))), slices, (32, 32), 3,
+                                     batch_size=4, mirror=mirror)
+  weights = jnp.asarray(segmentation.gaussian_weights((32, 32)))
+  fused = jax.jit(lambda images: segmentation.weighted_tile_logits(tile_fn, images, weights, mirror))
+  device = segmentation.predict_slices(lambda images: np.asarray(fused(images)), slices, (32, 32), 3, batch_size=4,
+                                       weighted=True)
+  np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
+
+
 def test_dice_skips_classes_absent_from_the_truth():
   truth = np.zeros((4, 4, 2), np.uint8)
   truth[:2, :2] = 1

@@ -41,12 +41,26 @@ def gaussian_weights(patch: tuple[int, int], sigma_scale: float = 1 / 8) -> np.n
   return weights.astype(np.float32)
 
 
+def weighted_tile_logits(logits_of: Callable, images, weights, mirror: bool):
+  """The flip-averaged logits of a batch of tiles times the Gaussian `weights` (H, W), in JAX: what
+  `predict_slices` does per tile, for a jitted predictor that runs it on the device (one call
+  and one transfer per batch instead of one per flip, and no per-tile work on the host)."""
+  import jax.numpy as jnp
+  flips = [(), (1,), (2,), (1, 2)] if mirror else [()]
+  total = 0
+  for axes in flips:
+    total = total + (jnp.flip(logits_of(jnp.flip(images, axes)), axes) if axes else logits_of(images))
+  return total / len(flips) * weights[None, :, :, None]
+
+
 def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[int, int], num_classes: int,
-                   batch_size: int = 8, step: float = 0.5, mirror: bool = False) -> np.ndarray:
+                   batch_size: int = 8, step: float = 0.5, mirror: bool = False, weighted: bool = False) -> np.ndarray:
   """(Z, X, Y) normalised slices -> (Z, C, X, Y) float32 logits.
 
   `predict_logits(images (B, H, W, 1) float32) -> (B, H, W, C)`; B is always `batch_size` (the
-  last batch is padded), so a jitted function compiles once."""
+  last batch is padded), so a jitted function compiles once. With `weighted`, it returns the
+  tiles' flip-averaged, Gaussian-weighted logits itself (`weighted_tile_logits`), and `mirror`
+  is its business."""
   z, sx, sy = slices.shape
   px, py = patch
   pad = ((0, 0), (0, max(px - sx, 0)), (0, max(py - sy, 0)))
@@ -56,7 +70,7 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
            for j in window_starts(padded.shape[2], py, step)]
   logits = np.zeros((z, padded.shape[1], padded.shape[2], num_classes), np.float32)
   norm = np.zeros(padded.shape, np.float32)
-  flips = [(), (1,), (2,), (1, 2)] if mirror else [()]
+  flips = [(), (1,), (2,), (1, 2)] if mirror and not weighted else [()]
   for start in range(0, len(tiles), batch_size):
     chunk = tiles[start:start + batch_size]
     batch = np.zeros((batch_size, px, py, 1), np.float32)
@@ -67,9 +81,10 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
       flipped = np.flip(batch, axes) if axes else batch
       pred = np.asarray(predict_logits(flipped), np.float32)
       out = out + (np.flip(pred, axes) if axes else pred)
-    out = out / len(flips)
+    if not weighted:
+      out = out / len(flips) * weights[None, ..., None]
     for n, (k, i, j) in enumerate(chunk):
-      logits[k, i:i + px, j:j + py] += out[n] * weights[..., None]
+      logits[k, i:i + px, j:j + py] += out[n]
       norm[k, i:i + px, j:j + py] += weights
   logits = logits / norm[..., None]
   return logits[:, :sx, :sy].transpose(0, 3, 1, 2)

@@ -94,10 +94,13 @@ def local_rows(batch_size: int) -> range:
   return range(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
-def make_predictor(model, mesh, batch_size: int):
-  """predict(params, images (batch_size, H, W, 1) numpy, the same on every process) -> logits numpy."""
+def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror: bool):
+  """predict(params, tiles (batch_size, H, W, 1) numpy, the same on every process) -> their
+  flip-averaged, Gaussian-weighted logits (numpy), computed on the device in one call."""
   sharding = parallel.batch_sharding(mesh)
-  apply = jax.jit(lambda params, images: model.apply({"params": params}, images))
+  weights = jnp.asarray(segmentation.gaussian_weights(patch))
+  apply = jax.jit(lambda params, images: segmentation.weighted_tile_logits(
+      lambda x: model.apply({"params": params}, x).astype(jnp.float32), images, weights, mirror))
   rows = local_rows(batch_size)
 
   def predict(params, images):
@@ -107,11 +110,12 @@ def make_predictor(model, mesh, batch_size: int):
 
 
 def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
-  """(Z, X', Y') normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window."""
+  """(Z, X', Y') normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window;
+  `predict` from `make_predictor` (mirroring and the Gaussian are done there, on the device)."""
   patch = (config.data.patch, config.data.patch)
   return segmentation.predict_slices(lambda images: predict(params, images), slices, patch,
                                      nnunet.num_outputs(plans), config.eval.batch_size, config.eval.step,
-                                     config.eval.mirror)
+                                     weighted=True)
 
 
 def prepare(config, num_classes: int, mesh, regions=()):
@@ -280,7 +284,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
 def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, progress) -> dict:
   """{case: {"dice": {class id: value}[, "hd95": ..., "nsd": ...]}}; with `out_dir`, the predicted
   label volumes are written there."""
-  predict = make_predictor(model, mesh, config.eval.batch_size)
+  predict = make_predictor(model, mesh, config.eval.batch_size, (config.data.patch,) * 2, config.eval.mirror)
   classes = nnunet.targets(plans)
   per_case = {}
   from tqdm.auto import tqdm
@@ -318,7 +322,7 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
   if restored is None:
     raise ConfigError(f"{workdir} has no final parameters (best/): the run has not finished")
   params = restored[0]
-  predict = make_predictor(model, mesh, config.eval.batch_size)
+  predict = make_predictor(model, mesh, config.eval.batch_size, (config.data.patch,) * 2, config.eval.mirror)
   return plans, config, lambda slices: segment_volume(predict, params, slices, plans, config)
 
 
