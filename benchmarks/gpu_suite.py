@@ -13,8 +13,9 @@ There, one command (the wheels go to /tmp/site; every step's output lands in --o
 Steps, in order of importance (`--steps` picks some): the environment and an import check (fails
 in seconds if a package is missing), then ViT-B/16 at 224 in bf16 against timm with torch.compile
 and autocast (the MFU and 1.2x targets), SAM ViT-B at 1024 with remat against segment_anything's
-encoder, the bf16 / cuDNN attention / bf16 first-moment ablation, and MedDINOv3's segmentation
-step at 512 px in bf16 against timm + PatchDecode with torch.compile. Each step runs as its own
+encoder, the bf16 / cuDNN attention / bf16 first-moment ablation, MedDINOv3's segmentation
+step at 512 px in bf16 against timm + PatchDecode with torch.compile, and the sliding window's
+host time per 512-px slice (`window_host`: is validation bound by the host?). Each step runs as its own
 process with its own timeout, capped by what is left of --budget-s; a step that fails or runs out
 of time is reported and the next one still runs. The benchmarks append their JSON rows to
 OUT_DIR/gpu.jsonl; each step's full output is in OUT_DIR/STEP.log; a summary table (with its JSON lines) comes last.
@@ -66,6 +67,8 @@ STEPS = (
      150),
     ("segment512_bf16", "segment_step", ("--patch", "512", "--batch", "16", "--dtype", "bfloat16",
                                          "--torch", "eager,compile"), 180),
+    ("window512", "window_host", ("--size", "512", "--patch", "512", "--classes", "16", "--slices", "64",
+                                  "--batch", "16", "--mirror"), 90),
 )
 STEP_NAMES = ("env",) + tuple(name for name, *_ in STEPS)
 TINY_MODEL_ARGS = ("--config.model.overrides.num_blocks=2",)
@@ -136,8 +139,11 @@ def tiny_arguments(arguments: list[str], module: str = "train_step") -> list[str
   """The same command on a tiny cell: 2 blocks (the segmentation step keeps its 12, which its
   decoder reads, on 64-px patches), 32-px images, batch 2, one quick round, torch eager, float32
   (torch's bf16 on a CPU is slow) and XLA's attention instead of cuDNN's."""
-  replace = {"--res": "32", "--patch": "64", "--batch": "2", "--torch": "eager", "--dtype": "float32"}
+  replace = {"--res": "32", "--patch": "64", "--batch": "2", "--torch": "eager", "--dtype": "float32",
+             "--size": "96", "--slices": "4"}
   out = [replace.get(prev, a) if prev in replace else a for prev, a in zip([None] + arguments[:-1], arguments)]
+  if module == "window_host":
+    return out + ["--rounds", "1"]
   out = [("--config.model.overrides.global_query_chunk_rows=1" if a.startswith("--config.model.overrides.global_query")
           else a.replace("attn_impl=cudnn", "attn_impl=xla")) for a in out]
   if "--min-seconds" in out:

@@ -191,6 +191,7 @@ def test_gpu_suite_runs_every_step_on_tiny_cells(tmp_path):
   assert [r["model"] for r in rows if r["benchmark"] == "train_step"] == ["deit_base_patch16", "sam_vitb"]
   assert sorted(r["variant"] for r in rows if r["benchmark"] == "ablate") == ["bf16", "bf16_cudnn", "bf16_mu", "fp32"]
   assert [(r["patch"], r["batch"]) for r in rows if r["benchmark"] == "segment_step"] == [(64, 2)]
+  assert [(r["size"], r["patch"], r["same"]) for r in rows if r["benchmark"] == "window_host"] == [(96, 64, True)]
 
 
 def test_gpu_suite_reports_a_spent_budget_and_refuses_unknown_steps(tmp_path):
