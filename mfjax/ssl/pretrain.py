@@ -416,8 +416,8 @@ def initial_state(config, networks: Networks, gram_variables, start: dict | None
   student = {"backbone": backbone,
              "dino_head": networks.dino_head.init(dino_rng, features)["params"],
              "ibot_head": networks.ibot_head.init(ibot_rng, features)["params"]}
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)  # structure and shapes
   if start is not None:
-    shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
     if shapes(start) != shapes(student):
       raise ConfigError(f"model.init_from_run: {config.model.init_from_run}'s teacher does not have this run's "
                         "parameter shapes")
@@ -427,10 +427,7 @@ def initial_state(config, networks: Networks, gram_variables, start: dict | None
            "opt": adam(networks).init(student)}
   if gram_on(config):
     state["gram"] = copy(gram_variables["params"] if gram_variables else student["backbone"])
-    if config.gram.refresh_every and (jax.tree_util.tree_structure(state["gram"]) !=
-                                      jax.tree_util.tree_structure(student["backbone"]) or any(
-        a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(state["gram"]),
-                                           jax.tree_util.tree_leaves(student["backbone"])))):
+    if config.gram.refresh_every and shapes(state["gram"]) != shapes(student["backbone"]):
       raise ConfigError(f"gram.refresh_every: the EMA teacher cannot replace the Gram teacher of gram.checkpoint "
                         f"{config.gram.checkpoint}, whose architecture differs from the student's")
   return state
