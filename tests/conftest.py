@@ -27,3 +27,35 @@ try:
   torch.set_num_threads(max(1, os.cpu_count() or 1))
 except ImportError:
   pass
+
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+class _ModuleTempFolders:
+  """`tmp_path_factory.mktemp` for module-scoped fixtures, removed once the module's tests are done.
+
+  A pytest session keeps every `mktemp` folder until it ends, and the converted checkpoints of the
+  parity modules come to gigabytes; CI's disk does not hold all of them at once.
+  """
+
+  def __init__(self, factory):
+    self._factory = factory
+    self._made = []
+
+  def mktemp(self, name):
+    self._made.append(self._factory.mktemp(name))
+    return self._made[-1]
+
+  def remove_all(self):
+    for path in self._made:
+      shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+  folders = _ModuleTempFolders(tmp_path_factory)
+  yield folders
+  folders.remove_all()

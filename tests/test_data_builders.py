@@ -41,8 +41,8 @@ def _check_stratified(ds, records, fractions):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-  return tmp_path_factory.mktemp("data_builders")
+def root(module_tmp):
+  return module_tmp.mktemp("data_builders")
 
 
 def test_aptos2019(root):
@@ -285,3 +285,12 @@ def test_store_size_shrinks_stored_images(tmp_path):
   manual = synthetic.aptos2019(str(tmp_path / "aptos"), num_images=20, size=64)
   ds = mfjax.data.build("aptos2019", manual, str(tmp_path / "tfds"), store_size=32)
   assert all(PIL.Image.open(io.BytesIO(r["image"])).size == (32, 32) for r in _records(ds, "train"))
+
+
+def test_building_leaves_nothing_in_the_system_temp_folder(tmp_path, monkeypatch):
+  system_temp = tmp_path / "system_temp"
+  system_temp.mkdir()
+  monkeypatch.setattr("tempfile.tempdir", str(system_temp))
+  manual = synthetic.aptos2019(str(tmp_path / "aptos"), num_images=20)
+  mfjax.data.build("aptos2019", manual, str(tmp_path / "tfds"))
+  assert os.listdir(system_temp) == []

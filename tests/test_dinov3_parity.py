@@ -137,8 +137,8 @@ def official_b():
 
 
 @pytest.fixture(scope="module")
-def converted_official_b(official_b, tmp_path_factory):
-  return convert_file(tmp_path_factory.mktemp("dinov3"), official_b)
+def converted_official_b(official_b, module_tmp):
+  return convert_file(module_tmp.mktemp("dinov3"), official_b)
 
 
 @pytest.mark.parametrize("size", [224, 512])
@@ -154,13 +154,13 @@ def test_official_vitb16_matches_timm(official_b, converted_official_b, size):
 
 
 @pytest.fixture(scope="module")
-def hf_b(tmp_path_factory):
+def hf_b(module_tmp):
   torch.manual_seed(1)
   config = DINOv3ViTConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            num_register_tokens=4, layer_norm_eps=1e-5, image_size=224)
   model = DINOv3ViTModel(config).eval()
   randomize(model, seed=2)
-  folder = tmp_path_factory.mktemp("dinov3_hf") / "dinov3-vitb16"
+  folder = module_tmp.mktemp("dinov3_hf") / "dinov3-vitb16"
   model.save_pretrained(folder)
   out = folder.parent / "flax"
   assert convert_cli.main(["dinov3", "--checkpoint", str(folder), "--out", str(out)]) == 0

@@ -152,18 +152,18 @@ def seem_ref():
 
 
 @pytest.fixture(scope="module")
-def seem_file(seem_ref, tmp_path_factory):
+def seem_file(seem_ref, module_tmp):
   """A SEEM checkpoint as the release stores it: one flat state dict of the whole model."""
   state = seem_state_dict(seem_ref)
   state.update({k: torch.randn(shape) for k, shape in SEEM_OTHER_KEYS.items()})
-  path = str(tmp_path_factory.mktemp("seem") / "seem_focalt_v0.pt")
+  path = str(module_tmp.mktemp("seem") / "seem_focalt_v0.pt")
   torch.save(state, path)
   return path
 
 
 @pytest.fixture(scope="module")
-def seem_converted(seem_file, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("seem_out") / "seem_focalt")
+def seem_converted(seem_file, module_tmp):
+  out = str(module_tmp.mktemp("seem_out") / "seem_focalt")
   assert convert_main(["seem", "--checkpoint", seem_file, "--out", out]) == 0
   return models.load(out)
 

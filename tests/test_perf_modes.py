@@ -90,8 +90,8 @@ def test_bf16_compute_matches_float32(name):
 
 
 @pytest.fixture(scope="module")
-def aptos(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("aptos")
+def aptos(module_tmp):
+  tmp = module_tmp.mktemp("aptos")
   manual = synthetic.aptos2019(str(tmp / "download"), num_images=24, size=32)
   mdata.build("aptos2019", manual, str(tmp / "data"))
   return manual, str(tmp / "data")

@@ -88,8 +88,8 @@ def test_random_resized_crop_box_follows_torchvision_rules():
 
 
 @pytest.fixture(scope="module")
-def aptos(tmp_path_factory):
-  root = tmp_path_factory.mktemp("pipeline")
+def aptos(module_tmp):
+  root = module_tmp.mktemp("pipeline")
   manual = synthetic.aptos2019(str(root / "aptos"), num_images=40, size=48)
   return mfjax.data.build("aptos2019", manual, str(root / "tfds"))
 

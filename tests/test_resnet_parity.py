@@ -91,11 +91,11 @@ def tv_resnet():
 
 
 @pytest.fixture(scope="module")
-def tv_converted(tv_resnet, tmp_path_factory):
+def tv_converted(tv_resnet, module_tmp):
   """torchvision's file (what torch.hub downloads): a flat state dict, model found from its keys."""
-  path = str(tmp_path_factory.mktemp("tv") / "resnet152-394f9c45.pth")
+  path = str(module_tmp.mktemp("tv") / "resnet152-394f9c45.pth")
   torch.save(tv_resnet.state_dict(), path)
-  out = str(tmp_path_factory.mktemp("tv_out") / "resnet152")
+  out = str(module_tmp.mktemp("tv_out") / "resnet152")
   assert convert_main(["resnet", "--checkpoint", path, "--out", out]) == 0
   assert models.read_model_json(out)["name"] == "resnet152"
   return models.load(out)

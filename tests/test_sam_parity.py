@@ -133,9 +133,9 @@ def encoder_state(released_b):
 
 
 @pytest.fixture(scope="module")
-def converted_b(released_b, tmp_path_factory):
+def converted_b(released_b, module_tmp):
   """The released-format file through `python -m convert sam`, loaded back with models.load."""
-  folder = tmp_path_factory.mktemp("sam")
+  folder = module_tmp.mktemp("sam")
   ckpt = folder / "sam_vit_b_random.pth"
   torch.save(released_b.state_dict(), ckpt)
   out = folder / "flax"
@@ -147,12 +147,12 @@ def converted_b(released_b, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_folder(encoder_state, tmp_path_factory):
+def hf_folder(encoder_state, module_tmp):
   """A transformers SamModel (vision encoder = the same weights) saved with save_pretrained."""
   torch.manual_seed(2)
   model = SamModel(SamConfig(vision_config=hf_vision_config(1024).to_dict())).eval()
   model.vision_encoder.load_state_dict({hf_key(k): v for k, v in encoder_state.items()}, strict=True)
-  folder = tmp_path_factory.mktemp("sam_hf") / "sam-vit-base"
+  folder = module_tmp.mktemp("sam_hf") / "sam-vit-base"
   model.save_pretrained(folder)
   return folder
 

@@ -271,8 +271,8 @@ def _no_warning():
 
 
 @pytest.fixture(scope="module")
-def raw_ct(tmp_path_factory):
-  return synthetic.nnunet_ct(str(tmp_path_factory.mktemp("raw")), num_cases=6, test_cases=2)
+def raw_ct(module_tmp):
+  return synthetic.nnunet_ct(str(module_tmp.mktemp("raw")), num_cases=6, test_cases=2)
 
 
 def test_volumes_are_read_in_canonical_orientation(tmp_path):

@@ -377,8 +377,8 @@ def test_axial_slices_are_in_radiological_view(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ct_folder(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("ct")
+def ct_folder(module_tmp):
+  folder = module_tmp.mktemp("ct")
   rng = np.random.default_rng(10)
   for i, shape in enumerate([(40, 36, 6), (44, 40, 4), (38, 42, 5)]):
     volumes.write_volume(str(folder / f"case{i}.nii.gz"), rng.uniform(-1200, 1500, shape).astype(np.float32))

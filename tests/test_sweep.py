@@ -23,8 +23,8 @@ def get_sweep(arg=""):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("sweep")
+def setup(module_tmp):
+  tmp = module_tmp.mktemp("sweep")
   synthetic.aptos2019(str(tmp / "downloads" / "aptos2019"), num_images=48, size=40)
   mdata.build("aptos2019", str(tmp / "downloads" / "aptos2019"), str(tmp / "data"))
   path = tmp / "tiny_sweep.py"

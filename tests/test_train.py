@@ -23,8 +23,8 @@ ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")
-def aptos(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("aptos")
+def aptos(module_tmp):
+  tmp = module_tmp.mktemp("aptos")
   manual = synthetic.aptos2019(str(tmp / "download"), num_images=60, size=48)
   mdata.build("aptos2019", manual, str(tmp / "data"))  # built once, reused by every run
   return manual, str(tmp / "data")

@@ -86,8 +86,8 @@ def save_hf(model, folder):
 
 
 @pytest.fixture(scope="module")
-def deit(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("deit")
+def deit(module_tmp):
+  tmp = module_tmp.mktemp("deit")
   ref = randomize(timm.create_model("deit_base_patch16_224", pretrained=False))
   path = tmp / "deit_base_patch16_224-b5f2ef4d.pth"
   torch.save({"model": ref.state_dict()}, path)  # as released: with the ImageNet head
@@ -251,8 +251,8 @@ def test_openclip_hf(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def blip(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("blip")
+def blip(module_tmp):
+  tmp = module_tmp.mktemp("blip")
   online = randomize(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), seed=8)
   momentum = randomize(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), seed=9)
   model = {f"visual_encoder.{k}": v for k, v in online.state_dict().items()}

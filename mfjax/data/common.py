@@ -257,6 +257,14 @@ def class_counts(rows: list[Row], num_classes: int) -> list[int]:
 # ----------------------------------------------------------------------------- tfds builder
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """These datasets are never in tfds's public GCS bucket. tfds looks there for every builder
+  without prepared files, and leaves an empty temporary folder behind each time."""
+
+  def initialize_from_bucket(self):
+    pass
+
+
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Runs a recipe (see module docstring). Subclassed once per dataset for its tfds name."""
 
@@ -278,7 +286,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     channels = self._spec.channels
     label = ({"labels": tfds.features.Tensor(shape=(self._spec.num_classes,), dtype=np.int8)}
              if self._spec.multi_label else {"label": tfds.features.ClassLabel(names=self._spec.class_names)})
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description=self.recipe.__doc__,
         features=tfds.features.FeaturesDict({
