@@ -441,7 +441,7 @@ def write_segment_run(root, fold, dice, *, backbone="", seed=0, folder=None):
   return os.path.join(folder, "result.json")
 
 
-def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path):
+def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path, monkeypatch):
   from configs import pretrain as pretrain_config
   write_run(str(tmp_path), "dinov2_vitb14", "aptos2019", "frozen_linear", 1e-3, 0, 0.7, 0.71)
   write_segment_run(tmp_path, 0, {"liver": 0.9, "spleen": 0.7}, backbone="/ckpt/meddinov3")
@@ -453,8 +453,11 @@ def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path):
   (pre / "result.json").write_text(json.dumps({
       "config": pretrain_config.get_config().to_dict(), "model": "meddinov3_vitb16", "steps": 125000, "volumes": 10,
       "backbone": str(pre / "backbone"), "final": {"train/loss": 3.25}}))
+  reads = []
+  monkeypatch.setattr(results, "_read_json", lambda path, read=results._read_json: reads.append(path) or read(path))
   written = cli.main(["report", str(tmp_path)])
   assert written == 0
+  assert len(reads) == len(set(reads)) == 6  # each result.json once, whatever wrote it
   rows = list(csv.DictReader(open(tmp_path / "report" / "tables" / "segmentation.csv")))
   assert [(r["backbone"], r["fold"]) for r in rows] == [
       ("/ckpt/meddinov3", "0"), ("/ckpt/meddinov3", "1"), ("/ckpt/meddinov3", "mean of 0,1"),

@@ -41,11 +41,12 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
   if not os.path.isdir(runs_dir):
     raise ReportError(f"runs folder {runs_dir} does not exist")
   out_dir = os.path.abspath(os.path.expanduser(out_dir or os.path.join(runs_dir, "report")))
-  cells = results.load_cells(runs_dir, exclude=out_dir)
+  found = results.read_results(runs_dir, exclude=out_dir)
+  cells = results.load_cells(runs_dir, found=found)
   knn = results.load_knn(runs_dir, exclude=out_dir)
   cka = results.load_cka(runs_dir, exclude=out_dir)
-  segment_runs = results.load_segment_runs(runs_dir, exclude=out_dir)
-  pretrain_runs = results.load_pretrain_runs(runs_dir, exclude=out_dir)
+  segment_runs = results.load_segment_runs(runs_dir, found=found)
+  pretrain_runs = results.load_pretrain_runs(runs_dir, found=found)
   if not (cells or knn or cka or segment_runs or pretrain_runs):
     raise ReportError(f"no result.json, knn.json or cka_*.json below {runs_dir}")
   _clear_previous(out_dir)

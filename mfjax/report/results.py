@@ -137,9 +137,9 @@ def head_of(protocol: str, config_head: str) -> str:
   return config_head
 
 
-def read_run(path: str) -> dict:
-  """One result.json, checked, reduced to what the report uses."""
-  data = _read_json(path)
+def read_run(path: str, data: dict | None = None) -> dict:
+  """One result.json (read here unless given), checked, reduced to what the report uses."""
+  data = _read_json(path) if data is None else data
   for key in RESULT_KEYS:
     _get(data, key, path)
   config = data["config"]
@@ -238,21 +238,27 @@ def run_kind(data: dict) -> str:
   return "classification"
 
 
-def results_of(runs_dir: str, kind: str, exclude: str | None = None) -> list[str]:
-  return [p for p in find(runs_dir, "result.json", exclude) if run_kind(_read_json(p)) == kind]
+def read_results(runs_dir: str, exclude: str | None = None) -> dict[str, list[tuple[str, dict]]]:
+  """Every result.json below `runs_dir`, each read once: {kind (see run_kind): [(path, data), ...]}."""
+  found = {"classification": [], "segmentation": [], "pretraining": []}
+  for path in find(runs_dir, "result.json", exclude):
+    data = _read_json(path)
+    found[run_kind(data)].append((path, data))
+  return found
 
 
-def load_cells(runs_dir: str, exclude: str | None = None) -> list[Cell]:
-  return group_cells([read_run(p) for p in results_of(runs_dir, "classification", exclude)])
+def load_cells(runs_dir: str, exclude: str | None = None, found: dict | None = None) -> list[Cell]:
+  found = found or read_results(runs_dir, exclude)
+  return group_cells([read_run(path, data) for path, data in found["classification"]])
 
 
 SEGMENT_SETUP_FIELDS = ("seed", "batch_size", "iters_per_epoch", "data.patch", "data.spacing", "model.overrides",
                         "model.interaction_indices", "optim.lr_backbone", "optim.lr_decoder")
 
 
-def read_segment_run(path: str) -> dict:
+def read_segment_run(path: str, data: dict | None = None) -> dict:
   """One `mfjax segment` result.json: its setup and the validation means (NaN without validation)."""
-  data = _read_json(path)
+  data = _read_json(path) if data is None else data
   config = _get(data, "config", path)
   val = data.get("val", {})
   mean = lambda metric: _number(val.get(f"mean_{metric}"), f"val.mean_{metric}", path)
@@ -268,9 +274,9 @@ def read_segment_run(path: str) -> dict:
           "file": path}
 
 
-def read_pretrain_run(path: str) -> dict:
+def read_pretrain_run(path: str, data: dict | None = None) -> dict:
   """One `mfjax pretrain` result.json: its setup and final losses."""
-  data = _read_json(path)
+  data = _read_json(path) if data is None else data
   config = _get(data, "config", path)
   model, gram = _get(config, "model", path), _get(config, "gram", path)
   final = data.get("final") or {}
@@ -282,13 +288,15 @@ def read_pretrain_run(path: str) -> dict:
           "backbone": str(_get(data, "backbone", path)), "file": path}
 
 
-def load_segment_runs(runs_dir: str, exclude: str | None = None) -> list[dict]:
-  runs = [read_segment_run(p) for p in results_of(runs_dir, "segmentation", exclude)]
+def load_segment_runs(runs_dir: str, exclude: str | None = None, found: dict | None = None) -> list[dict]:
+  found = found or read_results(runs_dir, exclude)
+  runs = [read_segment_run(path, data) for path, data in found["segmentation"]]
   return sorted(runs, key=lambda r: (r["dataset"], r["model"], r["backbone"], r["fold"]))
 
 
-def load_pretrain_runs(runs_dir: str, exclude: str | None = None) -> list[dict]:
-  return [read_pretrain_run(p) for p in results_of(runs_dir, "pretraining", exclude)]
+def load_pretrain_runs(runs_dir: str, exclude: str | None = None, found: dict | None = None) -> list[dict]:
+  found = found or read_results(runs_dir, exclude)
+  return [read_pretrain_run(path, data) for path, data in found["pretraining"]]
 
 
 def read_knn(path: str) -> dict:
