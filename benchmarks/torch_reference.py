@@ -349,24 +349,49 @@ class Segmenter(nn.Module):
     return self.decode(torch.cat(feats, 1))
 
 
-def dice_ce_loss(logits, target, smooth=1e-5):
-  """nnU-Net's DC_and_CE_loss(batch_dice=True, do_bg=False) with MemoryEfficientSoftDiceLoss, NCHW."""
-  ce = F.cross_entropy(logits, target)
+def dice_ce_loss(logits, target, smooth=1e-5, ignore_label=None):
+  """nnU-Net's DC_and_CE_loss(batch_dice=True, do_bg=False, ignore_label) with
+  MemoryEfficientSoftDiceLoss, NCHW."""
+  mask = None if ignore_label is None else (target != ignore_label)[:, None]
+  target_dice = target if mask is None else torch.where(mask[:, 0], target, 0)
+  if ignore_label is None:
+    ce = F.cross_entropy(logits, target)
+  else:  # RobustCrossEntropyLoss(ignore_index), skipped when every pixel is ignored
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_label) if mask.sum() > 0 else 0
   x = torch.softmax(logits, 1)[:, 1:]
   with torch.no_grad():
-    y = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(x.dtype)
-  intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
+    y = F.one_hot(target_dice, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(x.dtype)
+    sum_gt = (y if mask is None else y * mask).sum((2, 3)).sum(0)
+  if mask is None:
+    intersect, sum_pred = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0)
+  else:
+    intersect, sum_pred = (x * y * mask).sum((2, 3)).sum(0), (x * mask).sum((2, 3)).sum(0)
   return ce - ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
 
 
-def dice_bce_loss(logits, target, regions, smooth=1e-5):
+def dice_bce_loss(logits, target, regions, smooth=1e-5, ignore_label=None):
   """nnU-Net's DC_and_BCE_loss (BCEWithLogitsLoss + MemoryEfficientSoftDiceLoss(sigmoid,
-  batch_dice=True, do_bg=True)) on region targets, NCHW; `regions`: lists of label values."""
+  batch_dice=True, do_bg=True), use_ignore_label) on region targets, NCHW; `regions`: lists of
+  label values. With an ignore label the target gets its mask as a last channel, as nnU-Net's
+  ConvertSegmentationToRegionsTransform does."""
   with torch.no_grad():
-    y = torch.stack([torch.isin(target, torch.tensor(ids)) for ids in regions], 1).to(logits.dtype)
-  bce = F.binary_cross_entropy_with_logits(logits, y)
+    channels = [torch.isin(target, torch.tensor(ids)) for ids in regions]
+    if ignore_label is not None:
+      channels.append(target == ignore_label)
+    y = torch.stack(channels, 1).to(logits.dtype)
+  if ignore_label is not None:
+    mask, y = (1 - y[:, -1:]).bool(), y[:, :-1]
+  else:
+    mask = None
   x = torch.sigmoid(logits)
-  intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
+  if mask is None:
+    bce = F.binary_cross_entropy_with_logits(logits, y)
+    intersect, sum_pred, sum_gt = (x * y).sum((2, 3)).sum(0), x.sum((2, 3)).sum(0), y.sum((2, 3)).sum(0)
+  else:
+    bce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask).sum() / torch.clip(
+        mask.sum(), min=1e-8)
+    intersect, sum_pred = (x * y * mask).sum((2, 3)).sum(0), (x * mask).sum((2, 3)).sum(0)
+    sum_gt = (y * mask).sum((2, 3)).sum(0)
   return bce - ((2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)).mean()
 
 

@@ -22,6 +22,7 @@ with "regions_class_order", as KiTS23) are predicted and scored per region (`tar
 """
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 
@@ -51,6 +52,7 @@ class RawDataset:
   file_ending: str
   regions: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # name -> label values
   regions_class_order: tuple[int, ...] = ()  # the label value each region's prediction is written as
+  ignore_label: int | None = None   # nnU-Net's "ignore": unannotated voxels, left out of loss and scores
 
   @property
   def num_classes(self) -> int:
@@ -75,7 +77,7 @@ def read_raw(root: str) -> RawDataset:
     raise DatasetError(f"{path}: {len(channels)} input channels {channels}; mfjax segments one-channel "
                        "CT/MR volumes")
   modality = str(next(iter(channels.values())))
-  labels, regions, order = _parse_labels(meta.get("labels"), meta.get("regions_class_order"), path)
+  labels, regions, order, ignore = _parse_labels(meta.get("labels"), meta.get("regions_class_order"), path)
   file_ending = meta.get("file_ending", ".nii.gz")
   if file_ending not in volumes.NIFTI_ENDINGS:
     raise DatasetError(f"{path}: file_ending {file_ending!r} is not supported; mfjax reads NIfTI "
@@ -102,20 +104,36 @@ def read_raw(root: str) -> RawDataset:
   if expected is not None and int(expected) != len(cases):
     raise DatasetError(f"{path}: numTraining is {expected} but {len(cases)} training cases were found")
   name = meta.get("name") or os.path.basename(root)
-  return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending, regions, order)
+  return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending, regions, order,
+                    ignore)
 
 
-def _parse_labels(labels, regions_class_order, path) -> tuple[dict[int, str], dict[str, tuple[int, ...]], tuple]:
-  """(label value -> name, region name -> label values, regions_class_order) of dataset.json.
+def _parse_labels(labels, regions_class_order, path):
+  """(label value -> name, region name -> label values, regions_class_order, ignore label or None)
+  of dataset.json.
 
   nnU-Net v2 region-based labels ({"background": 0, "whole tumor": [1, 2, 3], "enhancing": 3})
-  are detected by any list value; they need "regions_class_order", one label value per region."""
+  are detected by any list value; they need "regions_class_order", one label value per region.
+  nnU-Net v2's "ignore" label (sparse annotation) must be one integer, above every other value."""
   if not isinstance(labels, dict) or not labels:
     raise DatasetError(f"{path}: needs a 'labels' mapping, e.g. {{\"background\": 0, \"liver\": 1}}")
-  if "ignore" in labels:
-    raise DatasetError(f"{path}: nnU-Net's 'ignore' label (sparse annotation) is not supported")
-  if any(isinstance(v, (list, tuple)) for v in labels.values()):
-    return _parse_regions(labels, regions_class_order, path)
+  labels = dict(labels)
+  ignore = labels.pop("ignore", None)
+  if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)):
+    raise DatasetError(f"{path}: the 'ignore' label must be one integer label value, not {ignore!r}")
+  region_based = any(isinstance(v, (list, tuple)) for v in labels.values())
+  parsed = _parse_regions(labels, regions_class_order, path) if region_based else _parse_plain_labels(labels, path)
+  highest = max(parsed[0])
+  if ignore is not None and not region_based and ignore != highest + 1:
+    raise DatasetError(f"{path}: the 'ignore' label is {ignore}; nnU-Net needs it right after the highest "
+                       f"label value {highest} (label values are consecutive), i.e. {highest + 1}")
+  if ignore is not None and ignore <= highest:
+    raise DatasetError(f"{path}: the 'ignore' label {ignore} must be above every other label value "
+                       f"(the highest is {highest})")
+  return (*parsed, ignore)
+
+
+def _parse_plain_labels(labels, path):
   out = {}
   for key, value in labels.items():
     name, ident = (key, value) if isinstance(value, int) else (value, key)  # v2 name->id, v1 id->name
@@ -228,7 +246,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   os.makedirs(out_dir, exist_ok=True)
   plans_path = os.path.join(out_dir, PLANS_JSON)
   fingerprint = {"files": _fingerprint(raw), "spacing_xy": None if spacing_xy is None else list(map(float, spacing_xy)),
-                 **({"regions": [[k, list(v)] for k, v in raw.regions.items()]} if raw.regions else {})}
+                 **({"regions": [[k, list(v)] for k, v in raw.regions.items()]} if raw.regions else {}),
+                 **({"ignore_label": raw.ignore_label} if raw.ignore_label is not None else {})}
   if os.path.exists(plans_path):
     with open(plans_path) as f:
       plans = json.load(f)
@@ -248,18 +267,20 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     labels, _ = volumes.read_labels(label_path)
     if labels.shape != image.shape:
       raise DatasetError(f"{label_path}: shape {labels.shape} differs from its image {image_path} {image.shape}")
-    unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels))
+    unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
     if unknown:
-      raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}")
+      raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"
+                         + (f" or its ignore label {raw.ignore_label}" if raw.ignore_label is not None else ""))
     rng = np.random.default_rng([12345, i])
-    foreground = image[labels > 0]
+    foreground = image[labels > 0]  # nnU-Net's fingerprint counts ignored voxels as foreground too
     if foreground.size:
       fg_values.append(rng.choice(foreground, min(FG_SAMPLES_PER_CASE, foreground.size), replace=False))
     image = axial_slices(image, spacing, target_xy, order=3)
     labels = axial_slices(labels, spacing, target_xy, order=0)
     np.save(os.path.join(out_dir, case + ".npy"), image)
     np.save(os.path.join(out_dir, case + "_seg.npy"), labels)
-    np.save(os.path.join(out_dir, case + "_locations.npy"), _class_locations(labels, rng, list(raw.regions.values())))
+    np.save(os.path.join(out_dir, case + "_locations.npy"),
+            _class_locations(labels, rng, list(raw.regions.values()), raw.ignore_label))
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
                    "shape": list(labels.shape),  # of the (Z, X, Y) arrays
                    "mean": float(image.mean()), "std": float(image.std())}
@@ -270,6 +291,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
            **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
                "regions_class_order": list(raw.regions_class_order)} if raw.regions else {}),
+           **({"ignore_label": raw.ignore_label} if raw.ignore_label is not None else {}),
            "intensity": {"mean": float(fg.mean()), "std": float(fg.std()),
                          "percentile_00_5": float(np.percentile(fg, 0.5)),
                          "percentile_99_5": float(np.percentile(fg, 99.5))},
@@ -281,20 +303,43 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   return plans
 
 
-def _class_locations(labels: np.ndarray, rng, regions=()) -> np.ndarray:
+ANNOTATED = -1  # the "class" of _class_locations' rows that sample annotated voxels (ignore label)
+
+
+def _class_locations(labels: np.ndarray, rng, regions=(), ignore_label: int | None = None) -> np.ndarray:
   """(N, 4) int32 rows (class, z, x, y) of (Z, X, Y) labels: up to LOCATIONS_PER_CLASS sampled
   voxels per present class; with `regions` (lists of label values), per present region, whose
-  "class" is its position + 1 (nnU-Net samples regions' foreground so)."""
+  "class" is its position + 1 (nnU-Net samples regions' foreground so). With an `ignore_label`,
+  also rows of class ANNOTATED: voxels of any label but it, background included (nnU-Net centres
+  its non-foreground patches there, so that sparse annotations are not mostly missed)."""
   rows = []
   masks = (((i + 1, np.isin(labels, ids)) for i, ids in enumerate(regions)) if regions
-           else ((c, labels == c) for c in np.unique(labels) if c))  # one mask at a time
+           else ((c, labels == c) for c in np.unique(labels) if c and c != ignore_label))  # one mask at a time
+  if ignore_label is not None:
+    masks = itertools.chain(masks, [(ANNOTATED, labels != ignore_label)])
   for c, mask in masks:
     if not mask.any():
       continue
-    where = np.argwhere(mask)
-    take = rng.choice(len(where), min(LOCATIONS_PER_CLASS, len(where)), replace=False)
-    rows.append(np.column_stack([np.full(len(take), c), where[np.sort(take)]]))
+    where = _sample_voxels(mask, rng)
+    rows.append(np.column_stack([np.full(len(where), c), where]))
   return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def _sample_voxels(mask: np.ndarray, rng) -> np.ndarray:
+  """(n, ndim) coordinates of up to LOCATIONS_PER_CLASS distinct voxels of `mask`, in index order.
+  A dense mask (the annotated voxels of a CT) is sampled by drawing voxels and keeping those in
+  it: an index list of all of them would take gigabytes."""
+  count = int(np.count_nonzero(mask))
+  n = min(LOCATIONS_PER_CLASS, count)
+  if count * 8 < mask.size:
+    picked = np.flatnonzero(mask)[rng.choice(count, n, replace=False)]
+  else:
+    flat, picked = mask.reshape(-1), np.zeros(0, np.int64)
+    while len(picked) < n:
+      draw = rng.integers(0, mask.size, 4 * n)
+      picked = np.unique(np.concatenate([picked, draw[flat[draw]]]))
+    picked = rng.choice(picked, n, replace=False)
+  return np.column_stack(np.unravel_index(np.sort(picked), mask.shape))
 
 
 def targets(plans: dict) -> dict[int, tuple[int, ...]]:
@@ -359,11 +404,15 @@ class SliceSampler:
     rng = np.random.default_rng([self.seed, step, index])
     case = self.cases[rng.integers(len(self.cases))]
     image, labels, locations = self.arrays(case)
-    foreground = index >= self.batch_size - self.num_foreground and len(locations)
-    if foreground:
-      classes = np.unique(locations[:, 0])
-      rows = locations[locations[:, 0] == classes[rng.integers(len(classes))]]
+    classes = np.unique(locations[:, 0])
+    foreground = classes[classes > 0]
+    annotated = locations[locations[:, 0] == ANNOTATED]
+    if index >= self.batch_size - self.num_foreground and len(foreground):
+      rows = locations[locations[:, 0] == foreground[rng.integers(len(foreground))]]
       _, z, cx, cy = rows[rng.integers(len(rows))]
+      center = np.array([cx, cy], np.float64) + 0.5
+    elif len(annotated):  # with an ignore label: any annotated voxel, as nnU-Net does
+      _, z, cx, cy = annotated[rng.integers(len(annotated))]
       center = np.array([cx, cy], np.float64) + 0.5
     else:
       z = rng.integers(image.shape[0])

@@ -320,14 +320,19 @@ def ct_volume(rng, shape) -> tuple[np.ndarray, np.ndarray]:
   return image.astype(np.float32), labels
 
 
+SPARSE_IGNORE_LABEL = 3  # nnunet_ct(sparse=True)'s ignore label
+
+
 def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
-              name: str = "Dataset990_SynthCT", test_cases: int = 0, regions: bool = False) -> str:
+              name: str = "Dataset990_SynthCT", test_cases: int = 0, regions: bool = False,
+              sparse: bool = False) -> str:
   """An nnU-Net v2 raw dataset folder root/name (dataset.json, imagesTr, labelsTr[, imagesTs]).
 
   In-plane spacing varies between 0.7 and 0.9 mm and every third case is stored in LPS
   orientation, so readers must resample and reorient. Label values: 1 liver, 2 kidney; with
   `regions`, dataset.json declares them as nested regions ("organs" = [1, 2] containing
-  "kidney" = [2]), as KiTS23 does."""
+  "kidney" = [2]), as KiTS23 does. With `sparse`, the training labels are sparse annotations:
+  every other axial slice and an in-plane rim of the rest carry nnU-Net's ignore label 3."""
   from mfjax.data import volumes
   rng = np.random.default_rng(seed)
   folder = os.path.join(root, name)
@@ -343,11 +348,18 @@ def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
       affine[:2, 3] = [(shape[0] - 1) * spacing[0], (shape[1] - 1) * spacing[1]]
     volumes.write_volume(os.path.join(folder, f"images{split}", f"{case}_0000.nii.gz"),
                          np.round(image).astype(np.int16), affine=affine)
+    if sparse and split == "Tr":
+      labels = labels.copy()
+      rim = max(1, shape[0] // 8)
+      labels[..., 1::2] = SPARSE_IGNORE_LABEL
+      labels[:rim], labels[-rim:], labels[:, :rim], labels[:, -rim:] = (SPARSE_IGNORE_LABEL,) * 4
     volumes.write_volume(os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), labels, affine=affine)
   meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "kidney": 2},
           "numTraining": num_cases, "file_ending": ".nii.gz", "name": name}
   if regions:
     meta.update(labels={"background": 0, "organs": [1, 2], "kidney": 2}, regions_class_order=[1, 2])
+  if sparse:
+    meta["labels"]["ignore"] = SPARSE_IGNORE_LABEL
   with open(os.path.join(folder, "dataset.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return folder

@@ -137,9 +137,20 @@ def _mask(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
   return labels == values[0] if len(values) == 1 else np.isin(labels, values)
 
 
-def dice_per_class(prediction: np.ndarray, truth: np.ndarray, classes) -> dict[int, float]:
+def _scored(prediction: np.ndarray, truth: np.ndarray, ignore_label: int | None) -> np.ndarray:
+  """`prediction` with what it says at voxels `truth` labels `ignore_label` taken out (set to
+  background), as nnU-Net's evaluation leaves them out of TP, FP and FN."""
+  if ignore_label is None:
+    return prediction
+  return np.where(truth == ignore_label, 0, prediction)
+
+
+def dice_per_class(prediction: np.ndarray, truth: np.ndarray, classes, ignore_label: int | None = None
+                   ) -> dict[int, float]:
   """{class: Dice} of one case; NaN where the class is absent from `truth`. `classes`: class ids,
-  or {key: label values} for regions (a region is the union of its values)."""
+  or {key: label values} for regions (a region is the union of its values). Voxels of `truth`
+  labelled `ignore_label` are not scored."""
+  prediction = _scored(prediction, truth, ignore_label)
   out = {}
   for c, values in _targets(classes).items():
     p, t = _mask(prediction, values), _mask(truth, values)
@@ -167,9 +178,12 @@ def surface_distances(prediction: np.ndarray, truth: np.ndarray, spacing) -> tup
   return to(pred_surface, true_surface), to(true_surface, pred_surface)
 
 
-def surface_metrics(prediction: np.ndarray, truth: np.ndarray, classes, spacing, tolerance: float = 1.0) -> dict:
+def surface_metrics(prediction: np.ndarray, truth: np.ndarray, classes, spacing, tolerance: float = 1.0,
+                    ignore_label: int | None = None) -> dict:
   """{"hd95": {class: mm}, "nsd": {class: share}} of one case; NaN where the class is absent from
-  `truth` (as Dice), and HD95 NaN where the prediction lacks it (MONAI's result)."""
+  `truth` (as Dice), and HD95 NaN where the prediction lacks it (MONAI's result). The prediction
+  at voxels of `truth` labelled `ignore_label` is left out, as in dice_per_class."""
+  prediction = _scored(prediction, truth, ignore_label)
   out = {"hd95": {}, "nsd": {}}
   for c, values in _targets(classes).items():
     p, t = _mask(prediction, values), _mask(truth, values)

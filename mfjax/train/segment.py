@@ -41,31 +41,43 @@ from mfjax.train.optim import make_optimizer
 log = logging.getLogger("mfjax")
 
 
-def dice_ce_loss(logits, labels, num_classes: int, smooth: float = 1e-5):
+def _soft_dice(probs, truth, mask, smooth):
+  """nnU-Net's MemoryEfficientSoftDiceLoss dice (batch_dice): per channel over the batch and
+  pixels, only where `mask` (None: everywhere), then averaged over channels."""
+  if mask is not None:
+    probs, truth = probs * mask[..., None], truth * mask[..., None]
+  axes = tuple(range(probs.ndim - 1))
+  intersect, sum_pred, sum_true = (probs * truth).sum(axes), probs.sum(axes), truth.sum(axes)
+  return ((2 * intersect + smooth) / jnp.maximum(sum_true + sum_pred + smooth, 1e-8)).mean()
+
+
+def dice_ce_loss(logits, labels, num_classes: int, smooth: float = 1e-5, ignore_label: int | None = None):
   """nnU-Net's DC_and_CE_loss for 2-D plans: cross-entropy + (-soft Dice), the Dice of softmax
   probabilities over foreground classes, summed over the batch and pixels (batch_dice), then
-  averaged over classes. Returns (loss, {"ce", "dice"})."""
+  averaged over classes. Pixels labelled `ignore_label` count in neither (cross-entropy is the
+  mean over the others, 0 when there are none). Returns (loss, {"ce", "dice"})."""
   logits = logits.astype(jnp.float32)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  ce = optax.softmax_cross_entropy(logits, onehot).mean()
-  probs, truth = jax.nn.softmax(logits)[..., 1:], onehot[..., 1:]
-  axes = tuple(range(logits.ndim - 1))
-  intersect, sum_pred, sum_true = (probs * truth).sum(axes), probs.sum(axes), truth.sum(axes)
-  dice = ((2 * intersect + smooth) / jnp.maximum(sum_true + sum_pred + smooth, 1e-8)).mean()
+  mask = None if ignore_label is None else (labels != ignore_label).astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels if mask is None else jnp.where(mask > 0, labels, 0), num_classes,
+                          dtype=jnp.float32)
+  pixel_ce = optax.softmax_cross_entropy(logits, onehot)
+  ce = pixel_ce.mean() if mask is None else (pixel_ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  dice = _soft_dice(jax.nn.softmax(logits)[..., 1:], onehot[..., 1:], mask, smooth)
   return ce - dice, {"ce": ce, "dice": dice}
 
 
-def dice_bce_loss(logits, labels, regions, smooth: float = 1e-5):
+def dice_bce_loss(logits, labels, regions, smooth: float = 1e-5, ignore_label: int | None = None):
   """nnU-Net's DC_and_BCE_loss for region-based datasets: binary cross-entropy on each region's
   mask (`regions`: tuples of label values) + (-soft Dice) of the sigmoids, over every region (no
-  background channel), batch Dice as in dice_ce_loss. Returns (loss, {"ce", "dice"})."""
+  background channel), batch Dice as in dice_ce_loss. With `ignore_label`, its pixels count in
+  neither, and, as in nnU-Net, the cross-entropy is summed over regions and divided by the number
+  of the other pixels. Returns (loss, {"ce", "dice"})."""
   logits = logits.astype(jnp.float32)
   truth = jnp.stack([jnp.isin(labels, jnp.asarray(ids)) for ids in regions], axis=-1).astype(jnp.float32)
-  bce = optax.sigmoid_binary_cross_entropy(logits, truth).mean()
-  probs = jax.nn.sigmoid(logits)
-  axes = tuple(range(logits.ndim - 1))
-  intersect, sum_pred, sum_true = (probs * truth).sum(axes), probs.sum(axes), truth.sum(axes)
-  dice = ((2 * intersect + smooth) / jnp.maximum(sum_true + sum_pred + smooth, 1e-8)).mean()
+  pixel_bce = optax.sigmoid_binary_cross_entropy(logits, truth)
+  mask = None if ignore_label is None else (labels != ignore_label).astype(jnp.float32)
+  bce = pixel_bce.mean() if mask is None else (pixel_bce * mask[..., None]).sum() / jnp.maximum(mask.sum(), 1e-8)
+  dice = _soft_dice(jax.nn.sigmoid(logits), truth, mask, smooth)
   return bce - dice, {"ce": bce, "dice": dice}
 
 
@@ -118,10 +130,10 @@ def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
                                      weighted=True)
 
 
-def prepare(config, num_classes: int, mesh, regions=()):
+def prepare(config, num_classes: int, mesh, regions=(), ignore_label: int | None = None):
   """(model, train state placed on `mesh` (replicated), jitted train_step(state, batch, lr_scale)).
   `num_classes` output channels; with `regions` (tuples of label values, one per channel) the
-  loss is nnU-Net's region loss (dice_bce_loss)."""
+  loss is nnU-Net's region loss (dice_bce_loss); pixels labelled `ignore_label` do not count."""
   model = build_segmenter(config, num_classes)
   patch = (config.data.patch, config.data.patch)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -141,8 +153,8 @@ def prepare(config, num_classes: int, mesh, regions=()):
     def loss_of(params):
       logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
       if regions:
-        return dice_bce_loss(logits, batch["label"], regions)
-      return dice_ce_loss(logits, batch["label"], num_classes)
+        return dice_bce_loss(logits, batch["label"], regions, ignore_label=ignore_label)
+      return dice_ce_loss(logits, batch["label"], num_classes, ignore_label=ignore_label)
 
     (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -181,7 +193,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                                 config.data.foreground_fraction, config.data.augment, config.seed,
                                 config.data.num_workers)
 
-  model, state, train_step = prepare(config, nnunet.num_outputs(plans), mesh, tuple(raw.regions.values()))
+  model, state, train_step = prepare(config, nnunet.num_outputs(plans), mesh, tuple(raw.regions.values()),
+                                     raw.ignore_label)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   batch_sharding = parallel.batch_sharding(mesh)
   rows = local_rows(config.batch_size)
@@ -294,10 +307,11 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
     prediction = segmentation.labels_in_chunks(lambda chunk: segment_volume(predict, params, chunk, plans, config),
                                                slices, truth.shape[:2], plans.get("regions_class_order", ()),
                                                config.eval.batch_size)
-    per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes)}
+    ignore = plans.get("ignore_label")
+    per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes, ignore)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
-                                                         config.eval.nsd_tolerance_mm))
+                                                         config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None and jax.process_index() == 0:
       volumes.write_volume(str(out_dir / f"{case}.nii.gz"), prediction,
                            affine=volumes.canonical_affine(plans["cases"][case]["image"]))
@@ -328,7 +342,8 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
-ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "labels", "regions", "regions_class_order")
+ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "labels", "regions", "regions_class_order",
+                 "ignore_label")
 
 
 def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True) -> list[str]:
