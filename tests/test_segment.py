@@ -581,6 +581,9 @@ def test_sparse_annotations_train_on_annotated_voxels_only(tmp_path):
   dataset = nnunet.read_raw(raw)
   ignore = synthetic.SPARSE_IGNORE_LABEL
   assert dataset.ignore_label == ignore and dataset.num_classes == 3
+  with_regions = nnunet.read_raw(synthetic.nnunet_ct(str(tmp_path / "raw_regions"), num_cases=2, sparse=True,
+                                                     regions=True))
+  assert with_regions.ignore_label == ignore and with_regions.regions == {"organs": (1, 2), "kidney": (2,)}
   plans = nnunet.preprocess(dataset, str(tmp_path / "pre"), progress=False)
   assert plans["ignore_label"] == ignore and nnunet.num_outputs(plans) == 3
   seg = np.load(tmp_path / "pre" / "synth_000_seg.npy")
