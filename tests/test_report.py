@@ -469,6 +469,12 @@ def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path, monk
   assert (pretrained["steps"], pretrained["loss"], pretrained["gram"]) == ("125000", "3.25", "False")
   page = (tmp_path / "report" / "report.md").read_text()
   assert "## MedDINOv3 segmentation (mfjax segment)" in page and "## MedDINOv3 pretraining" in page
+  assert "plots/segmentation_dice.png" in page and (tmp_path / "report" / "plots" / "segmentation_dice.png").exists()
+  ((classes, bars),) = plots.segmentation_bars(results.load_segment_runs(str(tmp_path))).values()
+  assert classes == ["liver", "spleen"] and list(bars) == [
+      "meddinov3_vitb16 · meddinov3", "meddinov3_vitb16 · random init", "meddinov3_vitb16 · random init #2"]
+  np.testing.assert_allclose(bars["meddinov3_vitb16 · meddinov3"][0], [0.85, 0.6])
+  np.testing.assert_allclose(bars["meddinov3_vitb16 · random init #2"][1], [[0.5, 0.3]])
   assert "1 training runs selected into 1 cells" in page and "4 segmentation and 1 pretraining runs" in page
   # The same setup and fold twice (a copied run) is an error naming both files.
   write_segment_run(tmp_path, 1, {"liver": 0.8, "spleen": 0.5}, backbone="/ckpt/meddinov3",

@@ -83,7 +83,7 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
              plots.timing(timing_rows, plot_dir, notes), *plots.progressive(cells, plot_dir, notes),
              plots.decapitation(cells, plot_dir, notes), plots.model_size(cells, plot_dir, notes),
              plots.resolution(cells, plot_dir, notes), *(plots.cka_heatmap(r, plot_dir, notes) for r in cka),
-             plots.cka_diagonals(cka, plot_dir, notes)]
+             plots.cka_diagonals(cka, plot_dir, notes), plots.segmentation_dice(segment_runs, plot_dir, notes)]
   figures = [f for f in figures if f]
 
   knn_rows = [{"label": r["label"], "model": r["model"], "dataset": r["dataset"], "resolution": r["resolution"],

@@ -551,3 +551,80 @@ def cka_diagonals(results: list[dict], out_dir: str, notes: list) -> dict | None
   return {"file": _save(fig, out_dir, "cka_diagonals"), "title": "Layer change in fine-tuning",
           "caption": "The diagonal of each square CKA heatmap: a layer compared with itself before and after "
                      "fine-tuning (solid: foundation layers; dashed: stacked DeiT-B layers)."}
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def _setup_label(run: dict) -> str:
+  backbone = run["backbone"]
+  short = backbone if backbone == "random init" else os.path.basename(os.path.normpath(backbone))
+  return f"{run['model']} · {short}"
+
+
+def segmentation_bars(runs: list[dict]) -> dict:
+  """{dataset: (classes, {setup label: (per-class mean over folds, (folds, classes) values)})} of
+  `mfjax segment` runs (results.load_segment_runs). A setup is everything but the fold; labels
+  are "model · backbone", numbered where two setups would share one, and the same across
+  datasets. A class absent from a fold's validation cases (NaN) does not count in that fold."""
+  labels = {}
+  for run in runs:
+    key = run["setup"][1:]  # a run's setup starts with its dataset
+    if key not in labels:
+      base = _setup_label(run)
+      taken = sum(1 for label in labels.values() if label == base or label.startswith(base + " #"))
+      labels[key] = base if not taken else f"{base} #{taken + 1}"
+  out = {}
+  for dataset in sorted({r["dataset"] for r in runs}):
+    setups: dict[tuple, list[dict]] = {}
+    for run in runs:
+      if run["dataset"] == dataset:
+        setups.setdefault(run["setup"][1:], []).append(run)
+    classes = list(dict.fromkeys(c for folds in setups.values() for r in folds for c in r["dice_per_class"]))
+    bars = {}
+    for key, folds in setups.items():
+      values = np.array([[r["dice_per_class"].get(c, np.nan) for c in classes] for r in folds])
+      present = ~np.isnan(values)
+      means = np.where(present.any(0), np.nansum(values, 0) / np.maximum(present.sum(0), 1), np.nan)
+      bars[labels[key]] = (means, values)
+    out[dataset] = (classes, bars)
+  return out
+
+
+def segmentation_dice(runs: list[dict], out_dir: str, notes: list) -> dict | None:
+  """Validation Dice per class of `mfjax segment` runs: a panel per dataset, a bar per setup at
+  each class (segmentation_bars), a dot per fold."""
+  panels = segmentation_bars([r for r in runs if r["dice_per_class"]])
+  if not panels:
+    return None
+  every_label = list(dict.fromkeys(label for _, bars in panels.values() for label in bars))
+  colours = {label: EXTRA_COLOURS[i % len(EXTRA_COLOURS)] for i, label in enumerate(every_label)}
+  fig, axes = _grid(len(panels), width=5.2, height=3.6, columns=2)
+  for ax, (dataset, (classes, bars)) in zip(axes, panels.items()):
+    width = 0.8 / len(bars)
+    for i, (label, (means, values)) in enumerate(bars.items()):
+      x = np.arange(len(classes)) + (i - (len(bars) - 1) / 2) * width
+      ax.bar(x, np.nan_to_num(means), width=width * 0.92, color=colours[label], alpha=0.55,
+             edgecolor=colours[label], label=label)
+      for row in values:
+        ax.plot(x, row, ls="", marker="o", ms=3.5, mfc="white", mec="0.15")
+    missing = [c for j, c in enumerate(classes) if all(np.isnan(means[j]) for means, _ in bars.values())]
+    if missing:
+      notes.append(f"Segmentation, {dataset}: no validation case has {', '.join(missing)}; no Dice to plot.")
+    many = len(classes) > 6
+    ax.set_xticks(np.arange(len(classes)), classes, rotation=30 if many else 0, ha="right" if many else "center",
+                  fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("validation Dice")
+    ax.set_title(dataset, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+  handles = {}
+  for ax in axes:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  _legend_below(fig, list(handles.values()), list(handles))
+  fig.suptitle("MedDINOv3 segmentation: validation Dice per class")
+  return {"file": _save(fig, out_dir, "segmentation_dice"), "title": "Segmentation: Dice per class",
+          "caption": "One bar per setup (model · backbone; everything but the fold): the mean over its folds of "
+                     "MedDINOv3's per-class Dice; dots: each fold. A class absent from a fold's validation "
+                     "cases does not count in that fold."}
