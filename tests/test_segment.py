@@ -356,6 +356,25 @@ def test_preprocessing_errors_name_the_case(raw_ct, tmp_path):
     nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre2"), progress=False)
 
 
+def test_label_maps_off_their_images_grid_are_all_named_before_preprocessing(raw_ct, tmp_path):
+  root = _copy_raw(raw_ct, tmp_path)
+  label_file = lambda case: str(root / "labelsTr" / f"{case}.nii.gz")
+  # synth_002 is stored LPS; its label rewritten in RAS order on the same grid is still aligned.
+  labels, _ = volumes.read_labels(label_file("synth_002"))
+  volumes.write_volume(label_file("synth_002"), labels, affine=volumes.canonical_affine(label_file("synth_002")))
+  assert nnunet.verify_geometry(nnunet.read_raw(str(root))) == []
+  shifted = volumes.canonical_affine(label_file("synth_001"))
+  shifted[:3, 3] += (0.0, 2.5, 0.0)
+  volumes.write_volume(label_file("synth_001"), volumes.read_labels(label_file("synth_001"))[0], affine=shifted)
+  volumes.write_volume(label_file("synth_003"), volumes.read_labels(label_file("synth_003"))[0][:-1],
+                       affine=volumes.canonical_affine(label_file("synth_003")))
+  with pytest.raises(nnunet.DatasetError, match="2 case") as error:
+    nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
+  assert "synth_001.nii.gz: its voxel-to-world affine differs from its image's by up to 2.5" in str(error.value)
+  assert "synth_003.nii.gz: shape (47, 48, 10) differs from its image's (48, 48, 10)" in str(error.value)
+  assert os.listdir(tmp_path / "pre") == []
+
+
 def test_preprocess_plans_resampling_and_reuse(raw_ct, tmp_path):
   raw = nnunet.read_raw(raw_ct)
   plans = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)

@@ -233,6 +233,22 @@ def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, order: int) -> 
   return np.ascontiguousarray(resample_inplane(volume, shape_xy, order).transpose(2, 0, 1))
 
 
+def verify_geometry(raw: RawDataset, tolerance_mm: float = 1e-3) -> list[str]:
+  """One line per training case whose label map's grid (shape, spacing, orientation, origin) is not
+  its image's, read from the headers alone; as nnU-Net's dataset integrity check, every case at once."""
+  problems = []
+  for case, (image_path, label_path) in raw.cases.items():
+    (image_shape, image_affine), (label_shape, label_affine) = (volumes.canonical_geometry(image_path),
+                                                                volumes.canonical_geometry(label_path))
+    if image_shape != label_shape:
+      problems.append(f"{label_path}: shape {label_shape} differs from its image's {image_shape} ({image_path})")
+    elif not np.allclose(image_affine, label_affine, atol=tolerance_mm):
+      worst = float(np.abs(image_affine - label_affine).max())
+      problems.append(f"{label_path}: its voxel-to-world affine differs from its image's by up to {worst:.4g} "
+                      f"(spacing, orientation or origin; {image_path})")
+  return problems
+
+
 def _fingerprint(raw: RawDataset) -> dict:
   return {case: [os.path.getsize(p) for p in pair] for case, pair in raw.cases.items()}
 
@@ -256,6 +272,11 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     raise DatasetError(f"{out_dir} holds preprocessed data of another dataset or an older version of it; "
                        "choose a new preprocessed folder or delete it")
 
+  problems = verify_geometry(raw)
+  if problems:
+    raise DatasetError(f"{raw.root}: {len(problems)} case(s) whose label map does not lie on its image's voxel "
+                       "grid (nothing was preprocessed):\n  " + "\n  ".join(problems[:20])
+                       + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
   spacings = {case: volumes.read_spacing(image) for case, (image, _) in raw.cases.items()}
   target_xy = (np.median(np.stack(list(spacings.values()))[:, :2], axis=0) if spacing_xy is None
                else np.asarray(spacing_xy, np.float64))

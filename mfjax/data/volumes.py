@@ -99,7 +99,16 @@ def _load_header(path: str):
 
 def canonical_affine(path: str) -> np.ndarray:
   """The voxel-to-world affine of `read_volume(path)`'s array (for writing predictions back)."""
+  return canonical_geometry(path)[1]
+
+
+def canonical_geometry(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+  """(shape, voxel-to-world affine) of `read_volume(path)`'s array, from the header alone."""
   import nibabel as nib
   path, image = _load_header(path)
+  shape = image.shape[:3] if len(image.shape) >= 3 else image.shape
+  if len(shape) != 3:
+    raise VolumeError(f"{path}: expected a 3-D volume, got shape {image.shape}")
   ornt = nib.orientations.io_orientation(image.affine)
-  return image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape[:3])
+  canonical_shape = tuple(int(shape[i]) for i in np.argsort(ornt[:, 0]))
+  return canonical_shape, image.affine @ nib.orientations.inv_ornt_aff(ornt, shape)
