@@ -356,6 +356,30 @@ def test_preprocessing_errors_name_the_case(raw_ct, tmp_path):
     nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre2"), progress=False)
 
 
+def test_preprocessing_resumes_after_a_bad_case_without_redoing_the_finished_ones(raw_ct, tmp_path, monkeypatch):
+  root = _copy_raw(raw_ct, tmp_path)
+  bad = str(root / "labelsTr" / "synth_004.nii.gz")
+  good_labels, _ = volumes.read_labels(bad)
+  affine = volumes.canonical_affine(bad)
+  broken = good_labels.copy()
+  broken[0, 0, 0] = 7
+  volumes.write_volume(bad, broken, affine=affine)
+  with pytest.raises(nnunet.DatasetError, match=r"synth_004.nii.gz: label values \[7\]"):
+    nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
+  volumes.write_volume(bad, good_labels, affine=affine)   # the user fixes the file and runs again
+  read = []
+  real_read_volume = volumes.read_volume
+  monkeypatch.setattr(volumes, "read_volume", lambda path: read.append(os.path.basename(path)) or real_read_volume(path))
+  resumed = nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
+  assert sorted(read) == ["synth_004.nii.gz", "synth_004_0000.nii.gz", "synth_005.nii.gz", "synth_005_0000.nii.gz"]
+  fresh = nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "fresh"), progress=False)
+  assert resumed == fresh
+  for case in resumed["cases"]:
+    for suffix in (".npy", "_seg.npy", "_locations.npy"):
+      np.testing.assert_array_equal(np.load(tmp_path / "pre" / (case + suffix)),
+                                    np.load(tmp_path / "fresh" / (case + suffix)))
+
+
 def test_label_maps_off_their_images_grid_are_all_named_before_preprocessing(raw_ct, tmp_path):
   root = _copy_raw(raw_ct, tmp_path)
   label_file = lambda case: str(root / "labelsTr" / f"{case}.nii.gz")

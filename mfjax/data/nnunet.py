@@ -24,12 +24,15 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import logging
 import os
 
 import numpy as np
 
 from mfjax.config import DataError
 from mfjax.data import volumes
+
+log = logging.getLogger("mfjax")
 
 DATASET_JSON = "dataset.json"
 PLANS_JSON = "plans.json"
@@ -281,9 +284,20 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   target_xy = (np.median(np.stack(list(spacings.values()))[:, :2], axis=0) if spacing_xy is None
                else np.asarray(spacing_xy, np.float64))
   from tqdm.auto import tqdm
-  cases, fg_values = {}, []
+  cases, fg_values, reused = {}, [], 0
   for i, (case, (image_path, label_path)) in enumerate(tqdm(raw.cases.items(), desc=f"preprocess {raw.name}",
                                                            unit="case", disable=not progress)):
+    # A case finished by an earlier, interrupted run (same files, spacing and position) is kept.
+    done_path = os.path.join(out_dir, case + CASE_DONE_SUFFIX)
+    done_key = {"image": image_path, "label": label_path, "sizes": fingerprint["files"][case], "index": i,
+                "target_spacing_xy": target_xy.tolist(), "regions": fingerprint.get("regions"),
+                "ignore_label": raw.ignore_label}
+    done = _read_json_or_none(done_path)
+    if done is not None and done.get("key") == done_key:
+      cases[case] = done["case"]
+      fg_values.append(np.load(os.path.join(out_dir, case + "_fg.npy")))
+      reused += 1
+      continue
     image, spacing = volumes.read_volume(image_path)
     labels, _ = volumes.read_labels(label_path)
     if labels.shape != image.shape:
@@ -294,8 +308,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
                          + (f" or its ignore label {raw.ignore_label}" if raw.ignore_label is not None else ""))
     rng = np.random.default_rng([12345, i])
     foreground = image[labels > 0]  # nnU-Net's fingerprint counts ignored voxels as foreground too
-    if foreground.size:
-      fg_values.append(rng.choice(foreground, min(FG_SAMPLES_PER_CASE, foreground.size), replace=False))
+    fg_values.append(rng.choice(foreground, min(FG_SAMPLES_PER_CASE, foreground.size), replace=False)
+                     if foreground.size else np.zeros(0, np.float32))
     image = axial_slices(image, spacing, target_xy, order=3)
     labels = axial_slices(labels, spacing, target_xy, order=0)
     np.save(os.path.join(out_dir, case + ".npy"), image)
@@ -305,9 +319,14 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
                    "shape": list(labels.shape),  # of the (Z, X, Y) arrays
                    "mean": float(image.mean()), "std": float(image.std())}
-  if not fg_values:
-    raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
+    np.save(os.path.join(out_dir, case + "_fg.npy"), fg_values[-1])
+    _write_json_atomically(done_path, {"key": done_key, "case": cases[case]})  # last: the case is complete
+  if reused:
+    log.info("preprocess %s: %d of %d cases were already done by an interrupted run and are reused", raw.name,
+             reused, len(raw.cases))
   fg = np.concatenate(fg_values)
+  if not fg.size:
+    raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
   plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality,
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
            **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
@@ -317,11 +336,25 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
                          "percentile_00_5": float(np.percentile(fg, 0.5)),
                          "percentile_99_5": float(np.percentile(fg, 99.5))},
            "cases": cases, "fingerprint": fingerprint}
-  tmp = plans_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(plans, f, indent=1)
-  os.replace(tmp, plans_path)  # plans.json last: its presence means every case is written
+  _write_json_atomically(plans_path, plans)  # plans.json last: its presence means every case is written
   return plans
+
+
+CASE_DONE_SUFFIX = "_case.json"  # written last for each preprocessed case
+
+
+def _write_json_atomically(path: str, data: dict):
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _read_json_or_none(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 ANNOTATED = -1  # the "class" of _class_locations' rows that sample annotated voxels (ignore label)
