@@ -157,6 +157,8 @@ def main(argv=None) -> int:
                       "the logits of several finished runs, e.g. the 5 folds, as nnU-Net does")
   p.add_argument("--predict", help="a folder of NIfTI volumes to segment with a finished run")
   p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
+  p.add_argument("--continue-prediction", action="store_true",
+                 help="with --predict: skip the volumes whose prediction is in --out already (an interrupted run)")
   p.add_argument("--no-progress", action="store_true")
   p = sub.add_parser("pretrain", help="MedDINOv3 pretraining (DINO + iBOT + KoLeo [+ Gram]) on CT volumes")
   p.add_argument("--config", required=True, help="configs/pretrain.py[:key=value,...]")
@@ -239,11 +241,14 @@ def main(argv=None) -> int:
         if args.config or rest or not args.out:
           parser.error("segment --predict takes --workdir RUN [--workdir RUN ...] --predict FOLDER --out FOLDER "
                        "(no config)")
-        for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress):
+        for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress,
+                                           continue_prediction=args.continue_prediction):
           print(path)
         return 0
       if not args.config:
         parser.error("segment needs --config (training) or --predict (with a finished run)")
+      if args.continue_prediction or args.out:
+        parser.error("--continue-prediction and --out go with --predict")
       if len(args.workdir) > 1:
         parser.error("segment training takes one --workdir (several are for --predict)")
       config = load_config(args.config, _config_overrides(parser, rest))

@@ -490,7 +490,7 @@ def _best_params(workdir):
   return params
 
 
-def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeypatch):
+def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeypatch, capsys):
   args = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=6,iters=40",
           "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress"]
   assert cli.main(args + ["--workdir", str(tmp_path / "run")]) == 0
@@ -537,6 +537,17 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
     predicted, _ = volumes.read_labels(str(out / f"{case}.nii.gz"))
     truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTs", f"{case}.nii.gz"))
     assert segmentation.dice_per_class(predicted, truth, [1, 2])[1] > 0.5
+  # An interrupted prediction continues where it stopped: only the missing volume is predicted.
+  first = volumes.read_labels(str(out / "synth_007.nii.gz"))[0]
+  os.remove(out / "synth_007.nii.gz")
+  kept = os.stat(out / "synth_006.nii.gz").st_mtime_ns
+  capsys.readouterr()
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw_ct, "imagesTs"),
+                   "--out", str(out), "--continue-prediction", "--no-progress"]) == 0
+  assert capsys.readouterr().out.split() == [str(out / "synth_007.nii.gz")]
+  assert os.stat(out / "synth_006.nii.gz").st_mtime_ns == kept and sorted(os.listdir(out)) == [
+      "synth_006.nii.gz", "synth_007.nii.gz"]
+  np.testing.assert_array_equal(volumes.read_labels(str(out / "synth_007.nii.gz"))[0], first)
 
   # A fold ensemble (nnU-Net's default prediction): the runs' logits are averaged.
   fold1 = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=1,iters=10,fold=1",

@@ -64,7 +64,10 @@ def write_volume(path: str, data: np.ndarray, spacing=(1.0, 1.0, 1.0), affine=No
   affine = np.diag([*map(float, spacing), 1.0]) if affine is None else np.asarray(affine, np.float64)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = nib.Nifti1Image(np.asarray(data), affine)  # the header's zooms follow the affine
-  nib.save(image, path)
+  ending = next((e for e in NIFTI_ENDINGS if path.endswith(e)), "")
+  partial = path[: len(path) - len(ending)] + ".partial" + ending  # nibabel picks gzip by the ending
+  nib.save(image, partial)
+  os.replace(partial, path)  # a volume is there whole or not at all
   return path
 
 

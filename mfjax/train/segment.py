@@ -346,11 +346,19 @@ ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "labels", "region
                  "ignore_label")
 
 
-def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True) -> list[str]:
+def _case_of(input_name: str) -> str:
+  """The case id of an input volume's file name: CASE_0000.nii.gz (nnU-Net's) or CASE.nii.gz."""
+  case = volumes.strip_ending(input_name)
+  return case[:-5] if case.endswith("_0000") else case
+
+
+def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True,
+                   continue_prediction: bool = False) -> list[str]:
   """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with the final parameters of one
   finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
   prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
-  their inputs."""
+  their inputs (each written whole or not at all). `continue_prediction` skips the cases whose
+  output exists (nnU-Net's --continue_prediction); otherwise they are predicted again."""
   workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
@@ -366,12 +374,17 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   if not inputs:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
   os.makedirs(out_dir, exist_ok=True)
+  if continue_prediction:  # decided where the outputs are written (process 0), the same on every process
+    done = np.array([os.path.exists(os.path.join(out_dir, _case_of(name) + ".nii.gz")) for name in inputs])
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done)) if jax.process_count() > 1 else done
+    if done.any():
+      log.info("continuing: %d of %d cases are predicted already in %s", int(done.sum()), len(inputs), out_dir)
+    inputs = [name for name, skip in zip(inputs, done) if not skip]
   written = []
   from tqdm.auto import tqdm
   for name in tqdm(inputs, desc="predict", unit="case", disable=not progress or jax.process_index() != 0):
     path = os.path.join(input_dir, name)
-    case = volumes.strip_ending(name)
-    case = case[:-5] if case.endswith("_0000") else case
+    case = _case_of(name)
     image, spacing = volumes.read_volume(path)
     resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
     slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
