@@ -299,9 +299,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
       reused += 1
       continue
     image, spacing = volumes.read_volume(image_path)
-    labels, _ = volumes.read_labels(label_path)
-    if labels.shape != image.shape:
-      raise DatasetError(f"{label_path}: shape {labels.shape} differs from its image {image_path} {image.shape}")
+    labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
     unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
     if unknown:
       raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"
@@ -449,18 +447,19 @@ class SliceSampler:
     self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers else None
 
   def arrays(self, case: str):
+    """(image, labels, locations, foreground classes in locations, rows of annotated voxels) of a case."""
     if case not in self._arrays:
       load = lambda suffix: np.load(os.path.join(self.out_dir, case + suffix), mmap_mode="r")
-      self._arrays[case] = (load(".npy"), load("_seg.npy"), load("_locations.npy"))
+      locations = np.asarray(load("_locations.npy"))
+      classes = np.unique(locations[:, 0])
+      self._arrays[case] = (load(".npy"), load("_seg.npy"), locations, classes[classes > 0],
+                            locations[locations[:, 0] == ANNOTATED])
     return self._arrays[case]
 
   def sample(self, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([self.seed, step, index])
     case = self.cases[rng.integers(len(self.cases))]
-    image, labels, locations = self.arrays(case)
-    classes = np.unique(locations[:, 0])
-    foreground = classes[classes > 0]
-    annotated = locations[locations[:, 0] == ANNOTATED]
+    image, labels, locations, foreground, annotated = self.arrays(case)
     if index >= self.batch_size - self.num_foreground and len(foreground):
       rows = locations[locations[:, 0] == foreground[rng.integers(len(foreground))]]
       _, z, cx, cy = rows[rng.integers(len(rows))]

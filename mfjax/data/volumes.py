@@ -109,9 +109,9 @@ def canonical_geometry(path: str) -> tuple[tuple[int, ...], np.ndarray]:
   """(shape, voxel-to-world affine) of `read_volume(path)`'s array, from the header alone."""
   import nibabel as nib
   path, image = _load_header(path)
-  shape = image.shape[:3] if len(image.shape) >= 3 else image.shape
-  if len(shape) != 3:
+  if not (len(image.shape) == 3 or (len(image.shape) == 4 and image.shape[3] == 1)):  # as _load
     raise VolumeError(f"{path}: expected a 3-D volume, got shape {image.shape}")
+  shape = image.shape[:3]
   ornt = nib.orientations.io_orientation(image.affine)
   canonical_shape = tuple(int(shape[i]) for i in np.argsort(ornt[:, 0]))
   return canonical_shape, image.affine @ nib.orientations.inv_ornt_aff(ornt, shape)

@@ -298,7 +298,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   """{case: {"dice": {class id: value}[, "hd95": ..., "nsd": ...]}}; with `out_dir`, the predicted
   label volumes are written there."""
   predict = make_predictor(model, mesh, config.eval.batch_size, (config.data.patch,) * 2, config.eval.mirror)
-  classes = nnunet.targets(plans)
+  classes, ignore = nnunet.targets(plans), plans.get("ignore_label")
   per_case = {}
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
@@ -307,7 +307,6 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
     prediction = segmentation.labels_in_chunks(lambda chunk: segment_volume(predict, params, chunk, plans, config),
                                                slices, truth.shape[:2], plans.get("regions_class_order", ()),
                                                config.eval.batch_size)
-    ignore = plans.get("ignore_label")
     per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes, ignore)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
