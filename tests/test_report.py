@@ -441,6 +441,15 @@ def write_segment_run(root, fold, dice, *, backbone="", seed=0, folder=None):
   return os.path.join(folder, "result.json")
 
 
+def test_meddinov3_published_dice_is_found_for_amos_runs_from_dinov3_weights_only():
+  from mfjax.report import paper
+  assert paper.meddinov3_published("Dataset218_AMOS2022_postChallenge_task1", "dinov3_vitb16", "/ckpt/d3") == 0.8481
+  assert paper.meddinov3_published("amos22", "meddinov3_vitb16", "/ckpt/md3") == 0.8551
+  assert paper.meddinov3_published("Dataset218_AMOS2022", "meddinov3_vitb16", "random init") is None
+  assert paper.meddinov3_published("Dataset003_Liver", "meddinov3_vitb16", "/ckpt/md3") is None
+  assert paper.meddinov3_published("Dataset218_AMOS2022", "dinov3_vitl16", "/ckpt/d3l") is None
+
+
 def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path, monkeypatch):
   from configs import pretrain as pretrain_config
   write_run(str(tmp_path), "dinov2_vitb14", "aptos2019", "frozen_linear", 1e-3, 0, 0.7, 0.71)
@@ -465,10 +474,13 @@ def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path, monk
   mean = rows[2]
   assert float(mean["dice"]) == pytest.approx((0.8 + 0.65) / 2) and float(mean["hd95"]) == pytest.approx(5.5)
   assert float(mean["dice:spleen"]) == pytest.approx(0.6) and mean["cases"] == "8"
+  # MedDINOv3's published AMOS22 Dice sits next to the runs from its weights, not next to random init.
+  assert [r["published_dice"] for r in rows] == ["0.8551"] * 3 + [""] * 2
   (pretrained,) = csv.DictReader(open(tmp_path / "report" / "tables" / "pretraining.csv"))
   assert (pretrained["steps"], pretrained["loss"], pretrained["gram"]) == ("125000", "3.25", "False")
   page = (tmp_path / "report" / "report.md").read_text()
   assert "## MedDINOv3 segmentation (mfjax segment)" in page and "## MedDINOv3 pretraining" in page
+  assert "| published_dice |" in page and "| 0.8551 |" in page and "AMOS22's test images" in page
   assert "plots/segmentation_dice.png" in page and (tmp_path / "report" / "plots" / "segmentation_dice.png").exists()
   ((classes, bars),) = plots.segmentation_bars(results.load_segment_runs(str(tmp_path))).values()
   assert classes == ["liver", "spleen"] and list(bars) == [

@@ -7,6 +7,7 @@ resolution, classifier, foundation, dataset) with the mean and std over the pape
 import csv
 import functools
 import io
+import re
 
 PUBLISHED = """\
 table,foundation_state,resolution,classifier,foundation,dataset,metric,mean,std
@@ -234,3 +235,18 @@ def title_of(model: str) -> str:
   """The paper's name for a model (e.g. DINOv2), or the mfjax name when the paper has none."""
   key = FOUNDATIONS.get(model)
   return FOUNDATION_TITLES[key] if key else VARIANT_TITLES.get(model, model)
+
+
+# MedDINOv3 (Li et al., arXiv 2509.02379) on AMOS22: mean Dice of its Tables 1 and 3 as quoted in
+# the authors' repository (issue #4). Its segmentation network with the original DINOv3 ViT-B/16
+# weights, and with MedDINOv3's CT-3M weights. Its third figure, 0.7839, is DINOv3 ViT-B under a plain
+# Primus decoder, which mfjax does not build.
+MEDDINOV3_AMOS22_DICE = {"dinov3_vitb16": 0.8481, "meddinov3_vitb16": 0.8551}
+
+
+def meddinov3_published(dataset: str, model: str, backbone: str) -> float | None:
+  """MedDINOv3's published AMOS22 mean Dice for an `mfjax segment` run on an AMOS dataset (its
+  name holds "AMOS") from converted DINOv3 or MedDINOv3 weights; None for anything else."""
+  if backbone == "random init" or not re.search("amos", dataset, re.IGNORECASE):
+    return None
+  return MEDDINOV3_AMOS22_DICE.get(model)

@@ -247,9 +247,10 @@ def all_cells_rows(cells) -> list[dict]:
 
 
 def segmentation_rows(runs: list[dict]) -> list[dict]:
-  """One row per segmentation run with its validation means and per-class Dice ("dice:NAME"),
-  grouped by setup (everything but the fold); after a setup with two or more numbered folds, a
-  row with their mean. The same fold of one setup twice is an error naming both files."""
+  """One row per segmentation run with its validation means, per-class Dice ("dice:NAME") and
+  MedDINOv3's published Dice where it has one (paper.meddinov3_published), grouped by setup
+  (everything but the fold); after a setup with two or more numbered folds, a row with their mean.
+  The same fold of one setup twice is an error naming both files."""
   groups: dict[tuple, list[dict]] = {}
   for run in runs:
     groups.setdefault(run["setup"], []).append(run)
@@ -261,6 +262,7 @@ def segmentation_rows(runs: list[dict]) -> list[dict]:
         raise ReportError(f"{run['file']} and {seen[run['fold']]}: the same segmentation setup and fold twice")
       seen[run["fold"]] = run["file"]
       row = {k: run[k] for k in ("dataset", "model", "backbone", "fold", "epochs", "cases", "dice", "hd95", "nsd")}
+      row["published_dice"] = paper.meddinov3_published(run["dataset"], run["model"], run["backbone"])
       row.update({f"dice:{name}": value for name, value in run["dice_per_class"].items()})
       rows.append(row)
     numbered = [r for r in rows[len(rows) - len(folds):] if r["fold"].isdigit()]
@@ -268,7 +270,7 @@ def segmentation_rows(runs: list[dict]) -> list[dict]:
       first = numbered[0]
       mean = {"dataset": first["dataset"], "model": first["model"], "backbone": first["backbone"],
               "fold": "mean of " + ",".join(r["fold"] for r in numbered), "epochs": first["epochs"],
-              "cases": sum(r["cases"] for r in numbered)}
+              "cases": sum(r["cases"] for r in numbered), "published_dice": first["published_dice"]}
       for key in dict.fromkeys(k for r in numbered for k in r if k in ("dice", "hd95", "nsd") or k.startswith("dice:")):
         values = [r[key] for r in numbered if key in r and not math.isnan(r[key])]
         mean[key] = sum(values) / len(values) if values else float("nan")
