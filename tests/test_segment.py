@@ -421,6 +421,10 @@ def test_preprocess_plans_resampling_and_reuse(raw_ct, tmp_path):
   assert again == plans
   with pytest.raises(nnunet.DatasetError, match="another dataset"):
     nnunet.preprocess(raw, str(tmp_path / "pre"), spacing_xy=(0.5, 0.5), progress=False)
+  older = dict(plans, fingerprint={k: v for k, v in plans["fingerprint"].items() if k != "preprocessing"})
+  (tmp_path / "pre" / "plans.json").write_text(json.dumps(older))   # written before cropping existed
+  with pytest.raises(nnunet.DatasetError, match="older mfjax's preprocessing"):
+    nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
 
 
 def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
@@ -441,9 +445,83 @@ def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
   rng = np.random.default_rng([0, 0, 0])
   rng.integers(1)
   z = rng.integers(plans["cases"]["synth_000"]["shape"][0])
-  full = np.load(tmp_path / "pre" / "synth_000_seg.npy")[z]
+  full = np.maximum(np.load(tmp_path / "pre" / "synth_000_seg.npy")[z], 0)  # outside the nonzero region: background
   corner = [int(rng.integers(0, s - 24 + 1)) for s in full.shape]
   np.testing.assert_array_equal(labels, full[corner[0]:corner[0] + 24, corner[1]:corner[1] + 24])
+
+
+def test_crop_to_nonzero_is_nnunets():
+  image = np.zeros((6, 7, 5), np.float32)
+  image[1:5, 2:6, 1:4] = 5.0
+  image[2, 4, 2] = 0.0           # a hole, enclosed by the region in 3-D: filled, so inside it
+  image[4, 5, 1:4] = 0.0         # a notch open to the outside: outside the region, though in its box
+  labels = np.zeros(image.shape, np.uint8)
+  labels[2:4, 3:5, 1] = 1
+  labels[4, 5, 2] = 2            # a label in the notch stays; only background outside becomes -1
+  labels[0, 0, 0] = 2            # outside the box: cropped away with it, as nnU-Net does
+  cropped, seg, bbox = nnunet.crop_to_nonzero(image, labels)
+  assert bbox == [[1, 5], [2, 6], [1, 4]] and cropped.shape == seg.shape == (4, 4, 3) and seg.dtype == np.int16
+  expected = labels[1:5, 2:6, 1:4].astype(np.int16)
+  expected[3, 3, [0, 2]] = nnunet.NONZERO_LABEL
+  np.testing.assert_array_equal(seg, expected)
+  np.testing.assert_array_equal(cropped, image[1:5, 2:6, 1:4])
+  _, mask_only, same_bbox = nnunet.crop_to_nonzero(image)   # a new volume: the region alone
+  notch = np.zeros(seg.shape, bool)
+  notch[3, 3, :] = True
+  np.testing.assert_array_equal(mask_only, np.where(notch, nnunet.NONZERO_LABEL, 0))
+  assert same_bbox == bbox
+  back = nnunet.uncrop(seg, bbox, image.shape)
+  np.testing.assert_array_equal(back[1:5, 2:6, 1:4], seg)
+  assert back.sum() == seg.sum() and back.shape == image.shape
+  _, seg, bbox = nnunet.crop_to_nonzero(np.zeros((3, 4, 5)), np.zeros((3, 4, 5), np.uint8))  # nothing nonzero
+  assert bbox == [[0, 3], [0, 4], [0, 5]] and (seg == 0).all()
+
+
+def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_path):
+  """nnU-Net's crop_to_nonzero and use_mask_for_norm: MR whose background is exactly 0 is cropped
+  to the body, z-scored within it (0 outside), trained with the cropped-off background as
+  background, and predicted back onto the original grid."""
+  raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=6, test_cases=1, modality="MRI",
+                            name="Dataset993_SynthMR")
+  dataset = nnunet.read_raw(raw)
+  plans = nnunet.preprocess(dataset, str(tmp_path / "pre"), progress=False)
+  assert plans["use_mask_for_norm"] and 0.4 < plans["median_relative_size_after_cropping"] < 0.75
+  for case, (image_path, _) in dataset.cases.items():
+    image, spacing = volumes.read_volume(image_path)
+    stored = plans["cases"][case]
+    box = tuple(slice(lo, hi) for lo, hi in stored["bbox"])
+    assert np.count_nonzero(image[box]) == np.count_nonzero(image) and stored["shape_before_cropping"] == list(
+        image.shape)
+    seg = np.load(tmp_path / "pre" / f"{case}_seg.npy")
+    slices = nnunet.normalize(np.load(tmp_path / "pre" / f"{case}.npy"), plans, stored, seg)
+    assert slices[seg >= 0].mean() == pytest.approx(0, abs=1e-4) and slices[seg >= 0].std() == pytest.approx(1, 1e-4)
+    assert (seg < 0).mean() > 0.05 and (slices[seg < 0] == 0).all()
+    np.testing.assert_allclose(nnunet.prediction_slices(image, spacing, plans)[0], slices, atol=1e-5)
+  sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(dataset.cases), (24, 24), 4, 0.5)
+  assert min(sampler.batch(step)["label"].min() for step in range(5)) == 0
+
+  args = ["segment", "--config", f"configs/segment.py:raw={raw},tiny=true,epochs=4,iters=30",
+          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress",
+          f"--config.data.preprocessed={tmp_path / 'pre'}", "--workdir", str(tmp_path / "run")]
+  assert cli.main(args) == 0
+  result = json.loads((tmp_path / "run" / "result.json").read_text())
+  assert result["val"]["dice"]["liver"] > 0.5, result["val"]  # 0.82 here
+  _, val_ids = nnunet.fold_cases(dataset, 0)
+  truth, _ = volumes.read_labels(os.path.join(raw, "labelsTr", f"{val_ids[0]}.nii.gz"))
+  predicted, _ = volumes.read_labels(str(tmp_path / "run" / "validation" / f"{val_ids[0]}.nii.gz"))
+  assert predicted.shape == truth.shape and segmentation.dice_per_class(predicted, truth, [1])[1] == pytest.approx(
+      result["val"]["per_case"][val_ids[0]]["dice"]["liver"])
+  out = tmp_path / "predicted"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw, "imagesTs"),
+                   "--out", str(out)]) == 0
+  image, _ = volumes.read_volume(os.path.join(raw, "imagesTs", "synth_006_0000.nii.gz"))
+  predicted, _ = volumes.read_labels(str(out / "synth_006.nii.gz"))
+  truth, _ = volumes.read_labels(os.path.join(raw, "labelsTs", "synth_006.nii.gz"))
+  _, _, bbox = nnunet.crop_to_nonzero(image)
+  outside = np.ones(image.shape, bool)
+  outside[tuple(slice(lo, hi) for lo, hi in bbox)] = False
+  assert predicted.shape == image.shape and outside.any() and not predicted[outside].any()
+  assert segmentation.dice_per_class(predicted, truth, [1])[1] > 0.3
 
 
 # ------------------------------------------------------------------ end to end
@@ -559,11 +637,10 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   mesh = parallel.make_mesh()
   (plans, _, first), (_, _, second) = (segment.load_run(str(tmp_path / w), mesh) for w in ("run", "fold1"))
   image, spacing = volumes.read_volume(os.path.join(raw_ct, "imagesTs", "synth_006_0000.nii.gz"))
-  resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
-  slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
+  slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
   one, two = first(slices), second(slices)
   assert np.abs(one - two).max() > 0.1
-  expected = segmentation.labels_at_shape((one + two) / 2, image.shape[:2])
+  expected = nnunet.uncrop(segmentation.labels_at_shape((one + two) / 2, shape_xy), bbox, image.shape)
   np.testing.assert_array_equal(volumes.read_labels(str(ensembled / "synth_006.nii.gz"))[0], expected)
   with pytest.raises(SystemExit):   # training takes one workdir
     cli.main(["segment", "--config", "configs/segment.py:tiny=true", "--workdir", "a", "--workdir", "b"])

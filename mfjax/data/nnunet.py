@@ -6,11 +6,15 @@ The raw layout is nnU-Net v2's (the MSD v1 `dataset.json` with a "training" list
   DatasetXXX_Name/imagesTr/CASE_0000.nii.gz,  labelsTr/CASE.nii.gz   (imagesTs/ optional)
 
 `preprocess(raw, out_dir)` does what nnU-Net's 2-D configuration does before training, once:
+  - each case cropped to the bounding box of its nonzero voxels (holes filled); label 0 outside
+    that region becomes -1 (nnU-Net's crop_to_nonzero), which the loss treats as background;
   - target spacing: the median in-plane spacing of the training cases (slices keep their own);
   - each case resampled in-plane to it (image cubic spline, labels nearest) and written as
-    (Z, X, Y) float32 / uint8 .npy files (one axial slice is contiguous; read memory-mapped);
+    (Z, X, Y) float32 / int16 .npy files (one axial slice is contiguous; read memory-mapped);
   - intensity properties: CT: 0.5 / 99.5 percentiles, mean and std of foreground voxels (up to
-    10000 sampled per case, seeded) -> CTNormalization; other modalities: z-score per case;
+    10000 sampled per case, seeded) -> CTNormalization; other modalities: z-score per case, over
+    the nonzero region only (and 0 outside it) when cropping shrank the median case below 3/4 of
+    its size (nnU-Net's use_mask_for_norm, e.g. skull-stripped brain MRI), else over the case;
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
 `SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
 each batch centred on a foreground voxel of a random present class, like nnU-Net's
@@ -39,6 +43,10 @@ PLANS_JSON = "plans.json"
 SPLITS_JSON = "splits_final.json"
 FG_SAMPLES_PER_CASE = 10000
 LOCATIONS_PER_CLASS = 1000
+NONZERO_LABEL = -1  # nnU-Net's label of background voxels outside the nonzero region
+# What the preprocessed arrays mean; a folder written by another version is refused, not misread.
+PREPROCESSING_VERSION = 2  # 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL
+MASK_FOR_NORM_BELOW = 0.75  # nnU-Net: z-score within the nonzero region when cropping leaves less
 
 
 class DatasetError(DataError):
@@ -236,6 +244,52 @@ def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, order: int) -> 
   return np.ascontiguousarray(resample_inplane(volume, shape_xy, order).transpose(2, 0, 1))
 
 
+def crop_to_nonzero(image: np.ndarray, labels: np.ndarray | None = None):
+  """nnU-Net's crop_to_nonzero: (image, labels, bbox) cropped to the bounding box [[lo, hi]] * 3 of
+  the image's nonzero voxels with holes filled (the whole volume when it is all zero). The
+  returned int16 labels hold NONZERO_LABEL where the label was 0 outside that region (without
+  `labels`: 0 inside, NONZERO_LABEL outside)."""
+  from scipy import ndimage
+  mask = ndimage.binary_fill_holes(image != 0)
+  if not mask.any():
+    mask[...] = True
+  bbox = [[int(where.min()), int(where.max()) + 1] for where in (np.flatnonzero(mask.any(axis=tuple(
+      a for a in range(image.ndim) if a != axis))) for axis in range(image.ndim))]
+  crop = tuple(slice(lo, hi) for lo, hi in bbox)
+  mask = mask[crop]
+  if labels is None:
+    return image[crop], np.where(mask, 0, NONZERO_LABEL).astype(np.int16), bbox
+  labels = labels[crop].astype(np.int16)
+  labels[(labels == 0) & ~mask] = NONZERO_LABEL
+  return image[crop], labels, bbox
+
+
+def uncrop(cropped: np.ndarray, bbox, shape) -> np.ndarray:
+  """`cropped` placed at `bbox` (crop_to_nonzero's) in zeros of `shape`: a prediction on the
+  original grid, background outside the cropped region."""
+  out = np.zeros(shape, cropped.dtype)
+  out[tuple(slice(lo, hi) for lo, hi in bbox)] = cropped
+  return out
+
+
+def intensity_stats(image: np.ndarray, labels: np.ndarray) -> dict:
+  """A preprocessed case's mean and std, over all voxels and over its nonzero region (labels >= 0)."""
+  inside = image[labels >= 0]
+  return {"mean": float(image.mean()), "std": float(image.std()),
+          "mean_nonzero": float(inside.mean()) if inside.size else 0.0,
+          "std_nonzero": float(inside.std()) if inside.size else 1.0}
+
+
+def prediction_slices(image: np.ndarray, spacing, plans: dict):
+  """A new (X, Y, Z) volume prepared as its training cases were: (normalised (Z, X', Y') slices,
+  bbox of crop_to_nonzero, the cropped in-plane shape the predicted labels return to)."""
+  image, labels, bbox = crop_to_nonzero(image)
+  image = axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
+  labels = axial_slices(labels, spacing, plans["target_spacing_xy"], order=0)
+  return normalize(image, plans, intensity_stats(image, labels), labels), bbox, tuple(
+      hi - lo for lo, hi in bbox[:2])
+
+
 def verify_geometry(raw: RawDataset, tolerance_mm: float = 1e-3) -> list[str]:
   """One line per training case whose label map's grid (shape, spacing, orientation, origin) is not
   its image's, read from the headers alone; as nnU-Net's dataset integrity check, every case at once."""
@@ -266,14 +320,15 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   plans_path = os.path.join(out_dir, PLANS_JSON)
   fingerprint = {"files": _fingerprint(raw), "spacing_xy": None if spacing_xy is None else list(map(float, spacing_xy)),
                  **({"regions": [[k, list(v)] for k, v in raw.regions.items()]} if raw.regions else {}),
-                 **({"ignore_label": raw.ignore_label} if raw.ignore_label is not None else {})}
+                 **({"ignore_label": raw.ignore_label} if raw.ignore_label is not None else {}),
+                 "preprocessing": PREPROCESSING_VERSION}
   if os.path.exists(plans_path):
     with open(plans_path) as f:
       plans = json.load(f)
     if plans.get("fingerprint") == fingerprint and plans.get("dataset_root") == raw.root:
       return plans
-    raise DatasetError(f"{out_dir} holds preprocessed data of another dataset or an older version of it; "
-                       "choose a new preprocessed folder or delete it")
+    raise DatasetError(f"{out_dir} holds preprocessed data of another dataset, an older version of it or an "
+                       "older mfjax's preprocessing; choose a new preprocessed folder or delete it")
 
   problems = verify_geometry(raw)
   if problems:
@@ -291,7 +346,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     done_path = os.path.join(out_dir, case + CASE_DONE_SUFFIX)
     done_key = {"image": image_path, "label": label_path, "sizes": fingerprint["files"][case], "index": i,
                 "target_spacing_xy": target_xy.tolist(), "regions": fingerprint.get("regions"),
-                "ignore_label": raw.ignore_label}
+                "ignore_label": raw.ignore_label, "preprocessing": PREPROCESSING_VERSION}
     done = _read_json_or_none(done_path)
     if done is not None and done.get("key") == done_key:
       cases[case] = done["case"]
@@ -304,6 +359,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     if unknown:
       raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"
                          + (f" or its ignore label {raw.ignore_label}" if raw.ignore_label is not None else ""))
+    shape_before_cropping = list(image.shape)
+    image, labels, bbox = crop_to_nonzero(image, labels)
     rng = np.random.default_rng([12345, i])
     foreground = image[labels > 0]  # nnU-Net's fingerprint counts ignored voxels as foreground too
     fg_values.append(rng.choice(foreground, min(FG_SAMPLES_PER_CASE, foreground.size), replace=False)
@@ -316,7 +373,10 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
             _class_locations(labels, rng, list(raw.regions.values()), raw.ignore_label))
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
                    "shape": list(labels.shape),  # of the (Z, X, Y) arrays
-                   "mean": float(image.mean()), "std": float(image.std())}
+                   "shape_before_cropping": shape_before_cropping, "bbox": bbox,  # (X, Y, Z) of the volume
+                   "relative_size_after_cropping": float(np.prod([hi - lo for lo, hi in bbox]) /
+                                                         np.prod(shape_before_cropping)),
+                   **intensity_stats(image, labels)}
     np.save(os.path.join(out_dir, case + "_fg.npy"), fg_values[-1])
     _write_json_atomically(done_path, {"key": done_key, "case": cases[case]})  # last: the case is complete
   if reused:
@@ -325,6 +385,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   fg = np.concatenate(fg_values)
   if not fg.size:
     raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
+  relative_size = float(np.median([c["relative_size_after_cropping"] for c in cases.values()]))
   plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality,
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
            **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
@@ -333,6 +394,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
            "intensity": {"mean": float(fg.mean()), "std": float(fg.std()),
                          "percentile_00_5": float(np.percentile(fg, 0.5)),
                          "percentile_99_5": float(np.percentile(fg, 99.5))},
+           "median_relative_size_after_cropping": relative_size,
+           "use_mask_for_norm": raw.modality.upper() != "CT" and relative_size < MASK_FOR_NORM_BELOW,
            "cases": cases, "fingerprint": fingerprint}
   _write_json_atomically(plans_path, plans)  # plans.json last: its presence means every case is written
   return plans
@@ -366,7 +429,7 @@ def _class_locations(labels: np.ndarray, rng, regions=(), ignore_label: int | No
   its non-foreground patches there, so that sparse annotations are not mostly missed)."""
   rows = []
   masks = (((i + 1, np.isin(labels, ids)) for i, ids in enumerate(regions)) if regions
-           else ((c, labels == c) for c in np.unique(labels) if c and c != ignore_label))  # one mask at a time
+           else ((c, labels == c) for c in np.unique(labels) if c > 0 and c != ignore_label))  # one at a time
   if ignore_label is not None:
     masks = itertools.chain(masks, [(ANNOTATED, labels != ignore_label)])
   for c, mask in masks:
@@ -414,13 +477,19 @@ def num_outputs(plans: dict) -> int:
   return len(plans["regions"]) if plans.get("regions") else len(plans["labels"])
 
 
-def normalize(image: np.ndarray, plans: dict, case_stats: dict) -> np.ndarray:
+def normalize(image: np.ndarray, plans: dict, case_stats: dict, labels: np.ndarray | None = None) -> np.ndarray:
   """CT: clip to the foreground 0.5 / 99.5 percentiles, then (x - mean) / std (nnU-Net's
-  CTNormalization); anything else: z-score with the case's own `case_stats` mean and std."""
+  CTNormalization); anything else: z-score with the case's own `case_stats` (intensity_stats),
+  with plans' use_mask_for_norm over its nonzero region (`labels` >= 0) and 0 outside it."""
   if plans["modality"].upper() == "CT":
     p = plans["intensity"]
     image = np.clip(image, p["percentile_00_5"], p["percentile_99_5"])
     return ((image - p["mean"]) / max(p["std"], 1e-8)).astype(np.float32)
+  if plans.get("use_mask_for_norm"):
+    if labels is None:
+      raise ValueError("normalize: use_mask_for_norm needs the labels that mark the nonzero region")
+    z = (image - case_stats["mean_nonzero"]) / max(case_stats["std_nonzero"], 1e-8)
+    return np.where(labels >= 0, z, 0.0).astype(np.float32)
   return ((image - case_stats["mean"]) / max(case_stats["std"], 1e-8)).astype(np.float32)
 
 
@@ -473,8 +542,9 @@ class SliceSampler:
       lo = np.minimum(0, np.array(image.shape[1:]) - self.patch)
       hi = np.maximum(0, np.array(image.shape[1:]) - self.patch)
       center = np.array([rng.integers(l, h + 1) for l, h in zip(lo, hi)]) + np.array(self.patch) / 2
-    slice_image = normalize(np.asarray(image[z]), self.plans, self.plans["cases"][case])
     slice_labels = np.asarray(labels[z])
+    slice_image = normalize(np.asarray(image[z]), self.plans, self.plans["cases"][case], slice_labels)
+    slice_labels = np.maximum(slice_labels, 0)  # outside the nonzero region: background (RemoveLabelTransform)
     return augment_patch(slice_image, slice_labels, center, self.patch, rng, self.augment)
 
   def batch(self, step: int, rows: range | None = None) -> dict:

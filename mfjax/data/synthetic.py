@@ -325,19 +325,24 @@ SPARSE_IGNORE_LABEL = 3  # nnunet_ct(sparse=True)'s ignore label
 
 def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
               name: str = "Dataset990_SynthCT", test_cases: int = 0, regions: bool = False,
-              sparse: bool = False) -> str:
+              sparse: bool = False, modality: str = "CT") -> str:
   """An nnU-Net v2 raw dataset folder root/name (dataset.json, imagesTr, labelsTr[, imagesTs]).
 
   In-plane spacing varies between 0.7 and 0.9 mm and every third case is stored in LPS
   orientation, so readers must resample and reorient. Label values: 1 liver, 2 kidney; with
   `regions`, dataset.json declares them as nested regions ("organs" = [1, 2] containing
   "kidney" = [2]), as KiTS23 does. With `sparse`, the training labels are sparse annotations:
-  every other axial slice and an in-plane rim of the rest carry nnU-Net's ignore label 3."""
+  every other axial slice and an in-plane rim of the rest carry nnU-Net's ignore label 3. With a
+  `modality` other than CT, the volumes are MR-like: positive intensities inside the body and
+  exactly 0 outside it, as skull-stripped or masked MR, so nnU-Net's preprocessing crops them to
+  about 55 % of their size and z-scores within the body only."""
   from mfjax.data import volumes
   rng = np.random.default_rng(seed)
   folder = os.path.join(root, name)
   for i in range(num_cases + test_cases):
     image, labels = ct_volume(rng, shape)
+    if modality.upper() != "CT":
+      image = np.where(image > -500, image + 1100, 0.0)
     spacing = (rng.uniform(0.7, 0.9), rng.uniform(0.7, 0.9), 3.0)
     case = f"synth_{i:03d}"
     split = "Tr" if i < num_cases else "Ts"
@@ -354,7 +359,7 @@ def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
       labels[..., 1::2] = SPARSE_IGNORE_LABEL
       labels[:rim], labels[-rim:], labels[:, :rim], labels[:, -rim:] = (SPARSE_IGNORE_LABEL,) * 4
     volumes.write_volume(os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), labels, affine=affine)
-  meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "kidney": 2},
+  meta = {"channel_names": {"0": modality}, "labels": {"background": 0, "liver": 1, "kidney": 2},
           "numTraining": num_cases, "file_ending": ".nii.gz", "name": name}
   if regions:
     meta.update(labels={"background": 0, "organs": [1, 2], "kidney": 2}, regions_class_order=[1, 2])

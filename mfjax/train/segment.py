@@ -302,11 +302,15 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   per_case = {}
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
-    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, plans["cases"][case])
-    truth, spacing = volumes.read_labels(plans["cases"][case]["label"])
+    stored = plans["cases"][case]
+    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, stored,
+                              np.load(os.path.join(pre_dir, case + "_seg.npy"), mmap_mode="r"))
+    truth, spacing = volumes.read_labels(stored["label"])
+    bbox = stored["bbox"]
     prediction = segmentation.labels_in_chunks(lambda chunk: segment_volume(predict, params, chunk, plans, config),
-                                               slices, truth.shape[:2], plans.get("regions_class_order", ()),
-                                               config.eval.batch_size)
+                                               slices, tuple(hi - lo for lo, hi in bbox[:2]),
+                                               plans.get("regions_class_order", ()), config.eval.batch_size)
+    prediction = nnunet.uncrop(prediction, bbox, truth.shape)
     per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes, ignore)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
@@ -341,8 +345,8 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
-ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "labels", "regions", "regions_class_order",
-                 "ignore_label")
+ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "use_mask_for_norm", "labels", "regions",
+                 "regions_class_order", "ignore_label")
 
 
 def _case_of(input_name: str) -> str:
@@ -385,11 +389,11 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     path = os.path.join(input_dir, name)
     case = _case_of(name)
     image, spacing = volumes.read_volume(path)
-    resampled = nnunet.axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
-    slices = nnunet.normalize(resampled, plans, {"mean": float(resampled.mean()), "std": float(resampled.std())})
+    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
-    prediction = segmentation.labels_in_chunks(mean_logits, slices, image.shape[:2],
-                                               plans.get("regions_class_order", ()), config.eval.batch_size)
+    prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
+                                                             plans.get("regions_class_order", ()),
+                                                             config.eval.batch_size), bbox, image.shape)
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
                                           affine=volumes.canonical_affine(path)))
