@@ -477,6 +477,32 @@ def test_crop_to_nonzero_is_nnunets():
   assert bbox == [[0, 3], [0, 4], [0, 5]] and (seg == 0).all()
 
 
+def test_channel_names_pick_nnunets_normalization(tmp_path):
+  names = ("CT", "ct", "noNorm", "zscore", "rescale_to_0_1", "rgb_to_0_1", "T2")
+  assert [nnunet.normalization_of(n) for n in names] == [
+      "CTNormalization", "CTNormalization", "NoNormalization", "ZScoreNormalization", "RescaleTo01Normalization",
+      "RGBTo01Normalization", "ZScoreNormalization"]
+  image = np.array([[10.0, 20.0], [30.0, 50.0]], np.float32)
+  stats = nnunet.intensity_stats(image, np.zeros(image.shape, np.int16))
+  plans_of = lambda name: {"modality": name, "normalization": nnunet.normalization_of(name)}
+  np.testing.assert_array_equal(nnunet.normalize(image, plans_of("noNorm"), stats), image)
+  np.testing.assert_allclose(nnunet.normalize(image, plans_of("rescale_to_0_1"), stats), [[0, 0.25], [0.5, 1]])
+  np.testing.assert_allclose(nnunet.normalize(image, plans_of("rgb_to_0_1"), stats), image / 255)
+  z = nnunet.normalize(image, plans_of("T2"), stats)
+  assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, 1e-5)
+
+  raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=2, modality="rescale_to_0_1", name="Dataset994_Rescale")
+  plans = nnunet.preprocess(nnunet.read_raw(raw), str(tmp_path / "pre"), progress=False)
+  assert plans["normalization"] == "RescaleTo01Normalization" and not plans["use_mask_for_norm"]  # z-score only
+  sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, ["synth_000", "synth_001"], (24, 24), 4, augment=False)
+  batch = sampler.batch(0)["image"]
+  assert batch.min() >= -1e-6 and batch.max() <= 1 + 1e-6 and batch.max() > 0.5
+  rgb = synthetic.nnunet_ct(str(tmp_path / "raw_rgb"), num_cases=2, modality="rgb_to_0_1", name="Dataset995_RGB")
+  with pytest.raises(nnunet.DatasetError, match=r"synth_000_0000.nii.gz: channel 'rgb_to_0_1' .* needs values in "
+                                                r"0..255, found \[0, 1[0-9]{3}\]"):
+    nnunet.preprocess(nnunet.read_raw(rgb), str(tmp_path / "pre_rgb"), progress=False)
+
+
 def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_path):
   """nnU-Net's crop_to_nonzero and use_mask_for_norm: MR whose background is exactly 0 is cropped
   to the body, z-scored within it (0 outside), trained with the cropped-off background as

@@ -11,10 +11,11 @@ The raw layout is nnU-Net v2's (the MSD v1 `dataset.json` with a "training" list
   - target spacing: the median in-plane spacing of the training cases (slices keep their own);
   - each case resampled in-plane to it (image cubic spline, labels nearest) and written as
     (Z, X, Y) float32 / int16 .npy files (one axial slice is contiguous; read memory-mapped);
-  - intensity properties: CT: 0.5 / 99.5 percentiles, mean and std of foreground voxels (up to
-    10000 sampled per case, seeded) -> CTNormalization; other modalities: z-score per case, over
-    the nonzero region only (and 0 outside it) when cropping shrank the median case below 3/4 of
-    its size (nnU-Net's use_mask_for_norm, e.g. skull-stripped brain MRI), else over the case;
+  - normalization by channel name, as nnU-Net's: CT: 0.5 / 99.5 percentiles, mean and std of
+    foreground voxels (up to 10000 sampled per case, seeded) -> CTNormalization; noNorm,
+    rescale_to_0_1 and rgb_to_0_1 as named; any other name: z-score per case, over the nonzero
+    region only (and 0 outside it) when cropping shrank the median case below 3/4 of its size
+    (nnU-Net's use_mask_for_norm, e.g. skull-stripped brain MRI), else over the case;
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
 `SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
 each batch centred on a foreground voxel of a random present class, like nnU-Net's
@@ -47,6 +48,9 @@ NONZERO_LABEL = -1  # nnU-Net's label of background voxels outside the nonzero r
 # What the preprocessed arrays mean; a folder written by another version is refused, not misread.
 PREPROCESSING_VERSION = 2  # 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL
 MASK_FOR_NORM_BELOW = 0.75  # nnU-Net: z-score within the nonzero region when cropping leaves less
+# nnU-Net's normalization by channel name (casefolded); any other name (MRI, T2, ADC, ...): z-score.
+NORMALIZATIONS = {"ct": "CTNormalization", "nonorm": "NoNormalization", "zscore": "ZScoreNormalization",
+                  "rescale_to_0_1": "RescaleTo01Normalization", "rgb_to_0_1": "RGBTo01Normalization"}
 
 
 class DatasetError(DataError):
@@ -272,17 +276,31 @@ def uncrop(cropped: np.ndarray, bbox, shape) -> np.ndarray:
   return out
 
 
+def normalization_of(channel_name: str) -> str:
+  return NORMALIZATIONS.get(str(channel_name).casefold(), "ZScoreNormalization")
+
+
+def check_intensities(image: np.ndarray, channel_name: str, path: str):
+  """nnU-Net's rgb_to_0_1 takes 8-bit values; anything else in such a channel is an error naming the file."""
+  if normalization_of(channel_name) == "RGBTo01Normalization" and (image.min() < 0 or image.max() > 255):
+    raise DatasetError(f"{path}: channel {channel_name!r} (nnU-Net's RGBTo01Normalization) needs values in 0..255, "
+                       f"found [{image.min():g}, {image.max():g}]")
+
+
 def intensity_stats(image: np.ndarray, labels: np.ndarray) -> dict:
-  """A preprocessed case's mean and std, over all voxels and over its nonzero region (labels >= 0)."""
+  """A preprocessed case's mean, std, min and max, and its mean and std over its nonzero region
+  (labels >= 0)."""
   inside = image[labels >= 0]
-  return {"mean": float(image.mean()), "std": float(image.std()),
-          "mean_nonzero": float(inside.mean()) if inside.size else 0.0,
+  return {"mean": float(image.mean()), "std": float(image.std()), "min": float(image.min()),
+          "max": float(image.max()), "mean_nonzero": float(inside.mean()) if inside.size else 0.0,
           "std_nonzero": float(inside.std()) if inside.size else 1.0}
 
 
-def prediction_slices(image: np.ndarray, spacing, plans: dict):
-  """A new (X, Y, Z) volume prepared as its training cases were: (normalised (Z, X', Y') slices,
-  bbox of crop_to_nonzero, the cropped in-plane shape the predicted labels return to)."""
+def prediction_slices(image: np.ndarray, spacing, plans: dict, path: str = "the volume"):
+  """A new (X, Y, Z) volume (read from `path`) prepared as its training cases were: (normalised
+  (Z, X', Y') slices, bbox of crop_to_nonzero, the cropped in-plane shape the predicted labels
+  return to)."""
+  check_intensities(image, plans["modality"], path)
   image, labels, bbox = crop_to_nonzero(image)
   image = axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
   labels = axial_slices(labels, spacing, plans["target_spacing_xy"], order=0)
@@ -354,6 +372,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
       reused += 1
       continue
     image, spacing = volumes.read_volume(image_path)
+    check_intensities(image, raw.modality, image_path)
     labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
     unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
     if unknown:
@@ -386,7 +405,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   if not fg.size:
     raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
   relative_size = float(np.median([c["relative_size_after_cropping"] for c in cases.values()]))
-  plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality,
+  normalization = normalization_of(raw.modality)
+  plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality, "normalization": normalization,
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
            **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
                "regions_class_order": list(raw.regions_class_order)} if raw.regions else {}),
@@ -395,7 +415,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
                          "percentile_00_5": float(np.percentile(fg, 0.5)),
                          "percentile_99_5": float(np.percentile(fg, 99.5))},
            "median_relative_size_after_cropping": relative_size,
-           "use_mask_for_norm": raw.modality.upper() != "CT" and relative_size < MASK_FOR_NORM_BELOW,
+           "use_mask_for_norm": normalization == "ZScoreNormalization" and relative_size < MASK_FOR_NORM_BELOW,
            "cases": cases, "fingerprint": fingerprint}
   _write_json_atomically(plans_path, plans)  # plans.json last: its presence means every case is written
   return plans
@@ -478,13 +498,21 @@ def num_outputs(plans: dict) -> int:
 
 
 def normalize(image: np.ndarray, plans: dict, case_stats: dict, labels: np.ndarray | None = None) -> np.ndarray:
-  """CT: clip to the foreground 0.5 / 99.5 percentiles, then (x - mean) / std (nnU-Net's
-  CTNormalization); anything else: z-score with the case's own `case_stats` (intensity_stats),
-  with plans' use_mask_for_norm over its nonzero region (`labels` >= 0) and 0 outside it."""
-  if plans["modality"].upper() == "CT":
+  """nnU-Net's normalization of the channel (normalization_of its name): CT: clip to the foreground
+  0.5 / 99.5 percentiles, then (x - mean) / std; noNorm: as is; rescale_to_0_1: the case's min..max
+  to 0..1; rgb_to_0_1: / 255; anything else: z-score with the case's own `case_stats`
+  (intensity_stats), with plans' use_mask_for_norm over its nonzero region (`labels` >= 0), 0 outside."""
+  scheme = plans.get("normalization") or normalization_of(plans["modality"])
+  if scheme == "CTNormalization":
     p = plans["intensity"]
     image = np.clip(image, p["percentile_00_5"], p["percentile_99_5"])
     return ((image - p["mean"]) / max(p["std"], 1e-8)).astype(np.float32)
+  if scheme == "NoNormalization":
+    return np.asarray(image, np.float32)
+  if scheme == "RescaleTo01Normalization":
+    return ((image - case_stats["min"]) / max(case_stats["max"] - case_stats["min"], 1e-8)).astype(np.float32)
+  if scheme == "RGBTo01Normalization":
+    return (np.asarray(image, np.float32) / 255.0).astype(np.float32)
   if plans.get("use_mask_for_norm"):
     if labels is None:
       raise ValueError("normalize: use_mask_for_norm needs the labels that mark the nonzero region")

@@ -345,8 +345,8 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
-ENSEMBLE_KEYS = ("modality", "target_spacing_xy", "intensity", "use_mask_for_norm", "labels", "regions",
-                 "regions_class_order", "ignore_label")
+ENSEMBLE_KEYS = ("modality", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm", "labels",
+                 "regions", "regions_class_order", "ignore_label")
 
 
 def _case_of(input_name: str) -> str:
@@ -389,7 +389,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     path = os.path.join(input_dir, name)
     case = _case_of(name)
     image, spacing = volumes.read_volume(path)
-    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
+    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans, path)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
                                                              plans.get("regions_class_order", ()),
