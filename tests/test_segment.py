@@ -503,6 +503,52 @@ def test_channel_names_pick_nnunets_normalization(tmp_path):
     nnunet.preprocess(nnunet.read_raw(rgb), str(tmp_path / "pre_rgb"), progress=False)
 
 
+def test_augmentations_are_batchgenerators_ops():
+  """nnU-Net v2's low-resolution simulation and blur, against the torch ops batchgeneratorsv2 runs;
+  BGContrast's even odds below and above 1; use_mask_for_norm's masking after augmentation."""
+  import torch.nn.functional as F
+  rng = np.random.default_rng(0)
+  image = rng.standard_normal((37, 29)).astype(np.float32)
+  t = torch.from_numpy(image)[None, None]
+  for scale in (0.5, 0.73, 1.0):
+    small = [round(n * scale) for n in image.shape]
+    ref = F.interpolate(F.interpolate(t, small, mode="nearest-exact"), image.shape, mode="bilinear")[0, 0]
+    np.testing.assert_allclose(nnunet._simulate_low_resolution(image, scale), ref.numpy(), atol=1e-5)
+
+  def torch_blur(x, sigmas):  # batchgeneratorsv2's blur_dimension: kernel ~6 sigma wide, reflect padding
+    for dim, sigma in enumerate(sigmas):
+      size = int(round(sigma * 6 + 0.5)) | 1
+      grid = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size)
+      kernel = torch.exp(-0.5 * (grid / sigma) ** 2)
+      kernel = (kernel / kernel.sum()).reshape((1, 1, size, 1) if dim == 0 else (1, 1, 1, size))
+      pad = [0, 0, size // 2, size // 2] if dim == 0 else [size // 2, size // 2, 0, 0]
+      x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel)
+    return x[0, 0].numpy()
+  from scipy import ndimage
+  for sigmas in ((0.75, 1.0), (1.0, 0.75)):
+    ours = ndimage.gaussian_filter(image, sigmas, mode="mirror", truncate=3.0)  # as _augment_intensities
+    np.testing.assert_allclose(ours, torch_blur(t, sigmas), atol=1e-5)
+  draws = np.array([nnunet._bg_contrast(rng, 0.7, 1.5) for _ in range(4000)])
+  assert 0.46 < (draws < 1).mean() < 0.54 and draws.min() >= 0.7 and draws.max() <= 1.5
+
+  # use_mask_for_norm: the image is 0 wherever the labels are negative (outside the nonzero region,
+  # or off the slice), and those labels become background.
+  labels = np.zeros((8, 8), np.int16)
+  labels[:, :3] = nnunet.NONZERO_LABEL
+  labels[4:, 4:] = 1
+  cut_image, cut_labels = nnunet.augment_patch(np.ones((8, 8), np.float32), labels, (6.0, 6.0), (6, 6), rng, False,
+                                               mask_outside=True)
+  expected = np.zeros((6, 6), np.int32)
+  expected[1:5, 1:5] = 1
+  np.testing.assert_array_equal(cut_labels, expected)
+  np.testing.assert_array_equal(cut_image, np.pad(np.ones((5, 5)), ((0, 1), (0, 1))))  # off the slice: 0
+  outside, inside = np.full((16, 16), nnunet.NONZERO_LABEL, np.int16), np.zeros((16, 16), np.int16)
+  for step in range(20):   # whatever the augmentation draws, the masked region stays 0 and the rest not
+    cut = [nnunet.augment_patch(np.ones((16, 16), np.float32), region, (8.0, 8.0), (6, 6),
+                                np.random.default_rng(step), True, mask_outside=True) for region in (outside, inside)]
+    assert not cut[0][0].any() and not cut[0][1].any() and (cut[1][0] != 0).all() and not cut[1][1].any()
+
+
 def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_path):
   """nnU-Net's crop_to_nonzero and use_mask_for_norm: MR whose background is exactly 0 is cropped
   to the body, z-scored within it (0 outside), trained with the cropped-off background as

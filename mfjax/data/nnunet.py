@@ -572,8 +572,8 @@ class SliceSampler:
       center = np.array([rng.integers(l, h + 1) for l, h in zip(lo, hi)]) + np.array(self.patch) / 2
     slice_labels = np.asarray(labels[z])
     slice_image = normalize(np.asarray(image[z]), self.plans, self.plans["cases"][case], slice_labels)
-    slice_labels = np.maximum(slice_labels, 0)  # outside the nonzero region: background (RemoveLabelTransform)
-    return augment_patch(slice_image, slice_labels, center, self.patch, rng, self.augment)
+    return augment_patch(slice_image, slice_labels, center, self.patch, rng, self.augment,
+                         bool(self.plans.get("use_mask_for_norm")))
 
   def batch(self, step: int, rows: range | None = None) -> dict:
     """Rows `rows` (default all) of the global batch of `step`."""
@@ -583,12 +583,16 @@ class SliceSampler:
     return {"image": np.stack([s[0] for s in samples])[..., None], "label": np.stack([s[1] for s in samples])}
 
 
-def augment_patch(image, labels, center, patch, rng, augment: bool):
-  """Cut a `patch` around `center` of one slice, with nnU-Net's default 2-D augmentation when asked:
-  rotation (p 0.2, any angle) and scaling (p 0.2, 0.7-1.4) in one resampling (image linear, labels
-  nearest, outside the slice 0), Gaussian noise (p 0.1), blur (p 0.2), brightness (p 0.15),
-  contrast (p 0.15), gamma (p 0.3, inverted p 0.1) and mirroring per axis (p 0.5). Not done:
-  nnU-Net's low-resolution simulation and elastic deformation (off in its defaults)."""
+def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside: bool = False):
+  """Cut a `patch` around `center` of one slice, with nnU-Net v2's default 2-D augmentation when
+  asked, in its order: rotation (p 0.2, any angle) and scaling (p 0.2, 0.7-1.4) in one resampling
+  (image linear, labels nearest; outside the slice image 0, labels -1 as nnU-Net pads them),
+  Gaussian noise (p 0.1), blur (p 0.2, then each channel p 0.5, sigma 0.5-1 per axis), brightness
+  (p 0.15), contrast (p 0.15), low resolution (p 0.25, then p 0.5: nearest down to 0.5-1x, linear
+  back up), gamma (inverted p 0.1, then p 0.3) and mirroring per axis (p 0.5). Multipliers and
+  gammas are drawn as nnU-Net's BGContrast. Then, with `mask_outside` (use_mask_for_norm), the
+  image is 0 where the labels are negative, and negative labels become background. Not done:
+  elastic deformation (off in nnU-Net's defaults)."""
   from scipy import ndimage
   patch = np.asarray(patch)
   offsets = np.stack(np.meshgrid(*(np.arange(p) - (p - 1) / 2 for p in patch), indexing="ij"), axis=0)
@@ -599,26 +603,54 @@ def augment_patch(image, labels, center, patch, rng, augment: bool):
     offsets = np.einsum("ij,jhw->ihw", rot, offsets)
   coords = offsets + (np.asarray(center, np.float64) - 0.5)[:, None, None]
   image = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
-  labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(np.int32)
-  if not augment:
-    return image, labels
+  labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=NONZERO_LABEL).astype(np.int32)
+  if augment:
+    image = _augment_intensities(image, rng)
+    for axis in (0, 1):
+      if rng.random() < 0.5:
+        image, labels = np.flip(image, axis), np.flip(labels, axis)
+  if mask_outside:
+    image = np.where(labels < 0, np.float32(0), image)
+  return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(np.maximum(labels, 0))
+
+
+def _bg_contrast(rng, lo: float, hi: float) -> float:
+  """batchgenerators' BGContrast: below 1 or above it with even odds, then uniform on that side."""
+  return rng.uniform(lo, 1.0) if rng.random() < 0.5 and lo < 1 else rng.uniform(max(lo, 1.0), hi)
+
+
+def _augment_intensities(image, rng):
+  from scipy import ndimage
   if rng.random() < 0.1:
     image = image + rng.normal(0.0, np.sqrt(rng.uniform(0, 0.1)), image.shape).astype(np.float32)
-  if rng.random() < 0.2:
-    image = ndimage.gaussian_filter(image, rng.uniform(0.5, 1.0)).astype(np.float32)
+  if rng.random() < 0.2 and rng.random() < 0.5:
+    sigma = rng.uniform(0.5, 1.0, size=2)  # torch's reflect padding is scipy's "mirror"; kernel about 6 sigma wide
+    image = ndimage.gaussian_filter(image, sigma, mode="mirror", truncate=3.0).astype(np.float32)
   if rng.random() < 0.15:
-    image = image * np.float32(rng.uniform(0.75, 1.25))
+    image = image * np.float32(_bg_contrast(rng, 0.75, 1.25))
   if rng.random() < 0.15:
     mean, lo, hi = image.mean(), image.min(), image.max()
-    image = np.clip((image - mean) * np.float32(rng.uniform(0.75, 1.25)) + mean, lo, hi)
+    image = np.clip((image - mean) * np.float32(_bg_contrast(rng, 0.75, 1.25)) + mean, lo, hi)
+  if rng.random() < 0.25 and rng.random() < 0.5:
+    image = _simulate_low_resolution(image, rng.uniform(0.5, 1.0))
   for invert, p in ((True, 0.1), (False, 0.3)):
     if rng.random() < p:
-      image = _gamma(-image if invert else image, rng.uniform(0.7, 1.5))
+      image = _gamma(-image if invert else image, _bg_contrast(rng, 0.7, 1.5))
       image = -image if invert else image
-  for axis in (0, 1):
-    if rng.random() < 0.5:
-      image, labels = np.flip(image, axis), np.flip(labels, axis)
-  return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(labels)
+  return image
+
+
+def _simulate_low_resolution(image, scale: float):
+  """torch's interpolate down to round(scale x shape) with 'nearest-exact', then back up 'bilinear'
+  (align_corners False), as batchgenerators' SimulateLowResolutionTransform."""
+  from scipy import ndimage
+  shape = np.array(image.shape)
+  small = np.maximum(np.round(shape * scale).astype(int), 1)
+  rows, cols = (np.minimum(np.floor((np.arange(n) + 0.5) * (s / n)).astype(int), s - 1) for n, s in zip(small, shape))
+  down = image[rows][:, cols]
+  up = np.meshgrid(*(np.maximum((np.arange(s) + 0.5) * (n / s) - 0.5, 0.0) for n, s in zip(small, shape)),
+                   indexing="ij")
+  return ndimage.map_coordinates(down, up, order=1, mode="nearest").astype(np.float32)
 
 
 def _gamma(image, gamma):
