@@ -14,6 +14,8 @@
   mfjax segment --workdir runs/amos_fold0 --predict nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2/imagesTs \
                 --out predictions/amos
   mfjax segment --workdir runs/amos_fold0 --workdir runs/amos_fold1 ... --predict IMAGES --out OUT   (fold ensemble)
+  mfjax segment --workdir runs/amos_fold0 ... --determine-postprocessing --out postprocessing.json
+  mfjax segment --workdir runs/amos_fold0 ... --predict IMAGES --out OUT --postprocessing postprocessing.json
   mfjax pretrain --config configs/pretrain.py --config.data.folders=ct/volumes --workdir runs/pretrain
 """
 import argparse
@@ -159,6 +161,10 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
   p.add_argument("--continue-prediction", action="store_true",
                  help="with --predict: skip the volumes whose prediction is in --out already (an interrupted run)")
+  p.add_argument("--determine-postprocessing", action="store_true",
+                 help="nnU-Net's postprocessing search (largest connected components) over the validation "
+                      "predictions of the --workdir runs; --out names the JSON file it writes")
+  p.add_argument("--postprocessing", help="with --predict: a file of --determine-postprocessing to apply")
   p.add_argument("--no-progress", action="store_true")
   p = sub.add_parser("pretrain", help="MedDINOv3 pretraining (DINO + iBOT + KoLeo [+ Gram]) on CT volumes")
   p.add_argument("--config", required=True, help="configs/pretrain.py[:key=value,...]")
@@ -237,18 +243,25 @@ def main(argv=None) -> int:
       print(json.dumps(fit.evaluate_run(args.workdir, args.split), indent=2, default=float))
     elif args.command == "segment":
       from mfjax.train import segment
+      if args.determine_postprocessing:
+        if args.config or rest or args.predict or args.postprocessing or args.continue_prediction or not args.out:
+          parser.error("segment --determine-postprocessing takes --workdir RUN [--workdir RUN ...] --out FILE.json")
+        segment.determine_postprocessing(args.workdir, args.out, progress=not args.no_progress)
+        print(args.out)
+        return 0
       if args.predict:
         if args.config or rest or not args.out:
           parser.error("segment --predict takes --workdir RUN [--workdir RUN ...] --predict FOLDER --out FOLDER "
-                       "(no config)")
+                       "[--postprocessing FILE] (no config)")
         for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress,
-                                           continue_prediction=args.continue_prediction):
+                                           continue_prediction=args.continue_prediction,
+                                           postprocessing=args.postprocessing):
           print(path)
         return 0
       if not args.config:
-        parser.error("segment needs --config (training) or --predict (with a finished run)")
-      if args.continue_prediction or args.out:
-        parser.error("--continue-prediction and --out go with --predict")
+        parser.error("segment needs --config (training), --predict or --determine-postprocessing (with finished runs)")
+      if args.continue_prediction or args.out or args.postprocessing:
+        parser.error("--continue-prediction, --out and --postprocessing go with --predict")
       if len(args.workdir) > 1:
         parser.error("segment training takes one --workdir (several are for --predict)")
       config = load_config(args.config, _config_overrides(parser, rest))

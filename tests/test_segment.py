@@ -610,6 +610,19 @@ def test_config_errors():
     segment.build_segmenter(config, 3)
 
 
+def test_segment_command_line_misuse_is_named(tmp_path, capsys):
+  for args, says in ((["--determine-postprocessing"], "--determine-postprocessing takes --workdir"),
+                     (["--determine-postprocessing", "--out", "a.json", "--predict", "x"], "takes --workdir"),
+                     (["--config", "configs/segment.py:tiny=true", "--postprocessing", "p.json"],
+                      "--postprocessing go with --predict")):
+    with pytest.raises(SystemExit) as exit_:
+      cli.main(["segment", "--workdir", str(tmp_path / "run"), *args])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+  assert cli.main(["segment", "--workdir", str(tmp_path / "none"), "--determine-postprocessing",
+                   "--out", str(tmp_path / "p.json")]) == 2
+  assert "has no config.json: not an mfjax run folder" in capsys.readouterr().err
+
+
 def test_backbone_checkpoint_must_cover_the_model(tmp_path):
   config = segment_config.get_config("tiny=true")
   model = segment.build_segmenter(config, 3)
@@ -699,6 +712,30 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
       "synth_006.nii.gz", "synth_007.nii.gz"]
   np.testing.assert_array_equal(volumes.read_labels(str(out / "synth_007.nii.gz"))[0], first)
 
+  # nnU-Net's postprocessing, determined on the validation predictions and applied when predicting.
+  found = tmp_path / "postprocessing.json"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--determine-postprocessing", "--out", str(found),
+                   "--no-progress"]) == 0
+  decided = json.loads(found.read_text())
+  assert decided["cases"] == 2 and decided["after"]["foreground_mean"] >= decided["before"]["foreground_mean"]
+  pp_out = tmp_path / "predicted_pp"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw_ct, "imagesTs"),
+                   "--out", str(pp_out), "--postprocessing", str(found), "--no-progress"]) == 0
+  forced = dict(decided, steps=[[[1]], [[2]]])   # whatever was decided, each class's largest component
+  (tmp_path / "forced.json").write_text(json.dumps(forced))
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw_ct, "imagesTs"),
+                   "--out", str(tmp_path / "forced"), "--postprocessing", str(tmp_path / "forced.json"),
+                   "--no-progress"]) == 0
+  for case in ("synth_006", "synth_007"):
+    plain = volumes.read_labels(str(out / f"{case}.nii.gz"))[0]
+    for folder, steps in ((pp_out, decided["steps"]), (tmp_path / "forced", forced["steps"])):
+      np.testing.assert_array_equal(volumes.read_labels(str(folder / f"{case}.nii.gz"))[0],
+                                    segmentation.apply_postprocessing(plain, steps))
+  (tmp_path / "other_labels.json").write_text(json.dumps(dict(decided, labels={"0": "background", "1": "spleen"})))
+  with pytest.raises(ConfigError, match="other_labels.json was determined for other labels than the run's"):
+    segment.predict_folder(str(tmp_path / "run"), os.path.join(raw_ct, "imagesTs"), str(tmp_path / "never"),
+                           progress=False, postprocessing=str(tmp_path / "other_labels.json"))
+
   # A fold ensemble (nnU-Net's default prediction): the runs' logits are averaged.
   fold1 = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=1,iters=10,fold=1",
            "--no-progress", *shared, "--workdir", str(tmp_path / "fold1")]
@@ -764,6 +801,35 @@ def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
   with pytest.raises(ConfigError, match="plans differ in target_spacing_xy"):
     segment.predict_folder([str(tmp_path / "run"), str(tmp_path / "other")], os.path.join(raw, "imagesTs"),
                            str(tmp_path / "never"), progress=False)
+
+
+def test_postprocessing_keeps_largest_components_where_nnunets_search_finds_it_helps():
+  truth = np.zeros((12, 12, 6), np.uint8)
+  truth[1:5, 1:5, 1:5] = 1    # liver
+  truth[7:10, 7:10, 1:4] = 2  # kidney, apart from the liver
+  prediction = truth.copy()
+  prediction[10:12, 0:2, 5] = 1   # a stray liver island: keeping liver's largest component removes it
+  one = segmentation.keep_largest_component(prediction, [1])
+  np.testing.assert_array_equal(one, truth)
+  both = segmentation.keep_largest_component(prediction, [1, 2])  # all foreground as one: the kidney goes too
+  assert not (both == 2).any() and (both[1:5, 1:5, 1:5] == 1).all()
+  regions = segmentation.keep_largest_component(prediction, [(1, 2)])   # a region is the union of its values
+  np.testing.assert_array_equal(regions, both)
+  diagonal = np.zeros((3, 3, 1), np.uint8)
+  diagonal[0, 0], diagonal[1, 1], diagonal[2, 2] = 1, 1, 1   # touching at corners: one component
+  np.testing.assert_array_equal(segmentation.keep_largest_component(diagonal, [1]), diagonal)
+  assert segmentation.nnunet_dice(prediction, truth, (2,)) == 1.0
+  assert segmentation.nnunet_dice(np.full_like(truth, 2), np.zeros_like(truth), (2,)) == 0.0  # nnU-Net: not NaN
+  assert np.isnan(segmentation.nnunet_dice(np.zeros_like(truth), np.zeros_like(truth), (2,)))
+
+  cases = [(lambda: prediction, lambda: truth), (lambda: truth, lambda: truth)]
+  logged = []
+  found = segmentation.determine_postprocessing(cases, {"liver": (1,), "kidney": (2,)}, [1, 2], log=logged.append)
+  assert found["steps"] == [[[1]]]   # not all foreground together (kidney worse), liver alone (better)
+  assert found["after"]["mean"]["liver"] == 1.0 > found["before"]["mean"]["liver"]
+  assert found["after"]["mean"]["kidney"] == found["before"]["mean"]["kidney"] == 1.0
+  assert found["cases"] == 2 and len(logged) == 3 and "liver" in logged[1] and "applied" in logged[1]
+  np.testing.assert_array_equal(segmentation.apply_postprocessing(prediction, found["steps"]), truth)
 
 
 def test_ignored_voxels_are_not_scored():

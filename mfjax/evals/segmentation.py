@@ -218,3 +218,87 @@ def summarize(per_case: dict[str, dict[str, dict[int, float]]], class_names: dic
                                     and not np.isnan(case["dice"].get(c, np.nan)))
                           for c, name in class_names.items()}
   return out
+
+
+# ------------------------------------------------------------------ nnU-Net's postprocessing
+
+
+def keep_largest_component(labels: np.ndarray, targets, background: int = 0) -> np.ndarray:
+  """nnU-Net's remove_all_but_largest_component_from_segmentation: the union of `targets` (label
+  values, or tuples of them for regions) keeps only its largest connected component (full
+  connectivity, as skimage's default; components tied for largest all stay); the rest becomes
+  `background`. Returns a copy."""
+  from scipy import ndimage
+  mask = np.zeros(labels.shape, bool)
+  for target in targets:
+    mask |= _mask(labels, tuple(np.atleast_1d(target).tolist()))
+  components, n = ndimage.label(mask, structure=np.ones((3,) * labels.ndim, bool))
+  out = labels.copy()
+  if n > 1:
+    sizes = np.bincount(components.ravel())[1:]
+    out[mask & ~np.isin(components, np.flatnonzero(sizes == sizes.max()) + 1)] = background
+  return out
+
+
+def apply_postprocessing(labels: np.ndarray, steps) -> np.ndarray:
+  """`labels` after each step of `determine_postprocessing` in turn (a step: the targets whose union
+  keeps only its largest component)."""
+  for targets in steps:
+    labels = keep_largest_component(labels, targets)
+  return labels
+
+
+def nnunet_dice(prediction: np.ndarray, truth: np.ndarray, values: tuple[int, ...], ignore_label=None) -> float:
+  """nnU-Net's Dice (evaluate_predictions): 2TP / (2TP + FP + FN), NaN only where the class is in
+  neither; a class predicted but absent from the truth scores 0 (MedDINOv3's `dice_per_class` skips it)."""
+  prediction = _scored(prediction, truth, ignore_label)
+  p, t = _mask(prediction, values), _mask(truth, values)
+  tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+  return float("nan") if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def determine_postprocessing(cases, targets: dict, foreground_labels, ignore_label=None, log=print,
+                             progress: bool = False) -> dict:
+  """nnU-Net's determine_postprocessing on validation predictions: `cases` is a list of
+  (load the prediction, load the reference) callables, `targets` {name: label values} (classes,
+  or regions), `foreground_labels` the label values. First: keeping only the largest component
+  of all foreground together, accepted when it raises the mean Dice over targets and lowers none;
+  then, if there are several targets, each target's largest component, accepted when it raises
+  that target's mean Dice. Dice is nnU-Net's (nnunet_dice), averaged over cases ignoring NaN. The
+  cases are read again for each candidate, so they need not fit in memory together.
+  Returns {"steps": [[targets...], ...], "before": ..., "after": ..., "cases": n}."""
+  from tqdm.auto import tqdm
+  names = list(targets)
+
+  def mean_dice(steps):
+    per_case = []
+    for load_prediction, load_truth in tqdm(cases, desc="postprocessing", unit="case", disable=not progress,
+                                            leave=False):
+      prediction, truth = apply_postprocessing(load_prediction(), steps), load_truth()
+      per_case.append([nnunet_dice(prediction, truth, tuple(targets[n]), ignore_label) for n in names])
+    with np.errstate(invalid="ignore"):
+      means = np.nanmean(np.array(per_case, np.float64), axis=0) if per_case else np.full(len(names), np.nan)
+    return {"foreground_mean": float(np.mean(means)), "mean": dict(zip(names, map(float, means)))}
+
+  steps, before = [], mean_dice([])
+  current = before
+  candidate = [[int(v)] for v in foreground_labels]
+  trial = mean_dice([candidate])
+  if trial["foreground_mean"] > current["foreground_mean"] and not any(
+      trial["mean"][n] < current["mean"][n] for n in names):  # defensive, as nnU-Net: no target may get worse
+    log(f"keeping only the largest foreground component raises the mean Dice "
+        f"{current['foreground_mean']:.5f} -> {trial['foreground_mean']:.5f}: applied")
+    steps, current = [candidate], trial
+  else:
+    log("keeping only the largest foreground component does not improve the Dice: not applied")
+  if len(names) > 1:
+    for name in names:
+      trial = mean_dice(steps + [[list(targets[name])]])
+      if trial["mean"][name] > current["mean"][name]:
+        log(f"keeping only the largest component of {name} raises its Dice "
+            f"{current['mean'][name]:.5f} -> {trial['mean'][name]:.5f}: applied")
+        steps, current = steps + [[list(targets[name])]], trial
+      else:
+        log(f"keeping only the largest component of {name} does not improve its Dice "
+            f"({current['mean'][name]:.5f} -> {trial['mean'][name]:.5f}): not applied")
+  return {"steps": steps, "before": before, "after": current, "cases": len(cases)}

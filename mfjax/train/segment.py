@@ -14,6 +14,7 @@ and MedDINOv3's multi-scale patch decoder. Parameters are replicated and the bat
 over every device of every process.
 """
 import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -349,6 +350,70 @@ ENSEMBLE_KEYS = ("modality", "normalization", "target_spacing_xy", "intensity", 
                  "regions", "regions_class_order", "ignore_label")
 
 
+POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label")  # what the steps refer to
+
+
+def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> dict:
+  """nnU-Net's determine_postprocessing over the validation predictions of finished runs (e.g. the
+  5 folds): writes `out_path` (JSON: the steps, the Dice before and after) for `predict_folder`."""
+  workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
+  cases, plans = [], None
+  for workdir in workdirs:
+    workdir, config = read_run_config(workdir)
+    if "iters_per_epoch" not in config:
+      raise ConfigError(f"{workdir} is not an `mfjax segment` run")
+    pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
+    with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
+      these = json.load(f)
+    if plans is not None and any(these.get(k) != plans.get(k) for k in POSTPROCESSING_KEYS):
+      raise ConfigError(f"{workdir} and {workdirs[0]} segment different labels; their postprocessing cannot be "
+                        "determined together")
+    plans = plans or these
+    folder = workdir / "validation"
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".nii.gz")) if folder.exists() else []
+    if not names:
+      raise ConfigError(f"{folder}: no validation predictions (a run with fold=all, with "
+                        "eval.save_predictions=False, or not finished)")
+    for name in names:
+      case = volumes.strip_ending(name)
+      if case not in these["cases"]:
+        raise ConfigError(f"{folder / name}: {case} is not a case of the run's dataset")
+      cases.append((functools.partial(_labels_of, str(folder / name)),
+                    functools.partial(_labels_of, these["cases"][case]["label"])))
+  targets = {name: nnunet.targets(plans)[c] for c, name in nnunet.target_names(plans).items()}
+  foreground = [int(c) for c in plans["labels"] if int(c) > 0]
+  result = segmentation.determine_postprocessing(cases, targets, foreground, plans.get("ignore_label"),
+                                                 log=log.info, progress=progress)
+  result.update(runs=[str(w) for w in workdirs], **{k: plans.get(k) for k in POSTPROCESSING_KEYS})
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(result, f, indent=2)
+  log.info("postprocessing over %d validation cases: mean Dice %.5f -> %.5f, %d step(s); written to %s",
+           result["cases"], result["before"]["foreground_mean"], result["after"]["foreground_mean"],
+           len(result["steps"]), out_path)
+  return result
+
+
+def _labels_of(path: str) -> np.ndarray:
+  return volumes.read_labels(path)[0]
+
+
+def read_postprocessing(path: str, plans: dict) -> list:
+  """The steps of a `determine_postprocessing` file, checked to refer to the labels of `plans`."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path}: not a readable postprocessing file ({e})") from e
+  if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+    raise ConfigError(f"{path}: not a postprocessing file (no 'steps'); write one with "
+                      "`mfjax segment --determine-postprocessing`")
+  differ = [k for k in POSTPROCESSING_KEYS if data.get(k) != plans.get(k)]
+  if differ:
+    raise ConfigError(f"{path} was determined for other labels than the run's ({', '.join(differ)} differ)")
+  return data["steps"]
+
+
 def _case_of(input_name: str) -> str:
   """The case id of an input volume's file name: CASE_0000.nii.gz (nnU-Net's) or CASE.nii.gz."""
   case = volumes.strip_ending(input_name)
@@ -356,12 +421,13 @@ def _case_of(input_name: str) -> str:
 
 
 def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True,
-                   continue_prediction: bool = False) -> list[str]:
+                   continue_prediction: bool = False, postprocessing: str | None = None) -> list[str]:
   """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with the final parameters of one
   finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
   prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
   their inputs (each written whole or not at all). `continue_prediction` skips the cases whose
-  output exists (nnU-Net's --continue_prediction); otherwise they are predicted again."""
+  output exists (nnU-Net's --continue_prediction); otherwise they are predicted again.
+  `postprocessing`: a file of `determine_postprocessing`, applied to each prediction."""
   workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
@@ -373,6 +439,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
                         "(train the folds on one data.preprocessed folder)")
   if len(runs) > 1:
     log.info("averaging the logits of %d runs: %s", len(runs), ", ".join(map(str, workdirs)))
+  steps = read_postprocessing(postprocessing, plans) if postprocessing else []
   inputs = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
   if not inputs:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
@@ -394,6 +461,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
                                                              plans.get("regions_class_order", ()),
                                                              config.eval.batch_size), bbox, image.shape)
+    prediction = segmentation.apply_postprocessing(prediction, steps)
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
                                           affine=volumes.canonical_affine(path)))
