@@ -322,14 +322,19 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   return per_case
 
 
-def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
-  """(plans, config, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
+def read_segment_run(workdir):
+  """(workdir path, config, plans) of a started `mfjax segment` run."""
   workdir, config = read_run_config(workdir)
   if "iters_per_epoch" not in config:
     raise ConfigError(f"{workdir} is not an `mfjax segment` run")
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
   with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
-    plans = json.load(f)
+    return workdir, config, json.load(f)
+
+
+def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
+  """(plans, config, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
+  workdir, config, plans = read_segment_run(workdir)
   model = build_segmenter(config, nnunet.num_outputs(plans))
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros((1, config.data.patch, config.data.patch, 1), jnp.float32))
@@ -359,12 +364,7 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
   workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
   cases, plans = [], None
   for workdir in workdirs:
-    workdir, config = read_run_config(workdir)
-    if "iters_per_epoch" not in config:
-      raise ConfigError(f"{workdir} is not an `mfjax segment` run")
-    pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
-    with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
-      these = json.load(f)
+    workdir, _, these = read_segment_run(workdir)
     if plans is not None and any(these.get(k) != plans.get(k) for k in POSTPROCESSING_KEYS):
       raise ConfigError(f"{workdir} and {workdirs[0]} segment different labels; their postprocessing cannot be "
                         "determined together")
