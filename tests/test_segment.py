@@ -324,7 +324,11 @@ def test_raw_dataset_problems_name_the_file_or_key(raw_ct, tmp_path):
     with pytest.raises(nnunet.DatasetError, match=match):
       nnunet.read_raw(str(root))
 
-  expect({"channel_names": {"0": "T1", "1": "T2"}}, "2 input channels")
+  expect({"channel_names": {"0": "T1", "1": "T2"}}, "imagesTr/synth_000_0001.nii.gz")   # a channel's files missing
+  expect({"channel_names": {"0": "T1", "2": "T2"}}, r'must be "0", "1", ... in order')
+  expect({"channel_names": {"0": "T1", "1": "T2"}, "training": [{"image": "./imagesTr/synth_000.nii.gz",
+                                                                 "label": "./labelsTr/synth_000.nii.gz"}]},
+         r"an MSD \(v1\) dataset with 2 channels stores them in one 4-D image")
   expect({"labels": {"background": 0, "kidney": [1, 2]}}, "need 'regions_class_order'")
   expect({"labels": {"background": 0, "kidney": [1, 2]}, "regions_class_order": [1, 2]}, "one positive label value")
   expect({"labels": {"background": 0, "kidney": [1, "x"]}, "regions_class_order": [1]}, "not a list of positive")
@@ -415,8 +419,8 @@ def test_preprocess_plans_resampling_and_reuse(raw_ct, tmp_path):
     locations = np.load(tmp_path / "pre" / f"{case}_locations.npy")
     assert (stored[locations[:, 1], locations[:, 2], locations[:, 3]] == locations[:, 0]).all()
   foreground = np.concatenate(foreground)
-  assert plans["intensity"]["mean"] == pytest.approx(foreground.mean(), rel=1e-5)
-  assert plans["intensity"]["percentile_99_5"] == pytest.approx(np.percentile(foreground, 99.5), rel=1e-5)
+  assert plans["intensity"][0]["mean"] == pytest.approx(foreground.mean(), rel=1e-5)
+  assert plans["intensity"][0]["percentile_99_5"] == pytest.approx(np.percentile(foreground, 99.5), rel=1e-5)
   again = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
   assert again == plans
   with pytest.raises(nnunet.DatasetError, match="another dataset"):
@@ -482,18 +486,19 @@ def test_channel_names_pick_nnunets_normalization(tmp_path):
   assert [nnunet.normalization_of(n) for n in names] == [
       "CTNormalization", "CTNormalization", "NoNormalization", "ZScoreNormalization", "RescaleTo01Normalization",
       "RGBTo01Normalization", "ZScoreNormalization"]
-  image = np.array([[10.0, 20.0], [30.0, 50.0]], np.float32)
-  stats = nnunet.intensity_stats(image, np.zeros(image.shape, np.int16))
-  plans_of = lambda name: {"modality": name, "normalization": nnunet.normalization_of(name)}
+  image = np.array([[10.0, 20.0], [30.0, 50.0]], np.float32)[..., None]
+  stats = nnunet.intensity_stats(image, np.zeros(image.shape[:2], np.int16))
+  plans_of = lambda name: {"modality": name, "channel_names": [name], "normalization": [nnunet.normalization_of(name)],
+                           "intensity": [{}]}
   np.testing.assert_array_equal(nnunet.normalize(image, plans_of("noNorm"), stats), image)
-  np.testing.assert_allclose(nnunet.normalize(image, plans_of("rescale_to_0_1"), stats), [[0, 0.25], [0.5, 1]])
+  np.testing.assert_allclose(nnunet.normalize(image, plans_of("rescale_to_0_1"), stats)[..., 0], [[0, 0.25], [0.5, 1]])
   np.testing.assert_allclose(nnunet.normalize(image, plans_of("rgb_to_0_1"), stats), image / 255)
   z = nnunet.normalize(image, plans_of("T2"), stats)
   assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, 1e-5)
 
   raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=2, modality="rescale_to_0_1", name="Dataset994_Rescale")
   plans = nnunet.preprocess(nnunet.read_raw(raw), str(tmp_path / "pre"), progress=False)
-  assert plans["normalization"] == "RescaleTo01Normalization" and not plans["use_mask_for_norm"]  # z-score only
+  assert plans["normalization"] == ["RescaleTo01Normalization"] and plans["use_mask_for_norm"] == [False]  # z-score only
   sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, ["synth_000", "synth_001"], (24, 24), 4, augment=False)
   batch = sampler.batch(0)["image"]
   assert batch.min() >= -1e-6 and batch.max() <= 1 + 1e-6 and batch.max() > 0.5
@@ -541,7 +546,7 @@ def test_augmentations_are_batchgenerators_ops():
   expected = np.zeros((6, 6), np.int32)
   expected[1:5, 1:5] = 1
   np.testing.assert_array_equal(cut_labels, expected)
-  np.testing.assert_array_equal(cut_image, np.pad(np.ones((5, 5)), ((0, 1), (0, 1))))  # off the slice: 0
+  np.testing.assert_array_equal(cut_image[..., 0], np.pad(np.ones((5, 5)), ((0, 1), (0, 1))))  # off the slice: 0
   outside, inside = np.full((16, 16), nnunet.NONZERO_LABEL, np.int16), np.zeros((16, 16), np.int16)
   for step in range(20):   # whatever the augmentation draws, the masked region stays 0 and the rest not
     cut = [nnunet.augment_patch(np.ones((16, 16), np.float32), region, (8.0, 8.0), (6, 6),
@@ -557,7 +562,7 @@ def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_pa
                             name="Dataset993_SynthMR")
   dataset = nnunet.read_raw(raw)
   plans = nnunet.preprocess(dataset, str(tmp_path / "pre"), progress=False)
-  assert plans["use_mask_for_norm"] and 0.4 < plans["median_relative_size_after_cropping"] < 0.75
+  assert plans["use_mask_for_norm"] == [True] and 0.4 < plans["median_relative_size_after_cropping"] < 0.75
   for case, (image_path, _) in dataset.cases.items():
     image, spacing = volumes.read_volume(image_path)
     stored = plans["cases"][case]
@@ -565,10 +570,10 @@ def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_pa
     assert np.count_nonzero(image[box]) == np.count_nonzero(image) and stored["shape_before_cropping"] == list(
         image.shape)
     seg = np.load(tmp_path / "pre" / f"{case}_seg.npy")
-    slices = nnunet.normalize(np.load(tmp_path / "pre" / f"{case}.npy"), plans, stored, seg)
+    slices = nnunet.normalize(np.load(tmp_path / "pre" / f"{case}.npy"), plans, stored["intensity"], seg)[..., 0]
     assert slices[seg >= 0].mean() == pytest.approx(0, abs=1e-4) and slices[seg >= 0].std() == pytest.approx(1, 1e-4)
     assert (seg < 0).mean() > 0.05 and (slices[seg < 0] == 0).all()
-    np.testing.assert_allclose(nnunet.prediction_slices(image, spacing, plans)[0], slices, atol=1e-5)
+    np.testing.assert_allclose(nnunet.prediction_slices(image, spacing, plans)[0][..., 0], slices, atol=1e-5)
   sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(dataset.cases), (24, 24), 4, 0.5)
   assert min(sampler.batch(step)["label"].min() for step in range(5)) == 0
 
@@ -640,6 +645,53 @@ def test_backbone_checkpoint_must_cover_the_model(tmp_path):
   config.model.checkpoint = str(tmp_path / "depth2")  # the config's depth 4 overrides the checkpoint's 2
   with pytest.raises(ConfigError, match="missing blocks_2/"):
     segment.load_backbone(config, variables)
+
+
+def test_multichannel_mr_trains_and_predicts_from_an_adapted_rgb_backbone(tmp_path):
+  """nnU-Net's multi-channel inputs (CASE_0000, CASE_0001, ...: T2 and ADC here): each channel
+  normalised on its own, stacked as the network's input channels; a converted RGB backbone fills
+  the patch embedding as timm's adapt_input_conv does."""
+  raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=6, test_cases=1, channels=("T2", "ADC"),
+                            name="Dataset996_SynthT2ADC")
+  dataset = nnunet.read_raw(raw)
+  assert dataset.channels == ("T2", "ADC") and dataset.channel_files["synth_000"][1].endswith("synth_000_0001.nii.gz")
+  plans = nnunet.preprocess(dataset, str(tmp_path / "pre"), progress=False)
+  assert plans["channel_names"] == ["T2", "ADC"] and plans["use_mask_for_norm"] == [True, True]
+  stored = np.load(tmp_path / "pre" / "synth_000.npy")
+  seg = np.load(tmp_path / "pre" / "synth_000_seg.npy")
+  assert stored.shape == (*seg.shape, 2)
+  normalized = nnunet.normalize(stored, plans, plans["cases"]["synth_000"]["intensity"], seg)
+  for c in range(2):   # each channel z-scored on its own within the body
+    inside = normalized[..., c][seg >= 0]
+    assert inside.mean() == pytest.approx(0, abs=1e-4) and inside.std() == pytest.approx(1, 1e-4)
+  batch = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(dataset.cases), (24, 24), 4).batch(0)
+  assert batch["image"].shape == (4, 24, 24, 2)
+
+  fields = dict(segment_config.TINY_BACKBONE)
+  backbone = models.create("meddinov3_vitb16", **fields)
+  models.save(str(tmp_path / "rgb"), "meddinov3_vitb16", models.init_params(backbone, jax.random.PRNGKey(1), (32, 32)),
+              fields)
+  rgb = models.load(str(tmp_path / "rgb"))[1]["params"]["patch_embed"]["kernel"]
+  for channels, expected in ((2, rgb[:, :, :2] * 1.5), (4, np.concatenate([rgb, rgb[:, :, :1]], 2) * 0.75)):
+    np.testing.assert_allclose(segment.adapt_patch_embed({"patch_embed": {"kernel": rgb}}, channels)[
+        "patch_embed"]["kernel"], expected, rtol=1e-6)
+  args = ["segment", "--config", f"configs/segment.py:raw={raw},tiny=true,epochs=4,iters=30",
+          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress",
+          f"--config.model.checkpoint={tmp_path / 'rgb'}", f"--config.data.preprocessed={tmp_path / 'pre'}",
+          "--workdir", str(tmp_path / "run")]
+  assert cli.main(args) == 0
+  result = json.loads((tmp_path / "run" / "result.json").read_text())
+  assert result["val"]["dice"]["liver"] > 0.5, result["val"]
+  out = tmp_path / "predicted"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw, "imagesTs"),
+                   "--out", str(out)]) == 0
+  predicted, _ = volumes.read_labels(str(out / "synth_006.nii.gz"))
+  truth, _ = volumes.read_labels(os.path.join(raw, "labelsTs", "synth_006.nii.gz"))
+  assert sorted(os.listdir(out)) == ["synth_006.nii.gz"] and segmentation.dice_per_class(predicted, truth, [1])[1] > 0.5
+  os.remove(os.path.join(raw, "imagesTs", "synth_006_0001.nii.gz"))   # a case without its ADC
+  with pytest.raises(ConfigError, match=r"cases without every channel \(missing channel numbers\): synth_006 \[1\]"):
+    segment.predict_folder(str(tmp_path / "run"), os.path.join(raw, "imagesTs"), str(tmp_path / "never"),
+                           progress=False)
 
 
 def _best_params(workdir):

@@ -10,8 +10,9 @@ The raw layout is nnU-Net v2's (the MSD v1 `dataset.json` with a "training" list
     that region becomes -1 (nnU-Net's crop_to_nonzero), which the loss treats as background;
   - target spacing: the median in-plane spacing of the training cases (slices keep their own);
   - each case resampled in-plane to it (image cubic spline, labels nearest) and written as
-    (Z, X, Y) float32 / int16 .npy files (one axial slice is contiguous; read memory-mapped);
-  - normalization by channel name, as nnU-Net's: CT: 0.5 / 99.5 percentiles, mean and std of
+    (Z, X, Y, C) float32 images (C input channels: CASE_0000, CASE_0001, ... files) and (Z, X, Y)
+    int16 labels, .npy (one axial slice is contiguous; read memory-mapped);
+  - normalization of each channel by its name, as nnU-Net's: CT: 0.5 / 99.5 percentiles, mean and std of
     foreground voxels (up to 10000 sampled per case, seeded) -> CTNormalization; noNorm,
     rescale_to_0_1 and rgb_to_0_1 as named; any other name: z-score per case, over the nonzero
     region only (and 0 outside it) when cropping shrank the median case below 3/4 of its size
@@ -61,13 +62,15 @@ class DatasetError(DataError):
 class RawDataset:
   root: str
   name: str
-  modality: str                      # the one channel's name, e.g. "CT" or "MRI"
+  modality: str                      # the first channel's name, e.g. "CT" or "MRI"
   labels: dict[int, str]             # label value -> name, background 0 included ("label N" in a region dataset)
-  cases: dict[str, tuple[str, str]]  # case id -> (image path, label path)
+  cases: dict[str, tuple[str, str]]  # case id -> (image path of channel 0, label path)
   file_ending: str
   regions: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # name -> label values
   regions_class_order: tuple[int, ...] = ()  # the label value each region's prediction is written as
   ignore_label: int | None = None   # nnU-Net's "ignore": unannotated voxels, left out of loss and scores
+  channels: tuple[str, ...] = ()    # every input channel's name, in order ("T2", "ADC"; one for CT)
+  channel_files: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # case -> a path per channel
 
   @property
   def num_classes(self) -> int:
@@ -88,20 +91,24 @@ def read_raw(root: str) -> RawDataset:
   channels = meta.get("channel_names", meta.get("modality"))
   if not isinstance(channels, dict) or not channels:
     raise DatasetError(f"{path}: needs 'channel_names' (nnU-Net v2) or 'modality' (v1), e.g. {{\"0\": \"CT\"}}")
-  if len(channels) != 1:
-    raise DatasetError(f"{path}: {len(channels)} input channels {channels}; mfjax segments one-channel "
-                       "CT/MR volumes")
-  modality = str(next(iter(channels.values())))
+  if sorted(str(k) for k in channels) != [str(k) for k in range(len(channels))]:
+    raise DatasetError(f"{path}: channel keys {sorted(channels)} must be \"0\", \"1\", ... in order")
+  names = tuple(str(channels[k]) for k in sorted(channels, key=int))
+  modality = names[0]
   labels, regions, order, ignore = _parse_labels(meta.get("labels"), meta.get("regions_class_order"), path)
   file_ending = meta.get("file_ending", ".nii.gz")
   if file_ending not in volumes.NIFTI_ENDINGS:
     raise DatasetError(f"{path}: file_ending {file_ending!r} is not supported; mfjax reads NIfTI "
                        f"({', '.join(volumes.NIFTI_ENDINGS)})")
   if "training" in meta:  # v1 (Medical Segmentation Decathlon): explicit pairs, no _0000 suffix
+    if len(names) > 1:
+      raise DatasetError(f"{path}: an MSD (v1) dataset with {len(names)} channels stores them in one 4-D image; "
+                         "convert it to nnU-Net v2's layout first (nnUNetv2_convert_MSD_dataset)")
     cases = {}
     for item in meta["training"]:
       image, label = (os.path.normpath(os.path.join(root, item[k])) for k in ("image", "label"))
       cases[volumes.strip_ending(os.path.basename(image))] = (image, label)
+    channel_files = {case: (image,) for case, (image, _) in cases.items()}
   else:
     images_dir = os.path.join(root, "imagesTr")
     if not os.path.isdir(images_dir):
@@ -110,7 +117,9 @@ def read_raw(root: str) -> RawDataset:
     ids = [f[: -len(suffix)] for f in sorted(os.listdir(images_dir)) if f.endswith(suffix)]
     cases = {case: (os.path.join(images_dir, case + suffix), os.path.join(root, "labelsTr", case + file_ending))
              for case in ids}
-  missing = [p for pair in cases.values() for p in pair if not os.path.exists(p)]
+    channel_files = {case: tuple(os.path.join(images_dir, f"{case}_{k:04d}{file_ending}") for k in range(len(names)))
+                     for case in ids}
+  missing = [p for case, (_, label) in cases.items() for p in (*channel_files[case], label) if not os.path.exists(p)]
   if missing:
     raise DatasetError(f"{root}: {len(missing)} file(s) listed or implied are missing: {', '.join(missing[:10])}")
   if not cases:
@@ -120,7 +129,7 @@ def read_raw(root: str) -> RawDataset:
     raise DatasetError(f"{path}: numTraining is {expected} but {len(cases)} training cases were found")
   name = meta.get("name") or os.path.basename(root)
   return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending, regions, order,
-                    ignore)
+                    ignore, names, channel_files)
 
 
 def _parse_labels(labels, regions_class_order, path):
@@ -242,23 +251,27 @@ def target_shape(shape_xy, spacing_xy, target_spacing_xy) -> tuple[int, int]:
 
 
 def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, order: int) -> np.ndarray:
-  """(X, Y, Z) at `spacing` -> (Z, X', Y') resampled in-plane to `target_spacing_xy` (`order`:
-  3 for images, 0 for labels), one contiguous axial slice after another."""
+  """(X, Y, Z[, C]) at `spacing` -> (Z, X', Y'[, C]) resampled in-plane to `target_spacing_xy`
+  (`order`: 3 for images, 0 for labels), one contiguous axial slice after another."""
+  if volume.ndim == 4:
+    return np.stack([axial_slices(volume[..., c], spacing, target_spacing_xy, order)
+                     for c in range(volume.shape[3])], axis=-1)
   shape_xy = target_shape(volume.shape[:2], spacing[:2], target_spacing_xy)
   return np.ascontiguousarray(resample_inplane(volume, shape_xy, order).transpose(2, 0, 1))
 
 
 def crop_to_nonzero(image: np.ndarray, labels: np.ndarray | None = None):
   """nnU-Net's crop_to_nonzero: (image, labels, bbox) cropped to the bounding box [[lo, hi]] * 3 of
-  the image's nonzero voxels with holes filled (the whole volume when it is all zero). The
-  returned int16 labels hold NONZERO_LABEL where the label was 0 outside that region (without
-  `labels`: 0 inside, NONZERO_LABEL outside)."""
+  the voxels nonzero in any channel of the (X, Y, Z[, C]) image, holes filled (the whole volume
+  when it is all zero). The returned int16 labels hold NONZERO_LABEL where the label was 0 outside
+  that region (without `labels`: 0 inside, NONZERO_LABEL outside)."""
   from scipy import ndimage
-  mask = ndimage.binary_fill_holes(image != 0)
+  nonzero = image != 0
+  mask = ndimage.binary_fill_holes(nonzero.any(axis=-1) if image.ndim == 4 else nonzero)
   if not mask.any():
     mask[...] = True
   bbox = [[int(where.min()), int(where.max()) + 1] for where in (np.flatnonzero(mask.any(axis=tuple(
-      a for a in range(image.ndim) if a != axis))) for axis in range(image.ndim))]
+      a for a in range(3) if a != axis))) for axis in range(3))]
   crop = tuple(slice(lo, hi) for lo, hi in bbox)
   mask = mask[crop]
   if labels is None:
@@ -287,20 +300,45 @@ def check_intensities(image: np.ndarray, channel_name: str, path: str):
                        f"found [{image.min():g}, {image.max():g}]")
 
 
-def intensity_stats(image: np.ndarray, labels: np.ndarray) -> dict:
-  """A preprocessed case's mean, std, min and max, and its mean and std over its nonzero region
-  (labels >= 0)."""
-  inside = image[labels >= 0]
-  return {"mean": float(image.mean()), "std": float(image.std()), "min": float(image.min()),
-          "max": float(image.max()), "mean_nonzero": float(inside.mean()) if inside.size else 0.0,
-          "std_nonzero": float(inside.std()) if inside.size else 1.0}
+def read_channels(paths, channel_names) -> tuple[np.ndarray, np.ndarray]:
+  """(X, Y, Z, C) float32 of a case's channel files (one per channel, on one grid), spacing of the first."""
+  arrays, spacing = [], None
+  for path, name in zip(paths, channel_names):
+    image, this_spacing = volumes.read_volume(path)
+    check_intensities(image, name, path)
+    if arrays and image.shape != arrays[0].shape:
+      raise DatasetError(f"{path}: shape {image.shape} differs from channel 0's {arrays[0].shape} ({paths[0]})")
+    arrays.append(image)
+    spacing = this_spacing if spacing is None else spacing
+  return np.stack(arrays, axis=-1), spacing
+
+
+def intensity_stats(image: np.ndarray, labels: np.ndarray) -> list[dict]:
+  """Per channel of a preprocessed (..., C) case: mean, std, min and max, and mean and std over its
+  nonzero region (labels >= 0)."""
+  inside = labels >= 0
+  out = []
+  for c in range(image.shape[-1]):
+    channel = image[..., c]
+    within = channel[inside]
+    out.append({"mean": float(channel.mean()), "std": float(channel.std()), "min": float(channel.min()),
+                "max": float(channel.max()), "mean_nonzero": float(within.mean()) if within.size else 0.0,
+                "std_nonzero": float(within.std()) if within.size else 1.0})
+  return out
+
+
+def channel_names(plans: dict) -> list[str]:
+  return list(plans.get("channel_names") or [plans["modality"]])
 
 
 def prediction_slices(image: np.ndarray, spacing, plans: dict, path: str = "the volume"):
-  """A new (X, Y, Z) volume (read from `path`) prepared as its training cases were: (normalised
-  (Z, X', Y') slices, bbox of crop_to_nonzero, the cropped in-plane shape the predicted labels
+  """A new (X, Y, Z, C) volume (read from `path`) prepared as its training cases were: (normalised
+  (Z, X', Y', C) slices, bbox of crop_to_nonzero, the cropped in-plane shape the predicted labels
   return to)."""
-  check_intensities(image, plans["modality"], path)
+  if image.ndim == 3:
+    image = image[..., None]
+  for c, name in enumerate(channel_names(plans)):
+    check_intensities(image[..., c], name, path)
   image, labels, bbox = crop_to_nonzero(image)
   image = axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
   labels = axial_slices(labels, spacing, plans["target_spacing_xy"], order=0)
@@ -312,20 +350,29 @@ def verify_geometry(raw: RawDataset, tolerance_mm: float = 1e-3) -> list[str]:
   """One line per training case whose label map's grid (shape, spacing, orientation, origin) is not
   its image's, read from the headers alone; as nnU-Net's dataset integrity check, every case at once."""
   problems = []
-  for case, (image_path, label_path) in raw.cases.items():
-    (image_shape, image_affine), (label_shape, label_affine) = (volumes.canonical_geometry(image_path),
-                                                                volumes.canonical_geometry(label_path))
-    if image_shape != label_shape:
-      problems.append(f"{label_path}: shape {label_shape} differs from its image's {image_shape} ({image_path})")
-    elif not np.allclose(image_affine, label_affine, atol=tolerance_mm):
-      worst = float(np.abs(image_affine - label_affine).max())
-      problems.append(f"{label_path}: its voxel-to-world affine differs from its image's by up to {worst:.4g} "
-                      f"(spacing, orientation or origin; {image_path})")
+  for case, (_, label_path) in raw.cases.items():
+    label_shape, label_affine = volumes.canonical_geometry(label_path)
+    for image_path in raw.channel_files[case]:
+      problem = _grid_problem(image_path, label_path, label_shape, label_affine, tolerance_mm)
+      if problem:
+        problems.append(problem)
   return problems
 
 
+def _grid_problem(image_path, label_path, label_shape, label_affine, tolerance_mm):
+  image_shape, image_affine = volumes.canonical_geometry(image_path)
+  if image_shape != label_shape:
+    return f"{label_path}: shape {label_shape} differs from its image's {image_shape} ({image_path})"
+  if not np.allclose(image_affine, label_affine, atol=tolerance_mm):
+    worst = float(np.abs(image_affine - label_affine).max())
+    return (f"{label_path}: its voxel-to-world affine differs from its image's by up to {worst:.4g} "
+            f"(spacing, orientation or origin; {image_path})")
+  return None
+
+
 def _fingerprint(raw: RawDataset) -> dict:
-  return {case: [os.path.getsize(p) for p in pair] for case, pair in raw.cases.items()}
+  return {case: [os.path.getsize(p) for p in (*raw.channel_files[case], label)]
+          for case, (_, label) in raw.cases.items()}
 
 
 def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = True) -> dict:
@@ -371,19 +418,19 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
       fg_values.append(np.load(os.path.join(out_dir, case + "_fg.npy")))
       reused += 1
       continue
-    image, spacing = volumes.read_volume(image_path)
-    check_intensities(image, raw.modality, image_path)
+    image, spacing = read_channels(raw.channel_files[case], raw.channels)
     labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
     unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
     if unknown:
       raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"
                          + (f" or its ignore label {raw.ignore_label}" if raw.ignore_label is not None else ""))
-    shape_before_cropping = list(image.shape)
+    shape_before_cropping = list(image.shape[:3])
     image, labels, bbox = crop_to_nonzero(image, labels)
     rng = np.random.default_rng([12345, i])
-    foreground = image[labels > 0]  # nnU-Net's fingerprint counts ignored voxels as foreground too
-    fg_values.append(rng.choice(foreground, min(FG_SAMPLES_PER_CASE, foreground.size), replace=False)
-                     if foreground.size else np.zeros(0, np.float32))
+    foreground = image[labels > 0]  # (n, C); nnU-Net's fingerprint counts ignored voxels as foreground too
+    fg_values.append(foreground[rng.choice(len(foreground), min(FG_SAMPLES_PER_CASE, len(foreground)),
+                                           replace=False)] if len(foreground) else
+                     np.zeros((0, image.shape[-1]), np.float32))
     image = axial_slices(image, spacing, target_xy, order=3)
     labels = axial_slices(labels, spacing, target_xy, order=0)
     np.save(os.path.join(out_dir, case + ".npy"), image)
@@ -395,7 +442,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
                    "shape_before_cropping": shape_before_cropping, "bbox": bbox,  # (X, Y, Z) of the volume
                    "relative_size_after_cropping": float(np.prod([hi - lo for lo, hi in bbox]) /
                                                          np.prod(shape_before_cropping)),
-                   **intensity_stats(image, labels)}
+                   "intensity": intensity_stats(image, labels)}
     np.save(os.path.join(out_dir, case + "_fg.npy"), fg_values[-1])
     _write_json_atomically(done_path, {"key": done_key, "case": cases[case]})  # last: the case is complete
   if reused:
@@ -405,17 +452,19 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   if not fg.size:
     raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
   relative_size = float(np.median([c["relative_size_after_cropping"] for c in cases.values()]))
-  normalization = normalization_of(raw.modality)
-  plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality, "normalization": normalization,
+  normalization = [normalization_of(name) for name in raw.channels]
+  plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality, "channel_names": list(raw.channels),
+           "normalization": normalization,
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
            **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
                "regions_class_order": list(raw.regions_class_order)} if raw.regions else {}),
            **({"ignore_label": raw.ignore_label} if raw.ignore_label is not None else {}),
-           "intensity": {"mean": float(fg.mean()), "std": float(fg.std()),
-                         "percentile_00_5": float(np.percentile(fg, 0.5)),
-                         "percentile_99_5": float(np.percentile(fg, 99.5))},
+           "intensity": [{"mean": float(v.mean()), "std": float(v.std()),
+                          "percentile_00_5": float(np.percentile(v, 0.5)),
+                          "percentile_99_5": float(np.percentile(v, 99.5))} for v in fg.T],
            "median_relative_size_after_cropping": relative_size,
-           "use_mask_for_norm": normalization == "ZScoreNormalization" and relative_size < MASK_FOR_NORM_BELOW,
+           "use_mask_for_norm": [scheme == "ZScoreNormalization" and relative_size < MASK_FOR_NORM_BELOW
+                                 for scheme in normalization],
            "cases": cases, "fingerprint": fingerprint}
   _write_json_atomically(plans_path, plans)  # plans.json last: its presence means every case is written
   return plans
@@ -497,35 +546,50 @@ def num_outputs(plans: dict) -> int:
   return len(plans["regions"]) if plans.get("regions") else len(plans["labels"])
 
 
-def normalize(image: np.ndarray, plans: dict, case_stats: dict, labels: np.ndarray | None = None) -> np.ndarray:
-  """nnU-Net's normalization of the channel (normalization_of its name): CT: clip to the foreground
-  0.5 / 99.5 percentiles, then (x - mean) / std; noNorm: as is; rescale_to_0_1: the case's min..max
-  to 0..1; rgb_to_0_1: / 255; anything else: z-score with the case's own `case_stats`
-  (intensity_stats), with plans' use_mask_for_norm over its nonzero region (`labels` >= 0), 0 outside."""
-  scheme = plans.get("normalization") or normalization_of(plans["modality"])
+def _per_channel(value, n: int) -> list:
+  """A plans field per channel (plans written before channels were lists hold one value)."""
+  return list(value) if isinstance(value, list) else [value] * n
+
+
+def normalize(image: np.ndarray, plans: dict, case_intensity: list, labels: np.ndarray | None = None) -> np.ndarray:
+  """(..., C) float32: each channel by nnU-Net's normalization of its name (normalization_of): CT:
+  clip to the foreground 0.5 / 99.5 percentiles, then (x - mean) / std; noNorm: as is;
+  rescale_to_0_1: the case's min..max to 0..1; rgb_to_0_1: / 255; anything else: z-score with the
+  case's own statistics (`case_intensity`, intensity_stats), with plans' use_mask_for_norm over its
+  nonzero region (`labels` >= 0) and 0 outside it."""
+  names = channel_names(plans)
+  schemes = _per_channel(plans.get("normalization") or [normalization_of(n) for n in names], len(names))
+  dataset = _per_channel(plans["intensity"], len(names))
+  use_mask = _per_channel(plans.get("use_mask_for_norm", False), len(names))
+  case_intensity = _per_channel(case_intensity, len(names))
+  out = np.empty(image.shape, np.float32)
+  for c, scheme in enumerate(schemes):
+    out[..., c] = _normalize_channel(image[..., c], scheme, dataset[c], case_intensity[c], use_mask[c], labels)
+  return out
+
+
+def _normalize_channel(image, scheme: str, dataset: dict, case: dict, use_mask: bool, labels):
   if scheme == "CTNormalization":
-    p = plans["intensity"]
-    image = np.clip(image, p["percentile_00_5"], p["percentile_99_5"])
-    return ((image - p["mean"]) / max(p["std"], 1e-8)).astype(np.float32)
+    image = np.clip(image, dataset["percentile_00_5"], dataset["percentile_99_5"])
+    return (image - dataset["mean"]) / max(dataset["std"], 1e-8)
   if scheme == "NoNormalization":
-    return np.asarray(image, np.float32)
+    return image
   if scheme == "RescaleTo01Normalization":
-    return ((image - case_stats["min"]) / max(case_stats["max"] - case_stats["min"], 1e-8)).astype(np.float32)
+    return (image - case["min"]) / max(case["max"] - case["min"], 1e-8)
   if scheme == "RGBTo01Normalization":
-    return (np.asarray(image, np.float32) / 255.0).astype(np.float32)
-  if plans.get("use_mask_for_norm"):
+    return np.asarray(image, np.float32) / np.float32(255.0)
+  if use_mask:
     if labels is None:
       raise ValueError("normalize: use_mask_for_norm needs the labels that mark the nonzero region")
-    z = (image - case_stats["mean_nonzero"]) / max(case_stats["std_nonzero"], 1e-8)
-    return np.where(labels >= 0, z, 0.0).astype(np.float32)
-  return ((image - case_stats["mean"]) / max(case_stats["std"], 1e-8)).astype(np.float32)
+    return np.where(labels >= 0, (image - case["mean_nonzero"]) / max(case["std_nonzero"], 1e-8), 0.0)
+  return (image - case["mean"]) / max(case["std"], 1e-8)
 
 
 # ------------------------------------------------------------------------------- sampling
 
 
 class SliceSampler:
-  """Training patches (image (H, W, 1) float32 normalised, label (H, W) int32) from preprocessed cases.
+  """Training patches (image (H, W, C) float32 normalised, label (H, W) int32) from preprocessed cases.
 
   Sample `index` of step `step` depends only on (seed, step, index): a resumed run draws the same
   patches, each process draws only its own rows of the global batch, and `workers` threads cut
@@ -567,33 +631,35 @@ class SliceSampler:
     else:
       z = rng.integers(image.shape[0])
       # the patch's lower corner anywhere it overlaps the slice, padding where the slice is small
-      lo = np.minimum(0, np.array(image.shape[1:]) - self.patch)
-      hi = np.maximum(0, np.array(image.shape[1:]) - self.patch)
+      lo = np.minimum(0, np.array(image.shape[1:3]) - self.patch)
+      hi = np.maximum(0, np.array(image.shape[1:3]) - self.patch)
       center = np.array([rng.integers(l, h + 1) for l, h in zip(lo, hi)]) + np.array(self.patch) / 2
     slice_labels = np.asarray(labels[z])
-    slice_image = normalize(np.asarray(image[z]), self.plans, self.plans["cases"][case], slice_labels)
+    slice_image = normalize(np.asarray(image[z]), self.plans, self.plans["cases"][case]["intensity"], slice_labels)
     return augment_patch(slice_image, slice_labels, center, self.patch, rng, self.augment,
-                         bool(self.plans.get("use_mask_for_norm")))
+                         _per_channel(self.plans.get("use_mask_for_norm", False), slice_image.shape[-1]))
 
   def batch(self, step: int, rows: range | None = None) -> dict:
     """Rows `rows` (default all) of the global batch of `step`."""
     rows = range(self.batch_size) if rows is None else rows
     cut = lambda i: self.sample(step, i)
     samples = list(self._pool.map(cut, rows) if self._pool else map(cut, rows))
-    return {"image": np.stack([s[0] for s in samples])[..., None], "label": np.stack([s[1] for s in samples])}
+    return {"image": np.stack([s[0] for s in samples]), "label": np.stack([s[1] for s in samples])}
 
 
-def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside: bool = False):
-  """Cut a `patch` around `center` of one slice, with nnU-Net v2's default 2-D augmentation when
-  asked, in its order: rotation (p 0.2, any angle) and scaling (p 0.2, 0.7-1.4) in one resampling
-  (image linear, labels nearest; outside the slice image 0, labels -1 as nnU-Net pads them),
-  Gaussian noise (p 0.1), blur (p 0.2, then each channel p 0.5, sigma 0.5-1 per axis), brightness
-  (p 0.15), contrast (p 0.15), low resolution (p 0.25, then p 0.5: nearest down to 0.5-1x, linear
-  back up), gamma (inverted p 0.1, then p 0.3) and mirroring per axis (p 0.5). Multipliers and
-  gammas are drawn as nnU-Net's BGContrast. Then, with `mask_outside` (use_mask_for_norm), the
-  image is 0 where the labels are negative, and negative labels become background. Not done:
-  elastic deformation (off in nnU-Net's defaults)."""
+def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside=False):
+  """Cut a `patch` around `center` of one (H, W, C) slice, with nnU-Net v2's default 2-D
+  augmentation when asked, in its order: rotation (p 0.2, any angle) and scaling (p 0.2, 0.7-1.4)
+  in one resampling (image linear, labels nearest; outside the slice image 0, labels -1 as nnU-Net
+  pads them), Gaussian noise (p 0.1), blur (p 0.2, then each channel p 0.5, sigma 0.5-1 per axis),
+  brightness (p 0.15), contrast (p 0.15), low resolution (p 0.25, then each channel p 0.5: nearest
+  down to 0.5-1x, linear back up), gamma (inverted p 0.1, then p 0.3) and mirroring per axis
+  (p 0.5). Each channel draws its own factors, as nnU-Net's (unsynchronised) transforms do, and
+  multipliers and gammas are drawn as its BGContrast. Then the channels `mask_outside` names (a
+  flag per channel, or one for all: use_mask_for_norm) are 0 where the labels are negative, and
+  negative labels become background. Not done: elastic deformation (off in nnU-Net's defaults)."""
   from scipy import ndimage
+  image = image[..., None] if image.ndim == 2 else image
   patch = np.asarray(patch)
   offsets = np.stack(np.meshgrid(*(np.arange(p) - (p - 1) / 2 for p in patch), indexing="ij"), axis=0)
   if augment:
@@ -602,15 +668,18 @@ def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
     offsets = np.einsum("ij,jhw->ihw", rot, offsets)
   coords = offsets + (np.asarray(center, np.float64) - 0.5)[:, None, None]
-  image = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
+  image = np.stack([ndimage.map_coordinates(image[..., c], coords, order=1, mode="constant", cval=0.0)
+                    for c in range(image.shape[-1])], axis=-1).astype(np.float32)
   labels = ndimage.map_coordinates(labels, coords, order=0, mode="constant", cval=NONZERO_LABEL).astype(np.int32)
   if augment:
     image = _augment_intensities(image, rng)
     for axis in (0, 1):
       if rng.random() < 0.5:
         image, labels = np.flip(image, axis), np.flip(labels, axis)
-  if mask_outside:
-    image = np.where(labels < 0, np.float32(0), image)
+  for c, masked in enumerate(_per_channel(mask_outside, image.shape[-1])):
+    if masked:
+      image = image.copy() if not image.flags.writeable else image
+      image[..., c] = np.where(labels < 0, np.float32(0), image[..., c])
   return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(np.maximum(labels, 0))
 
 
@@ -620,23 +689,34 @@ def _bg_contrast(rng, lo: float, hi: float) -> float:
 
 
 def _augment_intensities(image, rng):
+  """nnU-Net v2's intensity transforms on an (H, W, C) patch (see augment_patch)."""
   from scipy import ndimage
-  if rng.random() < 0.1:
-    image = image + rng.normal(0.0, np.sqrt(rng.uniform(0, 0.1)), image.shape).astype(np.float32)
-  if rng.random() < 0.2 and rng.random() < 0.5:
-    sigma = rng.uniform(0.5, 1.0, size=2)  # torch's reflect padding is scipy's "mirror"; kernel about 6 sigma wide
-    image = ndimage.gaussian_filter(image, sigma, mode="mirror", truncate=3.0).astype(np.float32)
+  image = np.array(image, np.float32)
+  channels = range(image.shape[-1])
+  if rng.random() < 0.1:  # one variance for all channels (synchronize_channels=True)
+    image += rng.normal(0.0, np.sqrt(rng.uniform(0, 0.1)), image.shape).astype(np.float32)
+  if rng.random() < 0.2:
+    for c in channels:
+      if rng.random() < 0.5:  # torch's reflect padding is scipy's "mirror"; the kernel about 6 sigma wide
+        image[..., c] = ndimage.gaussian_filter(image[..., c], rng.uniform(0.5, 1.0, size=2), mode="mirror",
+                                                truncate=3.0)
   if rng.random() < 0.15:
-    image = image * np.float32(_bg_contrast(rng, 0.75, 1.25))
+    for c in channels:
+      image[..., c] *= np.float32(_bg_contrast(rng, 0.75, 1.25))
   if rng.random() < 0.15:
-    mean, lo, hi = image.mean(), image.min(), image.max()
-    image = np.clip((image - mean) * np.float32(_bg_contrast(rng, 0.75, 1.25)) + mean, lo, hi)
-  if rng.random() < 0.25 and rng.random() < 0.5:
-    image = _simulate_low_resolution(image, rng.uniform(0.5, 1.0))
+    for c in channels:
+      x = image[..., c]
+      mean, lo, hi = x.mean(), x.min(), x.max()
+      image[..., c] = np.clip((x - mean) * np.float32(_bg_contrast(rng, 0.75, 1.25)) + mean, lo, hi)
+  if rng.random() < 0.25:
+    for c in channels:
+      if rng.random() < 0.5:
+        image[..., c] = _simulate_low_resolution(image[..., c], rng.uniform(0.5, 1.0))
   for invert, p in ((True, 0.1), (False, 0.3)):
     if rng.random() < p:
-      image = _gamma(-image if invert else image, _bg_contrast(rng, 0.7, 1.5))
-      image = -image if invert else image
+      for c in channels:
+        x, gamma = image[..., c], _bg_contrast(rng, 0.7, 1.5)
+        image[..., c] = -_gamma(-x, gamma) if invert else _gamma(x, gamma)
   return image
 
 

@@ -325,7 +325,7 @@ SPARSE_IGNORE_LABEL = 3  # nnunet_ct(sparse=True)'s ignore label
 
 def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
               name: str = "Dataset990_SynthCT", test_cases: int = 0, regions: bool = False,
-              sparse: bool = False, modality: str = "CT") -> str:
+              sparse: bool = False, modality: str = "CT", channels: tuple[str, ...] = ()) -> str:
   """An nnU-Net v2 raw dataset folder root/name (dataset.json, imagesTr, labelsTr[, imagesTs]).
 
   In-plane spacing varies between 0.7 and 0.9 mm and every third case is stored in LPS
@@ -335,31 +335,37 @@ def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
   every other axial slice and an in-plane rim of the rest carry nnU-Net's ignore label 3. With a
   `modality` other than CT, the volumes are MR-like: positive intensities inside the body and
   exactly 0 outside it, as skull-stripped or masked MR, so nnU-Net's preprocessing crops them to
-  about 55 % of their size and z-scores within the body only."""
+  about 55 % of their size and z-scores within the body only. `channels` (e.g. ("T2", "ADC")) writes
+  one such MR-like file per channel, CASE_0000, CASE_0001, ...: channel k > 0 shows the organs with
+  another contrast (the kidney darker than the liver) on another intensity scale."""
   from mfjax.data import volumes
   rng = np.random.default_rng(seed)
   folder = os.path.join(root, name)
   for i in range(num_cases + test_cases):
     image, labels = ct_volume(rng, shape)
-    if modality.upper() != "CT":
+    names = channels or (modality,)
+    if modality.upper() != "CT" or channels:
       image = np.where(image > -500, image + 1100, 0.0)
+    images = [image] + [np.where(image > 0, (k + 1) * (1500.0 + 300.0 * (labels == 1) - 250.0 * (labels == 2))
+                                 + rng.normal(0, 30, shape), 0.0) for k in range(1, len(names))]
     spacing = (rng.uniform(0.7, 0.9), rng.uniform(0.7, 0.9), 3.0)
     case = f"synth_{i:03d}"
     split = "Tr" if i < num_cases else "Ts"
     affine = np.diag([*spacing, 1.0])
     if i % 3 == 2:  # LPS: flip the first two axes in the file, the affine says so
-      image, labels = image[::-1, ::-1], labels[::-1, ::-1]
+      images, labels = [channel[::-1, ::-1] for channel in images], labels[::-1, ::-1]
       affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
       affine[:2, 3] = [(shape[0] - 1) * spacing[0], (shape[1] - 1) * spacing[1]]
-    volumes.write_volume(os.path.join(folder, f"images{split}", f"{case}_0000.nii.gz"),
-                         np.round(image).astype(np.int16), affine=affine)
+    for k, channel in enumerate(images):
+      volumes.write_volume(os.path.join(folder, f"images{split}", f"{case}_{k:04d}.nii.gz"),
+                           np.round(channel).astype(np.int16), affine=affine)
     if sparse and split == "Tr":
       labels = labels.copy()
       rim = max(1, shape[0] // 8)
       labels[..., 1::2] = SPARSE_IGNORE_LABEL
       labels[:rim], labels[-rim:], labels[:, :rim], labels[:, -rim:] = (SPARSE_IGNORE_LABEL,) * 4
     volumes.write_volume(os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), labels, affine=affine)
-  meta = {"channel_names": {"0": modality}, "labels": {"background": 0, "liver": 1, "kidney": 2},
+  meta = {"channel_names": {str(k): name for k, name in enumerate(names)}, "labels": {"background": 0, "liver": 1, "kidney": 2},
           "numTraining": num_cases, "file_ending": ".nii.gz", "name": name}
   if regions:
     meta.update(labels={"background": 0, "organs": [1, 2], "kidney": 2}, regions_class_order=[1, 2])

@@ -55,27 +55,28 @@ def weighted_tile_logits(logits_of: Callable, images, weights, mirror: bool):
 
 def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[int, int], num_classes: int,
                    batch_size: int = 8, step: float = 0.5, mirror: bool = False, weighted: bool = False) -> np.ndarray:
-  """(Z, X, Y) normalised slices -> (Z, C, X, Y) float32 logits.
+  """(Z, X, Y[, channels]) normalised slices -> (Z, C, X, Y) float32 logits.
 
-  `predict_logits(images (B, H, W, 1) float32) -> (B, H, W, C)`; B is always `batch_size` (the
+  `predict_logits(images (B, H, W, channels) float32) -> (B, H, W, C)`; B is always `batch_size` (the
   last batch is padded), so a jitted function compiles once. With `weighted`, it returns the
   tiles' flip-averaged, Gaussian-weighted logits itself (`weighted_tile_logits`), and `mirror`
   is its business."""
-  z, sx, sy = slices.shape
+  slices = slices[..., None] if slices.ndim == 3 else slices
+  z, sx, sy, channels = slices.shape
   px, py = patch
-  pad = ((0, 0), (0, max(px - sx, 0)), (0, max(py - sy, 0)))
+  pad = ((0, 0), (0, max(px - sx, 0)), (0, max(py - sy, 0)), (0, 0))
   padded = np.pad(slices, pad)
   weights = gaussian_weights(patch)
   tiles = [(k, i, j) for k in range(z) for i in window_starts(padded.shape[1], px, step)
            for j in window_starts(padded.shape[2], py, step)]
   logits = np.zeros((z, padded.shape[1], padded.shape[2], num_classes), np.float32)
-  norm = np.zeros(padded.shape, np.float32)
+  norm = np.zeros(padded.shape[:3], np.float32)
   flips = [(), (1,), (2,), (1, 2)] if mirror and not weighted else [()]
   for start in range(0, len(tiles), batch_size):
     chunk = tiles[start:start + batch_size]
-    batch = np.zeros((batch_size, px, py, 1), np.float32)
+    batch = np.zeros((batch_size, px, py, channels), np.float32)
     for n, (k, i, j) in enumerate(chunk):
-      batch[n, ..., 0] = padded[k, i:i + px, j:j + py]
+      batch[n] = padded[k, i:i + px, j:j + py]
     out = 0
     for axes in flips:
       flipped = np.flip(batch, axes) if axes else batch

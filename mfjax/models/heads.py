@@ -152,7 +152,9 @@ class PatchDecoder(nn.Module):
 
 class Segmenter(nn.Module):
   """MedDINOv3's Primus_Multiscale: `foundation` must be a DINOv3-family model whose `intermediate`
-  field names `interaction_indices`. One-channel inputs are repeated to three (no re-normalisation)."""
+  field names `interaction_indices`. One-channel inputs are repeated to three (no re-normalisation);
+  other channel counts go to a patch embedding that takes them (segment.adapt_patch_embed fills it
+  from RGB weights)."""
   foundation: nn.Module
   num_classes: int
   dtype: str = "float32"

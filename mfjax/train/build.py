@@ -103,12 +103,14 @@ def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, d
   return n
 
 
-def with_checkpoint(tree: dict, checkpoint: str, prefix: tuple, what: str) -> dict:
+def with_checkpoint(tree: dict, checkpoint: str, prefix: tuple, what: str, adapt=None) -> dict:
   """`tree` (initialised, possibly sharded) with the converted model at `checkpoint` put in under
-  `prefix`; every leaf there must come from the checkpoint, with its shape (`fill_pretrained`)."""
+  `prefix`; every leaf there must come from the checkpoint, with its shape (`fill_pretrained`).
+  `adapt(params) -> params` changes the checkpoint's parameters first (e.g. its input channels)."""
   flat = traverse_util.flatten_dict(tree)
   _, pretrained = models.load(checkpoint)
-  n = fill_pretrained(flat, pretrained["params"], prefix, f"{what} checkpoint {checkpoint}", fill_all=True)
+  params = adapt(pretrained["params"]) if adapt else pretrained["params"]
+  n = fill_pretrained(flat, params, prefix, f"{what} checkpoint {checkpoint}", fill_all=True)
   log.info("loaded %d tensors of the %s from %s", n, what, checkpoint)
   return traverse_util.unflatten_dict(flat)
 

@@ -94,11 +94,26 @@ def build_segmenter(config, num_classes: int) -> heads.Segmenter:
   return heads.Segmenter(backbone, num_classes, config.model.dtype)
 
 
-def load_backbone(config, variables: dict) -> dict:
+def load_backbone(config, variables: dict, in_channels: int = 1) -> dict:
+  """`variables` with the converted backbone put in. One input channel is repeated to the RGB the
+  backbone was trained on, three are taken as they are; for any other number the patch embedding's
+  RGB kernel is tiled over the channels and scaled by 3/C (timm's adapt_input_conv)."""
   if not config.model.checkpoint:
     log.warning("model.checkpoint is empty: the backbone starts from random weights")
     return variables
-  return build.with_checkpoint(variables, config.model.checkpoint, ("params", "foundation"), "backbone")
+  adapt = None if in_channels in (1, 3) else functools.partial(adapt_patch_embed, channels=in_channels)
+  return build.with_checkpoint(variables, config.model.checkpoint, ("params", "foundation"), "backbone", adapt)
+
+
+def adapt_patch_embed(params: dict, channels: int) -> dict:
+  """`params` of an RGB backbone with its patch embedding kernel (p, p, 3, D) made (p, p, C, D):
+  the RGB kernel repeated over the C channels, cut to C, scaled by 3 / C (timm's adapt_input_conv)."""
+  kernel = np.asarray(params["patch_embed"]["kernel"])
+  if kernel.shape[2] != 3:
+    raise ConfigError(f"the backbone's patch embedding takes {kernel.shape[2]} channels, not RGB; it cannot be "
+                      f"adapted to {channels}")
+  tiled = np.tile(kernel, (1, 1, -(-channels // 3), 1))[:, :, :channels] * (3.0 / channels)
+  return {**params, "patch_embed": {**params["patch_embed"], "kernel": tiled.astype(kernel.dtype)}}
 
 
 def local_rows(batch_size: int) -> range:
@@ -131,16 +146,18 @@ def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
                                      weighted=True)
 
 
-def prepare(config, num_classes: int, mesh, regions=(), ignore_label: int | None = None):
+def prepare(config, num_classes: int, mesh, regions=(), ignore_label: int | None = None, in_channels: int = 1):
   """(model, train state placed on `mesh` (replicated), jitted train_step(state, batch, lr_scale)).
   `num_classes` output channels; with `regions` (tuples of label values, one per channel) the
-  loss is nnU-Net's region loss (dice_bce_loss); pixels labelled `ignore_label` do not count."""
+  loss is nnU-Net's region loss (dice_bce_loss); pixels labelled `ignore_label` do not count.
+  `in_channels`: the dataset's input channels."""
   model = build_segmenter(config, num_classes)
   patch = (config.data.patch, config.data.patch)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   replicated = parallel.replicated(mesh)
-  variables = jax.jit(model.init, out_shardings=replicated)(init_rng, jnp.zeros((1, *patch, 1), jnp.float32))
-  params = load_backbone(config, variables)["params"]
+  variables = jax.jit(model.init, out_shardings=replicated)(init_rng,
+                                                            jnp.zeros((1, *patch, in_channels), jnp.float32))
+  params = load_backbone(config, variables, in_channels)["params"]
   tx = make_optimizer(params, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1, config.optim.b2,
                       config.optim.eps, decay_everything=True)
   state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
@@ -195,7 +212,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                                 config.data.num_workers)
 
   model, state, train_step = prepare(config, nnunet.num_outputs(plans), mesh, tuple(raw.regions.values()),
-                                     raw.ignore_label)
+                                     raw.ignore_label, len(raw.channels))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   batch_sharding = parallel.batch_sharding(mesh)
   rows = local_rows(config.batch_size)
@@ -304,7 +321,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     stored = plans["cases"][case]
-    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, stored,
+    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, stored["intensity"],
                               np.load(os.path.join(pre_dir, case + "_seg.npy"), mmap_mode="r"))
     truth, spacing = volumes.read_labels(stored["label"])
     bbox = stored["bbox"]
@@ -336,8 +353,9 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
   """(plans, config, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
   workdir, config, plans = read_segment_run(workdir)
   model = build_segmenter(config, nnunet.num_outputs(plans))
+  channels = len(nnunet.channel_names(plans))
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, config.data.patch, config.data.patch, 1), jnp.float32))
+                            jnp.zeros((1, config.data.patch, config.data.patch, channels), jnp.float32))
   ckpts = RunCheckpoints(workdir)
   restored = ckpts.restore_best(jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), abstract["params"]))
@@ -351,7 +369,7 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
-ENSEMBLE_KEYS = ("modality", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm", "labels",
+ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm", "labels",
                  "regions", "regions_class_order", "ignore_label")
 
 
@@ -414,10 +432,31 @@ def read_postprocessing(path: str, plans: dict) -> list:
   return data["steps"]
 
 
-def _case_of(input_name: str) -> str:
-  """The case id of an input volume's file name: CASE_0000.nii.gz (nnU-Net's) or CASE.nii.gz."""
-  case = volumes.strip_ending(input_name)
-  return case[:-5] if case.endswith("_0000") else case
+def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
+  """{case: its file per channel} of a folder of volumes named as nnU-Net's imagesTs (CASE_0000,
+  CASE_0001, ... .nii.gz); with one channel, CASE.nii.gz is taken too. A case missing a channel,
+  or a file of a channel the runs do not have, is an error naming it."""
+  names = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
+  if not names:
+    raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
+  found: dict[str, dict[int, str]] = {}
+  for name in names:
+    stem = volumes.strip_ending(name)
+    case, sep, index = stem.rpartition("_")
+    if not (sep and len(index) == 4 and index.isdigit()):
+      if channels > 1:
+        raise ConfigError(f"{os.path.join(input_dir, name)}: the runs take {channels} channels, named "
+                          "CASE_0000 ... CASE_%04d" % (channels - 1))
+      case, index = stem, "0000"
+    if int(index) >= channels:
+      raise ConfigError(f"{os.path.join(input_dir, name)}: channel {int(index)}, but the runs take {channels}")
+    found.setdefault(case, {})[int(index)] = os.path.join(input_dir, name)
+  incomplete = {case: sorted(set(range(channels)) - set(files)) for case, files in found.items()
+                if len(files) != channels}
+  if incomplete:
+    raise ConfigError(f"{input_dir}: cases without every channel (missing channel numbers): "
+                      + ", ".join(f"{case} {missing}" for case, missing in sorted(incomplete.items())[:10]))
+  return {case: [files[c] for c in range(channels)] for case, files in sorted(found.items())}
 
 
 def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True,
@@ -440,29 +479,27 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   if len(runs) > 1:
     log.info("averaging the logits of %d runs: %s", len(runs), ", ".join(map(str, workdirs)))
   steps = read_postprocessing(postprocessing, plans) if postprocessing else []
-  inputs = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
-  if not inputs:
-    raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
+  names = nnunet.channel_names(plans)
+  inputs = input_cases(input_dir, len(names))
   os.makedirs(out_dir, exist_ok=True)
   if continue_prediction:  # decided where the outputs are written (process 0), the same on every process
-    done = np.array([os.path.exists(os.path.join(out_dir, _case_of(name) + ".nii.gz")) for name in inputs])
+    done = np.array([os.path.exists(os.path.join(out_dir, case + ".nii.gz")) for case in inputs])
     done = np.asarray(multihost_utils.broadcast_one_to_all(done)) if jax.process_count() > 1 else done
     if done.any():
       log.info("continuing: %d of %d cases are predicted already in %s", int(done.sum()), len(inputs), out_dir)
-    inputs = [name for name, skip in zip(inputs, done) if not skip]
+    inputs = {case: files for (case, files), skip in zip(inputs.items(), done) if not skip}
   written = []
   from tqdm.auto import tqdm
-  for name in tqdm(inputs, desc="predict", unit="case", disable=not progress or jax.process_index() != 0):
-    path = os.path.join(input_dir, name)
-    case = _case_of(name)
-    image, spacing = volumes.read_volume(path)
-    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans, path)
+  for case, files in tqdm(inputs.items(), desc="predict", unit="case",
+                          disable=not progress or jax.process_index() != 0):
+    image, spacing = nnunet.read_channels(files, names)
+    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans, files[0])
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
                                                              plans.get("regions_class_order", ()),
-                                                             config.eval.batch_size), bbox, image.shape)
+                                                             config.eval.batch_size), bbox, image.shape[:3])
     prediction = segmentation.apply_postprocessing(prediction, steps)
     if jax.process_index() == 0:
       written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
-                                          affine=volumes.canonical_affine(path)))
+                                          affine=volumes.canonical_affine(files[0])))
   return written
