@@ -694,6 +694,28 @@ def test_multichannel_mr_trains_and_predicts_from_an_adapted_rgb_backbone(tmp_pa
                            progress=False)
 
 
+def test_prediction_inputs_are_grouped_by_case_and_channel(tmp_path):
+  def folder(name, files):
+    (tmp_path / name).mkdir()
+    for f in files:
+      (tmp_path / name / f).touch()
+    return str(tmp_path / name)
+  one = folder("one", ["case_0000.nii.gz", "patient_0001.nii.gz", "other.nii"])   # any name is a one-channel case
+  assert {case: [os.path.basename(f) for f in files] for case, files in segment.input_cases(one, 1).items()} == {
+      "case": ["case_0000.nii.gz"], "other": ["other.nii"], "patient_0001": ["patient_0001.nii.gz"]}
+  two = folder("two", ["b_0001.nii.gz", "a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz"])
+  assert {case: [os.path.basename(f) for f in files] for case, files in segment.input_cases(two, 2).items()} == {
+      "a": ["a_0000.nii.gz", "a_0001.nii.gz"], "b": ["b_0000.nii.gz", "b_0001.nii.gz"]}
+  with pytest.raises(ConfigError, match=r"missing channel numbers\): a \[1\]"):
+    segment.input_cases(folder("missing", ["a_0000.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"]), 2)
+  with pytest.raises(ConfigError, match="a_0002.nii.gz: channel 2, but the runs take 2"):
+    segment.input_cases(folder("extra", ["a_0000.nii.gz", "a_0001.nii.gz", "a_0002.nii.gz"]), 2)
+  with pytest.raises(ConfigError, match=r"scan.nii.gz: the runs take 2 channels, named CASE_0000 ... CASE_0001"):
+    segment.input_cases(folder("unnamed", ["scan.nii.gz"]), 2)
+  with pytest.raises(ConfigError, match="no NIfTI volumes"):
+    segment.input_cases(folder("empty", ["notes.txt"]), 1)
+
+
 def _best_params(workdir):
   from mfjax.train.checkpoints import RunCheckpoints
   config = segment_config.get_config("tiny=true")

@@ -434,20 +434,23 @@ def read_postprocessing(path: str, plans: dict) -> list:
 
 def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
   """{case: its file per channel} of a folder of volumes named as nnU-Net's imagesTs (CASE_0000,
-  CASE_0001, ... .nii.gz); with one channel, CASE.nii.gz is taken too. A case missing a channel,
-  or a file of a channel the runs do not have, is an error naming it."""
+  CASE_0001, ... .nii.gz). With one channel every volume is a case (CASE_0000.nii.gz is CASE, any
+  other name its own stem). A case missing a channel, or a file of a channel the runs do not have,
+  is an error naming it."""
   names = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
   if not names:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
+  if channels == 1:
+    stems = [volumes.strip_ending(name) for name in names]
+    return {stem[:-5] if stem.endswith("_0000") else stem: [os.path.join(input_dir, name)]
+            for stem, name in zip(stems, names)}
   found: dict[str, dict[int, str]] = {}
   for name in names:
     stem = volumes.strip_ending(name)
     case, sep, index = stem.rpartition("_")
     if not (sep and len(index) == 4 and index.isdigit()):
-      if channels > 1:
-        raise ConfigError(f"{os.path.join(input_dir, name)}: the runs take {channels} channels, named "
-                          "CASE_0000 ... CASE_%04d" % (channels - 1))
-      case, index = stem, "0000"
+      raise ConfigError(f"{os.path.join(input_dir, name)}: the runs take {channels} channels, named "
+                        "CASE_0000 ... CASE_%04d" % (channels - 1))
     if int(index) >= channels:
       raise ConfigError(f"{os.path.join(input_dir, name)}: channel {int(index)}, but the runs take {channels}")
     found.setdefault(case, {})[int(index)] = os.path.join(input_dir, name)
