@@ -498,7 +498,8 @@ def test_channel_names_pick_nnunets_normalization(tmp_path):
 
   raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=2, modality="rescale_to_0_1", name="Dataset994_Rescale")
   plans = nnunet.preprocess(nnunet.read_raw(raw), str(tmp_path / "pre"), progress=False)
-  assert plans["normalization"] == ["RescaleTo01Normalization"] and plans["use_mask_for_norm"] == [False]  # z-score only
+  # use_mask_for_norm is for z-scored channels only
+  assert plans["normalization"] == ["RescaleTo01Normalization"] and plans["use_mask_for_norm"] == [False]
   sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, ["synth_000", "synth_001"], (24, 24), 4, augment=False)
   batch = sampler.batch(0)["image"]
   assert batch.min() >= -1e-6 and batch.max() <= 1 + 1e-6 and batch.max() > 0.5

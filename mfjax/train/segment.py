@@ -123,7 +123,7 @@ def local_rows(batch_size: int) -> range:
 
 
 def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror: bool):
-  """predict(params, tiles (batch_size, H, W, 1) numpy, the same on every process) -> their
+  """predict(params, tiles (batch_size, H, W, channels) numpy, the same on every process) -> their
   flip-averaged, Gaussian-weighted logits (numpy), computed on the device in one call."""
   sharding = parallel.batch_sharding(mesh)
   weights = jnp.asarray(segmentation.gaussian_weights(patch))
@@ -138,7 +138,7 @@ def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror:
 
 
 def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
-  """(Z, X', Y') normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window;
+  """(Z, X', Y', channels) normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window;
   `predict` from `make_predictor` (mirroring and the Gaussian are done there, on the device)."""
   patch = (config.data.patch, config.data.patch)
   return segmentation.predict_slices(lambda images: predict(params, images), slices, patch,
@@ -350,7 +350,8 @@ def read_segment_run(workdir):
 
 
 def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
-  """(plans, config, logits_of(normalised (Z, X', Y') slices) -> (Z, C, X', Y')) of a finished segment run."""
+  """(plans, config, logits_of(normalised (Z, X', Y', channels) slices) -> (Z, C, X', Y')) of a
+  finished segment run."""
   workdir, config, plans = read_segment_run(workdir)
   model = build_segmenter(config, nnunet.num_outputs(plans))
   channels = len(nnunet.channel_names(plans))
@@ -369,8 +370,8 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
-ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm", "labels",
-                 "regions", "regions_class_order", "ignore_label")
+ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm",
+                 "labels", "regions", "regions_class_order", "ignore_label")
 
 
 POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label")  # what the steps refer to
