@@ -302,15 +302,15 @@ def check_intensities(image: np.ndarray, channel_name: str, path: str):
 
 def read_channels(paths, channel_names) -> tuple[np.ndarray, np.ndarray]:
   """(X, Y, Z, C) float32 of a case's channel files (one per channel, on one grid), spacing of the first."""
-  arrays, spacing = [], None
+  arrays, spacings = [], []
   for path, name in zip(paths, channel_names):
-    image, this_spacing = volumes.read_volume(path)
+    image, spacing = volumes.read_volume(path)
     check_intensities(image, name, path)
     if arrays and image.shape != arrays[0].shape:
       raise DatasetError(f"{path}: shape {image.shape} differs from channel 0's {arrays[0].shape} ({paths[0]})")
     arrays.append(image)
-    spacing = this_spacing if spacing is None else spacing
-  return np.stack(arrays, axis=-1), spacing
+    spacings.append(spacing)
+  return np.stack(arrays, axis=-1), spacings[0]
 
 
 def intensity_stats(image: np.ndarray, labels: np.ndarray) -> list[dict]:
@@ -331,14 +331,12 @@ def channel_names(plans: dict) -> list[str]:
   return list(plans.get("channel_names") or [plans["modality"]])
 
 
-def prediction_slices(image: np.ndarray, spacing, plans: dict, path: str = "the volume"):
-  """A new (X, Y, Z, C) volume (read from `path`) prepared as its training cases were: (normalised
-  (Z, X', Y', C) slices, bbox of crop_to_nonzero, the cropped in-plane shape the predicted labels
-  return to)."""
+def prediction_slices(image: np.ndarray, spacing, plans: dict):
+  """A new (X, Y, Z[, C]) volume (read_channels checked its intensities) prepared as its training
+  cases were: (normalised (Z, X', Y', C) slices, bbox of crop_to_nonzero, the cropped in-plane
+  shape the predicted labels return to)."""
   if image.ndim == 3:
     image = image[..., None]
-  for c, name in enumerate(channel_names(plans)):
-    check_intensities(image[..., c], name, path)
   image, labels, bbox = crop_to_nonzero(image)
   image = axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
   labels = axial_slices(labels, spacing, plans["target_spacing_xy"], order=0)
@@ -561,7 +559,6 @@ def normalize(image: np.ndarray, plans: dict, case_intensity: list, labels: np.n
   schemes = _per_channel(plans.get("normalization") or [normalization_of(n) for n in names], len(names))
   dataset = _per_channel(plans["intensity"], len(names))
   use_mask = _per_channel(plans.get("use_mask_for_norm", False), len(names))
-  case_intensity = _per_channel(case_intensity, len(names))
   out = np.empty(image.shape, np.float32)
   for c, scheme in enumerate(schemes):
     out[..., c] = _normalize_channel(image[..., c], scheme, dataset[c], case_intensity[c], use_mask[c], labels)
@@ -676,10 +673,8 @@ def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside
     for axis in (0, 1):
       if rng.random() < 0.5:
         image, labels = np.flip(image, axis), np.flip(labels, axis)
-  for c, masked in enumerate(_per_channel(mask_outside, image.shape[-1])):
-    if masked:
-      image = image.copy() if not image.flags.writeable else image
-      image[..., c] = np.where(labels < 0, np.float32(0), image[..., c])
+  masked = np.asarray(_per_channel(mask_outside, image.shape[-1]), bool)
+  image = np.where((labels < 0)[..., None] & masked, np.float32(0), image)
   return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(np.maximum(labels, 0))
 
 

@@ -335,7 +335,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
                                                          config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None and jax.process_index() == 0:
       volumes.write_volume(str(out_dir / f"{case}.nii.gz"), prediction,
-                           affine=volumes.canonical_affine(plans["cases"][case]["image"]))
+                           affine=volumes.canonical_affine(stored["image"]))
   return per_case
 
 
@@ -399,7 +399,8 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
         raise ConfigError(f"{folder / name}: {case} is not a case of the run's dataset")
       cases.append((functools.partial(_labels_of, str(folder / name)),
                     functools.partial(_labels_of, these["cases"][case]["label"])))
-  targets = {name: nnunet.targets(plans)[c] for c, name in nnunet.target_names(plans).items()}
+  values = nnunet.targets(plans)
+  targets = {name: values[c] for c, name in nnunet.target_names(plans).items()}
   foreground = [int(c) for c in plans["labels"] if int(c) > 0]
   result = segmentation.determine_postprocessing(cases, targets, foreground, plans.get("ignore_label"),
                                                  log=log.info, progress=progress)
@@ -497,7 +498,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   for case, files in tqdm(inputs.items(), desc="predict", unit="case",
                           disable=not progress or jax.process_index() != 0):
     image, spacing = nnunet.read_channels(files, names)
-    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans, files[0])
+    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
                                                              plans.get("regions_class_order", ()),
