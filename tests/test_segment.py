@@ -374,8 +374,23 @@ def test_preprocessing_resumes_after_a_bad_case_without_redoing_the_finished_one
   read = []
   real_read_volume = volumes.read_volume
   monkeypatch.setattr(volumes, "read_volume", lambda path: read.append(os.path.basename(path)) or real_read_volume(path))
+  # The fingerprint stopped at synth_004: it reads only the last two cases; the arrays, every case.
+  real_prepare_case = nnunet.prepare_case
+  def prepare_case(image, labels, spacing, plans):
+    if read[-1] == "synth_003.nii.gz" and not stopped:   # then stopped again, writing synth_003's arrays
+      stopped.append(True)
+      raise KeyboardInterrupt
+    return real_prepare_case(image, labels, spacing, plans)
+  stopped = []
+  monkeypatch.setattr(nnunet, "prepare_case", prepare_case)
+  with pytest.raises(KeyboardInterrupt):
+    nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
+  cases = [f"synth_{i:03d}" for i in range(6)]
+  files = lambda names: [f for c in names for f in (f"{c}.nii.gz", f"{c}_0000.nii.gz")]
+  assert sorted(read) == sorted(files(["synth_004", "synth_005"]) + files(cases[:4]))
+  read.clear()
   resumed = nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
-  assert sorted(read) == ["synth_004.nii.gz", "synth_004_0000.nii.gz", "synth_005.nii.gz", "synth_005_0000.nii.gz"]
+  assert sorted(read) == sorted(files(cases[3:]))   # the fingerprint is whole; three cases' arrays are left
   fresh = nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "fresh"), progress=False)
   assert resumed == fresh
   for case in resumed["cases"]:
@@ -452,6 +467,44 @@ def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
   full = np.maximum(np.load(tmp_path / "pre" / "synth_000_seg.npy")[z], 0)  # outside the nonzero region: background
   corner = [int(rng.integers(0, s - 24 + 1)) for s in full.shape]
   np.testing.assert_array_equal(labels, full[corner[0]:corner[0] + 24, corner[1]:corner[1] + 24])
+
+
+def _resize_segmentation(labels: np.ndarray, shape) -> np.ndarray:
+  """nnU-Net's resize_segmentation(labels, shape, order=1), as it calls skimage."""
+  from skimage.transform import resize
+  out = np.zeros(shape, labels.dtype)
+  for value in np.unique(labels):
+    out[resize((labels == value).astype(float), shape, 1, mode="edge", clip=True, anti_aliasing=False) >= 0.5] = value
+  return out
+
+
+@pytest.mark.parametrize("modality", ["CT", "MRI"])
+def test_preprocessing_is_nnunets_normalise_then_resample(tmp_path, modality):
+  """The stored arrays are nnU-Net's, written from its code: crop, CTNormalization or
+  ZScoreNormalization (use_mask_for_norm on the masked MR), then each slice resampled by skimage's
+  resize (cubic, edge, clipped to the slice's range) and resize_segmentation (order 1 per label)."""
+  from skimage.transform import resize
+  raw = nnunet.read_raw(synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=4, test_cases=0, modality=modality))
+  plans = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
+  assert plans["use_mask_for_norm"] == [modality == "MRI"]
+  dataset, resampled = plans["intensity"][0], 0
+  for case, (image_path, label_path) in raw.cases.items():
+    image, spacing = volumes.read_volume(image_path)
+    image, seg, _ = nnunet.crop_to_nonzero(image, volumes.read_labels(label_path)[0])
+    if modality == "CT":
+      image = (np.clip(image, dataset["percentile_00_5"], dataset["percentile_99_5"]) - dataset["mean"]) / max(
+          dataset["std"], 1e-8)
+    else:
+      mask = seg >= 0
+      image[mask] = (image[mask] - image[mask].mean()) / max(image[mask].std(), 1e-8)
+    shape = nnunet.target_shape(image.shape[:2], spacing[:2], plans["target_spacing_xy"])
+    resampled += shape != image.shape[:2]
+    expected = np.stack([resize(image[:, :, k].astype(float), shape, 3, mode="edge", anti_aliasing=False)
+                         for k in range(image.shape[2])])
+    np.testing.assert_allclose(np.load(tmp_path / "pre" / f"{case}.npy")[..., 0], expected, atol=2e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "pre" / f"{case}_seg.npy"),
+                                  np.stack([_resize_segmentation(seg[:, :, k], shape) for k in range(seg.shape[2])]))
+  assert resampled >= 2
 
 
 def test_crop_to_nonzero_is_nnunets():
@@ -571,9 +624,10 @@ def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_pa
     assert np.count_nonzero(image[box]) == np.count_nonzero(image) and stored["shape_before_cropping"] == list(
         image.shape)
     seg = np.load(tmp_path / "pre" / f"{case}_seg.npy")
-    slices = nnunet.normalize(np.load(tmp_path / "pre" / f"{case}.npy"), plans, stored["intensity"], seg)[..., 0]
-    assert slices[seg >= 0].mean() == pytest.approx(0, abs=1e-4) and slices[seg >= 0].std() == pytest.approx(1, 1e-4)
-    assert (seg < 0).mean() > 0.05 and (slices[seg < 0] == 0).all()
+    slices = np.load(tmp_path / "pre" / f"{case}.npy")[..., 0]
+    # z-scored within the body before resampling (test_preprocessing_is_nnunets_normalise_then_resample)
+    assert slices[seg >= 0].mean() == pytest.approx(0, abs=0.02) and slices[seg >= 0].std() == pytest.approx(1, 0.1)
+    assert (seg < 0).mean() > 0.05 and np.median(np.abs(slices[seg < 0])) < 0.01
     np.testing.assert_allclose(nnunet.prediction_slices(image, spacing, plans)[0][..., 0], slices, atol=1e-5)
   sampler = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(dataset.cases), (24, 24), 4, 0.5)
   assert min(sampler.batch(step)["label"].min() for step in range(5)) == 0
@@ -661,10 +715,9 @@ def test_multichannel_mr_trains_and_predicts_from_an_adapted_rgb_backbone(tmp_pa
   stored = np.load(tmp_path / "pre" / "synth_000.npy")
   seg = np.load(tmp_path / "pre" / "synth_000_seg.npy")
   assert stored.shape == (*seg.shape, 2)
-  normalized = nnunet.normalize(stored, plans, plans["cases"]["synth_000"]["intensity"], seg)
-  for c in range(2):   # each channel z-scored on its own within the body
-    inside = normalized[..., c][seg >= 0]
-    assert inside.mean() == pytest.approx(0, abs=1e-4) and inside.std() == pytest.approx(1, 1e-4)
+  for c in range(2):   # each channel z-scored on its own within the body, then resampled
+    inside = stored[..., c][seg >= 0]
+    assert inside.mean() == pytest.approx(0, abs=0.02) and inside.std() == pytest.approx(1, 0.1)
   batch = nnunet.SliceSampler(str(tmp_path / "pre"), plans, list(dataset.cases), (24, 24), 4).batch(0)
   assert batch["image"].shape == (4, 24, 24, 2)
 

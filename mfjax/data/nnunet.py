@@ -5,18 +5,24 @@ The raw layout is nnU-Net v2's (the MSD v1 `dataset.json` with a "training" list
                                    numTraining, file_ending ".nii.gz"
   DatasetXXX_Name/imagesTr/CASE_0000.nii.gz,  labelsTr/CASE.nii.gz   (imagesTs/ optional)
 
-`preprocess(raw, out_dir)` does what nnU-Net's 2-D configuration does before training, once:
+`preprocess(raw, out_dir)` does what nnU-Net's 2-D configuration does before training, once, in
+its order. First its fingerprint, over every case:
   - each case cropped to the bounding box of its nonzero voxels (holes filled); label 0 outside
     that region becomes -1 (nnU-Net's crop_to_nonzero), which the loss treats as background;
-  - target spacing: the median in-plane spacing of the training cases (slices keep their own);
-  - each case resampled in-plane to it (image cubic spline, labels nearest) and written as
-    (Z, X, Y, C) float32 images (C input channels: CASE_0000, CASE_0001, ... files) and (Z, X, Y)
-    int16 labels, .npy (one axial slice is contiguous; read memory-mapped);
-  - normalization of each channel by its name, as nnU-Net's: CT: 0.5 / 99.5 percentiles, mean and std of
-    foreground voxels (up to 10000 sampled per case, seeded) -> CTNormalization; noNorm,
+  - foreground intensities sampled (up to 10000 per case, seeded) for CT's statistics, and the
+    size left by cropping (for use_mask_for_norm);
+  - target spacing: the median in-plane spacing of the training cases (slices keep their own).
+Then each case (prepare_case), written as (Z, X, Y, C) float32 images (C input channels:
+CASE_0000, CASE_0001, ... files) and (Z, X, Y) int16 labels, .npy (one axial slice is contiguous;
+read memory-mapped):
+  - cropped again, and each channel normalised by its name, as nnU-Net's: CT: clip to the
+    foreground 0.5 / 99.5 percentiles, then the foreground mean and std (CTNormalization); noNorm,
     rescale_to_0_1 and rgb_to_0_1 as named; any other name: z-score per case, over the nonzero
     region only (and 0 outside it) when cropping shrank the median case below 3/4 of its size
     (nnU-Net's use_mask_for_norm, e.g. skull-stripped brain MRI), else over the case;
+  - resampled in-plane to the target spacing, slice by slice: the image by cubic spline clipped
+    to the slice's range (skimage's resize, as nnU-Net calls it), the labels as nnU-Net's
+    resize_segmentation (order 1 per label value);
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
 `SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
 each batch centred on a foreground voxel of a random present class, like nnU-Net's
@@ -47,7 +53,9 @@ FG_SAMPLES_PER_CASE = 10000
 LOCATIONS_PER_CLASS = 1000
 NONZERO_LABEL = -1  # nnU-Net's label of background voxels outside the nonzero region
 # What the preprocessed arrays mean; a folder written by another version is refused, not misread.
-PREPROCESSING_VERSION = 2  # 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL
+# 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL; 3: images stored normalised (nnU-Net's
+# order: normalise, then resample), labels resampled as nnU-Net's resize_segmentation.
+PREPROCESSING_VERSION = 3
 MASK_FOR_NORM_BELOW = 0.75  # nnU-Net: z-score within the nonzero region when cropping leaves less
 # nnU-Net's normalization by channel name (casefolded); any other name (MRI, T2, ADC, ...): z-score.
 NORMALIZATIONS = {"ct": "CTNormalization", "nonorm": "NoNormalization", "zscore": "ZScoreNormalization",
@@ -234,15 +242,36 @@ def fold_cases(raw: RawDataset, fold: int | str) -> tuple[list[str], list[str]]:
 # ------------------------------------------------------------------------------- preprocess
 
 
-def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int], order: int) -> np.ndarray:
-  """(X, Y, Z) -> (X', Y', Z): spline order 3 for images, 0 (nearest) for labels, slice by slice."""
+def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
+  """(X, Y, Z) image -> (X', Y', Z), slice by slice, as nnU-Net resamples data in-plane (its
+  separate-z path: skimage's resize, cubic spline, edge mode, no anti-aliasing): each slice is
+  clipped to its own input range, so the spline adds no overshoot."""
   from scipy import ndimage
   if tuple(volume.shape[:2]) == tuple(shape_xy):
     return volume
   zoom = (shape_xy[0] / volume.shape[0], shape_xy[1] / volume.shape[1])
   out = np.empty((*shape_xy, volume.shape[2]), volume.dtype)
   for k in range(volume.shape[2]):
-    out[:, :, k] = ndimage.zoom(volume[:, :, k], zoom, order=order, mode="nearest", grid_mode=True)
+    plane = volume[:, :, k]
+    out[:, :, k] = np.clip(ndimage.zoom(plane, zoom, order=3, mode="nearest", grid_mode=True), plane.min(),
+                           plane.max())
+  return out
+
+
+def resample_labels_inplane(labels: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
+  """(X, Y, Z) labels -> (X', Y', Z), as nnU-Net's resize_segmentation with its default order 1:
+  each label value's mask resampled linearly, the value written where it reaches 0.5, values in
+  ascending order (a later one over an earlier), 0 where none does."""
+  if tuple(labels.shape[:2]) == tuple(shape_xy):
+    return labels
+  from scipy import ndimage
+  zoom = (shape_xy[0] / labels.shape[0], shape_xy[1] / labels.shape[1])
+  out = np.zeros((*shape_xy, labels.shape[2]), labels.dtype)
+  for value in np.unique(labels):
+    for k in range(labels.shape[2]):
+      hit = labels[:, :, k] == value
+      if hit.any():
+        out[:, :, k][ndimage.zoom(hit.astype(np.float64), zoom, order=1, mode="nearest", grid_mode=True) >= 0.5] = value
   return out
 
 
@@ -250,14 +279,15 @@ def target_shape(shape_xy, spacing_xy, target_spacing_xy) -> tuple[int, int]:
   return tuple(int(round(s * sp / t)) for s, sp, t in zip(shape_xy, spacing_xy, target_spacing_xy))
 
 
-def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, order: int) -> np.ndarray:
+def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, labels: bool = False) -> np.ndarray:
   """(X, Y, Z[, C]) at `spacing` -> (Z, X', Y'[, C]) resampled in-plane to `target_spacing_xy`
-  (`order`: 3 for images, 0 for labels), one contiguous axial slice after another."""
+  (resample_inplane, or resample_labels_inplane for `labels`), one contiguous axial slice after another."""
   if volume.ndim == 4:
-    return np.stack([axial_slices(volume[..., c], spacing, target_spacing_xy, order)
+    return np.stack([axial_slices(volume[..., c], spacing, target_spacing_xy, labels)
                      for c in range(volume.shape[3])], axis=-1)
   shape_xy = target_shape(volume.shape[:2], spacing[:2], target_spacing_xy)
-  return np.ascontiguousarray(resample_inplane(volume, shape_xy, order).transpose(2, 0, 1))
+  resampled = resample_labels_inplane(volume, shape_xy) if labels else resample_inplane(volume, shape_xy)
+  return np.ascontiguousarray(resampled.transpose(2, 0, 1))
 
 
 def crop_to_nonzero(image: np.ndarray, labels: np.ndarray | None = None):
@@ -314,7 +344,7 @@ def read_channels(paths, channel_names) -> tuple[np.ndarray, np.ndarray]:
 
 
 def intensity_stats(image: np.ndarray, labels: np.ndarray) -> list[dict]:
-  """Per channel of a preprocessed (..., C) case: mean, std, min and max, and mean and std over its
+  """Per channel of a cropped (..., C) case: mean, std, min and max, and mean and std over its
   nonzero region (labels >= 0)."""
   inside = labels >= 0
   out = []
@@ -333,15 +363,21 @@ def channel_names(plans: dict) -> list[str]:
 
 def prediction_slices(image: np.ndarray, spacing, plans: dict):
   """A new (X, Y, Z[, C]) volume (read_channels checked its intensities) prepared as its training
-  cases were: (normalised (Z, X', Y', C) slices, bbox of crop_to_nonzero, the cropped in-plane
-  shape the predicted labels return to)."""
-  if image.ndim == 3:
-    image = image[..., None]
-  image, labels, bbox = crop_to_nonzero(image)
-  image = axial_slices(image, spacing, plans["target_spacing_xy"], order=3)
-  labels = axial_slices(labels, spacing, plans["target_spacing_xy"], order=0)
-  return normalize(image, plans, intensity_stats(image, labels), labels), bbox, tuple(
-      hi - lo for lo, hi in bbox[:2])
+  cases were (prepare_case): (normalised (Z, X', Y', C) slices, bbox of crop_to_nonzero, the
+  cropped in-plane shape the predicted labels return to)."""
+  slices, _, bbox = prepare_case(image[..., None] if image.ndim == 3 else image, None, spacing, plans)
+  return slices, bbox, tuple(hi - lo for lo, hi in bbox[:2])
+
+
+def prepare_case(image: np.ndarray, labels: np.ndarray | None, spacing, plans: dict):
+  """nnU-Net's preprocessing of one (X, Y, Z, C) case, in its order: crop to the nonzero region,
+  normalise each channel (`plans`' normalization, intensity and use_mask_for_norm; per-case
+  statistics from the cropped volume), resample in-plane to plans' target_spacing_xy. Returns
+  ((Z, X', Y', C) float32 slices, (Z, X', Y') int16 labels, -1 outside the nonzero region, bbox)."""
+  image, labels, bbox = crop_to_nonzero(image, labels)
+  image = normalize(image, plans, intensity_stats(image, labels), labels)
+  return (axial_slices(image, spacing, plans["target_spacing_xy"]),
+          axial_slices(labels, spacing, plans["target_spacing_xy"], labels=True), bbox)
 
 
 def verify_geometry(raw: RawDataset, tolerance_mm: float = 1e-3) -> list[str]:
@@ -402,26 +438,22 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   target_xy = (np.median(np.stack(list(spacings.values()))[:, :2], axis=0) if spacing_xy is None
                else np.asarray(spacing_xy, np.float64))
   from tqdm.auto import tqdm
-  cases, fg_values, reused = {}, [], 0
-  for i, (case, (image_path, label_path)) in enumerate(tqdm(raw.cases.items(), desc=f"preprocess {raw.name}",
+  # 1. nnU-Net's fingerprint: each case cropped, its foreground intensities sampled, its size kept.
+  cases, fg_values, keys, reused = {}, [], {}, 0
+  for i, (case, (image_path, label_path)) in enumerate(tqdm(raw.cases.items(), desc=f"fingerprint {raw.name}",
                                                            unit="case", disable=not progress)):
-    # A case finished by an earlier, interrupted run (same files, spacing and position) is kept.
-    done_path = os.path.join(out_dir, case + CASE_DONE_SUFFIX)
-    done_key = {"image": image_path, "label": label_path, "sizes": fingerprint["files"][case], "index": i,
-                "target_spacing_xy": target_xy.tolist(), "regions": fingerprint.get("regions"),
-                "ignore_label": raw.ignore_label, "preprocessing": PREPROCESSING_VERSION}
+    # A case finished by an earlier, interrupted run (same files, options and position) is kept.
+    keys[case] = {"image": image_path, "label": label_path, "sizes": fingerprint["files"][case], "index": i,
+                  "regions": fingerprint.get("regions"), "ignore_label": raw.ignore_label,
+                  "preprocessing": PREPROCESSING_VERSION}
+    done_path = os.path.join(out_dir, case + FINGERPRINT_DONE_SUFFIX)
     done = _read_json_or_none(done_path)
-    if done is not None and done.get("key") == done_key:
+    if done is not None and done.get("key") == keys[case]:
       cases[case] = done["case"]
       fg_values.append(np.load(os.path.join(out_dir, case + "_fg.npy")))
       reused += 1
       continue
-    image, spacing = read_channels(raw.channel_files[case], raw.channels)
-    labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
-    unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
-    if unknown:
-      raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"
-                         + (f" or its ignore label {raw.ignore_label}" if raw.ignore_label is not None else ""))
+    image, labels, spacing = _read_case(raw, case)
     shape_before_cropping = list(image.shape[:3])
     image, labels, bbox = crop_to_nonzero(image, labels)
     rng = np.random.default_rng([12345, i])
@@ -429,23 +461,12 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     fg_values.append(foreground[rng.choice(len(foreground), min(FG_SAMPLES_PER_CASE, len(foreground)),
                                            replace=False)] if len(foreground) else
                      np.zeros((0, image.shape[-1]), np.float32))
-    image = axial_slices(image, spacing, target_xy, order=3)
-    labels = axial_slices(labels, spacing, target_xy, order=0)
-    np.save(os.path.join(out_dir, case + ".npy"), image)
-    np.save(os.path.join(out_dir, case + "_seg.npy"), labels)
-    np.save(os.path.join(out_dir, case + "_locations.npy"),
-            _class_locations(labels, rng, list(raw.regions.values()), raw.ignore_label))
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
-                   "shape": list(labels.shape),  # of the (Z, X, Y) arrays
                    "shape_before_cropping": shape_before_cropping, "bbox": bbox,  # (X, Y, Z) of the volume
                    "relative_size_after_cropping": float(np.prod([hi - lo for lo, hi in bbox]) /
-                                                         np.prod(shape_before_cropping)),
-                   "intensity": intensity_stats(image, labels)}
+                                                         np.prod(shape_before_cropping))}
     np.save(os.path.join(out_dir, case + "_fg.npy"), fg_values[-1])
-    _write_json_atomically(done_path, {"key": done_key, "case": cases[case]})  # last: the case is complete
-  if reused:
-    log.info("preprocess %s: %d of %d cases were already done by an interrupted run and are reused", raw.name,
-             reused, len(raw.cases))
+    _write_json_atomically(done_path, {"key": keys[case], "case": cases[case]})  # last: the case is complete
   fg = np.concatenate(fg_values)
   if not fg.size:
     raise DatasetError(f"{raw.root}: no training case has any foreground voxel")
@@ -464,10 +485,46 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
            "use_mask_for_norm": [scheme == "ZScoreNormalization" and relative_size < MASK_FOR_NORM_BELOW
                                  for scheme in normalization],
            "cases": cases, "fingerprint": fingerprint}
+
+  # 2. Each case cropped, normalised and resampled (prepare_case), as nnU-Net's preprocessor does.
+  recipe = {k: plans[k] for k in ("target_spacing_xy", "normalization", "intensity", "use_mask_for_norm")}
+  for i, case in enumerate(tqdm(raw.cases, desc=f"preprocess {raw.name}", unit="case", disable=not progress)):
+    done_path = os.path.join(out_dir, case + CASE_DONE_SUFFIX)
+    done_key = {**keys[case], **recipe}
+    done = _read_json_or_none(done_path)
+    if done is not None and done.get("key") == done_key:
+      cases[case].update(done["case"])
+      reused += 1
+      continue
+    image, labels, spacing = _read_case(raw, case)
+    image, labels, _ = prepare_case(image, labels, spacing, plans)
+    np.save(os.path.join(out_dir, case + ".npy"), image)
+    np.save(os.path.join(out_dir, case + "_seg.npy"), labels)
+    np.save(os.path.join(out_dir, case + "_locations.npy"),
+            _class_locations(labels, np.random.default_rng([12345, i, 1]), list(raw.regions.values()),
+                             raw.ignore_label))
+    cases[case]["shape"] = list(labels.shape)  # of the (Z, X, Y) arrays
+    _write_json_atomically(done_path, {"key": done_key, "case": {"shape": cases[case]["shape"]}})
+  if reused:
+    log.info("preprocess %s: %d of %d steps (fingerprint and arrays per case) were already done by an interrupted "
+             "run and are reused", raw.name, reused, 2 * len(raw.cases))
   _write_json_atomically(plans_path, plans)  # plans.json last: its presence means every case is written
   return plans
 
 
+def _read_case(raw: RawDataset, case: str):
+  """(X, Y, Z, C) image, (X, Y, Z) labels (checked against dataset.json's) and spacing of a training case."""
+  image_path, label_path = raw.cases[case]
+  image, spacing = read_channels(raw.channel_files[case], raw.channels)
+  labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
+  unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
+  if unknown:
+    raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"
+                       + (f" or its ignore label {raw.ignore_label}" if raw.ignore_label is not None else ""))
+  return image, labels, spacing
+
+
+FINGERPRINT_DONE_SUFFIX = "_fingerprint.json"  # written last for each case's fingerprint
 CASE_DONE_SUFFIX = "_case.json"  # written last for each preprocessed case
 
 
@@ -631,10 +688,8 @@ class SliceSampler:
       lo = np.minimum(0, np.array(image.shape[1:3]) - self.patch)
       hi = np.maximum(0, np.array(image.shape[1:3]) - self.patch)
       center = np.array([rng.integers(l, h + 1) for l, h in zip(lo, hi)]) + np.array(self.patch) / 2
-    slice_labels = np.asarray(labels[z])
-    slice_image = normalize(np.asarray(image[z]), self.plans, self.plans["cases"][case]["intensity"], slice_labels)
-    return augment_patch(slice_image, slice_labels, center, self.patch, rng, self.augment,
-                         _per_channel(self.plans.get("use_mask_for_norm", False), slice_image.shape[-1]))
+    return augment_patch(np.asarray(image[z]), np.asarray(labels[z]), center, self.patch, rng, self.augment,
+                         _per_channel(self.plans.get("use_mask_for_norm", False), image.shape[-1]))
 
   def batch(self, step: int, rows: range | None = None) -> dict:
     """Rows `rows` (default all) of the global batch of `step`."""

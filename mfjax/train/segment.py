@@ -321,8 +321,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   from tqdm.auto import tqdm
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     stored = plans["cases"][case]
-    slices = nnunet.normalize(np.load(os.path.join(pre_dir, case + ".npy")), plans, stored["intensity"],
-                              np.load(os.path.join(pre_dir, case + "_seg.npy"), mmap_mode="r"))
+    slices = np.load(os.path.join(pre_dir, case + ".npy"), mmap_mode="r")
     truth, spacing = volumes.read_labels(stored["label"])
     bbox = stored["bbox"]
     prediction = segmentation.labels_in_chunks(lambda chunk: segment_volume(predict, params, chunk, plans, config),
