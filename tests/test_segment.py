@@ -478,6 +478,20 @@ def _resize_segmentation(labels: np.ndarray, shape) -> np.ndarray:
   return out
 
 
+def test_label_resampling_is_nnunets_resize_segmentation():
+  """Random label maps (ties between values included), up and down, odd and tiny sizes: the
+  four-neighbour computation equals nnU-Net's resize_segmentation value by value."""
+  rng = np.random.default_rng(0)
+  for trial in range(150):
+    nx, ny, nz = rng.integers(1, 30, 3)
+    labels = rng.integers(-1, 4, (nx, ny, nz)).astype(np.int16)
+    if trial % 2:   # smooth regions instead of noise
+      labels = np.repeat(np.repeat(labels[::4, ::4], 4, 0), 4, 1)[:nx, :ny]
+    shape = tuple(int(s) for s in rng.integers(1, 45, 2)) if trial % 3 else (2 * labels.shape[0], labels.shape[1] // 2 + 1)
+    expected = np.stack([_resize_segmentation(labels[:, :, k], shape) for k in range(labels.shape[2])], axis=-1)
+    np.testing.assert_array_equal(nnunet.resample_labels_inplane(labels, shape), expected, err_msg=f"{labels.shape} -> {shape}")
+
+
 @pytest.mark.parametrize("modality", ["CT", "MRI"])
 def test_preprocessing_is_nnunets_normalise_then_resample(tmp_path, modality):
   """The stored arrays are nnU-Net's, written from its code: crop, CTNormalization or

@@ -22,7 +22,7 @@ read memory-mapped):
     (nnU-Net's use_mask_for_norm, e.g. skull-stripped brain MRI), else over the case;
   - resampled in-plane to the target spacing, slice by slice: the image by cubic spline clipped
     to the slice's range (skimage's resize, as nnU-Net calls it), the labels as nnU-Net's
-    resize_segmentation (order 1 per label value);
+    resize_segmentation (order 1 per label value, computed from each pixel's four neighbours);
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
 `SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
 each batch centred on a foreground voxel of a random present class, like nnU-Net's
@@ -260,19 +260,36 @@ def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarra
 
 def resample_labels_inplane(labels: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
   """(X, Y, Z) labels -> (X', Y', Z), as nnU-Net's resize_segmentation with its default order 1:
-  each label value's mask resampled linearly, the value written where it reaches 0.5, values in
-  ascending order (a later one over an earlier), 0 where none does."""
+  each label value's mask resampled linearly (skimage's resize: edge mode, no anti-aliasing), the
+  value written where it reaches 0.5, values in ascending order (a later one over an earlier), 0
+  where none does. Computed at once from each output pixel's four bilinear neighbours: where they
+  agree that is the label, elsewhere each neighbour value's summed weight decides."""
   if tuple(labels.shape[:2]) == tuple(shape_xy):
     return labels
-  from scipy import ndimage
-  zoom = (shape_xy[0] / labels.shape[0], shape_xy[1] / labels.shape[1])
-  out = np.zeros((*shape_xy, labels.shape[2]), labels.dtype)
-  for value in np.unique(labels):
-    for k in range(labels.shape[2]):
-      hit = labels[:, :, k] == value
-      if hit.any():
-        out[:, :, k][ndimage.zoom(hit.astype(np.float64), zoom, order=1, mode="nearest", grid_mode=True) >= 0.5] = value
+  (x0, x1, wx), (y0, y1, wy) = _linear_taps(labels.shape[0], shape_xy[0]), _linear_taps(labels.shape[1], shape_xy[1])
+  rows0, rows1 = labels[x0], labels[x1]
+  corners = [rows0[:, y0], rows0[:, y1], rows1[:, y0], rows1[:, y1]]
+  out = corners[0].copy()
+  mixed = np.nonzero((corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3]))
+  if mixed[0].size:
+    fx, fy = wx[mixed[0]], wy[mixed[1]]
+    weights = [(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy]
+    values = [corner[mixed].astype(np.int64) for corner in corners]
+    none = np.iinfo(np.int64).min
+    best = np.full(mixed[0].size, none)
+    for value in values:
+      weight = sum(np.where(value == other, w, 0.0) for other, w in zip(values, weights))
+      best = np.where((weight >= 0.5) & (value > best), value, best)
+    out[mixed] = np.where(best > none, best, 0)
   return out
+
+
+def _linear_taps(n_in: int, n_out: int):
+  """(lower index, upper index, upper weight) of each of `n_out` points resampled linearly from
+  `n_in`, as scipy's zoom with grid_mode=True and mode "nearest" (skimage's resize) places them."""
+  x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+  lower = np.minimum(np.floor(x).astype(np.intp), max(n_in - 2, 0))
+  return lower, np.minimum(lower + 1, n_in - 1), x - lower
 
 
 def target_shape(shape_xy, spacing_xy, target_spacing_xy) -> tuple[int, int]:
