@@ -973,6 +973,51 @@ def test_postprocessing_keeps_largest_components_where_nnunets_search_finds_it_h
   assert found["cases"] == 2 and len(logged) == 3 and "liver" in logged[1] and "applied" in logged[1]
   np.testing.assert_array_equal(segmentation.apply_postprocessing(prediction, found["steps"]), truth)
 
+  # One reading for the first step and one for every class's: the same outcome as a reading per
+  # candidate (nnU-Net's way, which regions need), whether the first step is taken or not.
+  rng = np.random.default_rng(0)
+  classes = {"liver": (1,), "kidney": (2,), "spleen": (3,)}
+  for touching, expected in ((False, [[[2]]]), (True, [[[1], [2], [3]], [[2]]])):
+    truths, predictions = [], []
+    for k in range(5):
+      labels = np.zeros((16, 16, 8), np.uint8)
+      labels[2:8, 2:9, 1:6] = 1
+      labels[(8 if touching else 10):12, 2:9, 2:5] = 2
+      labels[3:6, (9 if touching else 11):13, 2:6] = 3
+      noisy = labels.copy()
+      if touching:   # one body: an island in a corner, a kidney voxel inside the liver
+        noisy[14:16, 14:16, 6:8], noisy[4, 5, 3] = rng.integers(1, 4), 2
+      else:          # stray voxels of one class per case, and the spleen missed in one case
+        noisy[rng.random(labels.shape) < 0.03] = rng.integers(1, 4)
+        noisy[labels == 3] = 0 if k == 0 else 3
+      truths.append(labels)
+      predictions.append(noisy)
+    reads = {True: 0, False: 0}
+    def counted(one_pass):
+      def load(array):
+        reads[one_pass] += 1
+        return array
+      return [(functools.partial(load, p), lambda t=t: t) for p, t in zip(predictions, truths)]
+    fast, slow = (segmentation.determine_postprocessing(counted(one_pass), classes, [1, 2, 3], log=lambda _: None,
+                                                        one_pass=one_pass) for one_pass in (True, False))
+    assert fast == slow and fast["steps"] == expected and reads == {True: 2 * 5, False: (1 + 3) * 5}
+  # 15 classes over 24 cases, strays of classes 1-7 only: the other classes' steps change nothing,
+  # and their unchanged mean Dice must compare equal (a mean summed in another order need not).
+  cases = []
+  for k in range(24):
+    labels = np.zeros((40, 40, 12), np.uint8)
+    for value in range(1, 16):
+      x, y, z = rng.integers(3, 37, 3)
+      labels[x - 3:x + 3, y - 3:y + 3, max(z - 2, 0):z + 2] = value
+    noisy = np.where(rng.random(labels.shape) < 0.01, rng.integers(1, 8, labels.shape), labels).astype(np.uint8)
+    cases.append((lambda p=noisy: p, lambda t=labels: t))
+  many = {f"class{v}": (v,) for v in range(1, 16)}
+  fast, slow = (segmentation.determine_postprocessing(cases, many, range(1, 16), log=lambda _: None, one_pass=one_pass)
+                for one_pass in (True, False))
+  assert fast == slow and fast["steps"] == [[[v]] for v in range(1, 8)], fast["steps"]
+  with pytest.raises(ValueError, match="regions overlap"):
+    segmentation.determine_postprocessing(cases, {"organs": (1, 2), "kidney": (2,)}, [1, 2], one_pass=True)
+
 
 def test_ignored_voxels_are_not_scored():
   truth = np.array([[0, 1, 1, 3], [0, 2, 3, 3]])[..., None]    # 3: nnU-Net's ignore label

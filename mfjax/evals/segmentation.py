@@ -17,6 +17,7 @@ HD95 is the larger of the two directed 95th percentiles, NSD the share of both s
 the tolerance of the other. As in MONAI, a class the prediction misses has NSD 0 but HD95 NaN,
 so it drops out of the mean HD95: `summarize` counts those cases ("hd95_missed").
 """
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -259,32 +260,54 @@ def nnunet_dice(prediction: np.ndarray, truth: np.ndarray, values: tuple[int, ..
 
 
 def determine_postprocessing(cases, targets: dict, foreground_labels, ignore_label=None, log=print,
-                             progress: bool = False) -> dict:
+                             progress: bool = False, one_pass: bool | None = None) -> dict:
   """nnU-Net's determine_postprocessing on validation predictions: `cases` is a list of
   (load the prediction, load the reference) callables, `targets` {name: label values} (classes,
   or regions), `foreground_labels` the label values. First: keeping only the largest component
   of all foreground together, accepted when it raises the mean Dice over targets and lowers none;
-  then, if there are several targets, each target's largest component, accepted when it raises
-  that target's mean Dice. Dice is nnU-Net's (nnunet_dice), averaged over cases ignoring NaN. The
-  cases are read again for each candidate, so they need not fit in memory together.
-  Returns {"steps": [[targets...], ...], "before": ..., "after": ..., "cases": n}."""
-  from tqdm.auto import tqdm
-  names = list(targets)
+  then, if there are several targets, each target's largest component in turn, accepted when it
+  raises that target's mean Dice. Dice is nnU-Net's (nnunet_dice), averaged over cases ignoring NaN.
 
-  def mean_dice(steps):
-    per_case = []
-    for load_prediction, load_truth in tqdm(cases, desc="postprocessing", unit="case", disable=not progress,
-                                            leave=False):
-      prediction, truth = apply_postprocessing(load_prediction(), steps), load_truth()
-      per_case.append([nnunet_dice(prediction, truth, tuple(targets[n]), ignore_label) for n in names])
-    with np.errstate(invalid="ignore"):
-      means = np.nanmean(np.array(per_case, np.float64), axis=0) if per_case else np.full(len(names), np.nan)
+  The cases are read one at a time, so they need not fit in memory together: once for the first
+  step, and once more for all targets' steps with plain labels (`one_pass` None or True), where a
+  target's step changes no other target's Dice. Regions overlap, so each of their steps reads the
+  cases again, as nnU-Net does. Returns {"steps": [[targets...], ...], "before": ..., "after": ...,
+  "cases": n}."""
+  from tqdm.auto import tqdm
+  if not cases:
+    raise ValueError("determine_postprocessing: no cases")
+  names = list(targets)
+  plain = all(len(targets[n]) == 1 for n in names)
+  one_pass = plain if one_pass is None else one_pass
+  if one_pass and not plain:
+    raise ValueError("determine_postprocessing: one_pass needs plain labels; regions overlap")
+
+  def dice(prediction, truth, name):
+    return nnunet_dice(prediction, truth, tuple(targets[name]), ignore_label)
+
+  def summary(means) -> dict:
     return {"foreground_mean": float(np.mean(means)), "mean": dict(zip(names, map(float, means)))}
 
-  steps, before = [], mean_dice([])
-  current = before
+  def mean_dice(score) -> dict:
+    """{key: means over cases} of score(prediction, truth) = {key: [Dice, ...]}, reading each case once."""
+    rows = {}
+    for load_prediction, load_truth in tqdm(cases, desc="postprocessing", unit="case", disable=not progress,
+                                            leave=False):
+      for key, values in score(load_prediction(), load_truth()).items():
+        rows.setdefault(key, []).append(values)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)   # a target absent from every case: NaN
+      return {key: np.nanmean(np.array(values, np.float64), axis=0) for key, values in rows.items()}
+
+  def after(prediction, truth, steps) -> list:
+    prediction = apply_postprocessing(prediction, steps)
+    return [dice(prediction, truth, n) for n in names]
+
   candidate = [[int(v)] for v in foreground_labels]
-  trial = mean_dice([candidate])
+  first = mean_dice(lambda prediction, truth: {"before": after(prediction, truth, []),
+                                               "trial": after(prediction, truth, [candidate])})
+  steps, before, trial = [], summary(first["before"]), summary(first["trial"])
+  current = before
   if trial["foreground_mean"] > current["foreground_mean"] and not any(
       trial["mean"][n] < current["mean"][n] for n in names):  # defensive, as nnU-Net: no target may get worse
     log(f"keeping only the largest foreground component raises the mean Dice "
@@ -292,14 +315,26 @@ def determine_postprocessing(cases, targets: dict, foreground_labels, ignore_lab
     steps, current = [candidate], trial
   else:
     log("keeping only the largest foreground component does not improve the Dice: not applied")
-  if len(names) > 1:
-    for name in names:
-      trial = mean_dice(steps + [[list(targets[name])]])
-      if trial["mean"][name] > current["mean"][name]:
-        log(f"keeping only the largest component of {name} raises its Dice "
-            f"{current['mean'][name]:.5f} -> {trial['mean'][name]:.5f}: applied")
-        steps, current = steps + [[list(targets[name])]], trial
-      else:
-        log(f"keeping only the largest component of {name} does not improve its Dice "
-            f"({current['mean'][name]:.5f} -> {trial['mean'][name]:.5f}): not applied")
+  if len(names) < 2:
+    return {"steps": steps, "before": before, "after": current, "cases": len(cases)}
+  if one_pass:   # each target's Dice with its own step, after the first step's outcome
+    def each_target(prediction, truth, prefix=tuple(steps)):
+      prediction = apply_postprocessing(prediction, prefix)
+      # rows as long as `after`'s, so that a mean is summed in the same order: an unchanged Dice compares equal
+      return {n: [dice(keep_largest_component(prediction, [targets[n]]), truth, n) if m == n else np.nan
+                  for m in names] for n in names}
+    own = mean_dice(each_target)
+  for i, name in enumerate(names):
+    step = [list(targets[name])]
+    if one_pass:
+      trial = summary([own[name][i] if n == name else current["mean"][n] for n in names])
+    else:
+      trial = summary(mean_dice(lambda prediction, truth: {"after": after(prediction, truth, steps + [step])})["after"])
+    if trial["mean"][name] > current["mean"][name]:
+      log(f"keeping only the largest component of {name} raises its Dice "
+          f"{current['mean'][name]:.5f} -> {trial['mean'][name]:.5f}: applied")
+      steps, current = steps + [step], trial
+    else:
+      log(f"keeping only the largest component of {name} does not improve its Dice "
+          f"({current['mean'][name]:.5f} -> {trial['mean'][name]:.5f}): not applied")
   return {"steps": steps, "before": before, "after": current, "cases": len(cases)}
