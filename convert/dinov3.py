@@ -3,7 +3,10 @@
   original   the official flat state dict (`dinov3_vit{s,b,l}16_pretrain_lvd1689m-*.pth`):
              `blocks.{i}.attn.qkv.{weight,bias,bias_mask}`, `storage_tokens`, `rope_embed.periods`.
              A MedDINOv3 checkpoint (`{'teacher': {'backbone.*', 'dino_head.*', 'ibot_head.*'}}`)
-             is read from its teacher backbone; the DINO and iBOT heads are ignored.
+             is read from its teacher backbone; the DINO and iBOT heads are ignored. So is the
+             backbone of a MedDINOv3 segmentation network trained by nnU-Net (its
+             `checkpoint_final.pth`: `{'network_weights': {'dino_encoder.*', 'up_projection.*'}}`,
+             Primus_Multiscale); its decoder is ignored.
   hf         transformers `DINOv3ViTModel`: separate q/k/v projections, `(model.)layer.{i}.*`.
 The key bias is masked in the released models (`bias_mask` = [1, 0, 1] per third, HF `key_bias`
 False): the converted bias holds zeros there and the model keeps it at zero. The RoPE periods
@@ -16,7 +19,9 @@ from convert import core
 FORMATS = ("original", "hf")
 WIDTHS = {384: "dinov3_vits16", 768: "dinov3_vitb16", 1024: "dinov3_vitl16"}
 MEDDINOV3 = "meddinov3_vitb16"
-HEADS_IGNORED = (r"dino_head\..*", r"ibot_head\..*")
+HEADS_IGNORED = (r"dino_head\..*", r"ibot_head\..*", r"up_projection\.decode\..*")
+BACKBONE_PREFIXES = ("backbone.", "dino_encoder.")  # MedDINOv3's pretraining teacher, its nnU-Net network
+WRAPPERS = ("teacher", "model", "network_weights")
 
 
 def add_arguments(parser):
@@ -57,7 +62,7 @@ def _layout(state_dict: dict, fmt: str) -> tuple[str, str]:
     if any(k.startswith("model.layer.") for k in state_dict):
       return "", "model.layer."
     return "", "layer."  # the Hub files, written before transformers 5 renamed layer. -> model.layer.
-  prefix = "backbone." if any(k.startswith("backbone.") for k in state_dict) else ""
+  prefix = next((p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in state_dict)), "")
   return prefix, prefix + "blocks."
 
 
@@ -165,7 +170,7 @@ def _original_settings(state: dict) -> tuple[str, dict]:
                                f"(first keys: {sorted(state)[:5]})")
   if prefix:
     if width != 768:
-      raise core.ConversionError(f"a MedDINOv3 (teacher backbone) checkpoint of width {width}: only the "
+      raise core.ConversionError(f"a MedDINOv3 checkpoint ({prefix}*) of width {width}: only the "
                                  f"ViT-B/16 ({MEDDINOV3}, width 768) is registered")
     model = MEDDINOV3
   elif width in WIDTHS:
@@ -214,7 +219,7 @@ def _hf_settings(config: dict) -> tuple[str, dict]:
 
 def from_checkpoint(raw, hf_config, fmt, args):
   if fmt == "original":
-    state = core.flatten_state_dict(core.unwrap(raw, ("teacher", "model")))
+    state = core.flatten_state_dict(core.unwrap(raw, WRAPPERS))
     model, settings = _original_settings(state)
   else:
     state = raw

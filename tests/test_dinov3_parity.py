@@ -195,6 +195,30 @@ def test_meddinov3_checkpoint_matches_timm_without_qkv_bias(tmp_path):
   assert_outputs_match(apply_all(module, variables, x), run_timm(reference, x), "meddinov3_vitb16 224 vs timm")
 
 
+def test_meddinov3_segmentation_network_trained_by_nnunet_gives_its_backbone(tmp_path):
+  """nnU-Net's checkpoint_final.pth of MedDINOv3's Primus_Multiscale: the backbone is read from
+  `dino_encoder.*` (as the teacher's `backbone.*`), the decoder ignored; anything else is named."""
+  backbone = official_state(*SIZES["b"], qkv_bias=False, seed=3)
+  gen = torch.Generator().manual_seed(5)
+  decoder = {"up_projection.decode.0.0.weight": torch.randn(3072, 1536, 2, 2, generator=gen),
+             "up_projection.decode.0.1.weight": torch.ones(1536), "up_projection.decode.4.weight": torch.randn(5, 192, 1, 1)}
+  network = {**{"dino_encoder." + k: v for k, v in backbone.items()}, **decoder}
+  checkpoint = {"network_weights": network, "trainer_name": "meddinov3_base_primus_multiscale_Trainer",
+                "current_epoch": 1000, "_best_ema": 0.85, "inference_allowed_mirroring_axes": (0, 1),
+                "init_args": {"configuration": "2d", "fold": 0, "device": torch.device("cpu"),
+                              "plans": {"configurations": {"2d": {"patch_size": [512, 512]}}}},
+                "optimizer_state": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0, 1]}]},
+                "grad_scaler_state": None}
+  _, variables, meta = convert_file(tmp_path, checkpoint)   # torch.save'd, read back by the converter's CLI
+  expected = convert_dinov3.from_checkpoint({"teacher": {"backbone." + k: v for k, v in backbone.items()}}, None,
+                                            "original", _Args())
+  assert (meta["name"], meta["overrides"]) == expected[:2] == ("meddinov3_vitb16", {})
+  jax.tree.map(np.testing.assert_array_equal, variables, expected[2])
+  network["input_adapter.weight"] = torch.eye(3)[..., None, None]   # a fork's extra layer: not silently dropped
+  with pytest.raises(core.ConversionError, match="input_adapter.weight"):
+    convert_dinov3.from_checkpoint(checkpoint, None, "original", _Args())
+
+
 def test_vits16_full_and_vitl16_reduced_depth_match_timm():
   state = official_state(*SIZES["s"], seed=6)
   name, overrides, variables = convert_dinov3.from_checkpoint(state, None, "original", _Args())
