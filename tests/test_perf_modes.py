@@ -366,9 +366,12 @@ def test_cpu_bf16_dense_runs_every_gemm_on_bf16_operands(monkeypatch):
   w = jnp.asarray(rng.standard_normal((96, 128)) / 10, jnp.bfloat16)
   fast = dense_grads(layers.dense_dot_general)
   # forward, input gradient and weight gradient: three GEMMs, none on upcast float32 operands
-  # (XLA's default lowering upcasts the weight gradient's; tests the reason for the custom VJP)
   assert dot_operand_dtypes(fast.lower(x, w).compile().as_text()) == [{"bf16"}] * 3
-  assert {"f32"} in dot_operand_dtypes(dense_grads(jax.lax.dot_general).lower(x, w).compile().as_text())
+  default = dot_operand_dtypes(dense_grads(jax.lax.dot_general).lower(x, w).compile().as_text())
+  if jax.__version_info__ < (0, 11):   # the reason for the custom VJP: XLA:CPU upcasts the weight gradient's
+    assert {"f32"} in default
+  else:   # jaxlib 0.11's CPU backend keeps all three in bfloat16 itself (2026-12-06, jax 0.11.2)
+    assert default == [{"bf16"}] * 3
   (value, (gx, gw)) = fast(x, w)
   (ref_value, (ref_gx, ref_gw)) = dense_grads(jax.lax.dot_general)(x.astype(jnp.float32), w.astype(jnp.float32))
   assert gx.dtype == gw.dtype == jnp.bfloat16
