@@ -492,13 +492,15 @@ def test_label_resampling_is_nnunets_resize_segmentation():
     np.testing.assert_array_equal(nnunet.resample_labels_inplane(labels, shape), expected, err_msg=f"{labels.shape} -> {shape}")
 
 
-@pytest.mark.parametrize("modality", ["CT", "MRI"])
-def test_preprocessing_is_nnunets_normalise_then_resample(tmp_path, modality):
+@pytest.mark.parametrize("modality,slice_mm", [("CT", 3.0), ("CT", 1.5), ("MRI", 3.0)])
+def test_preprocessing_is_nnunets_normalise_then_resample(tmp_path, modality, slice_mm):
   """The stored arrays are nnU-Net's, written from its code: crop, CTNormalization or
-  ZScoreNormalization (use_mask_for_norm on the masked MR), then each slice resampled by skimage's
-  resize (cubic, edge, clipped to the slice's range) and resize_segmentation (order 1 per label)."""
+  ZScoreNormalization (use_mask_for_norm on the masked MR), then skimage's resize (cubic, edge,
+  clipped to the input's range) of each slice of an anisotropic volume (3 mm slices) or of the
+  whole volume (1.5 mm), and resize_segmentation (order 1 per label) slice by slice."""
   from skimage.transform import resize
-  raw = nnunet.read_raw(synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=4, test_cases=0, modality=modality))
+  raw = nnunet.read_raw(synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=4, test_cases=0, modality=modality,
+                                            slice_mm=slice_mm))
   plans = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
   assert plans["use_mask_for_norm"] == [modality == "MRI"]
   dataset, resampled = plans["intensity"][0], 0
@@ -513,8 +515,13 @@ def test_preprocessing_is_nnunets_normalise_then_resample(tmp_path, modality):
       image[mask] = (image[mask] - image[mask].mean()) / max(image[mask].std(), 1e-8)
     shape = nnunet.target_shape(image.shape[:2], spacing[:2], plans["target_spacing_xy"])
     resampled += shape != image.shape[:2]
-    expected = np.stack([resize(image[:, :, k].astype(float), shape, 3, mode="edge", anti_aliasing=False)
-                         for k in range(image.shape[2])])
+    assert nnunet.resamples_slice_by_slice(spacing, plans["target_spacing_xy"]) == (slice_mm == 3.0)
+    if slice_mm == 3.0:
+      expected = np.stack([resize(image[:, :, k].astype(float), shape, 3, mode="edge", anti_aliasing=False)
+                           for k in range(image.shape[2])])
+    else:
+      expected = resize(image.astype(float), (*shape, image.shape[2]), 3, mode="edge", anti_aliasing=False)
+      expected = expected.transpose(2, 0, 1)
     np.testing.assert_allclose(np.load(tmp_path / "pre" / f"{case}.npy")[..., 0], expected, atol=2e-5)
     np.testing.assert_array_equal(np.load(tmp_path / "pre" / f"{case}_seg.npy"),
                                   np.stack([_resize_segmentation(seg[:, :, k], shape) for k in range(seg.shape[2])]))

@@ -20,8 +20,9 @@ read memory-mapped):
     rescale_to_0_1 and rgb_to_0_1 as named; any other name: z-score per case, over the nonzero
     region only (and 0 outside it) when cropping shrank the median case below 3/4 of its size
     (nnU-Net's use_mask_for_norm, e.g. skull-stripped brain MRI), else over the case;
-  - resampled in-plane to the target spacing, slice by slice: the image by cubic spline clipped
-    to the slice's range (skimage's resize, as nnU-Net calls it), the labels as nnU-Net's
+  - resampled in-plane to the target spacing: the image by cubic spline clipped to the slice's
+    range, or to the volume's when it is not anisotropic (skimage's resize, as nnU-Net calls it
+    in its two cases), the labels as nnU-Net's
     resize_segmentation (order 1 per label value, computed from each pixel's four neighbours);
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
 `SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
@@ -56,6 +57,7 @@ NONZERO_LABEL = -1  # nnU-Net's label of background voxels outside the nonzero r
 # 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL; 3: images stored normalised (nnU-Net's
 # order: normalise, then resample), labels resampled as nnU-Net's resize_segmentation.
 PREPROCESSING_VERSION = 3
+ANISOTROPY_THRESHOLD = 3  # nnU-Net's: above it a volume is resampled slice by slice
 MASK_FOR_NORM_BELOW = 0.75  # nnU-Net: z-score within the nonzero region when cropping leaves less
 # nnU-Net's normalization by channel name (casefolded); any other name (MRI, T2, ADC, ...): z-score.
 NORMALIZATIONS = {"ct": "CTNormalization", "nonorm": "NoNormalization", "zscore": "ZScoreNormalization",
@@ -242,10 +244,12 @@ def fold_cases(raw: RawDataset, fold: int | str) -> tuple[list[str], list[str]]:
 # ------------------------------------------------------------------------------- preprocess
 
 
-def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
-  """(X, Y, Z) image -> (X', Y', Z), slice by slice, as nnU-Net resamples data in-plane (its
-  separate-z path: skimage's resize, cubic spline, edge mode, no anti-aliasing): each slice is
-  clipped to its own input range, so the spline adds no overshoot."""
+def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int], clip_per_slice: bool = True) -> np.ndarray:
+  """(X, Y, Z) image -> (X', Y', Z), slice by slice, as nnU-Net resamples data (skimage's resize:
+  cubic spline, edge mode, no anti-aliasing, clipped to the input's range). nnU-Net clips each
+  slice to its own range when it resamples an anisotropic volume slice by slice, and the whole
+  volume to its range otherwise (`clip_per_slice` False; slices keep their z, so the 3-D spline
+  gives each slice what the 2-D one does)."""
   from scipy import ndimage
   if tuple(volume.shape[:2]) == tuple(shape_xy):
     return volume
@@ -253,9 +257,17 @@ def resample_inplane(volume: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarra
   out = np.empty((*shape_xy, volume.shape[2]), volume.dtype)
   for k in range(volume.shape[2]):
     plane = volume[:, :, k]
-    out[:, :, k] = np.clip(ndimage.zoom(plane, zoom, order=3, mode="nearest", grid_mode=True), plane.min(),
-                           plane.max())
-  return out
+    resampled = ndimage.zoom(plane, zoom, order=3, mode="nearest", grid_mode=True)
+    out[:, :, k] = np.clip(resampled, plane.min(), plane.max()) if clip_per_slice else resampled
+  return out if clip_per_slice else np.clip(out, volume.min(), volume.max())
+
+
+def resamples_slice_by_slice(spacing, target_spacing_xy) -> bool:
+  """nnU-Net's get_do_separate_z: a volume whose largest spacing is over 3x its smallest, before or
+  after resampling, is resampled slice by slice (mfjax keeps each case's slices, as nnU-Net's 2-D
+  configuration does)."""
+  anisotropic = lambda s: max(s) / min(s) > ANISOTROPY_THRESHOLD
+  return anisotropic(list(spacing)) or anisotropic([*target_spacing_xy, spacing[2]])
 
 
 def resample_labels_inplane(labels: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
@@ -303,7 +315,8 @@ def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, labels: bool = 
     return np.stack([axial_slices(volume[..., c], spacing, target_spacing_xy, labels)
                      for c in range(volume.shape[3])], axis=-1)
   shape_xy = target_shape(volume.shape[:2], spacing[:2], target_spacing_xy)
-  resampled = resample_labels_inplane(volume, shape_xy) if labels else resample_inplane(volume, shape_xy)
+  resampled = (resample_labels_inplane(volume, shape_xy) if labels else
+               resample_inplane(volume, shape_xy, resamples_slice_by_slice(spacing, target_spacing_xy)))
   return np.ascontiguousarray(resampled.transpose(2, 0, 1))
 
 

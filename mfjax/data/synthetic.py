@@ -325,11 +325,13 @@ SPARSE_IGNORE_LABEL = 3  # nnunet_ct(sparse=True)'s ignore label
 
 def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
               name: str = "Dataset990_SynthCT", test_cases: int = 0, regions: bool = False,
-              sparse: bool = False, modality: str = "CT", channels: tuple[str, ...] = ()) -> str:
+              sparse: bool = False, modality: str = "CT", channels: tuple[str, ...] = (),
+              slice_mm: float = 3.0) -> str:
   """An nnU-Net v2 raw dataset folder root/name (dataset.json, imagesTr, labelsTr[, imagesTs]).
 
-  In-plane spacing varies between 0.7 and 0.9 mm and every third case is stored in LPS
-  orientation, so readers must resample and reorient. Label values: 1 liver, 2 kidney; with
+  In-plane spacing varies between 0.7 and 0.9 mm, slices lie `slice_mm` apart (3 mm: more than
+  3x the in-plane spacing, which nnU-Net resamples slice by slice), and every third case is
+  stored in LPS orientation, so readers must resample and reorient. Label values: 1 liver, 2 kidney; with
   `regions`, dataset.json declares them as nested regions ("organs" = [1, 2] containing
   "kidney" = [2]), as KiTS23 does. With `sparse`, the training labels are sparse annotations:
   every other axial slice and an in-plane rim of the rest carry nnU-Net's ignore label 3. With a
@@ -348,7 +350,7 @@ def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
       image = np.where(image > -500, image + 1100, 0.0)
     images = [image] + [np.where(image > 0, (k + 1) * (1500.0 + 300.0 * (labels == 1) - 250.0 * (labels == 2))
                                  + rng.normal(0, 30, shape), 0.0) for k in range(1, len(names))]
-    spacing = (rng.uniform(0.7, 0.9), rng.uniform(0.7, 0.9), 3.0)
+    spacing = (rng.uniform(0.7, 0.9), rng.uniform(0.7, 0.9), float(slice_mm))
     case = f"synth_{i:03d}"
     split = "Tr" if i < num_cases else "Ts"
     affine = np.diag([*spacing, 1.0])
