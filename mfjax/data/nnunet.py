@@ -544,7 +544,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
 
 def _read_case(raw: RawDataset, case: str):
   """(X, Y, Z, C) image, (X, Y, Z) labels (checked against dataset.json's) and spacing of a training case."""
-  image_path, label_path = raw.cases[case]
+  label_path = raw.cases[case][1]
   image, spacing = read_channels(raw.channel_files[case], raw.channels)
   labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
   unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
