@@ -216,6 +216,13 @@ def test_label_memory_compares_whole_and_chunked_labelling(tmp_path):
   assert row["whole_s"] > 0 and row["chunked_s"] > 0
 
 
+def test_segment_host_compares_label_resampling_and_postprocessing_with_nnunets_way(tmp_path):
+  rows = run_benchmark(tmp_path, "segment_host", "--size", "24", "--to", "17", "--slices", "3", "--classes", "5",
+                       "--cases", "3", "--case-size", "20", "--case-slices", "6")
+  assert [(r["step"], r["same"]) for r in rows] == [("labels", True), ("postprocessing", True)]
+  assert all(r["nnunet_s"] > 0 and r["mfjax_s"] > 0 and positive(r["speedup"]) for r in rows)
+
+
 def test_window_host_compares_host_and_device_stitching(tmp_path):
   row, = run_benchmark(tmp_path, "window_host", "--size", "40", "--patch", "32", "--classes", "3", "--slices", "4",
                        "--batch", "4", "--mirror", "--rounds", "1")

@@ -201,7 +201,8 @@ def test_meddinov3_segmentation_network_trained_by_nnunet_gives_its_backbone(tmp
   backbone = official_state(*SIZES["b"], qkv_bias=False, seed=3)
   gen = torch.Generator().manual_seed(5)
   decoder = {"up_projection.decode.0.0.weight": torch.randn(3072, 1536, 2, 2, generator=gen),
-             "up_projection.decode.0.1.weight": torch.ones(1536), "up_projection.decode.4.weight": torch.randn(5, 192, 1, 1)}
+             "up_projection.decode.0.1.weight": torch.ones(1536),
+             "up_projection.decode.4.weight": torch.randn(5, 192, 1, 1, generator=gen)}
   network = {**{"dino_encoder." + k: v for k, v in backbone.items()}, **decoder}
   checkpoint = {"network_weights": network, "trainer_name": "meddinov3_base_primus_multiscale_Trainer",
                 "current_epoch": 1000, "_best_ema": 0.85, "inference_allowed_mirroring_axes": (0, 1),

@@ -469,15 +469,6 @@ def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
   np.testing.assert_array_equal(labels, full[corner[0]:corner[0] + 24, corner[1]:corner[1] + 24])
 
 
-def _resize_segmentation(labels: np.ndarray, shape) -> np.ndarray:
-  """nnU-Net's resize_segmentation(labels, shape, order=1), as it calls skimage."""
-  from skimage.transform import resize
-  out = np.zeros(shape, labels.dtype)
-  for value in np.unique(labels):
-    out[resize((labels == value).astype(float), shape, 1, mode="edge", clip=True, anti_aliasing=False) >= 0.5] = value
-  return out
-
-
 def test_label_resampling_is_nnunets_resize_segmentation():
   """Random label maps (ties between values included), up and down, odd and tiny sizes: the
   four-neighbour computation equals nnU-Net's resize_segmentation value by value."""
@@ -487,9 +478,12 @@ def test_label_resampling_is_nnunets_resize_segmentation():
     labels = rng.integers(-1, 4, (nx, ny, nz)).astype(np.int16)
     if trial % 2:   # smooth regions instead of noise
       labels = np.repeat(np.repeat(labels[::4, ::4], 4, 0), 4, 1)[:nx, :ny]
-    shape = tuple(int(s) for s in rng.integers(1, 45, 2)) if trial % 3 else (2 * labels.shape[0], labels.shape[1] // 2 + 1)
-    expected = np.stack([_resize_segmentation(labels[:, :, k], shape) for k in range(labels.shape[2])], axis=-1)
-    np.testing.assert_array_equal(nnunet.resample_labels_inplane(labels, shape), expected, err_msg=f"{labels.shape} -> {shape}")
+    shape = (tuple(int(s) for s in rng.integers(1, 45, 2)) if trial % 3 else
+             (2 * labels.shape[0], labels.shape[1] // 2 + 1))
+    expected = np.stack([torch_reference.resize_segmentation(labels[:, :, k], shape)
+                         for k in range(labels.shape[2])], axis=-1)
+    np.testing.assert_array_equal(nnunet.resample_labels_inplane(labels, shape), expected,
+                                  err_msg=f"{labels.shape} -> {shape}")
 
 
 @pytest.mark.parametrize("modality,slice_mm", [("CT", 3.0), ("CT", 1.5), ("MRI", 3.0)])
@@ -523,8 +517,8 @@ def test_preprocessing_is_nnunets_normalise_then_resample(tmp_path, modality, sl
       expected = resize(image.astype(float), (*shape, image.shape[2]), 3, mode="edge", anti_aliasing=False)
       expected = expected.transpose(2, 0, 1)
     np.testing.assert_allclose(np.load(tmp_path / "pre" / f"{case}.npy")[..., 0], expected, atol=2e-5)
-    np.testing.assert_array_equal(np.load(tmp_path / "pre" / f"{case}_seg.npy"),
-                                  np.stack([_resize_segmentation(seg[:, :, k], shape) for k in range(seg.shape[2])]))
+    np.testing.assert_array_equal(np.load(tmp_path / "pre" / f"{case}_seg.npy"), np.stack(
+        [torch_reference.resize_segmentation(seg[:, :, k], shape) for k in range(seg.shape[2])]))
   assert resampled >= 2
 
 
