@@ -87,7 +87,7 @@ def _timed(ways: dict, rounds: int) -> tuple[dict, dict]:
       outputs[name] = fn()
       seconds[name].append(time.perf_counter() - start)
   median = {name: float(np.median(s)) for name, s in seconds.items()}
-  return outputs, {"nnunet_s": round(median["nnunet"], 3), "mfjax_s": round(median["mfjax"], 3),
+  return outputs, {"nnunet_s": float(f"{median['nnunet']:.4g}"), "mfjax_s": float(f"{median['mfjax']:.4g}"),
                    "speedup": f"{median['nnunet'] / median['mfjax']:.1f}x"}
 
 
