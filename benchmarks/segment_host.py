@@ -10,13 +10,13 @@ r"""Host time of two steps of `mfjax segment`, each against nnU-Net's way of doi
   PYTHONPATH=. python -m benchmarks.segment_host --size 512 --to 440 --slices 60 --classes 16 \
       --cases 8 --case-size 256 --case-slices 80
 
-Both ways give the same labels and the same postprocessing steps (checked in each row).
+Both ways give the same labels and the same postprocessing steps (checked in each row). They are
+timed in turns after one untimed round (`common.interleave`), medians of `--rounds`.
 """
 import argparse
 import functools
 import os
 import tempfile
-import time
 
 from benchmarks import common
 
@@ -78,14 +78,12 @@ def time_postprocessing(args, rng) -> dict:
 
 
 def _timed(ways: dict, rounds: int) -> tuple[dict, dict]:
-  """(each way's output, its median seconds over `rounds`, the ways timed in turns)."""
+  """(each way's output, its median seconds over `rounds`), the ways timed in turns (common.interleave)."""
   import numpy as np
-  outputs, seconds = {}, {name: [] for name in ways}
-  for _ in range(rounds):
-    for name, fn in ways.items():
-      start = time.perf_counter()
-      outputs[name] = fn()
-      seconds[name].append(time.perf_counter() - start)
+  outputs = {}
+  keep = lambda name, fn: lambda: outputs.__setitem__(name, fn())
+  seconds = common.interleave({name: keep(name, fn) for name, fn in ways.items()}, rounds,
+                              dict.fromkeys(ways, 1))
   median = {name: float(np.median(s)) for name, s in seconds.items()}
   return outputs, {"nnunet_s": float(f"{median['nnunet']:.4g}"), "mfjax_s": float(f"{median['mfjax']:.4g}"),
                    "speedup": f"{median['nnunet'] / median['mfjax']:.1f}x"}

@@ -367,7 +367,8 @@ def nnunet_ct(root: str, num_cases: int = 8, shape=(48, 48, 10), seed: int = 0,
       labels[..., 1::2] = SPARSE_IGNORE_LABEL
       labels[:rim], labels[-rim:], labels[:, :rim], labels[:, -rim:] = (SPARSE_IGNORE_LABEL,) * 4
     volumes.write_volume(os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), labels, affine=affine)
-  meta = {"channel_names": {str(k): name for k, name in enumerate(names)}, "labels": {"background": 0, "liver": 1, "kidney": 2},
+  meta = {"channel_names": {str(k): name for k, name in enumerate(names)},
+          "labels": {"background": 0, "liver": 1, "kidney": 2},
           "numTraining": num_cases, "file_ending": ".nii.gz", "name": name}
   if regions:
     meta.update(labels={"background": 0, "organs": [1, 2], "kidney": 2}, regions_class_order=[1, 2])
