@@ -51,11 +51,25 @@ def to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
+def _numpy_globals() -> list:
+  """NumPy's array, scalar and dtype reconstructors: data, not code. Training loops save them beside
+  the weights (nnU-Net's checkpoint_final.pth logs its Dice as np.float64), and torch's
+  weights-only unpickler refuses them unless they are allowed."""
+  import numpy.dtypes
+  try:
+    from numpy._core.multiarray import _reconstruct, scalar
+  except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct, scalar
+  dtypes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+  return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+
+
 def _load_torch(path: str):
   import pickle
   import torch
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(_numpy_globals()):
+      return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise ConversionError(
         f"{path}: refused to unpickle. This file needs arbitrary Python objects to load "

@@ -196,7 +196,8 @@ def test_meddinov3_checkpoint_matches_timm_without_qkv_bias(tmp_path):
 
 
 def test_meddinov3_segmentation_network_trained_by_nnunet_gives_its_backbone(tmp_path):
-  """nnU-Net's checkpoint_final.pth of MedDINOv3's Primus_Multiscale: the backbone is read from
+  """nnU-Net's checkpoint_final.pth of MedDINOv3's Primus_Multiscale (its log holds NumPy floats,
+  which torch's weights-only loading refuses unless allowed): the backbone is read from
   `dino_encoder.*` (as the teacher's `backbone.*`), the decoder ignored; anything else is named."""
   backbone = official_state(*SIZES["b"], qkv_bias=False, seed=3)
   gen = torch.Generator().manual_seed(5)
@@ -209,7 +210,7 @@ def test_meddinov3_segmentation_network_trained_by_nnunet_gives_its_backbone(tmp
                 "init_args": {"configuration": "2d", "fold": 0, "device": torch.device("cpu"),
                               "plans": {"configurations": {"2d": {"patch_size": [512, 512]}}}},
                 "optimizer_state": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0, 1]}]},
-                "grad_scaler_state": None}
+                "grad_scaler_state": None, "logging": {"ema_fg_dice": [np.float64(0.84), np.float64(0.85)]}}
   _, variables, meta = convert_file(tmp_path, checkpoint)   # torch.save'd, read back by the converter's CLI
   expected = convert_dinov3.from_checkpoint({"teacher": {"backbone." + k: v for k, v in backbone.items()}}, None,
                                             "original", _Args())
