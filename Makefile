@@ -16,6 +16,9 @@ $(STAMP): $(PY) setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	# The DINOv2 torch-hub reference code; its declared dependencies pin old torch/xformers.
 	$(PY) -m pip install --quiet --no-deps "dinov2==0.0.1.dev2"
+	# nnU-Net's predictor, the reference for imported networks; dynamic-network-architectures pins timm<1.0.23.
+	$(PY) -m pip install --quiet --no-deps "nnunetv2==2.8.1" "acvl-utils==0.2.6" \
+	  "dynamic-network-architectures==0.4.4" "batchgenerators==0.25.5"
 	touch $(STAMP)
 
 $(CORE_STAMP): $(PY) setup.py

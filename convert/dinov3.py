@@ -6,7 +6,8 @@
              is read from its teacher backbone; the DINO and iBOT heads are ignored. So is the
              backbone of a MedDINOv3 segmentation network trained by nnU-Net (its
              `checkpoint_final.pth`: `{'network_weights': {'dino_encoder.*', 'up_projection.*'}}`,
-             Primus_Multiscale); its decoder is ignored.
+             Primus_Multiscale); its decoder is ignored here (`mfjax segment --import-nnunet`
+             converts the whole network, `segmentation_network`).
   hf         transformers `DINOv3ViTModel`: separate q/k/v projections, `(model.)layer.{i}.*`.
 The key bias is masked in the released models (`bias_mask` = [1, 0, 1] per third, HF `key_bias`
 False): the converted bias holds zeros there and the model keeps it at zero. The RoPE periods
@@ -147,6 +148,72 @@ def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str
   if bad_values:
     raise core.ConversionError(f"cannot convert {source}:{bad_values}")
   return variables
+
+
+DECODER_PREFIX = "up_projection.decode."  # MedDINOv3's PatchDecode in Primus_Multiscale
+
+
+def convert_decoder(state: dict[str, np.ndarray], in_channels: int, patch_size: int,
+                    source: str = "checkpoint") -> dict:
+  """Flax params of `heads.PatchDecoder` from MedDINOv3's PatchDecode (`up_projection.decode.*`):
+  log2(patch) stages `decode.{s}` = [ConvTranspose2d(2, 2), LayerNormNd, GELU], then the 1x1
+  Conv2d `decode.{stages}` whose output channels are the classes."""
+  import jax
+  from mfjax.models import heads
+  stages = int(round(np.log2(patch_size)))
+  classifier = state.get(f"{DECODER_PREFIX}{stages}.weight")
+  if classifier is None or classifier.ndim != 4:
+    found = sorted(k for k in state if k.startswith(DECODER_PREFIX))
+    raise core.ConversionError(f"{source}: no {DECODER_PREFIX}{stages}.weight (the 1x1 classifier after "
+                               f"{stages} upsampling stages for patch size {patch_size}); decoder keys found: "
+                               f"{found[:12] or 'none'}")
+  first = state.get(f"{DECODER_PREFIX}0.0.weight")
+  if first is not None and first.ndim == 4 and first.shape[0] != in_channels:
+    raise core.ConversionError(f"{source}: {DECODER_PREFIX}0.0.weight takes {first.shape[0]} channels, but the "
+                               f"backbone's interaction blocks give {in_channels} (width x number of blocks); "
+                               "give the interaction indices the network was trained with")
+  module = heads.PatchDecoder(int(classifier.shape[0]), patch_size)
+  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1, 1, in_channels),
+                                                                                      np.float32))
+  c = core.Conversion(state, abstract, source)
+  transposed = lambda w: np.ascontiguousarray(w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1))  # (in, out, 2, 2)
+  for s in range(stages):
+    key = f"{DECODER_PREFIX}{s}"
+    c.map(f"params/up_{s}/up/kernel", f"{key}.0.weight", transposed)
+    c.map(f"params/up_{s}/bias", f"{key}.0.bias")
+    c.map(f"params/norm_{s}/scale", f"{key}.1.weight")
+    c.map(f"params/norm_{s}/bias", f"{key}.1.bias")
+  c.map("params/classifier/kernel", f"{DECODER_PREFIX}{stages}.weight", lambda w: np.ascontiguousarray(w[:, :, 0, 0].T))
+  c.map("params/classifier/bias", f"{DECODER_PREFIX}{stages}.bias")
+  return c.finish()["params"]
+
+
+def segmentation_network(raw, source: str, interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16",
+                         ln_eps: float | None = None) -> tuple[str, dict, dict]:
+  """(backbone model name, its overrides, `heads.Segmenter` params) of a whole MedDINOv3
+  Primus_Multiscale network: nnU-Net's checkpoint_final.pth (`network_weights`: `dino_encoder.*`
+  and `up_projection.decode.*`). Any other key (a fork's `input_adapter`, ...) is an error."""
+  state = core.flatten_state_dict(core.unwrap(raw, WRAPPERS))
+  if not any(k.startswith("dino_encoder.") for k in state):
+    raise core.ConversionError(f"{source}: no dino_encoder.* keys: not a MedDINOv3 Primus network "
+                               f"(first keys: {sorted(state)[:5]})")
+  decoder = {k: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+  backbone = {k: v for k, v in state.items() if k not in decoder}
+  model, settings = _original_settings(backbone)
+  settings["rope_dtype"] = rope_dtype
+  if ln_eps is not None:
+    settings["ln_eps"] = ln_eps
+  registered = _registered(model)
+  overrides = {k: v for k, v in settings.items() if registered[k] != v}
+  encoder = convert(backbone, "original", model, source, **overrides)["params"]
+  width = registered["width"] if "width" not in overrides else overrides["width"]
+  depth = registered["depth"]
+  bad = [i for i in interaction_indices if not 0 <= i < depth]
+  if bad:
+    raise core.ConversionError(f"interaction indices {list(interaction_indices)}: blocks {bad} do not exist in the "
+                               f"{depth}-block backbone")
+  head = convert_decoder(decoder, width * len(interaction_indices), registered["patch_size"], source)
+  return model, overrides, {"foundation": encoder, "decoder": head}
 
 
 def _registered(model: str) -> dict:

@@ -16,6 +16,8 @@
   mfjax segment --workdir runs/amos_fold0 --workdir runs/amos_fold1 ... --predict IMAGES --out OUT   (fold ensemble)
   mfjax segment --workdir runs/amos_fold0 ... --determine-postprocessing --out postprocessing.json
   mfjax segment --workdir runs/amos_fold0 ... --predict IMAGES --out OUT --postprocessing postprocessing.json
+  mfjax segment --import-nnunet nnUNet_results/Dataset219_AMOS/TRAINER__nnUNetPlans__2d --fold 0 \
+      --workdir runs/amos_nnunet_fold0     (a MedDINOv3 network trained by nnU-Net, then --predict with it)
   mfjax pretrain --config configs/pretrain.py --config.data.folders=ct/volumes --workdir runs/pretrain
 """
 import argparse
@@ -165,6 +167,16 @@ def main(argv=None) -> int:
                  help="nnU-Net's postprocessing search (largest connected components) over the validation "
                       "predictions of the --workdir runs; --out names the JSON file it writes")
   p.add_argument("--postprocessing", help="with --predict: a file of --determine-postprocessing to apply")
+  p.add_argument("--import-nnunet", metavar="MODEL_FOLDER",
+                 help="make --workdir a finished run from a MedDINOv3 network trained by nnU-Net: MODEL_FOLDER "
+                      "holds plans.json, dataset.json and fold_F/checkpoint_final.pth")
+  p.add_argument("--fold", default="0", help="with --import-nnunet: the fold (0..4 or all)")
+  p.add_argument("--checkpoint-name", default="checkpoint_final.pth",
+                 help="with --import-nnunet: the checkpoint file in fold_F (e.g. checkpoint_best.pth)")
+  p.add_argument("--interaction-indices", default="2,5,8,11",
+                 help="with --import-nnunet: the backbone blocks whose features feed the decoder")
+  p.add_argument("--rope-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                 help="with --import-nnunet: RoPE precision (MedDINOv3's networks ran it in bfloat16)")
   p.add_argument("--no-progress", action="store_true")
   p = sub.add_parser("pretrain", help="MedDINOv3 pretraining (DINO + iBOT + KoLeo [+ Gram]) on CT volumes")
   p.add_argument("--config", required=True, help="configs/pretrain.py[:key=value,...]")
@@ -243,6 +255,23 @@ def main(argv=None) -> int:
       print(json.dumps(fit.evaluate_run(args.workdir, args.split), indent=2, default=float))
     elif args.command == "segment":
       from mfjax.train import segment
+      if args.import_nnunet:
+        if args.config or rest or args.predict or args.out or args.determine_postprocessing or len(args.workdir) > 1:
+          parser.error("segment --import-nnunet takes MODEL_FOLDER --fold F --workdir RUN (one), then "
+                       "--predict with that RUN")
+        try:
+          indices = tuple(int(i) for i in args.interaction_indices.split(","))
+        except ValueError:
+          parser.error(f"--interaction-indices {args.interaction_indices!r} is not a comma-separated list of blocks")
+        from convert import core as convert_core
+        try:
+          segment.import_nnunet(args.import_nnunet, args.fold, args.workdir[0], args.checkpoint_name, indices,
+                                args.rope_dtype)
+        except convert_core.ConversionError as e:
+          print(f"error: {e}", file=sys.stderr)
+          return 2
+        print(args.workdir[0])
+        return 0
       if args.determine_postprocessing:
         if args.config or rest or args.predict or args.postprocessing or args.continue_prediction or not args.out:
           parser.error("segment --determine-postprocessing takes --workdir RUN [--workdir RUN ...] --out FILE.json")

@@ -17,6 +17,7 @@ from sklearn.model_selection import KFold
 
 from benchmarks import torch_reference
 from configs import segment as segment_config
+from convert import dinov3 as convert_dinov3
 from mfjax import cli, models, parallel
 from mfjax.config import ConfigError
 from mfjax.data import nnunet, synthetic, volumes
@@ -30,28 +31,17 @@ from tests.test_dinov3_parity import SIZES, convert_file, official_state, timm_r
 # ------------------------------------------------------------------ the network against PyTorch
 
 
-def decoder_params_from_torch(decoder: torch.nn.Sequential, stages: int) -> dict:
-  t = {k: v.detach().numpy() for k, v in decoder.state_dict().items()}
-  params = {}
-  for s in range(stages):
-    w = t[f"{3 * s}.weight"]  # (in, out, 2, 2)
-    params[f"up_{s}"] = {"up": {"kernel": w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)}, "bias": t[f"{3 * s}.bias"]}
-    params[f"norm_{s}"] = {"scale": t[f"{3 * s + 1}.weight"], "bias": t[f"{3 * s + 1}.bias"]}
-  conv = t[f"{3 * stages}.weight"]
-  params["classifier"] = {"kernel": conv[:, :, 0, 0].T, "bias": t[f"{3 * stages}.bias"]}
-  return params
-
-
 def test_patch_decoder_matches_torch():
   torch.manual_seed(0)
-  reference = torch_reference.patch_decode(256, 5, 4).eval()
+  reference = torch_reference.PatchDecode(256, 5, 4).eval()
   with torch.no_grad():
     for p in reference.parameters():
       p.add_(0.1 * torch.randn_like(p))
   x = np.random.default_rng(0).standard_normal((2, 3, 5, 256)).astype(np.float32)
   with torch.no_grad():
     expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-  ours = heads.PatchDecoder(5, 16).apply({"params": decoder_params_from_torch(reference, 4)}, x)
+  state = {"up_projection." + k: v.numpy() for k, v in reference.state_dict().items()}
+  ours = heads.PatchDecoder(5, 16).apply({"params": convert_dinov3.convert_decoder(state, 256, 16)}, x)
   assert ours.shape == (2, 48, 80, 5)
   np.testing.assert_allclose(ours, expected, atol=1e-4 * np.abs(expected).max())
 
@@ -373,7 +363,8 @@ def test_preprocessing_resumes_after_a_bad_case_without_redoing_the_finished_one
   volumes.write_volume(bad, good_labels, affine=affine)   # the user fixes the file and runs again
   read = []
   real_read_volume = volumes.read_volume
-  monkeypatch.setattr(volumes, "read_volume", lambda path: read.append(os.path.basename(path)) or real_read_volume(path))
+  monkeypatch.setattr(volumes, "read_volume",
+                      lambda path, *args: read.append(os.path.basename(path)) or real_read_volume(path, *args))
   # The fingerprint stopped at synth_004: it reads only the last two cases; the arrays, every case.
   real_prepare_case = nnunet.prepare_case
   def prepare_case(image, labels, spacing, plans):

@@ -201,6 +201,91 @@ def _parse_regions(labels, regions_class_order, path):
   return {0: "background", **{v: f"label {v}" for v in values}}, regions, tuple(regions_class_order)
 
 
+# ----------------------------------------------------------- plans of a model trained by nnU-Net
+
+# nnU-Net's readers of NIfTI, and whether they reorient to RAS+ before making the (z, y, x) array.
+NNUNET_READERS = {"SimpleITKIO": False, "NibabelIO": False, "NibabelIOWithReorient": True}
+# The resampling mfjax reproduces: nnU-Net's default for images (cubic in-plane) and for the
+# logits it resizes back to the input's grid (linear).
+NNUNET_RESAMPLING = {"resampling_fn_data": ("resample_data_or_seg_to_shape", 3),
+                     "resampling_fn_probabilities": ("resample_data_or_seg_to_shape", 1)}
+
+
+def nnunet_configuration(plans: dict, name: str, path: str) -> dict:
+  """plans["configurations"][name] with what it `inherits_from` filled in (nnU-Net's PlansManager)."""
+  configurations = plans.get("configurations")
+  if not isinstance(configurations, dict) or name not in configurations:
+    raise DatasetError(f"{path}: no configuration {name!r} (it has {sorted(configurations or {})})")
+  config, seen = dict(configurations[name]), [name]
+  while "inherits_from" in config:
+    parent = config.pop("inherits_from")
+    if parent in seen or parent not in configurations:
+      raise DatasetError(f"{path}: configuration {seen[-1]!r} inherits from {parent!r}, "
+                         + ("a cycle" if parent in seen else "which is not in the plans"))
+    seen.append(parent)
+    config = {**configurations[parent], **config}
+  return config
+
+
+def plans_from_nnunet(plans: dict, dataset: dict, configuration: str, plans_path: str, dataset_path: str) -> dict:
+  """mfjax's plans (what `prediction_slices` and `predict_folder` read) for a 2-D configuration of
+  an nnU-Net plans.json and its dataset.json: the same normalisation and foreground intensities,
+  target spacing, labels, and the voxel layout its reader and transpose_forward gave the network.
+  Anything mfjax would do differently (a 3-D configuration, another reader or resampling) is an
+  error naming the field."""
+  config = nnunet_configuration(plans, configuration, plans_path)
+  patch = config.get("patch_size")
+  if not isinstance(patch, list) or len(patch) != 2:
+    raise DatasetError(f"{plans_path}: configuration {configuration!r} has patch_size {patch}: mfjax predicts with "
+                       "2-D configurations (a 2-D patch, e.g. nnU-Net's '2d')")
+  reader = plans.get("image_reader_writer", "SimpleITKIO")
+  if reader not in NNUNET_READERS:
+    raise DatasetError(f"{plans_path}: image_reader_writer {reader!r}: mfjax reads NIfTI as "
+                       f"{', '.join(NNUNET_READERS)} do")
+  for field, (function, order) in NNUNET_RESAMPLING.items():
+    kwargs = config.get(field + "_kwargs", {})
+    if (config.get(field, function), kwargs.get("order", order), kwargs.get("order_z", 0),
+        kwargs.get("force_separate_z")) != (function, order, 0, None):
+      raise DatasetError(f"{plans_path}: {configuration}.{field} is {config.get(field)} {kwargs}; mfjax resamples as "
+                         f"nnU-Net's default ({function}, order {order}, order_z 0, force_separate_z None)")
+  channels = dataset.get("channel_names", dataset.get("modality"))
+  if not isinstance(channels, dict) or not channels:
+    raise DatasetError(f"{dataset_path}: needs 'channel_names', e.g. {{\"0\": \"CT\"}}")
+  names = [str(channels[k]) for k in sorted(channels, key=int)]
+  schemes = list(config.get("normalization_schemes", []))
+  unknown = [s for s in schemes if s not in NORMALIZATIONS.values()]
+  if len(schemes) != len(names) or unknown:
+    raise DatasetError(f"{plans_path}: {configuration}.normalization_schemes {schemes}: expected one of "
+                       f"{sorted(NORMALIZATIONS.values())} per channel ({len(names)})")
+  properties = plans.get("foreground_intensity_properties_per_channel", {})
+  missing = [str(c) for c in range(len(names)) if str(c) not in properties]
+  if missing:
+    raise DatasetError(f"{plans_path}: foreground_intensity_properties_per_channel lacks channel(s) {missing}")
+  wanted = ("mean", "std", "percentile_00_5", "percentile_99_5")
+  lacking = {c: [k for k in wanted if k not in properties[str(c)]] for c in range(len(names))}
+  if any(lacking.values()):
+    raise DatasetError(f"{plans_path}: foreground_intensity_properties_per_channel lacks "
+                       + "; ".join(f"channel {c}: {', '.join(ks)}" for c, ks in lacking.items() if ks))
+  transpose = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
+  if sorted(transpose) != [0, 1, 2]:
+    raise DatasetError(f"{plans_path}: transpose_forward {transpose} is not a permutation of the three axes")
+  spacing = [float(v) for v in config.get("spacing", [])][-2:]
+  if len(spacing) != 2 or min(spacing) <= 0:
+    raise DatasetError(f"{plans_path}: configuration {configuration!r} has spacing {config.get('spacing')}")
+  labels, regions, order, ignore = _parse_labels(dataset.get("labels"), dataset.get("regions_class_order"),
+                                                 dataset_path)
+  return {"name": plans.get("dataset_name", os.path.basename(os.path.dirname(plans_path))), "modality": names[0],
+          "channel_names": names, "normalization": schemes, "labels": {str(k): v for k, v in labels.items()},
+          "target_spacing_xy": spacing,
+          **({"regions": [[k, list(v)] for k, v in regions.items()], "regions_class_order": list(order)}
+             if regions else {}),
+          **({"ignore_label": ignore} if ignore is not None else {}),
+          "intensity": [{k: float(properties[str(c)][k]) for k in wanted} for c in range(len(names))],
+          "use_mask_for_norm": [bool(v) for v in config.get("use_mask_for_norm", [False] * len(names))],
+          "voxel_order": "canonical" if NNUNET_READERS[reader] else "file", "transpose_forward": transpose,
+          "patch_size": [int(p) for p in patch], "cases": {}}
+
+
 # ------------------------------------------------------------------------------- folds
 
 
@@ -360,11 +445,28 @@ def check_intensities(image: np.ndarray, channel_name: str, path: str):
                        f"found [{image.min():g}, {image.max():g}]")
 
 
-def read_channels(paths, channel_names) -> tuple[np.ndarray, np.ndarray]:
-  """(X, Y, Z, C) float32 of a case's channel files (one per channel, on one grid), spacing of the first."""
+def voxel_layout(plans: dict) -> tuple[bool, tuple[int, int, int] | None]:
+  """How the volumes of `plans` are laid out: (canonical, axes). mfjax's own runs read every volume
+  in canonical RAS+ order and slice it along its last axis: (True, None). A network imported from
+  nnU-Net saw the slices its reader and `transpose_forward` made: the file's own voxel order
+  (SimpleITKIO, NibabelIO; canonical for NibabelIOWithReorient) as a (z, y, x) array, transposed,
+  sliced along the first axis. `axes` makes (rows, columns, slices) of that from the (i, j, k)
+  order read here."""
+  if "transpose_forward" not in plans:
+    return True, None
+  t = [int(a) for a in plans["transpose_forward"]]
+  return plans.get("voxel_order") != "file", (2 - t[1], 2 - t[2], 2 - t[0])
+
+
+def read_channels(paths, channel_names, layout=(True, None)) -> tuple[np.ndarray, np.ndarray]:
+  """(X, Y, Z, C) float32 of a case's channel files (one per channel, on one grid), spacing of the
+  first; in `layout` (`voxel_layout`)."""
+  canonical, axes = layout
   arrays, spacings = [], []
   for path, name in zip(paths, channel_names):
-    image, spacing = volumes.read_volume(path)
+    image, spacing = volumes.read_volume(path, canonical)
+    if axes is not None:
+      image, spacing = image.transpose(axes), spacing[list(axes)]
     check_intensities(image, name, path)
     if arrays and image.shape != arrays[0].shape:
       raise DatasetError(f"{path}: shape {image.shape} differs from channel 0's {arrays[0].shape} ({paths[0]})")

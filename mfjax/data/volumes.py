@@ -18,11 +18,11 @@ class VolumeError(DataError):
   pass
 
 
-def _load(path: str):
+def _load(path: str, canonical: bool = True):
   import nibabel as nib
   path, image = _load_header(path)
   try:
-    image = nib.as_closest_canonical(image)
+    image = nib.as_closest_canonical(image) if canonical else image
   except Exception as e:  # nibabel raises ImageFileError, gzip / EOF / struct errors
     raise VolumeError(f"{path}: not a readable NIfTI volume ({type(e).__name__}: {e})") from e
   if len(image.shape) != 3:
@@ -33,9 +33,11 @@ def _load(path: str):
   return path, image
 
 
-def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(voxels (X, Y, Z) float32 with the header's scaling applied, spacing (3,) float64 in mm)."""
-  path, image = _load(path)
+def read_volume(path: str, canonical: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(voxels (X, Y, Z) float32 with the header's scaling applied, spacing (3,) float64 in mm).
+  `canonical=False`: in the file's own voxel order (i, j, k), as SimpleITK stores it (its array is
+  this one transposed, (k, j, i)), with the spacing of those axes."""
+  path, image = _load(path, canonical)
   try:
     data = np.asarray(image.get_fdata(dtype=np.float32))
   except Exception as e:
@@ -48,9 +50,9 @@ def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
   return data, spacing
 
 
-def read_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
+def read_labels(path: str, canonical: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """(labels (X, Y, Z) uint8, spacing (3,)): a segmentation map of whole-number class ids 0..255."""
-  data, spacing = read_volume(path)
+  data, spacing = read_volume(path, canonical)
   labels = np.rint(data)
   if np.abs(labels - data).max(initial=0) > 1e-3 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
     raise VolumeError(f"{path}: a label map must hold whole numbers in 0..255; found values in "
@@ -98,6 +100,11 @@ def _load_header(path: str):
     return path, nib.load(path)
   except Exception as e:
     raise VolumeError(f"{path}: not a readable NIfTI volume ({type(e).__name__}: {e})") from e
+
+
+def file_affine(path: str) -> np.ndarray:
+  """The voxel-to-world affine of the file's own voxel order (`read_volume(path, canonical=False)`)."""
+  return np.asarray(_load_header(path)[1].affine, np.float64)
 
 
 def canonical_affine(path: str) -> np.ndarray:

@@ -2,10 +2,11 @@
 and per-case, per-class 3-D Dice.
 
 Sliding window (nnU-Net's predict_sliding_window_return_logits, per axial slice): slices smaller
-than the patch are padded; tiles start at nnU-Net's `compute_steps_for_sliding_window` positions
+than the patch are padded with zeros around them (pad_nd_image: the odd pixel after); tiles start at nnU-Net's `compute_steps_for_sliding_window` positions
 (step 0.5 of the patch); each tile's logits are weighted by a Gaussian (sigma = patch / 8, peak
 normalised to 1) and the sum is divided by the summed weights; with `mirror`, logits are averaged
-over the flips of each tile. The logits are resampled (linearly) to the original slice size and
+over the flips of each tile (every combination of the mirroring axes, nnU-Net's
+inference_allowed_mirroring_axes: both in-plane axes with `True`). The logits are resampled (linearly) to the original slice size and
 the argmax is the prediction.
 
 Dice (MedDINOv3's compute_metrics): per case and foreground class, 2|P∩G| / (|P| + |G|); a class
@@ -17,6 +18,7 @@ HD95 is the larger of the two directed 95th percentiles, NSD the share of both s
 the tolerance of the other. As in MONAI, a class the prediction misses has NSD 0 but HD95 NaN,
 so it drops out of the mean HD95: `summarize` counts those cases ("hd95_missed").
 """
+import itertools
 import warnings
 from typing import Callable
 
@@ -42,12 +44,23 @@ def gaussian_weights(patch: tuple[int, int], sigma_scale: float = 1 / 8) -> np.n
   return weights.astype(np.float32)
 
 
-def weighted_tile_logits(logits_of: Callable, images, weights, mirror: bool):
+def mirror_flips(mirror) -> list[tuple[int, ...]]:
+  """The flips (axes of a (B, H, W, C) batch) whose logits are averaged: none, and every combination
+  of the mirroring axes (0: rows, 1: columns; `True` is both, `False` none), as nnU-Net's
+  _internal_maybe_mirror_and_predict."""
+  axes = (0, 1) if mirror is True else tuple(mirror) if mirror else ()
+  if any(a not in (0, 1) for a in axes):
+    raise ValueError(f"mirroring axes {axes}: a 2-D slice has axes 0 and 1")
+  return [()] + [tuple(a + 1 for a in combo) for n in range(1, len(axes) + 1)
+                 for combo in itertools.combinations(axes, n)]
+
+
+def weighted_tile_logits(logits_of: Callable, images, weights, mirror):
   """The flip-averaged logits of a batch of tiles times the Gaussian `weights` (H, W), in JAX: what
   `predict_slices` does per tile, for a jitted predictor that runs it on the device (one call
   and one transfer per batch instead of one per flip, and no per-tile work on the host)."""
   import jax.numpy as jnp
-  flips = [(), (1,), (2,), (1, 2)] if mirror else [()]
+  flips = mirror_flips(mirror)
   total = 0
   for axes in flips:
     total = total + (jnp.flip(logits_of(jnp.flip(images, axes)), axes) if axes else logits_of(images))
@@ -55,7 +68,7 @@ def weighted_tile_logits(logits_of: Callable, images, weights, mirror: bool):
 
 
 def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[int, int], num_classes: int,
-                   batch_size: int = 8, step: float = 0.5, mirror: bool = False, weighted: bool = False) -> np.ndarray:
+                   batch_size: int = 8, step: float = 0.5, mirror=False, weighted: bool = False) -> np.ndarray:
   """(Z, X, Y[, channels]) normalised slices -> (Z, C, X, Y) float32 logits.
 
   `predict_logits(images (B, H, W, channels) float32) -> (B, H, W, C)`; B is always `batch_size` (the
@@ -65,14 +78,14 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
   slices = slices[..., None] if slices.ndim == 3 else slices
   z, sx, sy, channels = slices.shape
   px, py = patch
-  pad = ((0, 0), (0, max(px - sx, 0)), (0, max(py - sy, 0)), (0, 0))
-  padded = np.pad(slices, pad)
+  (ax, bx), (ay, by) = [(d // 2, d - d // 2) for d in (max(px - sx, 0), max(py - sy, 0))]
+  padded = np.pad(slices, ((0, 0), (ax, bx), (ay, by), (0, 0)))
   weights = gaussian_weights(patch)
   tiles = [(k, i, j) for k in range(z) for i in window_starts(padded.shape[1], px, step)
            for j in window_starts(padded.shape[2], py, step)]
   logits = np.zeros((z, padded.shape[1], padded.shape[2], num_classes), np.float32)
   norm = np.zeros(padded.shape[:3], np.float32)
-  flips = [(), (1,), (2,), (1, 2)] if mirror and not weighted else [()]
+  flips = [()] if weighted else mirror_flips(mirror)
   for start in range(0, len(tiles), batch_size):
     chunk = tiles[start:start + batch_size]
     batch = np.zeros((batch_size, px, py, channels), np.float32)
@@ -89,7 +102,7 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
       logits[k, i:i + px, j:j + py] += out[n]
       norm[k, i:i + px, j:j + py] += weights
   logits = logits / norm[..., None]
-  return logits[:, :sx, :sy].transpose(0, 3, 1, 2)
+  return logits[:, ax:ax + sx, ay:ay + sy].transpose(0, 3, 1, 2)
 
 
 def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int], regions_class_order=()) -> np.ndarray:

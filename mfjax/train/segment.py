@@ -12,6 +12,9 @@ workdir/
 The model is `heads.Segmenter`: a DINOv3-family backbone (random, or a converted checkpoint)
 and MedDINOv3's multi-scale patch decoder. Parameters are replicated and the batch is split
 over every device of every process.
+
+`import_nnunet` makes such a folder (config.json, preprocessed/plans.json, best/) from a network
+nnU-Net trained with MedDINOv3's trainer, for `predict_folder`.
 """
 import concurrent.futures
 import functools
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -82,6 +86,13 @@ def dice_bce_loss(logits, labels, regions, smooth: float = 1e-5, ignore_label: i
   return bce - dice, {"ce": bce, "dice": dice}
 
 
+def patch_shape(config) -> tuple[int, int]:
+  """The training and sliding-window patch (rows, columns): data.patch, square, or a pair (an
+  imported nnU-Net configuration's patch_size)."""
+  patch = config.data.patch
+  return (int(patch), int(patch)) if isinstance(patch, (int, np.integer)) else tuple(int(p) for p in patch)
+
+
 def build_segmenter(config, num_classes: int) -> heads.Segmenter:
   name, overrides = build.foundation_spec(config)
   if models.family_of(name) != "dinov3":
@@ -89,7 +100,7 @@ def build_segmenter(config, num_classes: int) -> heads.Segmenter:
                       f"({', '.join(n for n in models.NAMES if models.family_of(n) == 'dinov3')})")
   overrides["intermediate"] = tuple(config.model.interaction_indices)
   backbone = models.create(name, **overrides)
-  if config.data.patch % backbone.patch_size:
+  if any(p % backbone.patch_size for p in patch_shape(config)):
     raise ConfigError(f"data.patch={config.data.patch} is not a multiple of the patch size {backbone.patch_size}")
   return heads.Segmenter(backbone, num_classes, config.model.dtype)
 
@@ -140,7 +151,7 @@ def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror:
 def segment_volume(predict, params, slices, plans, config) -> np.ndarray:
   """(Z, X', Y', channels) normalised preprocessed slices -> (Z, C, X', Y') logits by sliding window;
   `predict` from `make_predictor` (mirroring and the Gaussian are done there, on the device)."""
-  patch = (config.data.patch, config.data.patch)
+  patch = patch_shape(config)
   return segmentation.predict_slices(lambda images: predict(params, images), slices, patch,
                                      nnunet.num_outputs(plans), config.eval.batch_size, config.eval.step,
                                      weighted=True)
@@ -152,7 +163,7 @@ def prepare(config, num_classes: int, mesh, regions=(), ignore_label: int | None
   loss is nnU-Net's region loss (dice_bce_loss); pixels labelled `ignore_label` do not count.
   `in_channels`: the dataset's input channels."""
   model = build_segmenter(config, num_classes)
-  patch = (config.data.patch, config.data.patch)
+  patch = patch_shape(config)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   replicated = parallel.replicated(mesh)
   variables = jax.jit(model.init, out_shardings=replicated)(init_rng,
@@ -206,7 +217,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   for what, size in (("batch_size", config.batch_size), ("eval.batch_size", config.eval.batch_size)):
     if size % mesh.devices.size:
       raise ConfigError(f"{what}={size} is not divisible by the {mesh.devices.size} devices")
-  patch = (config.data.patch, config.data.patch)
+  patch = patch_shape(config)
   sampler = nnunet.SliceSampler(pre_dir, plans, train_ids, patch, config.batch_size,
                                 config.data.foreground_fraction, config.data.augment, config.seed,
                                 config.data.num_workers)
@@ -315,7 +326,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
 def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, progress) -> dict:
   """{case: {"dice": {class id: value}[, "hd95": ..., "nsd": ...]}}; with `out_dir`, the predicted
   label volumes are written there."""
-  predict = make_predictor(model, mesh, config.eval.batch_size, (config.data.patch,) * 2, config.eval.mirror)
+  predict = make_predictor(model, mesh, config.eval.batch_size, patch_shape(config), config.eval.mirror)
   classes, ignore = nnunet.targets(plans), plans.get("ignore_label")
   per_case = {}
   from tqdm.auto import tqdm
@@ -355,7 +366,7 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
   model = build_segmenter(config, nnunet.num_outputs(plans))
   channels = len(nnunet.channel_names(plans))
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, config.data.patch, config.data.patch, channels), jnp.float32))
+                            jnp.zeros((1, *patch_shape(config), channels), jnp.float32))
   ckpts = RunCheckpoints(workdir)
   restored = ckpts.restore_best(jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), abstract["params"]))
@@ -363,14 +374,87 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
   if restored is None:
     raise ConfigError(f"{workdir} has no final parameters (best/): the run has not finished")
   params = restored[0]
-  predict = make_predictor(model, mesh, config.eval.batch_size, (config.data.patch,) * 2, config.eval.mirror)
+  predict = make_predictor(model, mesh, config.eval.batch_size, patch_shape(config), config.eval.mirror)
   return plans, config, lambda slices: segment_volume(predict, params, slices, plans, config)
+
+
+def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "checkpoint_final.pth",
+                  interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16") -> dict:
+  """A finished run folder, for `--predict`, from a MedDINOv3 network trained by nnU-Net:
+  MODEL_FOLDER (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION) holds plans.json,
+  dataset.json and fold_F/CHECKPOINT (Primus_Multiscale's `network_weights`). The workdir gets
+  config.json, preprocessed/plans.json (nnU-Net's normalisation, spacing, labels and voxel
+  layout: `nnunet.plans_from_nnunet`) and best/ (the converted network). `rope_dtype`: MedDINOv3's
+  networks ran RoPE in bfloat16. Returns the plans."""
+  from configs import segment as segment_config
+  from convert import core as convert_core
+  from convert import dinov3 as convert_dinov3
+  folder = os.path.abspath(os.path.expanduser(str(model_folder)))
+  paths = {name: os.path.join(folder, name) for name in ("plans.json", "dataset.json")}
+  paths["checkpoint"] = os.path.join(folder, f"fold_{fold}", checkpoint)
+  missing = [p for p in paths.values() if not os.path.exists(p)]
+  if missing:
+    raise ConfigError(f"{folder} is not an nnU-Net model folder with fold {fold}: {', '.join(missing)} not found")
+  meta = {}
+  for name in ("plans.json", "dataset.json"):
+    try:
+      with open(paths[name]) as f:
+        meta[name] = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{paths[name]}: not valid JSON ({e})") from e
+  raw = convert_core.read_file(paths["checkpoint"])
+  init_args = raw.get("init_args", {}) if isinstance(raw, dict) else {}
+  configuration = init_args.get("configuration") or os.path.basename(folder).rpartition("__")[2]
+  plans = nnunet.plans_from_nnunet(meta["plans.json"], meta["dataset.json"], configuration, paths["plans.json"],
+                                   paths["dataset.json"])
+  if len(plans["channel_names"]) != 1:
+    raise ConfigError(f"{paths['dataset.json']}: {len(plans['channel_names'])} input channels; MedDINOv3's "
+                      "Primus_Multiscale takes one (repeated to RGB)")
+  name, overrides, params = convert_dinov3.segmentation_network(raw, paths["checkpoint"], tuple(interaction_indices),
+                                                                rope_dtype)
+  mirror_axes = raw.get("inference_allowed_mirroring_axes") if isinstance(raw, dict) else None
+  plans["imported_from"] = {"folder": folder, "fold": str(fold), "checkpoint": paths["checkpoint"],
+                            "configuration": configuration, "trainer": raw.get("trainer_name"),
+                            "epoch": raw.get("current_epoch"), "mirroring_axes": mirror_axes}
+
+  config = segment_config.get_config(f"model={name}").to_dict()
+  config["data"].update(patch=plans.pop("patch_size"), fold=str(fold), spacing=0.0)
+  config["model"].update(overrides=overrides, interaction_indices=list(interaction_indices))
+  config["eval"]["mirror"] = [int(a) for a in mirror_axes] if mirror_axes else False
+  config["imported_from"] = plans["imported_from"]
+  config = ml_collections.ConfigDict(config)
+  outputs = nnunet.num_outputs(plans)
+  classes = int(params["decoder"]["classifier"]["kernel"].shape[-1])
+  if classes != outputs:
+    raise ConfigError(f"{paths['checkpoint']}: the network predicts {classes} channels, but {paths['dataset.json']}'s "
+                      f"labels need {outputs}")
+  model = build_segmenter(config, outputs)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *patch_shape(config), 1), jnp.float32))
+  expected = jax.tree_util.tree_map(lambda x: x.shape, abstract["params"])
+  if jax.tree_util.tree_map(np.shape, params) != expected:
+    raise ConfigError(f"{paths['checkpoint']}: the converted network does not fit {name} with "
+                      f"interaction indices {list(interaction_indices)}")
+
+  workdir, _ = start_run(config, workdir)
+  pre_dir = workdir / "preprocessed"
+  pre_dir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (pre_dir / nnunet.PLANS_JSON).write_text(json.dumps(plans, indent=2))
+  mesh = parallel.make_mesh()
+  ckpts = RunCheckpoints(workdir)
+  ckpts.save_best(0, jax.device_put(params, parallel.replicated(mesh)), {"imported_from": plans["imported_from"]})
+  ckpts.close()
+  n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  log.info("imported %s (%s, fold %s, %s) into %s: %s, %.1fM parameters, %d output channels, patch %s at %s mm, "
+           "mirroring %s", folder, configuration, fold, checkpoint, workdir, name, n / 1e6, outputs,
+           patch_shape(config), plans["target_spacing_xy"], config.eval.mirror)
+  return plans
 
 
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
 ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm",
-                 "labels", "regions", "regions_class_order", "ignore_label")
+                 "labels", "regions", "regions_class_order", "ignore_label", "voxel_order", "transpose_forward")
 
 
 POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label")  # what the steps refer to
@@ -411,6 +495,16 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
            result["cases"], result["before"]["foreground_mean"], result["after"]["foreground_mean"],
            len(result["steps"]), out_path)
   return result
+
+
+def write_prediction(path: str, labels: np.ndarray, image_path: str, layout) -> str:
+  """Write (X, Y, Z) labels predicted from `image_path` read in `layout` on its voxel grid: canonical,
+  or in the file's own voxel order and affine (as nnU-Net writes with SimpleITK)."""
+  canonical, axes = layout
+  if axes is not None:
+    labels = labels.transpose(np.argsort(axes))
+  affine = volumes.canonical_affine(image_path) if canonical else volumes.file_affine(image_path)
+  return volumes.write_volume(path, labels, affine=affine)
 
 
 def _labels_of(path: str) -> np.ndarray:
@@ -484,6 +578,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     log.info("averaging the logits of %d runs: %s", len(runs), ", ".join(map(str, workdirs)))
   steps = read_postprocessing(postprocessing, plans) if postprocessing else []
   names = nnunet.channel_names(plans)
+  layout = nnunet.voxel_layout(plans)
   inputs = input_cases(input_dir, len(names))
   os.makedirs(out_dir, exist_ok=True)
   if continue_prediction:  # decided where the outputs are written (process 0), the same on every process
@@ -496,7 +591,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   from tqdm.auto import tqdm
   for case, files in tqdm(inputs.items(), desc="predict", unit="case",
                           disable=not progress or jax.process_index() != 0):
-    image, spacing = nnunet.read_channels(files, names)
+    image, spacing = nnunet.read_channels(files, names, layout)
     slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
@@ -504,6 +599,5 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
                                                              config.eval.batch_size), bbox, image.shape[:3])
     prediction = segmentation.apply_postprocessing(prediction, steps)
     if jax.process_index() == 0:
-      written.append(volumes.write_volume(os.path.join(out_dir, case + ".nii.gz"), prediction,
-                                          affine=volumes.canonical_affine(files[0])))
+      written.append(write_prediction(os.path.join(out_dir, case + ".nii.gz"), prediction, files[0], layout))
   return written

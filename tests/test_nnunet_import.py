@@ -1,0 +1,269 @@
+"""A MedDINOv3 network trained by nnU-Net, imported (`mfjax segment --import-nnunet`) and used to
+predict: against nnU-Net's own predictor (nnunetv2's nnUNetPredictor with the same weights in
+torch: its reader, preprocessing, sliding window, export), and nnU-Net's readers for the voxel
+layout."""
+import copy
+import functools
+import itertools
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import timm
+import torch
+
+from benchmarks import torch_reference
+from convert.core import ConversionError
+from mfjax import cli
+from mfjax.config import ConfigError
+from mfjax.data import nnunet
+from mfjax.evals import segmentation
+from mfjax.train import segment
+from tests.test_dinov3_parity import SIZES, official_state, timm_reference
+
+CLASSES = {"background": 0, "liver": 1, "kidney": 2}
+TRAINER = "meddinov3_base_primus_multiscale_Trainer"
+
+
+class Primus(torch.nn.Module):
+  """MedDINOv3's Primus_Multiscale on timm's DINOv3: the torch network nnU-Net's predictor runs."""
+
+  def __init__(self, vit, num_classes: int):
+    super().__init__()
+    self.vit = vit
+    self.up_projection = torch_reference.PatchDecode(vit.embed_dim * 4, num_classes, 4)
+
+  def forward(self, x):
+    feats = self.vit.forward_intermediates(x.repeat(1, 3, 1, 1), indices=[2, 5, 8, 11], norm=True,
+                                           intermediates_only=True)
+    return self.up_projection(torch.cat(feats, 1))
+
+
+@pytest.fixture(scope="module")
+def network():
+  """(official-format backbone state, the torch network): a random MedDINOv3 ViT-B and a decoder
+  perturbed so its classes are all predicted somewhere."""
+  backbone = official_state(*SIZES["b"], qkv_bias=False, seed=11)
+  vit = timm_reference("vit_base_patch16_dinov3", backbone, norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
+  torch.manual_seed(0)
+  net = Primus(vit, len(CLASSES)).eval()
+  with torch.no_grad():
+    for p in net.up_projection.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  return backbone, net
+
+
+def nnunet_plans(transpose, spacing_2d, patch, reader="SimpleITKIO") -> dict:
+  """A plans.json as nnU-Net's ExperimentPlanner writes it, with one 2-D configuration."""
+  resampling = lambda is_seg, order: {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
+  config = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
+            "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": list(spacing_2d),
+            "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": resampling(False, 3), "resampling_fn_seg_kwargs": resampling(True, 1),
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": resampling(False, 1),
+            "architecture": {"network_class_name": "Primus_Multiscale", "arch_kwargs": {}, "_kw_requires_import": []},
+            "batch_dice": True}
+  return {"dataset_name": "Dataset042_Synth", "plans_name": "nnUNetPlans",
+          "original_median_spacing_after_transp": [3.0, *spacing_2d], "original_median_shape_after_transp": [6, 60, 50],
+          "image_reader_writer": reader, "transpose_forward": list(transpose),
+          "transpose_backward": [int(a) for a in np.argsort(transpose)],
+          "configurations": {"2d": config, "3d_fullres": {**config, "patch_size": [6, 32, 48]}},
+          "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+          "foreground_intensity_properties_per_channel": {"0": {
+              "max": 400.0, "mean": 60.0, "median": 55.0, "min": -300.0, "percentile_00_5": -150.0,
+              "percentile_99_5": 300.0, "std": 80.0}}}
+
+
+def model_folder(root, backbone, net, plans, dataset=None, extra_weights=None) -> str:
+  """nnUNet_results/Dataset042_Synth/TRAINER__nnUNetPlans__2d with fold_0/checkpoint_final.pth as
+  nnU-Net saves it (init_args with a torch.device, its log with NumPy floats)."""
+  folder = os.path.join(str(root), "nnUNet_results", "Dataset042_Synth", f"{TRAINER}__nnUNetPlans__2d")
+  os.makedirs(os.path.join(folder, "fold_0"), exist_ok=True)
+  weights = {**{"dino_encoder." + k: v for k, v in backbone.items()},
+             **{"up_projection." + k: v for k, v in net.up_projection.state_dict().items()}, **(extra_weights or {})}
+  torch.save({"network_weights": weights, "trainer_name": TRAINER, "current_epoch": 1000,
+              "init_args": {"configuration": "2d", "fold": 0, "device": torch.device("cpu"), "plans": plans},
+              "inference_allowed_mirroring_axes": (0, 1), "optimizer_state": {"state": {}, "param_groups": []},
+              "logging": {"ema_fg_dice": [np.float64(0.25), np.float64(0.5)], "epoch_end_timestamps": [1.5]}},
+             os.path.join(folder, "fold_0", "checkpoint_final.pth"))
+  dataset = dataset or {"channel_names": {"0": "CT"}, "labels": CLASSES, "numTraining": 3, "file_ending": ".nii.gz"}
+  for name, content in (("plans.json", plans), ("dataset.json", dataset)):
+    with open(os.path.join(folder, name), "w") as f:
+      json.dump(content, f)
+  return folder
+
+
+def ct_volume(path, shape, affine, seed=3):
+  """A CT-like volume, zero outside the scanned body (so nnU-Net's crop to nonzero acts), in the
+  file orientation `affine` gives."""
+  rng = np.random.default_rng(seed)
+  volume = np.zeros(shape, np.float32)
+  body = tuple(slice(s // 10, s - s // 10) if s > 10 else slice(None) for s in shape)
+  volume[body] = rng.normal(40, 90, volume[body].shape)
+  organ = tuple(slice(s // 5, s // 2) if s > 10 else slice(None) for s in shape)
+  volume[organ] += 150
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  nib.save(nib.Nifti1Image(volume, affine), path)
+  return path
+
+
+# The file's axes in a permuted, flipped orientation; slices along the axis of 3 mm.
+CASES = {
+    "slices along k": ([0, 1, 2], (50, 60, 6), [[0, -0.8, 0, 10], [0.9, 0, 0, -20], [0, 0, 3.0, 5]], (1.0, 1.1)),
+    "slices along i": ([2, 0, 1], (6, 50, 60), [[3.0, 0, 0, 1], [0, 0, -0.9, 4], [0, -0.8, 0, -7]], (1.1, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_imported_network_predicts_as_nnunets_predictor(network, tmp_path, case):
+  """The same volume through `--import-nnunet` + `--predict` and through nnU-Net's nnUNetPredictor
+  with the torch network: the labels agree voxel for voxel (but for exact ties in nnU-Net's
+  probabilities), on the input's grid. Covers the reader's voxel order and transpose_forward, the
+  crop, CT normalisation, cubic resampling to a non-square 2-D spacing, a non-square patch larger
+  than the slice on one axis (nnU-Net pads around the slice) and tiled on the other, Gaussian
+  stitching, mirroring over both axes, and the logits resampled back."""
+  from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+  from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+  from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+  backbone, net = network
+  transpose, shape, affine, spacing_2d = CASES[case]
+  plans = nnunet_plans(transpose, spacing_2d, (32, 48))
+  folder = model_folder(tmp_path, backbone, net, plans)
+  image = ct_volume(str(tmp_path / "in" / "case_0000.nii.gz"), shape, np.array([*affine, [0, 0, 0, 1]], float))
+  # timm's DINOv3 computes RoPE in float32 (MedDINOv3's own ran it in bfloat16, the import's default)
+  assert cli.main(["segment", "--import-nnunet", folder, "--fold", "0", "--workdir", str(tmp_path / "run"),
+                   "--rope-dtype", "float32"]) == 0
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", str(tmp_path / "in"),
+                   "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+  ours = sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz"))
+  source = sitk.ReadImage(image)
+  assert ours.GetSize() == source.GetSize()
+  for what in ("GetSpacing", "GetOrigin", "GetDirection"):
+    np.testing.assert_allclose(getattr(ours, what)(), getattr(source, what)(), atol=1e-5, err_msg=what)
+
+  predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                              perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                              verbose_preprocessing=False, allow_tqdm=False)
+  manager = PlansManager(plans)
+  predictor.manual_initialization(net, manager, manager.get_configuration("2d"), [net.state_dict()],
+                                  {"channel_names": {"0": "CT"}, "labels": CLASSES, "file_ending": ".nii.gz"},
+                                  TRAINER, (0, 1))
+  array, properties = SimpleITKIO().read_images([image])
+  theirs, probabilities = predictor.predict_single_npy_array(array, properties, None, None, True)
+  ours = sitk.GetArrayFromImage(ours)
+  assert ours.shape == theirs.shape
+  counts = np.bincount(theirs.ravel(), minlength=3) / theirs.size
+  assert counts.min() > 0.05, f"a class is (nearly) never predicted: {counts}; the comparison would be weak"
+  top2 = np.sort(probabilities, axis=0)[-2:]
+  tie = top2[1] - top2[0] < 1e-3  # float32 noise through 12 random blocks: ~1e-4
+  differ = ours != theirs
+  assert not (differ & ~tie).any(), (f"{int((differ & ~tie).sum())} voxels differ from nnU-Net's prediction "
+                                     f"away from ties, first at {np.argwhere(differ & ~tie)[:5].tolist()}")
+  assert differ.mean() < 1e-3
+
+
+def _write(path, array, affine):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  nib.save(nib.Nifti1Image(array, affine), path)
+  return path
+
+
+@pytest.mark.parametrize("reader", sorted(nnunet.NNUNET_READERS))
+@pytest.mark.parametrize("transpose", [[0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1]])
+def test_voxel_layout_is_nnunets_reader_and_transpose(tmp_path, reader, transpose):
+  """`voxel_layout` + `read_channels` give the slices nnU-Net's 2-D configuration sees (its
+  reader's (z, y, x) array transposed by transpose_forward, sliced along the first axis), with
+  their spacing; `write_prediction` puts labels in that layout back on the input's grid, as
+  nnU-Net's export and SimpleITK's writer do."""
+  from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+  affine = np.array([[0, 0, -2.0, 30], [0.7, 0, 0, -4], [0, -1.3, 0, 12], [0, 0, 0, 1]])
+  values = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+  path = _write(str(tmp_path / "case_0000.nii.gz"), values, affine)
+  plans = {"transpose_forward": transpose, "voxel_order": "canonical" if nnunet.NNUNET_READERS[reader] else "file"}
+  layout = nnunet.voxel_layout(plans)
+  ours, spacing = nnunet.read_channels([path], ["CT"], layout)
+  array, properties = recursive_find_reader_writer_by_name(reader)().read_images([path])
+  theirs = array[0].transpose(transpose)  # what the predictor slices along its first axis
+  np.testing.assert_array_equal(ours[..., 0], theirs.transpose(1, 2, 0))
+  np.testing.assert_allclose(spacing, np.asarray(properties["spacing"])[transpose][[1, 2, 0]], rtol=1e-6)
+
+  labels = (ours[..., 0] % 7).astype(np.uint8)
+  written = segment.write_prediction(str(tmp_path / "out.nii.gz"), labels, path, layout)
+  back = sitk.ReadImage(written)
+  source = sitk.ReadImage(path)
+  expected = labels.transpose(2, 0, 1).transpose(np.argsort(transpose))  # nnU-Net's transpose_backward
+  if reader == "NibabelIOWithReorient":  # written in canonical order; its reader reorients it as it did the input
+    reread, _ = recursive_find_reader_writer_by_name(reader)().read_seg(written)
+    np.testing.assert_array_equal(reread[0], expected)
+  else:
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), expected)
+    for what in ("GetSpacing", "GetOrigin", "GetDirection"):
+      np.testing.assert_allclose(getattr(back, what)(), getattr(source, what)(), atol=1e-5, err_msg=what)
+
+
+def test_sliding_window_pads_around_a_small_slice_as_nnunet():
+  """A slice smaller than the patch sits in the middle of the padded tile (nnU-Net's pad_nd_image,
+  the odd pixel after), which a position-dependent network sees."""
+  from acvl_utils.cropping_and_padding.padding import pad_nd_image
+  rng = np.random.default_rng(0)
+  slices = rng.standard_normal((2, 21, 30)).astype(np.float32)
+  ramp = np.linspace(-1, 1, 32 * 48, dtype=np.float32).reshape(32, 48)
+  positional = lambda images: images * ramp[None, :, :, None]
+  ours = segmentation.predict_slices(positional, slices, (32, 48), 1, batch_size=2)
+  padded, slicer = pad_nd_image(slices[:, None], (32, 48), "constant", {"constant_values": 0}, True)
+  expected = (padded[:, 0] * ramp)[:, None][slicer]
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mirror_flips_are_nnunets_axis_combinations():
+  assert segmentation.mirror_flips(True) == segmentation.mirror_flips((0, 1)) == [(), (1,), (2,), (1, 2)]
+  assert segmentation.mirror_flips([1]) == [(), (2,)]
+  assert segmentation.mirror_flips(False) == segmentation.mirror_flips(()) == [()]
+  with pytest.raises(ValueError, match="axes 0 and 1"):
+    segmentation.mirror_flips((2,))
+
+
+def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
+  backbone, net = network
+  plans = nnunet_plans([0, 1, 2], (1.0, 1.0), (32, 32))
+  folder = model_folder(tmp_path / "good", backbone, net, plans)
+  workdirs = (str(tmp_path / f"run{i}") for i in itertools.count())
+  run = lambda folder: segment.import_nnunet(folder, 0, next(workdirs))
+  with pytest.raises(ConfigError, match="fold_3/checkpoint_final.pth not found"):
+    segment.import_nnunet(folder, 3, str(tmp_path / "run_missing"))
+
+  def variant(name, plans=plans, **kw):
+    return model_folder(tmp_path / name, backbone, net, plans, **kw)
+
+  three_d = copy.deepcopy(plans)
+  three_d["configurations"]["2d"]["patch_size"] = [6, 32, 32]
+  with pytest.raises(nnunet.DatasetError, match=r"patch_size \[6, 32, 32\]: mfjax predicts with 2-D"):
+    run(variant("3d", three_d))
+  tiff = {**plans, "image_reader_writer": "Tiff3DIO"}
+  with pytest.raises(nnunet.DatasetError, match="image_reader_writer 'Tiff3DIO'"):
+    run(variant("tiff", tiff))
+  nearest = copy.deepcopy(plans)
+  nearest["configurations"]["2d"]["resampling_fn_data_kwargs"]["order"] = 0
+  with pytest.raises(nnunet.DatasetError, match="2d.resampling_fn_data"):
+    run(variant("order0", nearest))
+  inherited = copy.deepcopy(plans)
+  inherited["configurations"]["2d_896"] = {"inherits_from": "2d_missing", "patch_size": [896, 896]}
+  with pytest.raises(nnunet.DatasetError, match="inherits from '2d_missing'"):
+    nnunet.nnunet_configuration(inherited, "2d_896", "plans.json")
+  inherited["configurations"]["2d_896"]["inherits_from"] = "2d"
+  assert nnunet.nnunet_configuration(inherited, "2d_896", "plans.json")["spacing"] == [1.0, 1.0]
+  more = {"channel_names": {"0": "CT"}, "labels": {**CLASSES, "spleen": 3}, "file_ending": ".nii.gz"}
+  with pytest.raises(ConfigError, match="predicts 3 channels, but .*dataset.json's labels need 4"):
+    run(variant("classes", dataset=more))
+  with pytest.raises(ConversionError, match=r"(?s)unexpected keys.*input_adapter\.weight"):
+    run(variant("adapter", extra_weights={"input_adapter.weight": torch.eye(3)[..., None, None]}))
+  with pytest.raises(ConversionError, match="takes 3072 channels, but the backbone's interaction blocks give 2304"):
+    segment.import_nnunet(folder, 0, str(tmp_path / "run_indices"), "checkpoint_final.pth", (3, 7, 11))
+  assert cli.main(["segment", "--import-nnunet", folder, "--workdir", str(tmp_path / "run_cli"),
+                   "--interaction-indices", "2,5,8,12"]) == 2
+  assert "blocks [12] do not exist" in capsys.readouterr().err
