@@ -227,3 +227,10 @@ def test_window_host_compares_host_and_device_stitching(tmp_path):
   row, = run_benchmark(tmp_path, "window_host", "--size", "40", "--patch", "32", "--classes", "3", "--slices", "4",
                        "--batch", "4", "--mirror", "--rounds", "1")
   assert row["same"] is True and row["host_ms"] > 0 and row["device_ms"] > 0 and positive(row["speedup"])
+
+
+def test_nnunet_predict_compares_a_folder_prediction_with_nnunets_predictor(tmp_path):
+  row, = run_benchmark(tmp_path, "nnunet_predict", "--cases", "1", "--size", "40", "--slices", "2", "--patch", "32",
+                       "--workers", "1")
+  assert row["nnunet_s"] > 0 and row["mfjax_s"] > 0 and positive(row["speedup"])
+  assert float(row["agree"]) > 0.99

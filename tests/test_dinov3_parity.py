@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from timm.models.eva import checkpoint_filter_fn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from convert import __main__ as convert_cli
@@ -22,49 +21,10 @@ from convert import core
 from convert import dinov3 as convert_dinov3
 from mfjax import models
 from mfjax.models import dinov3, layers
+from benchmarks.nnunet_reference import official_state, timm_reference
 from tests.parity import assert_outputs_match
 
 SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
-
-
-def official_state(width=768, depth=12, heads=12, qkv_bias=True, seed=0) -> dict[str, torch.Tensor]:
-  """Random tensors under the official release's keys; the key third of qkv.bias is non-zero but masked."""
-  gen = torch.Generator().manual_seed(seed)
-  rand = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=gen)
-  head_dim = width // heads
-  state = {
-      "cls_token": rand(1, 1, width), "storage_tokens": rand(1, 4, width), "mask_token": rand(1, width),
-      "patch_embed.proj.weight": rand(width, 3, 16, 16, scale=768 ** -0.5),
-      "patch_embed.proj.bias": rand(width, scale=0.1),
-      # The release stores its periods buffer in bfloat16.
-      "rope_embed.periods": (100.0 ** (2 * torch.arange(head_dim // 4) / (head_dim // 2))).to(torch.bfloat16),
-      "norm.weight": 1 + rand(width, scale=0.2), "norm.bias": rand(width, scale=0.1),
-  }
-  for i in range(depth):
-    b = f"blocks.{i}."
-    state.update({
-        b + "norm1.weight": 1 + rand(width, scale=0.2), b + "norm1.bias": rand(width, scale=0.1),
-        b + "attn.qkv.weight": rand(3 * width, width, scale=width ** -0.5),
-        b + "attn.proj.weight": rand(width, width, scale=width ** -0.5), b + "attn.proj.bias": rand(width, scale=0.1),
-        b + "ls1.gamma": rand(width, scale=0.3),
-        b + "norm2.weight": 1 + rand(width, scale=0.2), b + "norm2.bias": rand(width, scale=0.1),
-        b + "mlp.fc1.weight": rand(4 * width, width, scale=width ** -0.5),
-        b + "mlp.fc1.bias": rand(4 * width, scale=0.1),
-        b + "mlp.fc2.weight": rand(width, 4 * width, scale=(4 * width) ** -0.5),
-        b + "mlp.fc2.bias": rand(width, scale=0.1),
-        b + "ls2.gamma": rand(width, scale=0.3),
-    })
-    if qkv_bias:
-      state[b + "attn.qkv.bias"] = rand(3 * width, scale=0.1)
-      state[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones(width), torch.zeros(width), torch.ones(width)])
-  return state
-
-
-def timm_reference(name: str, state: dict, **kwargs):
-  """A timm DINOv3 loaded from an official-layout state dict by timm's own checkpoint filter."""
-  model = timm.create_model(name, pretrained=False, **kwargs).eval()
-  model.load_state_dict(checkpoint_filter_fn(dict(state), model), strict=True)
-  return model
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:

@@ -3,113 +3,28 @@ predict: against nnU-Net's own predictor (nnunetv2's nnUNetPredictor with the sa
 torch: its reader, preprocessing, sliding window, export), and nnU-Net's readers for the voxel
 layout."""
 import copy
-import functools
 import itertools
-import json
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import timm
 import torch
 
-from benchmarks import torch_reference
+from benchmarks import nnunet_reference
+from benchmarks.nnunet_reference import CLASSES, TRAINER, ct_volume, model_folder, nnunet_plans
 from convert.core import ConversionError
 from mfjax import cli
 from mfjax.config import ConfigError
 from mfjax.data import nnunet
 from mfjax.evals import segmentation
 from mfjax.train import segment
-from tests.test_dinov3_parity import SIZES, official_state, timm_reference
-
-CLASSES = {"background": 0, "liver": 1, "kidney": 2}
-TRAINER = "meddinov3_base_primus_multiscale_Trainer"
-
-
-class Primus(torch.nn.Module):
-  """MedDINOv3's Primus_Multiscale on timm's DINOv3: the torch network nnU-Net's predictor runs."""
-
-  def __init__(self, vit, num_classes: int):
-    super().__init__()
-    self.vit = vit
-    self.up_projection = torch_reference.PatchDecode(vit.embed_dim * 4, num_classes, 4)
-
-  def forward(self, x):
-    feats = self.vit.forward_intermediates(x.repeat(1, 3, 1, 1), indices=[2, 5, 8, 11], norm=True,
-                                           intermediates_only=True)
-    return self.up_projection(torch.cat(feats, 1))
 
 
 @pytest.fixture(scope="module")
 def network():
-  """(official-format backbone state, the torch network): a random MedDINOv3 ViT-B and a decoder
-  perturbed so its classes are all predicted somewhere."""
-  backbone = official_state(*SIZES["b"], qkv_bias=False, seed=11)
-  vit = timm_reference("vit_base_patch16_dinov3", backbone, norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
-  torch.manual_seed(0)
-  net = Primus(vit, len(CLASSES)).eval()
-  with torch.no_grad():
-    for p in net.up_projection.parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  return backbone, net
-
-
-def nnunet_plans(transpose, spacing_2d, patch, reader="SimpleITKIO") -> dict:
-  """A plans.json as nnU-Net's ExperimentPlanner writes it, with one 2-D configuration."""
-  resampling = lambda is_seg, order: {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
-  config = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 12,
-            "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": list(spacing_2d),
-            "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": resampling(False, 3), "resampling_fn_seg_kwargs": resampling(True, 1),
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": resampling(False, 1),
-            "architecture": {"network_class_name": "Primus_Multiscale", "arch_kwargs": {}, "_kw_requires_import": []},
-            "batch_dice": True}
-  return {"dataset_name": "Dataset042_Synth", "plans_name": "nnUNetPlans",
-          "original_median_spacing_after_transp": [3.0, *spacing_2d], "original_median_shape_after_transp": [6, 60, 50],
-          "image_reader_writer": reader, "transpose_forward": list(transpose),
-          "transpose_backward": [int(a) for a in np.argsort(transpose)],
-          "configurations": {"2d": config, "3d_fullres": {**config, "patch_size": [6, 32, 48]}},
-          "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-          "foreground_intensity_properties_per_channel": {"0": {
-              "max": 400.0, "mean": 60.0, "median": 55.0, "min": -300.0, "percentile_00_5": -150.0,
-              "percentile_99_5": 300.0, "std": 80.0}}}
-
-
-def model_folder(root, backbone, net, plans, dataset=None, extra_weights=None) -> str:
-  """nnUNet_results/Dataset042_Synth/TRAINER__nnUNetPlans__2d with fold_0/checkpoint_final.pth as
-  nnU-Net saves it (init_args with a torch.device, its log with NumPy floats)."""
-  folder = os.path.join(str(root), "nnUNet_results", "Dataset042_Synth", f"{TRAINER}__nnUNetPlans__2d")
-  os.makedirs(os.path.join(folder, "fold_0"), exist_ok=True)
-  weights = {**{"dino_encoder." + k: v for k, v in backbone.items()},
-             **{"up_projection." + k: v for k, v in net.up_projection.state_dict().items()}, **(extra_weights or {})}
-  torch.save({"network_weights": weights, "trainer_name": TRAINER, "current_epoch": 1000,
-              "init_args": {"configuration": "2d", "fold": 0, "device": torch.device("cpu"), "plans": plans},
-              "inference_allowed_mirroring_axes": (0, 1), "optimizer_state": {"state": {}, "param_groups": []},
-              "logging": {"ema_fg_dice": [np.float64(0.25), np.float64(0.5)], "epoch_end_timestamps": [1.5]}},
-             os.path.join(folder, "fold_0", "checkpoint_final.pth"))
-  dataset = dataset or {"channel_names": {"0": "CT"}, "labels": CLASSES, "numTraining": 3, "file_ending": ".nii.gz"}
-  for name, content in (("plans.json", plans), ("dataset.json", dataset)):
-    with open(os.path.join(folder, name), "w") as f:
-      json.dump(content, f)
-  return folder
-
-
-def ct_volume(path, shape, affine, seed=3):
-  """A CT-like volume, zero outside the scanned body (so nnU-Net's crop to nonzero acts), in the
-  file orientation `affine` gives."""
-  rng = np.random.default_rng(seed)
-  volume = np.zeros(shape, np.float32)
-  body = tuple(slice(s // 10, s - s // 10) if s > 10 else slice(None) for s in shape)
-  volume[body] = rng.normal(40, 90, volume[body].shape)
-  organ = tuple(slice(s // 5, s // 2) if s > 10 else slice(None) for s in shape)
-  volume[organ] += 150
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  nib.save(nib.Nifti1Image(volume, affine), path)
-  return path
+  return nnunet_reference.random_network()
 
 
 # The file's axes in a permuted, flipped orientation; slices along the axis of 3 mm.
