@@ -166,7 +166,8 @@ def main(argv=None) -> int:
   p.add_argument("--determine-postprocessing", action="store_true",
                  help="nnU-Net's postprocessing search (largest connected components) over the validation "
                       "predictions of the --workdir runs; --out names the JSON file it writes")
-  p.add_argument("--postprocessing", help="with --predict: a file of --determine-postprocessing to apply")
+  p.add_argument("--postprocessing", help="with --predict: a file of --determine-postprocessing (or nnU-Net's "
+                                         "postprocessing.json) to apply")
   p.add_argument("--import-nnunet", metavar="MODEL_FOLDER",
                  help="make --workdir a finished run from a MedDINOv3 network trained by nnU-Net: MODEL_FOLDER "
                       "holds plans.json, dataset.json and fold_F/checkpoint_final.pth")

@@ -3,6 +3,7 @@ predict: against nnU-Net's own predictor (nnunetv2's nnUNetPredictor with the sa
 torch: its reader, preprocessing, sliding window, export), and nnU-Net's readers for the voxel
 layout."""
 import copy
+import json
 import itertools
 import os
 
@@ -182,3 +183,42 @@ def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
   assert cli.main(["segment", "--import-nnunet", folder, "--workdir", str(tmp_path / "run_cli"),
                    "--interaction-indices", "2,5,8,12"]) == 2
   assert "blocks [12] do not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_nnunets_postprocessing_json_applies_as_nnunet(tmp_path, regions):
+  """nnU-Net's own postprocessing.json (its determine_postprocessing over the cross-validation
+  predictions) given to `--postprocessing`: the steps do to a prediction what nnU-Net's
+  apply_postprocessing does with the functions and arguments it pickled beside it."""
+  from nnunetv2.postprocessing.remove_connected_components import (
+      apply_postprocessing, remove_all_but_largest_component_from_segmentation)
+  from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+  labels = np.zeros((30, 28, 12), np.uint8)
+  labels[2:28, 2:26, 1:11] = 1                                    # a body, with two islands each of 2 and 3
+  labels[4:10, 4:10, 2:6], labels[15:18, 15:18, 7:9] = 2, 2
+  labels[20:24, 5:9, 3:8], labels[5:7, 18:20, 8:10] = 3, 3
+  labels[0, 0, 0], labels[29, 27, 11] = 1, 3                      # strays outside it
+  if regions:
+    kwargs = [{"labels_or_regions": [(1, 2, 3), (2, 3)]}, {"labels_or_regions": (3,)}, {"labels_or_regions": (2, 3)}]
+  else:
+    kwargs = [{"labels_or_regions": [1, 2, 3]}, {"labels_or_regions": 2}, {"labels_or_regions": 3}]
+  fns = [remove_all_but_largest_component_from_segmentation] * len(kwargs)
+  written = {"postprocessing_fns": [f.__name__ for f in fns], "postprocessing_kwargs": copy.deepcopy(kwargs),
+             "input_folder": {"foreground_mean": {"Dice": 0.5}}}
+  recursive_fix_for_json_export(written)
+  path = tmp_path / "postprocessing.json"
+  path.write_text(json.dumps(written))
+  plans = {"labels": {"0": "background", "1": "liver", "2": "kidney", "3": "tumour"}}
+  steps = segment.read_postprocessing(str(path), plans)
+  expected = apply_postprocessing(labels, fns, kwargs)
+  for k in range(len(kwargs)):  # every step changes the labels, so none can be dropped unnoticed
+    assert not np.array_equal(apply_postprocessing(labels, fns[:k], kwargs[:k]),
+                              apply_postprocessing(labels, fns[:k + 1], kwargs[:k + 1])), k
+  np.testing.assert_array_equal(segmentation.apply_postprocessing(labels, steps), expected)
+
+  path.write_text(json.dumps({**written, "postprocessing_fns": ["my_own_fn"] * len(kwargs)}))
+  with pytest.raises(ConfigError, match="step 'my_own_fn'"):
+    segment.read_postprocessing(str(path), plans)
+  path.write_text(json.dumps({**written, "postprocessing_kwargs": [{"labels_or_regions": [1, 7]}] * len(kwargs)}))
+  with pytest.raises(ConfigError, match=r"label value\(s\) \[7\]"):
+    segment.read_postprocessing(str(path), plans)

@@ -512,19 +512,50 @@ def _labels_of(path: str) -> np.ndarray:
 
 
 def read_postprocessing(path: str, plans: dict) -> list:
-  """The steps of a `determine_postprocessing` file, checked to refer to the labels of `plans`."""
+  """The steps of a `determine_postprocessing` file, checked to refer to the labels of `plans`; or
+  of nnU-Net's own postprocessing.json (`nnunet_postprocessing_steps`)."""
   try:
     with open(path) as f:
       data = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ConfigError(f"{path}: not a readable postprocessing file ({e})") from e
+  if isinstance(data, dict) and "postprocessing_fns" in data:
+    return nnunet_postprocessing_steps(data, plans, path)
   if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
     raise ConfigError(f"{path}: not a postprocessing file (no 'steps'); write one with "
-                      "`mfjax segment --determine-postprocessing`")
+                      "`mfjax segment --determine-postprocessing`, or give nnU-Net's postprocessing.json")
   differ = [k for k in POSTPROCESSING_KEYS if data.get(k) != plans.get(k)]
   if differ:
     raise ConfigError(f"{path} was determined for other labels than the run's ({', '.join(differ)} differ)")
   return data["steps"]
+
+
+def nnunet_postprocessing_steps(data: dict, plans: dict, path: str) -> list:
+  """The steps of nnU-Net's own postprocessing.json (its determine_postprocessing, written beside
+  the cross-validation predictions): each `remove_all_but_largest_component_from_segmentation`
+  with its labels_or_regions, as `apply_postprocessing` steps. A label list and a region (a tuple,
+  a list once in JSON) select the same voxels, so both read as the union of their values."""
+  fns, kwargs = data.get("postprocessing_fns"), data.get("postprocessing_kwargs")
+  if not isinstance(fns, list) or not isinstance(kwargs, list) or len(fns) != len(kwargs):
+    raise ConfigError(f"{path}: postprocessing_fns and postprocessing_kwargs must be lists of one length")
+  known = {int(c) for c in plans["labels"] if int(c) > 0}
+  steps = []
+  for fn, kw in zip(fns, kwargs):
+    if fn != "remove_all_but_largest_component_from_segmentation":
+      raise ConfigError(f"{path}: step {fn!r}: mfjax applies nnU-Net's "
+                        "remove_all_but_largest_component_from_segmentation steps only")
+    value = kw.get("labels_or_regions") if isinstance(kw, dict) else None
+    items = value if isinstance(value, list) else [value]
+    try:
+      targets = [tuple(int(v) for v in item) if isinstance(item, list) else int(item) for item in items]
+    except (TypeError, ValueError):
+      raise ConfigError(f"{path}: labels_or_regions {value!r} is not a label value, a region or a list of them") from None
+    unknown = sorted({int(v) for t in targets for v in np.atleast_1d(t)} - known)
+    if unknown:
+      raise ConfigError(f"{path}: labels_or_regions {value!r} names label value(s) {unknown} that the run's "
+                        f"labels ({sorted(known)}) do not have")
+    steps.append(targets)
+  return steps
 
 
 def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
