@@ -257,9 +257,9 @@ def main(argv=None) -> int:
     elif args.command == "segment":
       from mfjax.train import segment
       if args.import_nnunet:
-        if args.config or rest or args.predict or args.out or args.determine_postprocessing or len(args.workdir) > 1:
-          parser.error("segment --import-nnunet takes MODEL_FOLDER --fold F --workdir RUN (one), then "
-                       "--predict with that RUN")
+        if args.config or args.predict or args.out or args.determine_postprocessing or len(args.workdir) > 1:
+          parser.error("segment --import-nnunet takes MODEL_FOLDER --fold F --workdir RUN (one) "
+                       "[--config.model.dtype=bfloat16 --config.eval.batch_size=N ...], then --predict with that RUN")
         try:
           indices = tuple(int(i) for i in args.interaction_indices.split(","))
         except ValueError:
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         from convert import core as convert_core
         try:
           segment.import_nnunet(args.import_nnunet, args.fold, args.workdir[0], args.checkpoint_name, indices,
-                                args.rope_dtype)
+                                args.rope_dtype, _config_overrides(parser, rest))
         except convert_core.ConversionError as e:
           print(f"error: {e}", file=sys.stderr)
           return 2

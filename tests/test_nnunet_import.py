@@ -183,6 +183,14 @@ def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
   assert cli.main(["segment", "--import-nnunet", folder, "--workdir", str(tmp_path / "run_cli"),
                    "--interaction-indices", "2,5,8,12"]) == 2
   assert "blocks [12] do not exist" in capsys.readouterr().err
+  assert cli.main(["segment", "--import-nnunet", folder, "--workdir", str(tmp_path / "run_patch"),
+                   "--config.data.patch=64"]) == 2
+  assert "--config.data.patch=64: an imported run takes --config.model.dtype" in capsys.readouterr().err
+  assert cli.main(["segment", "--import-nnunet", folder, "--workdir", str(tmp_path / "run_bf16"),
+                   "--config.model.dtype=bfloat16", "--config.eval.batch_size=4", "--config.eval.mirror=[]"]) == 0
+  saved = json.loads((tmp_path / "run_bf16" / "config.json").read_text())
+  assert (saved["model"]["dtype"], saved["eval"]["batch_size"], saved["eval"]["mirror"]) == ("bfloat16", 4, [])
+  assert saved["data"]["patch"] == [32, 32] and saved["imported_from"]["configuration"] == "2d"
 
 
 @pytest.mark.parametrize("regions", [False, True])

@@ -378,14 +378,18 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
   return plans, config, lambda slices: segment_volume(predict, params, slices, plans, config)
 
 
+IMPORT_OVERRIDABLE = ("model.dtype", "eval.")  # what --config.* may change in an imported run
+
+
 def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "checkpoint_final.pth",
-                  interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16") -> dict:
+                  interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16", config_overrides=()) -> dict:
   """A finished run folder, for `--predict`, from a MedDINOv3 network trained by nnU-Net:
   MODEL_FOLDER (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION) holds plans.json,
   dataset.json and fold_F/CHECKPOINT (Primus_Multiscale's `network_weights`). The workdir gets
   config.json, preprocessed/plans.json (nnU-Net's normalisation, spacing, labels and voxel
   layout: `nnunet.plans_from_nnunet`) and best/ (the converted network). `rope_dtype`: MedDINOv3's
-  networks ran RoPE in bfloat16. Returns the plans."""
+  networks ran RoPE in bfloat16. `config_overrides`: `--config.KEY=VALUE` of the prediction settings
+  (model.dtype, eval.batch_size, eval.step, eval.mirror). Returns the plans."""
   from configs import segment as segment_config
   from convert import core as convert_core
   from convert import dinov3 as convert_dinov3
@@ -420,9 +424,16 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   config = segment_config.get_config(f"model={name}").to_dict()
   config["data"].update(patch=plans.pop("patch_size"), fold=str(fold), spacing=0.0)
   config["model"].update(overrides=overrides, interaction_indices=list(interaction_indices))
-  config["eval"]["mirror"] = [int(a) for a in mirror_axes] if mirror_axes else False
+  config["eval"]["mirror"] = [int(a) for a in mirror_axes or ()]  # [] without mirroring
   config["imported_from"] = plans["imported_from"]
   config = ml_collections.ConfigDict(config)
+  from mfjax.cli import set_field
+  for item in config_overrides:
+    key, eq, value = item.removeprefix("--config.").partition("=")
+    if not eq or not key.startswith(IMPORT_OVERRIDABLE):
+      raise ConfigError(f"{item}: an imported run takes --config.model.dtype=... and --config.eval.*=... only "
+                        "(the network and the plans come from the nnU-Net model folder)")
+    set_field(config, key, value)
   outputs = nnunet.num_outputs(plans)
   classes = int(params["decoder"]["classifier"]["kernel"].shape[-1])
   if classes != outputs:
