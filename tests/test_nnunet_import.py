@@ -191,6 +191,8 @@ def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
   saved = json.loads((tmp_path / "run_bf16" / "config.json").read_text())
   assert (saved["model"]["dtype"], saved["eval"]["batch_size"], saved["eval"]["mirror"]) == ("bfloat16", 4, [])
   assert saved["data"]["patch"] == [32, 32] and saved["imported_from"]["configuration"] == "2d"
+  with pytest.raises(ConfigError, match="imported from nnU-Net .* give nnU-Net's postprocessing.json"):
+    segment.determine_postprocessing(str(tmp_path / "run_bf16"), str(tmp_path / "pp.json"))
 
 
 @pytest.mark.parametrize("regions", [False, True])

@@ -478,6 +478,10 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
   cases, plans = [], None
   for workdir in workdirs:
     workdir, _, these = read_segment_run(workdir)
+    if "imported_from" in these:
+      raise ConfigError(f"{workdir} was imported from nnU-Net ({these['imported_from']['folder']}) and has no "
+                        "validation predictions of its own: give nnU-Net's postprocessing.json (in its "
+                        "crossval_results_folds_* folder) to --predict --postprocessing instead")
     if plans is not None and any(these.get(k) != plans.get(k) for k in POSTPROCESSING_KEYS):
       raise ConfigError(f"{workdir} and {workdirs[0]} segment different labels; their postprocessing cannot be "
                         "determined together")
