@@ -1,7 +1,8 @@
 """nnU-Net's side of a MedDINOv3 network it trained, for tests and benchmarks: random DINOv3
 weights under the official release's keys (and timm's model loaded from them), the torch
-Primus_Multiscale its predictor runs, and the model folder nnU-Net writes (plans.json,
-dataset.json, fold_0/checkpoint_final.pth), plus CT-like input volumes."""
+Primus_Multiscale its predictor runs (`torch_reference.Segmenter` on that model), and the model
+folder nnU-Net writes (plans.json, dataset.json, fold_0/checkpoint_final.pth), plus CT-like
+input volumes."""
 import json
 import os
 
@@ -15,6 +16,7 @@ from benchmarks import torch_reference
 
 TRAINER = "meddinov3_base_primus_multiscale_Trainer"
 CLASSES = {"background": 0, "liver": 1, "kidney": 2}
+DATASET = {"channel_names": {"0": "CT"}, "labels": CLASSES, "numTraining": 3, "file_ending": ".nii.gz"}
 
 
 def official_state(width=768, depth=12, heads=12, qkv_bias=True, seed=0) -> dict[str, torch.Tensor]:
@@ -57,20 +59,6 @@ def timm_reference(name: str, state: dict, **kwargs):
   return model
 
 
-class Primus(torch.nn.Module):
-  """MedDINOv3's Primus_Multiscale on timm's DINOv3: the torch network nnU-Net's predictor runs."""
-
-  def __init__(self, vit, num_classes: int):
-    super().__init__()
-    self.vit = vit
-    self.up_projection = torch_reference.PatchDecode(vit.embed_dim * 4, num_classes, 4)
-
-  def forward(self, x):
-    feats = self.vit.forward_intermediates(x.repeat(1, 3, 1, 1), indices=[2, 5, 8, 11], norm=True,
-                                           intermediates_only=True)
-    return self.up_projection(torch.cat(feats, 1))
-
-
 def random_network(seed: int = 11, num_classes: int = len(CLASSES), width: int = 768, depth: int = 12,
                    heads: int = 12):
   """(official-layout backbone state, the torch Primus on it): a random MedDINOv3 ViT (no qkv bias,
@@ -80,7 +68,7 @@ def random_network(seed: int = 11, num_classes: int = len(CLASSES), width: int =
   backbone = official_state(width, depth, heads, qkv_bias=False, seed=seed)
   vit = timm_reference("vit_base_patch16_dinov3", backbone, norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
   torch.manual_seed(seed)
-  net = Primus(vit, num_classes).eval()
+  net = torch_reference.Segmenter("meddinov3_vitb16", num_classes, vit=vit).eval()
   with torch.no_grad():
     for p in net.up_projection.parameters():
       p.add_(0.2 * torch.randn_like(p))
@@ -122,7 +110,7 @@ def model_folder(root, backbone, net, plans, dataset=None, extra_weights=None) -
               "inference_allowed_mirroring_axes": (0, 1), "optimizer_state": {"state": {}, "param_groups": []},
               "logging": {"ema_fg_dice": [np.float64(0.25), np.float64(0.5)], "epoch_end_timestamps": [1.5]}},
              os.path.join(folder, "fold_0", "checkpoint_final.pth"))
-  dataset = dataset or {"channel_names": {"0": "CT"}, "labels": CLASSES, "numTraining": 3, "file_ending": ".nii.gz"}
+  dataset = dataset or DATASET
   for name, content in (("plans.json", plans), ("dataset.json", dataset)):
     with open(os.path.join(folder, name), "w") as f:
       json.dump(content, f)

@@ -200,20 +200,23 @@ def segmentation_network(raw, source: str, interaction_indices=(2, 5, 8, 11), ro
   decoder = {k: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
   backbone = {k: v for k, v in state.items() if k not in decoder}
   model, settings = _original_settings(backbone)
-  settings["rope_dtype"] = rope_dtype
-  if ln_eps is not None:
-    settings["ln_eps"] = ln_eps
-  registered = _registered(model)
-  overrides = {k: v for k, v in settings.items() if registered[k] != v}
+  overrides = _overrides(model, settings, ln_eps, rope_dtype)
   encoder = convert(backbone, "original", model, source, **overrides)["params"]
-  width = registered["width"] if "width" not in overrides else overrides["width"]
-  depth = registered["depth"]
-  bad = [i for i in interaction_indices if not 0 <= i < depth]
+  spec = {**_registered(model), **overrides}
+  bad = [i for i in interaction_indices if not 0 <= i < spec["depth"]]
   if bad:
     raise core.ConversionError(f"interaction indices {list(interaction_indices)}: blocks {bad} do not exist in the "
-                               f"{depth}-block backbone")
-  head = convert_decoder(decoder, width * len(interaction_indices), registered["patch_size"], source)
+                               f"{spec['depth']}-block backbone")
+  head = convert_decoder(decoder, spec["width"] * len(interaction_indices), spec["patch_size"], source)
   return model, overrides, {"foundation": encoder, "decoder": head}
+
+
+def _overrides(model: str, settings: dict, ln_eps: float | None, rope_dtype: str) -> dict:
+  """The constructor overrides of `model`: the checkpoint's `settings` and the options, where they
+  differ from the registered model."""
+  settings = {**settings, "rope_dtype": rope_dtype, **({"ln_eps": ln_eps} if ln_eps is not None else {})}
+  registered = _registered(model)
+  return {k: v for k, v in settings.items() if registered[k] != v}
 
 
 def _registered(model: str) -> dict:
@@ -291,11 +294,7 @@ def from_checkpoint(raw, hf_config, fmt, args):
   else:
     state = raw
     model, settings = _hf_settings(hf_config)
-  if args.ln_eps is not None:
-    settings["ln_eps"] = args.ln_eps
-  settings["rope_dtype"] = args.rope_dtype
-  registered = _registered(model)
-  overrides = {k: v for k, v in settings.items() if registered[k] != v}
+  overrides = _overrides(model, settings, args.ln_eps, args.rope_dtype)
   kind = "MedDINOv3" if model == MEDDINOV3 else "DINOv3"
   variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} {kind} checkpoint)", **overrides)
   return model, overrides, variables

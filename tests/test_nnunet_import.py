@@ -67,8 +67,7 @@ def test_imported_network_predicts_as_nnunets_predictor(network, tmp_path, case)
                               verbose_preprocessing=False, allow_tqdm=False)
   manager = PlansManager(plans)
   predictor.manual_initialization(net, manager, manager.get_configuration("2d"), [net.state_dict()],
-                                  {"channel_names": {"0": "CT"}, "labels": CLASSES, "file_ending": ".nii.gz"},
-                                  TRAINER, (0, 1))
+                                  nnunet_reference.DATASET, TRAINER, (0, 1))
   array, properties = SimpleITKIO().read_images([image])
   theirs, probabilities = predictor.predict_single_npy_array(array, properties, None, None, True)
   ours = sitk.GetArrayFromImage(ours)
@@ -173,7 +172,7 @@ def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
     nnunet.nnunet_configuration(inherited, "2d_896", "plans.json")
   inherited["configurations"]["2d_896"]["inherits_from"] = "2d"
   assert nnunet.nnunet_configuration(inherited, "2d_896", "plans.json")["spacing"] == [1.0, 1.0]
-  more = {"channel_names": {"0": "CT"}, "labels": {**CLASSES, "spleen": 3}, "file_ending": ".nii.gz"}
+  more = {**nnunet_reference.DATASET, "labels": {**CLASSES, "spleen": 3}}
   with pytest.raises(ConfigError, match="predicts 3 channels, but .*dataset.json's labels need 4"):
     run(variant("classes", dataset=more))
   with pytest.raises(ConversionError, match=r"(?s)unexpected keys.*input_adapter\.weight"):

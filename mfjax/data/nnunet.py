@@ -98,12 +98,7 @@ def read_raw(root: str) -> RawDataset:
       meta = json.load(f)
   except json.JSONDecodeError as e:
     raise DatasetError(f"{path}: not valid JSON ({e})") from e
-  channels = meta.get("channel_names", meta.get("modality"))
-  if not isinstance(channels, dict) or not channels:
-    raise DatasetError(f"{path}: needs 'channel_names' (nnU-Net v2) or 'modality' (v1), e.g. {{\"0\": \"CT\"}}")
-  if sorted(str(k) for k in channels) != [str(k) for k in range(len(channels))]:
-    raise DatasetError(f"{path}: channel keys {sorted(channels)} must be \"0\", \"1\", ... in order")
-  names = tuple(str(channels[k]) for k in sorted(channels, key=int))
+  names = _channel_names(meta, path)
   modality = names[0]
   labels, regions, order, ignore = _parse_labels(meta.get("labels"), meta.get("regions_class_order"), path)
   file_ending = meta.get("file_ending", ".nii.gz")
@@ -140,6 +135,16 @@ def read_raw(root: str) -> RawDataset:
   name = meta.get("name") or os.path.basename(root)
   return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending, regions, order,
                     ignore, names, channel_files)
+
+
+def _channel_names(meta: dict, path: str) -> tuple[str, ...]:
+  """Every input channel's name, in order, from a dataset.json's channel_names (v2) or modality (v1)."""
+  channels = meta.get("channel_names", meta.get("modality"))
+  if not isinstance(channels, dict) or not channels:
+    raise DatasetError(f"{path}: needs 'channel_names' (nnU-Net v2) or 'modality' (v1), e.g. {{\"0\": \"CT\"}}")
+  if sorted(str(k) for k in channels) != [str(k) for k in range(len(channels))]:
+    raise DatasetError(f"{path}: channel keys {sorted(channels)} must be \"0\", \"1\", ... in order")
+  return tuple(str(channels[k]) for k in sorted(channels, key=int))
 
 
 def _parse_labels(labels, regions_class_order, path):
@@ -248,10 +253,7 @@ def plans_from_nnunet(plans: dict, dataset: dict, configuration: str, plans_path
         kwargs.get("force_separate_z")) != (function, order, 0, None):
       raise DatasetError(f"{plans_path}: {configuration}.{field} is {config.get(field)} {kwargs}; mfjax resamples as "
                          f"nnU-Net's default ({function}, order {order}, order_z 0, force_separate_z None)")
-  channels = dataset.get("channel_names", dataset.get("modality"))
-  if not isinstance(channels, dict) or not channels:
-    raise DatasetError(f"{dataset_path}: needs 'channel_names', e.g. {{\"0\": \"CT\"}}")
-  names = [str(channels[k]) for k in sorted(channels, key=int)]
+  names = list(_channel_names(dataset, dataset_path))
   schemes = list(config.get("normalization_schemes", []))
   unknown = [s for s in schemes if s not in NORMALIZATIONS.values()]
   if len(schemes) != len(names) or unknown:

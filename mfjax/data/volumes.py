@@ -50,9 +50,9 @@ def read_volume(path: str, canonical: bool = True) -> tuple[np.ndarray, np.ndarr
   return data, spacing
 
 
-def read_labels(path: str, canonical: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def read_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(labels (X, Y, Z) uint8, spacing (3,)): a segmentation map of whole-number class ids 0..255."""
-  data, spacing = read_volume(path, canonical)
+  data, spacing = read_volume(path)
   labels = np.rint(data)
   if np.abs(labels - data).max(initial=0) > 1e-3 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
     raise VolumeError(f"{path}: a label map must hold whole numbers in 0..255; found values in "

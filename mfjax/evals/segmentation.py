@@ -2,12 +2,13 @@
 and per-case, per-class 3-D Dice.
 
 Sliding window (nnU-Net's predict_sliding_window_return_logits, per axial slice): slices smaller
-than the patch are padded with zeros around them (pad_nd_image: the odd pixel after); tiles start at nnU-Net's `compute_steps_for_sliding_window` positions
-(step 0.5 of the patch); each tile's logits are weighted by a Gaussian (sigma = patch / 8, peak
-normalised to 1) and the sum is divided by the summed weights; with `mirror`, logits are averaged
-over the flips of each tile (every combination of the mirroring axes, nnU-Net's
-inference_allowed_mirroring_axes: both in-plane axes with `True`). The logits are resampled (linearly) to the original slice size and
-the argmax is the prediction.
+than the patch are padded with zeros around them (pad_nd_image: the odd pixel after); tiles start
+at nnU-Net's `compute_steps_for_sliding_window` positions (step 0.5 of the patch); each tile's
+logits are weighted by a Gaussian (sigma = patch / 8, peak normalised to 1) and the sum is divided
+by the summed weights; with `mirror`, logits are averaged over the flips of each tile (every
+combination of the mirroring axes, nnU-Net's inference_allowed_mirroring_axes: both in-plane axes
+with `True`). The logits are resampled (linearly) to the original slice size and the argmax is
+the prediction.
 
 Dice (MedDINOv3's compute_metrics): per case and foreground class, 2|P∩G| / (|P| + |G|); a class
 absent from the case's ground truth is skipped for that case. Mean over cases per class, then

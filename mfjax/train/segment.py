@@ -344,8 +344,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
                                                          config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None and jax.process_index() == 0:
-      volumes.write_volume(str(out_dir / f"{case}.nii.gz"), prediction,
-                           affine=volumes.canonical_affine(stored["image"]))
+      write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], nnunet.voxel_layout(plans))
   return per_case
 
 
