@@ -14,6 +14,7 @@
   mfjax segment --workdir runs/amos_fold0 --predict nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2/imagesTs \
                 --out predictions/amos
   mfjax segment --workdir runs/amos_fold0 --workdir runs/amos_fold1 ... --predict IMAGES --out OUT   (fold ensemble)
+  mfjax segment --workdir runs/amos_fold0 ... --predict IMAGES --out OUT --save-probabilities   (for nnUNetv2_ensemble)
   mfjax segment --workdir runs/amos_fold0 ... --determine-postprocessing --out postprocessing.json
   mfjax segment --workdir runs/amos_fold0 ... --predict IMAGES --out OUT --postprocessing postprocessing.json
   mfjax segment --import-nnunet nnUNet_results/Dataset219_AMOS/TRAINER__nnUNetPlans__2d --fold 0 \
@@ -163,6 +164,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
   p.add_argument("--continue-prediction", action="store_true",
                  help="with --predict: skip the volumes whose prediction is in --out already (an interrupted run)")
+  p.add_argument("--save-probabilities", action="store_true",
+                 help="with --predict: also CASE.npz (the probabilities, float32 (C, z, y, x) in nnU-Net's reader "
+                      "order) and CASE.pkl, as nnU-Net's --save_probabilities, for nnUNetv2_ensemble with its models")
   p.add_argument("--determine-postprocessing", action="store_true",
                  help="nnU-Net's postprocessing search (largest connected components) over the validation "
                       "predictions of the --workdir runs; --out names the JSON file it writes")
@@ -274,7 +278,8 @@ def main(argv=None) -> int:
         print(args.workdir[0])
         return 0
       if args.determine_postprocessing:
-        if args.config or rest or args.predict or args.postprocessing or args.continue_prediction or not args.out:
+        if (args.config or rest or args.predict or args.postprocessing or args.continue_prediction
+            or args.save_probabilities or not args.out):
           parser.error("segment --determine-postprocessing takes --workdir RUN [--workdir RUN ...] --out FILE.json")
         segment.determine_postprocessing(args.workdir, args.out, progress=not args.no_progress)
         print(args.out)
@@ -282,16 +287,17 @@ def main(argv=None) -> int:
       if args.predict:
         if args.config or rest or not args.out:
           parser.error("segment --predict takes --workdir RUN [--workdir RUN ...] --predict FOLDER --out FOLDER "
-                       "[--postprocessing FILE] (no config)")
+                       "[--postprocessing FILE] [--save-probabilities] (no config)")
         for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress,
                                            continue_prediction=args.continue_prediction,
-                                           postprocessing=args.postprocessing):
+                                           postprocessing=args.postprocessing,
+                                           save_probabilities=args.save_probabilities):
           print(path)
         return 0
       if not args.config:
         parser.error("segment needs --config (training), --predict or --determine-postprocessing (with finished runs)")
-      if args.continue_prediction or args.out or args.postprocessing:
-        parser.error("--continue-prediction, --out and --postprocessing go with --predict")
+      if args.continue_prediction or args.out or args.postprocessing or args.save_probabilities:
+        parser.error("--continue-prediction, --out, --postprocessing and --save-probabilities go with --predict")
       if len(args.workdir) > 1:
         parser.error("segment training takes one --workdir (several are for --predict)")
       config = load_config(args.config, _config_overrides(parser, rest))

@@ -6,6 +6,7 @@ import copy
 import json
 import itertools
 import os
+import pickle
 
 import nibabel as nib
 import numpy as np
@@ -55,7 +56,8 @@ def test_imported_network_predicts_as_nnunets_predictor(network, tmp_path, case)
   assert cli.main(["segment", "--import-nnunet", folder, "--fold", "0", "--workdir", str(tmp_path / "run"),
                    "--rope-dtype", "float32"]) == 0
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", str(tmp_path / "in"),
-                   "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+                   "--out", str(tmp_path / "out"), "--save-probabilities", "--no-progress"]) == 0
+  assert sorted(os.listdir(tmp_path / "out")) == ["case.nii.gz", "case.npz", "case.pkl", "dataset.json", "plans.json"]
   ours = sitk.ReadImage(str(tmp_path / "out" / "case.nii.gz"))
   source = sitk.ReadImage(image)
   assert ours.GetSize() == source.GetSize()
@@ -80,6 +82,31 @@ def test_imported_network_predicts_as_nnunets_predictor(network, tmp_path, case)
   assert not (differ & ~tie).any(), (f"{int((differ & ~tie).sum())} voxels differ from nnU-Net's prediction "
                                      f"away from ties, first at {np.argwhere(differ & ~tie)[:5].tolist()}")
   assert differ.mean() < 1e-3
+
+  # --save-probabilities: nnU-Net's npz and pkl, which its nnUNetv2_ensemble averages with its own.
+  saved = np.load(tmp_path / "out" / "case.npz")["probabilities"]
+  assert saved.dtype == np.float32 and saved.shape == probabilities.shape
+  np.testing.assert_allclose(saved, probabilities, atol=1e-3)  # 3e-4 measured: nnU-Net sums the logits in float16
+  with open(tmp_path / "out" / "case.pkl", "rb") as f:
+    saved_properties = pickle.load(f)
+  assert set(saved_properties) == set(properties)
+  for key in ("shape_before_cropping", "bbox_used_for_cropping", "shape_after_cropping_and_before_resampling"):
+    assert saved_properties[key] == properties[key], key
+  np.testing.assert_allclose(saved_properties["spacing"], properties["spacing"])
+  for key, value in properties["sitk_stuff"].items():
+    np.testing.assert_allclose(saved_properties["sitk_stuff"][key], value, err_msg=key)
+  theirs_dir = tmp_path / "nnunet_out"
+  os.makedirs(theirs_dir)
+  np.savez_compressed(theirs_dir / "case.npz", probabilities=probabilities)
+  with open(theirs_dir / "case.pkl", "wb") as f:
+    pickle.dump(properties, f)
+  from nnunetv2.ensembling.ensemble import ensemble_folders
+  ensemble_folders([str(tmp_path / "out"), str(theirs_dir)], str(tmp_path / "ensembled"), num_processes=1)
+  ensembled = sitk.ReadImage(str(tmp_path / "ensembled" / "case.nii.gz"))
+  for what in ("GetSpacing", "GetOrigin", "GetDirection"):
+    np.testing.assert_allclose(getattr(ensembled, what)(), getattr(source, what)(), atol=1e-5, err_msg=what)
+  differ = sitk.GetArrayFromImage(ensembled) != theirs
+  assert not (differ & ~tie).any()
 
 
 def _write(path, array, affine):

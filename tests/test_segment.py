@@ -679,8 +679,11 @@ def test_config_errors():
 def test_segment_command_line_misuse_is_named(tmp_path, capsys):
   for args, says in ((["--determine-postprocessing"], "--determine-postprocessing takes --workdir"),
                      (["--determine-postprocessing", "--out", "a.json", "--predict", "x"], "takes --workdir"),
+                     (["--determine-postprocessing", "--out", "a.json", "--save-probabilities"], "takes --workdir"),
                      (["--config", "configs/segment.py:tiny=true", "--postprocessing", "p.json"],
-                      "--postprocessing go with --predict")):
+                      "--postprocessing and --save-probabilities go with --predict"),
+                     (["--config", "configs/segment.py:tiny=true", "--save-probabilities"],
+                      "--save-probabilities go with --predict")):
     with pytest.raises(SystemExit) as exit_:
       cli.main(["segment", "--workdir", str(tmp_path / "run"), *args])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
@@ -885,6 +888,45 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   assert np.abs(one - two).max() > 0.1
   expected = nnunet.uncrop(segmentation.labels_at_shape((one + two) / 2, shape_xy), bbox, image.shape)
   np.testing.assert_array_equal(volumes.read_labels(str(ensembled / "synth_006.nii.gz"))[0], expected)
+
+  # --save-probabilities on a volume stored with permuted, flipped axes: nnU-Net's npz and pkl in
+  # SimpleITKIO's array order (the file's voxel order), as its 3-D models' for nnUNetv2_ensemble.
+  import nibabel as nib
+  import pickle
+  import SimpleITK as sitk
+  from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+  source = os.path.join(raw_ct, "imagesTs", "synth_006_0000.nii.gz")
+  os.makedirs(tmp_path / "turned")
+  turned = str(tmp_path / "turned" / "synth_006_0000.nii.gz")
+  nib.save(nib.load(source).as_reoriented([[2, -1], [0, 1], [1, -1]]), turned)
+  with_probabilities = tmp_path / "with_probabilities"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--workdir", str(tmp_path / "fold1"),
+                   "--predict", str(tmp_path / "turned"), "--out", str(with_probabilities), "--save-probabilities",
+                   "--no-progress"]) == 0
+  assert sorted(os.listdir(with_probabilities)) == ["synth_006.nii.gz", "synth_006.npz", "synth_006.pkl"]
+  np.testing.assert_array_equal(volumes.read_labels(str(with_probabilities / "synth_006.nii.gz"))[0], expected)
+  saved = np.load(with_probabilities / "synth_006.npz")["probabilities"]
+  assert saved.shape == (3, *sitk.GetArrayFromImage(sitk.ReadImage(turned)).shape)
+  np.testing.assert_allclose(saved.sum(0), 1, atol=1e-5)
+  inside = segmentation.probabilities_of_logits(segmentation.logits_at_shape((one + two) / 2, shape_xy), False)
+  outside = np.prod(image.shape) - inside[:, 0].size  # background, certain, outside the crop
+  np.testing.assert_allclose(np.sort(saved, axis=None), np.sort(np.concatenate([
+      inside.ravel(), np.ones(outside), np.zeros(2 * outside)])), atol=1e-6)
+  with open(with_probabilities / "synth_006.pkl", "rb") as f:
+    properties = pickle.load(f)
+  written = str(tmp_path / "nnunet_export.nii.gz")  # nnU-Net's export of the argmax with our pkl
+  SimpleITKIO().write_seg(saved.argmax(0), written, properties)
+  np.testing.assert_array_equal(volumes.read_labels(written)[0], expected)
+  reference = sitk.ReadImage(turned)
+  for what in ("GetSpacing", "GetOrigin", "GetDirection"):
+    np.testing.assert_allclose(getattr(sitk.ReadImage(written), what)(), getattr(reference, what)(), err_msg=what)
+  os.remove(with_probabilities / "synth_006.npz")   # a case is done when its npz and pkl are there too
+  capsys.readouterr()
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--workdir", str(tmp_path / "fold1"),
+                   "--predict", str(tmp_path / "turned"), "--out", str(with_probabilities), "--save-probabilities",
+                   "--continue-prediction", "--no-progress"]) == 0
+  assert capsys.readouterr().out.split() == [str(with_probabilities / "synth_006.nii.gz")]
+  np.testing.assert_array_equal(np.load(with_probabilities / "synth_006.npz")["probabilities"], saved)
   with pytest.raises(SystemExit):   # training takes one workdir
     cli.main(["segment", "--config", "configs/segment.py:tiny=true", "--workdir", "a", "--workdir", "b"])
 
@@ -918,10 +960,19 @@ def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
       result["val"]["per_case"][val_ids[0]]["dice"]["organs"])
   out = tmp_path / "predicted"
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw, "imagesTs"),
-                   "--out", str(out)]) == 0
+                   "--out", str(out), "--save-probabilities"]) == 0
   predicted, _ = volumes.read_labels(str(out / "synth_006.nii.gz"))
   truth, _ = volumes.read_labels(os.path.join(raw, "labelsTs", "synth_006.nii.gz"))
   assert segmentation.dice_per_class(predicted, truth, {1: (1, 2)})[1] > 0.5
+  # the regions' sigmoids, which nnU-Net's LabelManager turns into the same labels
+  import SimpleITK as sitk
+  from nnunetv2.utilities.label_handling.label_handling import LabelManager
+  saved = np.load(out / "synth_006.npz")["probabilities"]
+  meta = json.loads(open(os.path.join(raw, "dataset.json")).read())
+  manager = LabelManager(meta["labels"], meta["regions_class_order"])
+  assert saved.shape[0] == 2 and 0 <= saved.min() and saved.max() <= 1 and (saved > 0.5).any()
+  np.testing.assert_array_equal(manager.convert_probabilities_to_segmentation(saved),
+                                sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synth_006.nii.gz"))))
 
   # Runs preprocessed differently cannot be ensembled: an error naming what differs.
   import shutil

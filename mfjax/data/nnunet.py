@@ -284,7 +284,8 @@ def plans_from_nnunet(plans: dict, dataset: dict, configuration: str, plans_path
           **({"ignore_label": ignore} if ignore is not None else {}),
           "intensity": [{k: float(properties[str(c)][k]) for k in wanted} for c in range(len(names))],
           "use_mask_for_norm": [bool(v) for v in config.get("use_mask_for_norm", [False] * len(names))],
-          "voxel_order": "canonical" if NNUNET_READERS[reader] else "file", "transpose_forward": transpose,
+          "reader": reader, "voxel_order": "canonical" if NNUNET_READERS[reader] else "file",
+          "transpose_forward": transpose,
           "patch_size": [int(p) for p in patch], "cases": {}}
 
 
@@ -458,6 +459,57 @@ def voxel_layout(plans: dict) -> tuple[bool, tuple[int, int, int] | None]:
     return True, None
   t = [int(a) for a in plans["transpose_forward"]]
   return plans.get("voxel_order") != "file", (2 - t[1], 2 - t[2], 2 - t[0])
+
+
+def reader_of(plans: dict) -> str:
+  """The nnU-Net reader whose array order and properties a prediction's probabilities are saved in:
+  an imported run's own; SimpleITKIO (nnU-Net's default) for mfjax's runs."""
+  if "transpose_forward" not in plans:
+    return "SimpleITKIO"
+  return plans.get("reader") or ("NibabelIOWithReorient" if plans.get("voxel_order") != "file" else "SimpleITKIO")
+
+
+def reader_array(volume: np.ndarray, image_path: str, layout, reader: str) -> np.ndarray:
+  """An (X, Y, Z, ...) array on the grid of `image_path` read in `layout` (`read_channels`) as
+  nnU-Net's `reader` holds it: the (k, j, i, ...) array of the file's voxel order (SimpleITKIO,
+  NibabelIO) or of its closest canonical one (NibabelIOWithReorient)."""
+  import nibabel as nib
+  canonical, axes = layout
+  rest = tuple(range(3, volume.ndim))
+  if axes is not None:
+    volume = volume.transpose(*np.argsort(axes), *rest)
+  if canonical and not NNUNET_READERS[reader]:  # mfjax's canonical order back to the file's
+    ornt = nib.orientations.io_orientation(volumes.file_affine(image_path))
+    volume = nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt("RAS"), ornt))
+  elif canonical != NNUNET_READERS[reader]:
+    raise ValueError(f"{reader} reads the file's own voxel order, but the layout is canonical={canonical}")
+  return volume.transpose(2, 1, 0, *rest)
+
+
+def reader_properties(image_path: str, reader: str) -> dict:
+  """What nnU-Net's `reader`.read_images gives for the geometry of `image_path` (its export writes
+  with them): SimpleITK's spacing, origin and direction, or nibabel's affines; and 'spacing' in
+  the order of its array."""
+  import nibabel as nib
+  if reader == "SimpleITKIO":
+    try:
+      import SimpleITK as sitk
+    except ImportError as e:
+      raise DatasetError("saving probabilities as nnU-Net's SimpleITKIO does needs SimpleITK "
+                         "(pip install SimpleITK; nnU-Net installs it)") from e
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(image_path))
+    info.ReadImageInformation()
+    spacing = info.GetSpacing()
+    return {"sitk_stuff": {"spacing": spacing, "origin": info.GetOrigin(), "direction": info.GetDirection()},
+            "spacing": [abs(float(s)) for s in spacing[::-1]]}
+  image = nib.load(str(image_path))
+  stuff = {"original_affine": image.affine}
+  if NNUNET_READERS[reader]:
+    image = image.as_reoriented(nib.orientations.io_orientation(image.affine))
+    stuff["reoriented_affine"] = image.affine
+  return {"nibabel_stuff": stuff, "spacing": [float(z) for z in image.header.get_zooms()[:3][::-1]]}
 
 
 def read_channels(paths, channel_names, layout=(True, None)) -> tuple[np.ndarray, np.ndarray]:

@@ -106,39 +106,58 @@ def predict_slices(predict_logits: Callable, slices: np.ndarray, patch: tuple[in
   return logits[:, ax:ax + sx, ay:ay + sy].transpose(0, 3, 1, 2)
 
 
-def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int], regions_class_order=()) -> np.ndarray:
-  """(Z, C, X', Y') logits -> (X, Y, Z) uint8 labels after resampling each slice to `shape_xy`: the
-  argmax, or, for region logits, nnU-Net's conversion: each region whose sigmoid exceeds 0.5 is
-  written as its `regions_class_order` value, later regions over earlier ones."""
+def logits_at_shape(logits: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
+  """(Z, C, X', Y') logits resampled slice by slice to (Z, C, *shape_xy), linearly, as nnU-Net's
+  resampling_fn_probabilities resizes them back to the input's grid."""
   from scipy import ndimage
-  z = logits.shape[0]
-  out = np.empty((*shape_xy, z), np.uint8)
   zoom = (shape_xy[0] / logits.shape[2], shape_xy[1] / logits.shape[3])
-  for k in range(z):
-    resized = logits[k] if zoom == (1.0, 1.0) else ndimage.zoom(logits[k], (1.0, *zoom), order=1, mode="nearest",
-                                                                 grid_mode=True)
-    if regions_class_order:
-      labels = np.zeros(shape_xy, np.uint8)
-      for region, value in zip(resized, regions_class_order):
-        labels[region > 0] = value
-      out[:, :, k] = labels
-    else:
-      out[:, :, k] = resized.argmax(0)
-  return out
+  if zoom == (1.0, 1.0):
+    return logits
+  return np.stack([ndimage.zoom(s, (1.0, *zoom), order=1, mode="nearest", grid_mode=True) for s in logits])
+
+
+def labels_of_logits(logits: np.ndarray, regions_class_order=()) -> np.ndarray:
+  """(Z, C, X, Y) logits -> (X, Y, Z) uint8 labels: the argmax, or, for region logits, nnU-Net's
+  conversion: each region whose sigmoid exceeds 0.5 is written as its `regions_class_order`
+  value, later regions over earlier ones."""
+  if not regions_class_order:
+    return logits.argmax(1).astype(np.uint8).transpose(1, 2, 0)
+  labels = np.zeros((logits.shape[0], *logits.shape[2:]), np.uint8)
+  for c, value in enumerate(regions_class_order):
+    labels[logits[:, c] > 0] = value
+  return labels.transpose(1, 2, 0)
+
+
+def probabilities_of_logits(logits: np.ndarray, regions: bool) -> np.ndarray:
+  """(Z, C, X, Y) logits -> float32 probabilities: softmax over the classes, or each region's
+  sigmoid (nnU-Net's inference nonlinearity)."""
+  from scipy import special
+  logits = logits.astype(np.float32, copy=False)
+  return special.expit(logits) if regions else special.softmax(logits, axis=1)
+
+
+def labels_at_shape(logits: np.ndarray, shape_xy: tuple[int, int], regions_class_order=()) -> np.ndarray:
+  """(Z, C, X', Y') logits -> (X, Y, Z) uint8 labels after resampling each slice to `shape_xy`
+  (`logits_at_shape`, `labels_of_logits`)."""
+  return labels_of_logits(logits_at_shape(logits, shape_xy), regions_class_order)
 
 
 def labels_in_chunks(logits_of: Callable, slices: np.ndarray, shape_xy: tuple[int, int], regions_class_order=(),
-                     chunk: int = 8) -> np.ndarray:
+                     chunk: int = 8, probabilities: np.ndarray | None = None) -> np.ndarray:
   """(X, Y, Z) uint8 labels of (Z, X', Y') slices, `chunk` slices at a time: `logits_of(slices)`
   gives their (z, C, X', Y') logits (`predict_slices`, or several runs' mean). Slices are
   predicted independently, so the labels equal the whole volume's at once; only one chunk's
   logits are held (a whole CT's would be Z·C·X'·Y' floats: 8 GiB for 500 slices of 512² and
-  16 classes)."""
+  16 classes). `probabilities`: an (X, Y, Z, C) float32 array to fill with the softmax (or the
+  regions' sigmoids) of the resampled logits, for nnU-Net's --save_probabilities."""
   z = slices.shape[0]
   out = np.empty((*shape_xy, z), np.uint8)
   for start in range(0, z, chunk):
-    out[:, :, start:start + chunk] = labels_at_shape(logits_of(slices[start:start + chunk]), shape_xy,
-                                                     regions_class_order)
+    logits = logits_at_shape(logits_of(slices[start:start + chunk]), shape_xy)
+    out[:, :, start:start + chunk] = labels_of_logits(logits, regions_class_order)
+    if probabilities is not None:
+      probabilities[:, :, start:start + chunk] = probabilities_of_logits(
+          logits, bool(regions_class_order)).transpose(2, 3, 0, 1)
   return out
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -378,6 +379,7 @@ def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
 
 
 IMPORT_OVERRIDABLE = ("model.dtype", "eval.")  # what --config.* may change in an imported run
+NNUNET_FILES = ("plans.json", "dataset.json")  # an imported run keeps them as preprocessed/nnunet_*
 
 
 def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "checkpoint_final.pth",
@@ -393,13 +395,13 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   from convert import core as convert_core
   from convert import dinov3 as convert_dinov3
   folder = os.path.abspath(os.path.expanduser(str(model_folder)))
-  paths = {name: os.path.join(folder, name) for name in ("plans.json", "dataset.json")}
+  paths = {name: os.path.join(folder, name) for name in NNUNET_FILES}
   paths["checkpoint"] = os.path.join(folder, f"fold_{fold}", checkpoint)
   missing = [p for p in paths.values() if not os.path.exists(p)]
   if missing:
     raise ConfigError(f"{folder} is not an nnU-Net model folder with fold {fold}: {', '.join(missing)} not found")
   meta = {}
-  for name in ("plans.json", "dataset.json"):
+  for name in NNUNET_FILES:
     try:
       with open(paths[name]) as f:
         meta[name] = json.load(f)
@@ -450,6 +452,8 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   pre_dir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (pre_dir / nnunet.PLANS_JSON).write_text(json.dumps(plans, indent=2))
+    for name in NNUNET_FILES:  # for nnUNetv2_ensemble, beside saved probabilities
+      (pre_dir / f"nnunet_{name}").write_text(json.dumps(meta[name], indent=2))
   mesh = parallel.make_mesh()
   ckpts = RunCheckpoints(workdir)
   ckpts.save_best(0, jax.device_put(params, parallel.replicated(mesh)), {"imported_from": plans["imported_from"]})
@@ -519,6 +523,33 @@ def write_prediction(path: str, labels: np.ndarray, image_path: str, layout) -> 
     labels = labels.transpose(np.argsort(axes))
   affine = volumes.canonical_affine(image_path) if canonical else volumes.file_affine(image_path)
   return volumes.write_volume(path, labels, affine=affine)
+
+
+def write_probabilities(out_truncated: str, probabilities: np.ndarray, image_path: str, layout, plans: dict,
+                        bbox=None) -> str:
+  """nnU-Net's --save_probabilities for one case: OUT.npz ('probabilities': float32 (C, k, j, i)
+  in the array order of the run's nnU-Net reader, `nnunet.reader_of`) and OUT.pkl (what that
+  reader and nnU-Net's preprocessing record of the case), so that nnUNetv2_ensemble averages them
+  with nnU-Net's own. `probabilities`: (X, Y, Z, C) on the grid of `image_path` read in `layout`;
+  `bbox`: the crop, recorded in nnU-Net's (transposed) axis order for an imported run."""
+  import pickle
+  reader = nnunet.reader_of(plans)
+  array = nnunet.reader_array(probabilities, image_path, layout, reader)
+  properties = nnunet.reader_properties(image_path, reader)
+  canonical, axes = layout
+  if axes is not None and bbox is not None:  # (rows, columns, slices) -> transpose_forward's (slices, rows, columns)
+    nnunet_order = [2, 0, 1]
+    properties.update(
+        shape_before_cropping=tuple(int(probabilities.shape[a]) for a in nnunet_order),
+        bbox_used_for_cropping=[list(bbox[a]) for a in nnunet_order],
+        shape_after_cropping_and_before_resampling=tuple(int(bbox[a][1] - bbox[a][0]) for a in nnunet_order))
+  for ending, write in ((".pkl", lambda f: pickle.dump(properties, f)),
+                        (".npz", lambda f: np.savez_compressed(f, probabilities=np.moveaxis(array, -1, 0)))):
+    partial = out_truncated + ".partial" + ending
+    with open(partial, "wb") as f:
+      write(f)
+    os.replace(partial, out_truncated + ending)
+  return out_truncated + ".npz"
 
 
 def _labels_of(path: str) -> np.ndarray:
@@ -603,13 +634,16 @@ def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
 
 
 def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True,
-                   continue_prediction: bool = False, postprocessing: str | None = None) -> list[str]:
+                   continue_prediction: bool = False, postprocessing: str | None = None,
+                   save_probabilities: bool = False) -> list[str]:
   """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with the final parameters of one
   finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
   prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
   their inputs (each written whole or not at all). `continue_prediction` skips the cases whose
   output exists (nnU-Net's --continue_prediction); otherwise they are predicted again.
-  `postprocessing`: a file of `determine_postprocessing`, applied to each prediction."""
+  `postprocessing`: a file of `determine_postprocessing`, applied to each prediction.
+  `save_probabilities`: also CASE.npz and CASE.pkl as nnU-Net's --save_probabilities writes them
+  (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble."""
   workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
@@ -626,8 +660,14 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   layout = nnunet.voxel_layout(plans)
   inputs = input_cases(input_dir, len(names))
   os.makedirs(out_dir, exist_ok=True)
+  if save_probabilities:
+    reader = nnunet.reader_of(plans)
+    if reader == "SimpleITKIO":
+      nnunet.reader_properties(next(iter(inputs.values()))[0], reader)  # SimpleITK is there, before any work
+    _copy_nnunet_files(workdirs[0], out_dir)
+  endings = (".nii.gz", ".npz", ".pkl") if save_probabilities else (".nii.gz",)
   if continue_prediction:  # decided where the outputs are written (process 0), the same on every process
-    done = np.array([os.path.exists(os.path.join(out_dir, case + ".nii.gz")) for case in inputs])
+    done = np.array([all(os.path.exists(os.path.join(out_dir, case + e)) for e in endings) for case in inputs])
     done = np.asarray(multihost_utils.broadcast_one_to_all(done)) if jax.process_count() > 1 else done
     if done.any():
       log.info("continuing: %d of %d cases are predicted already in %s", int(done.sum()), len(inputs), out_dir)
@@ -639,10 +679,41 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     image, spacing = nnunet.read_channels(files, names, layout)
     slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
-    prediction = nnunet.uncrop(segmentation.labels_in_chunks(mean_logits, slices, shape_xy,
-                                                             plans.get("regions_class_order", ()),
-                                                             config.eval.batch_size), bbox, image.shape[:3])
+    probabilities = None
+    if save_probabilities:  # background outside the crop, as nnU-Net's revert_cropping_on_probabilities
+      probabilities = np.zeros((*image.shape[:3], nnunet.num_outputs(plans)), np.float32)
+      if not plans.get("regions_class_order"):
+        probabilities[..., 0] = 1
+    crop = tuple(slice(lo, hi) for lo, hi in bbox)
+    prediction = nnunet.uncrop(segmentation.labels_in_chunks(
+        mean_logits, slices, shape_xy, plans.get("regions_class_order", ()), config.eval.batch_size,
+        probabilities=None if probabilities is None else probabilities[crop]), bbox, image.shape[:3])
     prediction = segmentation.apply_postprocessing(prediction, steps)
     if jax.process_index() == 0:
+      if probabilities is not None:
+        write_probabilities(os.path.join(out_dir, case), probabilities, files[0], layout, plans, bbox)
       written.append(write_prediction(os.path.join(out_dir, case + ".nii.gz"), prediction, files[0], layout))
   return written
+
+
+def _copy_nnunet_files(workdir, out_dir: str):
+  """nnU-Net's plans.json and dataset.json of an imported run into `out_dir`, as its predictor
+  leaves them there: nnUNetv2_ensemble reads them from its first input folder."""
+  workdir, _, plans = read_segment_run(workdir)
+  pre_dir = workdir / "preprocessed"
+  if "imported_from" not in plans:
+    log.info("%s: mfjax's run has no nnU-Net plans.json; list an nnU-Net prediction folder first in "
+             "nnUNetv2_ensemble (it reads plans.json and dataset.json from its first folder). The "
+             "probabilities are in SimpleITKIO's array order", out_dir)
+    return
+  if jax.process_index() != 0:
+    return
+  for name in NNUNET_FILES:
+    source = pre_dir / f"nnunet_{name}"
+    if not source.exists():
+      source = Path(plans["imported_from"]["folder"]) / name
+    if source.exists():
+      (Path(out_dir) / name).write_text(source.read_text())
+    else:
+      log.warning("%s: not found (the run was imported before mfjax kept it); nnUNetv2_ensemble needs %s in "
+                  "its first folder", source, name)
