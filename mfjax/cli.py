@@ -159,7 +159,8 @@ def main(argv=None) -> int:
   p.add_argument("--config", help="configs/segment.py[:raw=PATH,...] (training)")
   p.add_argument("--workdir", required=True, action="append",
                  help="the run folder (trained in, or predicted with); with --predict, repeat it to average "
-                      "the logits of several finished runs, e.g. the 5 folds, as nnU-Net does")
+                      "the logits of several finished runs, e.g. the 5 folds, as nnU-Net does (a folder of "
+                      "fold_* runs stands for all of them)")
   p.add_argument("--predict", help="a folder of NIfTI volumes to segment with a finished run")
   p.add_argument("--out", help="with --predict: the folder for the predicted label volumes")
   p.add_argument("--continue-prediction", action="store_true",
@@ -175,7 +176,9 @@ def main(argv=None) -> int:
   p.add_argument("--import-nnunet", metavar="MODEL_FOLDER",
                  help="make --workdir a finished run from a MedDINOv3 network trained by nnU-Net: MODEL_FOLDER "
                       "holds plans.json, dataset.json and fold_F/checkpoint_final.pth")
-  p.add_argument("--fold", default="0", help="with --import-nnunet: the fold (0..4 or all)")
+  p.add_argument("--fold", default="0",
+                 help="with --import-nnunet: the fold (0..4 or all), or several (0,1,2,3,4): each into "
+                      "WORKDIR/fold_F, and a --workdir of such fold_* runs predicts with all of them")
   p.add_argument("--checkpoint-name", default="checkpoint_final.pth",
                  help="with --import-nnunet: the checkpoint file in fold_F (e.g. checkpoint_best.pth)")
   p.add_argument("--interaction-indices", default="2,5,8,11",
@@ -268,14 +271,18 @@ def main(argv=None) -> int:
           indices = tuple(int(i) for i in args.interaction_indices.split(","))
         except ValueError:
           parser.error(f"--interaction-indices {args.interaction_indices!r} is not a comma-separated list of blocks")
+        folds = [f.strip() for f in args.fold.split(",")]
+        if not all(folds) or len(set(folds)) != len(folds):
+          parser.error(f"--fold {args.fold!r}: a fold (0..4, all) or a comma-separated list of distinct folds")
         from convert import core as convert_core
         try:
-          segment.import_nnunet(args.import_nnunet, args.fold, args.workdir[0], args.checkpoint_name, indices,
-                                args.rope_dtype, _config_overrides(parser, rest))
+          runs = segment.import_nnunet_folds(args.import_nnunet, folds, args.workdir[0], args.checkpoint_name,
+                                             interaction_indices=indices, rope_dtype=args.rope_dtype,
+                                             config_overrides=_config_overrides(parser, rest))
         except convert_core.ConversionError as e:
           print(f"error: {e}", file=sys.stderr)
           return 2
-        print(args.workdir[0])
+        print("\n".join(runs))
         return 0
       if args.determine_postprocessing:
         if (args.config or rest or args.predict or args.postprocessing or args.continue_prediction

@@ -221,6 +221,42 @@ def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
     segment.determine_postprocessing(str(tmp_path / "run_bf16"), str(tmp_path / "pp.json"))
 
 
+def test_several_folds_import_into_fold_folders_that_predict_as_their_ensemble(network, tmp_path, capsys):
+  """`--fold 0,1` makes WORKDIR/fold_0 and fold_1 (each fold's files checked before any is
+  converted), and `--predict` with WORKDIR averages the two, as with both named."""
+  backbone, net = network
+  plans = nnunet_plans([0, 1, 2], (1.0, 1.0), (32, 32))
+  folder = model_folder(tmp_path, backbone, net, plans)
+  checkpoint = torch.load(os.path.join(folder, "fold_0", "checkpoint_final.pth"), weights_only=False)
+  generator = torch.Generator().manual_seed(5)
+  checkpoint["network_weights"] = {k: v + 0.5 * v.float().std() * torch.randn(v.shape, generator=generator)
+                                   if k.startswith("up_projection.") and v.is_floating_point() else v
+                                   for k, v in checkpoint["network_weights"].items()}
+  os.makedirs(os.path.join(folder, "fold_1"))
+  torch.save(checkpoint, os.path.join(folder, "fold_1", "checkpoint_final.pth"))
+  ct_volume(str(tmp_path / "in" / "case_0000.nii.gz"), (40, 36, 3), np.diag([1.0, 1.0, 3.0, 1.0]))
+  runs = tmp_path / "runs"
+  common = ["--config.eval.mirror=[]", "--rope-dtype", "float32"]
+  assert cli.main(["segment", "--import-nnunet", folder, "--fold", "0,3", "--workdir", str(runs), *common]) == 2
+  assert "fold_3/checkpoint_final.pth not found" in capsys.readouterr().err and not runs.exists()
+  with pytest.raises(SystemExit):
+    cli.main(["segment", "--import-nnunet", folder, "--fold", "0,0", "--workdir", str(runs)])
+  assert "a comma-separated list of distinct folds" in capsys.readouterr().err
+  assert cli.main(["segment", "--import-nnunet", folder, "--fold", "0,1", "--workdir", str(runs), *common]) == 0
+  folds = [str(runs / "fold_0"), str(runs / "fold_1")]
+  assert capsys.readouterr().out.split() == folds
+  assert segment.run_folders([str(runs)]) == folds
+
+  def predict(*workdirs):
+    out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+    assert cli.main(["segment", *[a for w in workdirs for a in ("--workdir", w)], "--predict", str(tmp_path / "in"),
+                     "--out", str(out), "--no-progress"]) == 0
+    return nib.load(out / "case.nii.gz").get_fdata()
+  ensemble = predict(str(runs))
+  np.testing.assert_array_equal(ensemble, predict(*folds))
+  assert (ensemble != predict(folds[0])).any() and (ensemble != predict(folds[1])).any()
+
+
 @pytest.mark.parametrize("regions", [False, True])
 def test_nnunets_postprocessing_json_applies_as_nnunet(tmp_path, regions):
   """nnU-Net's own postprocessing.json (its determine_postprocessing over the cross-validation

@@ -41,7 +41,8 @@ from mfjax.evals import segmentation
 from mfjax.models import heads
 from mfjax.train import build
 from mfjax.train.checkpoints import RunCheckpoints
-from mfjax.train.fit import NonFiniteError, Writer, abstract_of, is_remote, read_run_config, start_run
+from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, is_remote, read_run_config, start_run,
+                             workdir_path)
 from mfjax.train.optim import make_optimizer
 
 log = logging.getLogger("mfjax")
@@ -382,6 +383,47 @@ IMPORT_OVERRIDABLE = ("model.dtype", "eval.")  # what --config.* may change in a
 NNUNET_FILES = ("plans.json", "dataset.json")  # an imported run keeps them as preprocessed/nnunet_*
 
 
+def nnunet_model_paths(model_folder: str, fold, checkpoint: str = "checkpoint_final.pth") -> tuple[str, dict]:
+  """(the absolute MODEL_FOLDER, {plans.json, dataset.json, checkpoint: path}) of one fold of an
+  nnU-Net model folder; a missing file is an error naming it."""
+  folder = os.path.abspath(os.path.expanduser(str(model_folder)))
+  paths = {name: os.path.join(folder, name) for name in NNUNET_FILES}
+  paths["checkpoint"] = os.path.join(folder, f"fold_{fold}", checkpoint)
+  missing = [p for p in paths.values() if not os.path.exists(p)]
+  if missing:
+    raise ConfigError(f"{folder} is not an nnU-Net model folder with fold {fold}: {', '.join(missing)} not found")
+  return folder, paths
+
+
+def import_nnunet_folds(model_folder: str, folds, workdir: str, checkpoint: str = "checkpoint_final.pth",
+                        **kwargs) -> list[str]:
+  """`import_nnunet` for each of `folds`: one fold into `workdir`, several into workdir/fold_F
+  (a folder that `--predict` reads as all of its runs: `run_folders`). Every fold's files are
+  checked before any is converted. Returns the run folders."""
+  folds = [str(f) for f in folds]
+  for fold in folds:
+    nnunet_model_paths(model_folder, fold, checkpoint)
+  workdirs = [str(workdir)] if len(folds) == 1 else [os.path.join(str(workdir), f"fold_{f}") for f in folds]
+  for fold, run in zip(folds, workdirs):
+    import_nnunet(model_folder, fold, run, checkpoint, **kwargs)
+  return workdirs
+
+
+def run_folders(workdirs) -> list[str]:
+  """The runs that `--workdir`s name: a run folder, or a folder whose fold_* subfolders are runs
+  (`import_nnunet_folds`'s, or folds trained into RUNS/fold_F), which stands for all of them."""
+  workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
+  runs = []
+  for workdir in workdirs:
+    path = workdir_path(workdir)
+    folds = [] if (path / "config.json").exists() or not path.is_dir() else sorted(
+        (p for p in path.glob("fold_*") if (p / "config.json").exists()), key=lambda p: p.name)
+    if folds:
+      log.info("%s holds %d runs: %s", path, len(folds), ", ".join(p.name for p in folds))
+    runs.extend([str(p) for p in folds] or [workdir])
+  return runs
+
+
 def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "checkpoint_final.pth",
                   interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16", config_overrides=()) -> dict:
   """A finished run folder, for `--predict`, from a MedDINOv3 network trained by nnU-Net:
@@ -394,12 +436,7 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   from configs import segment as segment_config
   from convert import core as convert_core
   from convert import dinov3 as convert_dinov3
-  folder = os.path.abspath(os.path.expanduser(str(model_folder)))
-  paths = {name: os.path.join(folder, name) for name in NNUNET_FILES}
-  paths["checkpoint"] = os.path.join(folder, f"fold_{fold}", checkpoint)
-  missing = [p for p in paths.values() if not os.path.exists(p)]
-  if missing:
-    raise ConfigError(f"{folder} is not an nnU-Net model folder with fold {fold}: {', '.join(missing)} not found")
+  folder, paths = nnunet_model_paths(model_folder, fold, checkpoint)
   meta = {}
   for name in NNUNET_FILES:
     try:
@@ -476,8 +513,9 @@ POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label
 
 def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> dict:
   """nnU-Net's determine_postprocessing over the validation predictions of finished runs (e.g. the
-  5 folds): writes `out_path` (JSON: the steps, the Dice before and after) for `predict_folder`."""
-  workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
+  5 folds; a folder of fold_* runs stands for all of them): writes `out_path` (JSON: the steps,
+  the Dice before and after) for `predict_folder`."""
+  workdirs = run_folders(workdirs)
   cases, plans = [], None
   for workdir in workdirs:
     workdir, _, these = read_segment_run(workdir)
@@ -643,8 +681,9 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   output exists (nnU-Net's --continue_prediction); otherwise they are predicted again.
   `postprocessing`: a file of `determine_postprocessing`, applied to each prediction.
   `save_probabilities`: also CASE.npz and CASE.pkl as nnU-Net's --save_probabilities writes them
-  (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble."""
-  workdirs = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
+  (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble.
+  A folder of fold_* runs stands for all of them (`run_folders`)."""
+  workdirs = run_folders(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
   plans, config, _ = runs[0]
