@@ -84,14 +84,18 @@ def set_field(config, dotted: str, value: str) -> None:
 def _parse(value: str, current, name=""):
   if isinstance(current, str):
     return value
+  if isinstance(current, bool) and value.strip().lower() in ("true", "false"):  # as in configs' key=value
+    return value.strip().lower() == "true"
   try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     if current is None:
       return value
-    raise ConfigError(f"--config.{name}={value!r}: expected a {type(current).__name__}") from None
+    parsed = None
   if isinstance(current, bool) and not isinstance(parsed, bool):
     raise ConfigError(f"--config.{name}={value!r}: expected True or False")
+  if parsed is None and current is not None:
+    raise ConfigError(f"--config.{name}={value!r}: expected a {type(current).__name__}")
   if isinstance(current, float) and isinstance(parsed, int):
     parsed = float(parsed)
   if current is not None and not isinstance(parsed, type(current)) and not (

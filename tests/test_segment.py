@@ -792,7 +792,8 @@ def _best_params(workdir):
 
 def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeypatch, capsys):
   args = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=6,iters=40",
-          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress"]
+          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--config.eval.save_probabilities=true",
+          "--no-progress"]
   assert cli.main(args + ["--workdir", str(tmp_path / "run")]) == 0
   result = json.loads((tmp_path / "run" / "result.json").read_text())
   assert result["val"]["cases"] == 2 and result["val"]["mean_dice"] > 0.6, result["val"]
@@ -808,6 +809,20 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTr", f"{lps}.nii.gz"))
   assert segmentation.dice_per_class(predicted, truth, [1])[1] == pytest.approx(
       result["val"]["per_case"][lps]["dice"]["liver"])
+  # eval.save_probabilities: nnU-Net's npz and pkl beside each validation prediction (its --npz);
+  # nnU-Net's export of their argmax is the prediction.
+  import pickle
+  from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+  assert sorted(os.listdir(tmp_path / "run" / "validation")) == sorted(
+      f"{case}{ending}" for case in val_ids for ending in (".nii.gz", ".npz", ".pkl"))
+  with open(tmp_path / "run" / "validation" / f"{lps}.pkl", "rb") as f:
+    SimpleITKIO().write_seg(np.load(tmp_path / "run" / "validation" / f"{lps}.npz")["probabilities"].argmax(0),
+                            str(tmp_path / "exported.nii.gz"), pickle.load(f))
+  np.testing.assert_array_equal(volumes.read_labels(str(tmp_path / "exported.nii.gz"))[0], predicted)
+  unsaved = segment_config.get_config(f"raw={raw_ct},tiny=true")
+  unsaved.eval.save_probabilities, unsaved.eval.save_predictions = True, False
+  with pytest.raises(ConfigError, match="eval.save_probabilities=True .* needs eval.save_predictions=True"):
+    segment.train(unsaved, str(tmp_path / "never"))
 
   # SIGTERM after step 50 (one epoch saved at 40): the run checkpoints, exits, and resumes to the
   # same final parameters as the uninterrupted run.

@@ -208,6 +208,10 @@ def test_config_errors(aptos, tmp_path):
     fit.prepare(tiny(aptos, "frozen"))
   with pytest.raises(ConfigError, match="expected a float"):
     tiny(aptos, "unfrozen_linear", "--config.optim.lr=fast")
+  assert load_config("configs/segment.py", ["--config.eval.mirror=false"]).eval.mirror is False
+  assert load_config("configs/segment.py:tiny=true", ["--config.eval.mirror=TRUE"]).eval.mirror is True
+  with pytest.raises(ConfigError, match="eval.mirror='yes': expected True or False"):
+    load_config("configs/segment.py", ["--config.eval.mirror=yes"])
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1}})
   with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})

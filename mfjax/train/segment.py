@@ -202,6 +202,9 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if is_remote(workdir):
     raise ConfigError(f"--workdir {workdir}: mfjax segment writes preprocessed volumes and NIfTI predictions as "
                       "local files; use a local (or mounted) folder")
+  if config.eval.save_probabilities and not config.eval.save_predictions:
+    raise ConfigError("eval.save_probabilities=True writes beside the validation predictions: it needs "
+                      "eval.save_predictions=True")
   workdir, config_dict = start_run(config, workdir)
 
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
@@ -327,7 +330,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
 
 def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, progress) -> dict:
   """{case: {"dice": {class id: value}[, "hd95": ..., "nsd": ...]}}; with `out_dir`, the predicted
-  label volumes are written there."""
+  label volumes are written there, and with eval.save_probabilities nnU-Net's CASE.npz and
+  CASE.pkl (`write_probabilities`) too."""
   predict = make_predictor(model, mesh, config.eval.batch_size, patch_shape(config), config.eval.mirror)
   classes, ignore = nnunet.targets(plans), plans.get("ignore_label")
   per_case = {}
@@ -337,17 +341,32 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
     slices = np.load(os.path.join(pre_dir, case + ".npy"), mmap_mode="r")
     truth, spacing = volumes.read_labels(stored["label"])
     bbox = stored["bbox"]
-    prediction = segmentation.labels_in_chunks(lambda chunk: segment_volume(predict, params, chunk, plans, config),
-                                               slices, tuple(hi - lo for lo, hi in bbox[:2]),
-                                               plans.get("regions_class_order", ()), config.eval.batch_size)
+    probabilities = (probabilities_buffer(truth.shape, plans)
+                     if out_dir is not None and config.eval.get("save_probabilities") else None)
+    prediction = segmentation.labels_in_chunks(
+        lambda chunk: segment_volume(predict, params, chunk, plans, config), slices,
+        tuple(hi - lo for lo, hi in bbox[:2]), plans.get("regions_class_order", ()), config.eval.batch_size,
+        probabilities=None if probabilities is None else probabilities[tuple(slice(lo, hi) for lo, hi in bbox)])
     prediction = nnunet.uncrop(prediction, bbox, truth.shape)
     per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes, ignore)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
                                                          config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None and jax.process_index() == 0:
+      if probabilities is not None:
+        write_probabilities(str(out_dir / case), probabilities, stored["image"], nnunet.voxel_layout(plans), plans,
+                            bbox)
       write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], nnunet.voxel_layout(plans))
   return per_case
+
+
+def probabilities_buffer(shape, plans: dict) -> np.ndarray:
+  """(X, Y, Z, C) float32 for a case's probabilities, background outside the crop (nnU-Net's
+  revert_cropping_on_probabilities: certain for labels, nothing for regions)."""
+  probabilities = np.zeros((*shape, nnunet.num_outputs(plans)), np.float32)
+  if not plans.get("regions_class_order"):
+    probabilities[..., 0] = 1
+  return probabilities
 
 
 def read_segment_run(workdir):
@@ -581,6 +600,7 @@ def write_probabilities(out_truncated: str, probabilities: np.ndarray, image_pat
         shape_before_cropping=tuple(int(probabilities.shape[a]) for a in nnunet_order),
         bbox_used_for_cropping=[list(bbox[a]) for a in nnunet_order],
         shape_after_cropping_and_before_resampling=tuple(int(bbox[a][1] - bbox[a][0]) for a in nnunet_order))
+  os.makedirs(os.path.dirname(os.path.abspath(out_truncated)), exist_ok=True)
   for ending, write in ((".pkl", lambda f: pickle.dump(properties, f)),
                         (".npz", lambda f: np.savez_compressed(f, probabilities=np.moveaxis(array, -1, 0)))):
     partial = out_truncated + ".partial" + ending
@@ -718,11 +738,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     image, spacing = nnunet.read_channels(files, names, layout)
     slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
-    probabilities = None
-    if save_probabilities:  # background outside the crop, as nnU-Net's revert_cropping_on_probabilities
-      probabilities = np.zeros((*image.shape[:3], nnunet.num_outputs(plans)), np.float32)
-      if not plans.get("regions_class_order"):
-        probabilities[..., 0] = 1
+    probabilities = probabilities_buffer(image.shape[:3], plans) if save_probabilities else None
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(
         mean_logits, slices, shape_xy, plans.get("regions_class_order", ()), config.eval.batch_size,
