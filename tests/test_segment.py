@@ -946,6 +946,48 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
     cli.main(["segment", "--config", "configs/segment.py:tiny=true", "--workdir", "a", "--workdir", "b"])
 
 
+def test_slicing_follows_the_axis_of_largest_spacing_as_nnunets_transpose(raw_ct, tmp_path):
+  """A dataset whose 3 mm axis is X (each synthetic volume's axes relabelled, Z <-> X) is sliced
+  along X (nnU-Net's transpose_forward picks the axis of largest spacing): the slices are the
+  axial dataset's, transposed; it trains as well, and its predictions line up with its labels."""
+  import shutil
+  import nibabel as nib
+  assert [nnunet.slice_axis_of(s) for s in ((1, 1, 1), (0.8, 0.8, 3), (3, 0.8, 0.8), (0.8, 3, 0.8), (2, 2, 1))] == [
+      2, 2, 0, 1, 1]
+  assert nnunet.voxel_layout({"slice_axis": 0}) == (True, (1, 2, 0))
+  assert nnunet.voxel_layout({}) == nnunet.voxel_layout({"slice_axis": 2}) == (True, None)
+  turned = shutil.copytree(raw_ct, tmp_path / "Dataset990_SynthCT")
+  for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+    for name in os.listdir(turned / folder):
+      image = nib.load(turned / folder / name)
+      zooms = image.header.get_zooms()
+      nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj).transpose(2, 1, 0),
+                               np.diag([zooms[2], zooms[1], zooms[0], 1.0])), turned / folder / name)
+  axial = nnunet.preprocess(nnunet.read_raw(raw_ct), str(tmp_path / "pre_axial"), progress=False)
+  plans = nnunet.preprocess(nnunet.read_raw(str(turned)), str(tmp_path / "pre"), progress=False)
+  assert (axial["slice_axis"], plans["slice_axis"]) == (2, 0)
+  assert plans["target_spacing_xy"] == axial["target_spacing_xy"][::-1]
+  ras = next(c for c in sorted(plans["cases"]) if int(c[-3:]) % 3 != 2)  # the LPS cases are mirrored too
+  ours, theirs = np.load(tmp_path / "pre" / f"{ras}.npy"), np.load(tmp_path / "pre_axial" / f"{ras}.npy")
+  np.testing.assert_allclose(ours, theirs.transpose(0, 2, 1, 3), atol=1e-4)
+
+  args = ["segment", "--config", f"configs/segment.py:raw={turned},tiny=true,epochs=6,iters=40",
+          "--config.optim.lr_backbone=3e-4", "--config.optim.lr_decoder=1e-3", "--no-progress",
+          f"--config.data.preprocessed={tmp_path / 'pre'}", "--workdir", str(tmp_path / "run")]
+  assert cli.main(args) == 0
+  result = json.loads((tmp_path / "run" / "result.json").read_text())
+  assert result["val"]["mean_dice"] > 0.6, result["val"]
+  for case, scores in result["val"]["per_case"].items():
+    predicted, _ = volumes.read_labels(str(tmp_path / "run" / "validation" / f"{case}.nii.gz"))
+    truth, _ = volumes.read_labels(str(turned / "labelsTr" / f"{case}.nii.gz"))
+    assert segmentation.dice_per_class(predicted, truth, [1])[1] == pytest.approx(scores["dice"]["liver"])
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", str(turned / "imagesTs"),
+                   "--out", str(tmp_path / "predicted"), "--no-progress"]) == 0
+  predicted, _ = volumes.read_labels(str(tmp_path / "predicted" / "synth_006.nii.gz"))
+  truth, _ = volumes.read_labels(str(turned / "labelsTs" / "synth_006.nii.gz"))
+  assert segmentation.dice_per_class(predicted, truth, [1, 2])[1] > 0.5
+
+
 def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
   """KiTS/BraTS-style nested regions: one sigmoid channel per region, nnU-Net's region loss,
   predictions written by regions_class_order, Dice / HD95 / NSD per region."""

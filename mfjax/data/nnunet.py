@@ -1,4 +1,4 @@
-"""nnU-Net raw datasets for 2-D (axial slice) segmentation: read, plan, preprocess, sample.
+"""nnU-Net raw datasets for 2-D (slice) segmentation: read, plan, preprocess, sample.
 
 The raw layout is nnU-Net v2's (the MSD v1 `dataset.json` with a "training" list works too):
   DatasetXXX_Name/dataset.json     channel_names {"0": "CT"}, labels {"background": 0, ...},
@@ -11,9 +11,11 @@ its order. First its fingerprint, over every case:
     that region becomes -1 (nnU-Net's crop_to_nonzero), which the loss treats as background;
   - foreground intensities sampled (up to 10000 per case, seeded) for CT's statistics, and the
     size left by cropping (for use_mask_for_norm);
-  - target spacing: the median in-plane spacing of the training cases (slices keep their own).
+  - the slicing axis: the canonical axis of largest median spacing (nnU-Net's transpose_forward;
+    axial for CT and most MR), and the target spacing: the median in-plane spacing of the
+    training cases (slices keep their own). Volumes are then read in that layout (`voxel_layout`).
 Then each case (prepare_case), written as (Z, X, Y, C) float32 images (C input channels:
-CASE_0000, CASE_0001, ... files) and (Z, X, Y) int16 labels, .npy (one axial slice is contiguous;
+CASE_0000, CASE_0001, ... files) and (Z, X, Y) int16 labels, .npy (one slice is contiguous;
 read memory-mapped):
   - cropped again, and each channel normalised by its name, as nnU-Net's: CT: clip to the
     foreground 0.5 / 99.5 percentiles, then the foreground mean and std (CTNormalization); noNorm,
@@ -25,7 +27,7 @@ read memory-mapped):
     in its two cases), the labels as nnU-Net's
     resize_segmentation (order 1 per label value, computed from each pixel's four neighbours);
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
-`SliceSampler` draws training patches: a case, an axial slice, a patch (the last round(B·p) of
+`SliceSampler` draws training patches: a case, a slice, a patch (the last round(B·p) of
 each batch centred on a foreground voxel of a random present class, like nnU-Net's
 oversample_foreground_percent), with nnU-Net-style 2-D augmentation when asked.
 Folds are nnU-Net's: KFold(5, shuffle, random_state=12345) over the sorted case ids, or the
@@ -398,7 +400,8 @@ def target_shape(shape_xy, spacing_xy, target_spacing_xy) -> tuple[int, int]:
 
 def axial_slices(volume: np.ndarray, spacing, target_spacing_xy, labels: bool = False) -> np.ndarray:
   """(X, Y, Z[, C]) at `spacing` -> (Z, X', Y'[, C]) resampled in-plane to `target_spacing_xy`
-  (resample_inplane, or resample_labels_inplane for `labels`), one contiguous axial slice after another."""
+  (resample_inplane, or resample_labels_inplane for `labels`), one contiguous slice after another
+  (along the volume's last axis: Z, or the slicing axis its `voxel_layout` put last)."""
   if volume.ndim == 4:
     return np.stack([axial_slices(volume[..., c], spacing, target_spacing_xy, labels)
                      for c in range(volume.shape[3])], axis=-1)
@@ -448,15 +451,26 @@ def check_intensities(image: np.ndarray, channel_name: str, path: str):
                        f"found [{image.min():g}, {image.max():g}]")
 
 
+def slice_axis_of(spacing) -> int:
+  """The canonical axis mfjax's own runs slice along, from the median (X, Y, Z) spacing of the
+  training cases: the one of largest spacing, as nnU-Net's transpose_forward picks it, with ties
+  (isotropic data) going to Z, then Y, as nnU-Net's argmax over its (z, y, x) array order."""
+  spacing = [float(v) for v in spacing]
+  return max((2, 1, 0), key=lambda axis: (spacing[axis], axis))
+
+
 def voxel_layout(plans: dict) -> tuple[bool, tuple[int, int, int] | None]:
   """How the volumes of `plans` are laid out: (canonical, axes). mfjax's own runs read every volume
-  in canonical RAS+ order and slice it along its last axis: (True, None). A network imported from
+  in canonical RAS+ order and slice it along its `slice_axis` (`slice_axis_of`; plans without one:
+  Z, the axial slices): (True, None) for Z, else axes putting that axis last with the other two in
+  their order (e.g. (1, 2, 0): sagittal slices of (Y, Z)). A network imported from
   nnU-Net saw the slices its reader and `transpose_forward` made: the file's own voxel order
   (SimpleITKIO, NibabelIO; canonical for NibabelIOWithReorient) as a (z, y, x) array, transposed,
   sliced along the first axis. `axes` makes (rows, columns, slices) of that from the (i, j, k)
   order read here."""
   if "transpose_forward" not in plans:
-    return True, None
+    axis = int(plans.get("slice_axis", 2))
+    return True, None if axis == 2 else (*(a for a in range(3) if a != axis), axis)
   t = [int(a) for a in plans["transpose_forward"]]
   return plans.get("voxel_order") != "file", (2 - t[1], 2 - t[2], 2 - t[0])
 
@@ -527,6 +541,15 @@ def read_channels(paths, channel_names, layout=(True, None)) -> tuple[np.ndarray
     arrays.append(image)
     spacings.append(spacing)
   return np.stack(arrays, axis=-1), spacings[0]
+
+
+def read_labels_in(path: str, layout) -> np.ndarray:
+  """A label map read as `read_channels` reads its image in an mfjax run's canonical `layout`."""
+  canonical, axes = layout
+  labels, _ = volumes.read_labels(path)
+  if not canonical:
+    raise ValueError("mfjax's own runs read their label maps in canonical order")
+  return labels if axes is None else labels.transpose(axes)
 
 
 def intensity_stats(image: np.ndarray, labels: np.ndarray) -> list[dict]:
@@ -620,8 +643,11 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     raise DatasetError(f"{raw.root}: {len(problems)} case(s) whose label map does not lie on its image's voxel "
                        "grid (nothing was preprocessed):\n  " + "\n  ".join(problems[:20])
                        + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-  spacings = {case: volumes.read_spacing(image) for case, (image, _) in raw.cases.items()}
-  target_xy = (np.median(np.stack(list(spacings.values()))[:, :2], axis=0) if spacing_xy is None
+  spacings = np.stack([volumes.read_spacing(image) for image, _ in raw.cases.values()])
+  slice_axis = slice_axis_of(np.median(spacings, axis=0))
+  layout = voxel_layout({"slice_axis": slice_axis})
+  in_plane = [a for a in range(3) if a != slice_axis]
+  target_xy = (np.median(spacings[:, in_plane], axis=0) if spacing_xy is None
                else np.asarray(spacing_xy, np.float64))
   from tqdm.auto import tqdm
   # 1. nnU-Net's fingerprint: each case cropped, its foreground intensities sampled, its size kept.
@@ -639,7 +665,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
       fg_values.append(np.load(os.path.join(out_dir, case + "_fg.npy")))
       reused += 1
       continue
-    image, labels, spacing = _read_case(raw, case)
+    image, labels, spacing = _read_case(raw, case, layout)
     shape_before_cropping = list(image.shape[:3])
     image, labels, bbox = crop_to_nonzero(image, labels)
     rng = np.random.default_rng([12345, i])
@@ -661,6 +687,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   plans = {"dataset_root": raw.root, "name": raw.name, "modality": raw.modality, "channel_names": list(raw.channels),
            "normalization": normalization,
            "labels": {str(k): v for k, v in raw.labels.items()}, "target_spacing_xy": target_xy.tolist(),
+           "slice_axis": slice_axis,
            **({"regions": [[k, list(v)] for k, v in raw.regions.items()],
                "regions_class_order": list(raw.regions_class_order)} if raw.regions else {}),
            **({"ignore_label": raw.ignore_label} if raw.ignore_label is not None else {}),
@@ -682,7 +709,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
       cases[case].update(done["case"])
       reused += 1
       continue
-    image, labels, spacing = _read_case(raw, case)
+    image, labels, spacing = _read_case(raw, case, layout)
     image, labels, _ = prepare_case(image, labels, spacing, plans)
     np.save(os.path.join(out_dir, case + ".npy"), image)
     np.save(os.path.join(out_dir, case + "_seg.npy"), labels)
@@ -698,11 +725,12 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
   return plans
 
 
-def _read_case(raw: RawDataset, case: str):
-  """(X, Y, Z, C) image, (X, Y, Z) labels (checked against dataset.json's) and spacing of a training case."""
+def _read_case(raw: RawDataset, case: str, layout=(True, None)):
+  """(X, Y, Z, C) image, (X, Y, Z) labels (checked against dataset.json's) and spacing of a
+  training case, in `layout` (`voxel_layout`)."""
   label_path = raw.cases[case][1]
-  image, spacing = read_channels(raw.channel_files[case], raw.channels)
-  labels, _ = volumes.read_labels(label_path)  # on its image's grid: verify_geometry checked the headers
+  image, spacing = read_channels(raw.channel_files[case], raw.channels, layout)
+  labels = read_labels_in(label_path, layout)  # on its image's grid: verify_geometry checked the headers
   unknown = sorted(set(np.unique(labels).tolist()) - set(raw.labels) - {raw.ignore_label})
   if unknown:
     raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's labels {raw.labels}"

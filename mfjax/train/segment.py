@@ -339,7 +339,9 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     stored = plans["cases"][case]
     slices = np.load(os.path.join(pre_dir, case + ".npy"), mmap_mode="r")
-    truth, spacing = volumes.read_labels(stored["label"])
+    layout = nnunet.voxel_layout(plans)
+    truth = nnunet.read_labels_in(stored["label"], layout)
+    spacing = np.asarray(stored["spacing"], np.float64)  # of the axes of `layout`, as read_channels gives it
     bbox = stored["bbox"]
     probabilities = (probabilities_buffer(truth.shape, plans)
                      if out_dir is not None and config.eval.get("save_probabilities") else None)
@@ -354,9 +356,8 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
                                                          config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None and jax.process_index() == 0:
       if probabilities is not None:
-        write_probabilities(str(out_dir / case), probabilities, stored["image"], nnunet.voxel_layout(plans), plans,
-                            bbox)
-      write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], nnunet.voxel_layout(plans))
+        write_probabilities(str(out_dir / case), probabilities, stored["image"], layout, plans, bbox)
+      write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], layout)
   return per_case
 
 
@@ -524,7 +525,8 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
 ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm",
-                 "labels", "regions", "regions_class_order", "ignore_label", "voxel_order", "transpose_forward")
+                 "labels", "regions", "regions_class_order", "ignore_label", "voxel_order", "transpose_forward",
+                 "slice_axis")
 
 
 POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label")  # what the steps refer to
