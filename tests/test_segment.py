@@ -819,6 +819,22 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
     SimpleITKIO().write_seg(np.load(tmp_path / "run" / "validation" / f"{lps}.npz")["probabilities"].argmax(0),
                             str(tmp_path / "exported.nii.gz"), pickle.load(f))
   np.testing.assert_array_equal(volumes.read_labels(str(tmp_path / "exported.nii.gz"))[0], predicted)
+  # ... laid out as nnU-Net's cross-validation: runs in RUNS/fold_F ensemble with an nnU-Net model
+  # folder's fold_F/validation (here the same files, so the ensemble is the prediction).
+  import shutil
+  from benchmarks import nnunet_reference
+  from nnunetv2.ensembling.ensemble import ensemble_crossvalidations
+  os.makedirs(tmp_path / "cv_runs")
+  os.symlink(tmp_path / "run", tmp_path / "cv_runs" / "fold_0")
+  shutil.copytree(tmp_path / "run" / "validation", tmp_path / "cv_nnunet" / "fold_0" / "validation")
+  (tmp_path / "cv_nnunet" / "plans.json").write_text(json.dumps(nnunet_reference.nnunet_plans([0, 1, 2], (0.8, 0.8),
+                                                                                             (32, 32))))
+  shutil.copy(os.path.join(raw_ct, "dataset.json"), tmp_path / "cv_nnunet" / "dataset.json")
+  ensemble_crossvalidations([str(tmp_path / "cv_nnunet"), str(tmp_path / "cv_runs")], str(tmp_path / "cv_out"),
+                            folds=(0,), num_processes=1)
+  for case in val_ids:
+    np.testing.assert_array_equal(volumes.read_labels(str(tmp_path / "cv_out" / f"{case}.nii.gz"))[0],
+                                  volumes.read_labels(str(tmp_path / "run" / "validation" / f"{case}.nii.gz"))[0])
   unsaved = segment_config.get_config(f"raw={raw_ct},tiny=true")
   unsaved.eval.save_probabilities, unsaved.eval.save_predictions = True, False
   with pytest.raises(ConfigError, match="eval.save_probabilities=True .* needs eval.save_predictions=True"):
