@@ -67,6 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.save_predictions = True     # WORKDIR/validation/CASE.nii.gz
   c.eval.save_probabilities = False  # and CASE.npz + CASE.pkl beside them, as nnU-Net's --npz
+  c.eval.probabilities_reader = "SimpleITKIO"  # whose array order: the nnU-Net models' reader
   c.eval.surface_metrics = True      # HD95 and NSD (MONAI's definitions) besides Dice
   c.eval.nsd_tolerance_mm = 1.0
 

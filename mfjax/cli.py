@@ -172,6 +172,9 @@ def main(argv=None) -> int:
   p.add_argument("--save-probabilities", action="store_true",
                  help="with --predict: also CASE.npz (the probabilities, float32 (C, z, y, x) in nnU-Net's reader "
                       "order) and CASE.pkl, as nnU-Net's --save_probabilities, for nnUNetv2_ensemble with its models")
+  p.add_argument("--probabilities-reader", choices=["SimpleITKIO", "NibabelIO", "NibabelIOWithReorient"],
+                 help="with --save-probabilities for mfjax's own runs: the array order of the nnU-Net model to "
+                      "ensemble with (its plans.json's image_reader_writer; default SimpleITKIO)")
   p.add_argument("--determine-postprocessing", action="store_true",
                  help="nnU-Net's postprocessing search (largest connected components) over the validation "
                       "predictions of the --workdir runs; --out names the JSON file it writes")
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
         return 0
       if args.determine_postprocessing:
         if (args.config or rest or args.predict or args.postprocessing or args.continue_prediction
-            or args.save_probabilities or not args.out):
+            or args.save_probabilities or args.probabilities_reader or not args.out):
           parser.error("segment --determine-postprocessing takes --workdir RUN [--workdir RUN ...] --out FILE.json")
         segment.determine_postprocessing(args.workdir, args.out, progress=not args.no_progress)
         print(args.out)
@@ -298,16 +301,20 @@ def main(argv=None) -> int:
       if args.predict:
         if args.config or rest or not args.out:
           parser.error("segment --predict takes --workdir RUN [--workdir RUN ...] --predict FOLDER --out FOLDER "
-                       "[--postprocessing FILE] [--save-probabilities] (no config)")
+                       "[--postprocessing FILE] [--save-probabilities [--probabilities-reader R]] (no config)")
+        if args.probabilities_reader and not args.save_probabilities:
+          parser.error("--probabilities-reader goes with --save-probabilities")
         for path in segment.predict_folder(args.workdir, args.predict, args.out, progress=not args.no_progress,
                                            continue_prediction=args.continue_prediction,
                                            postprocessing=args.postprocessing,
-                                           save_probabilities=args.save_probabilities):
+                                           save_probabilities=args.save_probabilities,
+                                           probabilities_reader=args.probabilities_reader):
           print(path)
         return 0
       if not args.config:
         parser.error("segment needs --config (training), --predict or --determine-postprocessing (with finished runs)")
-      if args.continue_prediction or args.out or args.postprocessing or args.save_probabilities:
+      if (args.continue_prediction or args.out or args.postprocessing or args.save_probabilities
+          or args.probabilities_reader):
         parser.error("--continue-prediction, --out, --postprocessing and --save-probabilities go with --predict")
       if len(args.workdir) > 1:
         parser.error("segment training takes one --workdir (several are for --predict)")

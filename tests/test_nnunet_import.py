@@ -255,6 +255,12 @@ def test_several_folds_import_into_fold_folders_that_predict_as_their_ensemble(n
   ensemble = predict(str(runs))
   np.testing.assert_array_equal(ensemble, predict(*folds))
   assert (ensemble != predict(folds[0])).any() and (ensemble != predict(folds[1])).any()
+  with pytest.raises(nnunet.DatasetError, match="imported from an nnU-Net model that reads with SimpleITKIO"):
+    segment.predict_folder(folds[0], str(tmp_path / "in"), str(tmp_path / "never"), progress=False,
+                           save_probabilities=True, probabilities_reader="NibabelIO")
+  os.makedirs(runs / "fold_2")  # a fold not trained (yet) is not silently left out of the ensemble
+  with pytest.raises(ConfigError, match="fold folder.s. fold_2 hold no run"):
+    segment.run_folders([str(runs)])
 
 
 @pytest.mark.parametrize("regions", [False, True])

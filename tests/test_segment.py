@@ -951,6 +951,20 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   reference = sitk.ReadImage(turned)
   for what in ("GetSpacing", "GetOrigin", "GetDirection"):
     np.testing.assert_allclose(getattr(sitk.ReadImage(written), what)(), getattr(reference, what)(), err_msg=what)
+  # For an nnU-Net model that reads with NibabelIOWithReorient: its canonical order and affines.
+  from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+  reoriented = tmp_path / "reoriented_probabilities"
+  assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--workdir", str(tmp_path / "fold1"),
+                   "--predict", str(tmp_path / "turned"), "--out", str(reoriented), "--save-probabilities",
+                   "--probabilities-reader", "NibabelIOWithReorient", "--no-progress"]) == 0
+  canonical = np.load(reoriented / "synth_006.npz")["probabilities"]
+  assert canonical.shape == (3, *image.shape[::-1])
+  with open(reoriented / "synth_006.pkl", "rb") as f:
+    NibabelIOWithReorient().write_seg(canonical.argmax(0), str(tmp_path / "nib_export.nii.gz"), pickle.load(f))
+  np.testing.assert_array_equal(volumes.read_labels(str(tmp_path / "nib_export.nii.gz"))[0], expected)
+  with pytest.raises(SystemExit):
+    cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", str(tmp_path / "turned"), "--out",
+              str(reoriented), "--probabilities-reader", "NibabelIO"])
   os.remove(with_probabilities / "synth_006.npz")   # a case is done when its npz and pkl are there too
   capsys.readouterr()
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--workdir", str(tmp_path / "fold1"),

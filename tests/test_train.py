@@ -215,6 +215,14 @@ def test_config_errors(aptos, tmp_path):
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1}})
   with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})
+  # A field added to the config since the run started (a newer mfjax) resumes, and is recorded;
+  # with any other difference it is still a different config.
+  with pytest.raises(ConfigError, match=r"different config \(optim.b1: None -> 0.9; optim.lr: 0.1 -> 0.2\)"):
+    fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2, "b1": 0.9}})
+  fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1, "b1": 0.9}, "eval": {"new": True}})
+  assert json.loads((tmp_path / "config.json").read_text()) == {"optim": {"lr": 0.1, "b1": 0.9}, "eval": {"new": True}}
+  with pytest.raises(ConfigError, match=r"different config \(eval: \{'new': True\} -> None\)"):
+    fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1, "b1": 0.9}})
 
 
 def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):

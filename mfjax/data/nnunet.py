@@ -454,7 +454,10 @@ def check_intensities(image: np.ndarray, channel_name: str, path: str):
 def slice_axis_of(spacing) -> int:
   """The canonical axis mfjax's own runs slice along, from the median (X, Y, Z) spacing of the
   training cases: the one of largest spacing, as nnU-Net's transpose_forward picks it, with ties
-  (isotropic data) going to Z, then Y, as nnU-Net's argmax over its (z, y, x) array order."""
+  (isotropic data) going to Z, then Y. nnU-Net takes the median and the first maximum over the
+  file's own axes (k, j, i); the two agree when the files are stored with their slices along k,
+  as CT and most MR are (an isotropic volume stored, say, coronal-first is sliced coronally by
+  nnU-Net and axially here)."""
   spacing = [float(v) for v in spacing]
   return max((2, 1, 0), key=lambda axis: (spacing[axis], axis))
 
@@ -475,12 +478,26 @@ def voxel_layout(plans: dict) -> tuple[bool, tuple[int, int, int] | None]:
   return plans.get("voxel_order") != "file", (2 - t[1], 2 - t[2], 2 - t[0])
 
 
-def reader_of(plans: dict) -> str:
+def reader_of(plans: dict, requested: str | None = None) -> str:
   """The nnU-Net reader whose array order and properties a prediction's probabilities are saved in:
-  an imported run's own; SimpleITKIO (nnU-Net's default) for mfjax's runs."""
+  an imported run's own (`requested` must agree); for mfjax's runs `requested`, by default
+  SimpleITKIO (nnU-Net's default): the reader of the nnU-Net model they are to be ensembled with."""
+  if requested is not None and requested not in NNUNET_READERS:
+    raise DatasetError(f"reader {requested!r}: saved probabilities follow one of {', '.join(NNUNET_READERS)}")
   if "transpose_forward" not in plans:
-    return "SimpleITKIO"
-  return plans.get("reader") or ("NibabelIOWithReorient" if plans.get("voxel_order") != "file" else "SimpleITKIO")
+    return requested or "SimpleITKIO"
+  reader = plans.get("reader")
+  if reader is None and "imported_from" in plans:  # imported before the plans named it
+    try:
+      with open(os.path.join(plans["imported_from"]["folder"], "plans.json")) as f:
+        reader = json.load(f).get("image_reader_writer", "SimpleITKIO")
+    except (OSError, json.JSONDecodeError):
+      pass
+  reader = reader or ("NibabelIOWithReorient" if plans.get("voxel_order") != "file" else "SimpleITKIO")
+  if requested is not None and requested != reader:
+    raise DatasetError(f"reader {requested!r}: the run was imported from an nnU-Net model that reads with {reader}, "
+                       "and its probabilities follow that")
+  return reader
 
 
 def reader_array(volume: np.ndarray, image_path: str, layout, reader: str) -> np.ndarray:
@@ -497,7 +514,8 @@ def reader_array(volume: np.ndarray, image_path: str, layout, reader: str) -> np
     volume = nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt("RAS"), ornt))
   elif canonical != NNUNET_READERS[reader]:
-    raise ValueError(f"{reader} reads the file's own voxel order, but the layout is canonical={canonical}")
+    raise ValueError(f"{reader} reads {'canonical' if NNUNET_READERS[reader] else 'file'} voxel order, but the "
+                     f"layout is {'canonical' if canonical else 'file'} order")
   return volume.transpose(2, 1, 0, *rest)
 
 
@@ -657,7 +675,7 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     # A case finished by an earlier, interrupted run (same files, options and position) is kept.
     keys[case] = {"image": image_path, "label": label_path, "sizes": fingerprint["files"][case], "index": i,
                   "regions": fingerprint.get("regions"), "ignore_label": raw.ignore_label,
-                  "preprocessing": PREPROCESSING_VERSION}
+                  "preprocessing": PREPROCESSING_VERSION, "slice_axis": slice_axis}
     done_path = os.path.join(out_dir, case + FINGERPRINT_DONE_SUFFIX)
     done = _read_json_or_none(done_path)
     if done is not None and done.get("key") == keys[case]:

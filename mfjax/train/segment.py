@@ -205,6 +205,9 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if config.eval.save_probabilities and not config.eval.save_predictions:
     raise ConfigError("eval.save_probabilities=True writes beside the validation predictions: it needs "
                       "eval.save_predictions=True")
+  if config.eval.probabilities_reader not in nnunet.NNUNET_READERS:
+    raise ConfigError(f"eval.probabilities_reader={config.eval.probabilities_reader!r}: one of "
+                      f"{', '.join(nnunet.NNUNET_READERS)}")
   workdir, config_dict = start_run(config, workdir)
 
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
@@ -343,8 +346,8 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
     truth = nnunet.read_labels_in(stored["label"], layout)
     spacing = np.asarray(stored["spacing"], np.float64)  # of the axes of `layout`, as read_channels gives it
     bbox = stored["bbox"]
-    probabilities = (probabilities_buffer(truth.shape, plans)
-                     if out_dir is not None and config.eval.get("save_probabilities") else None)
+    probabilities = (probabilities_buffer(truth.shape, plans) if out_dir is not None and jax.process_index() == 0
+                     and config.eval.get("save_probabilities") else None)  # held where it is written
     prediction = segmentation.labels_in_chunks(
         lambda chunk: segment_volume(predict, params, chunk, plans, config), slices,
         tuple(hi - lo for lo, hi in bbox[:2]), plans.get("regions_class_order", ()), config.eval.batch_size,
@@ -356,7 +359,8 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
                                                          config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None and jax.process_index() == 0:
       if probabilities is not None:
-        write_probabilities(str(out_dir / case), probabilities, stored["image"], layout, plans, bbox)
+        write_probabilities(str(out_dir / case), probabilities, stored["image"], layout, plans, bbox,
+                            config.eval.get("probabilities_reader"))
       write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], layout)
   return per_case
 
@@ -436,8 +440,12 @@ def run_folders(workdirs) -> list[str]:
   runs = []
   for workdir in workdirs:
     path = workdir_path(workdir)
-    folds = [] if (path / "config.json").exists() or not path.is_dir() else sorted(
-        (p for p in path.glob("fold_*") if (p / "config.json").exists()), key=lambda p: p.name)
+    folds = [] if (path / "config.json").exists() or not path.is_dir() else sorted(path.glob("fold_*"),
+                                                                                      key=lambda p: p.name)
+    unstarted = [p.name for p in folds if not (p / "config.json").exists()]
+    if unstarted:
+      raise ConfigError(f"{path}: its fold folder(s) {', '.join(unstarted)} hold no run (no config.json); "
+                        "finish them, or name the finished folds with --workdir each")
     if folds:
       log.info("%s holds %d runs: %s", path, len(folds), ", ".join(p.name for p in folds))
     runs.extend([str(p) for p in folds] or [workdir])
@@ -529,6 +537,10 @@ ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_x
                  "slice_axis")
 
 
+def _ensemble_value(plans: dict, key: str):
+  return plans.get(key, 2) if key == "slice_axis" else plans.get(key)  # plans from before slice_axis: axial
+
+
 POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label")  # what the steps refer to
 
 
@@ -585,18 +597,17 @@ def write_prediction(path: str, labels: np.ndarray, image_path: str, layout) -> 
 
 
 def write_probabilities(out_truncated: str, probabilities: np.ndarray, image_path: str, layout, plans: dict,
-                        bbox=None) -> str:
+                        bbox=None, reader: str | None = None) -> str:
   """nnU-Net's --save_probabilities for one case: OUT.npz ('probabilities': float32 (C, k, j, i)
-  in the array order of the run's nnU-Net reader, `nnunet.reader_of`) and OUT.pkl (what that
-  reader and nnU-Net's preprocessing record of the case), so that nnUNetv2_ensemble averages them
-  with nnU-Net's own. `probabilities`: (X, Y, Z, C) on the grid of `image_path` read in `layout`;
+  in the array order of the run's nnU-Net reader, `nnunet.reader_of`, or of `reader` for mfjax's
+  runs) and OUT.pkl (what that reader and nnU-Net's preprocessing record of the case), so that
+  nnUNetv2_ensemble averages them with nnU-Net's own. `probabilities`: (X, Y, Z, C) on the grid of `image_path` read in `layout`;
   `bbox`: the crop, recorded in nnU-Net's (transposed) axis order for an imported run."""
   import pickle
-  reader = nnunet.reader_of(plans)
+  reader = nnunet.reader_of(plans, reader)
   array = nnunet.reader_array(probabilities, image_path, layout, reader)
   properties = nnunet.reader_properties(image_path, reader)
-  canonical, axes = layout
-  if axes is not None and bbox is not None:  # (rows, columns, slices) -> transpose_forward's (slices, rows, columns)
+  if "transpose_forward" in plans and bbox is not None:  # (rows, columns, slices) -> its (slices, rows, columns)
     nnunet_order = [2, 0, 1]
     properties.update(
         shape_before_cropping=tuple(int(probabilities.shape[a]) for a in nnunet_order),
@@ -605,7 +616,7 @@ def write_probabilities(out_truncated: str, probabilities: np.ndarray, image_pat
   os.makedirs(os.path.dirname(os.path.abspath(out_truncated)), exist_ok=True)
   for ending, write in ((".pkl", lambda f: pickle.dump(properties, f)),
                         (".npz", lambda f: np.savez_compressed(f, probabilities=np.moveaxis(array, -1, 0)))):
-    partial = out_truncated + ".partial" + ending
+    partial = out_truncated + ending + ".partial"  # not CASE.*.npz, which nnU-Net's ensembling would list
     with open(partial, "wb") as f:
       write(f)
     os.replace(partial, out_truncated + ending)
@@ -695,7 +706,7 @@ def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
 
 def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True,
                    continue_prediction: bool = False, postprocessing: str | None = None,
-                   save_probabilities: bool = False) -> list[str]:
+                   save_probabilities: bool = False, probabilities_reader: str | None = None) -> list[str]:
   """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with the final parameters of one
   finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
   prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
@@ -703,14 +714,15 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   output exists (nnU-Net's --continue_prediction); otherwise they are predicted again.
   `postprocessing`: a file of `determine_postprocessing`, applied to each prediction.
   `save_probabilities`: also CASE.npz and CASE.pkl as nnU-Net's --save_probabilities writes them
-  (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble.
+  (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble, in the
+  array order of `probabilities_reader` (mfjax's runs; default SimpleITKIO) or the imported run's.
   A folder of fold_* runs stands for all of them (`run_folders`)."""
   workdirs = run_folders(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
   plans, config, _ = runs[0]
   for workdir, (other, _, _) in zip(workdirs[1:], runs[1:]):
-    differ = [k for k in ENSEMBLE_KEYS if other.get(k) != plans.get(k)]
+    differ = [k for k in ENSEMBLE_KEYS if _ensemble_value(other, k) != _ensemble_value(plans, k)]
     if differ:
       raise ConfigError(f"{workdir} and {workdirs[0]} cannot be ensembled: their plans differ in {', '.join(differ)} "
                         "(train the folds on one data.preprocessed folder)")
@@ -722,7 +734,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   inputs = input_cases(input_dir, len(names))
   os.makedirs(out_dir, exist_ok=True)
   if save_probabilities:
-    reader = nnunet.reader_of(plans)
+    reader = nnunet.reader_of(plans, probabilities_reader)
     if reader == "SimpleITKIO":
       nnunet.reader_properties(next(iter(inputs.values()))[0], reader)  # SimpleITK is there, before any work
     _copy_nnunet_files(workdirs[0], out_dir)
@@ -740,7 +752,8 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     image, spacing = nnunet.read_channels(files, names, layout)
     slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
-    probabilities = probabilities_buffer(image.shape[:3], plans) if save_probabilities else None
+    probabilities = (probabilities_buffer(image.shape[:3], plans)
+                     if save_probabilities and jax.process_index() == 0 else None)  # held where it is written
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
     prediction = nnunet.uncrop(segmentation.labels_in_chunks(
         mean_logits, slices, shape_xy, plans.get("regions_class_order", ()), config.eval.batch_size,
@@ -748,7 +761,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     prediction = segmentation.apply_postprocessing(prediction, steps)
     if jax.process_index() == 0:
       if probabilities is not None:
-        write_probabilities(os.path.join(out_dir, case), probabilities, files[0], layout, plans, bbox)
+        write_probabilities(os.path.join(out_dir, case), probabilities, files[0], layout, plans, bbox, reader)
       written.append(write_prediction(os.path.join(out_dir, case + ".nii.gz"), prediction, files[0], layout))
   return written
 
