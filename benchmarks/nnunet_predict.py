@@ -9,7 +9,9 @@ r"""Predicting a folder of CT volumes with a MedDINOv3 network trained by nnU-Ne
 
 on the same machine, in the same run, on the same volumes. Seconds per folder, medians of
 `--rounds` after an untimed round, the two timed in turns (`common.interleave`); `agree` is the
-share of voxels both label alike.
+share of voxels both label alike. With `--save-probabilities` both also write each case's
+probabilities (CASE.npz, CASE.pkl), as `nnUNetv2_predict --save_probabilities` and `mfjax segment
+--predict --save-probabilities` do; `probabilities` is then the largest difference between them.
 
   PYTHONPATH=. python -m benchmarks.nnunet_predict --cases 2 --size 512 --slices 8 --patch 512
 
@@ -25,7 +27,8 @@ from benchmarks import common
 common.prepare_process()
 
 COLUMNS = [("device", "device"), ("volumes", "volumes"), ("patch", "patch"), ("tiles", "tiles"),
-           ("nnU-Net s", "nnunet_s"), ("mfjax s", "mfjax_s"), ("speed-up", "speedup"), ("agree", "agree")]
+           ("nnU-Net s", "nnunet_s"), ("mfjax s", "mfjax_s"), ("speed-up", "speedup"), ("agree", "agree"),
+           ("probabilities", "probabilities")]
 
 
 def make_inputs(folder: str, cases: int, size: int, slices: int, spacing: float) -> list[str]:
@@ -36,7 +39,8 @@ def make_inputs(folder: str, cases: int, size: int, slices: int, spacing: float)
                                      seed=k) for k in range(cases)]
 
 
-def nnunet_way(plans, net, dataset, device: str, inputs: list[str], out_dir: str, workers: int):
+def nnunet_way(plans, net, dataset, device: str, inputs: list[str], out_dir: str, workers: int,
+               save_probabilities: bool):
   import torch
   from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
   from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -48,7 +52,8 @@ def nnunet_way(plans, net, dataset, device: str, inputs: list[str], out_dir: str
   predictor.manual_initialization(net.to(device), manager, manager.get_configuration("2d"), [net.state_dict()],
                                   dataset, TRAINER, (0, 1))
   outputs = [os.path.join(out_dir, os.path.basename(p)[: -len("_0000.nii.gz")]) for p in inputs]
-  return lambda: predictor.predict_from_files([[p] for p in inputs], outputs, False, True, workers, workers)
+  return lambda: predictor.predict_from_files([[p] for p in inputs], outputs, save_probabilities, True, workers,
+                                              workers)
 
 
 def main(argv=None):
@@ -61,6 +66,7 @@ def main(argv=None):
   parser.add_argument("--patch", type=int, default=512)
   parser.add_argument("--workers", type=int, default=2, help="nnU-Net's preprocessing and export processes")
   parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--save-probabilities", action="store_true", help="both also write CASE.npz and CASE.pkl")
   parser.add_argument("--out")
   args, _ = common.parse_args(parser, argv)
   import nibabel as nib
@@ -77,13 +83,22 @@ def main(argv=None):
     folder = nnunet_reference.model_folder(root, backbone, net, plans)
     segment.import_nnunet(folder, 0, os.path.join(root, "run"), rope_dtype="float32")
     outs = {name: os.path.join(root, name) for name in ("nnunet", "mfjax")}
-    ways = {"nnunet": nnunet_way(plans, net, nnunet_reference.DATASET, device, inputs, outs["nnunet"], args.workers),
+    ways = {"nnunet": nnunet_way(plans, net, nnunet_reference.DATASET, device, inputs, outs["nnunet"], args.workers,
+                                 args.save_probabilities),
             "mfjax": lambda: segment.predict_folder(os.path.join(root, "run"), os.path.dirname(inputs[0]),
-                                                    outs["mfjax"], progress=False)}
+                                                    outs["mfjax"], progress=False,
+                                                    save_probabilities=args.save_probabilities)}
     seconds = common.interleave(ways, args.rounds, dict.fromkeys(ways, 1))
     labels = {name: np.concatenate([np.asarray(nib.load(os.path.join(out, name_)).dataobj).ravel()
                                     for name_ in sorted(os.listdir(out)) if name_.endswith(".nii.gz")])
               for name, out in outs.items()}
+    probabilities = "not saved"
+    if args.save_probabilities:
+      cases = sorted(f for f in os.listdir(outs["nnunet"]) if f.endswith(".npz"))
+      probabilities = max(float(np.abs(np.load(os.path.join(outs["nnunet"], f))["probabilities"]
+                                       - np.load(os.path.join(outs["mfjax"], f))["probabilities"]).max())
+                          for f in cases)
+      probabilities = f"max diff {probabilities:.1e}"
   median = {name: float(np.median(s)) for name, s in seconds.items()}
   cropped = args.size - 2 * (args.size // 10)  # ct_volume's body, what the crop to nonzero leaves
   resampled = round(cropped * args.spacing / args.target_spacing)
@@ -93,7 +108,8 @@ def main(argv=None):
                "tiles": f"{tiles}/slice × 4 flips", "rounds": args.rounds,
                "nnunet_s": float(f"{median['nnunet']:.4g}"), "mfjax_s": float(f"{median['mfjax']:.4g}"),
                "speedup": f"{median['nnunet'] / median['mfjax']:.2f}x",
-               "agree": f"{float(np.mean(labels['nnunet'] == labels['mfjax'])):.5f}"}, COLUMNS, args.out)
+               "agree": f"{float(np.mean(labels['nnunet'] == labels['mfjax'])):.5f}", "probabilities": probabilities},
+              COLUMNS, args.out)
 
 
 if __name__ == "__main__":

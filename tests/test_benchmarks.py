@@ -231,6 +231,8 @@ def test_window_host_compares_host_and_device_stitching(tmp_path):
 
 def test_nnunet_predict_compares_a_folder_prediction_with_nnunets_predictor(tmp_path):
   row, = run_benchmark(tmp_path, "nnunet_predict", "--cases", "1", "--size", "40", "--slices", "2", "--patch", "32",
-                       "--workers", "1")
+                       "--workers", "1", "--save-probabilities")
   assert row["nnunet_s"] > 0 and row["mfjax_s"] > 0 and positive(row["speedup"])
-  assert float(row["agree"]) > 0.99
+  # 4e-3 measured, at the corners of a lone tile: nnU-Net holds its Gaussian weights in float16,
+  # where the corners' (1e-6 of the centre's) are subnormal
+  assert float(row["agree"]) > 0.99 and float(row["probabilities"].removeprefix("max diff ")) < 1e-2
