@@ -61,44 +61,25 @@ def check_workdir(workdir, config_dict: dict) -> None:
   if path.exists():
     saved, current = json.loads(path.read_text()), json.loads(json.dumps(config_dict))
     if saved != current:
-      added = sorted(_added(saved, current))
-      if added and _without(current, added) == saved:  # only fields a newer mfjax has: resumed with them
-        log.warning("%s was started by an mfjax without config field(s) %s; resuming with %s", workdir,
-                    ", ".join(added), ", ".join(f"{k}={_get(current, k)!r}" for k in added))
+      diff = sorted(_diff(saved, current))
+      if _with_added(saved, current) == current:  # only fields a newer mfjax has: resumed with them
+        log.warning("%s was started by an mfjax without config field(s) (%s); resuming with them", workdir,
+                    "; ".join(diff))
         if jax.process_index() == 0:
           path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         return
-      diff = sorted(_diff(saved, current))
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
   elif jax.process_index() == 0:
     path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
 
 
-def _added(saved, current, prefix=""):
-  """The dotted keys of `current` that `saved` lacks (fields added to the config since)."""
-  for k, v in current.items():
-    if k not in saved:
-      yield prefix + k
-    elif isinstance(v, dict) and isinstance(saved[k], dict):
-      yield from _added(saved[k], v, f"{prefix}{k}.")
-
-
-def _without(config: dict, dotted_keys) -> dict:
-  out = json.loads(json.dumps(config))
-  for key in dotted_keys:
-    *parents, last = key.split(".")
-    node = out
-    for part in parents:
-      node = node[part]
-    del node[last]
-  return out
-
-
-def _get(config: dict, dotted: str):
-  for part in dotted.split("."):
-    config = config[part]
-  return config
+def _with_added(saved, current):
+  """`saved` with the keys only `current` has (fields added to the config since) filled in from it."""
+  if not (isinstance(saved, dict) and isinstance(current, dict)):
+    return saved
+  return {**{k: v for k, v in current.items() if k not in saved},
+          **{k: _with_added(v, current.get(k)) for k, v in saved.items()}}
 
 
 def _diff(a, b, prefix=""):

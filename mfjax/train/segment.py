@@ -339,20 +339,17 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   classes, ignore = nnunet.targets(plans), plans.get("ignore_label")
   per_case = {}
   from tqdm.auto import tqdm
+  layout = nnunet.voxel_layout(plans)
+  save_probabilities = out_dir is not None and jax.process_index() == 0 and config.eval.get("save_probabilities")
   for case in tqdm(case_ids, desc="validation", unit="case", disable=not progress or jax.process_index() != 0):
     stored = plans["cases"][case]
     slices = np.load(os.path.join(pre_dir, case + ".npy"), mmap_mode="r")
-    layout = nnunet.voxel_layout(plans)
     truth = nnunet.read_labels_in(stored["label"], layout)
     spacing = np.asarray(stored["spacing"], np.float64)  # of the axes of `layout`, as read_channels gives it
     bbox = stored["bbox"]
-    probabilities = (probabilities_buffer(truth.shape, plans) if out_dir is not None and jax.process_index() == 0
-                     and config.eval.get("save_probabilities") else None)  # held where it is written
-    prediction = segmentation.labels_in_chunks(
-        lambda chunk: segment_volume(predict, params, chunk, plans, config), slices,
-        tuple(hi - lo for lo, hi in bbox[:2]), plans.get("regions_class_order", ()), config.eval.batch_size,
-        probabilities=None if probabilities is None else probabilities[tuple(slice(lo, hi) for lo, hi in bbox)])
-    prediction = nnunet.uncrop(prediction, bbox, truth.shape)
+    prediction, probabilities = label_case(lambda chunk: segment_volume(predict, params, chunk, plans, config),
+                                           slices, bbox, truth.shape, plans, config.eval.batch_size,
+                                           save_probabilities)
     per_case[case] = {"dice": segmentation.dice_per_class(prediction, truth, classes, ignore)}
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
@@ -365,13 +362,22 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
   return per_case
 
 
-def probabilities_buffer(shape, plans: dict) -> np.ndarray:
-  """(X, Y, Z, C) float32 for a case's probabilities, background outside the crop (nnU-Net's
-  revert_cropping_on_probabilities: certain for labels, nothing for regions)."""
-  probabilities = np.zeros((*shape, nnunet.num_outputs(plans)), np.float32)
-  if not plans.get("regions_class_order"):
-    probabilities[..., 0] = 1
-  return probabilities
+def label_case(logits_of: Callable, slices, bbox, shape, plans: dict, batch_size: int,
+               with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+  """(labels, probabilities) of a case on its grid of `shape` (X, Y, Z), from its (Z, X', Y')
+  slices cropped at `bbox` (`segmentation.labels_in_chunks` of `logits_of`): the labels, background
+  outside the crop, and, `with_probabilities`, the (X, Y, Z, C) float32 probabilities with
+  background outside the crop as nnU-Net's revert_cropping_on_probabilities puts it (certain for
+  labels, nothing for regions); else None."""
+  probabilities = None
+  if with_probabilities:
+    probabilities = np.zeros((*shape, nnunet.num_outputs(plans)), np.float32)
+    if not plans.get("regions_class_order"):
+      probabilities[..., 0] = 1
+  labels = segmentation.labels_in_chunks(
+      logits_of, slices, tuple(hi - lo for lo, hi in bbox[:2]), plans.get("regions_class_order", ()), batch_size,
+      probabilities=None if probabilities is None else probabilities[tuple(slice(lo, hi) for lo, hi in bbox)])
+  return nnunet.uncrop(labels, bbox, shape), probabilities
 
 
 def read_segment_run(workdir):
@@ -533,12 +539,7 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
 # What must agree for several runs' logits to be averaged: the same input resampling and
 # normalisation, and the same output channels.
 ENSEMBLE_KEYS = ("modality", "channel_names", "normalization", "target_spacing_xy", "intensity", "use_mask_for_norm",
-                 "labels", "regions", "regions_class_order", "ignore_label", "voxel_order", "transpose_forward",
-                 "slice_axis")
-
-
-def _ensemble_value(plans: dict, key: str):
-  return plans.get(key, 2) if key == "slice_axis" else plans.get(key)  # plans from before slice_axis: axial
+                 "labels", "regions", "regions_class_order", "ignore_label")
 
 
 POSTPROCESSING_KEYS = ("labels", "regions", "regions_class_order", "ignore_label")  # what the steps refer to
@@ -601,8 +602,9 @@ def write_probabilities(out_truncated: str, probabilities: np.ndarray, image_pat
   """nnU-Net's --save_probabilities for one case: OUT.npz ('probabilities': float32 (C, k, j, i)
   in the array order of the run's nnU-Net reader, `nnunet.reader_of`, or of `reader` for mfjax's
   runs) and OUT.pkl (what that reader and nnU-Net's preprocessing record of the case), so that
-  nnUNetv2_ensemble averages them with nnU-Net's own. `probabilities`: (X, Y, Z, C) on the grid of `image_path` read in `layout`;
-  `bbox`: the crop, recorded in nnU-Net's (transposed) axis order for an imported run."""
+  nnUNetv2_ensemble averages them with nnU-Net's own. `probabilities`: (X, Y, Z, C) on the grid of
+  `image_path` read in `layout`; `bbox`: the crop, recorded in nnU-Net's (transposed) axis order
+  for an imported run."""
   import pickle
   reader = nnunet.reader_of(plans, reader)
   array = nnunet.reader_array(probabilities, image_path, layout, reader)
@@ -722,7 +724,8 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   runs = [load_run(workdir, mesh) for workdir in workdirs]
   plans, config, _ = runs[0]
   for workdir, (other, _, _) in zip(workdirs[1:], runs[1:]):
-    differ = [k for k in ENSEMBLE_KEYS if _ensemble_value(other, k) != _ensemble_value(plans, k)]
+    differ = [k for k in ENSEMBLE_KEYS if other.get(k) != plans.get(k)]
+    differ += ["voxel layout"] if nnunet.voxel_layout(other) != nnunet.voxel_layout(plans) else []
     if differ:
       raise ConfigError(f"{workdir} and {workdirs[0]} cannot be ensembled: their plans differ in {', '.join(differ)} "
                         "(train the folds on one data.preprocessed folder)")
@@ -750,14 +753,10 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   for case, files in tqdm(inputs.items(), desc="predict", unit="case",
                           disable=not progress or jax.process_index() != 0):
     image, spacing = nnunet.read_channels(files, names, layout)
-    slices, bbox, shape_xy = nnunet.prediction_slices(image, spacing, plans)
+    slices, bbox, _ = nnunet.prediction_slices(image, spacing, plans)
     mean_logits = lambda chunk: sum(logits_of(chunk) for _, _, logits_of in runs) / len(runs)
-    probabilities = (probabilities_buffer(image.shape[:3], plans)
-                     if save_probabilities and jax.process_index() == 0 else None)  # held where it is written
-    crop = tuple(slice(lo, hi) for lo, hi in bbox)
-    prediction = nnunet.uncrop(segmentation.labels_in_chunks(
-        mean_logits, slices, shape_xy, plans.get("regions_class_order", ()), config.eval.batch_size,
-        probabilities=None if probabilities is None else probabilities[crop]), bbox, image.shape[:3])
+    prediction, probabilities = label_case(mean_logits, slices, bbox, image.shape[:3], plans, config.eval.batch_size,
+                                           save_probabilities and jax.process_index() == 0)  # held where written
     prediction = segmentation.apply_postprocessing(prediction, steps)
     if jax.process_index() == 0:
       if probabilities is not None:
