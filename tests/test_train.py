@@ -2,6 +2,7 @@
 runs resume exactly after SIGKILL and SIGTERM, two processes agree, and configs fail loudly."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,7 +137,7 @@ def _train_cmd(aptos, workdir, epochs=3):
   return [sys.executable, "-m", "mfjax.cli", "train", "--no-progress", "--workdir", str(workdir),
           "--config", f"configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=unfrozen_deit,epochs={epochs}",
           f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}",
-          "--config.checkpoint_every_steps=2", "--config.model.drop_path=0.1"]
+          "--config.checkpoint_every_steps=2", "--config.log_every_steps=3", "--config.model.drop_path=0.1"]
 
 
 def _wait_for_step(workdir, step, proc, timeout=240):
@@ -189,7 +190,8 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   assert not (tmp_path / "term" / "result.json").exists()
   assert os.listdir(tmp_path / "term" / "checkpoints")
   subprocess.run(_train_cmd(aptos, tmp_path / "term"), env=ENV, check=True, cwd=ROOT, capture_output=True)
-  state, _, result = _final(tmp_path / "term")
+  state, lines, result = _final(tmp_path / "term")
+  assert lines == ref_lines
   assert result["test"] == ref_result["test"]
   for k, v in ref_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
@@ -212,7 +214,11 @@ def test_config_errors(aptos, tmp_path):
   assert load_config("configs/segment.py:tiny=true", ["--config.eval.mirror=TRUE"]).eval.mirror is True
   with pytest.raises(ConfigError, match="eval.mirror='yes': expected True or False"):
     load_config("configs/segment.py", ["--config.eval.mirror=yes"])
+  # A run that saved nothing yet (its start failed) takes a corrected config; one with a checkpoint does not.
+  fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.3}})
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1}})
+  assert json.loads((tmp_path / "config.json").read_text()) == {"optim": {"lr": 0.1}}
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
   with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})
   # A field added to the config since the run started (a newer mfjax) resumes, and is recorded;
@@ -232,6 +238,17 @@ def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
                    f"--config.data.manual_dir={missing}", f"--config.data.data_dir={tmp_path / 'data'}",
                    "--workdir", str(tmp_path / "run"), "--no-progress"]) == 2
   assert f"error: aptos2019: manual_dir '{missing}' is not a folder" in capsys.readouterr().err
+
+
+def test_a_run_killed_while_saving_its_last_epoch_finishes_on_restart(aptos, tmp_path):
+  # The end of an epoch saves `best`, then `latest`. Killed during the second, the restart redoes the
+  # epoch and reaches the best step that is already saved.
+  config = tiny(aptos, "frozen_linear", arg=",epochs=1")
+  first = fit.train(config, str(tmp_path), progress=False)
+  (tmp_path / "result.json").unlink()
+  shutil.rmtree(tmp_path / "checkpoints")
+  again = fit.train(config, str(tmp_path), progress=False)
+  assert again["test"] == first["test"] and again["best_epoch"] == first["best_epoch"] == 1
 
 
 def test_nonfinite_loss_stops_with_the_step(aptos, tmp_path):

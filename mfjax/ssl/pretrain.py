@@ -572,8 +572,9 @@ def run(config, workdir, progress: bool = True) -> dict:
         bar.update(1)
         if last:
           bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{sched['lr']:.2e}")
-      if preempted or step % config.checkpoint_every_steps == 0 or step == total_steps:
-        last = _check_and_log(pending, writer, config, force=True)
+      checkpoint_due = step % config.checkpoint_every_steps == 0 or step == total_steps
+      if checkpoint_due or preempted:  # checked before the state is saved; a preemption logs on cadence only
+        last = _check_and_log(pending, writer, config, force=checkpoint_due)
         pending = None
         host = {"train_seconds": host["train_seconds"] + time.time() - segment_start}
         segment_start = time.time()

@@ -27,6 +27,8 @@ class RunCheckpoints:
     return self._best
 
   def save_latest(self, step: int, state, host: dict) -> None:
+    if step in self.latest.all_steps():  # nothing new: a resumed run's first save can be the one it resumed from
+      return
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    host=ocp.args.JsonSave(host)), force=True)
     self.latest.wait_until_finished()
@@ -52,7 +54,14 @@ class RunCheckpoints:
       abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
       return step, checkpointer.restore(directory, abstract)
 
-  def save_best(self, step: int, params, host: dict) -> None:
+  def save_best(self, step: int, params, host: dict, replace: bool = False) -> None:
+    """Keeps an existing checkpoint of `step` unless `replace`: a run killed while saving `latest`
+    at the end of an epoch redoes that epoch on restart, and reaches the same best step again
+    with the same parameters."""
+    if step in self.best.all_steps():
+      if not replace:
+        return
+      self.best.delete(step)
     self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                  host=ocp.args.JsonSave(host)), force=True)
     self.best.wait_until_finished()

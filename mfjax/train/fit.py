@@ -54,24 +54,34 @@ def is_remote(path) -> bool:
 
 
 def check_workdir(workdir, config_dict: dict) -> None:
-  """Write config.json, or check that a restarted run has the same config."""
+  """Write config.json, or check that a restarted run has the same config. A run that saved nothing
+  yet (a start that failed on a wrong path, say) takes the new config."""
   workdir = workdir_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "config.json"
   if path.exists():
     saved, current = json.loads(path.read_text()), json.loads(json.dumps(config_dict))
-    if saved != current:
-      diff = sorted(_diff(saved, current))
-      if _with_added(saved, current) == current:  # only fields a newer mfjax has: resumed with them
-        log.warning("%s was started by an mfjax without config field(s) (%s); resuming with them", workdir,
-                    "; ".join(diff))
-        if jax.process_index() == 0:
-          path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-        return
+    if saved == current:
+      return
+    diff = sorted(_diff(saved, current))
+    if _with_added(saved, current) == current:  # only fields a newer mfjax has: resumed with them
+      log.warning("%s was started by an mfjax without config field(s) (%s); resuming with them", workdir,
+                  "; ".join(diff))
+    elif not has_saved_work(workdir):
+      log.warning("%s: replacing the config.json of a run that saved nothing (%s)", workdir, "; ".join(diff[:10]))
+    else:
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
-  elif jax.process_index() == 0:
+  if jax.process_index() == 0:
     path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+
+
+def has_saved_work(workdir) -> bool:
+  """Whether a run folder holds anything a different config would invalidate: a checkpoint or a result."""
+  workdir = workdir_path(workdir)
+  return (workdir / "result.json").exists() or any(
+      (workdir / sub).exists() and any(p.name.isdigit() for p in (workdir / sub).iterdir())
+      for sub in ("checkpoints", "best"))
 
 
 def _with_added(saved, current):
@@ -415,8 +425,9 @@ def train(config, workdir: str, progress: bool = True) -> dict:
           bar.set_postfix(img_s=f"{n_log * config.batch_size / max(elapsed, 1e-9):.1f}", lr=f"{lr:.2e}")
         t_log, n_log = time.time(), 0
       end_of_epoch = step % steps_per_epoch == 0
-      if pending is not None and (end_of_epoch or preempted or step % config.checkpoint_every_steps == 0):
-        _check_and_log(pending, writer, config, bar, force=True)
+      checkpoint_due = end_of_epoch or step % config.checkpoint_every_steps == 0
+      if pending is not None and (checkpoint_due or preempted):  # checked before the state is saved
+        _check_and_log(pending, writer, config, bar, force=checkpoint_due)  # a preemption logs on cadence only
         pending = None
       if end_of_epoch:
         val = evaluate("validation", state)
@@ -432,7 +443,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         if bar is not None:
           bar.write(f"epoch {epoch + 1}/{config.epochs}: val {spec.headline_metric} "
                     f"{val['headline']:.4f} (best {host['best_metric']} @ {host['best_epoch']})")
-      if end_of_epoch or preempted or step % config.checkpoint_every_steps == 0:
+      if checkpoint_due or preempted:
         ckpts.save_latest(step, state, host_state(step // steps_per_epoch))
         writer.flush()
       if preempted:

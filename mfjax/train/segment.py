@@ -277,10 +277,12 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       if bar is not None:
         bar.update(1)
       end_of_epoch = step % config.iters_per_epoch == 0
-      if step % config.log_every_steps == 0 or end_of_epoch:
+      log_due = step % config.log_every_steps == 0 or end_of_epoch
+      if log_due or preempted:  # checked before a preempted state is saved too
         values = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(values["loss"]):
           raise NonFiniteError(f"loss is {values['loss']} at step {step}; lower the learning rates or use float32")
+      if log_due:
         writer.write(step, {**{f"train/{k}": v for k, v in values.items()},
                             "lr_backbone": config.optim.lr_backbone * lr_scale,
                             "lr_decoder": config.optim.lr_decoder * lr_scale})
@@ -527,7 +529,8 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
       (pre_dir / f"nnunet_{name}").write_text(json.dumps(meta[name], indent=2))
   mesh = parallel.make_mesh()
   ckpts = RunCheckpoints(workdir)
-  ckpts.save_best(0, jax.device_put(params, parallel.replicated(mesh)), {"imported_from": plans["imported_from"]})
+  ckpts.save_best(0, jax.device_put(params, parallel.replicated(mesh)), {"imported_from": plans["imported_from"]},
+                  replace=True)
   ckpts.close()
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
   log.info("imported %s (%s, fold %s, %s) into %s: %s, %.1fM parameters, %d output channels, patch %s at %s mm, "
