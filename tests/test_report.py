@@ -168,17 +168,31 @@ def test_tables_match_hand_computed_values(grid):
 
 
 def test_resolution_table_gain_and_table3(tmp_path):
-  root = str(tmp_path)
+  # DINOv2 runs the paper's 1024 px at 1022, the largest multiple of its 14-px patches (configs/sweeps/resolution.py).
+  root = str(tmp_path / "all")
   write_cell(root, "dinov2_vitb14", "isic2019", "unfrozen_linear", {1e-4: [0.85, 0.86]}, {1e-4: [0.8, 0.8]})
   write_cell(root, "dinov2_vitb14", "isic2019", "unfrozen_linear", {1e-4: [0.89, 0.90]}, {1e-4: [0.8, 0.8]},
-             res=1024)
+             res=1022)
+  write_cell(root, "sam_vitb", "isic2019", "unfrozen_linear", {1e-4: [0.80, 0.81]}, {1e-4: [0.8, 0.8]}, res=1024)
   built = tables.comparison_tables(results.load_cells(root))
   assert [t["name"] for t in built] == ["unfrozen_224", "unfrozen_1024"]
-  entry = built[1]["rows"][0]["cells"]["isic2019"]
+  entry = built[1]["rows"][1]["cells"]["isic2019"]
+  assert built[1]["rows"][1]["model"] == "dinov2_vitb14"
   assert entry["gain"] == pytest.approx(100 * (0.895 - 0.855))
   assert entry["paper_mean"] == 0.895 and entry["delta"] == pytest.approx(0.0)
   assert tables.cell_text(entry) == "0.895 ± 0.007 [+4.0 pts] (paper 0.895, Δ +0.000)"
-  assert "Table 3" in built[1]["title"]
+  assert built[1]["rows"][0]["cells"]["isic2019"]["paper_mean"] == 0.804  # SAM, at 1024
+  assert "Table 3" in built[1]["title"] and "DINOv2 ran at 1022 px" in built[1]["caption"]
+  assert results.nominal_resolution("dinov2_vitb14", 518) == 518
+  assert results.nominal_resolution("deit_base_patch16", 1022) == 1022
+
+  # The resolution sweep's own folder: Table 3 alone, compared and named as Table 3.
+  only = str(tmp_path / "res1024")
+  write_cell(only, "dinov2_vitb14", "isic2019", "unfrozen_linear", {1e-4: [0.89, 0.90]}, {1e-4: [0.8, 0.8]},
+             res=1022)
+  (table,) = tables.comparison_tables(results.load_cells(only))
+  assert table["name"] == "unfrozen_1024" and table["title"].endswith("(paper Table 3)")
+  assert table["rows"][0]["cells"]["isic2019"]["paper_mean"] == 0.895
 
 
 def test_main_resolution_other_than_224_compares_with_224_and_says_so(tmp_path):

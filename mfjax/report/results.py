@@ -12,8 +12,11 @@ import glob
 import json
 import math
 import os
+import re
 
 import numpy as np
+
+from mfjax.report import paper
 
 # Config fields that do not change what a run measures (where and how fast it ran). Checkpoint
 # paths differ between machines; the cell only requires that all or none of its runs have one.
@@ -34,7 +37,7 @@ class Cell:
   dataset: str
   protocol: str
   head: str                    # linear | deit
-  resolution: int
+  resolution: int              # the paper's resolution the cell stands for (see nominal_resolution)
   unfreeze_from: int | None    # progressive only
   keep_blocks: int | None      # decapitation only
   trained: bool | None         # decapitation only: the foundation was trained
@@ -50,6 +53,7 @@ class Cell:
   params_total: int | None
   params_trained: int | None
   files: tuple
+  run_resolution: int          # what the runs' inputs were: 1022 for DINOv2's 1024
 
   @property
   def state(self) -> str:
@@ -150,7 +154,7 @@ def read_run(path: str, data: dict | None = None) -> dict:
       "dataset": _get(config, "data.name", path),
       "protocol": protocol,
       "head": head_of(protocol, config.get("protocol", {}).get("head", "linear")),
-      "resolution": int(_get(config, "data.resolution", path)),
+      "run_resolution": int(_get(config, "data.resolution", path)),
       "unfreeze_from": int(_get(config, "protocol.unfreeze_from", path)) if protocol == "progressive" else None,
       "keep_blocks": int(_get(config, "protocol.keep_blocks", path)) if protocol == "decapitation" else None,
       "trained": bool(_get(config, "protocol.decapitation_trained", path)) if protocol == "decapitation" else None,
@@ -165,11 +169,29 @@ def read_run(path: str, data: dict | None = None) -> dict:
       "params_trained": data.get("params_trained"),
       "measured_config": _measured(_flatten(config)),
   }
+  run["resolution"] = nominal_resolution(run["model"], run["run_resolution"])
   run["variant"] = not_the_papers_weights(config, run["head"])
   if run["model"] != data["model"] or run["dataset"] != data["dataset"]:
     raise ReportError(f"{path}: model/dataset {data['model']}/{data['dataset']} disagree with its config "
                       f"{run['model']}/{run['dataset']}")
   return run
+
+
+def patch_size_of(model: str) -> int | None:
+  """The patch size in an mfjax ViT name (deit_base_patch16, dinov2_vitb14_reg4, dinov3_vitb16); None
+  for the others (sam_vitb, the convolutional families)."""
+  match = re.search(r"(?:patch|_vit[a-z]+)(\d+)", model)
+  return int(match.group(1)) if match else None
+
+
+def nominal_resolution(model: str, resolution: int) -> int:
+  """The paper's resolution that a run at `resolution` stands for: a ViT runs at the paper's R rounded
+  down to its patch size (DINOv2, 14-px patches: 1022 for 1024), which is the paper's R here."""
+  patch = patch_size_of(model)
+  for paper_resolution in sorted({row["resolution"] for row in paper.published()}):
+    if patch and resolution != paper_resolution and paper_resolution // patch * patch == resolution:
+      return paper_resolution
+  return resolution
 
 
 SLOT = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained")
@@ -216,7 +238,7 @@ def group_cells(runs: list[dict]) -> list[Cell]:
         iterations_to_best=np.array([r["iterations_to_best"] for r in chosen]),
         images_per_second=np.array([r["images_per_second"] for r in chosen]),
         params_total=first["params_total"], params_trained=first["params_trained"],
-        files=tuple(r["file"] for r in chosen)))
+        files=tuple(r["file"] for r in chosen), run_resolution=first["run_resolution"]))
   return sorted(cells, key=lambda c: tuple((getattr(c, k) is not None, getattr(c, k) or 0) for k in SLOT))
 
 

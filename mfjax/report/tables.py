@@ -19,7 +19,7 @@ from mfjax.report.results import ReportError
 
 MAIN_PROTOCOLS = {"frozen_linear": ("frozen", "linear"), "frozen_deit": ("frozen", "deit"),
                   "unfrozen_linear": ("unfrozen", "linear"), "unfrozen_deit": ("unfrozen", "deit")}
-PAPER_TABLE = {"frozen": "Table 1", "unfrozen": "Table 2"}
+PAPER_TABLE = {("frozen", 224): "Table 1", ("unfrozen", 224): "Table 2", ("unfrozen", 1024): "Table 3"}
 VARIANT_MARK = "†"
 
 
@@ -84,10 +84,12 @@ def comparison_tables(cells) -> list[dict]:
   tables = []
   for state, resolution in keys:
     paper_resolution = resolution if (state, resolution) in published else (224 if resolution == main else None)
-    rows, variants = {}, set()
+    rows, variants, ran_at = {}, set(), {}
     for c in cells:
       if c.protocol not in MAIN_PROTOCOLS or c.resolution != resolution or MAIN_PROTOCOLS[c.protocol][0] != state:
         continue
+      if c.run_resolution != resolution:
+        ran_at[paper.title_of(c.model)] = c.run_resolution
       classifier = MAIN_PROTOCOLS[c.protocol][1]
       entry = {"mean": c.mean, "std": c.std, "n": c.n, "lr": c.lr, "metric": c.metric,
                "gain": None, "paper_mean": None, "paper_std": None, "delta": None}
@@ -101,8 +103,7 @@ def comparison_tables(cells) -> list[dict]:
       if c.variant:
         variants.add((classifier, c.model))
     ordered = sorted(rows, key=lambda k: (k[0] != "linear", model_order(k[1])))
-    table_name = PAPER_TABLE[state] if resolution == main else (
-        "Table 3" if state == "unfrozen" and paper_resolution == resolution else None)
+    table_name = PAPER_TABLE.get((state, paper_resolution))
     title = f"{state.capitalize()} foundations at {resolution} px"
     caption = ["Test score in each column's metric: mean ± std over seeds at the learning rate with the best "
                "mean validation score."]
@@ -110,6 +111,8 @@ def comparison_tables(cells) -> list[dict]:
       title += f" (paper {table_name})"
     if paper_resolution and paper_resolution != resolution:
       caption.append(f"The paper's values are at {paper_resolution} px; these runs are at {resolution} px.")
+    for foundation, run_resolution in sorted(ran_at.items()):
+      caption.append(f"{foundation} ran at {run_resolution} px, a multiple of its patch size.")
     if paper_resolution is None:
       caption.append(f"The paper has no {state} results at {resolution} px.")
     if resolution != main:
