@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mfjax import data as mdata
+from mfjax.config import ConfigError
 from mfjax.data import synthetic
 from mfjax.train import sweep as msweep
 
@@ -57,7 +58,9 @@ def test_sweep_runs_skips_and_selects(setup):
   tests = [results[(best, s)]["test"]["headline"] for s in (0, 1)]
   selection = json.load(open(os.path.join(runs[0].cell_dir, "selection.json")))
   assert selection["lr"] == best and selection["seeds"] == 2
-  assert selection["test_mean"] == pytest.approx(np.mean(tests)) and selection["test_std"] == pytest.approx(np.std(tests))
+  assert selection["test_mean"] == pytest.approx(np.mean(tests))
+  assert selection["test_std"] == pytest.approx(np.std(tests, ddof=1))  # the report's sample std
+  assert selection["seeds_by_lr"] == selection["expected_seeds_by_lr"] == {"0.0001": 2, "0.003": 2}
   # Again: every run is finished, nothing is retrained, --list prints nothing.
   out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0 and "4 finished, 0 to go" in out.stderr
@@ -65,3 +68,26 @@ def test_sweep_runs_skips_and_selects(setup):
   listed = subprocess.run(cmd + ["--list"], env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
                           capture_output=True, text=True)
   assert listed.returncode == 0 and listed.stdout.strip() == ""
+
+
+def test_a_diverging_run_is_recorded_and_its_lr_not_selected(setup, tmp_path):
+  tmp, _ = setup
+  path = tmp_path / "diverging_sweep.py"
+  path.write_text(SWEEP.replace('"lr": [1e-4, 3e-3], "seed": [0, 1]', '"lr": [1e-4, 1e30], "seed": [0]')
+                  .replace('"epochs": 1,', '"epochs": 1, "optim.clip_norm": 0.0,') % (tmp / "data", tmp / "downloads"))
+  runs_dir = str(tmp_path / "runs")
+  selections = msweep.run_all(msweep.load_sweep(str(path)), runs_dir, progress=False)
+  runs = msweep.expand(msweep.load_sweep(str(path)), runs_dir)
+  diverged = json.load(open(os.path.join(runs[1].workdir, "result.json")))
+  assert runs[1].values["lr"] == 1e30 and diverged["status"] == "diverged" and "loss" in diverged["error"]
+  (selection,) = selections.values()
+  assert selection["lr"] == 1e-4 and selection["diverged"] == [runs[1].workdir]
+  from mfjax.report import results
+  (cell,) = results.load_cells(runs_dir)  # the report reads the diverged run and selects as the sweep does
+  assert cell.lr == 1e-4 and cell.lr_scores[1e30][1] == 1 and np.isnan(cell.lr_scores[1e30][0])
+  from mfjax import report
+  notes = report.build(runs_dir)["notes"]
+  assert any("1 training run(s) diverged" in note and "lr=1e+30" in note for note in notes)
+  # A finished run counts only with the sweep's config: a changed override is refused, not mixed in.
+  with pytest.raises(ConfigError, match="different config.*data.augment"):
+    msweep.run_all(msweep.load_sweep(str(path)), runs_dir, ["--config.data.augment=False"], progress=False)

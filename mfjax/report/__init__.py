@@ -77,6 +77,16 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
                  f"architecture (model/head overrides), e.g. {variants[0].model} on {variants[0].dataset} "
                  f"({variants[0].protocol}). Their numbers say nothing about the pretrained models; tables mark them "
                  f"{tables.VARIANT_MARK}.")
+  diverged = [path for path, data in found["classification"] if data.get("status") == "diverged"]
+  if diverged:
+    notes.append(f"{len(diverged)} training run(s) diverged (a non-finite loss; `mfjax sweep` records them with "
+                 f"status \"diverged\"), e.g. {rel(diverged[0])}. A learning rate with a diverged seed is not "
+                 "selected for its cell.")
+  short = [c for c in cells if c.n < max(n for _, n in c.lr_scores.values())]
+  if short:
+    notes.append(f"{len(short)} cell(s) show fewer seeds at their selected learning rate than another learning "
+                 f"rate has, e.g. {short[0].model} on {short[0].dataset} ({short[0].protocol}): lr {short[0].lr:g} "
+                 f"with {short[0].n} seed(s). Unfinished runs, or runs in another folder?")
   gain_rows = plots.relative_gains(cells, notes)
   timing_rows = plots.timing_rows(cells, notes)
   figures = [plots.relative_gain(gain_rows, plot_dir, notes), *plots.knn(knn, plot_dir, notes),

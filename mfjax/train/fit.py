@@ -358,7 +358,10 @@ def start_run(config, workdir) -> tuple[epath.Path, dict]:
   return workdir, config_dict
 
 
-def train(config, workdir: str, progress: bool = True) -> dict:
+def train(config, workdir: str, progress: bool = True, record_divergence: bool = False) -> dict:
+  """One run to result.json. A non-finite loss raises NonFiniteError; with `record_divergence` (sweeps)
+  it writes a result.json with status "diverged" and no scores instead, so that the grid goes on and
+  the learning rate is not selected."""
   start_time = time.time()
   workdir, config_dict = start_run(config, workdir)
   run = prepare(config)
@@ -451,6 +454,18 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         return {"status": "preempted", "step": step}
     if pending is not None:
       _check_and_log(pending, writer, config, bar, force=True)
+  except NonFiniteError as e:
+    if not record_divergence:
+      raise
+    log.warning("%s diverged: %s", workdir, e)
+    result = {"status": "diverged", "error": str(e), "config": config_dict, "model": config.model.name,
+              "dataset": spec.name, "protocol": protocol, "headline_metric": spec.headline_metric,
+              "val": {"headline": None}, "test": {"headline": None}}
+    writer.close()
+    ckpts.close()
+    if jax.process_index() == 0:
+      (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    return result
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     if bar is not None:

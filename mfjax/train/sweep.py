@@ -10,8 +10,10 @@ A sweep file defines `get_sweep(arg) -> dict` with
                    head.checkpoint = <root>/deit_base_patch16 (folders from `python -m convert`)
   per_model        optional {model: {dotted field: value}} for the runs of that model
 Runs live in RUNS_DIR/<cell>/lr=<lr>/seed=<seed>, where the cell is every axis but lr and seed.
-A run with result.json is skipped; an interrupted one resumes from its checkpoint. For each cell
-the learning rate with the best mean validation metric over seeds is selected (selection.json).
+A run with result.json is skipped (its config must be the sweep's); an interrupted one resumes from
+its checkpoint. A run whose loss turns non-finite gets a result.json with status "diverged" and the
+sweep goes on. For each cell the learning rate with the best mean validation metric over seeds is
+selected (selection.json), as the report selects it: an lr with a diverged or non-finite seed is not.
 """
 import dataclasses
 import importlib.util
@@ -21,10 +23,9 @@ import logging
 import os
 import shlex
 
-import numpy as np
 from etils import epath
 
-from mfjax.config import ConfigError
+from mfjax.config import ConfigError, to_dict
 
 log = logging.getLogger("mfjax")
 SELECTED_BY = ("lr", "seed")
@@ -109,11 +110,14 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
   from mfjax.train import fit
   runs = expand(sweep, runs_dir, extra_overrides)
   configs = [load_config(r.config_spec, r.overrides) for r in runs]  # every config checked up front
+  for run, config in zip(runs, configs):
+    if run.finished():  # counts only if it ran this sweep's config (not before a changed --config.*)
+      fit.check_workdir(run.workdir, to_dict(config))
   todo = [(r, c) for r, c in zip(runs, configs) if not r.finished()]
   log.info("sweep: %d runs, %d finished, %d to go", len(runs), len(runs) - len(todo), len(todo))
   for i, (run, config) in enumerate(todo):
     log.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
-    result = fit.train(config, run.workdir, progress=progress)
+    result = fit.train(config, run.workdir, progress=progress, record_divergence=True)
     if result.get("status") == "preempted":
       log.warning("sweep stopped by SIGTERM; run it again to resume")
       return {"status": "preempted"}
@@ -121,27 +125,32 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
 
 
 def select(runs: list[Run]) -> dict:
-  """Per cell: the lr with the best mean validation headline; its seeds' test mean and std."""
-  by_cell: dict[str, list[tuple[Run, dict]]] = {}
+  """Per cell: the report's choice (results.group_cells): the lr with the best mean validation headline
+  over its seeds, and that lr's test mean and sample std; with the seeds found and expected per lr."""
+  from mfjax.report import results
+  expected: dict = {}
+  found: dict = {}
   for run in runs:
+    lr = _fmt(run.values.get("lr"))
+    expected.setdefault(run.cell, {}).setdefault(lr, 0)
+    expected[run.cell][lr] += 1
     path = epath.Path(run.workdir) / "result.json"
     if path.exists():
-      by_cell.setdefault(run.cell, []).append((run, json.loads(path.read_text())))
+      found.setdefault(run.cell, []).append((run, str(path), json.loads(path.read_text())))
   selections = {}
-  for cell, items in by_cell.items():
-    by_lr: dict = {}
-    for run, result in items:
-      by_lr.setdefault(run.values.get("lr"), []).append(result)
-    scores = {lr: np.nanmean([_finite(r["val"]["headline"]) for r in rs]) for lr, rs in by_lr.items()}
-    best_lr = max(scores, key=lambda lr: -np.inf if np.isnan(scores[lr]) else scores[lr])
-    tests = [_finite(r["test"]["headline"]) for r in by_lr[best_lr]]
-    selections[cell] = {"lr": best_lr, "val_mean_by_lr": {_fmt(k): v for k, v in scores.items()},
-                        "test_mean": float(np.nanmean(tests)), "test_std": float(np.nanstd(tests)),
-                        "seeds": len(tests), "headline_metric": by_lr[best_lr][0]["headline_metric"]}
+  for cell, items in found.items():
+    (chosen,) = results.group_cells([results.read_run(path, data) for _, path, data in items])
+    diverged = sorted(run.workdir for run, _, data in items if data.get("status") == "diverged")
+    seeds_by_lr = {_fmt(lr): n for lr, (_, n) in chosen.lr_scores.items()}
+    selections[cell] = {
+        "lr": chosen.lr, "val_mean_by_lr": {_fmt(lr): score for lr, (score, _) in chosen.lr_scores.items()},
+        "test_mean": chosen.mean, "test_std": chosen.std, "seeds": chosen.n, "seeds_by_lr": seeds_by_lr,
+        "expected_seeds_by_lr": expected[cell], "diverged": diverged, "headline_metric": chosen.metric}
+    missing = {lr: n - seeds_by_lr.get(lr, 0) for lr, n in expected[cell].items() if seeds_by_lr.get(lr, 0) < n}
+    if missing or diverged:
+      log.warning("sweep cell %s: lr %g selected; %s%s", cell, chosen.lr,
+                  f"runs not finished per lr: {missing}; " if missing else "",
+                  f"{len(diverged)} run(s) diverged" if diverged else "")
     (epath.Path(items[0][0].cell_dir) / "selection.json").write_text(
         json.dumps(selections[cell], indent=2, default=float))
   return selections
-
-
-def _finite(v):
-  return float("nan") if v is None else float(v)
