@@ -43,6 +43,15 @@ def test_expand_names_cells_and_overrides(setup):
   assert "--config.epochs=1" in runs[0].overrides
 
 
+def test_study_sweeps_span_the_models_own_blocks_or_stages():
+  axis = lambda spec, key: msweep.load_sweep(spec)["axes"][key]
+  assert axis("configs/sweeps/progressive.py", "protocol.unfreeze_from") == list(range(13))
+  assert axis("configs/sweeps/progressive.py:model=seem_focalt", "protocol.unfreeze_from") == [0, 1, 2, 3, 4]
+  assert axis("configs/sweeps/decapitation.py:model=resnet152", "protocol.keep_blocks") == [1, 2, 3, 4]
+  assert axis("configs/sweeps/decapitation.py:model=dinov2_vitl14", "protocol.keep_blocks") == list(range(1, 25))
+  assert axis("configs/sweeps/decapitation.py:model=dinov2_vitl14,depth=3", "protocol.keep_blocks") == [1, 2, 3]
+
+
 def test_sweep_runs_skips_and_selects(setup):
   tmp, path = setup
   runs_dir = str(tmp / "runs")

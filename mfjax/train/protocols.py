@@ -49,6 +49,13 @@ def foundation_trains(protocol: str, decapitation_trained: bool = False) -> bool
   return protocol.startswith("unfrozen") or (protocol == "decapitation" and decapitation_trained)
 
 
+def block_count(model_name: str) -> int:
+  """The units of progressive freezing and decapitation: blocks of a ViT, stages of FocalNet / ResNet."""
+  from mfjax import models
+  module = models.create(model_name)
+  return len(module.depths) if hasattr(module, "depths") else module.depth
+
+
 def block_groups(foundation_params: dict) -> list[list[str]]:
   """The foundation's top-level parameter names grouped by block/stage, in order."""
   groups: dict[int, list[str]] = {}
