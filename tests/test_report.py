@@ -327,6 +327,19 @@ def test_bad_result_file_names_the_file(tmp_path, damage, message):
   assert path in str(error.value)
 
 
+def test_knn_of_random_weights_is_marked_and_kept_apart_from_the_pretrained(tmp_path):
+  per_k = {200: {"headline": 0.5}}
+  for folder, checkpoint in (("pretrained", "/ckpt/dinov2_vitb14"), ("random", "")):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "knn.json").write_text(json.dumps(knn_lib.result_json(
+        model="dinov2_vitb14", dataset="aptos2019", resolution=224, headline_metric="quadratic_kappa",
+        results=per_k, checkpoint=checkpoint, overrides={})))
+  found = {r["display"]: r["variant"] for r in results.load_knn(str(tmp_path))}
+  assert found == {"DINOv2": False, "DINOv2 †": True}
+  figures = plots.knn(results.load_knn(str(tmp_path)), str(tmp_path / "plots"), [])
+  assert "† : random weights" not in figures[0]["caption"] and "†: random weights" in figures[0]["caption"]
+
+
 def test_bad_knn_and_cka_files_name_the_file(tmp_path):
   knn_path = tmp_path / "a" / "knn.json"
   knn_path.parent.mkdir()

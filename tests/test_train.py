@@ -231,6 +231,27 @@ def test_config_errors(aptos, tmp_path):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1, "b1": 0.9}})
 
 
+def test_data_norm_model_normalises_with_the_models_constants(aptos):
+  from mfjax.evals import studies
+  from mfjax.train import build
+  mesh = fit.parallel.make_mesh()
+  pixels, keys = {}, {}
+  for norm in ("dataset", "model"):
+    config = tiny(aptos, "frozen_linear", f"--config.data.norm={norm}", model="openclip_vitb16")
+    dataset = fit.open_dataset(config)
+    pixels[norm] = np.asarray(next(studies.batches(config, dataset, "test", mesh))["image"])
+    keys[norm] = studies.feature_key(config, dataset, "test", "classifier")
+  mean, std = build.CLIP_NORM
+  spec = dataset.spec
+  np.testing.assert_allclose(pixels["model"] * np.array(std) + np.array(mean),
+                             pixels["dataset"] * np.array(spec.std) + np.array(spec.mean), atol=1e-5)
+  assert keys["model"]["transform"] != keys["dataset"]["transform"]  # cached features are kept apart
+  # A random foundation is initialised differently by a classifier and by k-NN: not one cache entry.
+  assert keys["model"]["checkpoint"] != studies.feature_key(config, dataset, "test", "model")["checkpoint"]
+  with pytest.raises(ConfigError, match="unknown data.norm 'imagenet'; valid: dataset, model"):
+    build.input_norm(tiny(aptos, "frozen_linear", "--config.data.norm=imagenet"))
+
+
 def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
   from mfjax import cli
   missing = tmp_path / "not_downloaded"

@@ -15,7 +15,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -47,14 +46,26 @@ def foundation(config):
 def batches(config, dataset, split: str, mesh, max_examples: int | None = None):
   """Global eval batches of `split` (every example once) with this process's rows assembled."""
   sharding = parallel.batch_sharding(mesh)
-  loader = mdata.make_eval_loader(dataset, split, batch_size=config.batch_size,
-                                  resolution=config.data.resolution, uncertainty=config.data.uncertainty)
+  loader = mdata.make_eval_loader(dataset, split, batch_size=config.batch_size, resolution=config.data.resolution,
+                                  uncertainty=config.data.uncertainty, norm=build.input_norm(config))
   seen = 0
   for batch in loader:
     yield mdata.global_batch(batch, sharding)
     seen += config.batch_size
     if max_examples and seen >= max_examples:
       return
+
+
+def feature_key(config, dataset, split: str, random_init: str) -> dict:
+  """What a cached feature array depends on: model, weights, dataset, split, resolution, transform.
+  `random_init` names how a foundation without a checkpoint was initialised (the classifier's
+  initialisation in `frozen_linear`, the bare model's in k-NN and CKA): their weights differ."""
+  name, overrides = build.foundation_spec(config)
+  checkpoint = config.model.checkpoint
+  return {"model": name, "overrides": overrides, "dataset": dataset.path, "split": split,
+          "checkpoint": knn_lib.fingerprint(checkpoint) if checkpoint else f"random:{random_init}:{config.seed}",
+          "resolution": config.data.resolution,
+          "transform": f"eval,uncertainty={config.data.uncertainty},norm={build.input_norm(config)}"}
 
 
 def gather(x) -> np.ndarray:
@@ -83,10 +94,7 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
   module = variables = None
   features = {}
   for split in ("train", "test"):
-    key = {"model": config.model.name, "overrides": build.foundation_spec(config)[1],
-           "checkpoint": knn_lib.fingerprint(config.model.checkpoint) if config.model.checkpoint else f"random:{config.seed}",
-           "dataset": dataset.path, "split": split, "resolution": config.data.resolution,
-           "transform": f"eval,uncertainty={config.data.uncertainty}"}
+    key = feature_key(config, dataset, split, "model")
 
     def compute():
       nonlocal module, variables
@@ -102,7 +110,8 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
                                  multi_label=spec.multi_label, headline=spec.headline_metric,
                                  mask=features["test"].get("mask"))
   out = knn_lib.result_json(model=config.model.name, dataset=spec.name, resolution=config.data.resolution,
-                            headline_metric=spec.headline_metric, results=results)
+                            headline_metric=spec.headline_metric, results=results,
+                            checkpoint=config.model.checkpoint, overrides=dict(config.model.overrides))
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "knn.json"), "w") as f:

@@ -96,8 +96,8 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
              plots.cka_diagonals(cka, plot_dir, notes), plots.segmentation_dice(segment_runs, plot_dir, notes)]
   figures = [f for f in figures if f]
 
-  knn_rows = [{"label": r["label"], "model": r["model"], "dataset": r["dataset"], "resolution": r["resolution"],
-               "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
+  knn_rows = [{"label": r["label"], "variant": r["variant"], "model": r["model"], "dataset": r["dataset"],
+               "resolution": r["resolution"], "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
               for r in knn for k, v in r["scores"].items()]
   cell_rows = tables.all_cells_rows(cells)
   segment_rows = tables.segmentation_rows(segment_runs)

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mfjax.report import paper
-from mfjax.report.tables import MAIN_PROTOCOLS, column_title, main_resolution, model_order, ordered_datasets
+from mfjax.report.tables import MAIN_PROTOCOLS, VARIANT_MARK, column_title, main_resolution, model_order, ordered_datasets
 
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
              "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "grey": "#999999"}
@@ -417,8 +417,8 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
     return []
   datasets = ordered_datasets(r["dataset"] for r in results)
   styles = model_styles(r["model"] for r in results)
-  labels = sorted({r["label"] for r in results}, key=lambda l: model_order(next(
-      r["model"] for r in results if r["label"] == l)))[::-1]
+  labels = sorted({r["display"] for r in results}, key=lambda l: model_order(next(
+      r["model"] for r in results if r["display"] == l)))[::-1]
   fig, axes = _grid(len(datasets), width=3.8, height=0.32 * len(labels) + 1.8, sharey=True)
   y = {label: i for i, label in enumerate(labels)}
   ks = set()
@@ -430,28 +430,30 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
       ks.add(k)
       value = r["scores"][k]
       colour, marker = styles[r["model"]]
-      ax.hlines(y[r["label"]], 0, value, color=colour, lw=2, alpha=0.5)
-      ax.plot(value, y[r["label"]], marker=marker, color=colour, ms=8, ls="")
-      ax.text(value, y[r["label"]], f"  {value:.3f}" + ("" if k == 200 else f" (k={k})"), va="center", fontsize=8)
+      ax.hlines(y[r["display"]], 0, value, color=colour, lw=2, alpha=0.5)
+      ax.plot(value, y[r["display"]], marker=marker, color=colour, ms=8, ls="")
+      ax.text(value, y[r["display"]], f"  {value:.3f}" + ("" if k == 200 else f" (k={k})"), va="center", fontsize=8)
     metrics = {r["metric"] for r in results if r["dataset"] == dataset} - {""}
     ax.set_title(column_title(dataset), fontsize=10)
     ax.set_xlabel("k-NN " + (" / ".join(sorted(metrics)).replace("_", " ") if metrics else "headline"))
     low = min(r["scores"][default_k(r)] for r in results if r["dataset"] == dataset)
     ax.set_xlim(max(0.0, low - 0.15), 1.08)
     ax.grid(axis="x", alpha=0.3)
-  axes[0].set_yticks(list(y.values()), [paper.title_of(label) for label in y], fontsize=8)
+  axes[0].set_yticks(list(y.values()), list(y), fontsize=8)
   fig.suptitle("k-NN on frozen features (paper Fig. 2): "
                + ("k = 200" if ks == {200} else f"k = {', '.join(map(str, sorted(ks)))}") + ", T = 0.1")
   figures = [{"file": _save(fig, out_dir, "knn"), "title": "k-NN evaluation",
               "caption": "Weighted k-NN (cosine similarity, weights exp(sim/0.1)) of each model's pooled feature; "
-                         "bank = training split under eval transforms, queries = test split."}]
+                         "bank = training split under eval transforms, queries = test split."
+                         + (f" {VARIANT_MARK}: random weights (no model.checkpoint) or a changed architecture."
+                            if any(r["variant"] for r in results) else "")}]
   if any(len(r["scores"]) > 1 for r in results):
     fig, axes = _grid(len(datasets))
     seen = {}
     for ax, dataset in zip(axes, datasets):
       for r in sorted((r for r in results if r["dataset"] == dataset), key=lambda r: model_order(r["model"])):
         colour, marker = styles[r["model"]]
-        label = paper.title_of(r["label"])
+        label = r["display"]
         line, = ax.plot(list(r["scores"]), list(r["scores"].values()), color=colour, marker=marker, lw=1.6)
         seen.setdefault(label, line)
       ks_here = sorted({k for r in results if r["dataset"] == dataset for k in r["scores"]})

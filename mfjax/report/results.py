@@ -336,7 +336,11 @@ def read_knn(path: str) -> dict:
       raise ReportError(f"{path}: k {k!r} is not an integer") from None
     scores[k_int] = _number(_get(values, "headline", path) if isinstance(values, dict) else None,
                             f"k[{k}].headline", path)
-  return {"file": path, "model": data["model"], "label": data.get("label") or data["model"],
+  label = data.get("label") or data["model"]
+  # Written since knn.json records its weights: no checkpoint is a random foundation, as in the tables' †.
+  variant = ("checkpoint" in data and not data["checkpoint"]) or bool(data.get("overrides"))
+  return {"file": path, "model": data["model"], "label": label, "variant": variant,
+          "display": paper.title_of(label) + (" †" if variant else ""),
           "dataset": data["dataset"], "resolution": int(data["resolution"]),
           "metric": data.get("headline_metric", ""), "scores": dict(sorted(scores.items()))}
 
@@ -345,7 +349,7 @@ def load_knn(runs_dir: str, exclude: str | None = None) -> list[dict]:
   results, seen = [], {}
   for path in find(runs_dir, "knn.json", exclude):
     result = read_knn(path)
-    key = (result["label"], result["dataset"], result["resolution"])
+    key = (result["display"], result["dataset"], result["resolution"])
     if key in seen:
       raise ReportError(f"{seen[key]} and {path} both hold k-NN results of {key[0]} on {key[1]} at {key[2]} px; "
                         "give one a distinct \"label\" or remove it")

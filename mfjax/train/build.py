@@ -17,6 +17,20 @@ log = logging.getLogger("mfjax")
 _DEIT_FIELDS = ("width", "depth", "heads", "mlp_hidden", "ln_eps")
 
 
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def input_norm(config) -> tuple | None:
+  """The (mean, std) the images are normalised with: None for data.norm=dataset (the dataset's constants,
+  as the paper's code does for every model); for data.norm=model the model's own pretraining constants:
+  CLIP's for OpenCLIP and BLIP, ImageNet's for the others (SAM's and SEEM's pixel mean/std are ImageNet's)."""
+  check_choice("data.norm", config.data.norm, ("dataset", "model"))
+  if config.data.norm == "dataset":
+    return None
+  return CLIP_NORM if config.model.name.startswith(("openclip_", "blip_")) else IMAGENET_NORM
+
+
 def foundation_spec(config) -> tuple[str, dict]:
   """(model name, constructor overrides) of the foundation, from the checkpoint and the config."""
   name, overrides = config.model.name, {}

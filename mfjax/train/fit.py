@@ -206,13 +206,11 @@ def cached_features(config, dataset, mesh, init_rng) -> dict:
   """{split: {"image": pooled features, "label"[, "mask"]}} from the feature cache (or computed)."""
   from mfjax.evals import knn as knn_lib, studies
   cache = knn_lib.FeatureCache(config.data.feature_cache)
-  name, overrides = build.foundation_spec(config)
+  name = build.foundation_spec(config)[0]
   net = []
   out = {}
   for split in ("train", "validation", "test"):
-    key = {"model": name, "overrides": overrides, "dataset": dataset.path, "split": split,
-           "checkpoint": knn_lib.fingerprint(config.model.checkpoint) if config.model.checkpoint else f"random:{config.seed}",
-           "resolution": config.data.resolution, "transform": f"eval,uncertainty={config.data.uncertainty}"}
+    key = studies.feature_key(config, dataset, split, "classifier")
 
     def compute():
       if not net:
@@ -235,7 +233,7 @@ def prepare(config) -> Setup:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
   steps_per_epoch = mdata.steps_per_epoch(dataset.split_sizes["train"], config.batch_size)
   loader_args = dict(resolution=config.data.resolution, uncertainty=config.data.uncertainty,
-                     worker_count=config.data.num_workers)
+                     worker_count=config.data.num_workers, norm=build.input_norm(config))
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   cached = uses_feature_cache(config)
   if cached:
