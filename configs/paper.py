@@ -32,7 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.checkpoint = ""          # a folder written by `python -m convert`; "" = random init
   c.model.dtype = "float32"        # compute dtype (bfloat16 for speed); parameters stay float32
   c.model.remat = False
-  c.model.drop_path = 0.0
+  c.model.drop_path = 0.3 if a.model == "seem_focalt" else 0.0  # as the paper's code: SEEM's D2FocalNet 0.3
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model
 
   c.head = ml_collections.ConfigDict()

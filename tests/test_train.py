@@ -252,6 +252,17 @@ def test_data_norm_model_normalises_with_the_models_constants(aptos):
     build.input_norm(tiny(aptos, "frozen_linear", "--config.data.norm=imagenet"))
 
 
+def test_paper_config_details(caplog):
+  # SEEM's D2FocalNet trains with drop-path 0.3 in the paper's code; the other foundations with none.
+  assert load_config("configs/paper.py:model=seem_focalt", []).model.drop_path == 0.3
+  assert load_config("configs/paper.py:model=dinov2_vitb14", []).model.drop_path == 0.0
+  # The warmup follows the dataset= argument; overriding data.name alone leaves APTOS's, and says so.
+  fit.check_paper_warmup(load_config("configs/paper.py:dataset=isic2019", []))
+  assert not caplog.records
+  fit.check_paper_warmup(load_config("configs/paper.py:dataset=aptos2019", ["--config.data.name=isic2019"]))
+  assert "is the paper's for aptos2019/cbis_ddsm, not for isic2019" in caplog.text
+
+
 def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
   from mfjax import cli
   missing = tmp_path / "not_downloaded"

@@ -356,12 +356,26 @@ def start_run(config, workdir) -> tuple[epath.Path, dict]:
   return workdir, config_dict
 
 
+def check_paper_warmup(config) -> None:
+  """Warn when the warmup is the paper's for another dataset: configs/paper.py sets it from its
+  `dataset=` argument, and a `--config.data.name` override does not change it."""
+  from configs.paper import WARMUP
+  warmup = {"epochs": config.optim.get("warmup_epochs", 0), "steps": config.optim.get("warmup_steps", 0)}
+  paper = {name: {"epochs": w.get("epochs", 0), "steps": w.get("steps", 0)} for name, w in WARMUP.items()}
+  if config.data.name in paper and warmup != paper[config.data.name] and warmup in paper.values():
+    others = [name for name, w in paper.items() if w == warmup]
+    log.warning("the warmup (%s) is the paper's for %s, not for %s (%s): pass dataset=%s in the config argument, "
+                "or set optim.warmup_epochs / optim.warmup_steps", warmup, "/".join(others), config.data.name,
+                paper[config.data.name], config.data.name)
+
+
 def train(config, workdir: str, progress: bool = True, record_divergence: bool = False) -> dict:
   """One run to result.json. A non-finite loss raises NonFiniteError; with `record_divergence` (sweeps)
   it writes a result.json with status "diverged" and no scores instead, so that the grid goes on and
   the learning rate is not selected."""
   start_time = time.time()
   workdir, config_dict = start_run(config, workdir)
+  check_paper_warmup(config)
   run = prepare(config)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
   protocol = config.protocol.name

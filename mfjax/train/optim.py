@@ -4,6 +4,7 @@ The learning rate is computed on the host and passed to the jitted step, so the 
 (which depends on validation results) needs no traced state.
 """
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,8 @@ class Plateau:
     """Record one epoch's validation metric; True when the learning rate was just reduced."""
     if self.patience < 0 or metric is None:
       return False
-    if self.best is None or metric > self.best * (1 + self.threshold):
-      self.best, self.bad_epochs = metric, 0
+    if math.isfinite(metric) and (self.best is None or metric > self.best * (1 + self.threshold)):
+      self.best, self.bad_epochs = metric, 0  # a NaN metric is a bad epoch, as in torch (best starts at -inf)
       return False
     self.bad_epochs += 1
     if self.bad_epochs > self.patience:
