@@ -13,7 +13,8 @@ import time
 from convert import core
 
 # CLI family -> converter module. Each module defines FORMATS, add_arguments(parser),
-# from_checkpoint(raw, hf_config, fmt, args) -> (model name, overrides, variables).
+# from_checkpoint(raw, hf_config, fmt, args) -> (model name, overrides, variables), and may define
+# ORIGINAL_FILES: names of its original-format files in Hub repos and folders (core.read_checkpoint).
 FAMILIES = {
     "deit": "convert.deit",
     "dino": "convert.dino",
@@ -50,7 +51,8 @@ def run(argv: list[str]) -> str:
     raise core.ConversionError(f"--out {args.out} already exists and is not empty; choose a new folder")
 
   start = time.time()
-  raw, hf_config, resolved = core.read_checkpoint(args.checkpoint)
+  raw, hf_config, resolved = core.read_checkpoint(args.checkpoint, args.format,
+                                                  getattr(module, "ORIGINAL_FILES", ()))
   fmt = "hf" if hf_config is not None else "original"
   if args.format != "auto" and args.format != fmt:
     raise core.ConversionError(f"--format {args.format} given, but {resolved} is a "

@@ -3,6 +3,7 @@
 torch is imported here only to read `.pth` files, with `weights_only=True`: a checkpoint
 that needs arbitrary unpickling is refused.
 """
+import fnmatch
 import json
 import os
 import re
@@ -23,21 +24,35 @@ def is_hub_id(path: str) -> bool:
           and not path.endswith((".pth", ".pt", ".bin", ".safetensors")))
 
 
-def fetch_hub(repo_id: str) -> str:
-  """Download a Hugging Face Hub model folder; offline machines get a plain error."""
+# The weights of a Hugging Face model folder, safetensors first: one file or the shards its index lists.
+HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+              ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"))
+
+
+def fetch_hub(repo_id: str, fmt: str = "auto", original_files: tuple[str, ...] = ()) -> str:
+  """Download from the Hugging Face Hub config.json and the model's HF weights (safetensors, else
+  pytorch_model.bin), or, with fmt 'original' or when the repo has no HF weights, the first of a
+  family's `original_files` it holds. Offline machines get a plain error."""
   try:
     import huggingface_hub
   except ImportError as e:
     raise ConversionError(f"{repo_id!r} looks like a Hugging Face Hub id, but huggingface_hub is "
                           "not installed (pip install 'mfjax[hub]'), and no such local path exists") from e
-  try:
-    return huggingface_hub.snapshot_download(
-        repo_id, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
-  except Exception as e:  # network errors come in many types
-    raise ConversionError(
-        f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-        "This machine may be offline: download the folder elsewhere and pass its local path "
-        "to --checkpoint.") from e
+  groups = [] if fmt == "original" and original_files else [["config.json", *names] for names in HF_WEIGHTS]
+  groups += [[name] for name in original_files]
+  for patterns in groups:
+    try:
+      folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:  # network errors come in many types
+      raise ConversionError(
+          f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+          "This machine may be offline: download the folder elsewhere and pass its local path "
+          "to --checkpoint.") from e
+    present = os.listdir(folder) if os.path.isdir(folder) else []
+    if any(fnmatch.filter(present, p) for p in patterns if p != "config.json"):
+      return folder
+  wanted = [p for patterns in groups for p in patterns if p != "config.json"]
+  raise ConversionError(f"the Hugging Face Hub repo {repo_id!r} holds none of {wanted}")
 
 
 def to_numpy(value) -> np.ndarray:
@@ -51,29 +66,37 @@ def to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
-def _numpy_globals() -> list:
-  """NumPy's array, scalar and dtype reconstructors: data, not code. Training loops save them beside
-  the weights (nnU-Net's checkpoint_final.pth logs its Dice as np.float64), and torch's
-  weights-only unpickler refuses them unless they are allowed."""
+def _safe_globals() -> list:
+  """Data, not code, that the weights-only unpickler refuses unless allowed: NumPy's array, scalar and
+  dtype reconstructors (nnU-Net's checkpoint_final.pth logs its Dice as np.float64) and
+  argparse.Namespace (DINO's full checkpoints keep their command line as 'args')."""
+  import argparse
   import numpy.dtypes
   try:
     from numpy._core.multiarray import _reconstruct, scalar
   except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct, scalar
   dtypes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
-  return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+  return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes, argparse.Namespace]
+
+
+def _unpickling_reason(e: Exception) -> str:
+  """The sentence of torch's weights-only error that names the refused global, else its first one."""
+  lines = [line.strip() for line in str(e).splitlines()] or [""]
+  line = next((line for line in lines if "GLOBAL " in line), lines[0])
+  return line.removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".")
 
 
 def _load_torch(path: str):
   import pickle
   import torch
   try:
-    with torch.serialization.safe_globals(_numpy_globals()):
+    with torch.serialization.safe_globals(_safe_globals()):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise ConversionError(
         f"{path}: refused to unpickle. This file needs arbitrary Python objects to load "
-        f"(weights_only=True rejected it: {str(e).splitlines()[0]}). mfjax never runs code "
+        f"(weights_only=True rejected it: {_unpickling_reason(e)}). mfjax never runs code "
         "from a checkpoint; re-save it as a plain state dict of tensors or as safetensors.") from e
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
@@ -81,16 +104,17 @@ def _load_torch(path: str):
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  import ml_dtypes  # a JAX dependency; importing it teaches NumPy bfloat16 and the float8 types
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
+  narrow = {np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
   try:
-    return load_file(path)
+    state = load_file(path)
+  except TypeError as e:  # a dtype NumPy does not know even with ml_dtypes
+    raise ConversionError(f"{path}: holds a tensor dtype that cannot be read as a NumPy array: {e}") from e
   except (SafetensorError, OSError, ValueError) as e:
-    # bf16 tensors cannot be read by safetensors.numpy; go through torch for those.
-    if "bfloat16" in str(e) or "bf16" in str(e).lower():
-      from safetensors.torch import load_file as load_torch
-      return {k: to_numpy(v) for k, v in load_torch(path).items()}
     raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+  return {k: v.astype(np.float32) if v.dtype in narrow else v for k, v in state.items()}
 
 
 def read_file(path: str) -> Any:
@@ -102,6 +126,23 @@ def read_file(path: str) -> Any:
   return _load_torch(path)
 
 
+def hf_weight_files(folder: str) -> list[str]:
+  """The weight files of a Hugging Face model folder: model.safetensors or the shards its index
+  lists, else pytorch_model.bin or its shards. Other files beside them (an OpenCLIP Hub repo's
+  open_clip_model.safetensors) belong to another format and are not read."""
+  for single, index, _ in HF_WEIGHTS:
+    if os.path.exists(os.path.join(folder, single)):
+      return [single]
+    index_path = os.path.join(folder, index)
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        try:
+          return sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+          raise ConversionError(f"{index_path}: not a weight index with a 'weight_map' ({e})") from e
+  return []
+
+
 def read_hf_folder(folder: str) -> tuple[dict[str, np.ndarray], dict]:
   """(state dict, config.json) of a Hugging Face model folder."""
   cfg_path = os.path.join(folder, "config.json")
@@ -110,36 +151,62 @@ def read_hf_folder(folder: str) -> tuple[dict[str, np.ndarray], dict]:
       config = json.load(f)
     except json.JSONDecodeError as e:
       raise ConversionError(f"{cfg_path}: not valid JSON: {e}") from e
-  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-  if not files and os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-    files = ["pytorch_model.bin"]
+  files = hf_weight_files(folder)
   if not files:
-    raise ConversionError(f"{folder}: has config.json but no model.safetensors or pytorch_model.bin")
+    raise ConversionError(f"{folder}: has config.json but no model.safetensors or pytorch_model.bin "
+                          "(nor a sharded index of either)")
   state = {}
   for name in files:
     state.update(flatten_state_dict(read_file(os.path.join(folder, name))))
   return state, config
 
 
-def read_checkpoint(path: str) -> tuple[Any, dict | None, str]:
-  """(raw object, HF config or None, resolved path) for a file, an HF folder or a Hub id."""
+def read_checkpoint(path: str, fmt: str = "auto", original_files: tuple[str, ...] = ()) -> tuple[Any, dict | None, str]:
+  """(raw object, HF config or None, resolved path) for a file, a folder or a Hub id.
+
+  A folder is read as a Hugging Face model (config.json + `hf_weight_files`) unless `fmt` is
+  'original' or it has no HF weights: then the first of `original_files` it holds (names a family's
+  own library writes beside them, e.g. OpenCLIP's open_clip_model.safetensors) is read as a file.
+  """
   if is_hub_id(path):
-    path = fetch_hub(path)
+    path = fetch_hub(path, fmt, original_files)
   if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "config.json")):
+    own = next((os.path.join(path, f) for f in original_files if os.path.exists(os.path.join(path, f))), None)
+    has_config = os.path.exists(os.path.join(path, "config.json"))
+    if own and (fmt == "original" or not (has_config and hf_weight_files(path))):
+      return read_file(own), None, own
+    if not has_config:
+      also = f", or a folder holding one of {list(original_files)}" if original_files else ""
       raise ConversionError(f"{path} is a folder without config.json: give the checkpoint file, "
-                            "or a Hugging Face model folder (config.json + model.safetensors)")
+                            f"or a Hugging Face model folder (config.json + model.safetensors){also}")
     state, config = read_hf_folder(path)
     return state, config, path
   return read_file(path), None, path
 
 
-def flatten_state_dict(obj, prefix: str = "") -> dict[str, np.ndarray]:
-  """Tensors of a nested dict as {'a.b.c': array}; non-tensor leaves (epoch, args) dropped."""
+# Prefixes that wrappers put before every key: DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def flatten_state_dict(obj) -> dict[str, np.ndarray]:
+  """Tensors of a nested dict as {'a.b.c': array}; non-tensor leaves (epoch, args) dropped, and a
+  wrapper prefix that every key carries (`module.`, `_orig_mod.`) removed, with a note."""
+  state = _flatten(obj)
+  removed = ""
+  while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+    state = {k[len(prefix):]: v for k, v in state.items()}
+    removed += prefix
+  if removed:
+    print(f"note: every key started with {removed!r} (a DistributedDataParallel or torch.compile "
+          "wrapper); it is removed")
+  return state
+
+
+def _flatten(obj, prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
   if isinstance(obj, dict):
     for k, v in obj.items():
-      out.update(flatten_state_dict(v, f"{prefix}{k}."))
+      out.update(_flatten(v, f"{prefix}{k}."))
   elif hasattr(obj, "shape"):
     out[prefix[:-1]] = to_numpy(obj)
   return out

@@ -1,9 +1,10 @@
 """DINOv1 ViT (`dino_vitbase16_pretrain.pth`, or a full training checkpoint's teacher).
 
 The pretrain file is a flat timm-named state dict. A full checkpoint
-(`dino_vitbase16_full_checkpoint.pth`) holds {'teacher': {'backbone.*', 'head.*'}, 'student', ...}:
-the teacher backbone is converted and its DINO head ignored. Position embeddings are resized as
-DINO does: F.interpolate(scale_factor=(g + 0.1) / M).
+(`dino_vitbase16_pretrain_full_checkpoint.pth`) holds {'teacher': {'backbone.*', 'head.*'},
+'student': {'module.backbone.*', ...}, 'args': argparse.Namespace, ...}: the teacher backbone is
+converted and its DINO head ignored. Position embeddings are resized as DINO does:
+F.interpolate(scale_factor=(g + 0.1) / M).
 """
 from convert import core, vit
 

@@ -1,7 +1,9 @@
 """DINOv2 ViT-S/B/L/g-14, with or without registers: torch-hub files and HF folders.
 
 original: `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`, flat; `mask_token` ignored. Position
-  embeddings are resized as the hub model does: F.interpolate(scale_factor=(g + 0.1) / M).
+  embeddings are resized as the hub models do: F.interpolate(scale_factor=(g + 0.1) / M), and with
+  registers (the `_reg` builders pass interpolate_offset=0, interpolate_antialias=True)
+  F.interpolate(size=grid, antialias=True).
 hf: `Dinov2Model` (resized with F.interpolate(size=grid)) and `Dinov2WithRegistersModel`
   (size=grid, antialias=True) folders, e.g. facebook/dinov2-base.
 """
@@ -24,7 +26,7 @@ def model_name(width: int, registers: int, source: str) -> str:
 def convert(state_dict, *, source="checkpoint"):
   arch = vit.arch_timm(state_dict, source)
   name = model_name(arch["width"], arch.get("num_registers", 0), source)
-  arch.update(posemb="dino_offset")
+  arch.update(posemb="size_antialias" if arch.get("num_registers") else "dino_offset")
   conv = vit.new_conversion(state_dict, name, arch, source)
   vit.map_timm(conv, arch["depth"])
   conv.ignore(r"mask_token")

@@ -9,10 +9,15 @@
              Primus_Multiscale); its decoder is ignored here (`mfjax segment --import-nnunet`
              converts the whole network, `segmentation_network`).
   hf         transformers `DINOv3ViTModel`: separate q/k/v projections, `(model.)layer.{i}.*`.
+The SAT-493M ViT-L/16 also holds `local_cls_norm.*`, the norm of local crops' CLS token in training
+(never used in eval): ignored. The SwiGLU-MLP variants (ViT-S+/16, ViT-H+/16: `blocks.{i}.mlp.w1/w2/w3`)
+are not supported and are refused as such.
 The key bias is masked in the released models (`bias_mask` = [1, 0, 1] per third, HF `key_bias`
 False): the converted bias holds zeros there and the model keeps it at zero. The RoPE periods
 are not parameters; a checkpoint's `periods` are checked against the model's schedule.
 """
+import re
+
 import numpy as np
 
 from convert import core
@@ -21,6 +26,8 @@ FORMATS = ("original", "hf")
 WIDTHS = {384: "dinov3_vits16", 768: "dinov3_vitb16", 1024: "dinov3_vitl16"}
 MEDDINOV3 = "meddinov3_vitb16"
 HEADS_IGNORED = (r"dino_head\..*", r"ibot_head\..*", r"up_projection\.decode\..*")
+TRAINING_ONLY = r"local_cls_norm\.(weight|bias)"  # SAT-493M ViT-L: local crops' CLS norm, unused in eval
+SWIGLU_VARIANTS = {384: "ViT-S+/16", 1280: "ViT-H+/16"}
 BACKBONE_PREFIXES = ("backbone.", "dino_encoder.")  # MedDINOv3's pretraining teacher, its nnU-Net network
 WRAPPERS = ("teacher", "model", "network_weights")
 
@@ -111,6 +118,7 @@ def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str
     norm("norm", prefix + "norm")
     for pattern in HEADS_IGNORED:
       c.ignore(pattern)
+    c.ignore(re.escape(prefix) + TRAINING_ONLY)
   else:
     c.map("params/cls_token", "embeddings.cls_token")
     c.map("params/storage_tokens", "embeddings.register_tokens")
@@ -238,6 +246,10 @@ def _original_settings(state: dict) -> tuple[str, dict]:
     raise core.ConversionError(f"not a DINOv3 checkpoint: neither {prefix}cls_token (1, 1, width) nor "
                                f"{prefix}patch_embed.proj.weight (width, 3, 16, 16) found "
                                f"(first keys: {sorted(state)[:5]})")
+  if f"{blocks}0.mlp.w1.weight" in state:
+    variant = SWIGLU_VARIANTS.get(width, f"width-{width}") if not prefix else f"width-{width} {prefix}*"
+    raise core.ConversionError(f"{variant} DINOv3 checkpoint with a SwiGLU MLP ({blocks}N.mlp.w1/w2/w3): not "
+                               f"supported; the registered DINOv3 models have a GELU MLP (mlp.fc1/fc2)")
   if prefix:
     if width != 768:
       raise core.ConversionError(f"a MedDINOv3 checkpoint ({prefix}*) of width {width}: only the "

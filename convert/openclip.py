@@ -3,6 +3,9 @@
 original: `open_clip_pytorch_model.bin` / `open_clip_model.safetensors` / a torch.save of
   `model.state_dict()` (keys `visual.*` plus the text tower), or a visual-only state dict.
   Position embeddings are resized as open_clip does at load: F.interpolate(size, antialias=True).
+  The MLP activation is not in the tensors: GELU unless `--act quick_gelu` (OpenAI's CLIP weights,
+  open_clip's `*-quickgelu` models). A folder or Hub repo holding both open_clip's file and an HF
+  CLIP model (the laion repos) is read as HF; `--format original` reads open_clip's file.
 hf: `CLIPVisionModel`, `CLIPVisionModelWithProjection` or `CLIPModel` folders (text model
   ignored); resized as HF does: F.interpolate(size=grid).
 """
@@ -11,12 +14,17 @@ from convert import core, vit
 FORMATS = ("original", "hf")
 NAME = "openclip_vitb16"
 OPENCLIP_BLOCK = ("ln_1", "attn.in_proj", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj", None, None)
+ORIGINAL_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in laion Hub repos
+ACTIVATIONS = ("gelu", "quick_gelu")
 TEXT_TOWER = (r"token_embedding\..*|positional_embedding|transformer\..*|ln_final\..*|text_projection"
               r"|logit_scale|logit_bias|attn_mask|text\..*")
 
 
 def add_arguments(parser):
-  pass
+  parser.add_argument("--act", choices=ACTIVATIONS, default=None,
+                      help="MLP activation, which an open_clip state dict does not record: gelu (default; "
+                           "LAION models) or quick_gelu (OpenAI's CLIP weights, open_clip's *-quickgelu "
+                           "models). HF folders read it from config.json (hidden_act)")
 
 
 def _fix_in_proj(state: dict) -> dict:
@@ -25,7 +33,7 @@ def _fix_in_proj(state: dict) -> dict:
           for k, v in state.items()}
 
 
-def convert(state_dict, *, source="checkpoint"):
+def convert(state_dict, *, source="checkpoint", act="gelu"):
   state = _fix_in_proj(state_dict)
   pre = "visual." if "visual.conv1.weight" in state else ""
   vit.require(state, [pre + "conv1.weight", pre + "positional_embedding",
@@ -34,7 +42,7 @@ def convert(state_dict, *, source="checkpoint"):
   side = vit.grid_from_tokens(state[pre + "positional_embedding"].shape[0] - 1, source)
   depth = vit.count_blocks(state, f"{pre}transformer.resblocks.")
   arch = dict(patch_size=int(p), width=int(width), depth=depth, heads=int(width) // 64,
-              mlp_hidden=int(state[pre + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+              mlp_hidden=int(state[pre + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]), mlp_act=act,
               native_resolution=(side * int(p),) * 2,
               proj_dim=int(state[pre + "proj"].shape[1]) if pre + "proj" in state else 0)
   conv = vit.new_conversion(state, NAME, arch, source)
@@ -77,5 +85,10 @@ def convert_hf(state, config, source):
 
 def from_checkpoint(raw, hf_config, fmt, args):
   if fmt == "hf":
+    act = vit.hf_act(vit.vision_config(hf_config), args.checkpoint)
+    if args.act and args.act != act:
+      raise core.ConversionError(f"--act {args.act} given, but {args.checkpoint}'s config.json gives {act} "
+                                 "(hidden_act)")
     return convert_hf(raw, hf_config, args.checkpoint)
-  return convert(core.flatten_state_dict(core.unwrap(raw, ["state_dict", "model"])), source=args.checkpoint)
+  return convert(core.flatten_state_dict(core.unwrap(raw, ["state_dict", "model"])), source=args.checkpoint,
+                 act=args.act or "gelu")

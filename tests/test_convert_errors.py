@@ -1,6 +1,12 @@
-"""Converters refuse bad checkpoints with one error listing every problem, and write nothing."""
+"""Converters refuse bad checkpoints with one error listing every problem, and write nothing; and
+they read what releases actually ship (bf16 safetensors, wrapped keys, full training checkpoints)."""
+import argparse
 import os
+import shutil
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 import timm
@@ -73,7 +79,7 @@ def test_pickle_with_code_is_refused(tmp_path):
   path = tmp_path / "evil.pth"
   torch.save({"model": {"x": _Payload(str(marker))}}, path)
   msg = refuse(tmp_path, path, match="refused to unpickle")
-  assert "evil.pth" in msg
+  assert "evil.pth" in msg and "GLOBAL posix.system" in msg
   assert not marker.exists(), "the checkpoint's code ran"
 
 
@@ -145,3 +151,180 @@ def test_object_store_save_writes_model_json_last(tmp_path, monkeypatch):
   np.testing.assert_array_equal(np.asarray(loaded["params"]["cls_token"]), np.asarray(variables["params"]["cls_token"]))
   with pytest.raises(FileExistsError, match="holds a model already"):
     models.save(str(tmp_path / "store"), "dinov3_vits16", variables, {"depth": 1})
+
+
+# ------------------------------------------------------------------- what releases ship
+
+
+def _bf16(state):
+  return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
+
+
+def test_bfloat16_safetensors(tmp_path, deit_small_state):
+  from safetensors.torch import save_file
+  path = tmp_path / "deit_small_bf16.safetensors"
+  save_file(_bf16(deit_small_state), str(path))
+  expected = deit_small_state["pos_embed"].to(torch.bfloat16).float().numpy()
+  # In a fresh process that has not imported JAX (whose ml_dtypes teaches NumPy bfloat16).
+  code = ("import sys, numpy as np; from convert import core; a = core.read_file(sys.argv[1])['pos_embed']; "
+          "assert 'jax' not in sys.modules; np.save(sys.argv[2], a)")
+  subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "pos.npy")], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  read = np.load(tmp_path / "pos.npy")
+  assert read.dtype == np.float32
+  np.testing.assert_array_equal(read, expected)
+  run_convert(["deit", "--checkpoint", str(path), "--out", str(tmp_path / "out")])
+  _, variables = models.load(tmp_path / "out")
+  np.testing.assert_array_equal(np.asarray(variables["params"]["pos_embed"]), expected)
+
+
+def test_wrapper_prefixes_are_removed(tmp_path, deit_small_state, capsys):
+  path = tmp_path / "ddp_compiled.pth"
+  torch.save({"model": {f"module._orig_mod.{k}": v for k, v in deit_small_state.items()}}, path)
+  run_convert(["deit", "--checkpoint", str(path), "--out", str(tmp_path / "out")])
+  assert "'module._orig_mod.'" in capsys.readouterr().out
+  _, variables = models.load(tmp_path / "out")
+  np.testing.assert_array_equal(np.asarray(variables["params"]["pos_embed"]), deit_small_state["pos_embed"].numpy())
+
+
+class _Opaque:
+  pass
+
+
+def test_dino_full_checkpoint_with_args(tmp_path, deit_small_state):
+  """DINO's full checkpoints keep their command line as an argparse.Namespace next to the weights."""
+  backbone = {k: v for k, v in deit_small_state.items() if not k.startswith("head.")}
+  teacher = {**{f"backbone.{k}": v for k, v in backbone.items()},
+             "head.mlp.0.weight": torch.zeros(32, 384), "head.last_layer.weight_g": torch.ones(64, 1)}
+  student = {f"module.{k}": v + 1 for k, v in teacher.items()}
+  args = argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005, output_dir="/runs/dino")
+  path = tmp_path / "dino_deitsmall16_pretrain_full_checkpoint.pth"
+  torch.save({"teacher": teacher, "student": student, "args": args, "epoch": 100,
+              "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "params": [0, 1]}]}}, path)
+  for extra, source in (((), teacher), (("--from-student",), student)):
+    out = tmp_path / f"out{len(extra)}"
+    run_convert(["dino", "--checkpoint", str(path), "--out", str(out), *extra])
+    _, variables = models.load(out)
+    np.testing.assert_array_equal(np.asarray(variables["params"]["pos_embed"]),
+                                  source[("module." if extra else "") + "backbone.pos_embed"].numpy())
+  other = tmp_path / "other.pth"
+  torch.save({"teacher": teacher, "args": _Opaque()}, other)
+  refused = r"Unsupported global: GLOBAL tests\.test_convert_errors\._Opaque was not an allowed global"
+  with pytest.raises(core.ConversionError, match=refused):
+    run_convert(["dino", "--checkpoint", str(other), "--out", str(tmp_path / "o")])
+
+
+# --------------------------------------------- OpenCLIP folders and Hub repos with two formats
+
+
+@pytest.fixture(scope="module")
+def laion_repo(module_tmp):
+  """A folder laid out as laion's Hub repos: an HF CLIP model beside open_clip's own files."""
+  import open_clip
+  from safetensors.torch import save_file
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+  folder = module_tmp.mktemp("laion")
+  hf = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=1, image_size=32, patch_size=16,
+                                                      projection_dim=16, hidden_act="gelu"))
+  hf.save_pretrained(folder, safe_serialization=True)
+  torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+  oc = open_clip.CLIP(16, dict(width=128, layers=2, patch_size=16, image_size=48),
+                      dict(context_length=8, vocab_size=64, width=64, heads=1, layers=1))
+  oc_state = {k: v.clone().contiguous() for k, v in oc.state_dict().items()}
+  save_file(oc_state, str(folder / "open_clip_model.safetensors"))
+  torch.save(oc_state, folder / "open_clip_pytorch_model.bin")
+  hf_pos = hf.state_dict()["vision_model.embeddings.position_embedding.weight"].numpy()[None]
+  return folder, hf_pos, oc_state["visual.positional_embedding"].numpy()[None]
+
+
+def _converted(out):
+  meta = models.read_model_json(out)
+  _, variables = models.load(out)
+  return meta["provenance"]["format"], np.asarray(variables["params"]["pos_embed"])
+
+
+def test_openclip_folder_with_hf_and_open_clip_files(tmp_path, laion_repo):
+  folder, hf_pos, oc_pos = laion_repo
+  run_convert(["openclip", "--checkpoint", str(folder), "--out", str(tmp_path / "hf")])
+  fmt, pos = _converted(tmp_path / "hf")
+  assert fmt == "hf"
+  np.testing.assert_array_equal(pos, hf_pos)
+  run_convert(["openclip", "--checkpoint", str(folder), "--format", "original", "--out", str(tmp_path / "oc")])
+  fmt, pos = _converted(tmp_path / "oc")
+  assert fmt == "original"
+  np.testing.assert_array_equal(pos, oc_pos)
+  only = tmp_path / "only_open_clip"
+  only.mkdir()
+  shutil.copy(folder / "open_clip_model.safetensors", only)
+  run_convert(["openclip", "--checkpoint", str(only), "--out", str(tmp_path / "only")])
+  fmt, pos = _converted(tmp_path / "only")
+  assert fmt == "original"
+  np.testing.assert_array_equal(pos, oc_pos)
+  with pytest.raises(core.ConversionError, match="--act quick_gelu given.*gives gelu"):
+    run_convert(["openclip", "--checkpoint", str(folder), "--act", "quick_gelu", "--out", str(tmp_path / "x")])
+
+
+def test_hub_download_fetches_one_format(tmp_path, laion_repo, monkeypatch):
+  import fnmatch
+  import huggingface_hub
+  folder = laion_repo[0]
+  fetched = []
+
+  def snapshot_download(repo_id, allow_patterns):
+    dest = tmp_path / "snapshots" / str(len(fetched))
+    dest.mkdir(parents=True)
+    for name in os.listdir(folder):
+      if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+        shutil.copy(folder / name, dest)
+    fetched.append(sorted(os.listdir(dest)))
+    return str(dest)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  monkeypatch.chdir(tmp_path)
+  run_convert(["openclip", "--checkpoint", "laion/CLIP-test", "--out", "hf"])
+  assert fetched == [["config.json", "model.safetensors"]]
+  assert _converted(tmp_path / "hf")[0] == "hf"
+  run_convert(["openclip", "--checkpoint", "laion/CLIP-test", "--format", "original", "--out", "oc"])
+  assert fetched[1:] == [["open_clip_model.safetensors"]]
+  assert _converted(tmp_path / "oc")[0] == "original"
+
+
+# ------------------------------------------------------------------------------- DINOv3
+
+
+class _Dinov3Args:
+  ln_eps = None
+  checkpoint = "test checkpoint"
+  rope_dtype = "float32"
+
+
+@pytest.fixture(scope="module")
+def dinov3_small_state():
+  from benchmarks.nnunet_reference import official_state
+  return {k: core.to_numpy(v) for k, v in official_state(384, 12, 6, seed=3).items()}
+
+
+def test_dinov3_sat493m_local_cls_norm_is_ignored(dinov3_small_state):
+  from convert import dinov3
+  sat = dict(dinov3_small_state, **{"local_cls_norm.weight": np.ones(384, np.float32),
+                                   "local_cls_norm.bias": np.zeros(384, np.float32)})
+  name, _, variables = dinov3.from_checkpoint(sat, None, "original", _Dinov3Args())
+  _, _, plain = dinov3.from_checkpoint(dinov3_small_state, None, "original", _Dinov3Args())
+  assert name == "dinov3_vits16"
+  for a, b in zip(*(jax.tree_util.tree_leaves(v) for v in (variables, plain)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dinov3_swiglu_variant_is_refused_as_such(dinov3_small_state):
+  from convert import dinov3
+  splus = {k: v for k, v in dinov3_small_state.items() if ".mlp." not in k}
+  for i in range(12):
+    splus.update({f"blocks.{i}.mlp.w1.weight": np.zeros((1536, 384), np.float32),
+                  f"blocks.{i}.mlp.w2.weight": np.zeros((1536, 384), np.float32),
+                  f"blocks.{i}.mlp.w3.weight": np.zeros((384, 1536), np.float32)})
+  with pytest.raises(core.ConversionError) as err:
+    dinov3.from_checkpoint(splus, None, "original", _Dinov3Args())
+  msg = str(err.value)
+  assert "ViT-S+/16" in msg and "SwiGLU" in msg and "not supported" in msg
+  assert "missing" not in msg and len(msg.splitlines()) == 1

@@ -6,10 +6,10 @@ block's output at the native resolution and at one other, where position embeddi
 exactly as the source does it (DESIGN.md, "Numerics").
 """
 import functools
+import json
 import math
 
 import jax
-import numpy as np
 import pytest
 import timm
 import torch
@@ -176,20 +176,31 @@ def test_dinov2_hub_registers(tmp_path):
              pos_embed=torch.cat([cls_pos, timm_state["pos_embed"]], dim=1), mask_token=torch.zeros(1, 768))
   path = tmp_path / "dinov2_vitb14_reg4_pretrain.pth"
   torch.save(hub, path)
-  run_convert(["dinov2", "--checkpoint", str(path), "--out", str(tmp_path / "out")])
-  assert models.read_model_json(tmp_path / "out")["name"] == "dinov2_vitb14_reg4"
+  out = tmp_path / "out"
+  run_convert(["dinov2", "--checkpoint", str(path), "--out", str(out)])
+  assert models.read_model_json(out)["name"] == "dinov2_vitb14_reg4"
   x = images(1, 518)
   pooled, _, blocks = timm_reference(ref, x, n_prefix=5)
-  compare(tmp_path / "out", x, pooled, blocks[-1][:, 5:], blocks)  # DINOv2's tokens are pre-norm
-  # At 224 the hub model resizes with scale_factor (g + 0.1) / M; build timm at 224 with that.
+  compare(out, x, pooled, blocks[-1][:, 5:], blocks)  # DINOv2's tokens are pre-norm
+  # At 224 the hub's `_reg` models (interpolate_offset=0, interpolate_antialias=True) resize the
+  # checkpoint's 37x37 grid with this call (the installed dinov2 package predates registers).
+  grid = hub["pos_embed"][:, 1:].reshape(1, 37, 37, 768).permute(0, 3, 1, 2)
+  grid = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
   at224 = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=224).eval()
-  state = dict(timm_state)
-  grid = torch_resample(torch.cat([cls_pos, timm_state["pos_embed"]], 1), (16, 16), "dino_offset")[:, 1:]
-  state["pos_embed"] = grid
-  at224.load_state_dict(state)
+  at224.load_state_dict(dict(timm_state, pos_embed=grid.permute(0, 2, 3, 1).reshape(1, 256, 768)))
   x = images(1, 224, seed=1)
   pooled, _, blocks = timm_reference(at224, x, n_prefix=5)
-  compare(tmp_path / "out", x, pooled, blocks[-1][:, 5:], blocks)
+  module = compare(out, x, pooled, blocks[-1][:, 5:], blocks)
+  assert module.posemb == "size_antialias"
+  # A folder converted before this was fixed recorded 'dino_offset'; reading it (as load and training
+  # do) corrects that, with a warning.
+  meta = json.loads((out / models.MODEL_JSON).read_text())
+  meta["overrides"]["posemb"] = "dino_offset"
+  (out / models.MODEL_JSON).write_text(json.dumps(meta))
+  with pytest.warns(UserWarning, match="dino_offset.*size_antialias"):
+    assert models.read_model_json(out)["overrides"]["posemb"] == "size_antialias"
+  with pytest.warns(UserWarning, match="dino_offset.*size_antialias"):
+    assert models.load(out)[0].posemb == "size_antialias"
 
 
 @pytest.mark.parametrize("registers", [0, 4])
@@ -232,6 +243,22 @@ def test_openclip_original(tmp_path):
   open_clip.load_checkpoint(at336, str(path))
   x = images(1, 336, seed=1)
   compare(tmp_path / "out", x, *openclip_reference(at336, x))
+
+
+def test_openclip_quick_gelu(tmp_path):
+  """OpenAI's CLIP weights through open_clip (and its *-quickgelu models): the same keys, QuickGELU MLPs."""
+  import open_clip
+  ref = randomize(open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True), seed=11)
+  path = tmp_path / "open_clip_pytorch_model.bin"
+  torch.save(ref.state_dict(), path)
+  run_convert(["openclip", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--act", "quick_gelu"])
+  assert models.read_model_json(tmp_path / "out")["overrides"]["mlp_act"] == "quick_gelu"
+  x = images(1, 224)
+  compare(tmp_path / "out", x, *openclip_reference(ref, x))
+  at160 = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True, force_image_size=160).eval()
+  open_clip.load_checkpoint(at160, str(path))
+  x = images(1, 160, seed=1)
+  compare(tmp_path / "out", x, *openclip_reference(at160, x))
 
 
 def test_openclip_hf(tmp_path):

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import jax
@@ -122,13 +123,31 @@ def _model_path(model_dir) -> str:
   return str(model_dir) if is_remote(model_dir) else os.path.abspath(os.path.expanduser(str(model_dir)))
 
 
+def _corrected_overrides(meta: dict, model_dir) -> dict:
+  """model.json's overrides, with what an older converter recorded wrongly set right (with a warning)."""
+  overrides = dict(meta["overrides"])
+  # DINOv2 hub files with registers were recorded with the '(g + 0.1) / M' resize of the models
+  # without; their hub models resize with F.interpolate(size=grid, antialias=True).
+  if meta["name"].startswith("dinov2_") and "_reg" in meta["name"] and overrides.get("posemb") == "dino_offset":
+    warnings.warn(f"{model_dir}: model.json records posemb 'dino_offset' for {meta['name']}, which an older "
+                  "converter wrote for DINOv2 hub files with registers; their hub models resize with "
+                  "'size_antialias', which is used instead (features at other resolutions than the native one "
+                  "differ from those of earlier runs). Convert the checkpoint again to record it.")
+    overrides["posemb"] = "size_antialias"
+  return overrides
+
+
 def read_model_json(model_dir: str) -> dict[str, Any]:
+  """model.json of a converted model: name, overrides (older converters' known mistakes corrected,
+  with a warning) and provenance."""
   from etils import epath
   path = epath.Path(_model_path(model_dir)) / MODEL_JSON
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {model_dir} is not a converted mfjax model "
                             "(run `python -m convert FAMILY --checkpoint ... --out DIR` first)")
-  return json.loads(path.read_text())
+  meta = json.loads(path.read_text())
+  meta["overrides"] = _corrected_overrides(meta, model_dir)
+  return meta
 
 
 def load(model_dir: str):

@@ -16,8 +16,9 @@ import numpy as np
 
 # How each source model resizes its absolute position embedding to a new token grid.
 #   size            F.interpolate(size=grid)                        HF ViT/DeiT, HF Dinov2, HF CLIP, BLIP
-#   size_antialias  F.interpolate(size=grid, antialias=True)        timm, open_clip, SAM, HF Dinov2WithRegisters
-#   dino_offset     F.interpolate(scale_factor=(g + 0.1) / M)       DINOv1, DINOv2 torch hub
+#   size_antialias  F.interpolate(size=grid, antialias=True)        timm, open_clip, SAM, DINOv2 with registers
+#                                                                   (torch hub and HF Dinov2WithRegisters)
+#   dino_offset     F.interpolate(scale_factor=(g + 0.1) / M)       DINOv1, DINOv2 torch hub without registers
 #   deit_sqrt       F.interpolate(scale_factor=sqrt(n_new / n_old)) the paper's DeiT head (square grids)
 #   fixed           no resizing: the input must give the native grid
 POSEMB_METHODS = ("size", "size_antialias", "dino_offset", "deit_sqrt", "fixed")

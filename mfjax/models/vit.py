@@ -121,5 +121,7 @@ MODELS = {
                             tokens="prenorm"),
     "blip_vitb16": _vit(768, 12, 12, posemb="size"),
     **{f"dinov2_vit{s}14": cfg for s, cfg in _DINOV2_SIZES.items()},
-    **{f"dinov2_vit{s}14_reg4": dict(cfg, num_registers=4) for s, cfg in _DINOV2_SIZES.items()},
+    # The hub's `_reg` builders resize with interpolate_offset=0, interpolate_antialias=True, as HF does.
+    **{f"dinov2_vit{s}14_reg4": dict(cfg, num_registers=4, posemb="size_antialias")
+       for s, cfg in _DINOV2_SIZES.items()},
 }
