@@ -72,6 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.n_local = a.n_local
   c.data.global_scale = (0.32, 1.0)
   c.data.local_scale = (0.05, 0.32)
+  c.data.horizontal_flips = True     # False: no flips (DINOv3's ViT-7B Gram and high-resolution stages)
   c.data.pool_volumes = 16           # volumes held in memory; slices are drawn from these
   c.data.new_volumes_per_step = 1    # how many pool volumes are replaced after each step
   c.data.num_workers = 8             # threads cropping the batch's slices; 0 = the main thread
@@ -123,7 +124,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.gram.checkpoint = ""             # converted model folder of the Gram teacher; "" = the EMA teacher ...
   c.gram.teacher_step = 0            # ... copied at this step; the Gram loss counts from this step on
   c.gram.crop_size = 0               # Gram teacher input size; 0 = the global crops themselves
-  c.gram.distortions = True          # Gram crops get their own photometric augmentation
+  c.gram.distortions = True          # the Gram teacher sees the student's photometric draw (False: none)
   c.gram.img_level = True            # one Gram matrix per image (False: one over the whole batch)
   c.gram.refresh_every = 0           # > 0: after every this many steps the EMA teacher replaces the Gram teacher ...
   c.gram.first_refresh = 0           # ... from this step on ...

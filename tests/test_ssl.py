@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,6 +251,25 @@ def test_multi_crop_shapes_ranges_and_determinism():
         [(-1000 - 65.1084) / 178.0166, -65.1084 / 178.0166, 0.0, (1000 - 65.1084) / 178.0166])
 
 
+def test_gram_crops_are_the_students_crops_as_dinov3_cuts_them():
+  slice_hu = np.random.default_rng(8).uniform(-2000, 3000, (50, 60)).astype(np.float32)
+  for seed in range(4):
+    # Same size: the Gram teacher sees the student's global crops, photometric draw included.
+    same = augment.multi_crop(slice_hu, np.random.default_rng(seed), 32, 16, 2, gram_size=32)
+    np.testing.assert_array_equal(same["gram"], same["global"])
+    # Larger Gram crops: one distorted cut at 48 px, resized to 32 for the student.
+    big = augment.multi_crop(slice_hu, np.random.default_rng(seed), 32, 16, 2, gram_size=48)
+    unit = lambda x: (x[..., 0] * augment.CT_STD + augment.CT_MEAN + 1000) / 2000
+    for g, student in zip(big["gram"], big["global"]):
+      close(unit(student), augment.resize(unit(g), 32))
+  # Without distortions, at the same size, the Gram crop is the student's cut before its photometry.
+  rng = np.random.default_rng(3)
+  plain = augment.multi_crop(slice_hu, rng, 32, 16, 0, gram_size=32, gram_distortions=False, flips=False)
+  box = augment.random_resized_crop_box(np.random.default_rng(3), 60, 50, augment.GLOBAL_SCALE)
+  close(plain["gram"][0], augment.normalize(augment.crop_resize(augment.window(slice_hu), box, 32, False)))
+  assert not np.allclose(plain["gram"][0], plain["global"][0])  # global 1 is always blurred
+
+
 def test_gaussian_blur_matches_torchvision():
   import torchvision.transforms.functional as TF
   image = np.random.default_rng(9).uniform(size=(20, 24)).astype(np.float32)
@@ -344,9 +364,10 @@ def test_parameter_plan_layer_decay_and_no_decay_groups():
   assert scale["backbone"]["norm"]["scale"] == 1.0 and scale["dino_head"]["mlp_0"]["kernel"] == 1.0
   assert decay["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"] == 1.0
   for no_decay in (decay["backbone"]["blocks_0"]["attn"]["qkv"]["bias"], decay["backbone"]["blocks_0"]["ls1"]["gamma"],
-                   decay["backbone"]["norm"]["scale"], decay["backbone"]["cls_token"],
-                   decay["backbone"]["storage_tokens"], decay["backbone"]["mask_token"]):
+                   decay["backbone"]["norm"]["scale"]):
     assert no_decay == 0.0
+  for token in ("cls_token", "storage_tokens", "mask_token"):  # DINOv3 decays by name: tokens are decayed
+    assert decay["backbone"][token] == 1.0
   assert last["dino_head"]["last_layer"]["kernel"] == 1.0 and last["dino_head"]["mlp_0"]["kernel"] == 0.0
 
 
@@ -542,6 +563,12 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   volumes.write_volume(str(flat / "slice.nii"), np.zeros((8, 8, 2, 2), np.float32))
   with pytest.raises(volumes.VolumeError, match="slice.nii"):
     pretrain.axial_slices(str(flat / "slice.nii"))
+  # Among good volumes, a bad one fails the start (headers are checked first), not the step that reads it.
+  for i in range(3):
+    volumes.write_volume(str(flat / f"good{i}.nii.gz"), np.zeros((8, 8, 3), np.float32))
+  with pytest.raises(volumes.VolumeError, match=r"slice.nii: expected a 3-D volume"):
+    pretrain.run(tiny_config(flat), tmp_path / "w3", progress=False)
+  assert not (tmp_path / "w3").exists()
   with pytest.raises(ConfigError, match="unknown config argument 'bogus'.*n_local"):
     pretrain_config.get_config("tiny=true,bogus=1")
   with pytest.raises(ConfigError, match="DINOv3-family"):
@@ -564,6 +591,11 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   too_long.loss.local_weight_schedule = pretrain_config.weight_schedule(1, 1, 0.5, 2, 1, enabled=True)
   with pytest.raises(ConfigError, match="loss.local_weight_schedule.*epochs=2"):
     pretrain.build_networks(too_long)
+  # The defaults' warmups (10 and 30 epochs) do not fit an 8-epoch stage; a constant temperature does.
+  stage = tiny_config(ct_folder, **{"optim.warmup_epochs": 10, "teacher.temp_warmup_epochs": 30})
+  with pytest.raises(ConfigError, match=r"optim.warmup_epochs=10, teacher.temp_warmup_epochs=30 .*epochs=2"):
+    pretrain.build_networks(stage)
+  pretrain.check_config(tiny_config(ct_folder, **{"teacher.temp_warmup_epochs": 30, "teacher.warmup_temp": 0.07}))
   with pytest.raises(ConfigError, match="not an `mfjax pretrain` run"):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"protocol": {"name": "frozen_linear"}}')
@@ -636,3 +668,17 @@ def test_pretrain_splits_the_batch_over_devices(ct_folder, tmp_path):
   # tiny model barely differ): the rounding of a differently split matmul shows at 1e-3.
   for key in ("train/koleo", "train/loss"):
     close(two["final"][key], one["final"][key], 2e-2)
+
+
+def test_a_resume_refuses_a_changed_volume_list(ct_folder, tmp_path):
+  folder = tmp_path / "ct"
+  shutil.copytree(ct_folder, folder)
+  config = tiny_config(folder, **{"epochs": 1, "epoch_length": 2})
+  pretrain.run(config, tmp_path / "run", progress=False)
+  (tmp_path / "run" / "result.json").unlink()  # as if stopped after its last checkpoint
+  shutil.rmtree(tmp_path / "run" / "backbone")
+  shutil.copy(folder / "case0.nii.gz", folder / "case9.nii.gz")
+  with pytest.raises(ConfigError, match="now hold 4 volumes, not the list of 3"):
+    pretrain.run(config, tmp_path / "run", progress=False)
+  (folder / "case9.nii.gz").unlink()
+  assert pretrain.run(config, tmp_path / "run", progress=False)["steps"] == 2

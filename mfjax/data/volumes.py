@@ -50,6 +50,14 @@ def read_volume(path: str, canonical: bool = True) -> tuple[np.ndarray, np.ndarr
   return data, spacing
 
 
+def check_header(path: str) -> None:
+  """What the header alone can tell: a readable NIfTI holding one 3-D volume with positive spacing."""
+  path, image = _load(path)
+  spacing = np.asarray(image.header.get_zooms()[:3], np.float64)
+  if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+    raise VolumeError(f"{path}: voxel spacing {tuple(spacing)} is not positive")
+
+
 def read_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(labels (X, Y, Z) uint8, spacing (3,)): a segmentation map of whole-number class ids 0..255."""
   data, spacing = read_volume(path)

@@ -13,8 +13,12 @@ and is normalised as MedDINOv3's demo does: back to HU, (x - 65.1084) / 178.0166
 Dropped for a one-channel image: ColorJitter's saturation (0.2) and hue (0.1) shifts and
 RandomGrayscale (p=0.2) leave a grey image unchanged, so they are not drawn at all.
 
-Gram crops (optional): the global crops' own boxes and flips, resized to the Gram teacher's size,
-with their own photometric draw (`gram_distortions=True`, as DINOv3) or none.
+Gram crops (optional), as DINOv3's `DataAugmentationDINO`: each global box is cut at the larger of
+the global and Gram sizes. With `gram_distortions`, its photometric augmentation is drawn once at that
+size, and the result is resized to the global crop and to the Gram crop (the Gram teacher sees the
+student's image). Without, the Gram crop is the undistorted cut resized, and the global crop is resized
+before its photometric augmentation. `flips=False` turns every horizontal flip off (DINOv3's
+`horizontal_flips`, off in its ViT-7B Gram and high-resolution stages).
 """
 
 import numpy as np
@@ -88,22 +92,32 @@ def photometric(unit: np.ndarray, rng: np.random.Generator, kind: str) -> np.nda
   return unit.astype(np.float32)
 
 
+def resize(unit: np.ndarray, size: int) -> np.ndarray:
+  """Bicubic resize of a square crop; none at its own size (as torchvision's Resize)."""
+  return unit if unit.shape[0] == size else crop_resize(unit, (0, 0, *unit.shape), size, False)
+
+
 def multi_crop(slice_hu: np.ndarray, rng: np.random.Generator, global_size: int, local_size: int, n_local: int,
                global_scale=GLOBAL_SCALE, local_scale=LOCAL_SCALE, gram_size: int = 0,
-               gram_distortions: bool = True) -> dict:
+               gram_distortions: bool = True, flips: bool = True) -> dict:
   """{"global": (2, G, G, 3), "local": (n_local, L, L, 3)[, "gram": (2, S, S, 3)]} float32 of one slice."""
   unit = window(slice_hu)
   height, width = unit.shape
   out = {"global": [], "local": [], "gram": []}
+  cut_size = max(global_size, gram_size)
   for kind in ("global1", "global2"):
     box = random_resized_crop_box(rng, width, height, global_scale)
-    flip = bool(rng.random() < 0.5)
-    out["global"].append(normalize(photometric(crop_resize(unit, box, global_size, flip), rng, kind)))
-    if gram_size:
-      gram = crop_resize(unit, box, gram_size, flip)
-      out["gram"].append(normalize(photometric(gram, rng, kind) if gram_distortions else gram))
+    cut = crop_resize(unit, box, cut_size, flips and bool(rng.random() < 0.5))
+    if gram_size and gram_distortions:  # one draw, shared by the student's crop and the Gram teacher's
+      distorted = photometric(cut, rng, kind)
+      out["global"].append(normalize(resize(distorted, global_size)))
+      out["gram"].append(normalize(resize(distorted, gram_size)))
+    else:
+      out["global"].append(normalize(photometric(resize(cut, global_size), rng, kind)))
+      if gram_size:
+        out["gram"].append(normalize(resize(cut, gram_size)))
   for _ in range(n_local):
     box = random_resized_crop_box(rng, width, height, local_scale)
-    flip = bool(rng.random() < 0.5)
+    flip = flips and bool(rng.random() < 0.5)
     out["local"].append(normalize(photometric(crop_resize(unit, box, local_size, flip), rng, "local")))
   return {k: np.stack(v) for k, v in out.items() if v}

@@ -45,6 +45,7 @@ A SIGTERM (preemption) saves a checkpoint after the current step and exits; reru
 import concurrent.futures
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -93,6 +94,15 @@ def list_volumes(folders) -> list[str]:
       raise ConfigError(f"data.folders: {folder} holds no *.nii.gz or *.nii volumes")
     paths += found
   return paths
+
+
+def check_volumes(paths: list[str], progress: bool = True) -> str:
+  """Every volume's header checked before the run starts (a bad file fails now, not hours in, when
+  it enters the pool), and a fingerprint of the list: the data order is a function of it."""
+  from tqdm.auto import tqdm
+  for path in tqdm(paths, desc="checking volume headers", unit="volume", disable=not progress or len(paths) < 50):
+    volumes.check_header(path)
+  return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
 
 
 def axial_slices(path: str) -> np.ndarray:
@@ -164,7 +174,7 @@ def make_batch(config, pool: SlicePool, step: int, networks: "Networks", executo
   def crops(i):
     rng = np.random.default_rng([config.seed, 2, step, i])
     return augment.multi_crop(slices[i], rng, global_size, local_size, d.n_local, tuple(d.global_scale),
-                              tuple(d.local_scale), gram_size, config.gram.distortions)
+                              tuple(d.local_scale), gram_size, config.gram.distortions, d.horizontal_flips)
 
   per_slice = list(executor.map(crops, range(b)) if executor else map(crops, range(b)))
   crop_major = lambda kind: np.stack([c[kind][k] for k in range(len(per_slice[0][kind])) for c in per_slice])
@@ -313,6 +323,16 @@ def check_config(config) -> None:
                              > config.epochs):
       raise ConfigError(f"{part}.{key}_schedule: warmup_epochs={schedule.warmup_epochs} + "
                         f"cosine_epochs={schedule.cosine_epochs} must fit in epochs={config.epochs}")
+  o, t = config.optim, config.teacher
+  longer = [f"{key}={value}" for key, value in (("optim.warmup_epochs", o.warmup_epochs),
+                                                  ("optim.freeze_last_layer_epochs", o.freeze_last_layer_epochs))
+            if value > config.epochs]
+  if t.temp_warmup_epochs > config.epochs and t.warmup_temp != t.temp:
+    longer.append(f"teacher.temp_warmup_epochs={t.temp_warmup_epochs} (teacher.warmup_temp={t.warmup_temp} never "
+                  f"reaches teacher.temp={t.temp})")
+  if longer:
+    raise ConfigError(f"{', '.join(longer)}: longer than the run's epochs={config.epochs}; every schedule starts "
+                      "afresh in each run (a later stage too), so shorten it")
   if config.model.init_from_run and config.model.checkpoint:
     raise ConfigError("model.init_from_run and model.checkpoint both name a starting point; set one")
   if config.data.mixed_sizes and g.crop_size:
@@ -365,7 +385,8 @@ def parameter_plan(params: dict, depth: int, layer_decay: float, patch_embed_mul
   """Per-parameter constants of the update, as DINOv2's `get_params_groups_with_decay`:
   lr_scale  layer_decay ** (depth + 1 - layer): patch embedding and tokens are layer 0, block i is
             layer i + 1, the final norm and the heads depth + 1; the patch embedding also x patch_embed_mult
-  decay     1 where weight decay applies: not biases, norms, LayerScale gammas or tokens
+  decay     1 where weight decay applies: not biases, norms or LayerScale gammas (DINOv3's rule is by name,
+            so the cls, storage and mask tokens are decayed)
   last      1 for the heads' last layers (their own, frozen-at-first learning rate)"""
   names = lambda path: [getattr(p, "key", str(p)) for p in path]
 
@@ -380,7 +401,7 @@ def parameter_plan(params: dict, depth: int, layer_decay: float, patch_embed_mul
 
   decays = decay_mask(params)
   return {"lr_scale": jax.tree_util.tree_map_with_path(lr_scale, params),
-          "decay": jax.tree_util.tree_map_with_path(lambda p, d: float(d and names(p)[1] not in TOKENS), decays),
+          "decay": jax.tree_util.tree_map_with_path(lambda p, d: float(d or names(p)[1] in TOKENS), decays),
           "last": jax.tree_util.tree_map_with_path(lambda p, _: float("last_layer" in names(p)), params)}
 
 
@@ -506,6 +527,7 @@ def run(config, workdir, progress: bool = True) -> dict:
   start_time = time.time()
   paths = list_volumes(config.data.folders)
   check_config(config)
+  volume_list = check_volumes(paths, progress)
   architecture(config)  # config errors before the workdir (and its config.json) is written
   workdir, config_dict = fit.start_run(config, workdir)  # multi-host initialisation: before any JAX call
   networks, gram_variables = build_networks(config)      # loads gram.checkpoint (JAX)
@@ -526,10 +548,16 @@ def run(config, workdir, progress: bool = True) -> dict:
   plan = parallel.put_global(jax.tree_util.tree_map(np.float32, parameter_plan(
       state["student"], networks.student.depth, config.optim.layer_decay, config.optim.patch_embed_lr_mult)),
       replicated)
-  host = {"train_seconds": 0.0}
+  host = {"train_seconds": 0.0, "volumes": volume_list, "num_volumes": len(paths)}
   restored = ckpts.restore_latest(fit.abstract_of(state))
   if restored is not None:
     state, host = restored
+    if host.get("volumes", volume_list) != volume_list:  # checkpoints before the list was recorded: no check
+      raise ConfigError(f"data.folders now hold {len(paths)} volumes, not the list of {host.get('num_volumes')} the "
+                        f"run in {workdir} started with: the slices it draws at each step would change. Restore "
+                        "that list, or start a new --workdir")
+    host.setdefault("volumes", volume_list)
+    host.setdefault("num_volumes", len(paths))
   step, total_steps = int(state["step"]), config.epochs * config.epoch_length
   if restored is not None:
     log.info("resumed %s at step %d", workdir, step)
@@ -576,7 +604,7 @@ def run(config, workdir, progress: bool = True) -> dict:
       if checkpoint_due or preempted:  # checked before the state is saved; a preemption logs on cadence only
         last = _check_and_log(pending, writer, config, force=checkpoint_due)
         pending = None
-        host = {"train_seconds": host["train_seconds"] + time.time() - segment_start}
+        host = {**host, "train_seconds": host["train_seconds"] + time.time() - segment_start}
         segment_start = time.time()
         ckpts.save_latest(step, state, host)
         writer.flush()
