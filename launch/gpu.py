@@ -150,6 +150,7 @@ def finished(args, command: list[str], done: str | None) -> bool:
 
 def local(args, runner: common.Runner) -> int:
   command, workdir = args.mfjax
+  workdir = os.path.expanduser(workdir)  # bash leaves --workdir=~/... as it is; mfjax expands it
   done = common.done_file(command, workdir)
   if done and "://" in done:
     done = None  # a bucket: judged by the exit status
@@ -191,6 +192,7 @@ def local(args, runner: common.Runner) -> int:
 
 def slurm(args, runner: common.Runner) -> int:
   command, workdir = args.mfjax
+  workdir = os.path.expanduser(workdir)
   done = common.done_file(command, workdir)
   if done and "://" not in done:
     done = os.path.join(common.ROOT, done)  # the job runs in the checkout

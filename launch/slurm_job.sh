@@ -37,7 +37,9 @@ if [ "$gpus" -gt 0 ]; then
   export JAX_LOCAL_DEVICE_IDS
 fi
 cd "$MFJAX_ROOT"
-cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$MFJAX_PYTHON" -m mfjax.cli "$@")
+# srun no longer inherits sbatch's --cpus-per-task (Slurm 22.05): pass it on, or data loading gets one CPU.
+cmd=(srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} --kill-on-bad-exit=1
+     "$MFJAX_PYTHON" -m mfjax.cli "$@")
 
 if [ -n "${MFJAX_DRY_RUN:-}" ]; then
   printf 'cd %q\n' "$MFJAX_ROOT"

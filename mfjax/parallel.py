@@ -23,8 +23,11 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   Explicit arguments win, then MFJAX_COORDINATOR / MFJAX_NUM_PROCESSES / MFJAX_PROCESS_ID (what
   launch/tpu.sh and launch/gpu.sh set). Under SLURM with several tasks, or with
   MFJAX_DISTRIBUTED=auto (e.g. on a multi-host Cloud TPU VM started by hand), JAX's own detection
-  fills everything in. A single process does nothing.
+  fills everything in. A single process does nothing, and neither does a second call (the runs of
+  a sweep, one after another in the same processes).
   """
+  if jax.distributed.is_initialized():
+    return
   coordinator = coordinator or os.environ.get("MFJAX_COORDINATOR")
   if num_processes is None and "MFJAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["MFJAX_NUM_PROCESSES"])

@@ -157,6 +157,17 @@ def test_cbis_ddsm_errors(tmp_path):
   os.rename(folder, folder + "_moved")
   with pytest.raises(DataError, match=rf"line 2, column 'image file path': no image found for '{key}'"):
     mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"))
+  # skip_bad_images covers a mammogram missing from a partial download: left out and recorded.
+  built = mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"), skip_bad_images=True)
+  assert [(s["id"], s["problem"]) for s in built.metadata["skipped"]] == [(key, "missing")]
+  os.rename(folder + "_moved", folder)
+  # abnormality='both' needs both families' CSVs: without the calcification ones it is an error, not mass only.
+  for name in ("calc_case_description_train_set.csv", "calc_case_description_test_set.csv"):
+    os.rename(os.path.join(manual, name), os.path.join(tmp_path, name))
+  with pytest.raises(DataError, match=r"abnormality='both' needs calc_case_description_train_set.csv, "
+                                     r"calc_case_description_test_set.csv"):
+    mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds2"))
+  assert mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds2"), abnormality="mass").split_sizes
 
   lists = synthetic.ddsm_lists(str(tmp_path / "lists"), num_cases=15)
   with open(os.path.join(lists, "ddsm_raw_image_lists", "val.txt"), "a") as f:
@@ -165,10 +176,42 @@ def test_cbis_ddsm_errors(tmp_path):
     mfjax.data.build("cbis_ddsm", lists, str(tmp_path / "tfds"), layout="lists")
 
 
+def test_a_build_finished_meanwhile_by_another_process_is_used(aptos, monkeypatch):
+  manual, data_dir = aptos
+  builder = mfjax.data.BUILDERS["aptos2019"]
+  real = builder.download_and_prepare
+
+  def lose_the_race(self, **kwargs):  # the other process renames its finished build into place first
+    real(self, **kwargs)
+    raise FileExistsError("Cannot rename incomplete.XXXX_1.0.0: the folder exists")
+
+  monkeypatch.setattr(builder, "download_and_prepare", lose_the_race)
+  assert sum(mfjax.data.build("aptos2019", manual, data_dir).split_sizes.values()) == 30
+
+
+def test_isic_metadata_added_after_a_build_is_a_changed_source(tmp_path, caplog):
+  manual = synthetic.isic2019(str(tmp_path / "isic"), num_images=40, metadata=False)
+  built = mfjax.data.build("isic2019", manual, str(tmp_path / "tfds"))
+  assert "images of one lesion cannot be kept in one split" in caplog.text
+  assert not any(built.source("train")[i]["lesion_id"] for i in range(3))
+  synthetic.isic2019(str(tmp_path / "isic"), num_images=40, metadata=True)  # the same images, with metadata now
+  with pytest.raises(DataError, match=r"changed, are gone or were added .*ISIC_2019_Training_Metadata.csv"):
+    mfjax.data.build("isic2019", manual, str(tmp_path / "tfds"))
+  rebuilt = mfjax.data.build("isic2019", manual, str(tmp_path / "tfds"), overwrite=True)
+  assert sum(rebuilt.split_sizes.values()) == sum(built.split_sizes.values()) == 40
+  assert all(rebuilt.source("train")[i]["lesion_id"] for i in range(3))
+
+
 def test_csv_images_errors(tmp_path):
   manual = synthetic.csv_images(str(tmp_path / "own"), num_images=30)
   with pytest.raises(DataError, match="set exactly one of label_column"):
     mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"))
+  # Options from a command line arrive as strings: "a,b" is two classes, "0.5" one mean.
+  built = mfjax.data.build("csv_images", manual, str(tmp_path / "tfds_cli"), label_column="label",
+                           class_names="benign, malignant, normal", mean="0.5,0.5,0.5", std="0.25,0.25,0.25")
+  assert built.spec.class_names == ("benign", "malignant", "normal") and built.spec.std == (0.25,) * 3
+  with pytest.raises(DataError, match=r"mean=\('fast',\) must be 3 number"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds_bad"), label_column="label", mean="fast")
   with pytest.raises(DataError, match=r"line \d+, column 'label': unknown label value 'normal'; the classes are"):
     mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label",
                      class_names=["benign", "malignant"])

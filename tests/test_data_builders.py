@@ -221,7 +221,7 @@ def test_builds_are_identical_and_reused(root):
   # A changed source CSV is noticed; overwrite=True rebuilds.
   with open(os.path.join(manual, "train.csv"), "a") as f:
     f.write("\n")
-  with pytest.raises(common.DataError, match="changed or are gone"):
+  with pytest.raises(common.DataError, match="changed, are gone or were added"):
     mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4)
   rebuilt = mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4, overwrite=True)
   assert _digest(rebuilt) == _digest(a)

@@ -624,6 +624,18 @@ def test_gpu_slurm_dry_run(guard, capsys):
   assert srun == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7", "srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                   "/env/bin/python", "-m", "mfjax.cli", "train", "--config", "configs/paper.py:model=dinov2_vitb14",
                   "--workdir", "runs/x"]
+  # Inside a job with --cpus-per-task, srun passes it on (Slurm 22.05 stopped inheriting it).
+  out = subprocess.run(["bash", gpu.JOB_SCRIPT, "train", "--workdir", "runs/x"], capture_output=True, text=True,
+                       env={**os.environ, "MFJAX_DRY_RUN": "1", "MFJAX_ROOT": ROOT, "MFJAX_PYTHON": "python3",
+                            "MFJAX_GPUS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "12"})
+  assert "srun --ntasks-per-node=1 --cpus-per-task=12 --kill-on-bad-exit=1 python3" in out.stdout, out.stderr
+
+
+def test_gpu_launchers_expand_a_home_workdir(guard, capsys):
+  assert gpu.main(["slurm", "--dry-run", "--gpus-per-node", "1", "--", "train", "--config", "configs/tiny.py",
+                   "--workdir=~/runs/x"]) == 0
+  home = os.path.expanduser("~")
+  assert f"MFJAX_DONE_FILE={home}/runs/x/result.json" in capsys.readouterr().out
 
 
 def test_gpu_slurm_submits_with_sbatch(guard, tmp_path, capsys, monkeypatch):
@@ -730,3 +742,18 @@ def test_segment_and_pretrain_are_done_when_their_result_exists():
   assert common.done_file(["pretrain", "--config", "c.py", "--workdir", "w"], "w") == "w/result.json"
   # Predicting with a finished run leaves no result.json: its exit status says whether it worked.
   assert common.done_file(["segment", "--workdir", "w", "--predict", "in", "--out", "o"], "w") is None
+
+
+def test_distributed_initialisation_is_once_per_process():
+  # A sweep trains its runs one after another in the same processes: each run's start initialises again.
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  code = ("from mfjax import parallel\n"
+          "parallel.maybe_initialize_distributed(); parallel.maybe_initialize_distributed()\n"
+          "import jax; print(jax.process_count(), jax.distributed.is_initialized())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "MFJAX_COORDINATOR": f"127.0.0.1:{port}",
+                            "MFJAX_NUM_PROCESSES": "1", "MFJAX_PROCESS_ID": "0"})
+  assert out.returncode == 0 and out.stdout.split() == ["1", "True"], out.stderr[-2000:]

@@ -28,6 +28,7 @@ measured pixel statistics and every skipped image. They are read with tfds's dat
 (`tfds.builder_from_directory(path).as_data_source`), which needs no TensorFlow.
 """
 import dataclasses
+import logging
 import os
 import shutil
 from typing import Any
@@ -151,16 +152,20 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
     built = load(path)
     changed = [f for f, digest in built.metadata["sources"].items()
-               if not os.path.isfile(os.path.join(manual_dir, f))
-               or common.sha256_file(os.path.join(manual_dir, f)) != digest]
+               if common.source_digest(os.path.join(manual_dir, f)) != digest]  # gone, changed, or added
     if not changed and not overwrite:
       return built
     if changed and not overwrite:
-      raise DataError(f"{name}: {path} was built from source files that have changed or are gone in "
+      raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
                       f"{manual_dir}: {changed}; pass overwrite=True to rebuild it")
     shutil.rmtree(path)
     builder = BUILDERS[name](manual_dir=manual_dir, options=opts, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except OSError:  # another process (every process of a multi-host job, say) finished the same build first
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+      raise
+    logging.info("%s: %s was built meanwhile by another process; using it", name, path)
   return load(path)
 
 

@@ -101,7 +101,7 @@ def read(manual_dir, opts):
 def _find_csvs(manual_dir, opts):
   wanted = {"both": ("mass", "calcification"), "mass": ("mass",), "calc": ("calcification",)}[opts["abnormality"]]
   found = {}
-  for dirpath, dirnames, filenames in os.walk(manual_dir):
+  for dirpath, dirnames, filenames in os.walk(manual_dir, followlinks=True):
     dirnames.sort()
     depth = os.path.relpath(dirpath, manual_dir).count(os.sep)
     if depth > 2:
@@ -109,16 +109,21 @@ def _find_csvs(manual_dir, opts):
     for f in sorted(filenames):
       if f in CSV_FILES and CSV_FILES[f][0] in wanted and f not in found:
         found[f] = os.path.join(dirpath, f)
+  missing = [f for f, (family, _) in CSV_FILES.items() if family in wanted and f not in found]
   if not found:
     raise common.DataError(f"no CBIS-DDSM case-description CSV ({', '.join(CSV_FILES)}) found under "
                            f"{manual_dir!r}. Expected layout:\n{LAYOUT}")
+  if missing:  # a family without its CSVs would be left out of the dataset without a word
+    raise common.DataError(f"abnormality={opts['abnormality']!r} needs {', '.join(missing)}, not found under "
+                           f"{manual_dir!r} (found: {sorted(found) or 'none'}); add them, or build with "
+                           f"abnormality='mass' or 'calc'. Expected layout:\n{LAYOUT}")
   return found
 
 
 def _index_images(manual_dir):
   """Map a folder or file stem -> image files named by it (directly or anywhere inside)."""
   index = collections.defaultdict(list)
-  for dirpath, dirnames, filenames in os.walk(manual_dir):
+  for dirpath, dirnames, filenames in os.walk(manual_dir, followlinks=True):
     dirnames.sort()
     parts = os.path.relpath(dirpath, manual_dir).split(os.sep)
     for f in sorted(filenames):
@@ -131,10 +136,12 @@ def _index_images(manual_dir):
   return index
 
 
-def _pick_image(key, index, at):
+def _pick_image(key, index, at, manual_dir, skip_missing):
   candidates = index.get(key, [])
   converted = [p for p in candidates if not p.lower().endswith((".dcm", ".dicom"))]
   chosen = converted or candidates
+  if not chosen and skip_missing:  # a path that is not there: the image check counts it as missing
+    return os.path.join(manual_dir, key)
   if not chosen:
     raise common.DataError(f"{at}: no image found for {key!r} (neither {key}.png/.jpg nor a file inside a "
                            f"folder named {key}). Expected layout:\n{LAYOUT}")
@@ -176,7 +183,8 @@ def _read_cbis(manual_dir, opts):
     worst = max(e["pathologies"], key=PATHOLOGIES.index)
     label = int(worst == "MALIGNANT") if opts["task"] == "benign_malignant" else int(e["family"] == "calcification")
     rows.append(common.Row(
-        id=key, image=_pick_image(key, index, e["where"]), where=e["where"], label=label,
+        id=key, image=_pick_image(key, index, e["where"], manual_dir, opts["skip_bad_images"]), where=e["where"],
+        label=label,
         group=f"patient:{e['patient']}", official=e["official"],
         features={"patient": e["patient"], "breast": e["breast"], "view": e["view"],
                   "abnormality": e["family"], "pathology": worst,
@@ -210,7 +218,7 @@ def _read_lists(manual_dir, opts):
       raise common.DataError(f"{path} is missing; the lists layout needs train.txt, val.txt and test.txt. "
                              f"Expected layout:\n{LAYOUT}")
     sources.append(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first path
       for line, text in enumerate(f, 1):
         relpath = text.strip()
         if not relpath:

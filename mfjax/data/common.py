@@ -111,6 +111,13 @@ def record_options(opts: dict) -> dict:
   return json.loads(json.dumps({k: v for k, v in sorted(opts.items()) if k not in RUNTIME_OPTIONS}))
 
 
+ABSENT = "absent"  # the digest of an optional source file that was not there: adding it later changes the build
+
+
+def source_digest(path: str) -> str:
+  return sha256_file(path) if os.path.isfile(path) else ABSENT
+
+
 def config_name(recipe, opts: dict) -> str:
   digest = hashlib.sha256(json.dumps(record_options(opts), sort_keys=True).encode()).hexdigest()[:8]
   split = "official" if opts["split"] == "official" else f"seeded{opts['seed']}"
@@ -319,7 +326,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "mfjax_version": VERSION,
         "options": record_options(opts),
         "manual_dir": self._manual_dir,
-        "sources": {os.path.relpath(p, self._manual_dir): sha256_file(p) for p in sorted(set(sources))},
+        "sources": {os.path.relpath(p, self._manual_dir): source_digest(p) for p in sorted(set(sources))},
         "spec": dataclasses.asdict(self._spec),
         "num_skipped": len(skipped),
         "skipped": skipped,

@@ -63,9 +63,19 @@ def check(opts, manual_dir):
                            "label_columns (multi-label)")
   if opts["channels"] not in (1, 3):
     raise common.DataError(f"csv_images: channels={opts['channels']!r} must be 1 or 3")
+  for key in ("class_names", "label_columns"):  # "A,B" from a command line is two names, not three characters
+    if isinstance(opts[key], str):
+      opts[key] = tuple(name.strip() for name in opts[key].split(","))
   for key in ("mean", "std"):
+    if isinstance(opts[key], (int, float)):
+      opts[key] = (opts[key],)
+    if isinstance(opts[key], str):
+      opts[key] = tuple(opts[key].split(","))
     if opts[key] is not None:
-      opts[key] = tuple(float(v) for v in opts[key])
+      try:
+        opts[key] = tuple(float(v) for v in opts[key])
+      except (TypeError, ValueError):
+        raise common.DataError(f"csv_images: {key}={opts[key]!r} must be {opts['channels']} number(s)") from None
       if len(opts[key]) != opts["channels"]:
         raise common.DataError(f"csv_images: {key}={opts[key]} needs {opts['channels']} value(s)")
   opts["csv"] = os.path.relpath(_csv_path(manual_dir, opts), manual_dir)

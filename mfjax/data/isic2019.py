@@ -5,6 +5,7 @@ image, and images of one lesion (`lesion_id`) are kept in one split so that no l
 seen in training and scored in test (`group_by_lesion`). There is no official labelled
 test split.
 """
+import logging
 import math
 import os
 
@@ -85,11 +86,13 @@ def read(manual_dir, opts):
   if extra:
     raise common.DataError(f"{csv_path}: unexpected column(s) {extra}; expected image, "
                            f"{', '.join(CLASS_NAMES)}, UNK")
-  sources = [csv_path]
+  sources = [csv_path, os.path.join(root, METADATA)]  # the metadata recorded as absent when it is
   metadata = {}
-  if os.path.isfile(os.path.join(root, METADATA)):
-    sources.append(os.path.join(root, METADATA))
+  if os.path.isfile(sources[-1]):
     metadata = _read_metadata(sources[-1])
+  elif opts["group_by_lesion"]:
+    logging.warning("isic2019: no %s beside %s: images of one lesion cannot be kept in one split (put it there "
+                    "and build again, or build with group_by_lesion=False)", METADATA, csv_path)
   rows = []
   for line, r in table:
     positive = [c for c in CLASS_NAMES if _flag(csv_path, line, c, r[c])]

@@ -535,6 +535,7 @@ def evaluate_run(workdir: str, split: str = "test") -> dict:
   if "protocol" not in config:
     raise ConfigError(f"{workdir} is not an `mfjax train` run: a segmentation run is scored in its result.json "
                       "(and predicts with `mfjax segment --predict`), a pretraining run has no evaluation")
+  parallel.maybe_initialize_distributed()  # under a multi-process launcher the processes share the split
   run = prepare(config)
   best = RunCheckpoints(workdir).restore_best(abstract_of({k: run.state[k] for k in PARAM_KEYS}))
   if best is None:
