@@ -19,6 +19,10 @@ WARMUP = {"aptos2019": {"epochs": 5}, "cbis_ddsm": {"epochs": 5}, "isic2019": {"
           "chexpert": {"steps": 1000}}
 
 
+# Protocols under which the foundation can run in training mode (decapitation when decapitation_trained).
+TRAINED_PROTOCOLS = ("unfrozen_linear", "unfrozen_deit", "decapitation")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = parse_arg(arg, model="dinov2_vitb14", dataset="aptos2019", protocol="unfrozen_linear", res=224,
                 lr=1e-4, seed=0, epochs=100, batch=64)
@@ -32,7 +36,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.checkpoint = ""          # a folder written by `python -m convert`; "" = random init
   c.model.dtype = "float32"        # compute dtype (bfloat16 for speed); parameters stay float32
   c.model.remat = False
-  c.model.drop_path = 0.3 if a.model == "seem_focalt" else 0.0  # as the paper's code: SEEM's D2FocalNet 0.3
+  # As the paper's code: SEEM's D2FocalNet has drop-path 0.3, which acts where the foundation trains.
+  c.model.drop_path = 0.3 if a.model == "seem_focalt" and a.protocol in TRAINED_PROTOCOLS else 0.0
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model
 
   c.head = ml_collections.ConfigDict()

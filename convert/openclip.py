@@ -87,8 +87,9 @@ def from_checkpoint(raw, hf_config, fmt, args):
   if fmt == "hf":
     act = vit.hf_act(vit.vision_config(hf_config), args.checkpoint)
     if args.act and args.act != act:
-      raise core.ConversionError(f"--act {args.act} given, but {args.checkpoint}'s config.json gives {act} "
-                                 "(hidden_act)")
+      hidden_act = vit.vision_config(hf_config).get("hidden_act", "gelu")
+      raise core.ConversionError(f"--act {args.act} given, but {args.checkpoint}'s config.json has hidden_act "
+                                 f"{hidden_act!r} ({act})")
     return convert_hf(raw, hf_config, args.checkpoint)
   return convert(core.flatten_state_dict(core.unwrap(raw, ["state_dict", "model"])), source=args.checkpoint,
                  act=args.act or "gelu")

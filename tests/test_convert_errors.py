@@ -261,7 +261,7 @@ def test_openclip_folder_with_hf_and_open_clip_files(tmp_path, laion_repo):
   fmt, pos = _converted(tmp_path / "only")
   assert fmt == "original"
   np.testing.assert_array_equal(pos, oc_pos)
-  with pytest.raises(core.ConversionError, match="--act quick_gelu given.*gives gelu"):
+  with pytest.raises(core.ConversionError, match="--act quick_gelu given.*has hidden_act 'gelu'"):
     run_convert(["openclip", "--checkpoint", str(folder), "--act", "quick_gelu", "--out", str(tmp_path / "x")])
 
 

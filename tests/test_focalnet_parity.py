@@ -7,7 +7,6 @@ too); its weights are saved under SEEM's original names (all 300 keys).
 """
 import functools
 import json
-import os
 import re
 import types
 

@@ -85,6 +85,12 @@ def test_plateau_matches_torch_reduce_lr_on_plateau(metrics):
   assert plateau.scale == pytest.approx(1e-3 if len(metrics) == 14 else 1e-2)  # each reduction where torch makes one
 
 
+def test_plateau_restored_with_a_nan_best_starts_over():
+  assert optim.Plateau(best=float("nan")).best is None  # an older checkpoint's host state
+  plateau = optim.Plateau(patience=0, best=float("nan"))
+  assert plateau.update(0.5) is False and plateau.best == 0.5
+
+
 def test_warmup_is_linear_from_start_to_base():
   assert optim.warmup_lr(0, 1e-4, 10) == 1e-8
   assert optim.warmup_lr(5, 1e-4, 10) == pytest.approx(1e-8 + 5 * (1e-4 - 1e-8) / 10)

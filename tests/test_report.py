@@ -203,6 +203,23 @@ def test_main_resolution_other_than_224_compares_with_224_and_says_so(tmp_path):
   assert table["rows"][0]["cells"]["aptos2019"]["paper_mean"] == 0.881
 
 
+def test_runs_of_one_cell_must_share_their_config_beyond_lr_and_seed(tmp_path):
+  root = str(tmp_path)
+  paths = [write_run(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, seed, 0.9, 0.9) for seed in (0, 1)]
+  with open(paths[1]) as f:
+    data = json.load(f)
+  data["config"]["data"]["added_by_a_newer_mfjax"] = True  # one-sided: the older run predates the field
+  with open(paths[1], "w") as f:
+    json.dump(data, f)
+  (cell,) = results.load_cells(root)
+  assert cell.n == 2
+  data["config"]["optim"]["weight_decay"] = 0.05
+  with open(paths[1], "w") as f:
+    json.dump(data, f)
+  with pytest.raises(ReportError, match=r"configs differ beyond lr and seed in optim.weight_decay: 1e-05 vs 0.05"):
+    results.load_cells(root)
+
+
 def test_lr_selection_skips_non_finite_validation(tmp_path):
   root = str(tmp_path)
   write_cell(root, "sam_vitb", "aptos2019", "frozen_linear", {1e-3: [0.1, 0.1], 1e-4: [0.7, 0.8]},

@@ -596,6 +596,7 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   with pytest.raises(ConfigError, match=r"optim.warmup_epochs=10, teacher.temp_warmup_epochs=30 .*epochs=2"):
     pretrain.build_networks(stage)
   pretrain.check_config(tiny_config(ct_folder, **{"teacher.temp_warmup_epochs": 30, "teacher.warmup_temp": 0.07}))
+  pretrain.check_config(stage, resuming=True)  # a run started before the rule goes on (with a warning)
   with pytest.raises(ConfigError, match="not an `mfjax pretrain` run"):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"protocol": {"name": "frozen_linear"}}')
@@ -678,7 +679,7 @@ def test_a_resume_refuses_a_changed_volume_list(ct_folder, tmp_path):
   (tmp_path / "run" / "result.json").unlink()  # as if stopped after its last checkpoint
   shutil.rmtree(tmp_path / "run" / "backbone")
   shutil.copy(folder / "case0.nii.gz", folder / "case9.nii.gz")
-  with pytest.raises(ConfigError, match="now hold 4 volumes, not the list of 3"):
+  with pytest.raises(ConfigError, match=r"now hold another list of volumes \(4\) than the list of 3"):
     pretrain.run(config, tmp_path / "run", progress=False)
   (folder / "case9.nii.gz").unlink()
   assert pretrain.run(config, tmp_path / "run", progress=False)["steps"] == 2

@@ -41,6 +41,8 @@ def test_expand_names_cells_and_overrides(setup):
   assert runs[0].workdir.endswith(os.path.join("lr=0.0001", "seed=0"))
   assert f"--config.data.manual_dir={tmp / 'downloads' / 'aptos2019'}" in runs[0].overrides
   assert "--config.epochs=1" in runs[0].overrides
+  home = msweep.expand(msweep.load_sweep(path), "~/runs")  # bash leaves --runs-dir=~/runs as it is
+  assert home[0].workdir.startswith(os.path.join(os.path.expanduser("~"), "runs", ""))
 
 
 def test_study_sweeps_span_the_models_own_blocks_or_stages():

@@ -218,6 +218,10 @@ def test_config_errors(aptos, tmp_path):
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.3}})
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1}})
   assert json.loads((tmp_path / "config.json").read_text()) == {"optim": {"lr": 0.1}}
+  (tmp_path / "backbones" / "step_2").mkdir(parents=True)  # a pretraining export is saved work too
+  with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
+    fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})
+  (tmp_path / "backbones" / "step_2").rmdir()
   (tmp_path / "checkpoints" / "4").mkdir(parents=True)
   with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.2}})
@@ -255,6 +259,7 @@ def test_data_norm_model_normalises_with_the_models_constants(aptos):
 def test_paper_config_details(caplog):
   # SEEM's D2FocalNet trains with drop-path 0.3 in the paper's code; the other foundations with none.
   assert load_config("configs/paper.py:model=seem_focalt", []).model.drop_path == 0.3
+  assert load_config("configs/paper.py:model=seem_focalt,protocol=frozen_deit", []).model.drop_path == 0.0
   assert load_config("configs/paper.py:model=dinov2_vitb14", []).model.drop_path == 0.0
   # The warmup follows the dataset= argument; overriding data.name alone leaves APTOS's, and says so.
   fit.check_paper_warmup(load_config("configs/paper.py:dataset=isic2019", []))

@@ -165,7 +165,7 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
   except OSError:  # another process (every process of a multi-host job, say) finished the same build first
     if not os.path.isfile(os.path.join(path, "dataset_info.json")):
       raise
-    logging.info("%s: %s was built meanwhile by another process; using it", name, path)
+    logging.getLogger("mfjax").warning("%s: %s was built meanwhile by another process; using it", name, path)
   return load(path)
 
 

@@ -91,8 +91,9 @@ def read(manual_dir, opts):
   if os.path.isfile(sources[-1]):
     metadata = _read_metadata(sources[-1])
   elif opts["group_by_lesion"]:
-    logging.warning("isic2019: no %s beside %s: images of one lesion cannot be kept in one split (put it there "
-                    "and build again, or build with group_by_lesion=False)", METADATA, csv_path)
+    logging.getLogger("mfjax").warning("isic2019: no %s beside %s: images of one lesion cannot be kept in one "
+                                       "split (put it there and build again, or build with group_by_lesion=False)",
+                                       METADATA, csv_path)
   rows = []
   for line, r in table:
     positive = [c for c in CLASS_NAMES if _flag(csv_path, line, c, r[c])]

@@ -206,9 +206,10 @@ def group_cells(runs: list[dict]) -> list[Cell]:
   for slot, members in by_slot.items():
     first = members[0]
     for other in members[1:]:
-      if other["measured_config"] != first["measured_config"]:
-        a, b = first["measured_config"], other["measured_config"]
-        fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+      a, b = first["measured_config"], other["measured_config"]
+      # A field only one run has was added to the config by a newer mfjax (with its old behaviour as default).
+      fields = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+      if fields:
         shown = "; ".join(f"{k}: {a.get(k, '(absent)')} vs {b.get(k, '(absent)')}" for k in fields[:6])
         raise ReportError(
             f"{first['file']} and {other['file']} are the same cell ({first['model']}, {first['dataset']}, "

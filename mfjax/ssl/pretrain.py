@@ -98,11 +98,12 @@ def list_volumes(folders) -> list[str]:
 
 def check_volumes(paths: list[str], progress: bool = True) -> str:
   """Every volume's header checked before the run starts (a bad file fails now, not hours in, when
-  it enters the pool), and a fingerprint of the list: the data order is a function of it."""
+  it enters the pool), and a fingerprint of the list of file names: the data order is a function of
+  it (the folders themselves may move between machines)."""
   from tqdm.auto import tqdm
   for path in tqdm(paths, desc="checking volume headers", unit="volume", disable=not progress or len(paths) < 50):
     volumes.check_header(path)
-  return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+  return hashlib.sha256("\n".join(os.path.basename(p) for p in paths).encode()).hexdigest()[:16]
 
 
 def axial_slices(path: str) -> np.ndarray:
@@ -302,8 +303,9 @@ def architecture(config) -> tuple[str, dict]:
   return name, overrides
 
 
-def check_config(config) -> None:
-  """The config's pretraining-specific rules, each broken one an error naming its key."""
+def check_config(config, resuming: bool = False) -> None:
+  """The config's pretraining-specific rules, each broken one an error naming its key. `resuming`: a run
+  that saved a checkpoint under this config goes on with a warning where a rule was added since."""
   group = config.loss.koleo_group_size
   if config.batch_size < 2 or config.data.n_local < 1:
     raise ConfigError(f"batch_size={config.batch_size}, data.n_local={config.data.n_local}: KoLeo needs a batch "
@@ -331,8 +333,11 @@ def check_config(config) -> None:
     longer.append(f"teacher.temp_warmup_epochs={t.temp_warmup_epochs} (teacher.warmup_temp={t.warmup_temp} never "
                   f"reaches teacher.temp={t.temp})")
   if longer:
-    raise ConfigError(f"{', '.join(longer)}: longer than the run's epochs={config.epochs}; every schedule starts "
-                      "afresh in each run (a later stage too), so shorten it")
+    problem = (f"{', '.join(longer)}: longer than the run's epochs={config.epochs}; every schedule starts afresh "
+               "in each run (a later stage too)")
+    if not resuming:
+      raise ConfigError(problem + ", so shorten it")
+    log.warning("%s; resuming the run as it was started", problem)
   if config.model.init_from_run and config.model.checkpoint:
     raise ConfigError("model.init_from_run and model.checkpoint both name a starting point; set one")
   if config.data.mixed_sizes and g.crop_size:
@@ -347,10 +352,10 @@ def check_config(config) -> None:
       raise ConfigError(f"data.mixed_sizes[{i}]={entry} has a Gram crop size but Gram anchoring is off")
 
 
-def build_networks(config) -> tuple[Networks, dict | None]:
+def build_networks(config, resuming: bool = False) -> tuple[Networks, dict | None]:
   """The step's Networks (at the first crop sizes; `at_sizes` gives the others), and the Gram
   teacher's loaded variables when gram.checkpoint names one."""
-  check_config(config)
+  check_config(config, resuming)
   name, overrides = architecture(config)
   student = models.create(name, **overrides, dtype=config.model.dtype, drop_path=config.model.drop_path)
   teacher = models.create(name, **overrides, dtype=config.model.dtype, drop_path=0.0)
@@ -526,11 +531,11 @@ def run(config, workdir, progress: bool = True) -> dict:
   """Pretrain as `config` says, resuming from workdir's checkpoint; returns (and writes) result.json."""
   start_time = time.time()
   paths = list_volumes(config.data.folders)
-  check_config(config)
+  check_config(config, resuming=fit.has_saved_work(workdir))
   volume_list = check_volumes(paths, progress)
   architecture(config)  # config errors before the workdir (and its config.json) is written
   workdir, config_dict = fit.start_run(config, workdir)  # multi-host initialisation: before any JAX call
-  networks, gram_variables = build_networks(config)      # loads gram.checkpoint (JAX)
+  networks, gram_variables = build_networks(config, fit.has_saved_work(workdir))  # loads gram.checkpoint (JAX)
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
@@ -553,9 +558,9 @@ def run(config, workdir, progress: bool = True) -> dict:
   if restored is not None:
     state, host = restored
     if host.get("volumes", volume_list) != volume_list:  # checkpoints before the list was recorded: no check
-      raise ConfigError(f"data.folders now hold {len(paths)} volumes, not the list of {host.get('num_volumes')} the "
-                        f"run in {workdir} started with: the slices it draws at each step would change. Restore "
-                        "that list, or start a new --workdir")
+      raise ConfigError(f"data.folders now hold another list of volumes ({len(paths)}) than the list of "
+                        f"{host.get('num_volumes')} the run in {workdir} started with: the slices it draws at each "
+                        "step would change. Restore that list, or start a new --workdir")
     host.setdefault("volumes", volume_list)
     host.setdefault("num_volumes", len(paths))
   step, total_steps = int(state["step"]), config.epochs * config.epoch_length

@@ -77,11 +77,13 @@ def check_workdir(workdir, config_dict: dict) -> None:
 
 
 def has_saved_work(workdir) -> bool:
-  """Whether a run folder holds anything a different config would invalidate: a checkpoint or a result."""
+  """Whether a run folder holds anything a different config would invalidate: a checkpoint, a result
+  or an exported backbone."""
   workdir = workdir_path(workdir)
-  return (workdir / "result.json").exists() or any(
-      (workdir / sub).exists() and any(p.name.isdigit() for p in (workdir / sub).iterdir())
-      for sub in ("checkpoints", "best"))
+  return ((workdir / "result.json").exists() or (workdir / "backbone").exists()
+          or ((workdir / "backbones").exists() and any((workdir / "backbones").iterdir()))
+          or any((workdir / sub).exists() and any(p.name.isdigit() for p in (workdir / sub).iterdir())
+                 for sub in ("checkpoints", "best")))
 
 
 def _with_added(saved, current):

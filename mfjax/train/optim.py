@@ -63,6 +63,10 @@ class Plateau:
   best: float | None = None
   bad_epochs: int = 0
 
+  def __post_init__(self):
+    if self.best is not None and not math.isfinite(self.best):  # saved by an mfjax that kept a NaN
+      self.best = None
+
   def update(self, metric: float) -> bool:
     """Record one epoch's validation metric; True when the learning rate was just reduced."""
     if self.patience < 0 or metric is None:

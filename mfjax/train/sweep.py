@@ -72,6 +72,7 @@ def join(*parts) -> str:
 def expand(sweep, runs_dir: str, extra_overrides: list[str] = ()) -> list[Run]:
   """Every run of the grid, in a stable order (cell by cell, then lr, then seed)."""
   axes = dict(sweep["axes"])
+  runs_dir = str(runs_dir) if "://" in str(runs_dir) else os.path.expanduser(str(runs_dir))  # --runs-dir=~/...
   cell_axes = [a for a in axes if a not in SELECTED_BY]
   order = cell_axes + [a for a in SELECTED_BY if a in axes]
   fixed = [f"--config.{k}={v}" for k, v in sweep.get("fixed", {}).items()] + list(extra_overrides)
@@ -106,8 +107,10 @@ def _per_run_paths(sweep, values) -> list[str]:
 
 def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: bool = True) -> dict:
   """Train every unfinished run in turn on the local devices, then select learning rates."""
+  from mfjax import parallel
   from mfjax.cli import load_config
   from mfjax.train import fit
+  parallel.maybe_initialize_distributed()  # before the checks below start JAX (process_index)
   runs = expand(sweep, runs_dir, extra_overrides)
   configs = [load_config(r.config_spec, r.overrides) for r in runs]  # every config checked up front
   for run, config in zip(runs, configs):
@@ -127,21 +130,26 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
 def select(runs: list[Run]) -> dict:
   """Per cell: the report's choice (results.group_cells): the lr with the best mean validation headline
   over its seeds, and that lr's test mean and sample std; with the seeds found and expected per lr."""
+  import jax
   from mfjax.report import results
   expected: dict = {}
   found: dict = {}
   for run in runs:
-    lr = _fmt(run.values.get("lr"))
-    expected.setdefault(run.cell, {}).setdefault(lr, 0)
-    expected[run.cell][lr] += 1
+    expected.setdefault(run.cell, {}).setdefault(run.values.get("lr"), 0)
+    expected[run.cell][run.values.get("lr")] += 1
     path = epath.Path(run.workdir) / "result.json"
     if path.exists():
       found.setdefault(run.cell, []).append((run, str(path), json.loads(path.read_text())))
   selections = {}
   for cell, items in found.items():
-    (chosen,) = results.group_cells([results.read_run(path, data) for _, path, data in items])
+    try:
+      (chosen,) = results.group_cells([results.read_run(path, data) for _, path, data in items])
+    except results.ReportError as e:
+      raise ConfigError(f"sweep cell {cell}: {e}") from None
     diverged = sorted(run.workdir for run, _, data in items if data.get("status") == "diverged")
     seeds_by_lr = {_fmt(lr): n for lr, (_, n) in chosen.lr_scores.items()}
+    # Without an lr axis every run has the config's lr: the one the results give.
+    expected[cell] = {_fmt(chosen.lr if lr is None else lr): n for lr, n in expected[cell].items()}
     selections[cell] = {
         "lr": chosen.lr, "val_mean_by_lr": {_fmt(lr): score for lr, (score, _) in chosen.lr_scores.items()},
         "test_mean": chosen.mean, "test_std": chosen.std, "seeds": chosen.n, "seeds_by_lr": seeds_by_lr,
@@ -151,6 +159,7 @@ def select(runs: list[Run]) -> dict:
       log.warning("sweep cell %s: lr %g selected; %s%s", cell, chosen.lr,
                   f"runs not finished per lr: {missing}; " if missing else "",
                   f"{len(diverged)} run(s) diverged" if diverged else "")
-    (epath.Path(items[0][0].cell_dir) / "selection.json").write_text(
-        json.dumps(selections[cell], indent=2, default=float))
+    if jax.process_index() == 0:
+      (epath.Path(items[0][0].cell_dir) / "selection.json").write_text(
+          json.dumps(selections[cell], indent=2, default=float))
   return selections
