@@ -11,8 +11,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from mfjax.config import DataError
 
-class ConversionError(ValueError):
+
+class ConversionError(DataError):
   """A checkpoint that cannot be converted; the message lists every problem found."""
 
 
@@ -89,7 +91,11 @@ def _unpickling_reason(e: Exception) -> str:
 
 def _load_torch(path: str):
   import pickle
-  import torch
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(f"{path}: reading a PyTorch checkpoint needs torch: pip install -e '.[torch]' "
+                          "(or convert a .safetensors file, which does not)") from None
   try:
     with torch.serialization.safe_globals(_safe_globals()):
       return torch.load(path, map_location="cpu", weights_only=True)

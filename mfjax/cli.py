@@ -32,7 +32,7 @@ import sys
 import ml_collections
 
 from mfjax import hostmem
-from mfjax.config import ConfigError, DataError
+from mfjax.config import ConfigError, DataError, RunStopped
 
 log = logging.getLogger("mfjax")
 
@@ -183,15 +183,15 @@ def main(argv=None) -> int:
   p.add_argument("--import-nnunet", metavar="MODEL_FOLDER",
                  help="make --workdir a finished run from a MedDINOv3 network trained by nnU-Net: MODEL_FOLDER "
                       "holds plans.json, dataset.json and fold_F/checkpoint_final.pth")
-  p.add_argument("--fold", default="0",
-                 help="with --import-nnunet: the fold (0..4 or all), or several (0,1,2,3,4): each into "
-                      "WORKDIR/fold_F, and a --workdir of such fold_* runs predicts with all of them")
-  p.add_argument("--checkpoint-name", default="checkpoint_final.pth",
-                 help="with --import-nnunet: the checkpoint file in fold_F (e.g. checkpoint_best.pth)")
-  p.add_argument("--interaction-indices", default="2,5,8,11",
-                 help="with --import-nnunet: the backbone blocks whose features feed the decoder")
-  p.add_argument("--rope-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                 help="with --import-nnunet: RoPE precision (MedDINOv3's networks ran it in bfloat16)")
+  p.add_argument("--fold", default=None,
+                 help="with --import-nnunet: the fold (0..4 or all; default 0), or several (0,1,2,3,4): each "
+                      "into WORKDIR/fold_F, and a --workdir of such fold_* runs predicts with all of them")
+  p.add_argument("--checkpoint-name", default=None,
+                 help="with --import-nnunet: the checkpoint file in fold_F (default checkpoint_final.pth)")
+  p.add_argument("--interaction-indices", default=None,
+                 help="with --import-nnunet: the backbone blocks whose features feed the decoder (default 2,5,8,11)")
+  p.add_argument("--rope-dtype", default=None, choices=["bfloat16", "float32"],
+                 help="with --import-nnunet: RoPE precision (default bfloat16, as MedDINOv3's networks ran it)")
   p.add_argument("--no-progress", action="store_true")
   p = sub.add_parser("pretrain", help="MedDINOv3 pretraining (DINO + iBOT + KoLeo [+ Gram]) on CT volumes")
   p.add_argument("--config", required=True, help="configs/pretrain.py[:key=value,...]")
@@ -238,7 +238,11 @@ def main(argv=None) -> int:
     elif args.command == "knn":
       from mfjax.evals import studies
       config = load_config(args.config, _config_overrides(parser, rest))
-      out = studies.knn(config, args.out, ks=[int(k) for k in args.ks.split(",")], cache_dir=args.cache,
+      try:
+        ks = [int(k) for k in args.ks.split(",")]
+      except ValueError:
+        parser.error(f"--ks {args.ks!r}: comma-separated whole numbers (e.g. 10,20,200)")
+      out = studies.knn(config, args.out, ks=ks, cache_dir=args.cache,
                         temperature=args.temperature)
       print(json.dumps({k: v["headline"] for k, v in out["k"].items()}))
     elif args.command == "cka":
@@ -270,7 +274,17 @@ def main(argv=None) -> int:
       print(json.dumps(fit.evaluate_run(args.workdir, args.split), indent=2, default=float))
     elif args.command == "segment":
       from mfjax.train import segment
+      import_only = {"--fold": args.fold, "--checkpoint-name": args.checkpoint_name,
+                     "--interaction-indices": args.interaction_indices, "--rope-dtype": args.rope_dtype}
+      if not args.import_nnunet and any(v is not None for v in import_only.values()):
+        given = [flag for flag, v in import_only.items() if v is not None]
+        parser.error(f"{', '.join(given)} go with --import-nnunet (to train a fold: --config configs/segment.py:...,"
+                     "fold=F)")
       if args.import_nnunet:
+        args.fold = args.fold or "0"
+        args.checkpoint_name = args.checkpoint_name or "checkpoint_final.pth"
+        args.interaction_indices = args.interaction_indices or "2,5,8,11"
+        args.rope_dtype = args.rope_dtype or "bfloat16"
         if args.config or args.predict or args.out or args.determine_postprocessing or len(args.workdir) > 1:
           parser.error("segment --import-nnunet takes MODEL_FOLDER --fold F --workdir RUN (one) "
                        "[--config.model.dtype=bfloat16 --config.eval.batch_size=N ...], then --predict with that RUN")
@@ -281,20 +295,17 @@ def main(argv=None) -> int:
         folds = [f.strip() for f in args.fold.split(",")]
         if not all(folds) or len(set(folds)) != len(folds):
           parser.error(f"--fold {args.fold!r}: a fold (0..4, all) or a comma-separated list of distinct folds")
-        from convert import core as convert_core
-        try:
-          runs = segment.import_nnunet_folds(args.import_nnunet, folds, args.workdir[0], args.checkpoint_name,
-                                             interaction_indices=indices, rope_dtype=args.rope_dtype,
-                                             config_overrides=_config_overrides(parser, rest))
-        except convert_core.ConversionError as e:
-          print(f"error: {e}", file=sys.stderr)
-          return 2
+        runs = segment.import_nnunet_folds(args.import_nnunet, folds, args.workdir[0], args.checkpoint_name,
+                                           interaction_indices=indices, rope_dtype=args.rope_dtype,
+                                           config_overrides=_config_overrides(parser, rest))
         print("\n".join(runs))
         return 0
       if args.determine_postprocessing:
         if (args.config or rest or args.predict or args.postprocessing or args.continue_prediction
             or args.save_probabilities or args.probabilities_reader or not args.out):
           parser.error("segment --determine-postprocessing takes --workdir RUN [--workdir RUN ...] --out FILE.json")
+        if os.path.isdir(args.out):
+          parser.error(f"--out {args.out} is a folder; --determine-postprocessing writes a JSON file there")
         segment.determine_postprocessing(args.workdir, args.out, progress=not args.no_progress)
         print(args.out)
         return 0
@@ -335,17 +346,13 @@ def main(argv=None) -> int:
       if rest:
         parser.error(f"unrecognized arguments: {rest}")
       from mfjax import report
-      try:
-        written = report.build(args.runs_dir, args.out)
-      except report.ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+      written = report.build(args.runs_dir, args.out)  # a ReportError is a DataError: one line, exit 2
       print(f"report: {written['markdown']} and {written['html']}\n"
             f"{len(written['tables'])} tables in {os.path.dirname(written['markdown'])}/tables, "
             f"{len(written['plots'])} plots in {os.path.dirname(written['markdown'])}/plots")
       for note in written["notes"]:
         print(f"note: {note}")
-  except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: the message names the key or file
+  except (ConfigError, DataError, RunStopped, OSError) as e:  # the message names the key, file or reason
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

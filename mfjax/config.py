@@ -9,6 +9,11 @@ class ConfigError(ValueError):
   pass
 
 
+class RunStopped(RuntimeError):
+  """A run that cannot go on, for a reason its message explains to the user (a non-finite loss, a
+  corrupt feature cache)."""
+
+
 class DataError(ValueError):
   """Input data that cannot be used (a corrupt image or volume, a bad CSV row, a dataset folder
   missing files, a bad dataset option); the message names the file, row or option at fault."""

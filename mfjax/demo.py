@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from mfjax.config import ConfigError
 from mfjax.data import synthetic
 
 log = logging.getLogger("mfjax")
@@ -42,12 +43,19 @@ def run(out_dir: str = "demo_out", num_images: int = 240, image_size: int = 64, 
 
   print(f"[1/5] writing {num_images} synthetic fundus images in the APTOS 2019 layout and building the dataset")
   manual = synthetic.aptos2019(os.path.join(downloads, "aptos2019"), num_images=num_images, size=image_size)
-  mdata.build("aptos2019", manual, data_dir)
+  try:
+    mdata.build("aptos2019", manual, data_dir)
+  except mdata.DataError:  # written before with another --images: the demo's own data, built again
+    mdata.build("aptos2019", manual, data_dir, overwrite=True)
 
   sweep = demo_sweep(downloads, data_dir, epochs, seeds, models)
   n = len(msweep.expand(sweep, runs_dir))
   print(f"[2/5] training {n} runs: {len(models)} foundations x {len(PROTOCOLS)} protocols x {seeds} seeds")
-  msweep.run_all(sweep, runs_dir)
+  try:
+    msweep.run_all(sweep, runs_dir)
+  except ConfigError as e:
+    raise ConfigError(f"{out_dir} holds a demo made with other settings ({e}); delete it or give another --out") \
+        from None
 
   print("[3/5] k-NN on each foundation's pooled features (k = 5, 10, 20, 50)")
   base = "configs/tiny.py:dataset=aptos2019,model={}"

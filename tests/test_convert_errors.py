@@ -328,3 +328,11 @@ def test_dinov3_swiglu_variant_is_refused_as_such(dinov3_small_state):
   msg = str(err.value)
   assert "ViT-S+/16" in msg and "SwiGLU" in msg and "not supported" in msg
   assert "missing" not in msg and len(msg.splitlines()) == 1
+
+
+def test_a_pth_file_without_torch_installed_says_how_to_install_it(tmp_path, monkeypatch):
+  path = tmp_path / "model.pth"
+  path.write_bytes(b"\x80\x02}q\x00.")
+  monkeypatch.setitem(sys.modules, "torch", None)  # the core install: no torch
+  with pytest.raises(core.ConversionError, match=r"model.pth: reading a PyTorch checkpoint needs torch: pip install"):
+    core.read_file(str(path))

@@ -390,21 +390,29 @@ def test_preprocessing_resumes_after_a_bad_case_without_redoing_the_finished_one
                                     np.load(tmp_path / "fresh" / (case + suffix)))
 
 
-def test_label_maps_off_their_images_grid_are_all_named_before_preprocessing(raw_ct, tmp_path):
+def test_label_maps_off_their_images_grid_are_all_named_before_preprocessing(raw_ct, tmp_path, caplog):
   root = _copy_raw(raw_ct, tmp_path)
   label_file = lambda case: str(root / "labelsTr" / f"{case}.nii.gz")
   # synth_002 is stored LPS; its label rewritten in RAS order on the same grid is still aligned.
   labels, _ = volumes.read_labels(label_file("synth_002"))
   volumes.write_volume(label_file("synth_002"), labels, affine=volumes.canonical_affine(label_file("synth_002")))
   assert nnunet.verify_geometry(nnunet.read_raw(str(root))) == []
+  # Another origin alone (LiTS-like headers): taken voxel for voxel with a warning, as nnU-Net does.
   shifted = volumes.canonical_affine(label_file("synth_001"))
   shifted[:3, 3] += (0.0, 2.5, 0.0)
   volumes.write_volume(label_file("synth_001"), volumes.read_labels(label_file("synth_001"))[0], affine=shifted)
+  with caplog.at_level("WARNING", logger="mfjax"):
+    assert nnunet.verify_geometry(nnunet.read_raw(str(root))) == []
+  assert "synth_001.nii.gz: origin 2.5 mm from its image's" in caplog.text
+  # Another spacing, or another shape: errors, every case at once.
+  scaled = volumes.canonical_affine(label_file("synth_002"))
+  scaled[:3, :3] *= 1.5
+  volumes.write_volume(label_file("synth_002"), volumes.read_labels(label_file("synth_002"))[0], affine=scaled)
   volumes.write_volume(label_file("synth_003"), volumes.read_labels(label_file("synth_003"))[0][:-1],
                        affine=volumes.canonical_affine(label_file("synth_003")))
   with pytest.raises(nnunet.DatasetError, match="2 case") as error:
     nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre"), progress=False)
-  assert "synth_001.nii.gz: its voxel-to-world affine differs from its image's by up to 2.5" in str(error.value)
+  assert "synth_002.nii.gz: its voxel spacing or orientation differs from its image's by up to" in str(error.value)
   assert "synth_003.nii.gz: shape (47, 48, 10) differs from its image's (48, 48, 10)" in str(error.value)
   assert os.listdir(tmp_path / "pre") == []
 
@@ -683,13 +691,25 @@ def test_segment_command_line_misuse_is_named(tmp_path, capsys):
                      (["--config", "configs/segment.py:tiny=true", "--postprocessing", "p.json"],
                       "--postprocessing and --save-probabilities go with --predict"),
                      (["--config", "configs/segment.py:tiny=true", "--save-probabilities"],
-                      "--save-probabilities go with --predict")):
+                      "--save-probabilities go with --predict"),
+                     (["--config", "configs/segment.py:tiny=true", "--fold", "1"],  # fold=1 in the config trains it
+                      "--fold go with --import-nnunet"),
+                     (["--determine-postprocessing", "--out", str(tmp_path)], "is a folder")):
     with pytest.raises(SystemExit) as exit_:
       cli.main(["segment", "--workdir", str(tmp_path / "run"), *args])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
   assert cli.main(["segment", "--workdir", str(tmp_path / "none"), "--determine-postprocessing",
                    "--out", str(tmp_path / "p.json")]) == 2
   assert "has no config.json: not an mfjax run folder" in capsys.readouterr().err
+
+
+def test_segment_config_mistakes_fail_before_the_workdir_and_preprocessing(raw_ct, tmp_path, capsys):
+  for arg, extra, says in ((",fold=abc", [], "data.fold='abc': a fold number 0..4 or 'all'"),
+                           ("", ["--config.model.overrides.dept=4"], "unknown option(s) ['dept'] for model")):
+    assert cli.main(["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true{arg}", *extra,
+                     "--workdir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_backbone_checkpoint_must_cover_the_model(tmp_path):

@@ -275,6 +275,11 @@ def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
                    f"--config.data.manual_dir={missing}", f"--config.data.data_dir={tmp_path / 'data'}",
                    "--workdir", str(tmp_path / "run"), "--no-progress"]) == 2
   assert f"error: aptos2019: manual_dir '{missing}' is not a folder" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["knn", "--config", "configs/tiny.py", "--out", str(tmp_path / "knn"), "--ks", "5,a"])
+  assert exit_.value.code == 2 and "--ks '5,a': comma-separated whole numbers" in capsys.readouterr().err
+  assert cli.main(["report", str(tmp_path)]) == 2  # a ReportError: one line, no traceback
+  assert "error: no result.json, knn.json or cka_*.json below" in capsys.readouterr().err
 
 
 def test_a_run_killed_while_saving_its_last_epoch_finishes_on_restart(aptos, tmp_path):

@@ -322,7 +322,10 @@ def fold_cases(raw: RawDataset, fold: int | str) -> tuple[list[str], list[str]]:
       splits = json.load(f)
   else:
     splits = kfold_splits(raw.cases)
-  fold = int(fold)
+  try:
+    fold = int(fold)
+  except ValueError:
+    raise DatasetError(f"data.fold={fold!r}: a fold number 0..{len(splits) - 1} or 'all'") from None
   if not 0 <= fold < len(splits):
     raise DatasetError(f"fold {fold} does not exist: valid 0..{len(splits) - 1} or 'all'")
   unknown = sorted(set(splits[fold]["train"] + splits[fold]["val"]) - set(raw.cases))
@@ -500,22 +503,33 @@ def reader_of(plans: dict, requested: str | None = None) -> str:
   return reader
 
 
-def reader_array(volume: np.ndarray, image_path: str, layout, reader: str) -> np.ndarray:
-  """An (X, Y, Z, ...) array on the grid of `image_path` read in `layout` (`read_channels`) as
-  nnU-Net's `reader` holds it: the (k, j, i, ...) array of the file's voxel order (SimpleITKIO,
-  NibabelIO) or of its closest canonical one (NibabelIOWithReorient)."""
+def file_order(volume: np.ndarray, image_path: str, layout) -> np.ndarray:
+  """An (X, Y, Z, ...) array on the grid of `image_path` read in `layout` (`read_channels`) in the
+  file's own voxel order (i, j, k, ...): the slicing axis put back, and mfjax's canonical order undone."""
   import nibabel as nib
   canonical, axes = layout
   rest = tuple(range(3, volume.ndim))
   if axes is not None:
     volume = volume.transpose(*np.argsort(axes), *rest)
-  if canonical and not NNUNET_READERS[reader]:  # mfjax's canonical order back to the file's
+  if canonical:
     ornt = nib.orientations.io_orientation(volumes.file_affine(image_path))
     volume = nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt("RAS"), ornt))
-  elif canonical != NNUNET_READERS[reader]:
-    raise ValueError(f"{reader} reads {'canonical' if NNUNET_READERS[reader] else 'file'} voxel order, but the "
-                     f"layout is {'canonical' if canonical else 'file'} order")
+  return volume
+
+
+def reader_array(volume: np.ndarray, image_path: str, layout, reader: str) -> np.ndarray:
+  """An (X, Y, Z, ...) array on the grid of `image_path` read in `layout` (`read_channels`) as
+  nnU-Net's `reader` holds it: the (k, j, i, ...) array of the file's voxel order (SimpleITKIO,
+  NibabelIO) or of its closest canonical one (NibabelIOWithReorient)."""
+  canonical, axes = layout
+  rest = tuple(range(3, volume.ndim))
+  if not NNUNET_READERS[reader]:
+    volume = file_order(volume, image_path, layout)
+  elif not canonical:
+    raise ValueError(f"{reader} reads canonical voxel order, but the layout is file order")
+  elif axes is not None:
+    volume = volume.transpose(*np.argsort(axes), *rest)
   return volume.transpose(2, 1, 0, *rest)
 
 
@@ -608,27 +622,34 @@ def prepare_case(image: np.ndarray, labels: np.ndarray | None, spacing, plans: d
 
 
 def verify_geometry(raw: RawDataset, tolerance_mm: float = 1e-3) -> list[str]:
-  """One line per training case whose label map's grid (shape, spacing, orientation, origin) is not
-  its image's, read from the headers alone; as nnU-Net's dataset integrity check, every case at once."""
-  problems = []
+  """One line per training case whose label map's grid (shape, spacing, orientation) is not its
+  image's, read from the headers alone, every case at once. A label map whose origin alone differs
+  is taken voxel for voxel, with a warning, as nnU-Net's dataset integrity check does (LiTS has such
+  headers); voxels are paired in canonical order, so only the grid's placement is ignored."""
+  problems, shifted = [], []
   for case, (_, label_path) in raw.cases.items():
     label_shape, label_affine = volumes.canonical_geometry(label_path)
     for image_path in raw.channel_files[case]:
-      problem = _grid_problem(image_path, label_path, label_shape, label_affine, tolerance_mm)
-      if problem:
-        problems.append(problem)
+      kind, message = _grid_problem(image_path, label_path, label_shape, label_affine, tolerance_mm)
+      (problems if kind == "error" else shifted if kind == "origin" else []).append(message)
+  if shifted:
+    log.warning("%d label map(s) lie on their image's grid but at another origin; taken voxel for voxel, as "
+                "nnU-Net does (check an overlay):\n  %s", len(shifted), "\n  ".join(shifted[:10]))
   return problems
 
 
 def _grid_problem(image_path, label_path, label_shape, label_affine, tolerance_mm):
   image_shape, image_affine = volumes.canonical_geometry(image_path)
   if image_shape != label_shape:
-    return f"{label_path}: shape {label_shape} differs from its image's {image_shape} ({image_path})"
-  if not np.allclose(image_affine, label_affine, atol=tolerance_mm):
-    worst = float(np.abs(image_affine - label_affine).max())
-    return (f"{label_path}: its voxel-to-world affine differs from its image's by up to {worst:.4g} "
-            f"(spacing, orientation or origin; {image_path})")
-  return None
+    return "error", f"{label_path}: shape {label_shape} differs from its image's {image_shape} ({image_path})"
+  if not np.allclose(image_affine[:3, :3], label_affine[:3, :3], atol=tolerance_mm):
+    worst = float(np.abs(image_affine[:3, :3] - label_affine[:3, :3]).max())
+    return "error", (f"{label_path}: its voxel spacing or orientation differs from its image's by up to "
+                     f"{worst:.4g} ({image_path})")
+  if not np.allclose(image_affine[:3, 3], label_affine[:3, 3], atol=tolerance_mm):
+    offset = float(np.abs(image_affine[:3, 3] - label_affine[:3, 3]).max())
+    return "origin", f"{label_path}: origin {offset:.4g} mm from its image's ({image_path})"
+  return None, None
 
 
 def _fingerprint(raw: RawDataset) -> dict:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfjax.config import RunStopped
 from mfjax.evals import metrics as metrics_lib
 
 K = 200
@@ -181,7 +182,7 @@ def result_json(*, model: str, dataset: str, resolution: int, headline_metric: s
 # ----------------------------------------------------------------------------- feature cache
 
 
-class CacheError(RuntimeError):
+class CacheError(RunStopped):
   pass
 
 

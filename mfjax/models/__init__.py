@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfjax.config import ConfigError
+
 FAMILIES = ("vit", "sam", "dinov3", "focalnet", "resnet")
 
 _MODULES = {family: importlib.import_module(f"mfjax.models.{family}") for family in FAMILIES}
@@ -33,7 +35,7 @@ PARAMS_DIR = "params"
 
 def family_of(name: str) -> str:
   if name not in REGISTRY:
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")
+    raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")
   return REGISTRY[name][0]
 
 
@@ -44,7 +46,7 @@ def create(name: str, **overrides):
   fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f"unknown option(s) {unknown} for model {name!r}; valid: {sorted(fields)}")
+    raise ConfigError(f"unknown option(s) {unknown} for model {name!r}; valid: {sorted(fields)}")
   # JSON turns tuples into lists; module fields must stay hashable.
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   return model_cls(**{**REGISTRY[name][1], **overrides})

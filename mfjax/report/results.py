@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from mfjax.config import DataError
 from mfjax.report import paper
 
 # Config fields that do not change what a run measures (where and how fast it ran). Checkpoint
@@ -26,7 +27,7 @@ CHECKPOINT_FIELDS = ("model.checkpoint", "head.checkpoint")
 RESULT_KEYS = ("config", "model", "dataset", "protocol", "headline_metric", "val", "test")
 
 
-class ReportError(ValueError):
+class ReportError(DataError):
   """Bad or inconsistent input in a runs folder; the message names the file."""
 
 

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from mfjax import cpu_gemm
 from mfjax import data as mdata
 from mfjax import parallel
-from mfjax.config import ConfigError, check_choice, to_dict
+from mfjax.config import ConfigError, RunStopped, check_choice, to_dict
 from mfjax.evals import metrics as mmetrics
 from mfjax.models import heads
 from mfjax.train import build, protocols
@@ -36,7 +36,7 @@ from mfjax.train.optim import Plateau, make_optimizer, warmup_lr
 log = logging.getLogger("mfjax")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
   pass
 
 

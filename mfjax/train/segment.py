@@ -208,19 +208,21 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if config.eval.probabilities_reader not in nnunet.NNUNET_READERS:
     raise ConfigError(f"eval.probabilities_reader={config.eval.probabilities_reader!r}: one of "
                       f"{', '.join(nnunet.NNUNET_READERS)}")
-  workdir, config_dict = start_run(config, workdir)
-
-  # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
+  # Config mistakes fail here, before the workdir and the (long) preprocessing.
   if not config.data.raw:
     raise ConfigError("data.raw is empty: give the nnU-Net raw dataset folder (raw=PATH)")
   raw = nnunet.read_raw(config.data.raw)
+  train_ids, val_ids = nnunet.fold_cases(raw, config.data.fold)
+  build_segmenter(config, num_classes=2)  # the backbone's name, overrides and patch
+  workdir, config_dict = start_run(config, workdir)
+
+  # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
   spacing = (config.data.spacing,) * 2 if config.data.spacing else None
   if jax.process_index() == 0:
     nnunet.preprocess(raw, pre_dir, spacing, progress)
   multihost_utils.sync_global_devices("preprocessed")
   plans = nnunet.preprocess(raw, pre_dir, spacing, progress=False)  # reads the finished plans
-  train_ids, val_ids = nnunet.fold_cases(raw, config.data.fold)
   mesh = parallel.make_mesh()
   for what, size in (("batch_size", config.batch_size), ("eval.batch_size", config.eval.batch_size)):
     if size % mesh.devices.size:
@@ -591,13 +593,11 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
 
 
 def write_prediction(path: str, labels: np.ndarray, image_path: str, layout) -> str:
-  """Write (X, Y, Z) labels predicted from `image_path` read in `layout` on its voxel grid: canonical,
-  or in the file's own voxel order and affine (as nnU-Net writes with SimpleITK)."""
-  canonical, axes = layout
-  if axes is not None:
-    labels = labels.transpose(np.argsort(axes))
-  affine = volumes.canonical_affine(image_path) if canonical else volumes.file_affine(image_path)
-  return volumes.write_volume(path, labels, affine=affine)
+  """Write (X, Y, Z) labels predicted from `image_path` read in `layout` on its voxel grid, in the
+  file's own voxel order and affine, as nnU-Net writes them (tools that compare arrays without
+  reorienting, nnUNetv2_evaluate_folder and challenge scorers, line them up with the labels)."""
+  return volumes.write_volume(path, nnunet.file_order(labels, image_path, layout),
+                              affine=volumes.file_affine(image_path))
 
 
 def write_probabilities(out_truncated: str, probabilities: np.ndarray, image_path: str, layout, plans: dict,
