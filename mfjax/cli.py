@@ -281,10 +281,11 @@ def main(argv=None) -> int:
         parser.error(f"{', '.join(given)} go with --import-nnunet (to train a fold: --config configs/segment.py:...,"
                      "fold=F)")
       if args.import_nnunet:
-        args.fold = args.fold or "0"
-        args.checkpoint_name = args.checkpoint_name or "checkpoint_final.pth"
-        args.interaction_indices = args.interaction_indices or "2,5,8,11"
-        args.rope_dtype = args.rope_dtype or "bfloat16"
+        defaults = {"fold": "0", "checkpoint_name": "checkpoint_final.pth", "interaction_indices": "2,5,8,11",
+                    "rope_dtype": "bfloat16"}
+        for name, default in defaults.items():
+          if getattr(args, name) is None:
+            setattr(args, name, default)
         if args.config or args.predict or args.out or args.determine_postprocessing or len(args.workdir) > 1:
           parser.error("segment --import-nnunet takes MODEL_FOLDER --fold F --workdir RUN (one) "
                        "[--config.model.dtype=bfloat16 --config.eval.batch_size=N ...], then --predict with that RUN")
@@ -353,7 +354,8 @@ def main(argv=None) -> int:
       for note in written["notes"]:
         print(f"note: {note}")
   except (ConfigError, DataError, RunStopped, OSError) as e:  # the message names the key, file or reason
-    print(f"error: {e}", file=sys.stderr)
+    logging.getLogger("mfjax").debug("the error's traceback", exc_info=True)
+    print(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}", file=sys.stderr)
     return 2
   return 0
 

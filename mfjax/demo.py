@@ -51,9 +51,12 @@ def run(out_dir: str = "demo_out", num_images: int = 240, image_size: int = 64, 
   sweep = demo_sweep(downloads, data_dir, epochs, seeds, models)
   n = len(msweep.expand(sweep, runs_dir))
   print(f"[2/5] training {n} runs: {len(models)} foundations x {len(PROTOCOLS)} protocols x {seeds} seeds")
+  earlier = os.path.isdir(runs_dir)
   try:
     msweep.run_all(sweep, runs_dir)
   except ConfigError as e:
+    if not earlier:
+      raise
     raise ConfigError(f"{out_dir} holds a demo made with other settings ({e}); delete it or give another --out") \
         from None
 

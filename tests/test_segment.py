@@ -404,6 +404,15 @@ def test_label_maps_off_their_images_grid_are_all_named_before_preprocessing(raw
   with caplog.at_level("WARNING", logger="mfjax"):
     assert nnunet.verify_geometry(nnunet.read_raw(str(root))) == []
   assert "synth_001.nii.gz: origin 2.5 mm from its image's" in caplog.text
+  # The same raw array and origin under a flipped direction is no origin shift: pairing would mirror it.
+  flipped = volumes.file_affine(label_file("synth_004"))
+  flipped[:3, 0] *= -1
+  raw_labels = volumes.read_volume(label_file("synth_004"), canonical=False)[0]
+  volumes.write_volume(label_file("synth_004"), raw_labels.astype(np.uint8), affine=flipped)
+  (problem,) = nnunet.verify_geometry(nnunet.read_raw(str(root)))
+  assert "synth_004.nii.gz: stored in another axis order or direction than its image" in problem
+  flipped[:3, 0] *= -1
+  volumes.write_volume(label_file("synth_004"), raw_labels.astype(np.uint8), affine=flipped)
   # Another spacing, or another shape: errors, every case at once.
   scaled = volumes.canonical_affine(label_file("synth_002"))
   scaled[:3, :3] *= 1.5

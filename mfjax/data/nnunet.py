@@ -648,8 +648,17 @@ def _grid_problem(image_path, label_path, label_shape, label_affine, tolerance_m
                      f"{worst:.4g} ({image_path})")
   if not np.allclose(image_affine[:3, 3], label_affine[:3, 3], atol=tolerance_mm):
     offset = float(np.abs(image_affine[:3, 3] - label_affine[:3, 3]).max())
+    if _file_axes(label_path) != _file_axes(image_path):  # a flipped or permuted file: pairing would mirror it
+      return "error", (f"{label_path}: stored in another axis order or direction than its image ({image_path}) "
+                       f"and {offset:.4g} mm off its grid")
     return "origin", f"{label_path}: origin {offset:.4g} mm from its image's ({image_path})"
   return None, None
+
+
+def _file_axes(path: str) -> list:
+  """The file's axis codes (which world axis, which direction each voxel axis runs)."""
+  import nibabel as nib
+  return nib.orientations.io_orientation(volumes.file_affine(path)).tolist()
 
 
 def _fingerprint(raw: RawDataset) -> dict:

@@ -99,11 +99,12 @@ def list_volumes(folders) -> list[str]:
 def check_volumes(paths: list[str], progress: bool = True) -> str:
   """Every volume's header checked before the run starts (a bad file fails now, not hours in, when
   it enters the pool), and a fingerprint of the list of file names: the data order is a function of
-  it (the folders themselves may move between machines)."""
+  it (folder and file names: the folders may move between machines)."""
   from tqdm.auto import tqdm
   for path in tqdm(paths, desc="checking volume headers", unit="volume", disable=not progress or len(paths) < 50):
     volumes.check_header(path)
-  return hashlib.sha256("\n".join(os.path.basename(p) for p in paths).encode()).hexdigest()[:16]
+  names = (os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p in paths)
+  return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def axial_slices(path: str) -> np.ndarray:
