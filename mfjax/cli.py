@@ -355,7 +355,8 @@ def main(argv=None) -> int:
         print(f"note: {note}")
   except (ConfigError, DataError, RunStopped, OSError) as e:  # the message names the key, file or reason
     logging.getLogger("mfjax").debug("the error's traceback", exc_info=True)
-    print(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}", file=sys.stderr)
+    kind = f"{type(e).__name__}: " if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else ""
+    print(f"error: {kind}{e}", file=sys.stderr)
     return 2
   return 0
 
