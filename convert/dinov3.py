@@ -39,6 +39,10 @@ def add_arguments(parser):
   parser.add_argument("--rope-dtype", default="float32", choices=["float32", "bfloat16"],
                       help="precision of the RoPE angles and rotation: float32 (the hub models, timm, HF; "
                            "default) or bfloat16 (the original code's training default, which MedDINOv3 ran with)")
+  parser.add_argument("--rope-periods", default="computed", choices=["computed", "stored"],
+                      help="RoPE periods: computed from the schedule (timm, transformers; default) or the "
+                           "checkpoint's stored rope_embed.periods, which the original hub code uses (the release "
+                           "stores them rounded to bfloat16)")
 
 
 def _qkv_bias_mask(mask: np.ndarray, key: str) -> bool:
@@ -307,6 +311,12 @@ def from_checkpoint(raw, hf_config, fmt, args):
     state = raw
     model, settings = _hf_settings(hf_config)
   overrides = _overrides(model, settings, args.ln_eps, args.rope_dtype)
+  if getattr(args, "rope_periods", "computed") == "stored":
+    key = next((k for k in state if k.endswith("rope_embed.periods")), None) if fmt == "original" else None
+    if key is None:
+      raise core.ConversionError(f"--rope-periods stored: {args.checkpoint} holds no rope_embed.periods"
+                                 + (" (HF folders do not store them)" if fmt == "hf" else ""))
+    overrides["rope_periods"] = tuple(float(p) for p in np.asarray(state[key], np.float32))
   kind = "MedDINOv3" if model == MEDDINOV3 else "DINOv3"
   variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} {kind} checkpoint)", **overrides)
   return model, overrides, variables

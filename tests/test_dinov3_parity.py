@@ -327,6 +327,30 @@ def torch_dinov3_rope(h, w, head_dim, dtype):
   return torch.sin(angles), torch.cos(angles)
 
 
+def test_stored_rope_periods_are_used_as_the_hub_code_uses_them(official_b, tmp_path):
+  # The release stores its periods rounded to bfloat16, and the hub model computes its float32 angles from them.
+  state = dict(official_b)
+  stored = state["rope_embed.periods"].to(torch.bfloat16).to(torch.float32)
+  state["rope_embed.periods"] = stored
+  module, _, meta = convert_file(tmp_path, state, "--rope-periods", "stored")
+  assert meta["overrides"]["rope_periods"] == stored.tolist()
+  sin, cos = module.rope((14, 20), train=False)
+  coords_h, coords_w = torch.arange(0.5, 14) / 14, torch.arange(0.5, 20) / 20
+  coords = 2.0 * torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+  angles = (2 * np.pi * coords[:, :, None] / stored[None, None, :]).flatten(1, 2).tile(2)
+  np.testing.assert_allclose(np.asarray(sin), torch.sin(angles).numpy(), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(cos), torch.cos(angles).numpy(), atol=2e-5)
+  computed_sin, _ = module.clone(rope_periods=None).rope((14, 20), train=False)
+  assert np.abs(np.asarray(computed_sin) - np.asarray(sin)).max() > 1e-3  # the rounding is not negligible
+
+  class Stored(_Args):
+    rope_periods = "stored"
+
+  without = {k: v for k, v in state.items() if k != "rope_embed.periods"}
+  with pytest.raises(core.ConversionError, match="--rope-periods stored: test checkpoint holds no rope_embed.periods"):
+    convert_dinov3.from_checkpoint(without, None, "original", Stored())
+
+
 def torch_dinov3_apply_rope(q, sin, cos):
   """DINOv3's SelfAttention.apply_rope on q (B, heads, N, D): cast to the RoPE dtype, rotate patches, cast back."""
   dtype = q.dtype

@@ -75,6 +75,7 @@ class Model(nn.Module):
   rope_jitter: float | None = None
   rope_rescale: float | None = None
   rope_dtype: str = "float32"       # bfloat16: the original code's training-default RoPE precision
+  rope_periods: tuple | None = None # a checkpoint's stored periods (the hub code uses them); None: computed
   native_resolution: tuple[int, int] = (224, 224)  # bookkeeping only: RoPE has nothing to resample
   tokens: str = "normed"            # normed | prenorm
   num_blocks: int | None = None     # keep only the first k blocks (decapitation)
@@ -96,7 +97,10 @@ class Model(nn.Module):
     if train and any(v is not None for v in (self.rope_shift, self.rope_jitter, self.rope_rescale)):
       coords = layers.augment_rope_coords(coords, self.make_rng("dropout"), self.rope_shift, self.rope_jitter,
                                           self.rope_rescale, rope_dtype)
-    periods = layers.rope_periods(self.width // self.heads, self.rope_base, rope_dtype)
+    if self.rope_periods is None:
+      periods = layers.rope_periods(self.width // self.heads, self.rope_base, rope_dtype)
+    else:
+      periods = jnp.asarray(self.rope_periods, jnp.float32).astype(rope_dtype).astype(jnp.float32)
     return layers.rope_sin_cos(coords, periods, rope_dtype)
 
   @nn.compact
