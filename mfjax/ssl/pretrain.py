@@ -532,11 +532,12 @@ def run(config, workdir, progress: bool = True) -> dict:
   """Pretrain as `config` says, resuming from workdir's checkpoint; returns (and writes) result.json."""
   start_time = time.time()
   paths = list_volumes(config.data.folders)
-  check_config(config, resuming=fit.has_saved_work(workdir))
+  resuming = fit.has_saved_work(workdir)
+  check_config(config, resuming)
   volume_list = check_volumes(paths, progress)
   architecture(config)  # config errors before the workdir (and its config.json) is written
   workdir, config_dict = fit.start_run(config, workdir)  # multi-host initialisation: before any JAX call
-  networks, gram_variables = build_networks(config, fit.has_saved_work(workdir))  # loads gram.checkpoint (JAX)
+  networks, gram_variables = build_networks(config, resuming)  # loads gram.checkpoint (JAX)
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")

@@ -208,7 +208,6 @@ def cached_features(config, dataset, mesh, init_rng) -> dict:
   """{split: {"image": pooled features, "label"[, "mask"]}} from the feature cache (or computed)."""
   from mfjax.evals import knn as knn_lib, studies
   cache = knn_lib.FeatureCache(config.data.feature_cache)
-  name = build.foundation_spec(config)[0]
   net = []
   out = {}
   for split in ("train", "validation", "test"):
@@ -217,7 +216,7 @@ def cached_features(config, dataset, mesh, init_rng) -> dict:
     def compute():
       if not net:
         net.extend(frozen_foundation(config, dataset.spec.num_classes, init_rng))
-      log.info("caching %s features of %s/%s", name, dataset.spec.name, split)
+      log.info("caching %s features of %s/%s", key["model"], dataset.spec.name, split)
       return studies.extract_pooled(net[0], net[1], config, dataset, split, mesh)
 
     arrays = cache.get_or_compute(key, compute)
