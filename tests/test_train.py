@@ -256,6 +256,61 @@ def test_data_norm_model_normalises_with_the_models_constants(aptos):
     build.input_norm(tiny(aptos, "frozen_linear", "--config.data.norm=imagenet"))
 
 
+def test_knn_and_cka_studies_end_to_end(aptos, tmp_path, caplog):
+  import dataclasses
+  import logging
+  from mfjax.evals import cka, knn, studies
+  config = tiny(aptos, "frozen_linear", "--config.batch_size=10")
+  dataset = fit.open_dataset(config)
+  cache_dir = tmp_path / "cache"
+  out = studies.knn(config, str(tmp_path / "knn"), ks=(3, 5), cache_dir=str(cache_dir))
+  # The bank is the training split, the queries the test split, every example once.
+  cached = {json.loads(p.read_text())["split"]: np.load(p.with_suffix(".npz")) for p in cache_dir.glob("*.json")}
+  assert {s: len(a["features"]) for s, a in cached.items()} == {s: dataset.split_sizes[s] for s in ("train", "test")}
+  expected = knn.knn_evaluate(cached["train"]["features"], cached["train"]["labels"], cached["test"]["features"],
+                              cached["test"]["labels"], ks=(3, 5), num_classes=5, multi_label=False,
+                              headline="quadratic_kappa")
+  assert {k: v["headline"] for k, v in out["k"].items()} == {k: v["headline"] for k, v in expected.items()}
+  # A dataset rebuilt in place from changed sources must not be served the old features and labels.
+  key = studies.feature_key(config, dataset, "test", "model")
+  rebuilt = dataclasses.replace(dataset, metadata={**dataset.metadata, "sources": {"train.csv": "another"}})
+  assert key["dataset"] == studies.feature_key(config, rebuilt, "test", "model")["dataset"]
+  assert key != studies.feature_key(config, rebuilt, "test", "model")
+
+  # CKA of foundations fed at their own normalisation; a last batch of 4 (of 19) is left out, not weighed
+  # like a full one.
+  batch = 19
+  assert 4 <= dataset.split_sizes["train"] % batch < batch / 2
+  configs = [tiny(aptos, "frozen_linear", f"--config.batch_size={batch}"),
+             tiny(aptos, "frozen_linear", f"--config.batch_size={batch}", "--config.data.norm=model",
+                  model="openclip_vitb16")]
+  with caplog.at_level(logging.INFO, logger="mfjax"):
+    path = studies.cka_foundations(configs, str(tmp_path / "cka"), split="train")
+  result = json.loads(open(path).read())
+  used = dataset.split_sizes["train"] // batch * batch
+  assert result["num_examples"] == used and f"left out the last {dataset.split_sizes['train'] - used}" in caplog.text
+  assert result["matrix"][0][0] == pytest.approx(1.0) and result["matrix"][0][1] == result["matrix"][1][0]
+  # The same matrix from the models' features of the same full batches, computed here.
+  images = {norm: np.concatenate([np.asarray(b["image"]) for b, _ in zip(
+      studies.batches(c, dataset, "train", fit.parallel.make_mesh()), range(used // batch))])
+      for norm, c in (("dataset", configs[0]), ("model", configs[1]))}
+  feats = []
+  for c, norm in zip(configs, ("dataset", "model")):
+    module, variables = studies.foundation(c)
+    feats.append(studies.pool_tokens(module.apply(variables, images[norm], train=False, return_blocks=True)["blocks"][-1]))
+  expected = cka.MinibatchCKA()
+  for start in range(0, used, batch):
+    expected.update([np.asarray(f)[start:start + batch] for f in feats])
+  np.testing.assert_allclose(result["matrix"], expected.result(), rtol=1e-5)
+
+  # A cached-feature linear probe has no foundation blocks to compare: said plainly.
+  probe = tiny(aptos, "frozen_linear", "--config.data.augment=False", arg=",epochs=1")
+  assert fit.uses_feature_cache(probe)
+  fit.train(probe, str(tmp_path / "run"), progress=False)
+  with pytest.raises(ConfigError, match="cached features"):
+    studies.cka_run(str(tmp_path / "run"))
+
+
 def test_paper_config_details(caplog):
   # SEEM's D2FocalNet trains with drop-path 0.3 in the paper's code; the other foundations with none.
   assert load_config("configs/paper.py:model=seem_focalt", []).model.drop_path == 0.3

@@ -72,7 +72,9 @@ def _grams_without_diagonal(features: Sequence, name: str) -> np.ndarray:
   sizes = {len(m) for m in mats}
   if len(sizes) != 1:
     raise ValueError(f"layers of {name} have different batch sizes {sorted(sizes)}")
-  grams = np.stack([m @ m.T for m in mats])
+  # HSIC_1 does not change when a constant is added to every example's features, but an
+  # uncentred Gram matrix makes it a difference of huge near-equal sums (NaN for offsets ~1e3).
+  grams = np.stack([(m - m.mean(axis=0)) @ (m - m.mean(axis=0)).T for m in mats])
   idx = np.arange(grams.shape[1])
   grams[:, idx, idx] = 0.0
   return grams

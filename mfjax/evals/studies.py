@@ -10,6 +10,7 @@ CKA: every block's (stage's) output, mean-pooled over tokens, of
   foundations the last block of several foundations on the same images,
 accumulated over the whole split with the minibatch (unbiased HSIC) estimator.
 """
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from mfjax import data as mdata
 from mfjax import models, parallel
+from mfjax.config import ConfigError
 from mfjax.evals import cka as cka_lib
 from mfjax.evals import knn as knn_lib
 from mfjax.train import build, protocols
@@ -43,17 +45,45 @@ def foundation(config):
   return module, models.init_params(module, jax.random.PRNGKey(config.seed), (res, res))
 
 
-def batches(config, dataset, split: str, mesh, max_examples: int | None = None):
+def batches(config, dataset, split: str, mesh, max_examples: int | None = None, batch_size: int | None = None):
   """Global eval batches of `split` (every example once) with this process's rows assembled."""
   sharding = parallel.batch_sharding(mesh)
-  loader = mdata.make_eval_loader(dataset, split, batch_size=config.batch_size, resolution=config.data.resolution,
+  batch_size = batch_size or config.batch_size
+  loader = mdata.make_eval_loader(dataset, split, batch_size=batch_size, resolution=config.data.resolution,
                                   uncertainty=config.data.uncertainty, norm=build.input_norm(config))
   seen = 0
   for batch in loader:
     yield mdata.global_batch(batch, sharding)
-    seen += config.batch_size
+    seen += batch_size
     if max_examples and seen >= max_examples:
       return
+
+
+def cka_batches(config, dataset, split: str, mesh, max_examples: int | None = None, batch_size: int | None = None):
+  """(batch, valid rows) of `split` for a minibatch CKA. Every batch counts equally in its
+  estimate, so a last batch with under half a batch of real examples is left out (and logged)."""
+  used = left_out = 0
+  batch_size = batch_size or config.batch_size
+  for arrays in batches(config, dataset, split, mesh, max_examples, batch_size):
+    valid = gather(arrays["valid"])
+    count = int(valid.sum())
+    if count < max(4, batch_size // 2) and used:
+      left_out += count
+      continue
+    if count < 4:  # the unbiased HSIC needs 4 examples
+      raise ValueError(f"CKA needs batches of at least 4 examples; the {split} split gave {count}")
+    used += count
+    yield arrays, valid
+  if left_out:
+    log.info("CKA: left out the last %d example(s) of %s, a partial batch that would weigh as much as a "
+             "full one (%d examples used)", left_out, split, used)
+
+
+def dataset_fingerprint(dataset) -> str:
+  """What a cache must change with when a dataset is rebuilt in place: its sources, options and splits."""
+  meta = dataset.metadata
+  content = {k: meta.get(k) for k in ("sources", "options", "split_sizes", "class_counts", "skipped")}
+  return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def feature_key(config, dataset, split: str, random_init: str) -> dict:
@@ -62,7 +92,8 @@ def feature_key(config, dataset, split: str, random_init: str) -> dict:
   initialisation in `frozen_linear`, the bare model's in k-NN and CKA): their weights differ."""
   name, overrides = build.foundation_spec(config)
   checkpoint = config.model.checkpoint
-  return {"model": name, "overrides": overrides, "dataset": dataset.path, "split": split,
+  return {"model": name, "overrides": overrides, "dataset": dataset.path, "build": dataset_fingerprint(dataset),
+          "split": split,
           "checkpoint": knn_lib.fingerprint(checkpoint) if checkpoint else f"random:{random_init}:{config.seed}",
           "resolution": config.data.resolution,
           "transform": f"eval,uncertainty={config.data.uncertainty},norm={build.input_norm(config)}"}
@@ -125,6 +156,9 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
   import ml_collections
   fit.quiet_libraries()
   config = ml_collections.ConfigDict(json.loads((fit.workdir_path(workdir) / "config.json").read_text()))
+  if fit.uses_feature_cache(config):
+    raise ConfigError(f"{workdir} trained a linear probe on cached features: its foundation is frozen and was "
+                      "never part of the trained model, so there is nothing to compare before and after")
   run = fit.prepare(config)  # its initial state holds the pretrained (or seeded random) weights
   best = fit.RunCheckpoints(fit.workdir_path(workdir)).restore_best(
       fit.abstract_of({k: run.state[k] for k in fit.PARAM_KEYS}))
@@ -142,10 +176,7 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
   blocks = jax.jit(blocks)
   layer_cka, head_cka = cka_lib.MinibatchCKA(), cka_lib.MinibatchCKA()
   has_head = False
-  for arrays in batches(config, run.dataset, split, run.mesh, max_examples):
-    valid = gather(arrays["valid"])
-    if valid.sum() < 4:  # the unbiased HSIC needs 4 examples; a padded last batch may have fewer
-      continue
+  for arrays, valid in cka_batches(config, run.dataset, split, run.mesh, max_examples):
     fa, ha = blocks(before, arrays["image"])
     fb, hb = blocks(after, arrays["image"])
     pick = lambda xs: [gather(x)[valid] for x in xs]
@@ -185,13 +216,16 @@ def cka_foundations(configs: list, out_dir: str, split: str = "test", max_exampl
   nets = [foundation(c) for c in configs]
   applies = [jax.jit(lambda v, x, m=m: pool_tokens(m.apply(v, x, train=False, return_blocks=True)["blocks"][-1]))
              for m, _ in nets]
+  # Each model sees the same examples at its own config's resolution and normalisation (CLIP's
+  # constants for OpenCLIP/BLIP under data.norm=model): one loader per distinct input, in step.
+  inputs = [(c.data.resolution, build.input_norm(c)) for c in configs]
+  loaders = {i: cka_batches(configs[inputs.index(i)], dataset, split, mesh, max_examples, config.batch_size)
+             for i in dict.fromkeys(inputs)}
   acc = cka_lib.MinibatchCKA()
-  for arrays in batches(config, dataset, split, mesh, max_examples):
-    valid = gather(arrays["valid"])
-    if valid.sum() < 4:
-      continue
-    feats = [gather(f(v, arrays["image"]))[valid] for f, (_, v) in zip(applies, nets)]
-    acc.update(feats)
+  for step in zip(*loaders.values()):
+    images = {i: arrays["image"] for i, (arrays, _) in zip(loaders, step)}
+    valid = step[0][1]
+    acc.update([gather(f(v, images[i]))[valid] for f, (_, v), i in zip(applies, nets, inputs)])
   names = [c.model.name for c in configs]
   out = cka_lib.result_json("foundations", names, names, acc.result(), dataset=dataset.spec.name, split=split,
                             num_examples=acc.num_examples, title=f"CKA of the last block, {dataset.spec.name}")
