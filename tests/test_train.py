@@ -297,7 +297,8 @@ def test_knn_and_cka_studies_end_to_end(aptos, tmp_path, caplog):
   feats = []
   for c, norm in zip(configs, ("dataset", "model")):
     module, variables = studies.foundation(c)
-    feats.append(studies.pool_tokens(module.apply(variables, images[norm], train=False, return_blocks=True)["blocks"][-1]))
+    blocks = module.apply(variables, images[norm], train=False, return_blocks=True)["blocks"]
+    feats.append(studies.pool_tokens(blocks[-1]))
   expected = cka.MinibatchCKA()
   for start in range(0, used, batch):
     expected.update([np.asarray(f)[start:start + batch] for f in feats])
