@@ -20,7 +20,7 @@ HEADLINE = {"aptos2019": "quadratic_kappa", "cbis_ddsm": "roc_auc", "isic2019": 
 
 
 def write_run(root, model, dataset, protocol, lr, seed, test, val, *, res=224, folder=None, iterations=1000,
-              speed=100.0, params=86_000_000, metric=None, pretrained=True, **protocol_fields):
+              speed=100.0, params=86_000_000, metric=None, pretrained=True, data=None, **protocol_fields):
   """A result.json as mfjax.train.fit writes it, with the config from configs/paper.py; pretrained
   runs name converted checkpoints for the foundation and the stacked DeiT-B."""
   config = paper_config.get_config(f"model={model},dataset={dataset},protocol={protocol},res={res},lr={lr},"
@@ -30,6 +30,7 @@ def write_run(root, model, dataset, protocol, lr, seed, test, val, *, res=224, f
     config["head"]["checkpoint"] = "/ckpt/deit_base_patch16"
   for key, value in protocol_fields.items():
     config["protocol"][key] = value
+  config["data"].update(data or {})
   metric = metric or HEADLINE[dataset]
   result = {"config": config, "model": model, "dataset": dataset, "protocol": protocol, "headline_metric": metric,
             "best_epoch": 7, "iterations_to_best": iterations, "val": {metric: val, "headline": val},
@@ -110,6 +111,32 @@ def grid(tmp_path):
   return root
 
 
+def test_a_different_task_or_labels_gets_no_delta(tmp_path):
+  root = str(tmp_path / "runs")
+  lists = {"options": {"layout": "lists"}}
+  write_cell(root, "dinov2_vitb14", "cbis_ddsm", "unfrozen_linear", {1e-4: [0.80]}, {1e-4: [0.8]}, data=lists)
+  write_cell(root, "sam_vitb", "cbis_ddsm", "unfrozen_linear", {1e-4: [0.70]}, {1e-4: [0.7]})  # layout cbis
+  write_cell(root, "dinov2_vitb14", "chexpert", "unfrozen_linear", {1e-4: [0.80]}, {1e-4: [0.8]},
+             data={"uncertainty": "ignore"})
+  write_cell(root, "sam_vitb", "chexpert", "unfrozen_linear", {1e-4: [0.75]}, {1e-4: [0.7]},
+             data={"options": {"split": "official", "views": "frontal"}})
+  cells = results.load_cells(root)
+  table = _table(tables.comparison_tables(cells), "unfrozen_224")
+  rows = {r["model"]: r["cells"] for r in table["rows"]}
+  assert rows["dinov2_vitb14"]["cbis_ddsm"]["delta"] == pytest.approx(0.80 - rows["dinov2_vitb14"]["cbis_ddsm"]
+                                                                       ["paper_mean"])
+  for model, dataset in (("sam_vitb", "cbis_ddsm"), ("dinov2_vitb14", "chexpert"), ("sam_vitb", "chexpert")):
+    entry = rows[model][dataset]
+    assert entry["delta"] is None and entry["paper_mean"] is not None
+    assert tables.cell_text(entry) == f"{entry['mean']:.3f} (1 seed) ‡ (paper {entry['paper_mean']:.3f})"
+  assert "cbis_ddsm layout=cbis, task=benign_malignant (the paper: its DDSM lists, normal vs abnormal)" \
+      in table["caption"]
+  assert ("chexpert views=frontal (the paper: all); chexpert split=official, tested on valid.csv"
+          in table["caption"]) and "chexpert uncertainty=ignore (the paper: zeros)" in table["caption"]
+  assert r"0.700\textsuperscript{1}$^\ddagger$ {\scriptsize[" in tables.to_latex(table)
+  assert {r["other_task"] != "" for r in tables.all_cells_rows(cells)} == {True, False}
+
+
 def _table(tables_list, name):
   return next(t for t in tables_list if t["name"] == name)
 
@@ -151,7 +178,7 @@ def test_tables_match_hand_computed_values(grid):
   assert lines[4].startswith("| Linear | ImNet-1k-Sup | 0.880 (1 seed) (paper 0.904, Δ -0.024) |")
   assert "|  | DINOv2 | 0.913 ± 0.015 (paper 0.909, Δ +0.004) |  |  | 0.805 ± 0.007 (paper 0.812, Δ -0.007) |" \
       in lines
-  assert "| DeiT-B | BLIP |  | 0.620 ± 0.028 |  |  |" in lines
+  assert "| DeiT-B | BLIP |  | 0.620 ± 0.028 ‡ |  |  |" in lines  # CBIS's benign/malignant: not the paper's task
 
   frozen_rows = list(csv.DictReader(io.StringIO(tables.to_csv(_table(built, "frozen_224")))))
   assert len(frozen_rows) == 1

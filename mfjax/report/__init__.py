@@ -77,6 +77,11 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
                  f"architecture (model/head overrides), e.g. {variants[0].model} on {variants[0].dataset} "
                  f"({variants[0].protocol}). Their numbers say nothing about the pretrained models; tables mark them "
                  f"{tables.VARIANT_MARK}.")
+  other_tasks = sorted({c.other_task for c in cells if c.other_task})
+  if other_tasks:
+    notes.append(f"Some runs are not the paper's task or labels, so their published numbers are no reference: "
+                 f"{'; '.join(other_tasks)}. Tables mark them {tables.TASK_MARK} and give no Δ; the relative gain "
+                 "chart still draws the paper's gains beside them.")
   diverged = [path for path, data in found["classification"] if data.get("status") == "diverged"]
   if diverged:
     notes.append(f"{len(diverged)} training run(s) diverged (a non-finite loss; `mfjax sweep` records them with "

@@ -44,6 +44,7 @@ class Cell:
   trained: bool | None         # decapitation only: the foundation was trained
   metric: str                  # the dataset's headline metric
   variant: bool                # random initialization or changed architecture: not the paper's model
+  other_task: str              # how the task or labels differ from the paper's ("" when they don't)
   lr: float
   seeds: tuple
   test: np.ndarray             # test headline per seed of the selected lr
@@ -134,6 +135,30 @@ def not_the_papers_weights(config: dict, head: str) -> bool:
           or (head == "deit" and (not head_config.get("checkpoint") or bool(head_config.get("overrides")))))
 
 
+def task_differences(config: dict) -> str:
+  """How a run's task or labels differ from the paper's for the same dataset name; "" when they don't.
+  The paper's DDSM is its own image lists (normal vs abnormal); its CheXpert is train.csv only, every
+  view, uncertain labels as 0. A published number for another task is no reference for a run."""
+  data = config.get("data", {})
+  name, options = data.get("name"), data.get("options") or {}
+  differences = []
+  if name == "cbis_ddsm":
+    layout, task = options.get("layout", "cbis"), options.get("task")
+    if layout != "lists":
+      differences.append(f"layout={layout}, task={task or 'benign_malignant'} (the paper: its DDSM lists, "
+                         "normal vs abnormal)")
+    elif task not in (None, "normal_abnormal"):
+      differences.append(f"task={task} (the paper: normal vs abnormal)")
+  if name == "chexpert":
+    if data.get("uncertainty", "zeros") != "zeros":
+      differences.append(f"uncertainty={data['uncertainty']} (the paper: zeros)")
+    if options.get("views", "all") != "all":
+      differences.append(f"views={options['views']} (the paper: all)")
+    if options.get("split") == "official":
+      differences.append("split=official, tested on valid.csv (the paper: a split of train.csv)")
+  return "; ".join(f"{name} {d}" for d in differences)
+
+
 def head_of(protocol: str, config_head: str) -> str:
   if protocol.endswith("_linear"):
     return "linear"
@@ -172,6 +197,7 @@ def read_run(path: str, data: dict | None = None) -> dict:
   }
   run["resolution"] = nominal_resolution(run["model"], run["run_resolution"])
   run["variant"] = not_the_papers_weights(config, run["head"])
+  run["other_task"] = task_differences(config)
   if run["model"] != data["model"] or run["dataset"] != data["dataset"]:
     raise ReportError(f"{path}: model/dataset {data['model']}/{data['dataset']} disagree with its config "
                       f"{run['model']}/{run['dataset']}")
@@ -234,7 +260,8 @@ def group_cells(runs: list[dict]) -> list[Cell]:
     best_lr = max(finite, key=lambda lr: (finite[lr], -lr)) if finite else min(lr_scores)
     chosen = sorted(by_lr[best_lr], key=lambda r: json.dumps(r["seed"]))
     cells.append(Cell(
-        **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], variant=first["variant"], lr=best_lr,
+        **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], variant=first["variant"],
+        other_task=first["other_task"], lr=best_lr,
         seeds=tuple(r["seed"] for r in chosen), test=np.array([r["test"] for r in chosen]),
         val=np.array([r["val"] for r in chosen]), lr_scores=lr_scores,
         iterations_to_best=np.array([r["iterations_to_best"] for r in chosen]),

@@ -21,6 +21,7 @@ MAIN_PROTOCOLS = {"frozen_linear": ("frozen", "linear"), "frozen_deit": ("frozen
                   "unfrozen_linear": ("unfrozen", "linear"), "unfrozen_deit": ("unfrozen", "deit")}
 PAPER_TABLE = {("frozen", 224): "Table 1", ("unfrozen", 224): "Table 2", ("unfrozen", 1024): "Table 3"}
 VARIANT_MARK = "†"
+TASK_MARK = "‡"
 
 
 def fmt(value, digits: int = 3, sign: bool = False) -> str:
@@ -84,7 +85,7 @@ def comparison_tables(cells) -> list[dict]:
   tables = []
   for state, resolution in keys:
     paper_resolution = resolution if (state, resolution) in published else (224 if resolution == main else None)
-    rows, variants, ran_at = {}, set(), {}
+    rows, variants, ran_at, other_tasks = {}, set(), {}, set()
     for c in cells:
       if c.protocol not in MAIN_PROTOCOLS or c.resolution != resolution or MAIN_PROTOCOLS[c.protocol][0] != state:
         continue
@@ -92,13 +93,15 @@ def comparison_tables(cells) -> list[dict]:
         ran_at[paper.title_of(c.model)] = c.run_resolution
       classifier = MAIN_PROTOCOLS[c.protocol][1]
       entry = {"mean": c.mean, "std": c.std, "n": c.n, "lr": c.lr, "metric": c.metric,
-               "gain": None, "paper_mean": None, "paper_std": None, "delta": None}
+               "gain": None, "paper_mean": None, "paper_std": None, "delta": None, "other_task": c.other_task}
       if resolution != main and (c.model, c.dataset, c.protocol) in at_main:
         entry["gain"] = 100 * (c.mean - at_main[(c.model, c.dataset, c.protocol)].mean)
       published_cell = paper_cell(c, state, paper_resolution, classifier) if paper_resolution else None
       if published_cell:
         entry.update(paper_mean=published_cell["mean"], paper_std=published_cell["std"],
-                     delta=c.mean - published_cell["mean"])
+                     delta=None if c.other_task else c.mean - published_cell["mean"])
+      if c.other_task:
+        other_tasks.add(c.other_task)
       rows.setdefault((classifier, c.model), {})[c.dataset] = entry
       if c.variant:
         variants.add((classifier, c.model))
@@ -120,6 +123,8 @@ def comparison_tables(cells) -> list[dict]:
     if variants:
       caption.append(f"{VARIANT_MARK} not the paper's weights: a randomly initialized foundation or stacked DeiT-B "
                      "(no model.checkpoint / head.checkpoint), or a changed architecture (overrides).")
+    if other_tasks:
+      caption.append(f"{TASK_MARK} not the paper's task or labels, so no Δ: {'; '.join(sorted(other_tasks))}.")
     caption.append("Δ = mfjax − paper. Blank: no run.")
     tables.append({
         "name": f"{state}_{resolution}", "title": title, "caption": " ".join(caption), "state": state,
@@ -137,8 +142,11 @@ def cell_text(entry: dict | None) -> str:
   text = fmt(entry["mean"]) + (f" ± {fmt(entry['std'])}" if entry["n"] > 1 else " (1 seed)")
   if entry["gain"] is not None:
     text += f" [{fmt(entry['gain'], 1, sign=True)} pts]"
+  if entry["other_task"]:
+    text += f" {TASK_MARK}"
   if entry["paper_mean"] is not None:
-    text += f" (paper {fmt(entry['paper_mean'])}, Δ {fmt(entry['delta'], sign=True)})"
+    text += f" (paper {fmt(entry['paper_mean'])}" + (")" if entry["delta"] is None else
+                                                       f", Δ {fmt(entry['delta'], sign=True)})")
   return text
 
 
@@ -188,7 +196,8 @@ def _num(value) -> str:
 
 LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-                 "κ": r"$\kappa$", "±": r"$\pm$", "Δ": r"$\Delta$", "−": "-", "†": r"$^\dagger$"}
+                 "κ": r"$\kappa$", "±": r"$\pm$", "Δ": r"$\Delta$", "−": "-", "†": r"$^\dagger$",
+                 "‡": r"$^\ddagger$"}
 
 
 def latex_escape(text: str) -> str:
@@ -201,8 +210,11 @@ def _latex_cell(entry: dict | None) -> str:
   text = fmt(entry["mean"]) + (rf" $\pm$ {fmt(entry['std'])}" if entry["n"] > 1 else r"\textsuperscript{1}")
   if entry["gain"] is not None:
     text += f" ({fmt(entry['gain'], 1, sign=True)} pts)"
+  if entry["other_task"]:
+    text += r"$^\ddagger$"
   if entry["paper_mean"] is not None:
-    text += rf" {{\scriptsize[{fmt(entry['paper_mean'])}, {fmt(entry['delta'], sign=True)}]}}"
+    delta = "" if entry["delta"] is None else f", {fmt(entry['delta'], sign=True)}"
+    text += rf" {{\scriptsize[{fmt(entry['paper_mean'])}{delta}]}}"
   return text
 
 
@@ -231,7 +243,7 @@ def to_latex(table: dict) -> str:
 
 
 CELL_FIELDS = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained",
-               "metric", "variant")
+               "metric", "variant", "other_task")
 
 
 def all_cells_rows(cells) -> list[dict]:
