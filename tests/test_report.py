@@ -382,6 +382,14 @@ def test_knn_of_random_weights_is_marked_and_kept_apart_from_the_pretrained(tmp_
   assert found == {"DINOv2": False, "DINOv2 †": True}
   figures = plots.knn(results.load_knn(str(tmp_path)), str(tmp_path / "plots"), [])
   assert "† : random weights" not in figures[0]["caption"] and "†: random weights" in figures[0]["caption"]
+  assert "T = 0.1)" in figures[0]["caption"]
+  # `mfjax knn --temperature` is recorded, shown, and a mix of temperatures is pointed out.
+  (tmp_path / "random" / "knn.json").write_text(json.dumps(knn_lib.result_json(
+      model="dinov2_vitb14", dataset="aptos2019", resolution=224, headline_metric="quadratic_kappa",
+      results=per_k, checkpoint="", overrides={}, temperature=0.07)))
+  notes = []
+  figures = plots.knn(results.load_knn(str(tmp_path)), str(tmp_path / "plots"), notes)
+  assert "T = 0.07, 0.1)" in figures[0]["caption"] and "different temperatures (0.07, 0.1)" in notes[0]
 
 
 def test_bad_knn_and_cka_files_name_the_file(tmp_path):

@@ -440,10 +440,15 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
     ax.set_xlim(max(0.0, low - 0.15), 1.08)
     ax.grid(axis="x", alpha=0.3)
   axes[0].set_yticks(list(y.values()), list(y), fontsize=8)
+  temperatures = ", ".join(f"{t:g}" for t in sorted({r["temperature"] for r in results}))
+  if "," in temperatures:
+    notes.append(f"k-NN results at different temperatures ({temperatures}) are drawn side by side; the paper's "
+                 "is 0.1.")
   fig.suptitle("k-NN on frozen features (paper Fig. 2): "
-               + ("k = 200" if ks == {200} else f"k = {', '.join(map(str, sorted(ks)))}") + ", T = 0.1")
+               + ("k = 200" if ks == {200} else f"k = {', '.join(map(str, sorted(ks)))}") + f", T = {temperatures}")
   figures = [{"file": _save(fig, out_dir, "knn"), "title": "k-NN evaluation",
-              "caption": "Weighted k-NN (cosine similarity, weights exp(sim/0.1)) of each model's pooled feature; "
+              "caption": f"Weighted k-NN (cosine similarity, weights exp(sim/T), T = {temperatures}) of each model's "
+                         "pooled feature; "
                          "bank = training split under eval transforms, queries = test split."
                          + (f" {VARIANT_MARK}: random weights (no model.checkpoint) or a changed architecture."
                             if any(r["variant"] for r in results) else "")}]

@@ -371,6 +371,7 @@ def read_knn(path: str) -> dict:
   return {"file": path, "model": data["model"], "label": label, "variant": variant,
           "display": paper.title_of(label) + (" †" if variant else ""),
           "dataset": data["dataset"], "resolution": int(data["resolution"]),
+          "temperature": _number(data.get("temperature", 0.1), "temperature", path),  # 0.1: the paper's
           "metric": data.get("headline_metric", ""), "scores": dict(sorted(scores.items()))}
 
 
