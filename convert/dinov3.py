@@ -94,7 +94,8 @@ def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str
 
   if fmt == "original":
     c.map("params/cls_token", prefix + "cls_token")
-    c.map("params/storage_tokens", prefix + "storage_tokens")
+    if module.num_storage:
+      c.map("params/storage_tokens", prefix + "storage_tokens")
     c.map("params/mask_token", prefix + "mask_token")
     c.map("params/patch_embed/kernel", prefix + "patch_embed.proj.weight", core.conv)
     c.map("params/patch_embed/bias", prefix + "patch_embed.proj.bias")
@@ -270,7 +271,9 @@ def _original_settings(state: dict) -> tuple[str, dict]:
     # A masked bias (the released models) stores bias_mask; a plain Linear has a real key bias.
     settings["k_bias"] = not _qkv_bias_mask(state[mask_key], mask_key) if mask_key in state else True
   storage = state.get(prefix + "storage_tokens")
-  if storage is not None and storage.ndim == 3:
+  if storage is None:  # DINOv3's vit_*(n_storage_tokens=0), e.g. MedDINOv3's "original DINOv3" networks
+    settings["num_storage"] = 0
+  elif storage.ndim == 3:
     settings["num_storage"] = int(storage.shape[1])
   return model, settings
 

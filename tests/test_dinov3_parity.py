@@ -181,6 +181,25 @@ def test_meddinov3_segmentation_network_trained_by_nnunet_gives_its_backbone(tmp
     convert_dinov3.from_checkpoint(checkpoint, None, "original", _Args())
 
 
+def test_a_network_without_storage_tokens_converts(tmp_path):
+  """DINOv3's vit_base(n_storage_tokens=0) has no storage_tokens parameter: MedDINOv3's nnU-Net
+  networks on the original DINOv3 backbone, the baseline it is compared with."""
+  backbone = official_state(768, 12, 12, seed=9)
+  del backbone["storage_tokens"]
+  network = {"dino_encoder." + k: v for k, v in backbone.items()}
+  network["up_projection.decode.4.weight"] = torch.zeros(5, 192, 1, 1)
+  module, variables, meta = convert_file(tmp_path, {"network_weights": network})
+  assert meta["overrides"]["num_storage"] == 0 and "storage_tokens" not in variables["params"]
+  # timm recognises DINOv3 weights by their storage_tokens key: give it an empty one, then drop it.
+  reference = timm.create_model("vit_base_patch16_dinov3_qkvb", pretrained=False, num_reg_tokens=0).eval()
+  filtered = timm.models.eva.checkpoint_filter_fn(dict(backbone, storage_tokens=torch.zeros(1, 0, 768)), reference)
+  assert tuple(filtered.pop("reg_token").shape) == (1, 0, 768)
+  reference.load_state_dict(filtered, strict=True)
+  x = images((1, 64, 96, 3), seed=10)
+  assert_outputs_match(apply_all(module, variables, x), run_torch(reference.forward_features, reference.blocks, x,
+                                                                  prefix=1), "dinov3 without storage tokens vs timm")
+
+
 def test_vits16_full_and_vitl16_reduced_depth_match_timm():
   state = official_state(*SIZES["s"], seed=6)
   name, overrides, variables = convert_dinov3.from_checkpoint(state, None, "original", _Args())

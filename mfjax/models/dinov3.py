@@ -120,9 +120,11 @@ class Model(nn.Module):
         raise ValueError(f"masks has shape {masks.shape}; expected {x.shape[:2]} (batch, patches)")
       x = jnp.where(masks[..., None], mask_token.astype(dtype), x)
     cls = self.param("cls_token", init, (1, 1, self.width))
-    storage = self.param("storage_tokens", init, (1, self.num_storage, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(dtype),
-                         jnp.broadcast_to(storage, (b, self.num_storage, self.width)).astype(dtype), x], axis=1)
+    prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(dtype)]
+    if self.num_storage:  # DINOv3 creates no parameter without storage tokens (and orbax saves no empty array)
+      storage = self.param("storage_tokens", init, (1, self.num_storage, self.width))
+      prefix.append(jnp.broadcast_to(storage, (b, self.num_storage, self.width)).astype(dtype))
+    x = jnp.concatenate([*prefix, x], axis=1)
 
     sin, cos = self.rope(grid, train)
     depth = self.depth if self.num_blocks is None else self.num_blocks
