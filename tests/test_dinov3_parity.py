@@ -319,6 +319,22 @@ def test_rope_augmentation_applies_only_in_training():
     module.apply(variables, x, train=True)
 
 
+def test_rope_augmentation_is_drawn_for_every_block(monkeypatch):
+  """DINOv3's forward calls its rope_embed inside the block loop: each block sees its own draw."""
+  drawn = []
+  augment = layers.augment_rope_coords
+  monkeypatch.setattr(layers, "augment_rope_coords", lambda *a, **k: drawn.append(augment(*a, **k)) or drawn[-1])
+  module = models.create("dinov3_vits16", depth=3)
+  variables = init(module)
+  module.apply(variables, images((1, 32, 48, 3), seed=15), train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+  assert len(drawn) == 3
+  scales = [float(np.asarray(d)[0, 0]) for d in drawn]
+  assert len(set(scales)) == 3
+  drawn.clear()
+  module.apply(variables, images((1, 32, 48, 3), seed=15), train=False)
+  assert drawn == []
+
+
 def test_rope_coordinate_augmentations():
   coords = layers.rope_coords((4, 6))
   np.testing.assert_allclose(coords[:6, 1], (np.arange(0.5, 6) / 6) * 2 - 1, rtol=1e-6)

@@ -11,7 +11,8 @@ so any multiple of the patch size works without resampling anything.
 `masks` (B, rows * cols) bool replaces those patch embeddings by `mask_token`, as in iBOT.
 
 Training (`train=True`, 'dropout' rng): RoPE coordinates get DINOv3's shift / jitter / rescale
-augmentation where the model sets them, and stochastic depth is DINOv3's: the same rate in every
+augmentation where the model sets them, drawn anew for every block as DINOv3's own code does
+(HF and timm draw once per forward), and stochastic depth is DINOv3's: the same rate in every
 block, a random subset of max(int(B (1 - p)), 1) samples keeps each residual branch, scaled by
 B / subset.
 """
@@ -126,6 +127,9 @@ class Model(nn.Module):
       prefix.append(jnp.broadcast_to(storage, (b, self.num_storage, self.width)).astype(dtype))
     x = jnp.concatenate([*prefix, x], axis=1)
 
+    # DINOv3 draws augmented RoPE coordinates anew for every block (its forward calls rope_embed in the
+    # block loop); HF and timm draw once per forward.
+    augmented = train and any(v is not None for v in (self.rope_shift, self.rope_jitter, self.rope_rescale))
     sin, cos = self.rope(grid, train)
     depth = self.depth if self.num_blocks is None else self.num_blocks
     bad = [i for i in self.intermediate if not 0 <= i < depth]
@@ -134,6 +138,8 @@ class Model(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     blocks, taken = [], []
     for i in range(depth):
+      if augmented and i:
+        sin, cos = self.rope(grid, train)
       x = block_cls(self.heads, self.mlp_hidden, self.mlp_act, self.qkv_bias, self.k_bias, self.ln_eps,
                     self.drop_path, dtype, self.attn_impl, self.attn_query_chunk, name=f"blocks_{i}")(x, train, sin, cos)
       if return_blocks:
