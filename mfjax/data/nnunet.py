@@ -920,18 +920,21 @@ class SliceSampler:
       raise DatasetError("no training cases to sample from")
     self.patch, self.batch_size, self.augment, self.seed = tuple(patch), batch_size, augment, seed
     self.num_foreground = int(round(batch_size * foreground_fraction))
-    self._arrays = {}
+    self._locations = {}
     self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers else None
 
   def arrays(self, case: str):
-    """(image, labels, locations, foreground classes in locations, rows of annotated voxels) of a case."""
-    if case not in self._arrays:
-      load = lambda suffix: np.load(os.path.join(self.out_dir, case + suffix), mmap_mode="r")
-      locations = np.asarray(load("_locations.npy"))
+    """(image, labels, locations, foreground classes in locations, rows of annotated voxels) of a case.
+
+    The volumes are memory-mapped anew on every call and released with the sample: a map keeps a
+    file handle open, and cached maps of every case drawn ran past the usual limit of 1024 open
+    files after some 330 cases. The small location tables are kept in memory."""
+    load = lambda suffix, **kw: np.load(os.path.join(self.out_dir, case + suffix), **kw)
+    if case not in self._locations:
+      locations = load("_locations.npy")
       classes = np.unique(locations[:, 0])
-      self._arrays[case] = (load(".npy"), load("_seg.npy"), locations, classes[classes > 0],
-                            locations[locations[:, 0] == ANNOTATED])
-    return self._arrays[case]
+      self._locations[case] = (locations, classes[classes > 0], locations[locations[:, 0] == ANNOTATED])
+    return (load(".npy", mmap_mode="r"), load("_seg.npy", mmap_mode="r"), *self._locations[case])
 
   def sample(self, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([self.seed, step, index])
