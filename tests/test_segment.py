@@ -446,6 +446,17 @@ def test_preprocess_plans_resampling_and_reuse(raw_ct, tmp_path):
   assert plans["intensity"][0]["percentile_99_5"] == pytest.approx(np.percentile(foreground, 99.5), rel=1e-5)
   again = nnunet.preprocess(raw, str(tmp_path / "pre"), progress=False)
   assert again == plans
+  # dataset.json edited since (a corrected modality picks another normalisation): not the old arrays.
+  meta_path = os.path.join(raw_ct, "dataset.json")
+  original = open(meta_path).read()
+  try:
+    with open(meta_path, "w") as f:
+      json.dump({**json.loads(original), "channel_names": {"0": "MRI"}}, f)
+    with pytest.raises(nnunet.DatasetError, match=r"dataset.json changed \(channel_names \['CT'\] -> \['MRI'\]\)"):
+      nnunet.preprocess(nnunet.read_raw(raw_ct), str(tmp_path / "pre"), progress=False)
+  finally:
+    with open(meta_path, "w") as f:
+      f.write(original)
   with pytest.raises(nnunet.DatasetError, match="another dataset"):
     nnunet.preprocess(raw, str(tmp_path / "pre"), spacing_xy=(0.5, 0.5), progress=False)
   older = dict(plans, fingerprint={k: v for k, v in plans["fingerprint"].items() if k != "preprocessing"})

@@ -682,6 +682,14 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     with open(plans_path) as f:
       plans = json.load(f)
     if plans.get("fingerprint") == fingerprint and plans.get("dataset_root") == raw.root:
+      edited = [f"{what} {old} -> {new}" for what, old, new in (
+          ("channel_names", plans.get("channel_names"), list(raw.channels)),
+          ("labels", plans.get("labels"), {str(k): v for k, v in raw.labels.items()}),
+          ("regions_class_order", plans.get("regions_class_order"),
+           list(raw.regions_class_order) if raw.regions else None)) if old != new]
+      if edited:  # channel names choose the normalisation; label names name the results
+        raise DatasetError(f"{out_dir} was preprocessed before {raw.root}/dataset.json changed ({'; '.join(edited)}); "
+                           "delete it or choose a new preprocessed folder to preprocess again")
       return plans
     raise DatasetError(f"{out_dir} holds preprocessed data of another dataset, an older version of it or an "
                        "older mfjax's preprocessing; choose a new preprocessed folder or delete it")
