@@ -6,6 +6,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +205,33 @@ def test_device_weighted_tiles_equal_the_host_stitching(mirror):
   device = segmentation.predict_slices(lambda images: np.asarray(fused(images)), slices, (32, 32), 3, batch_size=4,
                                        weighted=True)
   np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
+
+
+def test_prediction_batch_need_not_divide_the_devices():
+  """A run trained with eval.batch_size 8 predicts on 3 devices: the tiles are padded up to 9."""
+  script = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from mfjax import parallel
+from mfjax.evals import segmentation
+from mfjax.train import segment
+model = nn.Conv(2, (3, 3))
+images = np.random.default_rng(0).standard_normal((8, 16, 16, 1)).astype(np.float32)
+params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+mesh = parallel.make_mesh()
+assert mesh.devices.size == 3
+got = segment.make_predictor(model, mesh, 8, (16, 16), True)(params, images)
+weights = jnp.asarray(segmentation.gaussian_weights((16, 16)))
+want = segmentation.weighted_tile_logits(lambda x: model.apply({"params": params}, x), images, weights, True)
+np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+print("ok", got.shape)
+"""
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "ok (8, 16, 16, 2)" in done.stdout
 
 
 def test_dice_skips_classes_absent_from_the_truth():

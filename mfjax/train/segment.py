@@ -137,16 +137,20 @@ def local_rows(batch_size: int) -> range:
 
 def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror: bool):
   """predict(params, tiles (batch_size, H, W, channels) numpy, the same on every process) -> their
-  flip-averaged, Gaussian-weighted logits (numpy), computed on the device in one call."""
+  flip-averaged, Gaussian-weighted logits (numpy), computed on the device in one call. A batch the
+  devices do not divide (a run predicted on other devices than it trained on) is padded up."""
   sharding = parallel.batch_sharding(mesh)
   weights = jnp.asarray(segmentation.gaussian_weights(patch))
   apply = jax.jit(lambda params, images: segmentation.weighted_tile_logits(
       lambda x: model.apply({"params": params}, x).astype(jnp.float32), images, weights, mirror))
-  rows = local_rows(batch_size)
+  padded_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+  rows = local_rows(padded_size)
 
   def predict(params, images):
+    count = len(images)
+    images = np.concatenate([images, np.zeros((padded_size - count, *images.shape[1:]), images.dtype)])
     arrays = mdata.global_batch({"image": images[rows.start:rows.stop]}, sharding)
-    return np.asarray(multihost_utils.process_allgather(apply(params, arrays["image"]), tiled=True))
+    return np.asarray(multihost_utils.process_allgather(apply(params, arrays["image"]), tiled=True))[:count]
   return predict
 
 
@@ -224,9 +228,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   multihost_utils.sync_global_devices("preprocessed")
   plans = nnunet.preprocess(raw, pre_dir, spacing, progress=False)  # reads the finished plans
   mesh = parallel.make_mesh()
-  for what, size in (("batch_size", config.batch_size), ("eval.batch_size", config.eval.batch_size)):
-    if size % mesh.devices.size:
-      raise ConfigError(f"{what}={size} is not divisible by the {mesh.devices.size} devices")
+  if config.batch_size % mesh.devices.size:  # (prediction pads its tile batch to the devices itself)
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
   patch = patch_shape(config)
   sampler = nnunet.SliceSampler(pre_dir, plans, train_ids, patch, config.batch_size,
                                 config.data.foreground_fraction, config.data.augment, config.seed,
