@@ -308,6 +308,38 @@ def raw_ct(module_tmp):
   return synthetic.nnunet_ct(str(module_tmp.mktemp("raw")), num_cases=6, test_cases=2)
 
 
+def test_splits_final_json_is_read_where_nnunet_keeps_it(raw_ct, tmp_path, monkeypatch, caplog):
+  import dataclasses
+  import logging
+  raw = nnunet.read_raw(raw_ct)
+  ids = list(raw.cases)
+  monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+  with caplog.at_level(logging.INFO, logger="mfjax"):
+    assert nnunet.fold_cases(raw, 1) == tuple(nnunet.kfold_splits(ids)[1].values())
+  assert "nnU-Net's 5-fold split" in caplog.text
+  # A custom split (e.g. the one a nnU-Net baseline used) in $nnUNet_preprocessed/<dataset folder>/.
+  custom = [{"train": ids[2:], "val": ids[:2]}, {"train": ids[:4], "val": ids[4:]}]
+  folder = tmp_path / "preprocessed" / os.path.basename(raw.root)
+  folder.mkdir(parents=True)
+  (folder / "splits_final.json").write_text(json.dumps(custom))
+  assert nnunet.fold_cases(raw, 1) == (ids[:4], ids[4:])
+  # The raw folder's own file comes first; a disagreement between the two is pointed out.
+  own = tmp_path / "raw_copy"
+  own.mkdir()
+  (own / "splits_final.json").write_text(json.dumps(custom[::-1]))
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="mfjax"):
+    moved = dataclasses.replace(raw, root=str(own))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "elsewhere"))
+    os.makedirs(tmp_path / "elsewhere" / "raw_copy")
+    (tmp_path / "elsewhere" / "raw_copy" / "splits_final.json").write_text(json.dumps(custom))
+    assert nnunet.fold_cases(moved, 1) == (ids[2:], ids[:2])
+  assert "differ; using the first" in caplog.text and f"folds from {own}" in caplog.text
+  (own / "splits_final.json").write_text("{not json")
+  with pytest.raises(nnunet.DatasetError, match="not a readable splits file"):
+    nnunet.fold_cases(moved, 0)
+
+
 def test_volumes_are_read_in_canonical_orientation(tmp_path):
   data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
   volumes.write_volume(str(tmp_path / "ras.nii.gz"), data, (0.5, 0.6, 2.0))

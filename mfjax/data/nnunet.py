@@ -312,15 +312,36 @@ def kfold_splits(case_ids, folds: int = 5, seed: int = 12345) -> list[dict]:
   return splits
 
 
+def split_file(raw: RawDataset) -> tuple[str | None, list | None]:
+  """(path, folds) of the dataset's splits_final.json: the raw folder's, else nnU-Net's own place,
+  $nnUNet_preprocessed/<dataset folder>/; (None, None) without one (nnU-Net's KFold then)."""
+  places = [os.path.join(raw.root, SPLITS_JSON)]
+  if os.environ.get("nnUNet_preprocessed"):
+    places.append(os.path.join(os.environ["nnUNet_preprocessed"], os.path.basename(raw.root), SPLITS_JSON))
+  found = []
+  for path in places:
+    if os.path.exists(path):
+      try:
+        with open(path) as f:
+          found.append((path, json.load(f)))
+      except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable splits file ({e})") from None
+  if not found:
+    log.info("%s: no %s in %s; nnU-Net's 5-fold split (KFold, seed 12345)", raw.root, SPLITS_JSON,
+             " or ".join(places))
+    return None, None
+  if len(found) > 1 and found[0][1] != found[1][1]:
+    log.warning("%s and %s differ; using the first", found[0][0], found[1][0])
+  log.info("folds from %s", found[0][0])
+  return found[0]
+
+
 def fold_cases(raw: RawDataset, fold: int | str) -> tuple[list[str], list[str]]:
   """(train ids, validation ids) of `fold` (0..4, or "all": train on everything, no validation)."""
   if fold == "all":
     return list(raw.cases), []
-  splits_path = os.path.join(raw.root, SPLITS_JSON)
-  if os.path.exists(splits_path):
-    with open(splits_path) as f:
-      splits = json.load(f)
-  else:
+  splits_path, splits = split_file(raw)
+  if splits is None:
     splits = kfold_splits(raw.cases)
   try:
     fold = int(fold)
