@@ -377,9 +377,14 @@ def test_raw_dataset_problems_name_the_file_or_key(raw_ct, tmp_path):
 
   expect({"channel_names": {"0": "T1", "1": "T2"}}, "imagesTr/synth_000_0001.nii.gz")   # a channel's files missing
   expect({"channel_names": {"0": "T1", "2": "T2"}}, r'must be "0", "1", ... in order')
+  import shutil
+  shutil.copy(root / "imagesTr" / "synth_000_0000.nii.gz", root / "imagesTr" / "synth_000.nii.gz")  # a 4-D MSD file
   expect({"channel_names": {"0": "T1", "1": "T2"}, "training": [{"image": "./imagesTr/synth_000.nii.gz",
                                                                  "label": "./labelsTr/synth_000.nii.gz"}]},
          r"an MSD \(v1\) dataset with 2 channels stores them in one 4-D image")
+  os.remove(root / "imagesTr" / "synth_000.nii.gz")
+  expect({"dataset": {"a": {"images": ["imagesTr/synth_000_0000.nii.gz", "imagesTr/synth_000_0000.nii.gz"],
+                            "label": "labelsTr/synth_000.nii.gz"}}}, r"dataset\['a'\] lists 2 image\(s\) for 1")
   expect({"labels": {"background": 0, "kidney": [1, 2]}}, "need 'regions_class_order'")
   expect({"labels": {"background": 0, "kidney": [1, 2]}, "regions_class_order": [1, 2]}, "one positive label value")
   expect({"labels": {"background": 0, "kidney": [1, "x"]}, "regions_class_order": [1]}, "not a list of positive")
@@ -395,6 +400,33 @@ def test_raw_dataset_problems_name_the_file_or_key(raw_ct, tmp_path):
   os.remove(root / "labelsTr" / "synth_003.nii.gz")
   with pytest.raises(nnunet.DatasetError, match="labelsTr/synth_003.nii.gz"):
     nnunet.read_raw(str(root))
+
+
+def test_other_dataset_json_layouts_nnunet_accepts(raw_ct, tmp_path):
+  raw = nnunet.read_raw(raw_ct)
+  root = _copy_raw(raw_ct, tmp_path)
+  meta = json.loads((root / "dataset.json").read_text())
+  v2 = nnunet.read_raw(str(root))
+
+  def read(change):
+    (root / "dataset.json").write_text(json.dumps({**meta, **change}))
+    return nnunet.read_raw(str(root))
+
+  # Labels as one-element lists, or as strings: nnU-Net's LabelManager takes both as plain labels.
+  for labels in ({"background": 0, "liver": [1], "kidney": [2]}, {"background": "0", "liver": "1", "kidney": "2"},
+                 {"0": "background", "1": "liver", "2": "kidney"}):
+    got = read({"labels": labels})
+    assert (got.labels, got.regions) == (raw.labels, {}), labels
+  # An nnU-Net v1 Task: "training" names CASE.nii.gz, the files on disk are CASE_0000.nii.gz.
+  training = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in raw.cases]
+  got = read({"training": training})
+  assert got.channel_files == v2.channel_files and got.cases == v2.cases
+  # nnU-Net v2's explicit "dataset" lists, relative to the dataset folder or absolute; only these cases.
+  listed = {"first": {"images": ["imagesTr/synth_001_0000.nii.gz"], "label": "labelsTr/synth_001.nii.gz"},
+            "second": {"images": [str(root / "imagesTr" / "synth_002_0000.nii.gz")],
+                       "label": str(root / "labelsTr" / "synth_002.nii.gz")}}
+  got = read({"dataset": listed, "numTraining": 2})
+  assert got.cases == {"first": v2.cases["synth_001"], "second": v2.cases["synth_002"]}
 
 
 def test_preprocessing_errors_name_the_case(raw_ct, tmp_path):

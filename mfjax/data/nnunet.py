@@ -107,15 +107,32 @@ def read_raw(root: str) -> RawDataset:
   if file_ending not in volumes.NIFTI_ENDINGS:
     raise DatasetError(f"{path}: file_ending {file_ending!r} is not supported; mfjax reads NIfTI "
                        f"({', '.join(volumes.NIFTI_ENDINGS)})")
-  if "training" in meta:  # v1 (Medical Segmentation Decathlon): explicit pairs, no _0000 suffix
-    if len(names) > 1:
-      raise DatasetError(f"{path}: an MSD (v1) dataset with {len(names)} channels stores them in one 4-D image; "
-                         "convert it to nnU-Net v2's layout first (nnUNetv2_convert_MSD_dataset)")
-    cases = {}
+  in_root = lambda p: os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
+  if "dataset" in meta:  # nnU-Net v2's explicit lists: {case: {"images": [a file per channel], "label": file}}
+    cases, channel_files = {}, {}
+    for case, item in meta["dataset"].items():
+      if not isinstance(item, dict) or not isinstance(item.get("images"), list) or "label" not in item:
+        raise DatasetError(f"{path}: dataset[{case!r}] must be {{\"images\": [...], \"label\": ...}}")
+      if len(item["images"]) != len(names):
+        raise DatasetError(f"{path}: dataset[{case!r}] lists {len(item['images'])} image(s) for {len(names)} channels")
+      channel_files[case] = tuple(in_root(p) for p in item["images"])
+      cases[case] = (channel_files[case][0], in_root(item["label"]))
+  elif "training" in meta:
+    # v1: explicit pairs. The Decathlon's files are the listed ones (one 4-D image holds every channel);
+    # an nnU-Net v1 Task's are CASE_0000.nii.gz ... beside the listed CASE.nii.gz.
+    cases, channel_files = {}, {}
     for item in meta["training"]:
-      image, label = (os.path.normpath(os.path.join(root, item[k])) for k in ("image", "label"))
-      cases[volumes.strip_ending(os.path.basename(image))] = (image, label)
-    channel_files = {case: (image,) for case, (image, _) in cases.items()}
+      image, label = (in_root(item[k]) for k in ("image", "label"))
+      case = volumes.strip_ending(os.path.basename(image))
+      stem = os.path.join(os.path.dirname(image), case)
+      if not os.path.exists(image) and os.path.exists(f"{stem}_0000{file_ending}"):
+        channel_files[case] = tuple(f"{stem}_{k:04d}{file_ending}" for k in range(len(names)))
+      elif len(names) > 1:
+        raise DatasetError(f"{path}: an MSD (v1) dataset with {len(names)} channels stores them in one 4-D image; "
+                           "convert it to nnU-Net v2's layout first (nnUNetv2_convert_MSD_dataset)")
+      else:
+        channel_files[case] = (image,)
+      cases[case] = (channel_files[case][0], label)
   else:
     images_dir = os.path.join(root, "imagesTr")
     if not os.path.isdir(images_dir):
@@ -162,6 +179,8 @@ def _parse_labels(labels, regions_class_order, path):
   ignore = labels.pop("ignore", None)
   if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)):
     raise DatasetError(f"{path}: the 'ignore' label must be one integer label value, not {ignore!r}")
+  # nnU-Net's LabelManager: a list of one value is that value; only longer lists are regions.
+  labels = {k: v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for k, v in labels.items()}
   region_based = any(isinstance(v, (list, tuple)) for v in labels.values())
   parsed = _parse_regions(labels, regions_class_order, path) if region_based else _parse_plain_labels(labels, path)
   highest = max(parsed[0])
@@ -177,7 +196,9 @@ def _parse_labels(labels, regions_class_order, path):
 def _parse_plain_labels(labels, path):
   out = {}
   for key, value in labels.items():
-    name, ident = (key, value) if isinstance(value, int) else (value, key)  # v2 name->id, v1 id->name
+    # v2 maps name -> id (nnU-Net takes int() of it, so "1" too); v1 id -> name.
+    v2 = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit() and not key.strip().isdigit())
+    name, ident = (key, value) if v2 else (value, key)
     try:
       out[int(ident)] = str(name)
     except ValueError as e:
