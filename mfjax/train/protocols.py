@@ -73,7 +73,9 @@ def trainable_mask(params: dict, protocol: str, unfreeze_from: int = 0,
   if protocol == "progressive" and not 0 <= unfreeze_from <= len(blocks):
     raise ValueError(f"unfreeze_from={unfreeze_from} outside 0..{len(blocks)} (the foundation has "
                      f"{len(blocks)} blocks/stages)")
-  trained_blocks = {name for group in blocks[unfreeze_from:] for name in group}
+  # FocalNet's output norms (norm0..3) are grouped with their stages so that decapitation drops them,
+  # but they are not in SEEM's `layers`, which the paper's progressive unfreezing walks: they stay frozen.
+  trained_blocks = {name for group in blocks[unfreeze_from:] for name in group if not re.match(r"norm\d+$", name)}
   everything = foundation_trains(protocol, decapitation_trained)
 
   def rule(path, _):
