@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import time
 from typing import Callable
@@ -36,6 +37,51 @@ def parse_args(parser, argv) -> tuple:
       if v not in ("eager", "compile"):
         parser.error(f"--torch: unknown variant {v!r}; valid: eager, compile, none")
   return args, extra
+
+
+# --config fields that change how JAX computes a step, not what it computes: the torch reference
+# runs without them and the ratio still compares the same work.
+HOW_NOT_WHAT = ("remat", "query_chunk", "scan_blocks", "attn_impl", "optim.mu_dtype", "mesh.")
+NUM_BLOCKS = "model.overrides.num_blocks"
+
+
+def check_torch_follows(parser, args, follows: tuple = ()) -> None:
+  """Refuse a --config override that changes the network or its precision while the torch
+  reference runs: torch would do other work and the JAX/torch ratio would compare different
+  things. `follows`: the overrides this benchmark applies to the torch reference too."""
+  for override in args.config_overrides:
+    key = override.split("=", 1)[0][len("--config."):]
+    if key == "model.dtype":
+      parser.error(f"{override}: use --dtype, which sets the precision of both frameworks")
+    if args.torch_variants and key not in follows and not any(f in key for f in HOW_NOT_WHAT):
+      parser.error(f"{override}: the torch reference cannot follow it, so JAX / torch would compare different "
+                   "work; add --torch none to measure JAX alone")
+
+
+def torch_matmul_precision(device: str, dtype: str) -> None:
+  """Float32 on a GPU: let torch use TF32, as XLA's default precision does for JAX's float32."""
+  import torch
+  if device == "cuda" and dtype == "float32":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def config_override(overrides: list[str], key: str) -> str | None:
+  """The value of `--config.KEY=VALUE` among `overrides` (the last one wins), or None."""
+  values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == f"--config.{key}" and "=" in o]
+  return values[-1] if values else None
+
+
+def has_loop(compiled) -> bool:
+  """Whether the compiled program holds a while loop: XLA's cost analysis counts a loop body once,
+  not once per trip, so its FLOPs are then a lower bound (query chunking, FocalNet's depthwise
+  kernel gradient)."""
+  return re.search(r"\bwhile\(", compiled.as_text()) is not None
+
+
+def fmt_mfu(value, exact: bool) -> str:
+  """MFU as a percentage; "≥" when the FLOP count is a lower bound (see `has_loop`)."""
+  return fmt(value, ".1%") if value is None or exact else "≥" + fmt(value, ".1%")
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
@@ -93,20 +139,33 @@ def torch_sync(device: str) -> None:
 
 
 def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str, int],
-               busy: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+               busy: dict[str, list[float]] | None = None, errors: dict | None = None) -> dict[str, list[float]]:
   """Seconds per call of each function, timed in turns (A B C A B C ...) so that a change in the
   machine's load hits all of them alike. Each timing runs `calls[name]` calls back to back; each
   function must return only when its work is done. One untimed round comes first: a function's
   first call after the others ran can pay for memory they left behind (a heap grown around their
   blocks, pages to fault in), which its own warm-up did not see. Given a `busy` dict, it also
   gets, per function and timing, the process's CPU seconds per wall second: how many cores the
-  work kept busy (on a CPU device; a GPU run counts only the host threads)."""
+  work kept busy (on a CPU device; a GPU run counts only the host threads). Given an `errors`
+  dict, a function that fails (torch out of memory beside JAX's) is dropped with its error
+  there, and the others' timings go on; without one, the error propagates."""
   times = {name: [] for name in fns}
+  failed = set()
   for round_index in range(rounds + 1):
     for name, fn in fns.items():
+      if name in failed:
+        continue
       start, cpu_start = time.perf_counter(), time.process_time()
-      for _ in range(calls[name]):
-        fn()
+      try:
+        for _ in range(calls[name]):
+          fn()
+      except Exception as e:  # noqa: BLE001 - reported in the row, the other timings are kept
+        if errors is None:
+          raise
+        errors[name] = f"{type(e).__name__} while timing: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        failed.add(name)
+        times.pop(name)
+        continue
       if round_index:
         wall = time.perf_counter() - start
         times[name].append(wall / calls[name])
@@ -134,7 +193,7 @@ def matmul_peak_fns(dtype: str = "float32") -> tuple[dict, float]:
   """Two timing functions, a large square matmul in JAX and in torch, and the FLOPs of one call.
 
   They join the interleaved timings of a benchmark, so the device's matmul rate is measured
-  under the same load as the steps; the better of the two medians is the denominator of MFU.
+  under the same load as the steps; the fastest timing of the two is the denominator of MFU.
   JAX's accumulates in float32 (`preferred_element_type`), the form mfjax's bf16 layers use on
   CPU, where a bf16-result dot runs at about half the rate.
   """
@@ -164,21 +223,25 @@ def matmul_peak_fns(dtype: str = "float32") -> tuple[dict, float]:
 
 
 def matmul_peak(times: dict, flops_per_call: float, dtype: str) -> dict:
-  rates = {k: flops_per_call / float(np.median(times[k])) for k in ("matmul_jax", "matmul_torch")}
-  return {"dtype": dtype, "jax_flops_per_s": rates["matmul_jax"], "torch_flops_per_s": rates["matmul_torch"],
+  """The device's peak: the fastest timing of either framework's matmul (a peak, not a typical rate)."""
+  rates = {k: flops_per_call / float(np.min(times[k])) for k in ("matmul_jax", "matmul_torch") if times.get(k)}
+  if not rates:
+    raise RuntimeError("neither matmul of the peak measurement ran")
+  return {"dtype": dtype, "jax_flops_per_s": rates.get("matmul_jax"), "torch_flops_per_s": rates.get("matmul_torch"),
           "peak_flops_per_s": max(rates.values())}
 
 
-def time_with_peak(fns: dict, calls: dict, rounds: int, dtype: str) -> tuple[dict, dict, dict]:
+def time_with_peak(fns: dict, calls: dict, rounds: int, dtype: str, errors: dict | None = None
+                   ) -> tuple[dict, dict, dict]:
   """Time `fns` in turns together with a large matmul in each framework (the measured peak, for
-  MFU); the matmuls' calls per timing are added to `calls`. Returns (all timings, median seconds
-  of each of `fns`, the peak)."""
+  MFU); the matmuls' calls per timing (at least half a second each) are added to `calls`.
+  Returns (all timings, median seconds of each of `fns` that ran, the peak)."""
   matmuls, matmul_flops = matmul_peak_fns(dtype)
   for name, fn in matmuls.items():
-    calls[name] = warm_up(fn, 1, 0.0)
-  times = interleave({**fns, **matmuls}, rounds, calls)
+    calls[name] = warm_up(fn, 2, 0.5)
+  times = interleave({**fns, **matmuls}, rounds, calls, errors=errors)
   peak = matmul_peak(times, matmul_flops, dtype)
-  median = {name: summary(t)["median_s"] for name, t in times.items() if name in fns}
+  median = {name: summary(t)["median_s"] for name, t in times.items() if name in fns and t}
   return times, median, peak
 
 
@@ -238,7 +301,7 @@ def throughput_fields(median: dict, batch: int) -> dict:
   """The rows' images/s of JAX, torch eager and torch.compile (from median seconds per step) and
   JAX's ratio to each torch variant ("n/a" for one that did not run)."""
   img_s = lambda name: batch / median[name] if name in median else None
-  ratio = lambda name: fmt(img_s("jax") / img_s(name)) if name in median else "n/a"
+  ratio = lambda name: fmt(img_s("jax") / img_s(name)) if name in median and "jax" in median else "n/a"
   return {"jax_img_s": fmt(img_s("jax")), "torch_eager_img_s": fmt(img_s("torch_eager")),
           "torch_compile_img_s": fmt(img_s("torch_compile")), "ratio_eager": ratio("torch_eager"),
           "ratio_compile": ratio("torch_compile")}

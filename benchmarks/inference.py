@@ -38,6 +38,8 @@ def main(argv=None):
   parser.add_argument("--min-seconds", type=float, default=1.0)
   parser.add_argument("--out", default=None)
   args, extra = common.parse_args(parser, argv)
+  args.config_overrides = extra
+  common.check_torch_follows(parser, args, follows=(common.NUM_BLOCKS,))
 
   from benchmarks import jax_side
   from mfjax.train import fit
@@ -52,7 +54,7 @@ def main(argv=None):
   t0 = time.perf_counter()
   compiled = forward.lower(*params, images).compile()
   compile_s = time.perf_counter() - t0
-  flops = common.cost_flops(compiled)
+  flops, exact = common.cost_flops(compiled), not common.has_loop(compiled)
   fns = {"jax": lambda: compiled(*params, images).block_until_ready()}
   calls = {"jax": common.warm_up(fns["jax"], 1, args.min_seconds)}
 
@@ -61,14 +63,14 @@ def main(argv=None):
   device = common.torch_device()
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())
-  elif args.dtype == "float32":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+  common.torch_matmul_precision(device, args.dtype)
   env = common.environment()
   errors, what = {}, None
   if args.torch_variants:
     torch.manual_seed(0)
-    model, what = torch_reference.classifier(args.model, args.res, run.spec.num_classes, "frozen_linear")
+    num_blocks = common.config_override(extra, common.NUM_BLOCKS)
+    model, what = torch_reference.classifier(args.model, args.res, run.spec.num_classes, "frozen_linear",
+                                             num_blocks=int(num_blocks) if num_blocks else None)
     model = model.to(device)
     timages = torch.randn(args.batch, 3, args.res, args.res, device=device)
     for variant in args.torch_variants:
@@ -81,7 +83,7 @@ def main(argv=None):
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
         errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
-  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
+  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
   img_s = lambda name: args.batch / median[name] if name in median else None
   jax_devices = common.program_devices(compiled)
   # JAX runs on every device of the mesh, torch on one.
@@ -94,8 +96,8 @@ def main(argv=None):
          "torch_compile_img_s": common.fmt(img_s("torch_compile")), "ratio_compile": ratio("torch_compile"),
          "jax_compile_s": common.fmt(compile_s, ".1f"),
          "gflop_per_img": common.fmt(flops / args.batch / 1e9 if flops else None, ".1f"),
-         "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),
-         "mfu_torch_compile": common.fmt(mfu("torch_compile"), ".1%"),
+         "mfu_jax": common.fmt_mfu(mfu("jax"), exact), "mfu_torch_eager": common.fmt_mfu(mfu("torch_eager"), exact),
+         "mfu_torch_compile": common.fmt_mfu(mfu("torch_compile"), exact), "flops_exact": exact,
          "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"), "jax_devices": jax_devices,
          "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",
          "timings_s": {name: common.summary(t) for name, t in times.items()}, "calls_per_timing": calls,

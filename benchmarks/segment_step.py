@@ -27,7 +27,8 @@ COLUMNS = [("device", "device"), ("model", "model"), ("patch", "patch"), ("batch
            ("JAX img/s", "jax_img_s"), ("torch eager img/s", "torch_eager_img_s"), ("JAX / eager", "ratio_eager"),
            ("torch.compile img/s", "torch_compile_img_s"), ("JAX / compile", "ratio_compile"),
            ("JAX compile s", "jax_compile_s"), ("GFLOP/img", "gflop_per_img"), ("MFU JAX", "mfu_jax"),
-           ("MFU torch", "mfu_torch_eager"), ("JAX plan GiB", "jax_plan_gib"), ("JAX mem GiB", "jax_mem_gib"),
+           ("MFU torch", "mfu_torch_eager"), ("JAX devices", "jax_devices"), ("JAX plan GiB", "jax_plan_gib"),
+           ("JAX mem GiB", "jax_mem_gib"),
            ("torch mem GiB", "torch_mem_gib"), ("load", "load_average")]
 
 
@@ -45,6 +46,7 @@ def parse_args(argv=None):
   parser.add_argument("--out", default=None, help="append the JSON row to this file")
   args, extra = common.parse_args(parser, argv)
   args.config_overrides = extra
+  common.check_torch_follows(parser, args)
   return args
 
 
@@ -74,6 +76,7 @@ def main(argv=None):
   compiled = train_step.lower(state, batch, scale).compile()
   jax_compile_s = time.perf_counter() - t0
   step_flops, plan = common.cost_flops(compiled), common.jax_memory(compiled)
+  flops_exact = not common.has_loop(compiled)
   jax_step = common.jax_stepper(compiled, state, batch, scale)
   calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds)}
   jax_mem = common.jax_peak_memory()
@@ -81,6 +84,7 @@ def main(argv=None):
   device = common.torch_device()
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())
+  common.torch_matmul_precision(device, args.dtype)
   fns, errors, torch_flops, torch_mem = {"jax": jax_step}, {}, None, None
   if args.torch_variants:
     torch.manual_seed(0)
@@ -98,13 +102,16 @@ def main(argv=None):
           torch_flops = torch_reference.count_flops(step)
         calls[name] = common.warm_up(step, args.warmup, args.min_seconds)
         fns[name] = step
+        if device == "cuda" and torch_mem is None:  # the first variant's own peak: each holds its optimizer state
+          torch_mem = torch.cuda.max_memory_allocated()
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
         errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-    if device == "cuda":
-      torch_mem = torch.cuda.max_memory_allocated()
 
-  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
-  mfu = lambda name: step_flops / median[name] / peak["peak_flops_per_s"] if name in median and step_flops else None
+  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
+  jax_devices = common.program_devices(compiled)
+  # JAX runs on every device of the mesh, torch on one.
+  peaks = {name: common.mesh_peak(peak, jax_devices if name == "jax" else 1) for name in median}
+  mfu = lambda name: step_flops / median[name] / peaks[name] if name in median and step_flops else None
   env = common.environment()
   row = {
       "benchmark": "segment_step", "device": env["device"], "model": args.model, "patch": args.patch,
@@ -112,8 +119,9 @@ def main(argv=None):
       **common.throughput_fields(median, args.batch),
       "jax_compile_s": common.fmt(jax_compile_s, ".1f"),
       "gflop_per_img": common.fmt(step_flops / args.batch / 1e9 if step_flops else None, ".1f"),
-      "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),
-      "jax_plan_gib": common.gib(plan.get("peak_plan")),
+      "mfu_jax": common.fmt_mfu(mfu("jax"), flops_exact),
+      "mfu_torch_eager": common.fmt_mfu(mfu("torch_eager"), flops_exact), "jax_devices": jax_devices,
+      "flops_exact": flops_exact, "jax_plan_gib": common.gib(plan.get("peak_plan")),
       "jax_mem_gib": common.gib(jax_mem), "torch_mem_gib": common.gib(torch_mem) or "n/a",
       "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",
       "timings_s": {name: common.summary(t) for name, t in times.items()}, "calls_per_timing": calls,

@@ -231,12 +231,16 @@ class Classifier(nn.Module):
 
 
 def classifier(name, resolution, num_classes, protocol, unfreeze_from=0, keep_blocks=0,
-               decapitation_trained=False, head=None) -> tuple[Classifier, str]:
+               decapitation_trained=False, head=None, num_blocks=None) -> tuple[Classifier, str]:
   """The reference classifier with `protocol` applied as mfjax applies it: the same head, the
-  same trained parameters, the foundation in training mode only when all of it trains."""
+  same trained parameters, the foundation in training mode only when all of it trains.
+  `num_blocks`: keep the first blocks/stages only, as mfjax's `model.overrides.num_blocks`."""
   net, what = foundation(name, resolution)
   if protocol == "decapitation":
     net.cut(keep_blocks)
+  elif num_blocks:
+    net.cut(num_blocks)
+    what += f", first {num_blocks} blocks"
   model = Classifier(net, protocols.head_of(protocol, head), num_classes, resolution)
   trains = protocols.foundation_trains(protocol, decapitation_trained)
   for p in net.parameters():

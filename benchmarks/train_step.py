@@ -68,6 +68,7 @@ def parse_args(argv=None):
   parser.add_argument("--torch-rss-only", action="store_true", help=argparse.SUPPRESS)
   args, extra = common.parse_args(parser, argv)
   args.config_overrides = extra
+  common.check_torch_follows(parser, args, follows=(common.NUM_BLOCKS,))
   half = foundation_depth(args.model) // 2
   args.unfreeze_from = half if args.unfreeze_from is None else args.unfreeze_from
   args.keep_blocks = half if args.keep_blocks is None else args.keep_blocks
@@ -95,12 +96,12 @@ def protocol_overrides(args) -> list[str]:
 def torch_model(args, device):
   import torch
   from benchmarks import torch_reference
-  if device == "cuda" and args.dtype == "float32":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+  common.torch_matmul_precision(device, args.dtype)
   torch.manual_seed(0)
+  num_blocks = common.config_override(args.config_overrides, common.NUM_BLOCKS)
   model, what = torch_reference.classifier(
-      args.model, args.res, 5, args.protocol, args.unfreeze_from, args.keep_blocks, args.decapitation_trained)
+      args.model, args.res, 5, args.protocol, args.unfreeze_from, args.keep_blocks, args.decapitation_trained,
+      num_blocks=int(num_blocks) if num_blocks else None)
   model = model.to(device)
   images = torch.randn(args.batch, 3, args.res, args.res, device=device)
   labels = torch.randint(0, 5, (args.batch,), device=device)
@@ -116,6 +117,27 @@ def torch_rss_only(args):
   step, _ = torch_reference.train_step(model, images, labels, "cpu", bf16=args.dtype == "bfloat16")
   step()
   print(json.dumps({"torch_peak_rss": common.peak_rss_bytes()}))
+
+
+def model_flops(args, run, compiled, batch, lr) -> tuple:
+  """(step FLOPs, forward FLOPs, whether exact, what was counted). The model's FLOPs: with remat or
+  query chunking, those of the same step compiled without them (remat's recomputation is not the
+  model's work, and XLA counts a chunking loop's body once); a lower bound where a loop remains."""
+  from benchmarks import jax_side
+  from mfjax.train import fit
+  how = [o for o in args.config_overrides if any(f in o.split("=", 1)[0] for f in ("remat", "query_chunk",
+                                                                                      "scan_blocks"))]
+  if how:
+    plain = jax_side.paper_config(args.model, args.protocol, args.res, args.batch, protocol_overrides(args)
+                                  + [o for o in args.config_overrides if o not in how])
+    run = fit.prepare(plain)
+    compiled = run.train_step.lower(run.state, batch, lr).compile()
+  forward = jax_side.forward_fn(run)
+  state = run.state
+  fwd_compiled = forward.lower(state["trainable"], state["frozen"], state["batch_stats"], batch["image"]).compile()
+  exact = not common.has_loop(compiled)
+  return (common.cost_flops(compiled), common.cost_flops(fwd_compiled), exact,
+          "the step without " + ", ".join(how) if how else "the step")
 
 
 def main(argv=None):
@@ -137,9 +159,7 @@ def main(argv=None):
   t0 = time.perf_counter()
   compiled = run.train_step.lower(state, batch, lr).compile()
   jax_compile_s = time.perf_counter() - t0
-  forward = jax_side.forward_fn(run)
-  fwd_compiled = forward.lower(state["trainable"], state["frozen"], state["batch_stats"], batch["image"]).compile()
-  step_flops, fwd_flops = common.cost_flops(compiled), common.cost_flops(fwd_compiled)
+  step_flops, fwd_flops, flops_exact, flops_of = model_flops(args, run, compiled, batch, lr)
   jax_plan = common.jax_memory(compiled)
   sizes = jax_side.state_bytes(state)
 
@@ -173,14 +193,14 @@ def main(argv=None):
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         calls[name] = common.warm_up(step, max(args.warmup - 1, 1), args.min_seconds)
+        if device == "cuda" and torch_mem is None:  # the first variant's own peak: each holds its optimizer state
+          torch_mem = torch.cuda.max_memory_allocated()
         if variant == "compile":
           compile_seconds["compile"] = first - (time.perf_counter() - t0) / max(args.warmup - 1, 1)
         fns[name] = step
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
         errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-    if device == "cuda":
-      torch_mem = torch.cuda.max_memory_allocated()
-    elif not args.no_rss and "torch_eager" in fns:
+    if device != "cuda" and not args.no_rss and "torch_eager" in fns:
       child = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--torch-rss-only",
                               *(argv if argv is not None else sys.argv[1:])],
                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -189,7 +209,7 @@ def main(argv=None):
       else:
         errors["torch_rss"] = child.stderr.strip().splitlines()[-1][:300] if child.stderr.strip() else "failed"
 
-  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype)
+  times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
 
   jax_devices = common.program_devices(compiled)
   # JAX runs on every device of the mesh, torch on one.
@@ -201,15 +221,17 @@ def main(argv=None):
       **common.throughput_fields(median, args.batch),
       "jax_compile_s": common.fmt(jax_compile_s, ".1f"), "torch_compile_s": common.fmt(compile_seconds.get("compile"), ".1f"),
       "gflop_per_img": common.fmt(step_flops / args.batch / 1e9 if step_flops else None, ".1f"),
-      "mfu_jax": common.fmt(mfu("jax"), ".1%"), "mfu_torch_eager": common.fmt(mfu("torch_eager"), ".1%"),
-      "mfu_torch_compile": common.fmt(mfu("torch_compile"), ".1%"),
+      "mfu_jax": common.fmt_mfu(mfu("jax"), flops_exact),
+      "mfu_torch_eager": common.fmt_mfu(mfu("torch_eager"), flops_exact),
+      "mfu_torch_compile": common.fmt_mfu(mfu("torch_compile"), flops_exact),
       "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"), "jax_devices": jax_devices,
       "jax_mem_gib": common.gib(jax_mem), "torch_mem_gib": common.gib(torch_mem) or "n/a",
       "jax_mem_kind": "device peak" if gpu else "peak RSS", "torch_mem_kind": "device peak" if gpu else "peak RSS",
       "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",
       # Everything else, for the JSON record.
       "timings_s": {name: common.summary(t) for name, t in times.items()}, "calls_per_timing": calls,
-      "step_flops_xla": step_flops, "forward_flops_xla": fwd_flops,
+      "step_flops_xla": step_flops, "forward_flops_xla": fwd_flops, "flops_exact": flops_exact,
+      "flops_counted_on": flops_of,
       "step_over_forward_flops": step_flops / fwd_flops if step_flops and fwd_flops else None,
       "step_flops_torch_counter": torch_flops, "matmul_peak": peak, "jax_memory_plan": jax_plan,
       "state_bytes": sizes, "params_trained": run.n_trainable, "params_total": run.n_total,

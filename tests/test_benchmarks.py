@@ -69,13 +69,40 @@ def test_inference_and_ablation_rows(tmp_path):
   [row] = run_benchmark(tmp_path, "inference", "--model", "dinov2_vits14", "--res", "28", "--batch", "2",
                         "--rounds", "1", "--min-seconds", "0")
   positive(row["jax_img_s"]), positive(row["torch_eager_img_s"])
+  assert row["flops_exact"] and not row["mfu_jax"].startswith("≥")
+  # Query chunking is a loop, whose body XLA counts once: the MFU is then a lower bound, and says so.
+  [chunked] = run_benchmark(tmp_path / "chunked", "inference", "--model", "dinov2_vits14", "--res", "56", "--batch",
+                            "2", "--rounds", "1", "--min-seconds", "0", "--torch", "none", TWO_BLOCKS,
+                            "--config.model.overrides.attn_query_chunk=5")
+  assert not chunked["flops_exact"] and chunked["mfu_jax"].startswith("≥")
   rows = run_benchmark(tmp_path, "ablate", "--model", "dinov2_vits14", "--res", "28", "--batch", "2",
                        "--compile-only", "--variant", f"base={TWO_BLOCKS}",
+                       "--variant", f"broken={TWO_BLOCKS} --config.model.overrides.attn_impl=bogus",
                        "--variant", f"remat={TWO_BLOCKS} --config.model.remat=True")
-  assert [r["variant"] for r in rows] == ["base", "remat"]
-  for r in rows:
+  assert [r["variant"] for r in rows] == ["base", "broken", "remat"]
+  for r in (rows[0], rows[2]):  # a failing variant takes nothing from the others
     positive(r["compile_s"])
-    assert r["memory_plan"]["temp_size"] > 0
+    assert r["memory_plan"]["temp_size"] > 0 and r["error"] == ""
+  assert "bogus" in rows[1]["error"] and rows[1]["compile_s"] == "n/a"
+
+
+def test_train_step_counts_model_flops_and_keeps_torch_on_the_same_work(tmp_path):
+  cell = ("--model", "dinov2_vits14", "--protocol", "unfrozen_linear", "--res", "56", "--batch", "2",
+          "--rounds", "1", "--min-seconds", "0", "--no-rss", TWO_BLOCKS)
+  # torch follows num_blocks: both frameworks count the same network's FLOPs.
+  [plain] = run_benchmark(tmp_path / "plain", "train_step", *cell)
+  assert "first 2 blocks" in plain["torch_reference"]
+  assert 1.0 < plain["step_flops_xla"] / plain["step_flops_torch_counter"] < 1.2
+  # Remat's recomputation is not the model's work: the FLOPs are those of the step without it.
+  [remat] = run_benchmark(tmp_path / "remat", "train_step", *cell, "--torch", "none", "--config.model.remat=True")
+  assert remat["flops_counted_on"] == "the step without --config.model.remat=True"
+  assert remat["step_flops_xla"] == plain["step_flops_xla"] and remat["flops_exact"]
+  # An override the torch reference cannot follow would compare different work: refused.
+  for override, message in (("--config.model.overrides.depth=3", "the torch reference cannot follow it"),
+                            ("--config.model.dtype=bfloat16", "use --dtype")):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *cell, override], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-500:]
 
 
 def test_feature_cache_times_both_ways_of_training_the_probe(tmp_path):

@@ -219,8 +219,8 @@ def softmax_attention(q, k, v, bias=None):
 
 def attention_fn(impl: str | None, query_chunk: int = 0) -> Callable:
   """The attention core for `attn_impl`: None picks `softmax` on CPU and lets
-  jax.nn.dot_product_attention choose elsewhere (cuDNN's fused kernel on GPU when it can);
-  'xla'/'cudnn' force that jax.nn.dot_product_attention implementation. `query_chunk` > 0
+  jax.nn.dot_product_attention choose elsewhere (in jax 0.10 that is always its XLA
+  implementation, not cuDNN's fused kernel); 'xla'/'cudnn' force that implementation. `query_chunk` > 0
   attends that many queries at a time (see `chunk_queries`)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attn_impl {impl!r}; valid: {', '.join(map(str, ATTENTION_IMPLS))}")
