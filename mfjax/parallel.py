@@ -8,6 +8,7 @@ state follow regex rules from the config (first match wins):
 """
 import os
 import re
+import signal
 
 import jax
 import numpy as np
@@ -118,3 +119,47 @@ def put_global(tree, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.tree_util.tree_map(one, tree)
+
+
+class Preemption:
+  """SIGTERM during a training loop, acted on by every process at the same step.
+
+    preemption = parallel.Preemption().start()
+    try:
+      while ...:
+        state = train_step(...); step += 1
+        if preemption.due(step):
+          save(); return
+    finally:
+      preemption.stop()
+
+  Each process records its own SIGTERM. One process alone stops after the step it was signalled
+  in. Several processes compare their flags every `every` steps (a small collective) and all
+  stop together at the first comparison after any of them was signalled: a process that stopped
+  alone would wait in the checkpoint's barrier while the others wait for it in the next step.
+  """
+
+  def __init__(self, every: int = 5):
+    self.every = every
+    self.received = False
+    self._previous = None
+
+  def start(self) -> "Preemption":
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def stop(self) -> None:
+    """Put back the SIGTERM handler there was before `start`."""
+    signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, *_):
+    self.received = True
+
+  def due(self, step: int) -> bool:
+    """Whether to save and stop after `step`: the same answer on every process."""
+    if jax.process_count() == 1:
+      return self.received
+    if step % self.every:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.received))).any())

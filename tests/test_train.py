@@ -2,6 +2,7 @@
 runs resume exactly after SIGKILL and SIGTERM, two processes agree, and configs fail loudly."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,8 +158,13 @@ def _final(workdir):
   import orbax.checkpoint as ocp
   ckpt = os.path.join(workdir, "checkpoints")
   step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  with ocp.StandardCheckpointer() as c:
-    state = c.restore(os.path.join(ckpt, str(step), "state"))
+  with ocp.StandardCheckpointer() as c:  # restored onto this process's device, whatever the run's mesh was
+    path = os.path.join(ckpt, str(step), "state")
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    meta = c.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
+    state = c.restore(path, target)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lines = f.read()
   with open(os.path.join(workdir, "result.json")) as f:
@@ -195,6 +201,67 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   assert result["test"] == ref_result["test"]
   for k, v in ref_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
+
+
+def _two_processes(cmd):
+  port = _free_port()
+  return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**ENV, "MFJAX_COORDINATOR": f"127.0.0.1:{port}", "MFJAX_NUM_PROCESSES": "2",
+                                "MFJAX_PROCESS_ID": str(pid), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})
+          for pid in range(2)]
+
+
+def _finish(procs, timeout=300):
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    raise
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [err for _, err in outs]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(aptos, tmp_path):
+  """A preemption signal that reaches one process of a multi-host run: before, that process went
+  into the checkpoint's barrier while the other went on to the next step, and both hung."""
+  _finish(_two_processes(_train_cmd(aptos, tmp_path / "straight")))
+  ref_state, ref_lines, ref_result = _final(tmp_path / "straight")
+  procs = _two_processes(_train_cmd(aptos, tmp_path / "term"))
+  _wait_for_step(tmp_path / "term", 3, procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  errs = _finish(procs, timeout=120)
+  saved = [re.findall(r"SIGTERM: saved the checkpoint at step (\d+)", err) for err in errs]
+  assert saved[0] == saved[1] and len(saved[0]) == 1, errs[0][-2000:]
+  assert not (tmp_path / "term" / "result.json").exists()
+  _finish(_two_processes(_train_cmd(aptos, tmp_path / "term")))
+  state, lines, result = _final(tmp_path / "term")
+  assert lines == ref_lines and result["test"] == ref_result["test"]
+  for k, v in ref_state.items():
+    np.testing.assert_array_equal(state[k], v, err_msg=k)
+
+
+def test_data_workers_killed_by_a_preemption_are_started_again(aptos):
+  import multiprocessing
+  from mfjax import parallel
+  run = fit.prepare(tiny(aptos, "frozen_linear"))
+  make = lambda **kw: mdata.make_loader(run.dataset, "train", batch_size=8, train=True, resolution=32,
+                                       num_epochs=None, **kw)
+  loader = make(worker_count=1)
+  expected = [b["image"] for b, _ in zip(make(), range(14))]
+  iterator, preemption = iter(loader), parallel.Preemption()
+  for i in range(2):
+    np.testing.assert_array_equal(next(iterator)["image"], expected[i])
+  for child in multiprocessing.active_children():  # what a SIGTERM to the process group does to them
+    child.terminate()
+  preemption.received = True
+  got = []
+  for _ in range(12):  # past the batches the parent had prefetched already
+    iterator, batch = fit.next_surviving_workers(iterator, loader, preemption)
+    got.append(batch["image"])
+  for i, image in enumerate(got):
+    np.testing.assert_array_equal(image, expected[2 + i])
 
 
 def test_config_errors(aptos, tmp_path):

@@ -50,7 +50,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 
 import flax.linen as nn
@@ -578,8 +577,7 @@ def run(config, workdir, progress: bool = True) -> dict:
     log.info("crop sizes (global, local, Gram) drawn per step from %s; each set compiles its own step",
              list(networks_of))
 
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preemption = parallel.Preemption().start()
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
@@ -603,6 +601,7 @@ def run(config, workdir, progress: bool = True) -> dict:
         last = _check_and_log(pending, writer, config)
       pending = (step, sched, metrics)
       step += 1
+      preempted = preemption.due(step)  # decided by all processes together
       if bar is not None:
         bar.update(1)
         if last:
@@ -621,7 +620,7 @@ def run(config, workdir, progress: bool = True) -> dict:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    preemption.stop()
     if bar is not None:
       bar.close()
     if executor is not None:

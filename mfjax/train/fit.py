@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -370,6 +369,22 @@ def check_paper_warmup(config) -> None:
                 paper[config.data.name], config.data.name)
 
 
+def next_surviving_workers(iterator, loader, preemption) -> tuple[Any, Any]:
+  """(iterator, its next batch). Data worker processes that a SIGTERM to the whole process group
+  killed (SLURM, `kill -TERM -PGID`) are started again at the iterator's position, so the run
+  reaches the step where it saves; any other failure is raised."""
+  try:
+    return iterator, next(iterator)
+  except RuntimeError:
+    if not preemption.received:
+      raise
+    position = iterator.get_state()
+    iterator = iter(loader)
+    iterator.set_state(position)
+    log.warning("SIGTERM stopped the data workers; started them again to reach the checkpoint")
+    return iterator, next(iterator)
+
+
 def train(config, workdir: str, progress: bool = True, record_divergence: bool = False) -> dict:
   """One run to result.json. A non-finite loss raises NonFiniteError; with `record_divergence` (sweeps)
   it writes a result.json with status "diverged" and no scores instead, so that the grid goes on and
@@ -410,9 +425,13 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
                 plateau={"scale": plateau.scale, "best": plateau.best, "bad_epochs": plateau.bad_epochs},
                 train_seconds=host["train_seconds"] + time.time() - segment_start)
 
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preemption = parallel.Preemption().start()
   segment_start = time.time()
+
+  def next_batch():
+    nonlocal iterator
+    iterator, batch = next_surviving_workers(iterator, train_loader, preemption)
+    return batch
 
   # The loop: epochs of steps, validation after each epoch, best checkpoint by validation metric.
   bar = None
@@ -425,7 +444,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     t_log, n_log = time.time(), 0
     while step < total_steps:
       epoch = step // steps_per_epoch
-      batch = mdata.global_batch(next(iterator), batch_sharding)
+      batch = mdata.global_batch(next_batch(), batch_sharding)
       lr = warmup_lr(step, config.optim.lr, warmup_steps, config.optim.warmup_start) * plateau.scale
       state, metrics = train_step(state, batch, jnp.float32(lr))
       if pending is not None:
@@ -433,6 +452,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
       pending = (step, lr, metrics)
       step += 1
       n_log += 1
+      preempted = preemption.due(step)  # decided by all processes together
       if bar is not None:
         bar.update(1)
       if step % config.log_every_steps == 0:
@@ -480,7 +500,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
       (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     return result
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    preemption.stop()
     if bar is not None:
       bar.close()
 

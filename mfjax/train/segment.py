@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -255,8 +254,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     log.info("resumed %s at step %d", workdir, int(state["step"]))
   step = int(state["step"])
   writer = Writer(workdir, step)
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preemption = parallel.Preemption().start()
   segment_start = time.time()
   save = lambda s: ckpts.save_latest(s, state, {"train_seconds": host["train_seconds"] + time.time() - segment_start})
 
@@ -279,6 +277,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       state, metrics = train_step(state, mdata.global_batch(batch, batch_sharding), jnp.float32(lr_scale))
       loss_sum, loss_steps = loss_sum + metrics["loss"], loss_steps + 1
       step += 1
+      preempted = preemption.due(step)  # decided by all processes together
       if bar is not None:
         bar.update(1)
       end_of_epoch = step % config.iters_per_epoch == 0
@@ -304,7 +303,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         return {"status": "preempted", "step": step}
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
-    signal.signal(signal.SIGTERM, previous_handler)
+    preemption.stop()
     if bar is not None:
       bar.close()
   train_seconds = host["train_seconds"] + time.time() - segment_start
