@@ -182,6 +182,27 @@ def test_feature_cache_corruption_names_the_file(tmp_path):
   assert failing.get(key) is None  # nothing half-written is taken for a result
 
 
+def test_feature_cache_processes_take_the_same_branch(tmp_path, monkeypatch):
+  """Computing features runs collectives: every process computes when any one misses the entry
+  (here another process, whose code the gather reports), and stops when any one cannot read it."""
+  cache = knn.FeatureCache(str(tmp_path))
+  key, calls = {"model": "m"}, []
+  compute = lambda: calls.append(1) or {"x": np.arange(3.0)}
+  cache.get_or_compute(key, compute)
+  others = {}
+  monkeypatch.setattr(knn, "process_codes", lambda code: np.array([code, others["code"]]))
+  others["code"] = 0   # a hit everywhere: read, not computed
+  cache.get_or_compute(key, compute)
+  assert len(calls) == 1
+  others["code"] = 1   # a miss on the other process: computed here too
+  np.testing.assert_array_equal(cache.get_or_compute(key, compute)["x"], np.arange(3.0))
+  assert len(calls) == 2
+  others["code"] = 2   # unreadable there
+  with pytest.raises(knn.CacheError, match=r"unreadable on process\(es\) \[1\]"):
+    cache.get_or_compute(key, compute)
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
 def test_fingerprint_changes_with_the_checkpoint(tmp_path):
   folder = tmp_path / "ckpt"
   (folder / "params").mkdir(parents=True)

@@ -254,22 +254,46 @@ class FeatureCache:
       raise TypeError(f"features {objects} are not numeric arrays")
     path = self.path(key)
     os.makedirs(self.root, exist_ok=True)
-    with open(path[:-4] + ".json", "w") as f:
-      json.dump(key, f, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
+    # Each file appears whole or not at all (processes sharing a file system write the same entry).
+    self._write_atomically(path[:-4] + ".json", lambda f: f.write(json.dumps(key, indent=2, sort_keys=True).encode()))
+    self._write_atomically(path, lambda f: np.savez(f, **arrays))
+    return path
+
+  def _write_atomically(self, path: str, write: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
     try:
       with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
+        write(f)
       os.replace(tmp, path)
     except BaseException:
       os.unlink(tmp)
       raise
-    return path
 
   def get_or_compute(self, key: dict, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
-    """The cached arrays for `key`, or compute_fn()'s (stored first, then returned as stored)."""
-    cached = self.get(key)
-    if cached is not None:
+    """The cached arrays for `key`, or compute_fn()'s (stored first, then returned as stored).
+
+    In a multi-process job compute_fn runs collectives, so every process must take the same
+    branch: all compute when the entry is missing from any process's cache (a host-local cache
+    on a replaced host), and an unreadable entry on any process stops all of them."""
+    try:
+      cached, problem = self.get(key), None
+    except CacheError as e:
+      cached, problem = None, e
+    codes = process_codes(2 if problem else 0 if cached is not None else 1)
+    if (codes == 2).any():
+      if problem:
+        raise problem
+      raise CacheError(f"the feature cache entry {self.path(key)} is unreadable on process(es) "
+                       f"{np.flatnonzero(codes == 2).tolist()}: see their error")
+    if (codes == 0).all():
       return cached
     self.put(key, compute_fn())
     return self.get(key)
+
+
+def process_codes(code: int) -> np.ndarray:
+  """Every process's `code`, in process order (one process: just its own)."""
+  if jax.process_count() == 1:
+    return np.array([code])
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
