@@ -414,6 +414,10 @@ def test_a_run_killed_while_saving_its_last_epoch_finishes_on_restart(aptos, tmp
   shutil.rmtree(tmp_path / "checkpoints")
   again = fit.train(config, str(tmp_path), progress=False)
   assert again["test"] == first["test"] and again["best_epoch"] == first["best_epoch"] == 1
+  # Started once more, the finished run returns its result and appends nothing.
+  lines = (tmp_path / "metrics.jsonl").read_text()
+  assert fit.train(config, str(tmp_path), progress=False) == json.loads((tmp_path / "result.json").read_text())
+  assert (tmp_path / "metrics.jsonl").read_text() == lines and sum('"test/' in l for l in lines.splitlines()) == 1
 
 
 def test_nonfinite_loss_stops_with_the_step(aptos, tmp_path):

@@ -391,6 +391,10 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   the learning rate is not selected."""
   start_time = time.time()
   workdir, config_dict = start_run(config, workdir)
+  finished = workdir / "result.json"
+  if finished.exists():  # its config is this one (start_run checked): nothing to do, nothing appended
+    log.info("%s has finished already (result.json); delete it to test the best checkpoint again", workdir)
+    return json.loads(finished.read_text())
   check_paper_warmup(config)
   run = prepare(config)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
