@@ -98,7 +98,9 @@ def tree_shardings(tree, rules: list[tuple[str, str]], mesh: Mesh, min_fsdp_byte
     name = path_str(path)
     rule = next((r for rx, r in compiled if rx.search(name)), "replicate")
     shape = tuple(getattr(leaf, "shape", ()))
-    itemsize = np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+    # Sized as float32 at least: a bfloat16 first moment (optim.mu_dtype) is sharded like its
+    # float32 parameter, not kept whole on every device when it falls under the threshold alone.
+    itemsize = max(np.dtype(getattr(leaf, "dtype", np.float32)).itemsize, 4)
     return NamedSharding(mesh, spec_for(shape, rule, mesh, min_fsdp_bytes, itemsize))
 
   return jax.tree_util.tree_map_with_path(one, tree)

@@ -384,3 +384,13 @@ def test_cpu_bf16_dense_runs_every_gemm_on_bf16_operands(monkeypatch):
   assert uses_custom_vjp(x, w, (((2,), (0,)), ((), ())))
   assert not uses_custom_vjp(x.astype(jnp.float32), w.astype(jnp.float32), (((2,), (0,)), ((), ())))
   assert not uses_custom_vjp(x, x, (((2,), (2,)), ((0,), (0,))))
+
+
+def test_a_bfloat16_moment_is_sharded_like_its_parameter():
+  from mfjax import parallel
+  # An fsdp axis of 4 (the one CPU device repeated: only the specs are looked at).
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1] * 4).reshape(1, 4), ("data", "fsdp"))
+  tree = {"w": jax.ShapeDtypeStruct((1024, 1536), jnp.float32), "mu": jax.ShapeDtypeStruct((1024, 1536), jnp.bfloat16)}
+  # 6 MiB in float32, 3 MiB in bfloat16, against a 4 MiB threshold: both sharded the same way.
+  shardings = parallel.tree_shardings(tree, [(".*", "fsdp")], mesh, 4 << 20)
+  assert shardings["w"].spec == shardings["mu"].spec == jax.sharding.PartitionSpec(None, "fsdp")
