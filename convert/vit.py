@@ -74,8 +74,9 @@ def map_split_qkv_block(conv, target, src, names):
     conv.map(f"{target}/{t}/bias", f"{src}.{s}.bias")
   w = _qkv_concat(conv, [f"{src}.{n}.weight" for n in (q, k, v)])
   conv.put(f"{target}/attn/qkv/kernel", None if w is None else core.linear(w), f"{src}.{q}/{k}/{v}.weight")
-  b = _qkv_concat(conv, [f"{src}.{n}.bias" for n in (q, k, v)])
-  conv.put(f"{target}/attn/qkv/bias", b, f"{src}.{q}/{k}/{v}.bias")
+  if f"{target}/attn/qkv/bias" in conv.expected:  # HF's qkv_bias=False models have none
+    b = _qkv_concat(conv, [f"{src}.{n}.bias" for n in (q, k, v)])
+    conv.put(f"{target}/attn/qkv/bias", b, f"{src}.{q}/{k}/{v}.bias")
   for t, s in (("attn/proj", proj), ("mlp/fc1", fc1), ("mlp/fc2", fc2)):
     conv.map(f"{target}/{t}/kernel", f"{src}.{s}.weight", core.linear)
     conv.map(f"{target}/{t}/bias", f"{src}.{s}.bias")

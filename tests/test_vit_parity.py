@@ -111,9 +111,19 @@ def test_deit_hf(tmp_path):
   run_convert(["deit", "--checkpoint", save_hf(ref, tmp_path / "hf"), "--out", str(tmp_path / "out")])
   x = images(2, 224)
   compare(tmp_path / "out", x, *hf_reference(ref, x))
-  x = images(1, 384, seed=1)
+  x = images(1, (224, 384), seed=1)  # not square: rows and columns must not trade places
   module = compare(tmp_path / "out", x, *hf_reference(ref, x, interpolate=True))
   assert module.ln_eps == pytest.approx(1e-12)  # read from config.json, as HF ViT uses it
+
+
+def test_hf_vit_without_qkv_bias(tmp_path):
+  from transformers import ViTConfig, ViTModel
+  ref = randomize(ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, image_size=32, patch_size=8, qkv_bias=False)))
+  run_convert(["deit", "--checkpoint", save_hf(ref, tmp_path / "hf"), "--out", str(tmp_path / "out")])
+  x = images(2, (32, 48))
+  module = compare(tmp_path / "out", x, *hf_reference(ref, x, interpolate=True))
+  assert not module.qkv_bias
 
 
 # ---------------------------------------------------------------------------- DINOv1
@@ -146,7 +156,7 @@ def test_dinov2_hub(tmp_path):
   path = tmp_path / "dinov2_vitb14_pretrain.pth"
   torch.save(ref.state_dict(), path)  # holds mask_token, ignored explicitly
   run_convert(["dinov2", "--checkpoint", str(path), "--out", str(tmp_path / "out")])
-  for res, seed in ((518, 0), (224, 1)):
+  for res, seed in ((518, 0), (224, 1), ((224, 308), 2)):  # and not square: (w, h) are easily swapped
     x = images(1, res, seed)
     module = compare(tmp_path / "out", x, *dinov2_hub_reference(ref, x))
   assert models.read_model_json(tmp_path / "out")["name"] == "dinov2_vitb14"
@@ -320,3 +330,12 @@ def test_blip_hf(tmp_path):
     x = images(1, res, seed)
     # HF's pooler_output applies post_layernorm twice; the CLS of last_hidden_state is BLIP's feature.
     compare(tmp_path / "out", x, *hf_reference(ref, x, interpolate=res != 224))
+
+
+@pytest.mark.parametrize("override,message", [({"tokens": "norm"}, "unknown tokens 'norm'"),
+                                              ({"pooled": "first-patch"}, "unknown pooled 'first-patch'"),
+                                              ({"mlp_act": "gelu_new"}, "unknown mlp_act 'gelu_new'")])
+def test_a_misspelt_model_option_is_named(override, message):
+  module = models.create("dino_vitb16", depth=1, width=32, heads=2, mlp_hidden=64, **override)
+  with pytest.raises(ValueError, match=message):
+    module.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)))

@@ -139,6 +139,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     out_dim = x.shape[-1]
+    if self.act != "swiglu" and self.act not in ACTIVATIONS:
+      raise ValueError(f"unknown mlp_act {self.act!r}; valid: swiglu, {', '.join(ACTIVATIONS)}")
     if self.act == "swiglu":
       h = dense(Dense(2 * self.hidden, dtype=self.dtype, name="fc1"), x)
       gate, value = jnp.split(h, 2, axis=-1)

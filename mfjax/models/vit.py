@@ -50,6 +50,9 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False, return_blocks: bool = False):
+    for field, valid in (("pooled", ("cls", "first_patch")), ("tokens", ("normed", "prenorm"))):
+      if getattr(self, field) not in valid:
+        raise ValueError(f"unknown {field} {getattr(self, field)!r}; valid: {valid}")
     dtype = jnp.dtype(self.dtype)
     b = images.shape[0]
     x = layers.patch_embed(images, self.width, self.patch_size, dtype, self.patch_bias)
