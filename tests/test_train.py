@@ -482,3 +482,17 @@ def test_every_family_trains_under_the_stacked_head(aptos, model):
   assert np.isfinite(loss)
   trainable = flat(state["trainable"])
   assert any(k.startswith("foundation/") for k in trainable) and any(k.startswith("stacked/") for k in trainable)
+
+
+def test_fresh_heads_start_as_torch_linears():
+  """The paper's fc and projector are new nn.Linear layers: weight and bias uniform in ±1/sqrt(fan_in)."""
+  import torch
+  from mfjax.models import heads
+  features = jax.numpy.zeros((2, 768))
+  params = heads.LinearProbe(1000).init(jax.random.PRNGKey(0), features)["params"]["fc"]
+  reference = torch.nn.Linear(768, 1000)
+  bound = 768 ** -0.5
+  for name, ours, theirs in (("kernel", params["kernel"], reference.weight), ("bias", params["bias"], reference.bias)):
+    ours, theirs = np.asarray(ours), theirs.detach().numpy()
+    assert np.abs(ours).max() <= bound and np.abs(theirs).max() <= bound
+    assert abs(ours.std() - theirs.std()) < 0.05 * theirs.std(), name  # both bound / sqrt(3)

@@ -15,9 +15,21 @@ projection), decoded by log2(patch) stages of [2x2 stride-2 transposed conv -> c
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mfjax.models import layers, posemb
+
+
+def new_linear(features: int, fan_in: int, name: str, dtype=None) -> nn.Dense:
+  """A freshly initialised nn.Linear as PyTorch makes it (the paper's heads and projector): weight
+  and bias uniform in ±1/sqrt(fan_in). Flax's default (LeCun normal, zero bias) starts the logits
+  about sqrt(3) times larger."""
+  bound = fan_in ** -0.5
+  return layers.Dense(features, dtype=dtype, name=name,
+                      kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                      bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                                         -bound, bound))
 
 
 class StackedDeiT(nn.Module):
@@ -42,7 +54,7 @@ class StackedDeiT(nn.Module):
   def __call__(self, tokens, grid, train: bool = False, return_blocks: bool = False):
     dtype = jnp.dtype(self.dtype)
     b = tokens.shape[0]
-    x = layers.Dense(self.width, dtype=dtype, name="projector")(tokens.astype(dtype))
+    x = new_linear(self.width, tokens.shape[-1], "projector", dtype)(tokens.astype(dtype))
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="projector_norm")(x)  # torch default eps
     gh, gw = self.native_grid
     init = nn.initializers.truncated_normal(0.02)
@@ -59,7 +71,7 @@ class StackedDeiT(nn.Module):
                     attn_query_chunk=self.attn_query_chunk, name=f"blocks_{i}")(x, train)
       blocks.append(x.astype(jnp.float32))
     cls_out = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)[:, 0]
-    logits = layers.Dense(self.num_classes, dtype=dtype, name="fc")(cls_out)
+    logits = new_linear(self.num_classes, self.width, "fc", dtype)(cls_out)
     return logits.astype(jnp.float32), cls_out.astype(jnp.float32), (blocks if return_blocks else [])
 
 
@@ -79,7 +91,7 @@ class Classifier(nn.Module):
     result = {"foundation_blocks": out.get("blocks", [])}
     if self.head == "linear":
       result["embedding"] = out["pooled"]
-      result["logits"] = nn.Dense(self.num_classes, name="fc")(out["pooled"])
+      result["logits"] = new_linear(self.num_classes, out["pooled"].shape[-1], "fc")(out["pooled"])
     elif self.head == "deit":
       grid = self.foundation.token_grid(images.shape[1:3])
       head = StackedDeiT(self.num_classes, **dict(self.head_kwargs), name="stacked")
@@ -97,7 +109,7 @@ class LinearProbe(nn.Module):
   @nn.compact
   def __call__(self, features, train: bool = False, foundation_train: bool | None = None,
                return_blocks: bool = False):
-    return {"logits": nn.Dense(self.num_classes, name="fc")(features), "embedding": features,
+    return {"logits": new_linear(self.num_classes, features.shape[-1], "fc")(features), "embedding": features,
             "foundation_blocks": []}
 
 
