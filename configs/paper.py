@@ -39,6 +39,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # As the paper's code: SEEM's D2FocalNet has drop-path 0.3, which acts where the foundation trains.
   c.model.drop_path = 0.3 if a.model == "seem_focalt" and a.protocol in TRAINED_PROTOCOLS else 0.0
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model
+  # SAM and OpenCLIP: position tables resized once at load and trained at the run's resolution, as
+  # the paper's code does (mfjax.train.build.RESIZED_AT_LOAD); False: resized at every forward.
+  c.model.resize_at_load = True
 
   c.head = ml_collections.ConfigDict()
   c.head.checkpoint = ""           # converted DeiT-B folder for the stacked classifier; "" = random

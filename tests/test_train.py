@@ -496,3 +496,40 @@ def test_fresh_heads_start_as_torch_linears():
     ours, theirs = np.asarray(ours), theirs.detach().numpy()
     assert np.abs(ours).max() <= bound and np.abs(theirs).max() <= bound
     assert abs(ours.std() - theirs.std()) < 0.05 * theirs.std(), name  # both bound / sqrt(3)
+
+
+@pytest.mark.parametrize("model", ["sam_vitb", "openclip_vitb16"])
+def test_position_tables_resized_at_load_as_the_papers_code(aptos, tmp_path, model):
+  """SAM (filter_interpolate_weights) and OpenCLIP (force_image_size) resize their position tables
+  once at load in the paper's code, and train the resized tables: the same forward at the run's
+  resolution, smaller tables in the train state. A run started before the option resumes as it ran."""
+  from configs.tiny import TINY_FOUNDATION
+  from mfjax import models
+  family = "sam" if model.startswith("sam") else "vit"
+  native = models.create(model, **TINY_FOUNDATION[family])
+  variables = models.init_params(native, jax.random.PRNGKey(1))
+  variables = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(2), x.shape), variables)
+  models.save(str(tmp_path / "ckpt"), model, variables, dict(TINY_FOUNDATION[family]))
+  config = tiny(aptos, "unfrozen_linear", f"--config.model.checkpoint={tmp_path / 'ckpt'}", model=model, arg=",res=48")
+  loaded = fit.build.pretrained_foundation(config)
+  name, overrides = fit.build.foundation_spec(config)
+  assert overrides["native_resolution"] == (48, 48)
+  x = np.random.default_rng(0).standard_normal((2, 48, 48, 3)).astype(np.float32)
+  at_load = models.create(name, **overrides).apply(loaded, x, return_blocks=True)
+  per_call = native.apply(variables, x, return_blocks=True)
+  for key in ("pooled", "tokens"):
+    np.testing.assert_allclose(at_load[key], per_call[key], rtol=1e-5, atol=1e-5)
+  grid = 48 // 8
+  pos = flat(fit.prepare(config).state["trainable"])["foundation/pos_embed"]
+  assert pos.shape == ((1, grid, grid, 32) if family == "sam" else (1, 1 + grid * grid, 32))
+  if family == "sam":  # the global block's relative-position tables too
+    assert flat(loaded["params"])["blocks_1/attn/rel_pos_h"].shape[0] == 2 * grid - 1
+  # A run whose config.json predates model.resize_at_load resumes with its tables at native size.
+  old = fit.to_dict(config)
+  del old["model"]["resize_at_load"]
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  resumed = tiny(aptos, "unfrozen_linear", f"--config.model.checkpoint={tmp_path / 'ckpt'}", model=model, arg=",res=48")
+  fit.start_run(resumed, str(tmp_path / "old"))
+  assert resumed.model.resize_at_load is False
+  assert fit.build.foundation_spec(resumed)[1]["native_resolution"] == (32, 32)  # the checkpoint's

@@ -39,7 +39,7 @@ def foundation(config):
   name, overrides = build.foundation_spec(config)
   module = models.create(name, **overrides)
   if config.model.checkpoint:
-    return module, models.load(config.model.checkpoint)[1]
+    return module, build.pretrained_foundation(config)
   log.warning("model.checkpoint is empty: features of a randomly initialised %s", name)
   res = config.data.resolution
   return module, models.init_params(module, jax.random.PRNGKey(config.seed), (res, res))

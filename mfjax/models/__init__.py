@@ -52,6 +52,18 @@ def create(name: str, **overrides):
   return model_cls(**{**REGISTRY[name][1], **overrides})
 
 
+def at_resolution(name: str, module, variables: dict, resolution: tuple[int, int]) -> dict:
+  """`variables` of model `name` (`module`) with its position tables resized once to `resolution`
+  (the family's `at_resolution`); the module to run them is `module` with
+  `native_resolution=resolution`. The forward pass at `resolution` is unchanged; training then
+  updates the resized tables, as the paper's code does for SAM and OpenCLIP."""
+  family = family_of(name)
+  resize = getattr(_MODULES[family], "at_resolution", None)
+  if resize is None:
+    raise ConfigError(f"model {name!r} ({family}) has no position tables to resize at load")
+  return {**variables, "params": resize(module, variables["params"], tuple(resolution))}
+
+
 def native_resolution(module) -> tuple[int, int]:
   """The input size (H, W) at which `module` was trained and stores its position embedding."""
   return tuple(module.native_resolution)

@@ -43,21 +43,23 @@ def window_unpartition(windows, window: int, size: tuple[int, int]):
   return x.reshape(-1, hp, wp, c)[:, :h, :w]
 
 
-def relative_embeddings(table, size: int, resize: str):
-  """(size, size, C) embeddings R[i, j] = table[i - j + size - 1] of one axis.
-
-  A table whose length is not 2 * size - 1 is first resized to it (`resize` as in REL_POS_RESIZE).
-  """
+def table_for(table, size: int, resize: str):
+  """A relative-position table for `size` positions: its length 2 * size - 1, resized to that
+  length if it is not (`resize` as in REL_POS_RESIZE)."""
   length = 2 * size - 1
-  if table.shape[0] != length:
-    if resize == "nearest":
-      table = posemb.resample_rel_pos_nearest(table, length)
-    elif resize == "linear":
-      table = posemb.resample_rel_pos_linear(table, length)
-    else:
-      raise ValueError(f"unknown rel_pos_resize {resize!r}; valid: {REL_POS_RESIZE}")
+  if table.shape[0] == length:
+    return table
+  if resize == "nearest":
+    return posemb.resample_rel_pos_nearest(table, length)
+  if resize == "linear":
+    return posemb.resample_rel_pos_linear(table, length)
+  raise ValueError(f"unknown rel_pos_resize {resize!r}; valid: {REL_POS_RESIZE}")
+
+
+def relative_embeddings(table, size: int, resize: str):
+  """(size, size, C) embeddings R[i, j] = table[i - j + size - 1] of one axis (`table_for` first)."""
   index = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
-  return table[index]
+  return table_for(table, size, resize)[index]
 
 
 class RelPosAttention(nn.Module):
@@ -230,3 +232,20 @@ MODELS = {
     "sam_vitl": _sam(1024, 24, 16, (5, 11, 17, 23)),
     "sam_vith": _sam(1280, 32, 16, (7, 15, 23, 31)),
 }
+
+
+def at_resolution(module: Model, params: dict, resolution: tuple[int, int]) -> dict:
+  """`params` with the position embedding and the global blocks' relative-position tables resized
+  once to the grid of `resolution`, as the paper's `filter_interpolate_weights` does at load (the
+  windowed blocks keep theirs), by the same resampling the model applies at call time; use it
+  with `native_resolution=resolution`."""
+  grid = (resolution[0] // module.patch_size, resolution[1] // module.patch_size)
+  out = {**params, "pos_embed": posemb.resample_grid(params["pos_embed"][0], grid, module.posemb)[None]}
+  for i in module.global_blocks:
+    if f"blocks_{i}" not in params:
+      continue
+    attn = params[f"blocks_{i}"]["attn"]
+    tables = {f"rel_pos_{axis}": table_for(attn[f"rel_pos_{axis}"], size, module.rel_pos_resize)
+              for axis, size in (("h", grid[0]), ("w", grid[1]))}
+    out[f"blocks_{i}"] = {**params[f"blocks_{i}"], "attn": {**attn, **tables}}
+  return out

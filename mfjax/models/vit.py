@@ -128,3 +128,15 @@ MODELS = {
     **{f"dinov2_vit{s}14_reg4": dict(cfg, num_registers=4, posemb="size_antialias")
        for s, cfg in _DINOV2_SIZES.items()},
 }
+
+
+def at_resolution(module: Model, params: dict, resolution: tuple[int, int]) -> dict:
+  """`params` with the position embedding resized once to the grid of `resolution`, by the same
+  resampling the model applies at call time (the paper's OpenCLIP does it at load, through
+  open_clip's `force_image_size`); use it with `native_resolution=resolution`."""
+  gh, gw = module.native_grid
+  grid = (resolution[0] // module.patch_size, resolution[1] // module.patch_size)
+  pos = params["pos_embed"]
+  patches = posemb.resample_grid(pos[0, 1:].reshape(gh, gw, module.width), grid, module.posemb)
+  resized = jnp.concatenate([pos[:, :1], patches.reshape(1, -1, module.width).astype(pos.dtype)], axis=1)
+  return {**params, "pos_embed": resized}

@@ -31,6 +31,32 @@ def input_norm(config) -> tuple | None:
   return CLIP_NORM if config.model.name.startswith(("openclip_", "blip_")) else IMAGENET_NORM
 
 
+# The paper's code resizes these models' position tables once, when it loads them (SAM's
+# filter_interpolate_weights, open_clip's force_image_size), and trains the resized tables; the
+# other models resize theirs at every forward, as mfjax does for all by default.
+RESIZED_AT_LOAD = ("sam_", "openclip_")
+
+
+def load_resolution(config, name: str, module) -> tuple[int, int] | None:
+  """The resolution `model.resize_at_load` resizes the foundation's position tables to, or None."""
+  if not (config.model.get("resize_at_load") and name.startswith(RESIZED_AT_LOAD)):
+    return None
+  resolution = (config.data.resolution,) * 2
+  return resolution if resolution != tuple(module.native_resolution) else None
+
+
+def pretrained_foundation(config) -> dict:
+  """The variables of the converted foundation at model.checkpoint, its position tables resized
+  at load where `load_resolution` says so."""
+  module, variables = models.load(config.model.checkpoint)
+  resolution = load_resolution(config, config.model.name, module)
+  if resolution:
+    log.info("%s: position tables resized once to %dx%d px at load, as the paper's code does", config.model.name,
+             *resolution)
+    variables = models.at_resolution(config.model.name, module, variables, resolution)
+  return variables
+
+
 def foundation_spec(config) -> tuple[str, dict]:
   """(model name, constructor overrides) of the foundation, from the checkpoint and the config."""
   name, overrides = config.model.name, {}
@@ -53,6 +79,9 @@ def foundation_spec(config) -> tuple[str, dict]:
     if cut is None:
       raise ConfigError(f"model {name} cannot be decapitated (no num_blocks/num_stages field)")
     overrides[cut] = config.protocol.keep_blocks
+  resolution = load_resolution(config, name, models.create(name, **overrides))
+  if resolution:
+    overrides["native_resolution"] = resolution
   return name, overrides
 
 
@@ -136,7 +165,7 @@ def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> di
   if isinstance(classifier, heads.LinearProbe):
     return variables  # the foundation ran once, when its features were cached
   if config.model.checkpoint:
-    _, pretrained = models.load(config.model.checkpoint)
+    pretrained = pretrained_foundation(config)
     for collection, tree in pretrained.items():
       n = fill_pretrained(flat, tree, (collection, "foundation"), f"foundation checkpoint {config.model.checkpoint}",
                           drop_extra_blocks=config.protocol.name == "decapitation", fill_all=True)

@@ -345,11 +345,24 @@ def quiet_libraries() -> None:
   absl.logging.set_verbosity(absl.logging.ERROR)
 
 
+# Config fields added since runs were started whose default does something the older mfjax did
+# not: a run started without the field resumes with the value that matches what it did.
+BEFORE_THE_FIELD = {("model", "resize_at_load"): False}
+
+
 def start_run(config, workdir) -> tuple[epath.Path, dict]:
   """The start of every training command: quiet library logs, multi-host initialisation, and the
   workdir with its config.json written (or checked against a restarted run's). (workdir, config dict)."""
   quiet_libraries()
   workdir = workdir_path(workdir)
+  saved = workdir / "config.json"
+  if saved.exists():
+    saved = json.loads(saved.read_text())
+    for (section, field), value in BEFORE_THE_FIELD.items():
+      if field not in saved.get(section, {}) and section in config and config[section].get(field, value) != value:
+        log.warning("%s was started before %s.%s existed: it resumes with %s.%s=%s, as it ran", workdir, section,
+                    field, section, field, value)
+        config[section][field] = value
   config_dict = to_dict(config)
   parallel.maybe_initialize_distributed()
   check_workdir(workdir, config_dict)
