@@ -47,9 +47,9 @@ def fetch_hub(repo_id: str, fmt: str = "auto", original_files: tuple[str, ...] =
       folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:  # network errors come in many types
       raise ConversionError(
-          f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-          "This machine may be offline: download the folder elsewhere and pass its local path "
-          "to --checkpoint.") from e
+          f"no local file or folder {repo_id!r} exists, and it could not be fetched as a Hugging Face Hub id "
+          f"({type(e).__name__}: {e}). Check the path; or this machine may be offline: download the folder "
+          "elsewhere and pass its local path to --checkpoint.") from e
     present = os.listdir(folder) if os.path.isdir(folder) else []
     if any(fnmatch.filter(present, p) for p in patterns if p != "config.json"):
       return folder

@@ -32,6 +32,10 @@ def add_arguments(parser):
   parser.add_argument("--rel-pos-resize", default="nearest", choices=["nearest", "linear"],
                       help="how the global blocks' relative-position tables follow a non-native input size: "
                            "'nearest' as the paper's code (default), 'linear' as segment_anything's get_rel_pos")
+  parser.add_argument("--no-neck", action="store_true",
+                      help="the checkpoint holds no neck (the paper's filter_interpolate_weights drops it): "
+                           "convert the encoder and set the neck's parameters to zero (pooled, tokens and blocks "
+                           "do not use it)")
 
 
 def encoder_prefix(state_dict: dict, fmt: str) -> str:
@@ -46,8 +50,9 @@ def encoder_prefix(state_dict: dict, fmt: str) -> str:
 
 
 def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str = "sam_vitb",
-            source: str = "checkpoint", **overrides) -> dict:
-  """Flax variables of `models.create(model, **overrides)` from a SAM state dict in format `fmt`."""
+            source: str = "checkpoint", no_neck: bool = False, **overrides) -> dict:
+  """Flax variables of `models.create(model, **overrides)` from a SAM state dict in format `fmt`;
+  with `no_neck`, a state dict without the neck, whose parameters are then zero."""
   from mfjax import models
   names = _NAMES[fmt]
   module = models.create(model, **overrides)
@@ -71,10 +76,21 @@ def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str
     norm(f"{dst}/norm2", f"{src}.{names['norm2']}")
     dense(f"{dst}/mlp/fc1", f"{src}.{names['fc1']}")
     dense(f"{dst}/mlp/fc2", f"{src}.{names['fc2']}")
-  c.map("params/neck/conv1/kernel", f"{p}{names['neck_conv1']}.weight", core.conv)
-  norm("neck/norm1", names["neck_norm1"])
-  c.map("params/neck/conv2/kernel", f"{p}{names['neck_conv2']}.weight", core.conv)
-  norm("neck/norm2", names["neck_norm2"])
+  neck_keys = [k for k in state_dict if k.startswith(f"{p}neck.")]
+  if no_neck:
+    if neck_keys:
+      raise core.ConversionError(f"{source}: --no-neck, but the checkpoint holds a neck ({neck_keys[0]}, ...)")
+    for target, shape in c.expected.items():
+      if target.startswith("params/neck/"):
+        c.put(target, np.zeros(shape, np.float32), "(--no-neck)")
+  else:
+    if not neck_keys:
+      raise core.ConversionError(f"{source}: no neck ({p}neck.*) in the checkpoint, as the paper's "
+                                 "filter_interpolate_weights writes it: pass --no-neck to convert the encoder alone")
+    c.map("params/neck/conv1/kernel", f"{p}{names['neck_conv1']}.weight", core.conv)
+    norm("neck/norm1", names["neck_norm1"])
+    c.map("params/neck/conv2/kernel", f"{p}{names['neck_conv2']}.weight", core.conv)
+    norm("neck/norm2", names["neck_norm2"])
   for pattern in names["ignore"]:
     c.ignore(pattern)
   return c.finish()
@@ -134,7 +150,8 @@ def encoder_width(state: dict, prefix: str, fmt: str) -> int:
 
 
 def from_checkpoint(raw, hf_config, fmt, args):
-  state = core.flatten_state_dict(raw) if fmt == "original" else raw
+  # A fine-tune's file may wrap the state dict ({"model": ...}, {"state_dict": ...}).
+  state = core.flatten_state_dict(core.unwrap(raw, ("model", "state_dict"))) if fmt == "original" else raw
   prefix = encoder_prefix(state, fmt)
   width = encoder_width(state, prefix, fmt)
   if width not in WIDTHS:
@@ -147,5 +164,6 @@ def from_checkpoint(raw, hf_config, fmt, args):
     overrides = _original_overrides(state, prefix, model)
   if args.rel_pos_resize != "nearest":
     overrides["rel_pos_resize"] = args.rel_pos_resize
-  variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} SAM checkpoint)", **overrides)
+  variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} SAM checkpoint)",
+                      no_neck=getattr(args, "no_neck", False), **overrides)
   return model, overrides, variables

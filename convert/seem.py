@@ -1,7 +1,8 @@
 """FocalNet checkpoints: SEEM's `seem_focalt_v0.pt` / `seem_focalt_v1.pt`, and timm `focalnet_*`.
 
 A SEEM file holds the whole SEEM model as a flat state dict (or one under 'model'). Its vision
-backbone is under `backbone.` in the original focal_dw naming; every other key (pixel decoder,
+backbone is under `backbone.` in the original focal_dw naming (or alone, without the prefix, as
+the paper's `*_processed.pt` files hold it); every other key (pixel decoder,
 transformer decoder, language encoder, ...) is ignored explicitly. A timm file or Hugging Face
 folder holds timm's FocalNet (`stem.*`, `layers.*`, `norm.*`); its classifier `head.*` is ignored.
 """
@@ -203,6 +204,8 @@ def from_checkpoint(raw, hf_config, fmt, args):
     if not isinstance(raw, dict):
       raise core.ConversionError(f"{source}: holds a {type(raw).__name__}, not a state dict")
     state = core.flatten_state_dict(core.unwrap(raw, ("model", "state_dict")))
+    if not any(k.startswith(SEEM_PREFIX) for k in state) and "layers.0.blocks.0.dw1.weight" in state:
+      state = {SEEM_PREFIX + k: v for k, v in state.items()}  # SEEM's backbone alone (focal_dw names)
     layout = detect_layout(state, source)
     name = args.model or (SEEM_MODEL if layout == "seem" else detect_timm_model(state, source))
   return name, {}, convert(state, model=name, layout=layout, source=source)

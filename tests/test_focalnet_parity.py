@@ -198,13 +198,16 @@ def test_seem_parity(seem_ref, seem_converted, batch, size):
 def test_seem_checkpoint_nested_under_model_converts_the_same(seem_file, seem_converted):
   raw = torch.load(seem_file, weights_only=True)
   args = types.SimpleNamespace(checkpoint="wrapped.pt", model=None)
-  name, overrides, variables = seem.from_checkpoint({"model": raw, "epoch": 3}, None, "original", args)
-  assert (name, overrides) == ("seem_focalt", {})
-  flat = jax.tree_util.tree_leaves_with_path(seem_converted[1])
-  nested = dict(jax.tree_util.tree_leaves_with_path(variables))
-  assert len(flat) == len(nested) == 300
-  for path, leaf in flat:
-    np.testing.assert_array_equal(np.asarray(leaf), nested[path])
+  # The paper's `*_processed.pt`: the backbone alone, its focal_dw names without the `backbone.` prefix.
+  bare = {k[len(seem.SEEM_PREFIX):]: v for k, v in raw.items() if k.startswith(seem.SEEM_PREFIX)}
+  for wrapped in ({"model": raw, "epoch": 3}, bare):
+    name, overrides, variables = seem.from_checkpoint(wrapped, None, "original", args)
+    assert (name, overrides) == ("seem_focalt", {})
+    flat = jax.tree_util.tree_leaves_with_path(seem_converted[1])
+    nested = dict(jax.tree_util.tree_leaves_with_path(variables))
+    assert len(flat) == len(nested) == 300
+    for path, leaf in flat:
+      np.testing.assert_array_equal(np.asarray(leaf), nested[path])
 
 
 def test_seem_num_stages_cuts_after_a_stage(seem_converted):

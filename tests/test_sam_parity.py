@@ -324,3 +324,30 @@ def test_registry_and_options():
   with pytest.raises(ValueError, match="multiple of the patch size"):
     small = models.create("sam_vitb", depth=1, native_resolution=(224, 224))
     small.init(jax.random.PRNGKey(0), np.zeros((1, 100, 100, 3), np.float32))
+
+
+def test_the_papers_processed_checkpoint_converts_with_no_neck(encoder_state, converted_b, tmp_path, capsys):
+  """filter_interpolate_weights' file: image_encoder keys only, no neck, pos_embed and the global
+  blocks' tables already resized to 224 px; saved wrapped under 'model' as fine-tunes often are."""
+  state = {}
+  for k, v in encoder_state.items():
+    if k.startswith("neck."):
+      continue
+    if k == "pos_embed":
+      v = F.interpolate(v.permute(0, 3, 1, 2), size=(14, 14), mode="bicubic", antialias=True,
+                        align_corners=False).permute(0, 2, 3, 1)
+    elif "rel_pos" in k and int(k.split(".")[1]) in VITB_GLOBAL_BLOCKS:
+      v = F.interpolate(v.T[None], size=27)[0].T  # the default mode, nearest
+    state["image_encoder." + k] = v
+  ckpt = tmp_path / "sam_processed.pth"
+  torch.save({"model": state}, ckpt)
+  assert convert_cli.main(["sam", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 1
+  assert "pass --no-neck" in capsys.readouterr().err
+  assert convert_cli.main(["sam", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--no-neck"]) == 0
+  module, variables = models.load(str(tmp_path / "out"))
+  assert module.native_resolution == (224, 224)
+  assert all(not np.any(v) for v in jax.tree_util.tree_leaves(variables["params"]["neck"]))
+  x = images((1, 224, 224, 3), seed=5)
+  ours, resampled_per_call = flax_apply(module)(variables, x), flax_apply(converted_b[0])(converted_b[1], x)
+  for key in ("pooled", "tokens"):
+    np.testing.assert_allclose(ours[key], resampled_per_call[key], rtol=1e-5, atol=1e-5 * np.abs(ours[key]).max())

@@ -339,3 +339,11 @@ def test_a_misspelt_model_option_is_named(override, message):
   module = models.create("dino_vitb16", depth=1, width=32, heads=2, mlp_hidden=64, **override)
   with pytest.raises(ValueError, match=message):
     module.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("name", ["dino_vitb16", "sam_vitb", "seem_focalt", "resnet50", "dinov3_vits16"])
+def test_nchw_or_unbatched_images_get_a_plain_error(name):
+  module = models.create(name)
+  for shape, message in (((1, 3, 64, 64), "look like PyTorch's NCHW"), ((64, 64, 3), "expected NHWC images")):
+    with pytest.raises(ValueError, match=message):
+      jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(shape, jax.numpy.float32))

@@ -216,6 +216,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False, return_blocks: bool = False):
+    layers.check_images(images)
     if self.norm_placement not in NORM_PLACEMENTS:
       raise ValueError(f"norm_placement={self.norm_placement!r}; valid: {NORM_PLACEMENTS}")
     if not 1 <= self.stages <= len(self.depths):

@@ -120,9 +120,20 @@ def dense(layer: nn.Dense, x):
   return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], layer.features)
 
 
+def check_images(images) -> None:
+  """A plain error for input that is not a batch of NHWC images (PyTorch's NCHW is the usual slip)."""
+  shape = tuple(getattr(images, "shape", ()))
+  if len(shape) != 4:
+    raise ValueError(f"expected NHWC images (batch, height, width, channels), got shape {shape}")
+  if shape[1] in (1, 3) and shape[3] > 4:
+    raise ValueError(f"images of shape {shape} look like PyTorch's NCHW; mfjax models take NHWC (batch, height, "
+                     "width, channels): x.transpose(0, 2, 3, 1)")
+
+
 def patch_embed(images, width: int, patch_size: int, dtype, use_bias: bool = True):
   """The non-overlapping patch projection, a strided conv named `patch_embed` in the calling
   module: (B, H, W, C) -> (B, H/p, W/p, width). H and W must be multiples of the patch size."""
+  check_images(images)
   h, w = images.shape[1:3]
   if h % patch_size or w % patch_size:
     raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mfjax.models import layers
+
 STAGE_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
 
@@ -146,6 +148,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False, return_blocks: bool = False):
+    layers.check_images(images)
     if not 1 <= self.stages <= len(self.depths):
       raise ValueError(f"num_stages={self.num_stages} must be in 1..{len(self.depths)}")
     dtype = jnp.dtype(self.dtype)
