@@ -27,13 +27,15 @@ def synthetic_aptos(num_images: int = 40, size: int = 32) -> tuple[str, str]:
 
 def paper_config(model, protocol, resolution, batch, overrides=(), dataset=(40, 32)):
   """configs/paper.py for one cell, pointed at a synthetic APTOS of `dataset` = (images, size)
-  (only its classes matter unless the pipeline is measured), plus --config.* overrides."""
+  (only its classes matter unless the pipeline is measured), without drop-path, plus --config.*
+  overrides."""
   from mfjax.cli import load_config
   manual, data_dir = synthetic_aptos(*dataset)
   arg = f"model={model},dataset=aptos2019,protocol={protocol},res={resolution},batch={batch}"
+  # No drop-path (SEEM's 0.3 in its trained protocols): the torch references run without it.
   return load_config(os.path.join(ROOT, "configs", "paper.py") + ":" + arg,
                      [f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}",
-                      *overrides])
+                      "--config.model.drop_path=0.0", *overrides])
 
 
 def random_batch(run, batch: int, resolution: int, seed: int = 0) -> dict:

@@ -184,7 +184,7 @@ def foundation(name: str, resolution: int) -> tuple[nn.Module, str]:
   if name == "seem_focalt":
     return SEEMFocalNet(seem_focalt_net()), "SEEM FocalNet-T (timm FocalNet + SEEM's focal_dw changes)"
   if family == "focalnet":
-    return FocalNet(timm.create_model(name, num_classes=0)), f"timm {name}"
+    return FocalNet(timm.create_model(name, num_classes=0, drop_path_rate=0.0)), f"timm {name}"
   if family == "resnet":
     import torchvision
     return ResNet(getattr(torchvision.models, name)()), f"torchvision {name}"
