@@ -219,7 +219,11 @@ def test_linear_rel_pos_matches_segment_anythings_runtime_interpolation(encoder_
   x = images((1, *size, 3), seed=5)
   got = flax_apply(module)(variables, x)
   assert got["tokens"].shape == (1, grid[0] * grid[1], 768)
-  assert_outputs_match(got, run_sa(sa, x), f"sam_vitb {size} (linear) vs segment_anything")
+  reference = run_sa(sa, x)
+  assert_outputs_match(got, reference, f"sam_vitb {size} (linear) vs segment_anything")
+  # The GPU's attention path (jax.nn.dot_product_attention with the decomposed bias), here on the CPU.
+  xla = flax_apply(models.create("sam_vitb", rel_pos_resize="linear", attn_impl="xla"))(variables, x)
+  assert_outputs_match(xla, reference, f"sam_vitb {size} (linear, attn_impl=xla) vs segment_anything")
   nearest = flax_apply(models.create("sam_vitb"))(variables, x)
   assert np.abs(np.asarray(nearest["pooled"]) - np.asarray(got["pooled"])).max() > 1e-3  # the modes differ
 
