@@ -131,6 +131,11 @@ def test_two_processes_agree(aptos):
   single = _driver(["--manual", manual, "--data", data_dir, "--steps", "3", "--mesh", "2,1"],
                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})[0]
   np.testing.assert_allclose(results[0]["losses"], single["losses"], rtol=1e-5)
+  # Evaluation: every validation example once (9, the last batch padded), the same on both processes
+  # and as on one process.
+  assert results[0]["val"] == results[1]["val"] and results[0]["val"]["num_examples"] == 9
+  for key, value in single["val"].items():
+    assert results[0]["val"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def _train_cmd(aptos, workdir, epochs=3):

@@ -52,8 +52,9 @@ def main():
         replicated += x.nbytes
       for shard in x.addressable_shards:
         per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    val = run.evaluate("validation", state)  # a padded last batch, gathered across the processes
     print(json.dumps({"mesh": [data, fsdp], "devices": run.mesh.devices.size, "process": jax.process_index(),
-                      "losses": losses, "sharded_params": sharded, "sharded_opt": opt_sharded,
+                      "losses": losses, "val": val, "sharded_params": sharded, "sharded_opt": opt_sharded,
                       "bytes_per_device": {"max": max(per_device.values()), "total": total,
                                            "replicated": replicated}}), flush=True)
 
