@@ -537,4 +537,8 @@ def test_position_tables_resized_at_load_as_the_papers_code(aptos, tmp_path, mod
   resumed = tiny(aptos, "unfrozen_linear", f"--config.model.checkpoint={tmp_path / 'ckpt'}", model=model, arg=",res=48")
   fit.start_run(resumed, str(tmp_path / "old"))
   assert resumed.model.resize_at_load is False
+  # A sweep's check of a finished run records the field as the run ran, too.
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  fit.check_workdir(str(tmp_path / "old"), fit.to_dict(config))
+  assert json.loads((tmp_path / "old" / "config.json").read_text())["model"]["resize_at_load"] is False
   assert fit.build.foundation_spec(resumed)[1]["native_resolution"] == (32, 32)  # the checkpoint's

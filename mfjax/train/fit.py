@@ -59,7 +59,9 @@ def check_workdir(workdir, config_dict: dict) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "config.json"
   if path.exists():
-    saved, current = json.loads(path.read_text()), json.loads(json.dumps(config_dict))
+    saved = json.loads(path.read_text())
+    as_it_ran(saved, config_dict, workdir)  # recorded as it ran (start_run set the run's config already)
+    current = json.loads(json.dumps(config_dict))
     if saved == current:
       return
     diff = sorted(_diff(saved, current))
@@ -350,6 +352,16 @@ def quiet_libraries() -> None:
 BEFORE_THE_FIELD = {("model", "resize_at_load"): False}
 
 
+def as_it_ran(saved: dict, config, workdir) -> None:
+  """Set in `config` (a ConfigDict or a dict) the BEFORE_THE_FIELD values of the fields the run's
+  saved config lacks."""
+  for (section, field), value in BEFORE_THE_FIELD.items():
+    if field not in saved.get(section, {}) and section in config and config[section].get(field, value) != value:
+      log.warning("%s was started before %s.%s existed: it goes on with %s.%s=%s, as it ran", workdir, section,
+                  field, section, field, value)
+      config[section][field] = value
+
+
 def start_run(config, workdir) -> tuple[epath.Path, dict]:
   """The start of every training command: quiet library logs, multi-host initialisation, and the
   workdir with its config.json written (or checked against a restarted run's). (workdir, config dict)."""
@@ -357,12 +369,7 @@ def start_run(config, workdir) -> tuple[epath.Path, dict]:
   workdir = workdir_path(workdir)
   saved = workdir / "config.json"
   if saved.exists():
-    saved = json.loads(saved.read_text())
-    for (section, field), value in BEFORE_THE_FIELD.items():
-      if field not in saved.get(section, {}) and section in config and config[section].get(field, value) != value:
-        log.warning("%s was started before %s.%s existed: it resumes with %s.%s=%s, as it ran", workdir, section,
-                    field, section, field, value)
-        config[section][field] = value
+    as_it_ran(json.loads(saved.read_text()), config, workdir)
   config_dict = to_dict(config)
   parallel.maybe_initialize_distributed()
   check_workdir(workdir, config_dict)
