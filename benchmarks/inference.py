@@ -24,7 +24,8 @@ COLUMNS = [("device", "device"), ("model", "model"), ("res", "res"), ("batch", "
            ("JAX / eager", "ratio_eager"),
            ("torch.compile img/s", "torch_compile_img_s"), ("JAX / compile", "ratio_compile"),
            ("JAX compile s", "jax_compile_s"), ("GFLOP/img", "gflop_per_img"), ("MFU JAX", "mfu_jax"),
-           ("MFU torch", "mfu_torch_eager"), ("peak GFLOP/s", "peak_gflop_s"), ("load", "load_average")]
+           ("MFU torch", "mfu_torch_eager"), ("peak GFLOP/s", "peak_gflop_s"), ("JAX mem GiB", "jax_mem_gib"),
+           ("torch mem GiB", "torch_mem_gib"), ("load", "load_average")]
 
 
 def main(argv=None):
@@ -57,6 +58,7 @@ def main(argv=None):
   flops, exact = common.cost_flops(compiled), not common.has_loop(compiled)
   fns = {"jax": lambda: compiled(*params, images).block_until_ready()}
   calls = {"jax": common.warm_up(fns["jax"], 1, args.min_seconds)}
+  jax_mem, torch_mem = common.jax_peak_memory(), None
 
   import torch
   from benchmarks import torch_reference
@@ -80,21 +82,22 @@ def main(argv=None):
                                               compile_model=variant == "compile")
         calls[name] = common.warm_up(step, 2, args.min_seconds)
         fns[name] = step
+        if device == "cuda" and torch_mem is None:
+          torch_mem = torch.cuda.max_memory_allocated()
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
         errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
-  img_s = lambda name: args.batch / median[name] if name in median else None
   jax_devices = common.program_devices(compiled)
   # JAX runs on every device of the mesh, torch on one.
   peaks = {name: common.mesh_peak(peak, jax_devices if name == "jax" else 1) for name in median}
   mfu = lambda name: flops / median[name] / peaks[name] if name in median and flops else None
-  ratio = lambda name: common.fmt(img_s("jax") / img_s(name)) if name in median else "n/a"
+  gpu = device == "cuda"
   row = {"benchmark": "inference", "device": env["device"], "model": args.model, "res": args.res,
-         "batch": args.batch, "dtype": args.dtype, "jax_img_s": common.fmt(img_s("jax")),
-         "torch_eager_img_s": common.fmt(img_s("torch_eager")), "ratio_eager": ratio("torch_eager"),
-         "torch_compile_img_s": common.fmt(img_s("torch_compile")), "ratio_compile": ratio("torch_compile"),
+         "batch": args.batch, "dtype": args.dtype, **common.throughput_fields(median, args.batch),
          "jax_compile_s": common.fmt(compile_s, ".1f"),
+         "jax_mem_gib": common.gib(jax_mem), "torch_mem_gib": common.gib(torch_mem) or "n/a",
+         "jax_mem_kind": "device peak" if gpu else "peak RSS (before torch ran)",
          "gflop_per_img": common.fmt(flops / args.batch / 1e9 if flops else None, ".1f"),
          "mfu_jax": common.fmt_mfu(mfu("jax"), exact), "mfu_torch_eager": common.fmt_mfu(mfu("torch_eager"), exact),
          "mfu_torch_compile": common.fmt_mfu(mfu("torch_compile"), exact), "flops_exact": exact,

@@ -68,7 +68,7 @@ def test_step_flops_count_every_device_of_the_mesh(tmp_path):
 def test_inference_and_ablation_rows(tmp_path):
   [row] = run_benchmark(tmp_path, "inference", "--model", "dinov2_vits14", "--res", "28", "--batch", "2",
                         "--rounds", "1", "--min-seconds", "0")
-  positive(row["jax_img_s"]), positive(row["torch_eager_img_s"])
+  positive(row["jax_img_s"]), positive(row["torch_eager_img_s"]), positive(row["jax_mem_gib"])
   assert row["flops_exact"] and not row["mfu_jax"].startswith("≥")
   # Query chunking is a loop, whose body XLA counts once: the MFU is then a lower bound, and says so.
   [chunked] = run_benchmark(tmp_path / "chunked", "inference", "--model", "dinov2_vits14", "--res", "56", "--batch",
