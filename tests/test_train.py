@@ -335,13 +335,14 @@ def test_knn_and_cka_studies_end_to_end(aptos, tmp_path, caplog):
   config = tiny(aptos, "frozen_linear", "--config.batch_size=10")
   dataset = fit.open_dataset(config)
   cache_dir = tmp_path / "cache"
-  out = studies.knn(config, str(tmp_path / "knn"), ks=(3, 5), cache_dir=str(cache_dir))
+  out = studies.knn(config, str(tmp_path / "knn"), ks=(3, 5), cache_dir=str(cache_dir), temperature=0.07)
+  assert json.loads((tmp_path / "knn" / "knn.json").read_text())["temperature"] == 0.07
   # The bank is the training split, the queries the test split, every example once.
   cached = {json.loads(p.read_text())["split"]: np.load(p.with_suffix(".npz")) for p in cache_dir.glob("*.json")}
   assert {s: len(a["features"]) for s, a in cached.items()} == {s: dataset.split_sizes[s] for s in ("train", "test")}
   expected = knn.knn_evaluate(cached["train"]["features"], cached["train"]["labels"], cached["test"]["features"],
                               cached["test"]["labels"], ks=(3, 5), num_classes=5, multi_label=False,
-                              headline="quadratic_kappa")
+                              headline="quadratic_kappa", temperature=0.07)
   assert {k: v["headline"] for k, v in out["k"].items()} == {k: v["headline"] for k, v in expected.items()}
   # A dataset rebuilt in place from changed sources must not be served the old features and labels.
   key = studies.feature_key(config, dataset, "test", "model")

@@ -141,7 +141,7 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
                                  multi_label=spec.multi_label, headline=spec.headline_metric,
                                  mask=features["test"].get("mask"))
   out = knn_lib.result_json(model=config.model.name, dataset=spec.name, resolution=config.data.resolution,
-                            headline_metric=spec.headline_metric, results=results,
+                            headline_metric=spec.headline_metric, results=results, temperature=temperature,
                             checkpoint=config.model.checkpoint, overrides=dict(config.model.overrides))
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
