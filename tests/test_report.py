@@ -111,6 +111,19 @@ def grid(tmp_path):
   return root
 
 
+def test_runs_with_and_without_tables_resized_at_load_are_not_one_cell(tmp_path):
+  root = str(tmp_path / "runs")
+  first = write_run(root, "sam_vitb", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.8, 0.8)
+  second = write_run(root, "sam_vitb", "aptos2019", "unfrozen_linear", 1e-4, 1, 0.8, 0.8)
+  assert len(results.load_cells(root)) == 1  # written before the field: neither resized
+  data = json.loads(open(second).read())
+  data["resized_at_load"] = True
+  open(second, "w").write(json.dumps(data))
+  with pytest.raises(ReportError, match="resized_at_load: false vs true") as error:
+    results.load_cells(root)
+  assert first in str(error.value)
+
+
 def test_a_different_task_or_labels_gets_no_delta(tmp_path):
   root = str(tmp_path / "runs")
   lists = {"options": {"layout": "lists"}}

@@ -542,4 +542,9 @@ def test_position_tables_resized_at_load_as_the_papers_code(aptos, tmp_path, mod
   (tmp_path / "old" / "config.json").write_text(json.dumps(old))
   fit.check_workdir(str(tmp_path / "old"), fit.to_dict(config))
   assert json.loads((tmp_path / "old" / "config.json").read_text())["model"]["resize_at_load"] is False
+  # At the checkpoint's own resolution nothing is resized: the field is left as it is.
+  native = tiny(aptos, "unfrozen_linear", f"--config.model.checkpoint={tmp_path / 'ckpt'}", model=model)
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  fit.start_run(native, str(tmp_path / "old"))
+  assert native.model.resize_at_load is True and not fit.build.resized_at_load(native)
   assert fit.build.foundation_spec(resumed)[1]["native_resolution"] == (32, 32)  # the checkpoint's

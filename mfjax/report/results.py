@@ -195,6 +195,10 @@ def read_run(path: str, data: dict | None = None) -> dict:
       "params_trained": data.get("params_trained"),
       "measured_config": _measured(_flatten(config)),
   }
+  # Whether position tables were resized at load is what matters, not the switch (which most models
+  # ignore); results written before the switch existed did not resize.
+  run["measured_config"].pop("model.resize_at_load", None)
+  run["measured_config"]["resized_at_load"] = json.dumps(bool(data.get("resized_at_load", False)))
   run["resolution"] = nominal_resolution(run["model"], run["run_resolution"])
   run["variant"] = not_the_papers_weights(config, run["head"])
   run["other_task"] = task_differences(config)

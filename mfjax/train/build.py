@@ -59,6 +59,21 @@ def pretrained_foundation(config) -> dict:
 
 def foundation_spec(config) -> tuple[str, dict]:
   """(model name, constructor overrides) of the foundation, from the checkpoint and the config."""
+  name, overrides = _foundation_spec_as_stored(config)
+  resolution = load_resolution(config, name, models.create(name, **overrides))
+  if resolution:
+    overrides["native_resolution"] = resolution
+  return name, overrides
+
+
+def resized_at_load(config) -> bool:
+  """Whether this run's foundation has its position tables resized at load (`load_resolution`)."""
+  name, overrides = _foundation_spec_as_stored(config)
+  return load_resolution(config, name, models.create(name, **overrides)) is not None
+
+
+def _foundation_spec_as_stored(config) -> tuple[str, dict]:
+  """`foundation_spec` before position tables are resized at load."""
   name, overrides = config.model.name, {}
   if config.model.checkpoint:
     meta = models.read_model_json(config.model.checkpoint)
@@ -79,9 +94,6 @@ def foundation_spec(config) -> tuple[str, dict]:
     if cut is None:
       raise ConfigError(f"model {name} cannot be decapitated (no num_blocks/num_stages field)")
     overrides[cut] = config.protocol.keep_blocks
-  resolution = load_resolution(config, name, models.create(name, **overrides))
-  if resolution:
-    overrides["native_resolution"] = resolution
   return name, overrides
 
 

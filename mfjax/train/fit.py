@@ -348,18 +348,28 @@ def quiet_libraries() -> None:
 
 
 # Config fields added since runs were started whose default does something the older mfjax did
-# not: a run started without the field resumes with the value that matches what it did.
-BEFORE_THE_FIELD = {("model", "resize_at_load"): False}
+# not: (the value that matches what it did, whether the field changes what a given run does). A run
+# started without the field goes on with that value where it matters.
+BEFORE_THE_FIELD = {("model", "resize_at_load"): (False, build.resized_at_load)}
 
 
 def as_it_ran(saved: dict, config, workdir) -> None:
   """Set in `config` (a ConfigDict or a dict) the BEFORE_THE_FIELD values of the fields the run's
-  saved config lacks."""
-  for (section, field), value in BEFORE_THE_FIELD.items():
-    if field not in saved.get(section, {}) and section in config and config[section].get(field, value) != value:
+  saved config lacks, where they change what the run does."""
+  for (section, field), (value, matters) in BEFORE_THE_FIELD.items():
+    if (field not in saved.get(section, {}) and section in config and config[section].get(field, value) != value
+            and _matters(matters, config)):
       log.warning("%s was started before %s.%s existed: it goes on with %s.%s=%s, as it ran", workdir, section,
                   field, section, field, value)
       config[section][field] = value
+
+
+def _matters(predicate, config) -> bool:
+  import ml_collections
+  try:
+    return bool(predicate(ml_collections.ConfigDict(to_dict(config))))
+  except Exception:  # noqa: BLE001 - e.g. a checkpoint not on this machine: keep what the run did
+    return True
 
 
 def start_run(config, workdir) -> tuple[epath.Path, dict]:
@@ -541,6 +551,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
             "headline_metric": spec.headline_metric, "best_epoch": best_host["epoch"],
             "iterations_to_best": host["best_step"], "val": best_host["val"], "test": test,
             "params_total": run.n_total, "params_trained": run.n_trainable,
+            "resized_at_load": build.resized_at_load(config),
             "train_seconds": train_seconds, "test_seconds": test_seconds,
             "test_images_per_second": dataset.split_sizes["test"] / max(test_seconds, 1e-9),
             "wall_seconds": time.time() - start_time, "devices": int(run.mesh.devices.size),
