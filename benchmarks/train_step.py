@@ -119,10 +119,12 @@ def torch_rss_only(args):
   print(json.dumps({"torch_peak_rss": common.peak_rss_bytes()}))
 
 
-def model_flops(args, run, compiled, batch, lr) -> tuple:
+def model_flops(args, run, state, compiled, batch, lr) -> tuple:
   """(step FLOPs, forward FLOPs, whether exact, what was counted). The model's FLOPs: with remat or
   query chunking, those of the same step compiled without them (remat's recomputation is not the
-  model's work, and XLA counts a chunking loop's body once); a lower bound where a loop remains."""
+  model's work, and XLA counts a chunking loop's body once); a lower bound where a loop remains.
+  `state`: the run's (abstract) train state. Called after the memory is read: the plain step's
+  own state would count in the device's peak."""
   from benchmarks import jax_side
   from mfjax.train import fit
   how = [o for o in args.config_overrides if any(f in o.split("=", 1)[0] for f in ("remat", "query_chunk",
@@ -131,9 +133,9 @@ def model_flops(args, run, compiled, batch, lr) -> tuple:
     plain = jax_side.paper_config(args.model, args.protocol, args.res, args.batch, protocol_overrides(args)
                                   + [o for o in args.config_overrides if o not in how])
     run = fit.prepare(plain)
-    compiled = run.train_step.lower(run.state, batch, lr).compile()
+    state = run.state
+    compiled = run.train_step.lower(state, batch, lr).compile()
   forward = jax_side.forward_fn(run)
-  state = run.state
   fwd_compiled = forward.lower(state["trainable"], state["frozen"], state["batch_stats"], batch["image"]).compile()
   exact = not common.has_loop(compiled)
   return (common.cost_flops(compiled), common.cost_flops(fwd_compiled), exact,
@@ -159,7 +161,7 @@ def main(argv=None):
   t0 = time.perf_counter()
   compiled = run.train_step.lower(state, batch, lr).compile()
   jax_compile_s = time.perf_counter() - t0
-  step_flops, fwd_flops, flops_exact, flops_of = model_flops(args, run, compiled, batch, lr)
+  abstract_state = fit.abstract_of(state)  # the state itself is donated to the steps
   jax_plan = common.jax_memory(compiled)
   sizes = jax_side.state_bytes(state)
 
@@ -210,6 +212,7 @@ def main(argv=None):
         errors["torch_rss"] = child.stderr.strip().splitlines()[-1][:300] if child.stderr.strip() else "failed"
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
+  step_flops, fwd_flops, flops_exact, flops_of = model_flops(args, run, abstract_state, compiled, batch, lr)
 
   jax_devices = common.program_devices(compiled)
   # JAX runs on every device of the mesh, torch on one.
