@@ -54,6 +54,23 @@ def test_study_sweeps_span_the_models_own_blocks_or_stages():
   assert axis("configs/sweeps/decapitation.py:model=dinov2_vitl14,depth=3", "protocol.keep_blocks") == [1, 2, 3]
 
 
+@pytest.mark.parametrize("spec,deit", [("paper.py", True), ("progressive.py:head=deit", True),
+                                       ("progressive.py", False), ("decapitation.py", True),
+                                       ("resolution.py", False), ("model_size.py", True)])
+def test_every_study_sweep_names_the_checkpoints_it_needs(spec, deit):
+  """With checkpoint_root, every run loads its foundation, and a DeiT-B head its DeiT-B weights
+  (progressive takes the head from protocol.head; before, its DeiT-B head trained from random)."""
+  runs = msweep.expand(msweep.load_sweep(f"configs/sweeps/{spec}{',' if ':' in spec else ':'}checkpoint_root=/ck"),
+                       "/runs")
+  for run in runs:
+    assert any(o.startswith("--config.model.checkpoint=/ck/") for o in run.overrides), run.overrides
+    protocol = str(run.values.get("protocol"))
+    wants_deit = (protocol.endswith("_deit") or protocol == "decapitation"
+                  or "--config.protocol.head=deit" in run.overrides)
+    assert ("--config.head.checkpoint=/ck/deit_base_patch16" in run.overrides) == wants_deit, run.overrides
+  assert any("--config.head.checkpoint=/ck/deit_base_patch16" in r.overrides for r in runs) == deit
+
+
 def test_sweep_runs_skips_and_selects(setup):
   tmp, path = setup
   runs_dir = str(tmp / "runs")

@@ -26,6 +26,7 @@ import shlex
 from etils import epath
 
 from mfjax.config import ConfigError, to_dict
+from mfjax.train import protocols
 
 log = logging.getLogger("mfjax")
 SELECTED_BY = ("lr", "seed")
@@ -98,7 +99,8 @@ def _per_run_paths(sweep, values) -> list[str]:
     if "model" in values:
       out.append(f"--config.model.checkpoint={os.path.join(sweep['checkpoint_root'], values['model'])}")
     protocol = str(values.get("protocol", ""))
-    if protocol.endswith("_deit") or protocol == "decapitation":
+    head = values.get("protocol.head", sweep.get("fixed", {}).get("protocol.head"))
+    if protocols.head_of(protocol, head) == "deit":  # progressive takes its head from protocol.head
       out.append(f"--config.head.checkpoint={os.path.join(sweep['checkpoint_root'], 'deit_base_patch16')}")
   for key, value in sweep.get("per_model", {}).get(values.get("model"), {}).items():
     out.append(f"--config.{key}={_fmt(value)}")
