@@ -253,13 +253,21 @@ def pack_worktree(root: str, out_path: str) -> int:
 
 
 def state_of(tpu: Tpu, runner: common.Runner) -> str:
-  """The TPU's (or queued resource's) state; NOT_FOUND when describe fails three times."""
-  for _ in range(3):
+  """The TPU's (or queued resource's) state; NOT_FOUND when gcloud says it does not exist; UNKNOWN
+  when gcloud cannot tell for 10 polling periods (5 minutes by default), retried with growing
+  pauses: a network outage on this machine is not a preemption, and must not delete a running TPU."""
+  patience, pause, waited = 10 * tpu.args.poll_seconds, min(2.0, tpu.args.poll_seconds), 0.0
+  while True:
     out = runner.run(tpu.describe(), check=False, capture=True)
     if out.returncode == 0 and out.stdout.strip():
       return out.stdout.strip().splitlines()[-1]
-    time.sleep(1)
-  return "NOT_FOUND"
+    if re.search(r"NOT_FOUND|not found", out.stderr or "", re.IGNORECASE):
+      return "NOT_FOUND"
+    if waited >= patience:
+      return "UNKNOWN"
+    time.sleep(pause)
+    waited += pause
+    pause = min(2 * pause, 60.0)
 
 
 def create(tpu: Tpu, runner: common.Runner) -> None:
@@ -314,6 +322,10 @@ def follow(tpu: Tpu, runner: common.Runner, attempt: int) -> tuple[str, int]:
     if rc == 0 and finished(tpu, runner):
       return "done", 0
     state = state_of(tpu, runner)
+    if state == "UNKNOWN":
+      runner.note(f"gcloud cannot tell {a.name}'s state (is this machine offline?); the run goes on there: "
+                  "attaching again")
+      continue
     if state != tpu.ready_state:
       runner.note(f"{a.name} is {state}: preempted or gone")
       return "preempted", rc
@@ -348,7 +360,9 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
         runner.run(tpu.start(attempt))
         outcome, rc = follow(tpu, runner, attempt)
       except LaunchError:
-        if state_of(tpu, runner) == tpu.ready_state:
+        if state_of(tpu, runner) in (tpu.ready_state, "UNKNOWN"):
+          if attempt:  # the TPU may still run it: ask it to save a checkpoint before the TPU goes
+            runner.run(tpu.stop(), check=False)
           raise
         runner.note(f"{a.name} went away during the install or start: preempted")
         outcome, rc = "preempted", 0

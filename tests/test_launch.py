@@ -395,7 +395,16 @@ FAKE_GCLOUD = """
     if words[:2] == ["storage", "ls"]:
       rc = 0 if words[2].endswith("config.json") else take("result_rc")
     elif "describe" in words:
-      print(take("states"))
+      answer = take("states")
+      if answer == "!offline":
+        print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) There was a problem refreshing your current auth "
+              "tokens: network is unreachable", file=sys.stderr)
+        rc = 1
+      elif answer == "!gone":
+        print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource not found", file=sys.stderr)
+        rc = 1
+      else:
+        print(answer)
     elif "ssh" in words and "--worker=0" in args and args[-1].endswith("--list"):
       print(take("unfinished"))
     elif "ssh" in words and "--worker=0" in args:
@@ -461,6 +470,18 @@ def test_tpu_without_watch_stops_a_preempted_run_and_deletes(guard, run_watch, c
   assert rc == tpu.INCOMPLETE
   assert steps == ["create", "setup", "start-1", "stream-1", "describe", "delete"]
   assert "run the same command again to resume from gs://bucket/runs/dinov2_aptos/checkpoints" in capsys.readouterr().out
+
+
+def test_tpu_an_offline_launcher_does_not_take_a_running_tpu_for_preempted(guard, run_watch):
+  # The ssh stream and gcloud describe fail together (this machine lost its network), then recover:
+  # before, three failed describes deleted the TPU without a checkpoint.
+  rc, steps = run_watch({"stream_rc": [255, 0], "states": ["!offline", "!offline", "READY"], "result_rc": [0]})
+  assert rc == 0
+  assert steps == ["create", "setup", "start-1", "stream-1", "describe", "describe", "describe",
+                   "stream-1", "result?", "delete"]
+  # gcloud saying NOT_FOUND is a preemption at once.
+  rc, steps = run_watch({"stream_rc": [255], "states": ["!gone"], "result_rc": [1]})
+  assert rc == tpu.INCOMPLETE and steps == ["create", "setup", "start-1", "stream-1", "describe", "delete"]
 
 
 def test_tpu_watch_restarts_in_place_and_reattaches(guard, run_watch):
