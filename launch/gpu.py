@@ -44,8 +44,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def visible_gpus() -> list[str] | None:
+  """The GPUs this launcher was given in CUDA_VISIBLE_DEVICES (ids or UUIDs), or None when unset."""
+  given = os.environ.get("CUDA_VISIBLE_DEVICES")
+  return None if given is None else [g.strip() for g in given.split(",") if g.strip()]
+
+
 def local_gpus() -> int:
-  """Number of NVIDIA GPUs here (0 without nvidia-smi, e.g. on a CPU machine)."""
+  """Number of NVIDIA GPUs this launcher may use: those CUDA_VISIBLE_DEVICES names, else every one
+  here (0 without nvidia-smi, e.g. on a CPU machine)."""
+  if visible_gpus() is not None:
+    return len(visible_gpus())
   try:
     out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                          text=True, timeout=60)
@@ -66,7 +75,12 @@ def process_envs(processes: int, port: int, gpus_per_process: int) -> list[dict]
     env = {"MFJAX_COORDINATOR": f"127.0.0.1:{port}", "MFJAX_NUM_PROCESSES": str(processes),
            "MFJAX_PROCESS_ID": str(i)}
     if gpus_per_process:
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(i * gpus_per_process, (i + 1) * gpus_per_process))
+      # A share of the GPUs this launcher was given (a shared box's CUDA_VISIBLE_DEVICES=4,5,6,7), not of all.
+      given = visible_gpus() or [str(g) for g in range(processes * gpus_per_process)]
+      if len(given) < processes * gpus_per_process:
+        raise LaunchError(f"{processes} processes x {gpus_per_process} GPUs, but CUDA_VISIBLE_DEVICES names "
+                          f"{len(given)}: {','.join(given)}")
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(given[i * gpus_per_process:(i + 1) * gpus_per_process])
     # Cross-process collectives on CPU devices need gloo; GPUs use NCCL whatever this says.
     env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
     envs.append(env)

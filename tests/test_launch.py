@@ -537,7 +537,8 @@ def test_copy_mode_packs_tracked_and_untracked_but_not_ignored_files(tmp_path):
 # ------------------------------------------------------------------------------- GPU: local
 
 
-def test_gpu_local_dry_run(guard, capsys):
+def test_gpu_local_dry_run(guard, capsys, monkeypatch):
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   assert gpu.main(["local", "--dry-run", "--python", "py", "--", "train", "--config", "configs/tiny.py",
                    "--workdir", "runs/x"]) == 0
   cmds = commands(capsys.readouterr().out)
@@ -552,6 +553,18 @@ def test_gpu_local_dry_run(guard, capsys):
                          "2>&1", "&"]
   assert cmds[1][:5] == [*common_env, "MFJAX_PROCESS_ID=0", "CUDA_VISIBLE_DEVICES=0,1,2,3",
                          "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo"]
+
+
+def test_gpu_local_splits_the_gpus_it_was_given(guard, capsys, monkeypatch):
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # a shared box: this user has GPUs 4-7
+  assert gpu.main(["local", "--dry-run", "--python", "py", "--processes", "2", "--port", "4321", "--",
+                   "train", "--workdir", "runs/x"]) == 0
+  cmds = commands(capsys.readouterr().out)
+  assert {c[2]: c[3] for c in cmds} == {"MFJAX_PROCESS_ID=1": "CUDA_VISIBLE_DEVICES=6,7",
+                                       "MFJAX_PROCESS_ID=0": "CUDA_VISIBLE_DEVICES=4,5"}
+  assert gpu.main(["local", "--dry-run", "--python", "py", "--processes", "2", "--gpus-per-process", "4", "--",
+                   "train", "--workdir", "runs/x"]) == 2
+  assert "CUDA_VISIBLE_DEVICES names 4: 4,5,6,7" in capsys.readouterr().err
 
 
 def test_gpu_local_restarts_until_the_result_exists(guard, tmp_path, capsys):
