@@ -405,6 +405,23 @@ def test_knn_of_random_weights_is_marked_and_kept_apart_from_the_pretrained(tmp_
   assert "T = 0.07, 0.1)" in figures[0]["caption"] and "different temperatures (0.07, 0.1)" in notes[0]
 
 
+def test_knn_plot_keeps_resolutions_apart_and_names_missing_scores(tmp_path, monkeypatch):
+  for folder, resolution, score in (("a", 224, 0.7), ("b", 448, 0.8), ("c", 224, float("nan"))):
+    (tmp_path / folder).mkdir()
+    model = "sam_vitb" if folder == "c" else "dinov2_vitb14"
+    (tmp_path / folder / "knn.json").write_text(json.dumps(knn_lib.result_json(
+        model=model, dataset="aptos2019", resolution=resolution, headline_metric="quadratic_kappa",
+        results={200: {"headline": score}}, checkpoint="/ck", overrides={})))
+  import matplotlib.axes
+  rows = []
+  monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", lambda self, ticks, labels=None, **kw: rows.append(
+      list(labels or [])))
+  notes = []
+  plots.knn(results.load_knn(str(tmp_path)), str(tmp_path / "plots"), notes)
+  assert {"DINOv2", "DINOv2 @ 448 px", "SAM"} <= set(rows[0])
+  assert "no finite score for SAM on aptos2019" in notes[0]
+
+
 def test_bad_knn_and_cka_files_name_the_file(tmp_path):
   knn_path = tmp_path / "a" / "knn.json"
   knn_path.parent.mkdir()

@@ -417,6 +417,12 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
     return []
   datasets = ordered_datasets(r["dataset"] for r in results)
   styles = model_styles(r["model"] for r in results)
+  # One row per model and resolution: results at another resolution than 224 px say theirs.
+  results = [dict(r, display=r["display"] + ("" if r["resolution"] == 224 else f" @ {r['resolution']} px"))
+             for r in results]
+  missing = [f"{r['display']} on {r['dataset']}" for r in results if not np.isfinite(r["scores"][default_k(r)])]
+  if missing:
+    notes.append(f"k-NN plot: no finite score for {', '.join(missing)} (left blank).")
   labels = sorted({r["display"] for r in results}, key=lambda l: model_order(next(
       r["model"] for r in results if r["display"] == l)))[::-1]
   fig, axes = _grid(len(datasets), width=3.8, height=0.32 * len(labels) + 1.8, sharey=True)
@@ -429,6 +435,8 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
       k = default_k(r)
       ks.add(k)
       value = r["scores"][k]
+      if not np.isfinite(value):
+        continue
       colour, marker = styles[r["model"]]
       ax.hlines(y[r["display"]], 0, value, color=colour, lw=2, alpha=0.5)
       ax.plot(value, y[r["display"]], marker=marker, color=colour, ms=8, ls="")
@@ -436,8 +444,10 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
     metrics = {r["metric"] for r in results if r["dataset"] == dataset} - {""}
     ax.set_title(column_title(dataset), fontsize=10)
     ax.set_xlabel("k-NN " + (" / ".join(sorted(metrics)).replace("_", " ") if metrics else "headline"))
-    low = min(r["scores"][default_k(r)] for r in results if r["dataset"] == dataset)
-    ax.set_xlim(max(0.0, low - 0.15), 1.08)
+    finite = [r["scores"][default_k(r)] for r in results if r["dataset"] == dataset]
+    finite = [v for v in finite if np.isfinite(v)] or [0.0]
+    low = min(finite)
+    ax.set_xlim(low - 0.15 if low < 0 else max(0.0, low - 0.15), 1.08)  # a negative kappa stays in view
     ax.grid(axis="x", alpha=0.3)
   axes[0].set_yticks(list(y.values()), list(y), fontsize=8)
   temperatures = ", ".join(f"{t:g}" for t in sorted({r["temperature"] for r in results}))
