@@ -29,7 +29,7 @@ CORE = [
 TEST = [
     "pytest>=8",
     "pytest-xdist>=3.5",
-    "pytest-timeout>=2.3",  # pytest.ini: a hung test fails alone instead of stalling CI
+    "pytest-timeout>=2.4",  # 2.4: session_timeout  # pytest.ini: a hung test fails alone instead of stalling CI
     "torch==2.14.1",
     "torchvision==0.29.1",
     "timm>=1.0.20,<1.1",

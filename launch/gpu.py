@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Python with mfjax's dependencies (the [cuda] extra) that runs the training")
   shared.add_argument("--dry-run", action="store_true", help="print the commands without running them")
   sub = p.add_subparsers(dest="mode", required=True, metavar="{local,slurm}")
-  usage = "%(prog)s [flags] -- {train,sweep,eval} MFJAX_ARGS ... {--workdir,--runs-dir} DIR"
+  usage = "%(prog)s [flags] -- {train,sweep,eval,segment,pretrain} MFJAX_ARGS ... {--workdir,--runs-dir} DIR"
   g = sub.add_parser("local", parents=[shared], formatter_class=common.HelpFormatter, usage=usage,
                      help="this machine: one process with all GPUs, or --processes N",
                      description="Run on this machine: one process with all of its GPUs, or N processes.")

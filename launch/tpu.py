@@ -454,7 +454,7 @@ def dry_run(tpu: Tpu, runner: common.Runner) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="launch/tpu.sh", description=__doc__, formatter_class=common.HelpFormatter,
-                              usage="%(prog)s [flags] -- {train,sweep,eval} MFJAX_ARGS ... {--workdir,--runs-dir} gs://...")
+                              usage="%(prog)s [flags] -- {train,sweep,eval,pretrain} MFJAX_ARGS ... {--workdir,--runs-dir} gs://...")
   g = p.add_argument_group("the TPU")
   g.add_argument("--name", required=True, help="TPU (and queued resource) name")
   g.add_argument("--zone", required=True, help="zone, e.g. us-central2-b")

@@ -1,4 +1,4 @@
-"""`mfjax` command line: train, eval (and the benchmark commands as they land).
+"""`mfjax` command line: train, eval, sweep, knn, cka, report, demo, segment, pretrain.
 
   mfjax train --config configs/paper.py:model=dinov2_vitb14,dataset=aptos2019,protocol=unfrozen_linear \
               --config.data.manual_dir=~/data/aptos2019 --workdir runs/x

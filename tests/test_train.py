@@ -280,6 +280,11 @@ def test_config_errors(aptos, tmp_path):
     fit.prepare(tiny(aptos, "unfrozen_linear", "--config.data.name=aptos2020"))
   with pytest.raises(ConfigError, match="unknown protocol 'frozen'.*frozen_linear"):
     fit.prepare(tiny(aptos, "frozen"))
+  # Named before the dataset is opened (a missing download would be reported first) or a workdir made.
+  no_data = tiny(aptos, "unfrozen_linear", "--config.data.manual_dir=", "--config.model.name=dinov5")
+  with pytest.raises(ConfigError, match="unknown model 'dinov5'"):
+    fit.train(no_data, str(tmp_path / "typo"), progress=False)
+  assert not (tmp_path / "typo").exists()
   with pytest.raises(ConfigError, match="expected a float"):
     tiny(aptos, "unfrozen_linear", "--config.optim.lr=fast")
   assert load_config("configs/segment.py", ["--config.eval.mirror=false"]).eval.mirror is False

@@ -57,6 +57,12 @@ def pretrained_foundation(config) -> dict:
   return variables
 
 
+def check_names(config) -> None:
+  """The model and protocol names, checked before anything slow (building the dataset) runs."""
+  check_choice("model", config.model.name, models.NAMES)
+  check_choice("protocol", config.protocol.name, protocols.PROTOCOLS)
+
+
 def foundation_spec(config) -> tuple[str, dict]:
   """(model name, constructor overrides) of the foundation, from the checkpoint and the config."""
   name, overrides = _foundation_spec_as_stored(config)

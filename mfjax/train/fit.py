@@ -228,6 +228,7 @@ def cached_features(config, dataset, mesh, init_rng) -> dict:
 
 def prepare(config) -> Setup:
   """Data, mesh, classifier and its train state placed on the mesh shapes-first, and the steps."""
+  build.check_names(config)
   dataset = open_dataset(config)
   spec = dataset.spec
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -420,6 +421,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   it writes a result.json with status "diverged" and no scores instead, so that the grid goes on and
   the learning rate is not selected."""
   start_time = time.time()
+  build.check_names(config)
   workdir, config_dict = start_run(config, workdir)
   finished = workdir / "result.json"
   if finished.exists():  # its config is this one (start_run checked): nothing to do, nothing appended
