@@ -1348,3 +1348,11 @@ def test_cli_names_a_missing_checkpoint_in_one_line(raw_ct, tmp_path, capsys):
                    f"--config.model.checkpoint={missing}", "--workdir", str(tmp_path / "run")]) == 2
   err = capsys.readouterr().err
   assert f"error: {missing}/model.json not found" in err and "Traceback" not in err
+
+
+def test_a_resumed_run_keeps_its_split(tmp_path):
+  segment.check_split(tmp_path, ["a", "b", "c"], ["d"])
+  assert json.loads((tmp_path / "split.json").read_text()) == {"train": ["a", "b", "c"], "validation": ["d"]}
+  segment.check_split(tmp_path, ["c", "b", "a"], ["d"])  # the same cases, in another order
+  with pytest.raises(ConfigError, match=r"another split of the cases \(2 training and 2 validation cases differ"):
+    segment.check_split(tmp_path, ["a", "b", "d"], ["c"])

@@ -40,8 +40,8 @@ from mfjax.evals import segmentation
 from mfjax.models import heads
 from mfjax.train import build
 from mfjax.train.checkpoints import RunCheckpoints
-from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, is_remote, read_run_config, start_run,
-                             workdir_path)
+from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, has_saved_work, is_remote, read_run_config,
+                             start_run, workdir_path)
 from mfjax.train.optim import make_optimizer
 
 log = logging.getLogger("mfjax")
@@ -200,6 +200,24 @@ def prepare(config, num_classes: int, mesh, regions=(), ignore_label: int | None
   return model, state, jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
+def check_split(workdir, train_ids, val_ids) -> None:
+  """Record the fold's cases in WORKDIR/split.json, or check that a restarted run has the same: a
+  splits_final.json placed or edited since would otherwise change what a resumed run trains on."""
+  path = workdir_path(workdir) / "split.json"
+  split = {"train": sorted(train_ids), "validation": sorted(val_ids)}
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != split:
+      changed = {k: len(set(saved.get(k, [])) ^ set(split[k])) for k in split}
+      raise ConfigError(f"{workdir} was started on another split of the cases ({changed['train']} training and "
+                        f"{changed['validation']} validation cases differ from {path}): the fold's splits_final.json "
+                        "changed since. Put the old file back, or use a new --workdir")
+  elif has_saved_work(workdir):
+    log.warning("%s was started before mfjax recorded the fold's cases; recording them now", workdir)
+  if jax.process_index() == 0 and not path.exists():
+    path.write_text(json.dumps(split, indent=1))
+
+
 def train(config, workdir: str, progress: bool = True) -> dict:
   start_time = time.time()
   if is_remote(workdir):
@@ -218,6 +236,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   train_ids, val_ids = nnunet.fold_cases(raw, config.data.fold)
   build_segmenter(config, num_classes=2)  # the backbone's name, overrides and patch
   workdir, config_dict = start_run(config, workdir)
+  check_split(workdir, train_ids, val_ids)
 
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
