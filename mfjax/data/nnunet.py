@@ -728,7 +728,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
           ("channel_names", plans.get("channel_names"), list(raw.channels)),
           ("labels", plans.get("labels"), {str(k): v for k, v in raw.labels.items()}),
           ("regions_class_order", plans.get("regions_class_order"),
-           list(raw.regions_class_order) if raw.regions else None)) if old != new]
+           list(raw.regions_class_order) if raw.regions else None))
+          if old != new and (old is not None or what == "regions_class_order")]  # older plans may lack a key
       if edited:  # channel names choose the normalisation; label names name the results
         raise DatasetError(f"{out_dir} was preprocessed before {raw.root}/dataset.json changed ({'; '.join(edited)}); "
                            "delete it or choose a new preprocessed folder to preprocess again")

@@ -91,11 +91,16 @@ class Model(nn.Module):
     """(rows, cols) of `tokens` for an input of `image_size`."""
     return (image_size[0] // self.patch_size, image_size[1] // self.patch_size)
 
+  @property
+  def rope_augmented(self) -> bool:
+    """Whether training augments the RoPE coordinates (shift, jitter or rescale set)."""
+    return any(v is not None for v in (self.rope_shift, self.rope_jitter, self.rope_rescale))
+
   def rope(self, grid: tuple[int, int], train: bool):
     """(sin, cos) of the patch grid, (rows * cols, head_dim) each in `rope_dtype`."""
     rope_dtype = jnp.dtype(self.rope_dtype)
     coords = layers.rope_coords(grid, self.rope_normalize, rope_dtype)
-    if train and any(v is not None for v in (self.rope_shift, self.rope_jitter, self.rope_rescale)):
+    if train and self.rope_augmented:
       coords = layers.augment_rope_coords(coords, self.make_rng("dropout"), self.rope_shift, self.rope_jitter,
                                           self.rope_rescale, rope_dtype)
     if self.rope_periods is None:
@@ -129,7 +134,7 @@ class Model(nn.Module):
 
     # DINOv3 draws augmented RoPE coordinates anew for every block (its forward calls rope_embed in the
     # block loop); HF and timm draw once per forward.
-    augmented = train and any(v is not None for v in (self.rope_shift, self.rope_jitter, self.rope_rescale))
+    augmented = train and self.rope_augmented
     sin, cos = self.rope(grid, train)
     depth = self.depth if self.num_blocks is None else self.num_blocks
     bad = [i for i in self.intermediate if not 0 <= i < depth]
