@@ -7,7 +7,10 @@ data_root holds one download folder per dataset (aptos2019/, isic2019/, chexpert
 checkpoint_root one converted model per name (`python -m convert ... --out ckpt/<model>`).
 Arguments: data_root, checkpoint_root, models (a '+'-joined subset), datasets, protocols, seeds.
 The full grid is 8 x 4 x 4 x 4 x 5 = 2,560 runs of 100 epochs: spread it with `--list` and a
-launcher, or narrow it with the arguments.
+launcher, or narrow it with the arguments. The paper's stacked DeiT-B rows cover SAM, SEEM, OpenCLIP,
+DINOv2 and BLIP only; the 480 runs of DeiT-B, DINO and ResNet-152 under frozen_deit/unfrozen_deit
+have no published counterpart (leave them out with two sweeps: protocols=frozen_linear+unfrozen_linear
+for all models, then the _deit protocols with models=sam_vitb+seem_focalt+openclip_vitb16+dinov2_vitb14+blip_vitb16).
 """
 import numpy as np
 
