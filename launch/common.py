@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -147,6 +148,6 @@ class Runner:
 def key_value(text: str) -> tuple[str, str]:
   """argparse type for K=V flags."""
   key, eq, value = text.partition("=")
-  if not eq or not key:
-    raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+  if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+    raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY a variable name (letters, digits, _)")
   return key, value

@@ -153,6 +153,13 @@ def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: commo
 
 def finished(args, command: list[str], done: str | None) -> bool:
   """After every process exited 0: did the run end, or was it stopped after a checkpoint?"""
+  if done and "://" in done:  # a bucket: asked through mfjax's own file system layer (gcsfs)
+    check = f"from etils import epath; import sys; sys.exit(0 if epath.Path({done!r}).exists() else 3)"
+    out = subprocess.run([args.python, "-c", check], capture_output=True, text=True)
+    if out.returncode not in (0, 3):
+      raise LaunchError(f"cannot tell whether {done} exists ({out.stderr.strip().splitlines()[-1:]}); "
+                        "install gcsfs (pip install -e '.[gcs]') in the run's Python")
+    return out.returncode == 0
   if done:
     return os.path.exists(done)
   listing = common.unfinished_listing(command)
@@ -166,8 +173,6 @@ def local(args, runner: common.Runner) -> int:
   command, workdir = args.mfjax
   workdir = os.path.expanduser(workdir)  # bash leaves --workdir=~/... as it is; mfjax expands it
   done = common.done_file(command, workdir)
-  if done and "://" in done:
-    done = None  # a bucket: judged by the exit status
   resumes_from = common.resumes_from(command, workdir)
   log_dir = args.log_dir or (os.path.join(workdir, "logs") if "://" not in workdir else "mfjax_logs")
   argv = [args.python, "-m", "mfjax.cli", *command]

@@ -583,6 +583,24 @@ def test_gpu_local_restarts_until_the_result_exists(guard, tmp_path, capsys):
   assert "restart 1 of 1" in out and "finished: results in" in out
 
 
+def test_gpu_local_bucket_workdir_is_finished_only_with_its_result(guard, tmp_path, capsys):
+  """A gs:// workdir: a run that exits 0 without result.json (stopped by a SIGTERM this launcher did
+  not send) is not "finished"; the bucket is asked through the run's Python (epath)."""
+  marker = tmp_path / "result_exists"
+  fake = write_script(tmp_path / "fake_python", f"""
+      #!/usr/bin/env bash
+      if [ "$1" = "-c" ]; then
+        case "$2" in *gs://bucket/run/result.json*) [ -e {marker} ] && exit 0 || exit 3;; esac
+        exit 9
+      fi
+      echo "attempt" >> {tmp_path}/attempts
+      if [ "$(wc -l < {tmp_path}/attempts)" -ge 2 ]; then touch {marker}; fi
+      """)
+  assert gpu.main(["local", "--python", fake, "--max-restarts", "2", "--log-dir", str(tmp_path / "logs"), "--",
+                   "train", "--workdir", "gs://bucket/run"]) == 0
+  assert (tmp_path / "attempts").read_text().count("attempt") == 2
+
+
 def test_gpu_local_sweep_is_finished_when_no_run_is_left(guard, tmp_path, capsys):
   """A sweep that exits 0 with runs left (stopped after a checkpoint) is started again."""
   (tmp_path / "unfinished").write_text("mfjax train --config ... --workdir runs/paper/cell/lr=0.001/seed=0\n")
@@ -791,3 +809,12 @@ def test_distributed_initialisation_is_once_per_process():
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "MFJAX_COORDINATOR": f"127.0.0.1:{port}",
                             "MFJAX_NUM_PROCESSES": "1", "MFJAX_PROCESS_ID": "0"})
   assert out.returncode == 0 and out.stdout.split() == ["1", "True"], out.stderr[-2000:]
+
+
+def test_env_names_must_be_variable_names():
+  import argparse
+  from launch import common as launch_common
+  assert launch_common.key_value("XLA_FLAGS=--a=1 --b") == ("XLA_FLAGS", "--a=1 --b")
+  for bad in ("A B=1", "=1", "1A=2", "NOEQUALS"):
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+      launch_common.key_value(bad)
