@@ -422,6 +422,17 @@ def test_knn_plot_keeps_resolutions_apart_and_names_missing_scores(tmp_path, mon
   assert "no finite score for SAM on aptos2019" in notes[0]
 
 
+def test_a_baseline_without_a_score_is_named_not_dropped_silently(tmp_path):
+  root = str(tmp_path / "runs")
+  write_cell(root, "deit_base_patch16", "aptos2019", "unfrozen_linear", {1e-4: [None]}, {1e-4: [None]})
+  write_cell(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", {1e-4: [0.9]}, {1e-4: [0.9]})
+  notes = []
+  rows = plots.relative_gains(results.load_cells(root), notes)
+  assert not [r for r in rows if r["source"] == "mfjax"]
+  assert any("baseline has no finite score on aptos2019" in n for n in notes), notes
+  assert not any("no deit_base_patch16 unfrozen_linear run" in n for n in notes)
+
+
 def test_bad_knn_and_cka_files_name_the_file(tmp_path):
   knn_path = tmp_path / "a" / "knn.json"
   knn_path.parent.mkdir()

@@ -86,7 +86,7 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
   if diverged:
     notes.append(f"{len(diverged)} training run(s) diverged (a non-finite loss; `mfjax sweep` records them with "
                  f"status \"diverged\"), e.g. {rel(diverged[0])}. A learning rate with a diverged seed is not "
-                 "selected for its cell.")
+                 "selected for its cell, unless every learning rate of the cell diverged (the cell then shows n/a).")
   short = [c for c in cells if c.n < max(n for _, n in c.lr_scores.values())]
   if short:
     notes.append(f"{len(short)} cell(s) show fewer seeds at their selected learning rate than another learning "

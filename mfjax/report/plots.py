@@ -100,12 +100,17 @@ def relative_gains(cells, notes: list) -> list[dict]:
   datasets = _datasets(cells)
   baseline = {c.dataset: c for c in cells if c.model == paper.BASELINE_MODEL and c.protocol == "unfrozen_linear"}
   rows = []
+  unscored = sorted(d for d, c in baseline.items() if not np.isfinite(c.mean))
+  if unscored:
+    notes.append(f"Relative gain chart: the {paper.BASELINE_MODEL} unfrozen_linear baseline has no finite score on "
+                 f"{', '.join(unscored)} (every learning rate diverged?); only the paper's gains are drawn there.")
+  baseline = {d: c for d, c in baseline.items() if np.isfinite(c.mean)}
   for c in cells:
     if c.dataset in baseline and c is not baseline[c.dataset]:
       base = baseline[c.dataset].mean
       rows.append({"source": "mfjax", "dataset": c.dataset, "protocol": c.protocol, "model": c.model,
                    "resolution": main, "gain_percent": 100 * (c.mean - base) / base})
-  missing = [d for d in datasets if d not in baseline]
+  missing = [d for d in datasets if d not in baseline and d not in unscored]
   if missing:
     notes.append(f"Relative gain chart: no {paper.BASELINE_MODEL} unfrozen_linear run (the ImNet-1k-Sup baseline) "
                  f"at {main} px on {', '.join(missing)}; only the paper's gains are drawn there.")
@@ -273,7 +278,10 @@ def model_size(cells, out_dir: str, notes: list) -> dict | None:
     size = _dinov2_size(c.model)
     if size and c.protocol in MAIN_PROTOCOLS:
       series.setdefault((c.dataset, c.protocol, c.resolution, size[1]), []).append((size[0], c))
+  single = sorted({f"{key[1]} on {key[0]}" for key, points in series.items() if len(points) == 1})
   series = {key: points for key, points in series.items() if len(points) > 1}  # one cell per size
+  if single and series:
+    notes.append(f"Model-size plot: one DINOv2 size only, not drawn: {', '.join(single)}.")
   if not series:
     return None
   datasets = ordered_datasets(key[0] for key in series)
@@ -291,6 +299,7 @@ def model_size(cells, out_dir: str, notes: list) -> dict | None:
       for size, c in points:
         ticks.setdefault(size, paper.SIZES["sblg"[size]] + (f"\n{_count(c.params_total)}" if c.params_total else ""))
     ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
+    ax.set_xlabel("DINOv2 size (parameters trained)")
     ax.set_title(column_title(dataset), fontsize=10)
     ax.set_ylabel(_metric_label(cells, dataset))
     ax.grid(alpha=0.3)
