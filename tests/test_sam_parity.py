@@ -201,6 +201,12 @@ def test_vitb_224_matches_references_with_the_papers_resampling(encoder_state, c
   assert got["tokens"].shape == (1, 14 * 14, 768)
   assert_outputs_match(got, run_sa(sa, x), "sam_vitb 224 (nearest) vs segment_anything")
   assert_outputs_match(got, run_hf(hf, x), "sam_vitb 224 (nearest) vs transformers")
+  # At 384 the 24 x 24 grid pads its windows to 28: the resampled global tables with padded windows.
+  sa = sa_encoder(384)
+  sa.load_state_dict(paper_resample(encoder_state, 384, VITB_GLOBAL_BLOCKS), strict=True)
+  x = images((1, 384, 384, 3), seed=6)
+  assert_outputs_match(flax_apply(module, jit=True)(variables, x), run_sa(sa, x),
+                       "sam_vitb 384 (nearest, padded windows) vs segment_anything")
 
 
 def test_linear_rel_pos_matches_segment_anythings_runtime_interpolation(encoder_state, converted_b):
