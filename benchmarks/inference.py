@@ -42,6 +42,7 @@ def main(argv=None):
   args.config_overrides = extra
   common.check_torch_follows(parser, args, follows=(common.NUM_BLOCKS,))
 
+  import jax
   from benchmarks import jax_side
   from mfjax.train import fit
 
@@ -92,12 +93,12 @@ def main(argv=None):
   # JAX runs on every device of the mesh, torch on one.
   peaks = {name: common.mesh_peak(peak, jax_devices if name == "jax" else 1) for name in median}
   mfu = lambda name: flops / median[name] / peaks[name] if name in median and flops else None
-  gpu = device == "cuda"
+  on_device = jax.default_backend() != "cpu"
   row = {"benchmark": "inference", "device": env["device"], "model": args.model, "res": args.res,
          "batch": args.batch, "dtype": args.dtype, **common.throughput_fields(median, args.batch),
          "jax_compile_s": common.fmt(compile_s, ".1f"),
          "jax_mem_gib": common.gib(jax_mem), "torch_mem_gib": common.gib(torch_mem) or "n/a",
-         "jax_mem_kind": "device peak" if gpu else "peak RSS (before torch ran)",
+         "jax_mem_kind": "device peak" if on_device else "peak RSS (before torch ran)",
          "gflop_per_img": common.fmt(flops / args.batch / 1e9 if flops else None, ".1f"),
          "mfu_jax": common.fmt_mfu(mfu("jax"), exact), "mfu_torch_eager": common.fmt_mfu(mfu("torch_eager"), exact),
          "mfu_torch_compile": common.fmt_mfu(mfu("torch_compile"), exact), "flops_exact": exact,

@@ -167,7 +167,6 @@ def main(argv=None):
 
   jax_step = common.jax_stepper(compiled, state, batch, lr)
   calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds)}
-  gpu = jax.default_backend() == "gpu"
   jax_mem = common.jax_peak_memory()
 
   import torch
@@ -212,6 +211,12 @@ def main(argv=None):
         errors["torch_rss"] = child.stderr.strip().splitlines()[-1][:300] if child.stderr.strip() else "failed"
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
+  fns.clear()  # torch's model and optimizer go before a plain step's state may be built for the FLOP count
+  model = images = labels = None  # noqa: F841
+  if device == "cuda":
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
   step_flops, fwd_flops, flops_exact, flops_of = model_flops(args, run, abstract_state, compiled, batch, lr)
 
   jax_devices = common.program_devices(compiled)
@@ -229,7 +234,8 @@ def main(argv=None):
       "mfu_torch_compile": common.fmt_mfu(mfu("torch_compile"), flops_exact),
       "peak_gflop_s": common.fmt(peak["peak_flops_per_s"] / 1e9, ".0f"), "jax_devices": jax_devices,
       "jax_mem_gib": common.gib(jax_mem), "torch_mem_gib": common.gib(torch_mem) or "n/a",
-      "jax_mem_kind": "device peak" if gpu else "peak RSS", "torch_mem_kind": "device peak" if gpu else "peak RSS",
+      "jax_mem_kind": "device peak" if jax.default_backend() != "cpu" else "peak RSS",
+      "torch_mem_kind": "device peak" if device == "cuda" else "peak RSS",
       "load_average": f"{load_start:.1f}-{os.getloadavg()[0]:.1f}",
       # Everything else, for the JSON record.
       "timings_s": {name: common.summary(t) for name, t in times.items()}, "calls_per_timing": calls,

@@ -76,7 +76,8 @@ def process_envs(processes: int, port: int, gpus_per_process: int) -> list[dict]
            "MFJAX_PROCESS_ID": str(i)}
     if gpus_per_process:
       # A share of the GPUs this launcher was given (a shared box's CUDA_VISIBLE_DEVICES=4,5,6,7), not of all.
-      given = visible_gpus() or [str(g) for g in range(processes * gpus_per_process)]
+      given = visible_gpus()
+      given = [str(g) for g in range(processes * gpus_per_process)] if given is None else given
       if len(given) < processes * gpus_per_process:
         raise LaunchError(f"{processes} processes x {gpus_per_process} GPUs, but CUDA_VISIBLE_DEVICES names "
                           f"{len(given)}: {','.join(given)}")

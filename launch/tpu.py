@@ -338,6 +338,16 @@ def follow(tpu: Tpu, runner: common.Runner, attempt: int) -> tuple[str, int]:
   raise LaunchError("lost the ssh connection to worker 0 ten times in a row")
 
 
+def save_before_leaving(tpu: Tpu, runner: common.Runner, attempt: int) -> None:
+  """SIGTERM the run and wait (up to 5 minutes) for it to save its checkpoint and exit."""
+  runner.note("asking the run to save a checkpoint before the TPU goes")
+  runner.run(tpu.stop(), check=False)
+  try:  # the stream ends when the run has exited
+    subprocess.run(tpu.stream(attempt), timeout=300, stdout=subprocess.DEVNULL)
+  except (subprocess.TimeoutExpired, KeyboardInterrupt):
+    pass
+
+
 def run(tpu: Tpu, runner: common.Runner) -> int:
   a = tpu.args
   runner.require(a.gcloud, "install the Google Cloud CLI (cloud.google.com/sdk) and run `gcloud auth login`, "
@@ -361,8 +371,8 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
         outcome, rc = follow(tpu, runner, attempt)
       except LaunchError:
         if state_of(tpu, runner) in (tpu.ready_state, "UNKNOWN"):
-          if attempt:  # the TPU may still run it: ask it to save a checkpoint before the TPU goes
-            runner.run(tpu.stop(), check=False)
+          if attempt:  # the TPU may still run it: it saves a checkpoint before the TPU goes
+            save_before_leaving(tpu, runner, attempt)
           raise
         runner.note(f"{a.name} went away during the install or start: preempted")
         outcome, rc = "preempted", 0
@@ -389,12 +399,7 @@ def run(tpu: Tpu, runner: common.Runner) -> int:
                             f"or with --queued, resumes from {tpu.resumes_from}") from None
   except KeyboardInterrupt:
     if attempt:
-      runner.note("interrupted: asking the run to save a checkpoint before the TPU goes")
-      runner.run(tpu.stop(), check=False)
-      try:  # the stream ends when the run has exited
-        subprocess.run(tpu.stream(attempt), timeout=300, stdout=subprocess.DEVNULL)
-      except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        pass
+      save_before_leaving(tpu, runner, attempt)
     return 130
   finally:
     if a.keep:

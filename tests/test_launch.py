@@ -565,6 +565,10 @@ def test_gpu_local_splits_the_gpus_it_was_given(guard, capsys, monkeypatch):
   assert gpu.main(["local", "--dry-run", "--python", "py", "--processes", "2", "--gpus-per-process", "4", "--",
                    "train", "--workdir", "runs/x"]) == 2
   assert "CUDA_VISIBLE_DEVICES names 4: 4,5,6,7" in capsys.readouterr().err
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU given: none handed out
+  assert gpu.main(["local", "--dry-run", "--python", "py", "--processes", "2", "--gpus-per-process", "1", "--",
+                   "train", "--workdir", "runs/x"]) == 2
+  assert "CUDA_VISIBLE_DEVICES names 0" in capsys.readouterr().err
 
 
 def test_gpu_local_restarts_until_the_result_exists(guard, tmp_path, capsys):

@@ -115,13 +115,21 @@ def test_runs_with_and_without_tables_resized_at_load_are_not_one_cell(tmp_path)
   root = str(tmp_path / "runs")
   first = write_run(root, "sam_vitb", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.8, 0.8)
   second = write_run(root, "sam_vitb", "aptos2019", "unfrozen_linear", 1e-4, 1, 0.8, 0.8)
-  assert len(results.load_cells(root)) == 1  # written before the field: neither resized
+  # A diverged run of the cell records the same (before, it left the field out and broke the report).
+  diverged = write_run(root, "sam_vitb", "aptos2019", "unfrozen_linear", 1e-3, 0, None, None)
+  data = json.loads(open(diverged).read())
+  open(diverged, "w").write(json.dumps(dict(data, status="diverged", resized_at_load=True)))
+  data = json.loads(open(first).read())
+  open(first, "w").write(json.dumps(dict(data, resized_at_load=True)))
+  # `second` does not record it: worked out from its config (switch on, SAM at 224 px).
+  [cell] = results.load_cells(root)
+  assert cell.n == 2
   data = json.loads(open(second).read())
-  data["resized_at_load"] = True
+  del data["config"]["model"]["resize_at_load"]  # a run from before the switch
   open(second, "w").write(json.dumps(data))
-  with pytest.raises(ReportError, match="resized_at_load: false vs true") as error:
+  with pytest.raises(ReportError, match="resized_at_load: true vs false") as error:
     results.load_cells(root)
-  assert first in str(error.value)
+  assert first in str(error.value) or diverged in str(error.value)
 
 
 def test_a_different_task_or_labels_gets_no_delta(tmp_path):

@@ -1352,7 +1352,11 @@ def test_cli_names_a_missing_checkpoint_in_one_line(raw_ct, tmp_path, capsys):
 
 def test_a_resumed_run_keeps_its_split(tmp_path):
   segment.check_split(tmp_path, ["a", "b", "c"], ["d"])
-  assert json.loads((tmp_path / "split.json").read_text()) == {"train": ["a", "b", "c"], "validation": ["d"]}
-  segment.check_split(tmp_path, ["c", "b", "a"], ["d"])  # the same cases, in another order
+  segment.check_split(tmp_path, ["b", "a", "c"], ["d"])  # nothing saved yet: a corrected split is taken
+  assert json.loads((tmp_path / "split.json").read_text()) == {"train": ["b", "a", "c"], "validation": ["d"]}
+  (tmp_path / "checkpoints" / "40").mkdir(parents=True)  # a checkpoint: the run has started for real
+  segment.check_split(tmp_path, ["b", "a", "c"], ["d"])
   with pytest.raises(ConfigError, match=r"another split of the cases \(2 training and 2 validation cases differ"):
     segment.check_split(tmp_path, ["a", "b", "d"], ["c"])
+  with pytest.raises(ConfigError, match="or their order"):  # the sampler draws cases by position
+    segment.check_split(tmp_path, ["a", "b", "c"], ["d"])

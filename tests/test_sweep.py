@@ -108,6 +108,7 @@ def test_a_diverging_run_is_recorded_and_its_lr_not_selected(setup, tmp_path):
   runs = msweep.expand(msweep.load_sweep(str(path)), runs_dir)
   diverged = json.load(open(os.path.join(runs[1].workdir, "result.json")))
   assert runs[1].values["lr"] == 1e30 and diverged["status"] == "diverged" and "loss" in diverged["error"]
+  assert diverged["resized_at_load"] is False  # recorded as on a finished run, which the report groups by
   (selection,) = selections.values()
   assert selection["lr"] == 1e-4 and selection["diverged"] == [runs[1].workdir]
   from mfjax.report import results

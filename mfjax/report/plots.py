@@ -299,7 +299,7 @@ def model_size(cells, out_dir: str, notes: list) -> dict | None:
       for size, c in points:
         ticks.setdefault(size, paper.SIZES["sblg"[size]] + (f"\n{_count(c.params_total)}" if c.params_total else ""))
     ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
-    ax.set_xlabel("DINOv2 size (parameters trained)")
+    ax.set_xlabel("DINOv2 size (parameters in total)")
     ax.set_title(column_title(dataset), fontsize=10)
     ax.set_ylabel(_metric_label(cells, dataset))
     ax.grid(alpha=0.3)
@@ -432,8 +432,8 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
   missing = [f"{r['display']} on {r['dataset']}" for r in results if not np.isfinite(r["scores"][default_k(r)])]
   if missing:
     notes.append(f"k-NN plot: no finite score for {', '.join(missing)} (left blank).")
-  labels = sorted({r["display"] for r in results}, key=lambda l: model_order(next(
-      r["model"] for r in results if r["display"] == l)))[::-1]
+  labels = sorted({r["display"] for r in results}, key=lambda l: (model_order(next(
+      r["model"] for r in results if r["display"] == l)), l))[::-1]
   fig, axes = _grid(len(datasets), width=3.8, height=0.32 * len(labels) + 1.8, sharey=True)
   y = {label: i for i, label in enumerate(labels)}
   ks = set()

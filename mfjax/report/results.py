@@ -159,6 +159,19 @@ def task_differences(config: dict) -> str:
   return "; ".join(f"{name} {d}" for d in differences)
 
 
+def resized_at_load_of(config: dict) -> bool:
+  """Whether a run whose result.json does not say resized its position tables at load: the switch
+  was on (runs from before it existed did not resize), for a model the switch acts on, at another
+  resolution than the model's registered one."""
+  from mfjax import models
+  from mfjax.train import build
+  model, data = config.get("model", {}), config.get("data", {})
+  name = model.get("name", "")
+  if not (model.get("resize_at_load") and name.startswith(build.RESIZED_AT_LOAD) and name in models.NAMES):
+    return False
+  return (data.get("resolution"),) * 2 != tuple(models.create(name).native_resolution)
+
+
 def head_of(protocol: str, config_head: str) -> str:
   if protocol.endswith("_linear"):
     return "linear"
@@ -196,9 +209,10 @@ def read_run(path: str, data: dict | None = None) -> dict:
       "measured_config": _measured(_flatten(config)),
   }
   # Whether position tables were resized at load is what matters, not the switch (which most models
-  # ignore); results written before the switch existed did not resize.
+  # ignore). Results written before result.json recorded it: worked out from the config.
   run["measured_config"].pop("model.resize_at_load", None)
-  run["measured_config"]["resized_at_load"] = json.dumps(bool(data.get("resized_at_load", False)))
+  resized = data["resized_at_load"] if "resized_at_load" in data else resized_at_load_of(config)
+  run["measured_config"]["resized_at_load"] = json.dumps(bool(resized))
   run["resolution"] = nominal_resolution(run["model"], run["run_resolution"])
   run["variant"] = not_the_papers_weights(config, run["head"])
   run["other_task"] = task_differences(config)

@@ -428,6 +428,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     log.info("%s has finished already (result.json); delete it to test the best checkpoint again", workdir)
     return json.loads(finished.read_text())
   check_paper_warmup(config)
+  resized = build.resized_at_load(config)
   run = prepare(config)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
   protocol = config.protocol.name
@@ -529,7 +530,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     log.warning("%s diverged: %s", workdir, e)
     result = {"status": "diverged", "error": str(e), "config": config_dict, "model": config.model.name,
               "dataset": spec.name, "protocol": protocol, "headline_metric": spec.headline_metric,
-              "val": {"headline": None}, "test": {"headline": None}}
+              "val": {"headline": None}, "test": {"headline": None}, "resized_at_load": resized}
     writer.close()
     ckpts.close()
     if jax.process_index() == 0:
@@ -553,7 +554,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
             "headline_metric": spec.headline_metric, "best_epoch": best_host["epoch"],
             "iterations_to_best": host["best_step"], "val": best_host["val"], "test": test,
             "params_total": run.n_total, "params_trained": run.n_trainable,
-            "resized_at_load": build.resized_at_load(config),
+            "resized_at_load": resized,
             "train_seconds": train_seconds, "test_seconds": test_seconds,
             "test_images_per_second": dataset.split_sizes["test"] / max(test_seconds, 1e-9),
             "wall_seconds": time.time() - start_time, "devices": int(run.mesh.devices.size),

@@ -204,17 +204,18 @@ def check_split(workdir, train_ids, val_ids) -> None:
   """Record the fold's cases in WORKDIR/split.json, or check that a restarted run has the same: a
   splits_final.json placed or edited since would otherwise change what a resumed run trains on."""
   path = workdir_path(workdir) / "split.json"
-  split = {"train": sorted(train_ids), "validation": sorted(val_ids)}
-  if path.exists():
+  split = {"train": list(train_ids), "validation": list(val_ids)}  # in order: the sampler draws by position
+  if path.exists() and has_saved_work(workdir):
     saved = json.loads(path.read_text())
     if saved != split:
       changed = {k: len(set(saved.get(k, [])) ^ set(split[k])) for k in split}
       raise ConfigError(f"{workdir} was started on another split of the cases ({changed['train']} training and "
-                        f"{changed['validation']} validation cases differ from {path}): the fold's splits_final.json "
-                        "changed since. Put the old file back, or use a new --workdir")
-  elif has_saved_work(workdir):
+                        f"{changed['validation']} validation cases differ from {path}, or their order): the fold's "
+                        "splits_final.json changed since. Put the old file back, or use a new --workdir")
+    return
+  if has_saved_work(workdir):
     log.warning("%s was started before mfjax recorded the fold's cases; recording them now", workdir)
-  if jax.process_index() == 0 and not path.exists():
+  if jax.process_index() == 0:
     path.write_text(json.dumps(split, indent=1))
 
 
