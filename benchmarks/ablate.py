@@ -95,7 +95,7 @@ def main(argv=None):
       calls[name] = common.warm_up(step, 0, args.min_seconds)
       fns[name] = step
     except Exception as e:  # noqa: BLE001 - reported in the variant's row
-      errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      errors[name] = common.error_text(e)
 
   import torch
   torch.set_num_threads(os.cpu_count())

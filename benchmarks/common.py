@@ -41,8 +41,17 @@ def parse_args(parser, argv) -> tuple:
 
 # --config fields that change how JAX computes a step, not what it computes: the torch reference
 # runs without them and the ratio still compares the same work.
-HOW_NOT_WHAT = ("remat", "query_chunk", "scan_blocks", "attn_impl", "optim.mu_dtype", "mesh.")
+# The first three also change what XLA counts (remat recomputes, loops count once): train_step
+# counts the model's FLOPs on the step compiled without them.
+RECOUNTED = ("remat", "query_chunk", "scan_blocks")
+HOW_NOT_WHAT = RECOUNTED + ("attn_impl", "optim.mu_dtype", "mesh.")
 NUM_BLOCKS = "model.overrides.num_blocks"
+
+
+def error_text(e: BaseException, when: str = "") -> str:
+  """An exception as one short line for a row's errors: its type (and `when`), its first line."""
+  first = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}{' ' + when if when else ''}: {first}"[:300]
 
 
 def check_torch_follows(parser, args, follows: tuple = ()) -> None:
@@ -150,10 +159,9 @@ def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str,
   dict, a function that fails (torch out of memory beside JAX's) is dropped with its error
   there, and the others' timings go on; without one, the error propagates."""
   times = {name: [] for name in fns}
-  failed = set()
   for round_index in range(rounds + 1):
     for name, fn in fns.items():
-      if name in failed:
+      if name not in times:  # failed in an earlier round
         continue
       start, cpu_start = time.perf_counter(), time.process_time()
       try:
@@ -162,8 +170,7 @@ def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str,
       except Exception as e:  # noqa: BLE001 - reported in the row, the other timings are kept
         if errors is None:
           raise
-        errors[name] = f"{type(e).__name__} while timing: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        failed.add(name)
+        errors[name] = error_text(e, "while timing")
         times.pop(name)
         continue
       if round_index:

@@ -86,7 +86,7 @@ def main(argv=None):
         if device == "cuda" and torch_mem is None:
           torch_mem = torch.cuda.max_memory_allocated()
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
-        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        errors[name] = common.error_text(e)
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
   jax_devices = common.program_devices(compiled)

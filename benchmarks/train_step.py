@@ -127,8 +127,7 @@ def model_flops(args, run, state, compiled, batch, lr) -> tuple:
   own state would count in the device's peak."""
   from benchmarks import jax_side
   from mfjax.train import fit
-  how = [o for o in args.config_overrides if any(f in o.split("=", 1)[0] for f in ("remat", "query_chunk",
-                                                                                      "scan_blocks"))]
+  how = [o for o in args.config_overrides if any(f in o.split("=", 1)[0] for f in common.RECOUNTED)]
   if how:
     plain = jax_side.paper_config(args.model, args.protocol, args.res, args.batch, protocol_overrides(args)
                                   + [o for o in args.config_overrides if o not in how])
@@ -200,7 +199,7 @@ def main(argv=None):
           compile_seconds["compile"] = first - (time.perf_counter() - t0) / max(args.warmup - 1, 1)
         fns[name] = step
       except Exception as e:  # torch.compile does not work everywhere; report why and go on
-        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        errors[name] = common.error_text(e)
     if device != "cuda" and not args.no_rss and "torch_eager" in fns:
       child = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--torch-rss-only",
                               *(argv if argv is not None else sys.argv[1:])],

@@ -163,13 +163,13 @@ def resized_at_load_of(config: dict) -> bool:
   """Whether a run whose result.json does not say resized its position tables at load: the switch
   was on (runs from before it existed did not resize), for a model the switch acts on, at another
   resolution than the model's registered one."""
+  import ml_collections
   from mfjax import models
   from mfjax.train import build
-  model, data = config.get("model", {}), config.get("data", {})
-  name = model.get("name", "")
-  if not (model.get("resize_at_load") and name.startswith(build.RESIZED_AT_LOAD) and name in models.NAMES):
+  name = config.get("model", {}).get("name", "")
+  if name not in models.NAMES or "resolution" not in config.get("data", {}):
     return False
-  return (data.get("resolution"),) * 2 != tuple(models.create(name).native_resolution)
+  return build.load_resolution(ml_collections.ConfigDict(config), name, models.create(name)) is not None
 
 
 def head_of(protocol: str, config_head: str) -> str:
