@@ -149,7 +149,7 @@ def test_cbis_ddsm_errors(tmp_path):
   original = _rewrite_csv(path, lambda rows: rows)
   pathology = original[0].index("pathology")
   _rewrite_csv(path, lambda rows: rows[:2] + [rows[2][:pathology] + ["MAYBE"] + rows[2][pathology + 1:]] + rows[3:])
-  with pytest.raises(DataError, match=r"line 3, column 'pathology': unknown label value 'MAYBE'"):
+  with pytest.raises(DataError, match=r"line 6, column 'pathology': unknown label value 'MAYBE'"):
     mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"))
   _rewrite_csv(path, lambda rows: original)
   key = original[1][original[0].index("image file path")].split("/")[0]
@@ -219,3 +219,40 @@ def test_csv_images_errors(tmp_path):
   _rewrite_csv(path, lambda rows: rows + [rows[1]])
   with pytest.raises(DataError, match=r"duplicate example id 'images/0/img_0000.png' at .*line 32.* and .*line 2"):
     mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label")
+
+
+def test_csv_images_blank_label_is_refused(tmp_path):
+  manual = synthetic.csv_images(str(tmp_path / "own"), num_images=12)
+  path = os.path.join(manual, "labels.csv")
+  label = _rewrite_csv(path, lambda rows: rows)[0].index("label")
+  _rewrite_csv(path, lambda rows: rows[:4] + [rows[4][:label] + [" "] + rows[4][label + 1:]] + rows[5:])
+  # Without class_names a blank cell would otherwise have become a class of its own, named ''.
+  with pytest.raises(DataError, match=r"labels.csv, line 5, column 'label': empty label"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label")
+  with pytest.raises(DataError, match=r"line 5, column 'label': unknown label value ''"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label",
+                     class_names="benign,malignant,normal")
+
+
+def test_no_usable_examples_is_a_clear_error(aptos, tmp_path):
+  manual, data_dir = aptos
+  _rewrite_csv(os.path.join(manual, "train.csv"), lambda rows: rows[:1])
+  with pytest.raises(DataError, match=r"aptos2019: no usable examples in .*\(0 read from .*train.csv, 0 skipped"):
+    mfjax.data.build("aptos2019", manual, data_dir)
+  few = synthetic.aptos2019(str(tmp_path / "few"), num_images=3)
+  for name in os.listdir(os.path.join(few, "train_images")):
+    os.remove(os.path.join(few, "train_images", name))
+  with pytest.raises(DataError, match=r"no usable examples .*\(3 read from .*, 3 skipped as missing or unreadable"):
+    mfjax.data.build("aptos2019", few, data_dir, skip_bad_images=True)
+
+
+def test_an_error_names_the_line_where_a_multi_line_row_starts(tmp_path):
+  manual = synthetic.cbis_ddsm(str(tmp_path / "cbis"), num_patients=16)
+  path = os.path.join(manual, "mass_case_description_train_set.csv")
+  rows = _rewrite_csv(path, lambda rows: rows)
+  image, pathology = rows[0].index("image file path"), rows[0].index("pathology")
+  assert rows[1][image].endswith("\n")  # as in TCIA's CSVs: each of 3 quoted path cells ends in a line break
+  _rewrite_csv(path, lambda rows: rows[:3] + [rows[3][:pathology] + ["MAYBE"] + rows[3][pathology + 1:]] + rows[4:])
+  # So a row takes 4 lines: the third row starts on line 10.
+  with pytest.raises(DataError, match=r"line 10, column 'pathology': unknown label value 'MAYBE'"):
+    mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"))

@@ -120,13 +120,22 @@ def test_cbis_ddsm_official_release_from_dicom(root):
   for name in ("mass", "calc"):
     for split in ("train", "test"):
       rows += _csv(os.path.join(manual, f"{name}_case_description_{split}_set.csv"))
-  keys = {}
+  folders_of, malignant_of = {}, {}
   for r in rows:  # one example per full mammogram, malignant if any abnormality is
-    key = r["image file path"].split("/")[0]
-    keys[key] = keys.get(key, False) or r["pathology"] == "MALIGNANT"
+    # A mammogram in both CSV families (patients 17 and 18) is one example, under its first folder by name.
+    view = (r["patient_id"], r["left or right breast"], r["image view"])
+    folders_of.setdefault(view, set()).add(r["image file path"].split("/")[0])
+    malignant_of[view] = malignant_of.get(view, False) or r["pathology"] == "MALIGNANT"
+  keys = {min(folders_of[view]): malignant for view, malignant in malignant_of.items()}
+  assert sum(len(f) == 2 for f in folders_of.values()) == 4
   records = _all(ds)
   got = {_text(r["id"]): (r["label"], split) for split in records for r in records[split]}
   assert {k: bool(v[0]) for k, v in got.items()} == keys
+  both = {_text(r["id"]): int(r["num_abnormalities"]) for s in records for r in records[s]
+          if _text(r["abnormality"]) == "both"}
+  assert sorted(both) == [f"Calc-{s}_P_000{p}_{b}_{v}" for s, p, b in (("Test", 18, "RIGHT"), ("Training", 17, "LEFT"))
+                          for v in ("CC", "MLO")]
+  assert ds.metadata["groups_in_two_splits"] == {}
   patients = {}
   for key, (_, split) in got.items():
     assert patients.setdefault(key.split("_P_")[1][:5], split) == split
@@ -141,8 +150,16 @@ def test_cbis_ddsm_official_release_from_dicom(root):
   official = mfjax.data.build("cbis_ddsm", manual, str(root / "tfds"), split="official",
                               task="mass_calcification")
   test_ids = {_text(r["id"]) for r in _records(official, "test")}
-  assert test_ids == {k for k in keys if "-Test_" in k}
+  folders = {r["image file path"].split("/")[0] for r in rows}
+  assert test_ids == {k for k in folders if "-Test_" in k}
   assert all(r["label"] == int(_text(r["id"]).startswith("Calc")) for r in _records(official, "train"))
+  # Kept as published: patient 18's families are in different splits, and the metadata says so.
+  assert official.metadata["groups_in_two_splits"] == {"patient:P_00018": ["train", "test"]}
+  # For benign/malignant her mammogram in both families is a test example, the other breast train.
+  official = mfjax.data.build("cbis_ddsm", manual, str(root / "tfds"), split="official")
+  split_of = {_text(r["id"]): s for s, rs in _all(official).items() for r in rs}
+  assert split_of["Calc-Test_P_00018_RIGHT_CC"] == "test" and split_of["Mass-Training_P_00018_LEFT_CC"] == "train"
+  assert "Mass-Training_P_00018_RIGHT_CC" not in split_of
 
 
 def test_cbis_ddsm_converted_png_and_paper_lists(root):

@@ -134,8 +134,10 @@ def test_runs_with_and_without_tables_resized_at_load_are_not_one_cell(tmp_path)
 
 def test_a_different_task_or_labels_gets_no_delta(tmp_path):
   root = str(tmp_path / "runs")
-  lists = {"options": {"layout": "lists"}}
+  lists = {"options": {"layout": "lists", "split": "official"}}
   write_cell(root, "dinov2_vitb14", "cbis_ddsm", "unfrozen_linear", {1e-4: [0.80]}, {1e-4: [0.8]}, data=lists)
+  resplit = {"data": {"name": "cbis_ddsm", "options": {"layout": "lists"}}}
+  assert "the lists re-split (the paper: split=official" in results.task_differences(resplit)
   write_cell(root, "sam_vitb", "cbis_ddsm", "unfrozen_linear", {1e-4: [0.70]}, {1e-4: [0.7]})  # layout cbis
   write_cell(root, "dinov2_vitb14", "chexpert", "unfrozen_linear", {1e-4: [0.80]}, {1e-4: [0.8]},
              data={"uncertainty": "ignore"})

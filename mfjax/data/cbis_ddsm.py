@@ -5,16 +5,18 @@ row per abnormality; rows of one full mammogram (the first folder of `image file
 e.g. Mass-Training_P_00001_LEFT_CC) form one example. task='benign_malignant' (default):
 malignant when any of its abnormalities is MALIGNANT, BENIGN and BENIGN_WITHOUT_CALLBACK
 are benign; `abnormality` picks mass, calc or both CSV families. task='mass_calcification':
-which CSV family the image comes from. The image is found by that folder name anywhere
+which CSV family the image comes from (a mammogram in both families is then two examples;
+for benign/malignant it is one). The image is found by that folder name anywhere
 under manual_dir: a converted `<folder>.png`/`.jpg`, or the one file inside `<folder>/`
 (PNG/JPEG preferred over DICOM, which is read with pydicom). Patients never straddle
-splits; split='official' keeps the official Test CSVs as the test split.
+seeded splits; split='official' keeps the official Test CSVs as the test split.
 
 layout='lists': the paper's layout, `{train,val,test}.txt` of image paths whose file name
 starts with normal, benign or cancer. task='normal_abnormal' (default, the paper's binary
 task) or 'normal_benign_cancer'. split='official' uses the three lists as given.
 """
 import collections
+import logging
 import os
 import re
 
@@ -177,6 +179,8 @@ def _read_cbis(manual_dir, opts):
         raise common.DataError(f"{common.where(path, line, 'patient_id')}: image {key!r} is listed for "
                                f"patients {entry['patient']!r} and {r['patient_id']!r}")
       entry["pathologies"].append(r["pathology"])
+  if opts["task"] == "benign_malignant":
+    images = _merge_families(images)
   rows = []
   for key in sorted(images):
     e = images[key]
@@ -190,6 +194,32 @@ def _read_cbis(manual_dir, opts):
                   "abnormality": e["family"], "pathology": worst,
                   "num_abnormalities": len(e["pathologies"])}))
   return rows, list(csvs.values())
+
+
+def _merge_families(images):
+  """A mammogram with both a mass and a calcification is in both CSV families, under two folders
+  (Mass-Training_P_X_LEFT_CC, Calc-Training_P_X_LEFT_CC) that hold the same DDSM image. For
+  benign/malignant it is one example: the file of the first folder by name (Calc- before Mass-), the worst of all its abnormalities,
+  and the test split when either family's release puts it there."""
+  first_of, merged, moved_to_test = {}, {}, []
+  for key, e in sorted(images.items()):
+    view = (e["patient"], e["breast"], e["view"])
+    other = first_of.get(view)
+    if other is None or merged[other]["family"] == e["family"]:
+      first_of.setdefault(view, key)
+      merged[key] = dict(e, pathologies=list(e["pathologies"]))
+      continue
+    m = merged[other]
+    if m["official"] != e["official"]:
+      moved_to_test.append(other)
+      m["official"] = "test"
+    m["family"] = "both"
+    m["pathologies"] += e["pathologies"]
+    m["where"] += f"; also {e['where']}"
+  if moved_to_test:
+    logging.warning("cbis_ddsm: %d mammogram(s) are in one family's Training CSV and the other's Test CSV; "
+                    "they are test examples: %s", len(moved_to_test), ", ".join(moved_to_test[:10]))
+  return merged
 
 
 # ----------------------------------------------------------------------------- the paper's lists

@@ -17,7 +17,9 @@ where its files are and what its labels mean. The tfds `Builder` here runs any r
 
 A build then: verifies every image (missing/unreadable: error, or skipped and recorded when
 `skip_bad_images=True`), measures pixel statistics, assigns splits (official or seeded),
-refuses an empty split, and writes each split. Building the same files with the same
+refuses an empty split, and writes each split. Rows of one group (a patient) never straddle a
+seeded split; an official split is kept as published, and groups it puts in two splits are logged
+and recorded. Building the same files with the same
 options twice gives identical records.
 """
 import concurrent.futures
@@ -72,7 +74,7 @@ class Row:
   where: str                      # "file, line L, column 'C'" for error messages
   label: int | None = None        # multi-class
   labels: np.ndarray | None = None  # multi-label, int8 codes (1, 0, -1 uncertain, -2 blank)
-  group: str | None = None        # rows sharing a group never straddle two splits
+  group: str | None = None        # rows sharing a group never straddle two seeded splits
   official: str | None = None     # train | validation | test from an official split
   features: dict = dataclasses.field(default_factory=dict)
 
@@ -160,13 +162,16 @@ def read_csv(path: str, required: Iterable[str]) -> tuple[list[str], list[tuple[
       if missing:
         raise DataError(f"{path} is missing required column(s) {missing}; its columns are {header}")
       rows = []
-      for values in reader:
+      while True:
+        line = reader.line_num + 1  # where the row starts: a quoted cell may span lines
+        values = next(reader, None)
+        if values is None:
+          break
         if not values or (len(values) == 1 and not values[0].strip()):
           continue  # blank line
         if len(values) != len(header):
-          raise DataError(f"{where(path, reader.line_num)}: {len(values)} fields, the header has "
-                          f"{len(header)}")
-        rows.append((reader.line_num, dict(zip(header, (v.strip() for v in values)))))
+          raise DataError(f"{where(path, line)}: {len(values)} fields, the header has {len(header)}")
+        rows.append((line, dict(zip(header, (v.strip() for v in values)))))
   except (UnicodeDecodeError, csv.Error) as e:
     raise DataError(f"{path} cannot be read as CSV: {e}") from e
   return header, rows
@@ -230,12 +235,11 @@ def assign_splits(name: str, rows: list[Row], opts: dict, num_classes: int) -> d
   else:
     where_to = _seeded(rows, fractions, opts["seed"], num_classes)
     assigned = {s: [r for r, k in zip(rows, where_to) if k == i] for i, s in enumerate(splits.SPLITS)}
-  split_of_group = {}
-  for s, rs in assigned.items():
-    for r in rs:
-      if r.group is not None and split_of_group.setdefault(r.group, s) != s:
-        raise DataError(f"{name}: {r.group} has examples in both the {split_of_group[r.group]} and the "
-                        f"{s} split (official split files overlap; e.g. {r.where})")
+  straddling = groups_in_two_splits(assigned)
+  if straddling:  # only an official split can do this; it is the release's, kept as published
+    logging.warning("%s: the official split puts %d group(s) in two splits (kept as published; listed in the "
+                    "metadata as groups_in_two_splits): %s", name, len(straddling),
+                    ", ".join(f"{g} ({'/'.join(s)})" for g, s in list(straddling.items())[:10]))
   empty = [s for s, rs in assigned.items() if not rs]
   if empty:
     sizes = {s: len(rs) for s, rs in assigned.items()}
@@ -243,6 +247,15 @@ def assign_splits(name: str, rows: list[Row], opts: dict, num_classes: int) -> d
                     f"rows, split={opts['split']!r}, fractions={opts['fractions']}); the dataset is too "
                     "small for this split")
   return assigned
+
+
+def groups_in_two_splits(assigned: dict[str, list[Row]]) -> dict[str, list[str]]:
+  splits_of = {}
+  for s, rs in assigned.items():
+    for r in rs:
+      if r.group is not None and s not in splits_of.setdefault(r.group, []):
+        splits_of[r.group].append(s)
+  return {g: ss for g, ss in sorted(splits_of.items()) if len(ss) > 1}
 
 
 def _seeded(rows: list[Row], fractions, seed: int, num_classes: int) -> np.ndarray:
@@ -314,8 +327,13 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if r.id in seen:
         raise DataError(f"{name}: duplicate example id {r.id!r} at {r.where} and {seen[r.id]}")
       seen[r.id] = r.where
+    num_read = len(rows)
     rows, stats, skipped = verify_images(name, rows, spec.channels, opts["skip_bad_images"],
                                          opts["num_threads"])
+    if not rows:
+      files = ", ".join(sorted(set(sources)))
+      raise DataError(f"{name}: no usable examples in {self._manual_dir} ({num_read} read from {files}, "
+                      f"{len(skipped)} skipped as missing or unreadable; options {record_options(opts)})")
     if skipped:
       logging.warning("%s: skipped %d unreadable or missing image(s): %s", name, len(skipped),
                       ", ".join(s["image"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
@@ -331,6 +349,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "num_skipped": len(skipped),
         "skipped": skipped,
         "split_sizes": {s: len(rs) for s, rs in assigned.items()},
+        "groups_in_two_splits": groups_in_two_splits(assigned),
         "class_counts": {s: class_counts(rs, spec.num_classes) for s, rs in assigned.items()},
         "measured_train_mean": train_stats[0].tolist(),
         "measured_train_std": np.sqrt(np.maximum(train_stats[1] - train_stats[0] ** 2, 0)).tolist(),

@@ -89,9 +89,15 @@ def check(opts, manual_dir):
   elif opts["class_names"] is None:
     path = os.path.join(manual_dir, opts["csv"])
     _, table = common.read_csv(path, [opts["label_column"]])
+    for line, r in table:
+      if not r[opts["label_column"]]:
+        raise common.DataError(f"{common.where(path, line, opts['label_column'])}: empty label; every row "
+                               "needs a class (leave the row out, or name its class)")
     opts["class_names"] = tuple(sorted({r[opts["label_column"]] for _, r in table}, key=_sort_key))
   else:
     opts["class_names"] = tuple(str(c) for c in opts["class_names"])
+    if any(not name.strip() for name in opts["class_names"]):
+      raise common.DataError(f"csv_images: class_names={opts['class_names']} has an empty name")
   num = len(opts["label_columns"] or opts["class_names"])
   if num < 2 and opts["label_columns"] is None:
     raise common.DataError(f"csv_images: {num} class(es) {opts['class_names']}; a classifier needs at least 2")

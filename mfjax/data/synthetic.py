@@ -201,7 +201,8 @@ def cbis_ddsm(root: str, num_patients: int = 14, size: int = 64, seed: int = 0, 
   """Official CBIS-DDSM layout: four case-description CSVs + TCIA DICOM folders.
 
   dicom=False writes converted `converted/<folder>.png` 8-bit files instead. Each full
-  mammogram also gets an ROI-crop folder (`<folder>_1`), which the builder must not pick.
+  mammogram also gets an ROI-crop folder (`<folder>_1`), which the builder must not pick. Two
+  extra patients have a mammogram in both CSV families.
   """
   rng = np.random.default_rng(seed)
   header = {
@@ -214,32 +215,47 @@ def cbis_ddsm(root: str, num_patients: int = 14, size: int = 64, seed: int = 0, 
   }
   tables = {(f, s): [] for f in ("mass", "calc") for s in ("train", "test")}
   uid = seed * 100000
+
+  def mammograms(p, family, split, breast, malignant, pixels_of=None):
+    nonlocal uid
+    written = {}
+    for view in ("CC", "MLO"):
+      key = f"{family.capitalize()}-{'Training' if split == 'train' else 'Test'}_P_{p:05d}_{breast}_{view}"
+      uid += 3
+      series = f"1.3.6.1.4.1.9590.100.1.2.{uid}/1.3.6.1.4.1.9590.100.1.2.{uid + 1}"
+      pixels = written[view] = (pixels_of[view] if pixels_of else
+                                mammogram(rng, family, malignant, size, bits=16 if dicom else 8))
+      if dicom:
+        write_dicom(os.path.join(root, "CBIS-DDSM", key, f"07-20-2016-DDSM-{uid}", f"1.000000-full-{uid}",
+                                 "1-1.dcm"), pixels, uid, monochrome1=p % 5 == 0)
+        write_dicom(os.path.join(root, "CBIS-DDSM", key + "_1", f"08-29-2017-DDSM-{uid}",
+                                 f"1.000000-ROI-{uid}", "1-1.dcm"), pixels[:size // 2, :size // 2], uid + 2)
+      else:
+        _save(pixels, os.path.join(root, "converted", key + ".png"))
+      for abnormality in range(1, int(rng.integers(1, 3)) + 1):
+        pathology = "MALIGNANT" if malignant and abnormality == 1 else str(
+            rng.choice(["BENIGN", "BENIGN_WITHOUT_CALLBACK"]))
+        kind = ["OVAL", "CIRCUMSCRIBED"] if family == "mass" else ["PLEOMORPHIC", "CLUSTERED"]
+        tables[(family, split)].append([  # TCIA's path cells end in a line break
+            f"P_{p:05d}", int(rng.integers(1, 5)), breast, view, abnormality,
+            "mass" if family == "mass" else "calcification", *kind, int(rng.integers(2, 6)), pathology,
+            int(rng.integers(1, 6)), f"{key}/{series}/000000.dcm\n",
+            f"{key}_{abnormality}/{series}/000000.dcm\n", f"{key}_{abnormality}/{series}/000001.dcm\n"])
+    return written
+
   for p in range(1, num_patients + 1):
     split = "test" if p % 4 == 0 else "train"
     for breast in rng.permutation(["LEFT", "RIGHT"])[:int(rng.integers(1, 3))]:
       family = "mass" if rng.random() < 0.5 else "calc"
-      malignant = bool(rng.random() < 0.5)
-      for view in ("CC", "MLO"):
-        key = f"{family.capitalize()}-{'Training' if split == 'train' else 'Test'}_P_{p:05d}_{breast}_{view}"
-        uid += 3
-        series = f"1.3.6.1.4.1.9590.100.1.2.{uid}/1.3.6.1.4.1.9590.100.1.2.{uid + 1}"
-        pixels = mammogram(rng, family, malignant, size, bits=16 if dicom else 8)
-        if dicom:
-          write_dicom(os.path.join(root, "CBIS-DDSM", key, f"07-20-2016-DDSM-{uid}", f"1.000000-full-{uid}",
-                                   "1-1.dcm"), pixels, uid, monochrome1=p % 5 == 0)
-          write_dicom(os.path.join(root, "CBIS-DDSM", key + "_1", f"08-29-2017-DDSM-{uid}",
-                                   f"1.000000-ROI-{uid}", "1-1.dcm"), pixels[:size // 2, :size // 2], uid + 2)
-        else:
-          _save(pixels, os.path.join(root, "converted", key + ".png"))
-        for abnormality in range(1, int(rng.integers(1, 3)) + 1):
-          pathology = "MALIGNANT" if malignant and abnormality == 1 else str(
-              rng.choice(["BENIGN", "BENIGN_WITHOUT_CALLBACK"]))
-          kind = ["OVAL", "CIRCUMSCRIBED"] if family == "mass" else ["PLEOMORPHIC", "CLUSTERED"]
-          tables[(family, split)].append([
-              f"P_{p:05d}", int(rng.integers(1, 5)), breast, view, abnormality,
-              "mass" if family == "mass" else "calcification", *kind, int(rng.integers(2, 6)), pathology,
-              int(rng.integers(1, 6)), f"{key}/{series}/000000.dcm",
-              f"{key}_{abnormality}/{series}/000000.dcm", f"{key}_{abnormality}/{series}/000001.dcm"])
+      mammograms(p, family, split, breast, malignant=bool(rng.random() < 0.5))
+  # As in the release, some mammograms hold a mass and a calcification: one image, two folders. The
+  # second patient's is in the mass Training CSV and the calcification Test CSV, her other breast in
+  # the mass Training CSV only.
+  both = mammograms(num_patients + 1, "mass", "train", "LEFT", malignant=False)
+  mammograms(num_patients + 1, "calc", "train", "LEFT", malignant=True, pixels_of=both)
+  both = mammograms(num_patients + 2, "mass", "train", "RIGHT", malignant=True)
+  mammograms(num_patients + 2, "calc", "test", "RIGHT", malignant=False, pixels_of=both)
+  mammograms(num_patients + 2, "mass", "train", "LEFT", malignant=False)
   for (family, split), rows in tables.items():
     _write_csv(os.path.join(root, f"{family}_case_description_{split}_set.csv"), header[family], rows)
   return root

@@ -137,7 +137,7 @@ def not_the_papers_weights(config: dict, head: str) -> bool:
 
 def task_differences(config: dict) -> str:
   """How a run's task or labels differ from the paper's for the same dataset name; "" when they don't.
-  The paper's DDSM is its own image lists (normal vs abnormal); its CheXpert is train.csv only, every
+  The paper's DDSM is its own image lists as given (normal vs abnormal); its CheXpert is train.csv only, every
   view, uncertain labels as 0. A published number for another task is no reference for a run."""
   data = config.get("data", {})
   name, options = data.get("name"), data.get("options") or {}
@@ -147,8 +147,12 @@ def task_differences(config: dict) -> str:
     if layout != "lists":
       differences.append(f"layout={layout}, task={task or 'benign_malignant'} (the paper: its DDSM lists, "
                          "normal vs abnormal)")
-    elif task not in (None, "normal_abnormal"):
-      differences.append(f"task={task} (the paper: normal vs abnormal)")
+    else:
+      if task not in (None, "normal_abnormal"):
+        differences.append(f"task={task} (the paper: normal vs abnormal)")
+      if options.get("split", "seeded") != "official":
+        differences.append("layout=lists, split=seeded: the lists re-split (the paper: split=official, "
+                           "the lists as given)")
   if name == "chexpert":
     if data.get("uncertainty", "zeros") != "zeros":
       differences.append(f"uncertainty={data['uncertainty']} (the paper: zeros)")
