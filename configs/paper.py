@@ -23,6 +23,11 @@ WARMUP = {"aptos2019": {"epochs": 5}, "cbis_ddsm": {"epochs": 5}, "isic2019": {"
 TRAINED_PROTOCOLS = ("unfrozen_linear", "unfrozen_deit", "decapitation")
 
 
+def paper_drop_path(model: str, protocol: str) -> float:
+  """As the paper's code: SEEM's D2FocalNet has drop-path 0.3, which acts where the foundation trains."""
+  return 0.3 if model == "seem_focalt" and protocol in TRAINED_PROTOCOLS else 0.0
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a = parse_arg(arg, model="dinov2_vitb14", dataset="aptos2019", protocol="unfrozen_linear", res=224,
                 lr=1e-4, seed=0, epochs=100, batch=64)
@@ -36,8 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.checkpoint = ""          # a folder written by `python -m convert`; "" = random init
   c.model.dtype = "float32"        # compute dtype (bfloat16 for speed); parameters stay float32
   c.model.remat = False
-  # As the paper's code: SEEM's D2FocalNet has drop-path 0.3, which acts where the foundation trains.
-  c.model.drop_path = 0.3 if a.model == "seem_focalt" and a.protocol in TRAINED_PROTOCOLS else 0.0
+  c.model.drop_path = paper_drop_path(a.model, a.protocol)
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model
   # SAM and OpenCLIP: position tables resized once at load and trained at the run's resolution, as
   # the paper's code does (mfjax.train.build.RESIZED_AT_LOAD); False: resized at every forward.

@@ -39,9 +39,15 @@ def _typed(value: str, default: Any, key: str):
     return value.lower() in ("true", "1")
   if isinstance(default, (int, float)) and not isinstance(default, bool):
     try:
-      return type(default)(ast.literal_eval(value)) if isinstance(default, int) else float(value)
+      number = ast.literal_eval(value) if isinstance(default, int) else float(value)
     except (ValueError, SyntaxError) as e:
       raise ConfigError(f"{key}={value!r}: expected a {type(default).__name__}") from e
+    if isinstance(default, int):  # 1e3 is 1000; 2.7, True or a string is a typo, not 2, 1 or an error later
+      if isinstance(number, float) and number.is_integer():
+        number = int(number)
+      if not isinstance(number, int) or isinstance(number, bool):
+        raise ConfigError(f"{key}={value!r}: expected an int")
+    return number
   if value.lower() in ("none", "null"):
     return None
   return value

@@ -18,7 +18,7 @@ from mfjax import data as mdata
 from mfjax.cli import load_config
 from mfjax.config import ConfigError
 from mfjax.data import synthetic
-from mfjax.train import fit
+from mfjax.train import build, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -314,7 +314,6 @@ def test_config_errors(aptos, tmp_path):
 
 def test_data_norm_model_normalises_with_the_models_constants(aptos):
   from mfjax.evals import studies
-  from mfjax.train import build
   mesh = fit.parallel.make_mesh()
   pixels, keys = {}, {}
   for norm in ("dataset", "model"):
@@ -396,10 +395,40 @@ def test_paper_config_details(caplog):
   assert load_config("configs/paper.py:model=seem_focalt,protocol=frozen_deit", []).model.drop_path == 0.0
   assert load_config("configs/paper.py:model=dinov2_vitb14", []).model.drop_path == 0.0
   # The warmup follows the dataset= argument; overriding data.name alone leaves APTOS's, and says so.
-  fit.check_paper_warmup(load_config("configs/paper.py:dataset=isic2019", []))
+  fit.check_paper_defaults(load_config("configs/paper.py:dataset=isic2019", []))
+  fit.check_paper_defaults(load_config("configs/paper.py:model=seem_focalt,protocol=unfrozen_deit", []))
   assert not caplog.records
-  fit.check_paper_warmup(load_config("configs/paper.py:dataset=aptos2019", ["--config.data.name=isic2019"]))
+  fit.check_paper_defaults(load_config("configs/paper.py:dataset=aptos2019", ["--config.data.name=isic2019"]))
   assert "is the paper's for aptos2019/cbis_ddsm, not for isic2019" in caplog.text
+  with pytest.raises(ConfigError, match="optim.warmup_epochs=5 and optim.warmup_steps=1000: set one"):
+    fit.check_paper_defaults(load_config("configs/paper.py:dataset=isic2019", ["--config.optim.warmup_epochs=5"]))
+  # So does SEEM's drop-path, which follows model= and protocol=.
+  for arg, overrides in (("model=seem_focalt", ["--config.protocol.name=frozen_linear"]),
+                         ("protocol=unfrozen_deit", ["--config.model.name=seem_focalt"])):
+    caplog.clear()
+    fit.check_paper_defaults(load_config(f"configs/paper.py:{arg}", overrides))
+    assert "model.drop_path=0.3, the paper's is 0.0 for seem_focalt under frozen_linear" in caplog.text or \
+        "model.drop_path=0.0, the paper's is 0.3 for seem_focalt under unfrozen_deit" in caplog.text
+  # A protocol field that the protocol does not read, a stacked head under a linear protocol, or more
+  # blocks than the model has are refused, not ignored.
+  for arg, overrides, message in (
+      ("protocol=unfrozen_linear", ["--config.protocol.head=deit"], "protocol.head='deit' does not apply to"),
+      ("protocol=progressive", ["--config.protocol.head=Deit"], "unknown protocol.head 'Deit'"),
+      ("protocol=frozen_linear", ["--config.protocol.unfreeze_from=3"], "unfreeze_from=3 applies to protocol "
+                                                                       "progressive only, not to frozen_linear"),
+      ("protocol=unfrozen_deit", ["--config.protocol.keep_blocks=4"], "keep_blocks=4 applies to protocol decap"),
+      ("protocol=frozen_deit", ["--config.protocol.decapitation_trained=True"], "decapitation_trained=True"),
+  ):
+    with pytest.raises(ConfigError, match=message):
+      build.check_names(load_config(f"configs/paper.py:{arg}", overrides))
+  build.check_names(load_config("configs/paper.py:protocol=progressive", ["--config.protocol.head=deit"]))
+  with pytest.raises(ConfigError, match="protocol.keep_blocks=13 but dinov2_vitb14 has 12 blocks"):
+    build.foundation_spec(load_config("configs/paper.py:protocol=decapitation", ["--config.protocol.keep_blocks=13"]))
+  # A colon argument that is not the int it should be is an error, not truncated.
+  for bad in ("epochs=2.7", "seed=True", "batch='64'"):
+    with pytest.raises(ConfigError, match="expected an int"):
+      load_config(f"configs/paper.py:{bad}", [])
+  assert load_config("configs/paper.py:epochs=1e2", []).epochs == 100
 
 
 def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
@@ -553,3 +582,24 @@ def test_position_tables_resized_at_load_as_the_papers_code(aptos, tmp_path, mod
   fit.start_run(native, str(tmp_path / "old"))
   assert native.model.resize_at_load is True and not fit.build.resized_at_load(native)
   assert fit.build.foundation_spec(resumed)[1]["native_resolution"] == (32, 32)  # the checkpoint's
+
+
+def test_unused_and_torch_one_dim_parameters(aptos):
+  from mfjax.train import optim, protocols
+  # SAM's neck, which the classifier never uses (the paper's code drops it): frozen, without optimizer
+  # state, and not counted.
+  run = fit.prepare(tiny(aptos, "unfrozen_linear", model="sam_vitb"))
+  trainable, frozen = flat(run.state["trainable"]), flat(run.state["frozen"])
+  neck = {k: v.size for k, v in frozen.items() if k.startswith("foundation/neck/")}
+  assert neck and not any(k.startswith("foundation/neck/") for k in trainable)
+  assert set(flat(run.state["opt"][1].mu)) == set(trainable)
+  assert run.n_trainable == sum(v.size for v in trainable.values())
+  assert run.n_total == run.n_trainable + sum(v.size for v in frozen.values()) - sum(neck.values())
+  # OpenCLIP's class embedding is 1-D in open_clip: no weight decay, as the paper's rule gives it.
+  config = tiny(aptos, "unfrozen_linear", model="openclip_vitb16")
+  params = build.abstract_params(build.build_classifier(config, 5), (32, 32, 3))["params"]
+  decays = flat(optim.decay_mask(params, build.one_dim_in_torch(config)))
+  assert not decays["foundation/cls_token"] and decays["foundation/pos_embed"] and decays["fc/kernel"]
+  assert flat(optim.decay_mask(params))["foundation/cls_token"]
+  assert build.one_dim_in_torch(tiny(aptos, model="deit_base_patch16")) == ()
+  assert protocols.count_used({"foundation": {"neck": {"w": np.zeros(3)}, "b": np.zeros(2)}}) == 2

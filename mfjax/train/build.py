@@ -61,6 +61,25 @@ def check_names(config) -> None:
   """The model and protocol names, checked before anything slow (building the dataset) runs."""
   check_choice("model", config.model.name, models.NAMES)
   check_choice("protocol", config.protocol.name, protocols.PROTOCOLS)
+  check_protocol_fields(config.protocol)
+
+
+# Protocol fields that only one protocol reads, with their defaults; set under another one, they
+# would be ignored and a mistyped experiment would run as a different one.
+PROTOCOL_FIELDS = {"unfreeze_from": ("progressive", 0), "keep_blocks": ("decapitation", 0),
+                   "decapitation_trained": ("decapitation", False)}
+
+
+def check_protocol_fields(protocol) -> None:
+  name = protocol.name
+  if "head" in protocol:
+    check_choice("protocol.head", protocol.head, ("linear", "deit"))
+    if name != "progressive" and protocol.head not in ("linear", protocols.head_of(name)):
+      raise ConfigError(f"protocol.head={protocol.head!r} does not apply to protocol {name} (its head is "
+                        f"{protocols.head_of(name)}); protocol.head chooses the head of progressive only")
+  for field, (owner, default) in PROTOCOL_FIELDS.items():
+    if field in protocol and name != owner and protocol[field] != default:
+      raise ConfigError(f"protocol.{field}={protocol[field]!r} applies to protocol {owner} only, not to {name}")
 
 
 def foundation_spec(config) -> tuple[str, dict]:
@@ -99,8 +118,23 @@ def _foundation_spec_as_stored(config) -> tuple[str, dict]:
     cut = next((f for f in ("num_blocks", "num_stages") if f in module_fields), None)
     if cut is None:
       raise ConfigError(f"model {name} cannot be decapitated (no num_blocks/num_stages field)")
+    whole = models.create(name, **overrides)
+    units = len(whole.depths) if hasattr(whole, "depths") else whole.depth
+    if config.protocol.keep_blocks > units:
+      raise ConfigError(f"protocol.keep_blocks={config.protocol.keep_blocks} but {name} has {units} "
+                        f"{'stages' if cut == 'num_stages' else 'blocks'}")
     overrides[cut] = config.protocol.keep_blocks
   return name, overrides
+
+
+# Parameters that are 1-D in the PyTorch original but not here, which the paper's rule (no weight
+# decay on biases and 1-D parameters) must name: OpenCLIP's class_embedding is (width,), mfjax's
+# cls_token (1, 1, width).
+ONE_DIM_IN_TORCH = {"openclip_": ("foundation/cls_token",)}
+
+
+def one_dim_in_torch(config) -> tuple[str, ...]:
+  return next((paths for prefix, paths in ONE_DIM_IN_TORCH.items() if config.model.name.startswith(prefix)), ())
 
 
 def head_fields(config) -> dict:

@@ -268,7 +268,8 @@ def prepare(config) -> Setup:
   variables = build.load_pretrained(classifier, config, variables)
   trainable, frozen = protocols.split(variables["params"], mask)
   tx = make_optimizer(trainable, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1,
-                      config.optim.b2, config.optim.eps, config.optim.mu_dtype or None)
+                      config.optim.b2, config.optim.eps, config.optim.mu_dtype or None,
+                      one_dim_in_torch=build.one_dim_in_torch(config))
   opt_shardings = parallel.tree_shardings({"opt": jax.eval_shape(tx.init, trainable)}, rules, mesh,
                                           min_bytes)["opt"]
   replicated = parallel.replicated(mesh)
@@ -277,8 +278,8 @@ def prepare(config) -> Setup:
            "trainable": trainable, "frozen": frozen, "batch_stats": variables.get("batch_stats", {}),
            "opt": jax.jit(tx.init, out_shardings=opt_shardings)(trainable)}
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
-  n_total = n_trainable + sum(x.size for x in jax.tree_util.tree_leaves(frozen))
+  n_trainable = protocols.count_used(trainable)
+  n_total = n_trainable + protocols.count_used(frozen)
 
   def apply(params, stats, images, train, rng=None):
     v = {"params": params, **({"batch_stats": stats} if stats else {})}
@@ -387,17 +388,27 @@ def start_run(config, workdir) -> tuple[epath.Path, dict]:
   return workdir, config_dict
 
 
-def check_paper_warmup(config) -> None:
-  """Warn when the warmup is the paper's for another dataset: configs/paper.py sets it from its
-  `dataset=` argument, and a `--config.data.name` override does not change it."""
-  from configs.paper import WARMUP
+def check_paper_defaults(config) -> None:
+  """configs/paper.py sets the warmup and SEEM's drop-path from its `dataset=`, `model=` and
+  `protocol=` arguments; a `--config.data.name` (or model/protocol) override does not change them.
+  Warn where the value is the paper's for another cell; refuse two warmups."""
+  from configs.paper import WARMUP, paper_drop_path
   warmup = {"epochs": config.optim.get("warmup_epochs", 0), "steps": config.optim.get("warmup_steps", 0)}
+  if warmup["epochs"] and warmup["steps"]:
+    raise ConfigError(f"optim.warmup_epochs={warmup['epochs']} and optim.warmup_steps={warmup['steps']}: set one "
+                      "and the other to 0")
   paper = {name: {"epochs": w.get("epochs", 0), "steps": w.get("steps", 0)} for name, w in WARMUP.items()}
   if config.data.name in paper and warmup != paper[config.data.name] and warmup in paper.values():
     others = [name for name, w in paper.items() if w == warmup]
     log.warning("the warmup (%s) is the paper's for %s, not for %s (%s): pass dataset=%s in the config argument, "
                 "or set optim.warmup_epochs / optim.warmup_steps", warmup, "/".join(others), config.data.name,
                 paper[config.data.name], config.data.name)
+  if "protocol" not in config:
+    return
+  drop_path, wanted = config.model.drop_path, paper_drop_path(config.model.name, config.protocol.name)
+  if drop_path != wanted and drop_path in (0.0, paper_drop_path("seem_focalt", "unfrozen_linear")):
+    log.warning("model.drop_path=%s, the paper's is %s for %s under %s: pass model= and protocol= in the config "
+                "argument, or set model.drop_path", drop_path, wanted, config.model.name, config.protocol.name)
 
 
 def next_surviving_workers(iterator, loader, preemption) -> tuple[Any, Any]:
@@ -422,12 +433,12 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   the learning rate is not selected."""
   start_time = time.time()
   build.check_names(config)
+  check_paper_defaults(config)
   workdir, config_dict = start_run(config, workdir)
   finished = workdir / "result.json"
   if finished.exists():  # its config is this one (start_run checked): nothing to do, nothing appended
     log.info("%s has finished already (result.json); delete it to test the best checkpoint again", workdir)
     return json.loads(finished.read_text())
-  check_paper_warmup(config)
   resized = build.resized_at_load(config)
   run = prepare(config)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import optax
 
 
-def decay_mask(params):
-  """Weight decay everywhere except biases and 1-D parameters (norm scales, LayerScale)."""
+def decay_mask(params, one_dim_in_torch: tuple[str, ...] = ()):
+  """Weight decay everywhere except biases and 1-D parameters (norm scales, LayerScale), and the
+  parameters named (as "foundation/cls_token") in `one_dim_in_torch`: 1-D in the PyTorch original."""
   def rule(path, x):
-    last = getattr(path[-1], "key", str(path[-1]))
-    return x.ndim > 1 and last != "bias"
+    keys = [getattr(k, "key", str(k)) for k in path]
+    return x.ndim > 1 and keys[-1] != "bias" and "/".join(keys) not in one_dim_in_torch
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
@@ -34,7 +35,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(params, clip_norm=1.0, weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8,
-                   mu_dtype=None, decay_everything=False) -> optax.GradientTransformation:
+                   mu_dtype=None, decay_everything=False,
+                   one_dim_in_torch: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """Gradient transform whose output, times -lr, is torch's AdamW update (decoupled decay).
 
   Weight decay skips biases and 1-D parameters unless `decay_everything` (MedDINOv3's nnU-Net
@@ -42,7 +44,8 @@ def make_optimizer(params, clip_norm=1.0, weight_decay=1e-5, b1=0.9, b2=0.999, e
   return optax.chain(
       clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None),
-      optax.add_decayed_weights(weight_decay, mask=None if decay_everything else decay_mask(params)),
+      optax.add_decayed_weights(weight_decay,
+                                mask=None if decay_everything else decay_mask(params, one_dim_in_torch)),
   )
 
 

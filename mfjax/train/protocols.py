@@ -26,6 +26,18 @@ PROTOCOLS = ("frozen_linear", "frozen_deit", "unfrozen_linear", "unfrozen_deit",
 BLOCK_NAME = re.compile(r"^(?:blocks_(\d+)|layers_(\d+)_.*|norm(\d+)|layer(\d+)_\d+)$")
 
 
+# Top-level foundation parameters the classifier never uses: SAM's neck (the paper's code drops it
+# at load). They stay frozen, get no optimizer state, and are not counted as the model's parameters.
+UNUSED_BY_CLASSIFIER = ("neck",)
+
+
+def count_used(params: dict) -> int:
+  """Parameters of a classifier's params tree, less those the classifier never uses."""
+  flat = traverse_util.flatten_dict(params)
+  return int(sum(v.size for p, v in flat.items()
+                 if not (len(p) > 1 and p[0] == "foundation" and p[1] in UNUSED_BY_CLASSIFIER)))
+
+
 def block_number(name: str) -> int | None:
   m = BLOCK_NAME.match(name)
   return None if m is None else int(next(g for g in m.groups() if g is not None))
@@ -81,6 +93,8 @@ def trainable_mask(params: dict, protocol: str, unfreeze_from: int = 0,
   def rule(path, _):
     if path[0] != "foundation":
       return True
+    if path[1] in UNUSED_BY_CLASSIFIER:
+      return False
     if protocol == "progressive":
       return path[1] in trained_blocks
     return everything
