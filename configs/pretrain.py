@@ -86,6 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.masking.min_patches = 4
   c.masking.min_aspect = 0.3
   c.masking.max_fraction = 0.5       # of the crop's patches, per rectangle
+  c.masking.group_crops = 0          # masks are collated per group of this many global crops (each group gets
+                                     # DINOv3's spread of mask ratios); 0 = each device's crops, as DINOv3
+                                     # per GPU. Set it to keep masks the same on any device count.
 
   c.loss = ml_collections.ConfigDict()
   c.loss.student_temp = 0.1
@@ -125,7 +128,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.gram.teacher_step = 0            # ... copied at this step; the Gram loss counts from this step on
   c.gram.crop_size = 0               # Gram teacher input size; 0 = the global crops themselves
   c.gram.distortions = True          # the Gram teacher sees the student's photometric draw (False: none)
-  c.gram.img_level = True            # one Gram matrix per image (False: one over the whole batch)
+  c.gram.img_level = True            # one Gram matrix per image (False: one over each device's crops, as DINOv3)
   c.gram.refresh_every = 0           # > 0: after every this many steps the EMA teacher replaces the Gram teacher ...
   c.gram.first_refresh = 0           # ... from this step on ...
   c.gram.max_refreshes = 0           # ... at most this many times (0: no limit); DINOv3's rep_update

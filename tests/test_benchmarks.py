@@ -170,8 +170,10 @@ def test_step_parts_times_every_part_in_both_frameworks(tmp_path, dtype, dense):
   assert {"attention core, forward + backward", "clip + AdamW update"} <= set(parts)
   for row in rows[:-1]:
     positive(row["jax_ms"]), positive(row["torch_ms"]), positive(row["ratio"])
-    for side in ("jax_busy", "torch_busy"):  # timings of >= 20 ms: CPU-time accounting is coarser below
-      assert 0 < float(row[side]) <= os.cpu_count() + 0.5, (row["part"], side, row[side])
+    # Cores busy per wall second. A CPU quota is enforced per scheduling period, so a short timing on a
+    # host with more cores than the quota can burst above os.cpu_count() (5.2 seen on 2): a loose bound.
+    for side in ("jax_busy", "torch_busy"):
+      assert 0 < float(row[side]) <= 4 * os.cpu_count(), (row["part"], side, row[side])
     assert row["keep_freed_memory"] is sys.platform.startswith("linux")  # mfjax/hostmem.py applied
   total = rows[-1]
   assert float(total["jax_step_ms"]) >= max(float(r["jax_step_ms"]) for r in rows[:-1])

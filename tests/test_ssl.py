@@ -1,5 +1,6 @@
 """MedDINOv3 pretraining (mfjax.ssl): losses against PyTorch written from DINOv3's code, masks,
 heads, crops, schedules, and a tiny end-to-end run with resume, export and bad inputs."""
+import dataclasses
 import json
 import math
 import os
@@ -171,6 +172,39 @@ def test_gram_loss_matches_dinov3(img_level, teacher_grid):
   ref.backward()
   close(value, ref.item())
   close(grad, st.grad.numpy())
+
+
+def test_gram_over_the_batch_is_per_device_group():
+  rng = np.random.default_rng(6)
+  student, teacher = (jnp.asarray(rng.normal(size=(4, 16, 8)).astype(np.float32)) for _ in range(2))
+  per_group = [losses.gram_loss(student[i:i + 2], teacher[i:i + 2], (4, 4), (4, 4), False) for i in (0, 2)]
+  close(losses.gram_loss(student, teacher, (4, 4), (4, 4), False, groups=2), np.mean(per_group), 1e-6)
+  assert abs(float(losses.gram_loss(student, teacher, (4, 4), (4, 4), False)) - float(np.mean(per_group))) > 1e-4
+
+
+def test_masks_are_collated_per_group_and_gathered_per_group(ct_folder):
+  config = tiny_config(ct_folder)
+  crops = 2 * config.batch_size
+  assert pretrain.mask_groups(config, 1) == 1 and pretrain.mask_groups(config, 2) == 2
+  config.masking.group_crops = crops // 2
+  assert pretrain.mask_groups(config, 1) == 2
+  config.masking.group_crops = 3
+  with pytest.raises(ConfigError, match=f"masking.group_crops=3 must divide the {crops} global crops"):
+    pretrain.mask_groups(config, 1)
+  config.masking.group_crops = crops // 2
+  networks, _ = pretrain.build_networks(config)
+  networks = dataclasses.replace(networks, mask_groups=2)
+  pool = pretrain.SlicePool(pretrain.list_volumes(config.data.folders), config.seed, 2, 1)
+  batch = pretrain.make_batch(config, pool, 0, networks, None)
+  masks, indices, weights = batch["masks"], batch["mask_indices"], batch["mask_weights"]
+  assert masks.shape[0] == crops and indices.shape[0] == weights.shape[0] == 2
+  for j in range(2):  # each group: DINOv3's spread of mask counts over its own crops, indexed within them
+    group = masks[j * crops // 2:(j + 1) * crops // 2].reshape(-1)
+    np.testing.assert_array_equal(indices[j], np.flatnonzero(group))
+    assert indices.shape[1] == sum(masking.masked_counts(crops // 2, masks.shape[1]))
+  tokens = np.random.default_rng(0).normal(size=(crops, masks.shape[1], 3)).astype(np.float32)
+  np.testing.assert_array_equal(pretrain.masked_patches(jnp.asarray(tokens), jnp.asarray(indices)),
+                                tokens.reshape(-1, 3)[np.flatnonzero(masks)])
 
 
 # ------------------------------------------------------------------------------- heads
@@ -650,19 +684,32 @@ def test_train_step_combines_losses_updates_and_ema(ct_folder):
 def test_pretrain_splits_the_batch_over_devices(ct_folder, tmp_path):
   """Two simulated devices (a separate process: the device count is fixed at JAX's start) give
   the one-device run's first step: the crops are split, the losses' sums stay global."""
-  config = tiny_config(ct_folder, epochs=1, epoch_length=1)
+  # Masks collated per group of a fixed size are the same on any device count (by default each
+  # device's crops are one group, as DINOv3's per-GPU collation).
+  config = tiny_config(ct_folder, epochs=1, epoch_length=1, **{"masking.group_crops": 4})
   one = pretrain.run(config, tmp_path / "one", progress=False)
   script = (f"from configs import pretrain as c; from mfjax.ssl import pretrain; import json\n"
+            f"import jax, numpy as np; from mfjax import parallel\n"
             f"config = c.get_config('tiny=true,epochs=1,epoch_length=1')\n"
             f"config.data.folders = {str(ct_folder)!r}; config.gram.weight = 0.5; config.gram.teacher_step = 1\n"
-            f"config.gram.crop_size = 48\n"
-            f"print(json.dumps(pretrain.run(config, {str(tmp_path / 'two')!r}, progress=False)))")
+            f"config.gram.crop_size = 48; config.masking.group_crops = 4\n"
+            f"result = pretrain.run(config, {str(tmp_path / 'two')!r}, progress=False)\n"
+            # Each device gathers the masked patches of its own crops, and keeps them.
+            f"split = parallel.batch_sharding(parallel.make_mesh())\n"
+            f"tokens = parallel.put_global(np.arange(8 * 5 * 3, dtype=np.float32).reshape(8, 5, 3), split)\n"
+            f"indices = parallel.put_global(np.array([[0, 7, 19], [1, 2, 3]], np.int32), split)\n"
+            f"out = jax.jit(pretrain.masked_patches)(tokens, indices)\n"
+            f"result['shards'] = [list(s.data.shape) for s in out.addressable_shards]\n"
+            f"result['rows'] = np.asarray(out)[:, 0].tolist()\n"
+            f"print(json.dumps(result))")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   two = json.loads(proc.stdout.strip().splitlines()[-1])
   assert (one["devices"], two["devices"]) == (1, 2)
+  assert two["shards"] == [[3, 3], [3, 3]]
+  assert two["rows"] == [0, 21, 57, 63, 66, 69]  # group 1 starts at crop 4: its token 1 is token 21 of all
   for key in ("train/dino", "train/dino_local", "train/dino_global", "train/ibot"):
     close(two["final"][key], one["final"][key], 1e-4)
   # KoLeo takes the log of nearest-neighbour distances of ~1e-4 here (the CLS tokens of a random

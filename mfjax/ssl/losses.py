@@ -102,11 +102,12 @@ def koleo_loss(features, eps: float = 1e-8, group_size: int = 0):
 
 
 def gram_loss(student_tokens, teacher_tokens, student_grid: tuple[int, int], teacher_grid: tuple[int, int],
-              img_level: bool = True):
+              img_level: bool = True, groups: int = 1):
   """MSE between the Gram matrices of L2-normalised student (B, N, D) and teacher (B, Nt, D) patch
   tokens. Teacher tokens on another grid are first resized to the student's (bicubic,
   align_corners=False, no antialias). img_level: one N x N Gram per image; otherwise one
-  (B N) x (B N) Gram over the whole batch."""
+  (B/groups N) x (B/groups N) Gram over each of `groups` consecutive parts of the batch (DINOv3's
+  over each GPU's batch; pass the device count)."""
   b, _, d = teacher_tokens.shape
   teacher = jax.lax.stop_gradient(teacher_tokens).astype(jnp.float32)
   if tuple(teacher_grid) != tuple(student_grid):
@@ -114,6 +115,6 @@ def gram_loss(student_tokens, teacher_tokens, student_grid: tuple[int, int], tea
     teacher = teacher.reshape(b, -1, d)
   student, teacher = l2_normalize(student_tokens.astype(jnp.float32)), l2_normalize(teacher)
   if not img_level:
-    student, teacher = student.reshape(-1, d), teacher.reshape(-1, d)
+    student, teacher = student.reshape(groups, -1, d), teacher.reshape(groups, -1, d)
   gram = lambda x: jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision="highest")
   return jnp.mean((gram(student) - gram(teacher)) ** 2)

@@ -39,7 +39,9 @@ constant or DINOv3's linear_warmup_cosine_decay (`*_weight_schedule`).
 Devices: the state is replicated and the crops of a batch are split over every device of every
 process (batch_size must divide by the device count); every process draws the whole batch (it is
 a function of (seed, step)) and supplies its devices' shares. Under jit the losses' sums are
-global, so Sinkhorn-Knopp and KoLeo see the whole batch, as on one device.
+global, so Sinkhorn-Knopp and KoLeo see the whole batch, as on one device. iBOT masks are collated
+per device (DINOv3: per GPU; `masking.group_crops` fixes the group instead), and each device gathers
+and heads its own masked patches.
 A SIGTERM (preemption) saves a checkpoint after the current step and exits; rerunning resumes.
 """
 import concurrent.futures
@@ -179,13 +181,26 @@ def make_batch(config, pool: SlicePool, step: int, networks: "Networks", executo
 
   per_slice = list(executor.map(crops, range(b)) if executor else map(crops, range(b)))
   crop_major = lambda kind: np.stack([c[kind][k] for k in range(len(per_slice[0][kind])) for c in per_slice])
-  m = config.masking
+  m, groups = config.masking, networks.mask_groups
   grid = networks.student.token_grid((global_size,) * 2)
-  masks = masking.collate_masks(np.random.default_rng([config.seed, 3, step]), 2 * b, grid, m.probability,
-                                tuple(m.ratio), m.min_patches, m.min_aspect, m.max_fraction)
-  return {"global": crop_major("global"), "local": crop_major("local"), "masks": masks["masks"],
-          "mask_indices": masks["indices"], "mask_weights": masks["weights"],
+  masks = [masking.collate_masks(np.random.default_rng([config.seed, 3, step] + ([j] if groups > 1 else [])),
+                                 2 * b // groups, grid, m.probability, tuple(m.ratio), m.min_patches, m.min_aspect,
+                                 m.max_fraction) for j in range(groups)]
+  return {"global": crop_major("global"), "local": crop_major("local"),
+          "masks": np.concatenate([g["masks"] for g in masks]),
+          "mask_indices": np.stack([g["indices"] for g in masks]), "mask_weights": np.stack([g["weights"] for g in masks]),
           **({"gram": crop_major("gram")} if "gram" in per_slice[0] else {})}
+
+
+def mask_groups(config, devices: int) -> int:
+  """How many groups the global crops' iBOT masks are collated in: one per device unless
+  `masking.group_crops` says otherwise. DINOv3 collates each GPU's crops; here it also keeps each
+  device's masked patches (and their (M, prototypes) head outputs) on that device."""
+  crops, group = 2 * config.batch_size, config.masking.group_crops or 2 * config.batch_size // devices
+  if group < 1 or crops % group:
+    raise ConfigError(f"masking.group_crops={config.masking.group_crops} must divide the {crops} global crops "
+                      f"(2 x batch_size={config.batch_size})")
+  return crops // group
 
 
 # ------------------------------------------------------------------------------- schedules
@@ -287,6 +302,8 @@ class Networks:
   b1: float
   b2: float
   eps: float
+  mask_groups: int = 1     # iBOT masks are collated per group of 2 * batch_size / mask_groups global crops
+  batch_shards: int = 1    # devices the crops are split over: Gram over the batch (img_level=False) is per shard
 
 
 def architecture(config) -> tuple[str, dict]:
@@ -462,12 +479,20 @@ def initial_state(config, networks: Networks, gram_variables, start: dict | None
 # ------------------------------------------------------------------------------- the step
 
 
+def masked_patches(tokens, indices):
+  """(groups * M, D) masked-patch tokens of crop-major (crops, N, D) tokens; `indices` (groups, M)
+  index each group's flattened (crops / groups * N) tokens, so a device gathers from its own crops."""
+  groups = indices.shape[0]
+  grouped = tokens.reshape(groups, -1, tokens.shape[-1])
+  return jnp.take_along_axis(grouped, indices[..., None], axis=1).reshape(-1, tokens.shape[-1])
+
+
 def train_step(state, batch, sched, plan, networks: Networks, use_gram: bool, state_sharding):
   n = networks
   b, n_global = n.batch_size, 2
   global_rng, local_rng = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
   head = lambda module, params, x: module.apply({"params": params}, x)
-  masked = lambda tokens: tokens.reshape(-1, tokens.shape[-1])[batch["mask_indices"]]
+  masked = lambda tokens: masked_patches(tokens, batch["mask_indices"])
 
   teacher = state["teacher"]
   t_out = n.teacher.apply({"params": teacher["backbone"]}, batch["global"], train=False)
@@ -487,12 +512,13 @@ def train_step(state, batch, sched, plan, networks: Networks, use_gram: bool, st
                                  head(n.dino_head, params["dino_head"], l["pooled"]).reshape(n.n_local, b, -1),
                                  dino_targets, sched["local_weight"], n.student_temp)
     terms["ibot"] = losses.ibot_loss(head(n.ibot_head, params["ibot_head"], masked(g["tokens"])), ibot_targets,
-                                     batch["mask_weights"], n_global * b, n.student_temp)
+                                     batch["mask_weights"].reshape(-1), n_global * b, n.student_temp)
     cls = g["pooled"].reshape(n_global, b, -1)
     terms["koleo"] = sum(losses.koleo_loss(cls[i], group_size=n.koleo_group_size) for i in range(n_global)) / n_global
     total = terms["dino"] + n.ibot_weight * terms["ibot"] + n.koleo_weight * n_global * terms["koleo"]
     if use_gram:
-      terms["gram"] = losses.gram_loss(g["tokens"], gram_tokens, n.student_grid, n.gram_grid, n.gram_img_level)
+      terms["gram"] = losses.gram_loss(g["tokens"], gram_tokens, n.student_grid, n.gram_grid, n.gram_img_level,
+                                       groups=n.batch_shards)
       total = total + sched["gram_weight"] * terms["gram"]
     return total, dict(terms, loss=total)
 
@@ -519,9 +545,12 @@ jitted_train_step = jax.jit(train_step, static_argnames=("networks", "use_gram",
 
 
 def place_batch(batch: dict, mesh) -> dict:
-  """Crops and masks split over the mesh along their first axis; the masked-patch arrays replicated."""
+  """Crops, masks and the masked-patch arrays (per mask group) split over the mesh along their first
+  axis; the masked-patch arrays replicated when their groups do not divide over the devices."""
   split, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  return {k: parallel.put_global(v, whole if k.startswith("mask_") else split) for k, v in batch.items()}
+  groups = batch["mask_indices"].shape[0]
+  return {k: parallel.put_global(v, whole if k.startswith("mask_") and groups % mesh.devices.size else split)
+          for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------- the run
@@ -540,6 +569,8 @@ def run(config, workdir, progress: bool = True) -> dict:
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
+  networks = dataclasses.replace(networks, mask_groups=mask_groups(config, mesh.devices.size),
+                                 batch_shards=int(mesh.devices.size))
   replicated = parallel.replicated(mesh)
   result_path, backbone_dir = workdir / "result.json", workdir / "backbone"
   if result_path.exists() and backbone_dir.exists():
@@ -606,6 +637,10 @@ def run(config, workdir, progress: bool = True) -> dict:
         bar.update(1)
         if last:
           bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{sched['lr']:.2e}")
+      # An export comes before the checkpoint of its step: a run killed between the two redoes the step
+      # and the export, instead of resuming past a step whose export never finished.
+      if config.export_every_steps and step % config.export_every_steps == 0 and step < total_steps:
+        export_backbone(config, state, workdir / "backbones" / f"step_{step}", workdir, step)
       checkpoint_due = step % config.checkpoint_every_steps == 0 or step == total_steps
       if checkpoint_due or preempted:  # checked before the state is saved; a preemption logs on cadence only
         last = _check_and_log(pending, writer, config, force=checkpoint_due)
@@ -614,8 +649,6 @@ def run(config, workdir, progress: bool = True) -> dict:
         segment_start = time.time()
         ckpts.save_latest(step, state, host)
         writer.flush()
-      if config.export_every_steps and step % config.export_every_steps == 0 and step < total_steps:
-        export_backbone(config, state, workdir / "backbones" / f"step_{step}", workdir, step)
       if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}
