@@ -174,6 +174,11 @@ def test_gram_loss_matches_dinov3(img_level, teacher_grid):
   close(grad, st.grad.numpy())
 
 
+def test_a_small_slice_pool_is_named():
+  assert "512 slices from a pool of 16 volumes (32 per volume" in pretrain.correlated_batches(512, 16)
+  assert pretrain.correlated_batches(512, 64) == ""
+
+
 def test_gram_over_the_batch_is_per_device_group():
   rng = np.random.default_rng(6)
   student, teacher = (jnp.asarray(rng.normal(size=(4, 16, 8)).astype(np.float32)) for _ in range(2))

@@ -145,6 +145,15 @@ class SlicePool:
     return [stacks[v][p - (ends[v] - len(stacks[v]))] for v, p in zip(which, picks)]
 
 
+def correlated_batches(batch_size: int, pool_size: int) -> str:
+  """A warning when a batch takes more than 8 slices per pool volume; "" otherwise."""
+  if batch_size <= 8 * pool_size:
+    return ""
+  return (f"each step draws {batch_size} slices from a pool of {pool_size} volumes ({batch_size / pool_size:.0f} per "
+          "volume, many of them neighbours): batches are far more correlated than DINOv3's draws over the whole "
+          "dataset. Raise data.pool_volumes as memory allows")
+
+
 def gram_on(config) -> bool:
   return config.gram.weight > 0 or config.gram.weight_schedule.enabled
 
@@ -600,6 +609,8 @@ def run(config, workdir, progress: bool = True) -> dict:
     log.info("resumed %s at step %d", workdir, step)
   writer = fit.Writer(workdir, step)
   pool = SlicePool(paths, config.seed, config.data.pool_volumes, config.data.new_volumes_per_step)
+  if correlated_batches(config.batch_size, pool.size):
+    log.warning(correlated_batches(config.batch_size, pool.size))
   executor = concurrent.futures.ThreadPoolExecutor(config.data.num_workers) if config.data.num_workers else None
   log.info("pretraining %s on %d volumes: %d steps of %d slices", config.model.name, len(paths), total_steps,
            config.batch_size)
