@@ -135,7 +135,8 @@ def test_cbis_ddsm_official_release_from_dicom(root):
           if _text(r["abnormality"]) == "both"}
   assert sorted(both) == [f"Calc-{s}_P_000{p}_{b}_{v}" for s, p, b in (("Test", 18, "RIGHT"), ("Training", 17, "LEFT"))
                           for v in ("CC", "MLO")]
-  assert ds.metadata["groups_in_two_splits"] == {}
+  assert ds.metadata["groups_in_two_splits"] == {} and ds.metadata["mfjax_version"] == "1.1.0"
+  assert ds.path.rstrip("/").endswith("/1.1.0")  # a 1.0.0 build (each such mammogram twice) is not reused
   patients = {}
   for key, (_, split) in got.items():
     assert patients.setdefault(key.split("_P_")[1][:5], split) == split

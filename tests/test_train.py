@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -353,6 +354,10 @@ def test_knn_and_cka_studies_end_to_end(aptos, tmp_path, caplog):
   rebuilt = dataclasses.replace(dataset, metadata={**dataset.metadata, "sources": {"train.csv": "another"}})
   assert key["dataset"] == studies.feature_key(config, rebuilt, "test", "model")["dataset"]
   assert key != studies.feature_key(config, rebuilt, "test", "model")
+  # ... nor one rebuilt from the same CSVs (new images, an mfjax fix to decoding): each build has its id.
+  assert dataset.metadata["build_id"]
+  rebuilt = dataclasses.replace(dataset, metadata={**dataset.metadata, "build_id": "another"})
+  assert key != studies.feature_key(config, rebuilt, "test", "model")
 
   # CKA of foundations fed at their own normalisation; a last batch of 4 (of 19) is left out, not weighed
   # like a full one.
@@ -559,6 +564,16 @@ def test_position_tables_resized_at_load_as_the_papers_code(aptos, tmp_path, mod
   per_call = native.apply(variables, x, return_blocks=True)
   for key in ("pooled", "tokens"):
     np.testing.assert_allclose(at_load[key], per_call[key], rtol=1e-5, atol=1e-5)
+  # model.overrides choose the resampling at load too, as they do at every forward.
+  field, value = ("rel_pos_resize", "linear") if family == "sam" else ("posemb", "size")
+  other = tiny(aptos, "unfrozen_linear", f"--config.model.checkpoint={tmp_path / 'ckpt'}",
+               f"--config.model.overrides.{field}={value}", model=model, arg=",res=48")
+  changed = models.create(model, **{**TINY_FOUNDATION[family], field: value})
+  per_call = changed.apply(variables, x)
+  other_name, other_overrides = fit.build.foundation_spec(other)
+  at_load = models.create(other_name, **other_overrides).apply(fit.build.pretrained_foundation(other), x)
+  np.testing.assert_allclose(at_load["tokens"], per_call["tokens"], rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(per_call["tokens"]) - np.asarray(native.apply(variables, x)["tokens"])).max() > 1e-3
   grid = 48 // 8
   pos = flat(fit.prepare(config).state["trainable"])["foundation/pos_embed"]
   assert pos.shape == ((1, grid, grid, 32) if family == "sam" else (1, 1 + grid * grid, 32))
@@ -603,3 +618,36 @@ def test_unused_and_torch_one_dim_parameters(aptos):
   assert flat(optim.decay_mask(params))["foundation/cls_token"]
   assert build.one_dim_in_torch(tiny(aptos, model="deit_base_patch16")) == ()
   assert protocols.count_used({"foundation": {"neck": {"w": np.zeros(3)}, "b": np.zeros(2)}}) == 2
+
+
+def test_a_kill_between_a_new_best_and_its_latest_checkpoint_keeps_the_recorded_best(tmp_path):
+  from mfjax.train.checkpoints import RunCheckpoints
+  params = lambda v: {"w": jnp.full((3,), v, jnp.float32)}
+  ckpts = RunCheckpoints(tmp_path / "run")
+  ckpts.save_best(10, params(1.0), {"epoch": 1})
+  ckpts.save_latest(10, params(1.0), {"best_step": 10})
+  ckpts.keep_best_only(10)
+  ckpts.save_best(20, params(2.0), {"epoch": 2})  # ... and killed before `latest` records step 20
+  ckpts.close()
+  resumed = RunCheckpoints(tmp_path / "run")
+  _, host = resumed.restore_latest(jax.eval_shape(lambda: params(0.0)))
+  resumed.drop_best_after(10)  # the run redoes epoch 2; the best it records is still there
+  assert resumed.best.all_steps() == [host["best_step"]] == [10]
+  best, best_host = resumed.restore_best(jax.eval_shape(lambda: params(0.0)), host["best_step"])
+  assert float(best["w"][0]) == 1.0 and best_host == {"epoch": 1}
+  resumed.save_best(20, params(2.0), {"epoch": 2})
+  resumed.save_latest(20, params(2.0), {"best_step": 20})
+  resumed.keep_best_only(20)
+  assert resumed.best.all_steps() == [20] and resumed.restore_best(jax.eval_shape(lambda: params(0.0)), 10) is None
+  resumed.close()
+
+
+def test_a_damaged_metrics_log_and_an_early_test_record_do_not_block_a_resume(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 10, "train/loss": 1.0}\n{"step": 20, "test/auc": 0.9}\n{"step": 20, "val/auc": 0.8}\n'
+                  '{"step": 30, "train/loss": 0.5}\n{"step": 40, "trai' + "\0" * 8)
+  assert fit.kept_lines(path, 20) == ['{"step": 10, "train/loss": 1.0}\n', '{"step": 20, "val/auc": 0.8}\n']
+  assert "metrics.jsonl, line 5: damaged" in caplog.text
+  fit.write_atomically(tmp_path / "result.json", '{"a": 1}')
+  assert json.loads((tmp_path / "result.json").read_text()) == {"a": 1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "result.json"]

@@ -22,7 +22,7 @@ common options are split ('seeded' | 'official'), seed, fractions, skip_bad_imag
 store_size and num_threads (see `common.py`). `info(name, **options)` gives a dataset's
 Spec without building it (not for csv_images, whose classes come from your CSV).
 
-Built datasets live in `data_dir/<name>/<config>/1.0.0/` as tfds array_record files with
+Built datasets live in `data_dir/<name>/<config>/<version>/` (1.0.0; CBIS-DDSM 1.1.0) as tfds array_record files with
 a `metadata.json` holding the options, source-file hashes, split sizes, class counts,
 measured pixel statistics and every skipped image. They are read with tfds's data source
 (`tfds.builder_from_directory(path).as_data_source`), which needs no TensorFlow.
@@ -64,6 +64,7 @@ class Chexpert(common.Builder):
 
 class CbisDdsm(common.Builder):
   __doc__ = cbis_ddsm.__doc__
+  VERSION = tfds.core.Version(cbis_ddsm.VERSION)
   recipe = cbis_ddsm
   MANUAL_DOWNLOAD_INSTRUCTIONS = cbis_ddsm.LAYOUT
 

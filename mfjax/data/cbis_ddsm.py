@@ -26,6 +26,8 @@ import tensorflow_datasets as tfds
 from mfjax.data import common
 
 NAME = "cbis_ddsm"
+# 1.1.0: a mammogram in both CSV families is one benign/malignant example (1.0.0 builds had it twice).
+VERSION = "1.1.0"
 CSV_FILES = {  # file -> (abnormality family, official split)
     "mass_case_description_train_set.csv": ("mass", None),
     "mass_case_description_test_set.csv": ("mass", "test"),

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from typing import Any, Iterable
 
 import numpy as np
@@ -37,7 +38,7 @@ import tensorflow_datasets as tfds
 from mfjax.config import DataError
 from mfjax.data import images, splits
 
-VERSION = "1.0.0"
+VERSION = "1.0.0"  # a dataset's build version; a recipe whose records change sets its own (its builds move)
 
 COMMON_DEFAULTS = {
     "split": "seeded",          # seeded | official
@@ -341,7 +342,8 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     stats_of = {r.id: s for r, s in zip(rows, stats)}
     train_stats = np.mean([stats_of[r.id] for r in assigned["train"]], axis=0)
     self.info.metadata.update({
-        "mfjax_version": VERSION,
+        "mfjax_version": str(self.VERSION),
+        "build_id": uuid.uuid4().hex,  # a rebuild in place (new images, same CSVs) is another build to caches
         "options": record_options(opts),
         "manual_dir": self._manual_dir,
         "sources": {os.path.relpath(p, self._manual_dir): source_digest(p) for p in sorted(set(sources))},

@@ -80,9 +80,11 @@ def cka_batches(config, dataset, split: str, mesh, max_examples: int | None = No
 
 
 def dataset_fingerprint(dataset) -> str:
-  """What a cache must change with when a dataset is rebuilt in place: its sources, options and splits."""
+  """What a cache must change with when a dataset is rebuilt in place: its sources, options and splits,
+  its build version, and the build itself (images may change under the same CSVs)."""
   meta = dataset.metadata
-  content = {k: meta.get(k) for k in ("sources", "options", "split_sizes", "class_counts", "skipped")}
+  content = {k: meta.get(k) for k in ("sources", "options", "split_sizes", "class_counts", "skipped",
+                                      "mfjax_version", "build_id")}
   return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

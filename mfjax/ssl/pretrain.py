@@ -678,7 +678,7 @@ def run(config, workdir, progress: bool = True) -> dict:
   ckpts.close()
   export_backbone(config, state, backbone_dir, workdir, total_steps)
   if jax.process_index() == 0:
-    result_path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+    fit.write_atomically(result_path, json.dumps(result, indent=2, sort_keys=True, default=float))
   multihost_utils.sync_global_devices("mfjax pretrain: backbone written")
   return result
 

@@ -48,7 +48,11 @@ def load_resolution(config, name: str, module) -> tuple[int, int] | None:
 def pretrained_foundation(config) -> dict:
   """The variables of the converted foundation at model.checkpoint, its position tables resized
   at load where `load_resolution` says so."""
-  module, variables = models.load(config.model.checkpoint)
+  _, variables = models.load(config.model.checkpoint)
+  # The module as this run builds it: `model.overrides` (another `posemb` or `rel_pos_resize`, say)
+  # decide the resampling, as they do where tables are resized at every forward.
+  name, overrides = _foundation_spec_as_stored(config)
+  module = models.create(name, **overrides)
   resolution = load_resolution(config, config.model.name, module)
   if resolution:
     log.info("%s: position tables resized once to %dx%d px at load, as the paper's code does", config.model.name,

@@ -14,17 +14,33 @@ class RunCheckpoints:
   def __init__(self, workdir):
     """`workdir`: a local path or a remote one orbax can write (gs://, through tensorstore)."""
     self.workdir = epath.Path(workdir)
-    self.options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=self.options,
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints",
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
                                         item_names=("state", "host"))
     self._best = None
 
   @property
   def best(self) -> ocp.CheckpointManager:
-    """The `best` manager, made (and its folder created) on first use: pretraining has none."""
+    """The `best` manager, made (and its folder created) on first use: pretraining has none. It keeps
+    every step until `keep_best_only`: a new best saved before the `latest` checkpoint that records it
+    must not delete the best that the latest one records (a kill in between resumes from there)."""
     if self._best is None:
-      self._best = ocp.CheckpointManager(self.workdir / "best", options=self.options, item_names=("params", "host"))
+      self._best = ocp.CheckpointManager(self.workdir / "best",
+                                         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+                                         item_names=("params", "host"))
     return self._best
+
+  def keep_best_only(self, step: int | None) -> None:
+    """Delete the best checkpoints other than `step` (the one the latest checkpoint records)."""
+    for other in self.best.all_steps():
+      if other != step:
+        self.best.delete(other)
+
+  def drop_best_after(self, step: int) -> None:
+    """On resuming at `step`: delete best checkpoints saved after it, which the run will redo."""
+    for other in self.best.all_steps():
+      if other > step:
+        self.best.delete(other)
 
   def save_latest(self, step: int, state, host: dict) -> None:
     if step in self.latest.all_steps():  # nothing new: a resumed run's first save can be the one it resumed from
@@ -66,9 +82,10 @@ class RunCheckpoints:
                                                  host=ocp.args.JsonSave(host)), force=True)
     self.best.wait_until_finished()
 
-  def restore_best(self, abstract_params):
-    step = self.best.latest_step()
-    if step is None:
+  def restore_best(self, abstract_params, step: int | None = None):
+    """(params, host) of best checkpoint `step` (default: the newest); None if there is none."""
+    step = self.best.latest_step() if step is None else step
+    if step is None or step not in self.best.all_steps():
       return None
     out = self.best.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), host=ocp.args.JsonRestore()))

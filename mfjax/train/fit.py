@@ -27,7 +27,7 @@ from mfjax import data as mdata
 from mfjax import parallel
 from mfjax.config import ConfigError, RunStopped, check_choice, to_dict
 from mfjax.evals import metrics as mmetrics
-from mfjax.models import heads
+from mfjax.models import heads, is_remote
 from mfjax.train import build, protocols
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.optim import Plateau, make_optimizer, warmup_lr
@@ -48,8 +48,21 @@ def workdir_path(workdir) -> epath.Path:
   return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
 
 
-def is_remote(path) -> bool:
-  return "://" in str(path)
+def write_atomically(path, text: str) -> None:
+  """Write a file whole or not at all, so a kill or a full disk never leaves a truncated
+  config.json or result.json that a later run trusts: locally through a temporary file renamed
+  over it; an object store writes whole objects anyway."""
+  path = epath.Path(path)
+  if is_remote(path):
+    path.write_text(text)
+    return
+  partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+  try:
+    partial.write_text(text)
+    os.replace(partial, path)
+  finally:
+    if partial.exists():
+      partial.unlink()
 
 
 def check_workdir(workdir, config_dict: dict) -> None:
@@ -74,7 +87,7 @@ def check_workdir(workdir, config_dict: dict) -> None:
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
   if jax.process_index() == 0:
-    path.write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    write_atomically(path, json.dumps(config_dict, indent=2, sort_keys=True))
 
 
 def has_saved_work(workdir) -> bool:
@@ -121,6 +134,23 @@ def loss_fn(logits, batch, multi_label: bool):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
 
+def kept_lines(path, resume_step: int) -> list[str]:
+  """The lines of metrics.jsonl a run resumed at `resume_step` keeps: those up to its step, less a
+  test record (a run killed between its test and result.json tests again), less a line a crash
+  cut short or filled with NUL bytes (dropped with a warning)."""
+  kept = []
+  for number, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+    try:
+      record = json.loads(line)
+      step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      log.warning("%s, line %d: damaged (%r...); dropped", path, number, line[:60])
+      continue
+    if step <= resume_step and not any(k.startswith("test/") for k in record):
+      kept.append(line + "\n")
+  return kept
+
+
 class Writer:
   """metrics.jsonl (+ TensorBoard events for local workdirs) on process 0.
 
@@ -137,8 +167,8 @@ class Writer:
       return
     # A resumed run rewrites what came after its checkpoint, so the log equals an uninterrupted one.
     if self.path.exists():
-      self.lines = [l + "\n" for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
-      self.path.write_text("".join(self.lines))
+      self.lines = kept_lines(self.path, resume_step)
+      write_atomically(self.path, "".join(self.lines))
     if self.remote:
       log.warning("workdir %s is remote: TensorBoard events are not written (metrics.jsonl is)", workdir)
     else:
@@ -160,7 +190,7 @@ class Writer:
 
   def flush(self) -> None:
     if self.enabled and self.remote:
-      self.path.write_text("".join(self.lines))
+      write_atomically(self.path, "".join(self.lines))
 
   def close(self):
     self.flush()
@@ -463,6 +493,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     state, host = restored
     iterator.set_state(json.loads(host["data"]))
     log.info("resumed %s at step %d (epoch %d)", workdir, int(state["step"]), host["epoch"])
+    ckpts.drop_best_after(int(state["step"]))
   plateau = Plateau(config.optim.plateau_patience, config.optim.plateau_factor, **host["plateau"])
   step = int(state["step"])
   writer = Writer(workdir, step)
@@ -528,8 +559,9 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
           bar.write(f"epoch {epoch + 1}/{config.epochs}: val {spec.headline_metric} "
                     f"{val['headline']:.4f} (best {host['best_metric']} @ {host['best_epoch']})")
       if checkpoint_due or preempted:
+        writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         ckpts.save_latest(step, state, host_state(step // steps_per_epoch))
-        writer.flush()
+        ckpts.keep_best_only(host["best_step"])
       if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}
@@ -545,7 +577,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     writer.close()
     ckpts.close()
     if jax.process_index() == 0:
-      (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+      write_atomically(workdir / "result.json", json.dumps(result, indent=2, sort_keys=True))
     return result
   finally:
     preemption.stop()
@@ -554,7 +586,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
 
   # Test with the best checkpoint.
   train_seconds = host_state(config.epochs)["train_seconds"]
-  best = ckpts.restore_best(abstract_of({k: state[k] for k in PARAM_KEYS}))
+  best = ckpts.restore_best(abstract_of({k: state[k] for k in PARAM_KEYS}), host["best_step"])
   if best is None:
     raise RuntimeError(f"no validation epoch gave a finite {spec.headline_metric}: no best checkpoint to test")
   best_params, best_host = best
@@ -574,7 +606,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   writer.close()
   ckpts.close()
   if jax.process_index() == 0:
-    (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+    write_atomically(workdir / "result.json", json.dumps(result, indent=2, sort_keys=True, default=float))
   return result
 
 

@@ -41,7 +41,7 @@ from mfjax.models import heads
 from mfjax.train import build
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, has_saved_work, is_remote, read_run_config,
-                             start_run, workdir_path)
+                             start_run, workdir_path, write_atomically)
 from mfjax.train.optim import make_optimizer
 
 log = logging.getLogger("mfjax")
@@ -353,7 +353,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   writer.close()
   ckpts.close()
   if jax.process_index() == 0:
-    (workdir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+    write_atomically(workdir / "result.json", json.dumps(result, indent=2, sort_keys=True, default=float))
   return result
 
 
