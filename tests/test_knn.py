@@ -1,6 +1,7 @@
 """k-NN against a brute-force NumPy transcription of the paper's knn_predict; the feature cache."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -216,3 +217,16 @@ def test_fingerprint_changes_with_the_checkpoint(tmp_path):
   assert knn.fingerprint("") == {"path": ""}
   with pytest.raises(FileNotFoundError, match="missing"):
     knn.fingerprint(str(tmp_path / "missing"))
+  # An object store's model (gs://) is known by its model.json and orbax's save times (the same code
+  # reads a local folder here; epath opens gs:// alike).
+  from mfjax import models
+  models.save(str(tmp_path / "model"), "deit_base_patch16", {"params": {"w": np.zeros(3)}}, {})
+  first = knn._remote_fingerprint(str(tmp_path / "model"))
+  assert '"deit_base_patch16"' in first["model_json"] and "commit_timestamp_nsecs" in first["saved"]
+  shutil.rmtree(tmp_path / "model")
+  models.save(str(tmp_path / "model"), "deit_base_patch16", {"params": {"w": np.ones(3)}}, {})
+  assert knn._remote_fingerprint(str(tmp_path / "model")) != first
+  with pytest.raises(FileNotFoundError, match="no model.json"):
+    knn._remote_fingerprint(str(tmp_path / "missing"))
+  with pytest.raises(knn.CacheError, match="the cache is a local folder"):
+    knn.FeatureCache("gs://bucket/features")

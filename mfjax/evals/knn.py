@@ -193,6 +193,8 @@ def fingerprint(path: str) -> dict:
   """
   if not path:
     return {"path": ""}
+  if "://" in path:  # an object store (gs://): no cheap listing with sizes; a converted model's metadata
+    return _remote_fingerprint(path)
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -207,6 +209,19 @@ def fingerprint(path: str) -> dict:
   return {"path": path, "bytes": total, "mtime_ns": newest, "files": count}
 
 
+def _remote_fingerprint(path: str) -> dict:
+  """A converted model folder on an object store, identified by its model.json and the save times
+  orbax records in its parameters' metadata (a new save in place gives new times)."""
+  from etils import epath
+  from mfjax import models
+  folder = epath.Path(path)
+  if not (folder / models.MODEL_JSON).exists():
+    raise FileNotFoundError(f"checkpoint {path} does not exist (no {models.MODEL_JSON})")
+  saved = folder / models.PARAMS_DIR / "_CHECKPOINT_METADATA"
+  return {"path": path, "model_json": (folder / models.MODEL_JSON).read_text(),
+          "saved": saved.read_text() if saved.exists() else None}
+
+
 class FeatureCache:
   """Arrays computed once per key, stored as ROOT/<hash>.npz with the key beside it in <hash>.json.
 
@@ -216,6 +231,9 @@ class FeatureCache:
   """
 
   def __init__(self, root: str):
+    if "://" in str(root):
+      raise CacheError(f"feature cache {root}: the cache is a local folder (every process reads its entries "
+                       "often); set data.feature_cache / --cache-dir to a local path")
     self.root = os.path.abspath(os.path.expanduser(root))
 
   def path(self, key: dict) -> str:

@@ -13,10 +13,10 @@ accumulated over the whole split with the minibatch (unbiased HSIC) estimator.
 import hashlib
 import json
 import logging
-import os
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mfjax import data as mdata
@@ -145,10 +145,9 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
   out = knn_lib.result_json(model=config.model.name, dataset=spec.name, resolution=config.data.resolution,
                             headline_metric=spec.headline_metric, results=results, temperature=temperature,
                             checkpoint=config.model.checkpoint, overrides=dict(config.model.overrides))
-  if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "knn.json"), "w") as f:
-      json.dump(out, f, indent=2, default=float)
+  if jax.process_index() == 0:  # out_dir may be remote (gs://), like a workdir
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(out_dir) / "knn.json").write_text(json.dumps(out, indent=2, default=float))
   return out
 
 
@@ -199,11 +198,10 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
                               protocol=config.protocol.name, split=split, row_axis=row_label,
                               col_axis=col_label, num_examples=acc.num_examples,
                               title=f"CKA, {name} on {run.spec.name} ({config.protocol.name})")
-    path = os.path.join(str(fit.workdir_path(workdir)), f"cka_{kind}.json")
+    path = fit.workdir_path(workdir) / f"cka_{kind}.json"
     if jax.process_index() == 0:
-      with open(path, "w") as f:
-        json.dump(out, f, indent=2, default=float)
-    written.append(path)
+      path.write_text(json.dumps(out, indent=2, default=float))
+    written.append(str(path))
   return written
 
 
@@ -231,9 +229,8 @@ def cka_foundations(configs: list, out_dir: str, split: str = "test", max_exampl
   names = [c.model.name for c in configs]
   out = cka_lib.result_json("foundations", names, names, acc.result(), dataset=dataset.spec.name, split=split,
                             num_examples=acc.num_examples, title=f"CKA of the last block, {dataset.spec.name}")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "cka_foundations.json")
+  path = epath.Path(out_dir) / "cka_foundations.json"
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(out, f, indent=2, default=float)
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=float))
+  return str(path)
