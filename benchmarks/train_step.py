@@ -69,18 +69,11 @@ def parse_args(argv=None):
   args, extra = common.parse_args(parser, argv)
   args.config_overrides = extra
   common.check_torch_follows(parser, args, follows=(common.NUM_BLOCKS,))
-  half = foundation_depth(args.model) // 2
+  from mfjax.train import protocols
+  half = protocols.block_count(args.model) // 2
   args.unfreeze_from = half if args.unfreeze_from is None else args.unfreeze_from
   args.keep_blocks = half if args.keep_blocks is None else args.keep_blocks
   return args
-
-
-def foundation_depth(model: str) -> int:
-  """Blocks (ViT, SAM, DINOv3) or stages (ResNet, FocalNet) of a registered model: 12 for ViT-B,
-  4 for ResNet-152."""
-  from mfjax import models as registry
-  module = registry.create(model)
-  return len(module.depths) if hasattr(module, "depths") else module.depth
 
 
 def protocol_overrides(args) -> list[str]:

@@ -32,7 +32,7 @@ import sys
 import ml_collections
 
 from mfjax import hostmem
-from mfjax.config import ConfigError, DataError, RunStopped
+from mfjax.config import ConfigError, DataError, RunStopped, check_choice
 
 log = logging.getLogger("mfjax")
 
@@ -255,9 +255,14 @@ def main(argv=None) -> int:
         ckpts = args.checkpoints.split("+") if args.checkpoints else [""] * len(names)
         if len(ckpts) != len(names):
           parser.error("--checkpoints must list one folder per model in --models")
+        from mfjax import models
+        for name in names:  # every name, before any data is read
+          check_choice("model", name, models.NAMES)
+        path, _, arg = args.config.partition(":")
+        arg = [item for item in arg.split(",") if item.strip() and not item.strip().startswith("model=")]
         configs = []
-        for name, ckpt in zip(names, ckpts):
-          configs.append(load_config(args.config, _config_overrides(parser, rest) + [
+        for name, ckpt in zip(names, ckpts):  # model= as an argument: the config sets what follows from it
+          configs.append(load_config(f"{path}:{','.join(arg + [f'model={name}'])}", _config_overrides(parser, rest) + [
               f"--config.model.name={name}", f"--config.model.checkpoint={ckpt}"]))
         print(studies.cka_foundations(configs, args.out, args.split, args.max_examples or None))
       else:

@@ -11,6 +11,7 @@ The numbers say that the pipeline works, not which foundation is best: the data 
 """
 import logging
 import os
+import shutil
 import time
 
 from mfjax.config import ConfigError
@@ -20,6 +21,7 @@ log = logging.getLogger("mfjax")
 
 MODELS = ("deit_base_patch16", "dinov2_vitb14", "seem_focalt", "resnet152")
 PROTOCOLS = ("frozen_linear", "frozen_deit", "unfrozen_linear", "unfrozen_deit")
+KS = (5, 10, 20, 50)  # those above the training split's size are left out (a small --images)
 
 
 def demo_sweep(downloads: str, data_dir: str, epochs: int, seeds: int, models=MODELS) -> dict:
@@ -44,9 +46,16 @@ def run(out_dir: str = "demo_out", num_images: int = 240, image_size: int = 64, 
   print(f"[1/5] writing {num_images} synthetic fundus images in the APTOS 2019 layout and building the dataset")
   manual = synthetic.aptos2019(os.path.join(downloads, "aptos2019"), num_images=num_images, size=image_size)
   try:
-    mdata.build("aptos2019", manual, data_dir)
-  except mdata.DataError:  # written before with another --images: the demo's own data, built again
-    mdata.build("aptos2019", manual, data_dir, overwrite=True)
+    dataset = mdata.build("aptos2019", manual, data_dir)
+  except mdata.DataError:  # written before with another --images: the demo's own data, built again,
+    dataset = mdata.build("aptos2019", manual, data_dir, overwrite=True)
+    if os.path.isdir(runs_dir):  # and its runs, trained on the old images, trained again
+      print(f"      the data changed since the demo in {out_dir}: its runs are trained again")
+      shutil.rmtree(runs_dir)
+  ks = tuple(k for k in KS if k <= dataset.split_sizes["train"])
+  if not ks:
+    raise ConfigError(f"--images {num_images} leaves {dataset.split_sizes['train']} training images, fewer than "
+                      f"k-NN's smallest k={KS[0]}: give more images")
 
   sweep = demo_sweep(downloads, data_dir, epochs, seeds, models)
   n = len(msweep.expand(sweep, runs_dir))
@@ -60,13 +69,13 @@ def run(out_dir: str = "demo_out", num_images: int = 240, image_size: int = 64, 
     raise ConfigError(f"{out_dir} holds a demo made with other settings ({e}); delete it or give another --out") \
         from None
 
-  print("[3/5] k-NN on each foundation's pooled features (k = 5, 10, 20, 50)")
+  print(f"[3/5] k-NN on each foundation's pooled features (k = {', '.join(map(str, ks))})")
   base = "configs/tiny.py:dataset=aptos2019,model={}"
   overrides = [f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}",
                "--config.batch_size=16"]
   for model in models:
     config = load_config(base.format(model), overrides)
-    studies.knn(config, os.path.join(runs_dir, "knn", model), ks=(5, 10, 20, 50),
+    studies.knn(config, os.path.join(runs_dir, "knn", model), ks=ks,
                 cache_dir=os.path.join(out_dir, "feature_cache"))
 
   print("[4/5] CKA: foundations before vs after fine-tuning, the stacked head, and between foundations")

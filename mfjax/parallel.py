@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mfjax.config import ConfigError
+
 BATCH = ("data", "fsdp")
 
 
@@ -46,13 +48,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   devices = np.asarray(jax.devices() if devices is None else devices)
   n = devices.size
   if data == -1 and fsdp == -1:
-    raise ValueError("mesh: at most one of data and fsdp may be -1")
+    raise ConfigError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+  given = (data, fsdp)
   if data == -1:
     data = n // fsdp
   if fsdp == -1:
-    fsdp = n // data
+    fsdp = n // data if data else 0
   if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not use the {n} devices")
+    raise ConfigError(f"mesh.data={given[0]} x mesh.fsdp={given[1]} does not divide the {n} device(s) into a grid: "
+                      f"their product must be {n} (-1 takes what is left)")
   from jax.experimental import mesh_utils
   try:
     grid = mesh_utils.create_device_mesh((data, fsdp), devices=list(devices.flat))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import paper as paper_config
-from mfjax import cli
+from mfjax import cli, report
 from mfjax.evals import cka as cka_lib
 from mfjax.evals import knn as knn_lib
 from mfjax.report import ReportError, paper, plots, results, tables
@@ -525,10 +525,22 @@ def test_report_command_writes_tables_plots_and_page(tmp_path, capsys):
   fabricate_study(root)
   out = str(tmp_path / "out")
   os.makedirs(os.path.join(out, "plots"))
+  with open(os.path.join(out, "plots", "mine.png"), "wb") as f:  # the user's own file: left alone
+    f.write(b"mine")
+  assert cli.main(["report", root, "--out", out]) == 0
+  # A plot an earlier report wrote (its manifest lists it) and this one does not is removed.
+  manifest = os.path.join(out, report.MANIFEST)
+  with open(manifest) as f:
+    listed = json.load(f)
+  assert "plots/mine.png" not in listed and all(os.path.isfile(os.path.join(out, p)) for p in listed)
+  with open(manifest, "w") as f:
+    json.dump(listed + ["plots/stale.png"], f)
   with open(os.path.join(out, "plots", "stale.png"), "wb") as f:
     f.write(b"old")
+  capsys.readouterr()
   assert cli.main(["report", root, "--out", out]) == 0
   printed = capsys.readouterr().out
+  assert open(os.path.join(out, "plots", "mine.png"), "rb").read() == b"mine"
   assert os.path.join(out, "report.md") in printed
   for name in EXPECTED_PLOTS:
     path = os.path.join(out, "plots", name + ".png")
@@ -621,7 +633,6 @@ def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path, monk
   # The same setup and fold twice (a copied run) is an error naming both files.
   write_segment_run(tmp_path, 1, {"liver": 0.8, "spleen": 0.5}, backbone="/ckpt/meddinov3",
                     folder=str(tmp_path / "copy"))
-  from mfjax import report
   with pytest.raises(ReportError, match="the same segmentation setup and fold twice") as error:
     report.build(str(tmp_path))
   assert "copy/result.json" in str(error.value) and "seg_meddinov3_0_fold1/result.json" in str(error.value)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mfjax import data as mdata
+from mfjax.cli import load_config
 from mfjax.config import ConfigError
 from mfjax.data import synthetic
 from mfjax.train import sweep as msweep
@@ -120,3 +121,12 @@ def test_a_diverging_run_is_recorded_and_its_lr_not_selected(setup, tmp_path):
   # A finished run counts only with the sweep's config: a changed override is refused, not mixed in.
   with pytest.raises(ConfigError, match="different config.*data.augment"):
     msweep.run_all(msweep.load_sweep(str(path)), runs_dir, ["--config.data.augment=False"], progress=False)
+  # ... and only on the build of the dataset it was trained on: a rebuilt dataset is refused, not mixed in.
+  record = os.path.join(runs[0].workdir, "data_build.json")
+  built = json.load(open(record))
+  json.dump(dict(built, build="0" * 16), open(record, "w"))
+  with pytest.raises(ConfigError, match="trained on another build of its dataset"):
+    msweep.run_all(msweep.load_sweep(str(path)), runs_dir, progress=False)
+  from mfjax.train import fit
+  with pytest.raises(ConfigError, match="trained on another build of its dataset"):  # a finished run alone, too
+    fit.train(load_config(runs[0].config_spec, runs[0].overrides), runs[0].workdir, progress=False)

@@ -651,3 +651,27 @@ def test_a_damaged_metrics_log_and_an_early_test_record_do_not_block_a_resume(tm
   fit.write_atomically(tmp_path / "result.json", '{"a": 1}')
   assert json.loads((tmp_path / "result.json").read_text()) == {"a": 1}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "result.json"]
+
+
+def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path):
+  for extra, message in (
+      (["--config.model.dtype=bf16"], "unknown model.dtype 'bf16'"),
+      (["--config.data.uncertainty=zero"], "unknown data.uncertainty 'zero'"),
+      (["--config.model.overrides.posemb=deit_sqr"], "unknown model.overrides.posemb 'deit_sqr'"),
+      (["--config.model.overrides.attn_impl=cudnnn"], "unknown model.overrides.attn_impl 'cudnnn'"),
+      (["--config.epochs=0"], r"epochs=0 must be an int >= 1"),
+  ):
+    with pytest.raises(ConfigError, match=message):
+      build.check_names(tiny(aptos, "unfrozen_linear", *extra))
+  with pytest.raises(ConfigError, match=r"protocol.unfreeze_from=9 must be in 0..2"):
+    build.foundation_spec(tiny(aptos, "progressive", "--config.protocol.unfreeze_from=9"))
+  with pytest.raises(ConfigError, match=r"mesh.data=-1 x mesh.fsdp=3 does not divide the 1 device"):
+    fit.parallel.make_mesh(-1, 3)
+  from mfjax import models
+  models.save(str(tmp_path / "resnet"), "resnet152", {"params": {"w": np.zeros(2)}}, {})
+  with pytest.raises(ConfigError, match="holds a resnet152; the stacked head is a DeiT-B"):
+    build.head_fields(tiny(aptos, "unfrozen_deit", f"--config.head.checkpoint={tmp_path / 'resnet'}"))
+  # A training split smaller than one batch names the split and the batch.
+  dataset = fit.open_dataset(tiny(aptos))
+  with pytest.raises(mdata.DataError, match=r"split 'train' has \d+ examples, fewer than one batch of 512"):
+    mdata.make_loader(dataset, "train", batch_size=512, train=True)

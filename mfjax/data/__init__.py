@@ -28,6 +28,8 @@ measured pixel statistics and every skipped image. They are read with tfds's dat
 (`tfds.builder_from_directory(path).as_data_source`), which needs no TensorFlow.
 """
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -94,6 +96,14 @@ class Dataset:
   @property
   def skipped(self) -> list[dict]:
     return self.metadata["skipped"]
+
+  @property
+  def fingerprint(self) -> str:
+    """What a cache or a run must change with when the dataset is rebuilt in place: its sources,
+    options and splits, its build version, and the build itself (images may change under the same CSVs)."""
+    content = {k: self.metadata.get(k) for k in ("sources", "options", "split_sizes", "class_counts", "skipped",
+                                                 "mfjax_version", "build_id")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
   def source(self, split: str):
     """Random-access records of `split`; "image" stays encoded bytes (decoded by the loader)."""

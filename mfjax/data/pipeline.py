@@ -31,6 +31,7 @@ import grain
 import jax
 import numpy as np
 
+from mfjax.config import ConfigError, DataError
 from mfjax.data import images, transforms
 
 UNCERTAINTY_POLICIES = ("zeros", "ones", "ignore")
@@ -155,9 +156,9 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   if batch_size % shard_count:
     raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}")
   if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs={num_epochs} must be >= 1 or None")
+    raise ConfigError(f"num_epochs={num_epochs} must be >= 1 or None")
   if uncertainty not in UNCERTAINTY_POLICIES:
-    raise ValueError(f"uncertainty={uncertainty!r}; valid policies are {list(UNCERTAINTY_POLICIES)}")
+    raise ConfigError(f"uncertainty={uncertainty!r}; valid policies are {list(UNCERTAINTY_POLICIES)}")
   drop_remainder = train if drop_remainder is None else drop_remainder
   mean, std = norm if norm is not None else (spec.mean, spec.std)
   source = dataset.source(split)
@@ -166,8 +167,8 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   order = _Order(num_records, batch_size, local_batch, shard_index, shuffle=train, seed=seed,
                  pad=not drop_remainder)
   if order.steps_per_epoch == 0:
-    raise ValueError(f"split {split!r} has {num_records} examples, fewer than one batch of {batch_size} "
-                     "with drop_remainder=True")
+    raise DataError(f"{dataset.path}: split {split!r} has {num_records} examples, fewer than one batch of "
+                    f"{batch_size}: lower batch_size, or give the split more examples")
   epochs = num_epochs if num_epochs is not None else sys.maxsize // (order.steps_per_epoch * local_batch)
   augment = train if augment is None else augment
   load = _Load(source, spec, resolution, augment, seed, tuple(mean), tuple(std), gray_to_rgb, uncertainty,

@@ -10,7 +10,6 @@ CKA: every block's (stage's) output, mean-pooled over tokens, of
   foundations the last block of several foundations on the same images,
 accumulated over the whole split with the minibatch (unbiased HSIC) estimator.
 """
-import hashlib
 import json
 import logging
 
@@ -79,22 +78,13 @@ def cka_batches(config, dataset, split: str, mesh, max_examples: int | None = No
              "full one (%d examples used)", left_out, split, used)
 
 
-def dataset_fingerprint(dataset) -> str:
-  """What a cache must change with when a dataset is rebuilt in place: its sources, options and splits,
-  its build version, and the build itself (images may change under the same CSVs)."""
-  meta = dataset.metadata
-  content = {k: meta.get(k) for k in ("sources", "options", "split_sizes", "class_counts", "skipped",
-                                      "mfjax_version", "build_id")}
-  return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def feature_key(config, dataset, split: str, random_init: str) -> dict:
   """What a cached feature array depends on: model, weights, dataset, split, resolution, transform.
   `random_init` names how a foundation without a checkpoint was initialised (the classifier's
   initialisation in `frozen_linear`, the bare model's in k-NN and CKA): their weights differ."""
   name, overrides = build.foundation_spec(config)
   checkpoint = config.model.checkpoint
-  return {"model": name, "overrides": overrides, "dataset": dataset.path, "build": dataset_fingerprint(dataset),
+  return {"model": name, "overrides": overrides, "dataset": dataset.path, "build": dataset.fingerprint,
           "split": split,
           "checkpoint": knn_lib.fingerprint(checkpoint) if checkpoint else f"random:{random_init}:{config.seed}",
           "resolution": config.data.resolution,
@@ -121,7 +111,15 @@ def extract_pooled(module, variables, config, dataset, split, mesh) -> dict:
 
 def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.cache/mfjax/features",
         temperature: float = knn_lib.TEMPERATURE) -> dict:
-  dataset = mdata.build(config.data.name, config.data.manual_dir, config.data.data_dir, **dict(config.data.options))
+  from mfjax.train import fit
+  if not temperature > 0:
+    raise ConfigError(f"k-NN temperature={temperature} must be > 0")
+  dataset = fit.open_dataset(config)
+  bank = dataset.split_sizes["train"]
+  too_many = [k for k in ks if not 1 <= k <= bank]
+  if too_many:  # checked before any feature is computed
+    raise ConfigError(f"k-NN: k={too_many} must be between 1 and the {bank} training examples (the bank) of "
+                      f"{dataset.path}")
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   cache = knn_lib.FeatureCache(cache_dir)
   module = variables = None
@@ -154,9 +152,10 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
 def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) -> list[str]:
   """CKA of a trained run: foundation (and stacked head) before vs after fine-tuning."""
   from mfjax.train import fit
-  import ml_collections
-  fit.quiet_libraries()
-  config = ml_collections.ConfigDict(json.loads((fit.workdir_path(workdir) / "config.json").read_text()))
+  _, config = fit.read_run_config(workdir)
+  if "protocol" not in config:
+    raise ConfigError(f"{workdir} is not an `mfjax train` run (a segmentation or pretraining run): CKA before "
+                      "and after fine-tuning compares a classifier's foundation")
   if fit.uses_feature_cache(config):
     raise ConfigError(f"{workdir} trained a linear probe on cached features: its foundation is frozen and was "
                       "never part of the trained model, so there is nothing to compare before and after")
@@ -164,7 +163,7 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
   best = fit.RunCheckpoints(fit.workdir_path(workdir)).restore_best(
       fit.abstract_of({k: run.state[k] for k in fit.PARAM_KEYS}))
   if best is None:
-    raise ValueError(f"{workdir} has no best checkpoint: train it first")
+    raise ConfigError(f"{workdir} has no best checkpoint: train it first")
   after, _ = best
   before = {k: run.state[k] for k in fit.PARAM_KEYS}
 
@@ -211,7 +210,8 @@ def cka_foundations(configs: list, out_dir: str, split: str = "test", max_exampl
   if len(datasets) != 1:
     raise ValueError(f"cka --foundations compares models on one dataset; got {sorted(datasets)}")
   config = configs[0]
-  dataset = mdata.build(config.data.name, config.data.manual_dir, config.data.data_dir, **dict(config.data.options))
+  from mfjax.train import fit
+  dataset = fit.open_dataset(config)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   nets = [foundation(c) for c in configs]
   applies = [jax.jit(lambda v, x, m=m: pool_tokens(m.apply(v, x, train=False, return_blocks=True)["blocks"][-1]))

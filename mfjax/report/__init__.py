@@ -8,9 +8,11 @@ reads every `result.json` (training runs), `knn.json` and `cka_*.json` below RUN
   tables/*.md|csv|tex         Tables 1-3 layout (frozen/unfrozen x resolution), every cell, k-NN, timing
   plots/*.png                 relative gain (Fig. 1), k-NN (Fig. 2), timing (Fig. 3), progressive freezing
                               (Fig. 4), decapitation (Fig. 5), model size (Fig. 6), resolution, CKA (Figs. 7, 8, A.1)
-The tables/ and plots/ files of an earlier report in the same folder are replaced.
+The tables/ and plots/ files an earlier report wrote in the same folder (listed in its .mfjax_report.json)
+are replaced; other files there are left alone.
 """
 import glob
+import json
 import os
 
 from mfjax.report import page, paper, plots, results, tables
@@ -21,7 +23,23 @@ __all__ = ["build", "ReportError", "paper", "results", "tables", "plots", "page"
 OUTPUT_PATTERNS = (("tables", ("*.md", "*.csv", "*.tex")), ("plots", ("*.png",)))
 
 
+MANIFEST = ".mfjax_report.json"  # the files a report wrote, which the next one in the folder replaces
+
+
 def _clear_previous(out_dir: str) -> None:
+  """Remove the tables and plots an earlier report wrote here, and nothing else: the files its
+  manifest lists, or (a report from before the manifest, known by its report.md) its patterns."""
+  manifest = os.path.join(out_dir, MANIFEST)
+  if os.path.isfile(manifest):
+    with open(manifest, encoding="utf-8") as f:
+      listed = json.load(f)
+    for relative in listed:
+      path = os.path.join(out_dir, relative)
+      if os.path.isfile(path):
+        os.remove(path)
+    return
+  if not os.path.isfile(os.path.join(out_dir, "report.md")):
+    return  # a folder of the user's own: nothing in it is ours
   for folder, patterns in OUTPUT_PATTERNS:
     for pattern in patterns:
       for path in glob.glob(os.path.join(glob.escape(os.path.join(out_dir, folder)), pattern)):
@@ -159,6 +177,8 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
 
   markdown_path = _write(os.path.join(out_dir, "report.md"), page.markdown(blocks))
   html_path = _write(os.path.join(out_dir, "report.html"), page.html(blocks, "mfjax report"))
+  written = written_tables + [f["file"] for f in figures]
+  _write(os.path.join(out_dir, MANIFEST), json.dumps(sorted(rel(p) for p in written), indent=1))
   return {"markdown": markdown_path, "html": html_path, "tables": written_tables,
           "plots": [f["file"] for f in figures], "notes": notes}
 

@@ -62,10 +62,24 @@ def pretrained_foundation(config) -> dict:
 
 
 def check_names(config) -> None:
-  """The model and protocol names, checked before anything slow (building the dataset) runs."""
+  """The model and protocol names, and the values a typo would otherwise send deep into JAX or the data
+  pipeline, checked before anything slow (building the dataset) runs."""
+  from mfjax.data.pipeline import UNCERTAINTY_POLICIES
+  from mfjax.models import layers, posemb, sam
   check_choice("model", config.model.name, models.NAMES)
-  check_choice("protocol", config.protocol.name, protocols.PROTOCOLS)
-  check_protocol_fields(config.protocol)
+  if "protocol" in config:
+    check_choice("protocol", config.protocol.name, protocols.PROTOCOLS)
+    check_protocol_fields(config.protocol)
+  check_choice("data.uncertainty", config.data.get("uncertainty", "zeros"), UNCERTAINTY_POLICIES)
+  check_choice("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16", "float16"))
+  for field in ("epochs", "batch_size"):
+    if field in config and not (isinstance(config[field], int) and config[field] >= 1):
+      raise ConfigError(f"{field}={config[field]!r} must be an int >= 1")
+  overrides = dict(config.model.get("overrides", {}))
+  for field, valid in (("posemb", posemb.POSEMB_METHODS), ("attn_impl", layers.ATTENTION_IMPLS),
+                       ("rel_pos_resize", sam.REL_POS_RESIZE)):
+    if field in overrides:
+      check_choice(f"model.overrides.{field}", overrides[field], valid)
 
 
 # Protocol fields that only one protocol reads, with their defaults; set under another one, they
@@ -122,12 +136,15 @@ def _foundation_spec_as_stored(config) -> tuple[str, dict]:
     cut = next((f for f in ("num_blocks", "num_stages") if f in module_fields), None)
     if cut is None:
       raise ConfigError(f"model {name} cannot be decapitated (no num_blocks/num_stages field)")
-    whole = models.create(name, **overrides)
-    units = len(whole.depths) if hasattr(whole, "depths") else whole.depth
+    units, unit = protocols.units_of(models.create(name, **overrides))
     if config.protocol.keep_blocks > units:
-      raise ConfigError(f"protocol.keep_blocks={config.protocol.keep_blocks} but {name} has {units} "
-                        f"{'stages' if cut == 'num_stages' else 'blocks'}")
+      raise ConfigError(f"protocol.keep_blocks={config.protocol.keep_blocks} but {name} has {units} {unit}")
     overrides[cut] = config.protocol.keep_blocks
+  if protocol == "progressive":
+    units, unit = protocols.units_of(models.create(name, **overrides))
+    if not 0 <= config.protocol.unfreeze_from <= units:
+      raise ConfigError(f"protocol.unfreeze_from={config.protocol.unfreeze_from} must be in 0..{units}: {name} "
+                        f"has {units} {unit}")
   return name, overrides
 
 
@@ -145,6 +162,9 @@ def head_fields(config) -> dict:
   fields = {"dtype": config.model.dtype, "remat": config.model.remat, "drop_path": config.head.drop_path}
   if config.head.checkpoint:
     meta = models.read_model_json(config.head.checkpoint)
+    if models.family_of(meta["name"]) != "vit":
+      raise ConfigError(f"head.checkpoint {config.head.checkpoint} holds a {meta['name']}; the stacked head is a "
+                        "DeiT-B (a converted deit_base_patch16, or another plain ViT)")
     deit = models.create(meta["name"], **meta["overrides"])
     fields.update({k: getattr(deit, k) for k in _DEIT_FIELDS})
     fields["native_grid"] = deit.native_grid

@@ -90,6 +90,28 @@ def check_workdir(workdir, config_dict: dict) -> None:
     write_atomically(path, json.dumps(config_dict, indent=2, sort_keys=True))
 
 
+DATA_BUILD = "data_build.json"
+
+
+def check_data_build(workdir, dataset) -> None:
+  """A run belongs to the build of its dataset it started on: recorded in DATA_BUILD; a run that saved
+  something and meets another build (the dataset rebuilt in place) is refused, so that a resume or a
+  finished result never mixes two datasets."""
+  workdir = workdir_path(workdir)
+  path = workdir / DATA_BUILD
+  current = {"dataset": dataset.path, "build": dataset.fingerprint}
+  if path.exists():
+    recorded = json.loads(path.read_text())
+    if recorded == current:
+      return
+    if recorded.get("build") != current["build"] and has_saved_work(workdir):
+      raise ConfigError(f"{workdir} was trained on another build of its dataset than {dataset.path} holds now "
+                        f"(build {recorded.get('build')}, now {current['build']}: rebuilt since). Its checkpoints "
+                        "and result belong to the old data: use a new --workdir, or delete this one to retrain")
+  if jax.process_index() == 0:  # a run from before the record: it takes the build it finds
+    write_atomically(path, json.dumps(current, indent=2, sort_keys=True))
+
+
 def has_saved_work(workdir) -> bool:
   """Whether a run folder holds anything a different config would invalidate: a checkpoint, a result
   or an exported backbone."""
@@ -465,6 +487,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   build.check_names(config)
   check_paper_defaults(config)
   workdir, config_dict = start_run(config, workdir)
+  check_data_build(workdir, open_dataset(config))
   finished = workdir / "result.json"
   if finished.exists():  # its config is this one (start_run checked): nothing to do, nothing appended
     log.info("%s has finished already (result.json); delete it to test the best checkpoint again", workdir)

@@ -61,11 +61,16 @@ def foundation_trains(protocol: str, decapitation_trained: bool = False) -> bool
   return protocol.startswith("unfrozen") or (protocol == "decapitation" and decapitation_trained)
 
 
+def units_of(module) -> tuple[int, str]:
+  """The units of progressive freezing and decapitation: (count, "blocks") of a ViT, SAM or DINOv3,
+  (count, "stages") of FocalNet / ResNet."""
+  return (len(module.depths), "stages") if hasattr(module, "depths") else (module.depth, "blocks")
+
+
 def block_count(model_name: str) -> int:
-  """The units of progressive freezing and decapitation: blocks of a ViT, stages of FocalNet / ResNet."""
+  """How many blocks / stages the registered model `model_name` has (12 for ViT-B, 4 for ResNet-152)."""
   from mfjax import models
-  module = models.create(model_name)
-  return len(module.depths) if hasattr(module, "depths") else module.depth
+  return units_of(models.create(model_name))[0]
 
 
 def block_groups(foundation_params: dict) -> list[list[str]]:

@@ -115,9 +115,14 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
   parallel.maybe_initialize_distributed()  # before the checks below start JAX (process_index)
   runs = expand(sweep, runs_dir, extra_overrides)
   configs = [load_config(r.config_spec, r.overrides) for r in runs]  # every config checked up front
+  datasets = {}
   for run, config in zip(runs, configs):
-    if run.finished():  # counts only if it ran this sweep's config (not before a changed --config.*)
+    if run.finished():  # counts only if it ran this sweep's config and data (not before a change or a rebuild)
       fit.check_workdir(run.workdir, to_dict(config))
+      data = json.dumps(to_dict(config.data), sort_keys=True)
+      if data not in datasets:
+        datasets[data] = fit.open_dataset(config)
+      fit.check_data_build(run.workdir, datasets[data])
   todo = [(r, c) for r, c in zip(runs, configs) if not r.finished()]
   log.info("sweep: %d runs, %d finished, %d to go", len(runs), len(runs) - len(todo), len(todo))
   for i, (run, config) in enumerate(todo):
