@@ -228,9 +228,12 @@ def main(argv=None) -> int:
       spec = sweep.load_sweep(args.sweep)
       runs = sweep.expand(spec, args.runs_dir, rest)
       if args.list:
-        for run in runs:
-          if not run.finished():
-            print(run.command())
+        from mfjax.train import build
+        todo = [run for run in runs if not run.finished()]
+        for run in todo:  # every command checked before any is printed: a launcher runs them far away
+          build.check_names(load_config(run.config_spec, run.overrides))
+        for run in todo:
+          print(run.command())
         return 0
       selections = sweep.select(runs) if args.select_only else sweep.run_all(
           spec, args.runs_dir, rest, progress=not args.no_progress)

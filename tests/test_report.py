@@ -441,6 +441,15 @@ def test_a_baseline_without_a_score_is_named_not_dropped_silently(tmp_path):
   assert not [r for r in rows if r["source"] == "mfjax"]
   assert any("baseline has no finite score on aptos2019" in n for n in notes), notes
   assert not any("no deit_base_patch16 unfrozen_linear run" in n for n in notes)
+  # A baseline scoring exactly 0 (a kappa at chance, as the demo's random models can) has no relative gain.
+  zero = str(tmp_path / "zero")
+  write_cell(zero, "deit_base_patch16", "aptos2019", "unfrozen_linear", {1e-4: [0.0]}, {1e-4: [0.0]})
+  write_cell(zero, "dinov2_vitb14", "aptos2019", "unfrozen_linear", {1e-4: [0.9]}, {1e-4: [0.9]})
+  notes = []
+  rows = plots.relative_gains(results.load_cells(zero), notes)
+  assert not [r for r in rows if r["source"] == "mfjax"]
+  assert any("baseline scores exactly 0 on aptos2019" in n for n in notes), notes
+  assert not any("no deit_base_patch16 unfrozen_linear run" in n for n in notes)
 
 
 def test_bad_knn_and_cka_files_name_the_file(tmp_path):

@@ -130,3 +130,14 @@ def test_a_diverging_run_is_recorded_and_its_lr_not_selected(setup, tmp_path):
   from mfjax.train import fit
   with pytest.raises(ConfigError, match="trained on another build of its dataset"):  # a finished run alone, too
     fit.train(load_config(runs[0].config_spec, runs[0].overrides), runs[0].workdir, progress=False)
+
+
+def test_list_checks_every_command_before_printing(tmp_path, capsys):
+  from mfjax import cli
+  code = cli.main(["sweep", "--sweep", "configs/sweeps/paper.py:data_root=/d,checkpoint_root=/c",
+                   "--runs-dir", str(tmp_path), "--list", "--config.data.uncertainty=zero"])
+  printed = capsys.readouterr()
+  assert code == 2 and "unknown data.uncertainty 'zero'" in printed.err and printed.out == ""
+  code = cli.main(["sweep", "--sweep", "configs/sweeps/paper.py:data_root=/d,checkpoint_root=/c",
+                   "--runs-dir", str(tmp_path), "--list"])
+  assert code == 0 and capsys.readouterr().out.count("mfjax train") > 100

@@ -38,8 +38,9 @@ def main(argv=None) -> int:
   try:
     ds = mfjax.data.build(args.dataset, args.manual_dir, args.data_dir, overwrite=args.overwrite,
                           **dict(args.option))
-  except mfjax.data.DataError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (mfjax.data.DataError, OSError) as e:  # OSError: a --data-dir that is a file, a full disk, no permission
+    kind = f"{type(e).__name__}: " if isinstance(e, OSError) else ""
+    print(f"error: {kind}{e}", file=sys.stderr)
     return 2
   print(f"{ds.name} at {ds.path}")
   print(f"  splits: {ds.split_sizes}")

@@ -50,12 +50,17 @@ def batches(config, dataset, split: str, mesh, max_examples: int | None = None, 
   batch_size = batch_size or config.batch_size
   loader = mdata.make_eval_loader(dataset, split, batch_size=batch_size, resolution=config.data.resolution,
                                   uncertainty=config.data.uncertainty, norm=build.input_norm(config))
+  from tqdm.auto import tqdm
+  examples = min(dataset.split_sizes[split], max_examples or dataset.split_sizes[split])
   seen = 0
-  for batch in loader:
-    yield mdata.global_batch(batch, sharding)
-    seen += batch_size
-    if max_examples and seen >= max_examples:
-      return
+  with tqdm(total=-(-examples // batch_size), unit="batch", desc=f"{config.model.name} on {split}",
+            disable=jax.process_index() != 0, dynamic_ncols=True, leave=False) as bar:
+    for batch in loader:
+      yield mdata.global_batch(batch, sharding)
+      bar.update(1)
+      seen += batch_size
+      if max_examples and seen >= max_examples:
+        return
 
 
 def cka_batches(config, dataset, split: str, mesh, max_examples: int | None = None, batch_size: int | None = None):

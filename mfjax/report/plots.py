@@ -104,7 +104,12 @@ def relative_gains(cells, notes: list) -> list[dict]:
   if unscored:
     notes.append(f"Relative gain chart: the {paper.BASELINE_MODEL} unfrozen_linear baseline has no finite score on "
                  f"{', '.join(unscored)} (every learning rate diverged?); only the paper's gains are drawn there.")
-  baseline = {d: c for d, c in baseline.items() if np.isfinite(c.mean)}
+  zero = sorted(d for d, c in baseline.items() if c.mean == 0)
+  if zero:  # a gain relative to 0 is undefined (a kappa of 0: chance agreement)
+    notes.append(f"Relative gain chart: the {paper.BASELINE_MODEL} unfrozen_linear baseline scores exactly 0 on "
+                 f"{', '.join(zero)}, against which no relative gain exists; only the paper's gains are drawn there.")
+    unscored = sorted(unscored + zero)
+  baseline = {d: c for d, c in baseline.items() if np.isfinite(c.mean) and c.mean != 0}
   for c in cells:
     if c.dataset in baseline and c is not baseline[c.dataset]:
       base = baseline[c.dataset].mean
