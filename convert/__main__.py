@@ -44,7 +44,7 @@ def build_parser(family: str | None = None) -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> str:
-  family = next((a for a in argv if not a.startswith("-")), None)
+  family = next((a for a in argv if a in FAMILIES), None)  # anywhere: its flags are then known wherever they are
   args = build_parser(family).parse_args(argv)
   module = importlib.import_module(FAMILIES[args.family])
   if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):

@@ -336,3 +336,11 @@ def test_a_pth_file_without_torch_installed_says_how_to_install_it(tmp_path, mon
   monkeypatch.setitem(sys.modules, "torch", None)  # the core install: no torch
   with pytest.raises(core.ConversionError, match=r"model.pth: reading a PyTorch checkpoint needs torch: pip install"):
     core.read_file(str(path))
+
+
+def test_family_flags_are_known_wherever_the_family_is_named(tmp_path):
+  from convert.__main__ import build_parser, run
+  args = build_parser("sam").parse_args(["--checkpoint", "x.pth", "--out", "o", "sam", "--no-neck"])
+  assert args.family == "sam" and args.no_neck
+  with pytest.raises(Exception, match="does not exist|not found|No such"):  # parsed; then the missing file
+    run(["--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path / "o"), "sam", "--no-neck"])
