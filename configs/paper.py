@@ -46,6 +46,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # SAM and OpenCLIP: position tables resized once at load and trained at the run's resolution, as
   # the paper's code does (mfjax.train.build.RESIZED_AT_LOAD); False: resized at every forward.
   c.model.resize_at_load = True
+  # Foundation parameters the classifier never uses (SAM's neck) stay frozen and uncounted; False trains
+  # them as mfjax did before (2026-12-07): a run started then resumes so.
+  c.model.freeze_unused = True
 
   c.head = ml_collections.ConfigDict()
   c.head.checkpoint = ""           # converted DeiT-B folder for the stacked classifier; "" = random

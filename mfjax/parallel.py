@@ -49,6 +49,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   n = devices.size
   if data == -1 and fsdp == -1:
     raise ConfigError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+  if not all(isinstance(v, (int, np.integer)) and (v == -1 or v >= 1) for v in (data, fsdp)):
+    raise ConfigError(f"mesh.data={data}, mesh.fsdp={fsdp}: each must be an int >= 1, or -1 (what is left)")
   given = (data, fsdp)
   if data == -1:
     data = n // fsdp

@@ -243,6 +243,13 @@ def test_builds_are_identical_and_reused(root):
     mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4)
   rebuilt = mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4, overwrite=True)
   assert _digest(rebuilt) == _digest(a)
+  # The build id is the records' content: the same files build the same id (on any machine), another image
+  # under the same CSV another one.
+  assert a.metadata["build_id"] == b.metadata["build_id"] == rebuilt.metadata["build_id"]
+  image = sorted(glob.glob(os.path.join(manual, "train_images", "*.png")))[0]
+  PIL.Image.fromarray(255 - np.asarray(PIL.Image.open(image))).save(image)
+  changed = mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4, overwrite=True)
+  assert changed.metadata["build_id"] != a.metadata["build_id"] and changed.fingerprint != a.fingerprint
 
 
 def test_synthetic_files_are_deterministic_and_carry_the_label(tmp_path):

@@ -180,7 +180,7 @@ def test_model_normalization_and_loader_errors(aptos):
                                             shard_index=0, shard_count=1)))
   raw = images.decode(aptos.source("test")[0]["image"], 3)
   np.testing.assert_allclose(b["image"][0], transforms.eval_image(raw, 32, (0.5,) * 3, (0.25,) * 3))
-  with pytest.raises(ValueError, match="not divisible by shard_count=4"):
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 data-loading processes"):
     mfjax.data.make_loader(aptos, "train", batch_size=6, train=True, shard_index=0, shard_count=4)
   with pytest.raises(ValueError, match="fewer than one batch"):
     mfjax.data.make_loader(aptos, "test", batch_size=64, train=True, shard_index=0, shard_count=1)

@@ -174,6 +174,18 @@ def test_gram_loss_matches_dinov3(img_level, teacher_grid):
   close(grad, st.grad.numpy())
 
 
+def test_a_run_started_before_mask_groups_collates_over_the_whole_batch(ct_folder, tmp_path):
+  from mfjax.train import fit
+  config = tiny_config(ct_folder)
+  saved = fit.to_dict(config)
+  del saved["masking"]["group_crops"]
+  fit.as_it_ran(saved, config, tmp_path)
+  assert config.masking.group_crops == 2 * config.batch_size
+  as_dict = fit.to_dict(tiny_config(ct_folder))
+  fit.as_it_ran(saved, as_dict, tmp_path)
+  assert as_dict["masking"]["group_crops"] == 2 * config.batch_size
+
+
 def test_a_small_slice_pool_is_named():
   assert "512 slices from a pool of 16 volumes (32 per volume" in pretrain.correlated_batches(512, 16)
   assert pretrain.correlated_batches(512, 64) == ""

@@ -599,17 +599,27 @@ def test_position_tables_resized_at_load_as_the_papers_code(aptos, tmp_path, mod
   assert fit.build.foundation_spec(resumed)[1]["native_resolution"] == (32, 32)  # the checkpoint's
 
 
-def test_unused_and_torch_one_dim_parameters(aptos):
+def test_unused_and_torch_one_dim_parameters(aptos, tmp_path):
   from mfjax.train import optim, protocols
   # SAM's neck, which the classifier never uses (the paper's code drops it): frozen, without optimizer
   # state, and not counted.
-  run = fit.prepare(tiny(aptos, "unfrozen_linear", model="sam_vitb"))
+  sam = tiny(aptos, "unfrozen_linear", model="sam_vitb")
+  run = fit.prepare(sam)
   trainable, frozen = flat(run.state["trainable"]), flat(run.state["frozen"])
   neck = {k: v.size for k, v in frozen.items() if k.startswith("foundation/neck/")}
   assert neck and not any(k.startswith("foundation/neck/") for k in trainable)
   assert set(flat(run.state["opt"][1].mu)) == set(trainable)
   assert run.n_trainable == sum(v.size for v in trainable.values())
   assert run.n_total == run.n_trainable + sum(v.size for v in frozen.values()) - sum(neck.values())
+  # A run started before (its checkpoints hold the neck in the trained state) resumes as it ran.
+  old = fit.to_dict(sam)
+  del old["model"]["freeze_unused"]
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  resumed = tiny(aptos, "unfrozen_linear", model="sam_vitb")
+  fit.start_run(resumed, str(tmp_path / "old"))
+  assert resumed.model.freeze_unused is False
+  assert any(k.startswith("foundation/neck/") for k in flat(fit.prepare(resumed).state["trainable"]))
   # OpenCLIP's class embedding is 1-D in open_clip: no weight decay, as the paper's rule gives it.
   config = tiny(aptos, "unfrozen_linear", model="openclip_vitb16")
   params = build.abstract_params(build.build_classifier(config, 5), (32, 32, 3))["params"]

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from typing import Any, Iterable
 
 import numpy as np
@@ -190,8 +189,9 @@ def sha256_file(path: str) -> str:
 
 
 def _verify(row: Row, channels: int):
+  """(problem, (pixel stats, sha256 of the file)): problem None for a usable image."""
   try:
-    return None, images.pixel_stats(images.load(row.image, channels))
+    return None, (images.pixel_stats(images.load(row.image, channels)), sha256_file(row.image))
   except FileNotFoundError:
     return "missing", None
   except Exception as e:  # any decoder failure means the file is unreadable; it is reported
@@ -199,7 +199,7 @@ def _verify(row: Row, channels: int):
 
 
 def verify_images(name: str, rows: list[Row], channels: int, skip_bad: bool, num_threads: int):
-  """Decode every image once. Returns (good rows, their pixel stats, skipped records)."""
+  """Decode every image once. Returns (good rows, their (pixel stats, file digest), skipped records)."""
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     results = list(pool.map(lambda r: _verify(r, channels), rows))
   bad = [(row, problem) for row, (problem, _) in zip(rows, results) if problem]
@@ -257,6 +257,17 @@ def groups_in_two_splits(assigned: dict[str, list[Row]]) -> dict[str, list[str]]
       if r.group is not None and s not in splits_of.setdefault(r.group, []):
         splits_of[r.group].append(s)
   return {g: ss for g, ss in sorted(splits_of.items()) if len(ss) > 1}
+
+
+def content_id(assigned: dict[str, list[Row]], digest_of: dict[str, str]) -> str:
+  """A digest of every example: split, id, image file digest, labels and features."""
+  content = hashlib.sha256()
+  for split, rows in assigned.items():
+    for r in rows:
+      labels = None if r.labels is None else r.labels.tolist()
+      content.update(json.dumps([split, r.id, digest_of[r.id], r.label, labels, r.features], sort_keys=True,
+                                default=str).encode())
+  return content.hexdigest()[:16]
 
 
 def _seeded(rows: list[Row], fractions, seed: int, num_classes: int) -> np.ndarray:
@@ -339,11 +350,14 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       logging.warning("%s: skipped %d unreadable or missing image(s): %s", name, len(skipped),
                       ", ".join(s["image"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     assigned = assign_splits(name, rows, opts, spec.num_classes)
-    stats_of = {r.id: s for r, s in zip(rows, stats)}
+    stats_of = {r.id: s for r, (s, _) in zip(rows, stats)}
+    digest_of = {r.id: d for r, (_, d) in zip(rows, stats)}
     train_stats = np.mean([stats_of[r.id] for r in assigned["train"]], axis=0)
     self.info.metadata.update({
         "mfjax_version": str(self.VERSION),
-        "build_id": uuid.uuid4().hex,  # a rebuild in place (new images, same CSVs) is another build to caches
+        # What the records hold: a rebuild from other images under the same CSVs is another build to caches
+        # and runs; the same files give the same id.
+        "build_id": content_id(assigned, digest_of),
         "options": record_options(opts),
         "manual_dir": self._manual_dir,
         "sources": {os.path.relpath(p, self._manual_dir): source_digest(p) for p in sorted(set(sources))},

@@ -154,7 +154,7 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   spec = dataset.spec
   shard_index, shard_count = _default_shard(shard_index, shard_count)
   if batch_size % shard_count:
-    raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}")
+    raise ConfigError(f"batch_size={batch_size} is not divisible by the {shard_count} data-loading processes")
   if num_epochs is not None and num_epochs < 1:
     raise ConfigError(f"num_epochs={num_epochs} must be >= 1 or None")
   if uncertainty not in UNCERTAINTY_POLICIES:
@@ -212,13 +212,14 @@ def make_array_loader(arrays: dict, *, batch_size: int, train: bool, seed: int =
   num_records = next(iter(sizes.values()))
   shard_index, shard_count = _default_shard(shard_index, shard_count)
   if batch_size % shard_count:
-    raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}")
+    raise ConfigError(f"batch_size={batch_size} is not divisible by the {shard_count} data-loading processes")
   drop_remainder = train if drop_remainder is None else drop_remainder
   local_batch = batch_size // shard_count
   order = _Order(num_records, batch_size, local_batch, shard_index, shuffle=train, seed=seed,
                  pad=not drop_remainder)
   if order.steps_per_epoch == 0:
-    raise ValueError(f"{num_records} rows are fewer than one batch of {batch_size} with drop_remainder=True")
+    raise DataError(f"{num_records} cached rows are fewer than one batch of {batch_size}: lower batch_size, or "
+                    "give the split more examples")
   epochs = num_epochs if num_epochs is not None else sys.maxsize // (order.steps_per_epoch * local_batch)
   return (grain.MapDataset.range(epochs * order.steps_per_epoch * local_batch)
           .map(order).map(_Rows(arrays)).batch(local_batch).to_iter_dataset())

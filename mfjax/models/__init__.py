@@ -114,6 +114,8 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
     out = epath.Path(str(out_dir))
     if (out / MODEL_JSON).exists():
       raise FileExistsError(f"{out_dir} holds a model already; choose a new --out folder")
+    if (out / PARAMS_DIR).exists():  # a save killed before its model.json: not a model, written again
+      (out / PARAMS_DIR).rmtree()
     write(str(out))
     return str(out_dir)
   out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))

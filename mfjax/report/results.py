@@ -21,8 +21,11 @@ from mfjax.report import paper
 
 # Config fields that do not change what a run measures (where and how fast it ran). Checkpoint
 # paths differ between machines; the cell only requires that all or none of its runs have one.
+# Fields that change how a run ran, not what it scores (model.freeze_unused: whether SAM's neck, which no
+# output depends on, trained).
 OPERATIONAL_FIELDS = ("seed", "optim.lr", "mesh", "sharding_rules", "min_fsdp_mb", "log_every_steps",
-                      "checkpoint_every_steps", "data.num_workers", "data.manual_dir", "data.data_dir")
+                      "checkpoint_every_steps", "data.num_workers", "data.manual_dir", "data.data_dir",
+                      "model.freeze_unused")
 CHECKPOINT_FIELDS = ("model.checkpoint", "head.checkpoint")
 RESULT_KEYS = ("config", "model", "dataset", "protocol", "headline_metric", "val", "test")
 

@@ -648,18 +648,20 @@ def run(config, workdir, progress: bool = True) -> dict:
         bar.update(1)
         if last:
           bar.set_postfix(loss=f"{last['train/loss']:.4f}", lr=f"{sched['lr']:.2e}")
+      checkpoint_due = step % config.checkpoint_every_steps == 0 or step == total_steps
+      export_due = bool(config.export_every_steps) and step % config.export_every_steps == 0 and step < total_steps
+      if checkpoint_due or preempted or export_due:  # checked before anything is saved
+        last = _check_and_log(pending, writer, config, force=checkpoint_due)  # a preemption logs on cadence only
+        pending = None
       # An export comes before the checkpoint of its step: a run killed between the two redoes the step
       # and the export, instead of resuming past a step whose export never finished.
-      if config.export_every_steps and step % config.export_every_steps == 0 and step < total_steps:
+      if export_due:
         export_backbone(config, state, workdir / "backbones" / f"step_{step}", workdir, step)
-      checkpoint_due = step % config.checkpoint_every_steps == 0 or step == total_steps
-      if checkpoint_due or preempted:  # checked before the state is saved; a preemption logs on cadence only
-        last = _check_and_log(pending, writer, config, force=checkpoint_due)
-        pending = None
+      if checkpoint_due or preempted:
         host = {**host, "train_seconds": host["train_seconds"] + time.time() - segment_start}
         segment_start = time.time()
+        writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         ckpts.save_latest(step, state, host)
-        writer.flush()
       if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}

@@ -100,15 +100,22 @@ def check_data_build(workdir, dataset) -> None:
   workdir = workdir_path(workdir)
   path = workdir / DATA_BUILD
   current = {"dataset": dataset.path, "build": dataset.fingerprint}
-  if path.exists():
-    recorded = json.loads(path.read_text())
-    if recorded == current:
-      return
-    if recorded.get("build") != current["build"] and has_saved_work(workdir):
-      raise ConfigError(f"{workdir} was trained on another build of its dataset than {dataset.path} holds now "
-                        f"(build {recorded.get('build')}, now {current['build']}: rebuilt since). Its checkpoints "
-                        "and result belong to the old data: use a new --workdir, or delete this one to retrain")
-  if jax.process_index() == 0:  # a run from before the record: it takes the build it finds
+  recorded = json.loads(path.read_text()) if path.exists() else None
+  saved = has_saved_work(workdir)
+  other = recorded is not None and recorded.get("build") != current["build"] and saved
+  if jax.process_count() > 1:  # process 0 decides for all: every process raises, or none does
+    from jax.experimental import multihost_utils
+    other = bool(multihost_utils.broadcast_one_to_all(np.int32(other)))
+  if other:
+    raise ConfigError(f"{workdir} was trained on another build of its dataset than {dataset.path} holds now "
+                      f"(build {recorded.get('build')}, now {current['build']}: rebuilt since). Its checkpoints "
+                      "and result belong to the old data: use a new --workdir, or delete this one to retrain")
+  if recorded == current:
+    return
+  if recorded is None and saved:
+    log.warning("%s was started before runs recorded their dataset's build: it goes on with the build it finds "
+                "(%s), which cannot be checked against the one it started on", workdir, current["build"])
+  if jax.process_index() == 0:
     write_atomically(path, json.dumps(current, indent=2, sort_keys=True))
 
 
@@ -311,7 +318,7 @@ def prepare(config) -> Setup:
   foundation_train = protocols.foundation_trains(protocol, config.protocol.decapitation_trained)
   abstract = build.abstract_params(classifier, input_shape)
   mask = protocols.trainable_mask(abstract["params"], protocol, config.protocol.unfreeze_from,
-                                  config.protocol.decapitation_trained)
+                                  config.protocol.decapitation_trained, config.model.get("freeze_unused", True))
   rules = [tuple(r) for r in config.sharding_rules]
   min_bytes = int(config.min_fsdp_mb * (1 << 20))
   var_shardings = parallel.tree_shardings(abstract, rules, mesh, min_bytes)
@@ -404,15 +411,26 @@ def quiet_libraries() -> None:
 # Config fields added since runs were started whose default does something the older mfjax did
 # not: (the value that matches what it did, whether the field changes what a given run does). A run
 # started without the field goes on with that value where it matters.
-BEFORE_THE_FIELD = {("model", "resize_at_load"): (False, build.resized_at_load)}
+BEFORE_THE_FIELD = {
+    ("model", "resize_at_load"): (False, build.resized_at_load),
+    # A SAM run whose foundation trained has its neck in the trained state (and Adam's) of its checkpoints.
+    ("model", "freeze_unused"): (False, lambda c: c.model.name.startswith("sam_") and protocols.foundation_trains(
+        c.protocol.name, c.protocol.get("decapitation_trained", False))),
+    # Pretraining collated its iBOT masks over the whole batch, one group (on every device count).
+    ("masking", "group_crops"): (lambda c: 2 * c.batch_size, lambda c: True),
+}
 
 
 def as_it_ran(saved: dict, config, workdir) -> None:
   """Set in `config` (a ConfigDict or a dict) the BEFORE_THE_FIELD values of the fields the run's
   saved config lacks, where they change what the run does."""
   for (section, field), (value, matters) in BEFORE_THE_FIELD.items():
-    if (field not in saved.get(section, {}) and section in config and config[section].get(field, value) != value
-            and _matters(matters, config)):
+    if field in saved.get(section, {}) or section not in config:
+      continue
+    if callable(value):
+      import ml_collections
+      value = value(ml_collections.ConfigDict(to_dict(config)))
+    if config[section].get(field, value) != value and _matters(matters, config):
       log.warning("%s was started before %s.%s existed: it goes on with %s.%s=%s, as it ran", workdir, section,
                   field, section, field, value)
       config[section][field] = value
@@ -487,11 +505,11 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   build.check_names(config)
   check_paper_defaults(config)
   workdir, config_dict = start_run(config, workdir)
-  check_data_build(workdir, open_dataset(config))
   finished = workdir / "result.json"
   if finished.exists():  # its config is this one (start_run checked): nothing to do, nothing appended
     log.info("%s has finished already (result.json); delete it to test the best checkpoint again", workdir)
     return json.loads(finished.read_text())
+  check_data_build(workdir, open_dataset(config))
   resized = build.resized_at_load(config)
   run = prepare(config)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch

@@ -84,7 +84,7 @@ def block_groups(foundation_params: dict) -> list[list[str]]:
 
 
 def trainable_mask(params: dict, protocol: str, unfreeze_from: int = 0,
-                   decapitation_trained: bool = False) -> dict:
+                   decapitation_trained: bool = False, freeze_unused: bool = True) -> dict:
   """A pytree of booleans like `params`: True where the parameter is trained."""
   blocks = block_groups(params.get("foundation", {}))
   if protocol == "progressive" and not 0 <= unfreeze_from <= len(blocks):
@@ -98,7 +98,7 @@ def trainable_mask(params: dict, protocol: str, unfreeze_from: int = 0,
   def rule(path, _):
     if path[0] != "foundation":
       return True
-    if path[1] in UNUSED_BY_CLASSIFIER:
+    if freeze_unused and path[1] in UNUSED_BY_CLASSIFIER:
       return False
     if protocol == "progressive":
       return path[1] in trained_blocks

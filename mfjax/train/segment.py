@@ -316,8 +316,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         writer.write(step, {"epoch": epoch + 1, "train/epoch_loss": float(loss_sum) / loss_steps})
         loss_sum, loss_steps = jnp.float32(0.0), 0
       if preempted or (end_of_epoch and (epoch + 1) % config.checkpoint_every_epochs == 0):
+        writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         save(step)
-        writer.flush()
       if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
         return {"status": "preempted", "step": step}
