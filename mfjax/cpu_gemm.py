@@ -36,11 +36,15 @@ import importlib.util
 import logging
 import math
 import os
+import platform
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +115,17 @@ def cache_dir() -> str:
       return path
   except OSError:
     pass
+  # A shared temporary folder: ours only if we own it and nobody else can write to it (a library
+  # someone else planted there would run in this process).
   path = os.path.join(tempfile.gettempdir(), f"mfjax-native-{os.getuid()}")
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+  except OSError as e:
+    raise Unavailable(f"no writable cache folder for the native build ({e}); set MFJAX_NATIVE_CACHE") from None
+  if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+    raise Unavailable(f"{path} is not a private folder of this user (owner, or write access for others); "
+                      "set MFJAX_NATIVE_CACHE to a folder of your own")
   return path
 
 
@@ -130,20 +143,24 @@ def cpu_identity(cpuinfo_path: str = "/proc/cpuinfo") -> bytes:
 def build() -> str:
   """cpu_gemm.cc compiled against this jaxlib's FFI headers; the shared library's path. Built
   once per source, jaxlib, compiler and CPU, written atomically (test workers may build at once)."""
-  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-  if not compiler:
+  compiler = shlex.split(os.environ.get("CXX", "")) or [shutil.which("c++") or shutil.which("g++") or ""]
+  if not compiler[0]:
     raise Unavailable("no C++ compiler to build mfjax/cpu_gemm.cc (install g++ or set CXX)")
   with open(SOURCE, "rb") as f:
     source = f.read()
   # -march=native: the build is for this CPU (its exp loops vectorise), so the CPU is in the key.
-  key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode() + cpu_identity()).hexdigest()[:16]
+  key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(compiler).encode() + platform.libc_ver()[1]
+                       .encode() + cpu_identity()).hexdigest()[:16]
   out = os.path.join(cache_dir(), f"libmfjax_cpu_gemm-{key}.so")
   if os.path.exists(out):
     return out
-  partial = f"{out}.{os.getpid()}.partial"
-  command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-w",
+  partial = f"{out}.{os.getpid()}.{threading.get_ident()}.partial"  # builders in other processes and threads
+  command = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-w",
              f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  try:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+  except OSError as e:  # CXX names no program, or one that cannot run
+    raise Unavailable(f"cannot run the compiler ({' '.join(command[:len(compiler)])}): {e}") from None
   if result.returncode:
     raise Unavailable(f"compiling {SOURCE} failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
   os.replace(partial, out)
@@ -186,7 +203,15 @@ def _load() -> str:
                       "set MFJAX_MKL_LIBRARY, `pip install mkl` or install torch"))
   native = _loaded.get("native")
   if native is None:  # built and registered once per process; `load` again only swaps the library
-    native = ctypes.CDLL(build())
+    built = build()
+    try:
+      native = ctypes.CDLL(built)
+    except OSError as e:  # a cache on a noexec mount, or a library built for another system: built again once
+      os.remove(built)
+      try:
+        native = ctypes.CDLL(build())
+      except OSError as again:
+        raise Unavailable(f"cannot load {built} ({e}; built again: {again})") from None
     native.MfjaxCpuGemmSetBlas.argtypes = [ctypes.c_void_p] * 4
     for target, symbol in ((TARGET, native.MfjaxCpuGemm), (ATTENTION_TARGET, native.MfjaxCpuAttention),
                            (ATTENTION_GRAD_TARGET, native.MfjaxCpuAttentionGrad),
@@ -240,8 +265,11 @@ def enabled_for(*arrays) -> bool:
   return use
 
 
-def describe() -> str:
-  """One line for logs and benchmark records: 'mkl (MKL from PATH)' or 'xla (why)'."""
+def describe(dtype: str = "float32") -> str:
+  """One line for logs and benchmark records: 'mkl (MKL from PATH)' or 'xla (why)', for a model
+  computing in `dtype` (only float32 matmuls take MKL)."""
+  if jnp.dtype(dtype) != jnp.float32:
+    return f"xla ({jnp.dtype(dtype).name} compute)"
   use, reason = decision()
   return f"{'mkl' if use else 'xla'} ({reason})"
 

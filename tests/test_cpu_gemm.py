@@ -320,6 +320,24 @@ def test_a_failed_build_is_named(monkeypatch, tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_a_compiler_that_cannot_run_and_a_shared_cache_folder_are_named(monkeypatch, tmp_path):
+  monkeypatch.setenv("MFJAX_NATIVE_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "ccache-not-installed g++")  # CXX with arguments is split, as a shell would
+  with pytest.raises(cpu_gemm.Unavailable, match=r"cannot run the compiler \(ccache-not-installed g\+\+\)"):
+    cpu_gemm.build()
+  # Without a writable cache, the fallback under the temporary folder must be this user's alone.
+  monkeypatch.setenv("MFJAX_NATIVE_CACHE", "/proc/not-writable")
+  monkeypatch.setattr(cpu_gemm.tempfile, "gettempdir", lambda: str(tmp_path))
+  shared = tmp_path / f"mfjax-native-{os.getuid()}"
+  shared.mkdir()
+  shared.chmod(0o777)
+  with pytest.raises(cpu_gemm.Unavailable, match="is not a private folder of this user"):
+    cpu_gemm.cache_dir()
+  shared.chmod(0o700)
+  assert cpu_gemm.cache_dir() == str(shared)
+  assert cpu_gemm.describe("bfloat16") == "xla (bfloat16 compute)"
+
+
 def test_the_build_is_cached(monkeypatch, tmp_path):
   monkeypatch.setenv("MFJAX_NATIVE_CACHE", str(tmp_path))
   monkeypatch.delenv("CXX", raising=False)
@@ -359,3 +377,18 @@ def test_library_search_order(mkl, monkeypatch, tmp_path):
   assert cpu_gemm.load() == str(wheel_library)
   monkeypatch.setenv("MFJAX_MKL_LIBRARY", "/elsewhere/libmkl_rt.so.2")
   assert cpu_gemm.mkl_library_candidates() == ["/elsewhere/libmkl_rt.so.2"]
+
+
+def test_remat_dots_keeps_the_mkl_matmul_outputs(mkl):
+  """remat_policy=dots keeps matmul outputs; MKL's are a custom call, which the dots policy alone cannot
+  see: without the name they were recomputed, as under a policy that keeps nothing."""
+  dense = layers.Dense(6)
+  x = jnp.ones((4, 5))
+  params = dense.init(jax.random.key(0), x)
+
+  def calls(policy):
+    loss = jax.checkpoint(lambda p, x: jnp.sum(jnp.tanh(dense.apply(p, x))), policy=policy)
+    return str(jax.make_jaxpr(jax.grad(loss))(params, x)).count(cpu_gemm.TARGET)
+
+  assert calls(layers.DOTS_SAVEABLE) == 3 and calls(None) == 4  # forward once; input and weight gradients
+  assert calls(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == 4

@@ -105,7 +105,14 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
   out = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
-  return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+  # Named, so that remat_policy=dots keeps it as it keeps an XLA dot (it cannot see into a custom call).
+  return checkpoint_name(out, DENSE_OUT).reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+DENSE_OUT = "mfjax_dense_out"
+# remat_policy=dots: XLA's matmul outputs, and those of the CPU paths that are custom calls (MKL, bf16).
+DOTS_SAVEABLE = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names(DENSE_OUT))
 
 
 def Dense(features: int, **kwargs) -> nn.Dense:  # pylint: disable=invalid-name
@@ -374,8 +381,7 @@ def block_class(remat: bool, policy: str = "block") -> tuple[type, dict]:
     return Block, {}
   if policy == "attention":
     return Block, {"remat_attention": True}
-  saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
-  return nn.remat(Block, static_argnums=(2,), policy=saveable), {}
+  return nn.remat(Block, static_argnums=(2,), policy=DOTS_SAVEABLE if policy == "dots" else None), {}
 
 
 def scan_blocks(block: Block, block_params: list[dict], x, remat: bool, policy: str, collect: bool):
@@ -389,8 +395,7 @@ def scan_blocks(block: Block, block_params: list[dict], x, remat: bool, policy: 
     return y, (y.astype(jnp.float32) if collect else None)
 
   if remat and policy != "attention":
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                          if policy == "dots" else None)
+    body = jax.checkpoint(body, policy=DOTS_SAVEABLE if policy == "dots" else None)
   x, ys = jax.lax.scan(body, x, stacked)
   return x, (list(ys) if collect else [])
 

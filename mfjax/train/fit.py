@@ -519,7 +519,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
            config.model.name, spec.name, protocol, run.n_total / 1e6, run.n_trainable / 1e6,
            dict(run.mesh.shape), steps_per_epoch)
   if jax.default_backend() == "cpu":
-    log.info("CPU float32 GEMMs: %s", cpu_gemm.describe())
+    log.info("CPU GEMMs: %s", cpu_gemm.describe(config.model.dtype))
   train_loader = run.train_loader(config.epochs)
   batch_sharding = parallel.batch_sharding(run.mesh)
   train_step, evaluate = run.train_step, run.evaluate
