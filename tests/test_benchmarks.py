@@ -265,3 +265,10 @@ def test_nnunet_predict_compares_a_folder_prediction_with_nnunets_predictor(tmp_
   # 4e-3 measured, at the corners of a lone tile: nnU-Net holds its Gaussian weights in float16,
   # where the corners' (1e-6 of the centre's) are subnormal
   assert float(row["agree"]) > 0.99 and float(row["probabilities"].removeprefix("max diff ")) < 1e-2
+
+
+def test_pretrain_memory_compares_one_mask_group_with_one_per_device(tmp_path):
+  rows = run_benchmark(tmp_path, "pretrain_memory", "--devices", "2", "--batch", "4", "--global-size", "32",
+                       "--prototypes", "64", xla_flags="--xla_force_host_platform_device_count=2")
+  assert [(r["variant"], r["groups"]) for r in rows] == [("whole batch (before)", 1), ("per device", 2)]
+  assert all(r["temp_bytes"] > 0 and r["masked"] > 0 and r["device_count"] == 2 for r in rows)
