@@ -117,6 +117,7 @@ def extract_pooled(module, variables, config, dataset, split, mesh) -> dict:
 def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.cache/mfjax/features",
         temperature: float = knn_lib.TEMPERATURE) -> dict:
   from mfjax.train import fit
+  build.check_names(config)
   if not temperature > 0:
     raise ConfigError(f"k-NN temperature={temperature} must be > 0")
   dataset = fit.open_dataset(config)
@@ -214,6 +215,8 @@ def cka_foundations(configs: list, out_dir: str, split: str = "test", max_exampl
   datasets = {(c.data.name, c.data.manual_dir) for c in configs}
   if len(datasets) != 1:
     raise ValueError(f"cka --foundations compares models on one dataset; got {sorted(datasets)}")
+  for c in configs:
+    build.check_names(c)
   config = configs[0]
   from mfjax.train import fit
   dataset = fit.open_dataset(config)
