@@ -6,6 +6,8 @@ import os
 import platform
 import re
 import resource
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -346,6 +348,21 @@ def fmt(value, spec: str = ".2f") -> str:
   if isinstance(value, str):
     return value
   return format(value, spec)
+
+
+def with_devices(module: str, devices: int, argv: list[str]) -> bool:
+  """Whether this process is the child that runs on `devices` simulated CPU devices: without that
+  many devices, `python -m module argv` runs again with
+  XLA_FLAGS=--xla_force_host_platform_device_count=`devices`, and this process exits with its status."""
+  marker = "MFJAX_SIMULATED_DEVICES_CHILD"
+  if os.environ.get(marker) == "1":
+    return True
+  import jax
+  if jax.device_count() >= devices:
+    return False
+  flag = f"--xla_force_host_platform_device_count={devices}"
+  env = {**os.environ, marker: "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()}
+  sys.exit(subprocess.run([sys.executable, "-m", module, *argv], env=env).returncode)
 
 
 def emit(rows: dict | list[dict], columns: list[tuple[str, str]], out: str | None) -> None:

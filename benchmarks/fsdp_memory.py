@@ -9,8 +9,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N (simulated CPU devices). With
 compiles the train step and reports XLA's per-device memory plan for it.
 """
 import argparse
-import os
-import subprocess
 import sys
 import time
 
@@ -35,14 +33,8 @@ def main(argv=None):
   parser.add_argument("--out", default=None)
   args, extra = common.parse_args(parser, argv)
 
-  flag = f"--xla_force_host_platform_device_count={args.fsdp}"
-  if os.environ.get("MFJAX_FSDP_CHILD") != "1":
-    import jax
-    if jax.device_count() < args.fsdp:  # simulate the devices in a child process
-      env = {**os.environ, "MFJAX_FSDP_CHILD": "1", "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()}
-      argv = argv if argv is not None else sys.argv[1:]
-      sys.exit(subprocess.run([sys.executable, "-m", "benchmarks.fsdp_memory", *argv], env=env).returncode)
+  argv = argv if argv is not None else sys.argv[1:]
+  simulated = common.with_devices("benchmarks.fsdp_memory", args.fsdp, argv)
 
   import jax
   import jax.numpy as jnp
@@ -77,8 +69,8 @@ def main(argv=None):
          "temp_gib": common.gib(temp) or "n/a", "per_device_bytes": sorted(per_device.values()),
          "total_bytes": total, "min_fsdp_mb": config.min_fsdp_mb, "sharding_rules": config.sharding_rules,
          "compile_s": compile_s if args.compile else None, "params_total": run.n_total,
-         "simulated_devices": os.environ.get("MFJAX_FSDP_CHILD") == "1",
-         "command": "python -m benchmarks.fsdp_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
+         "simulated_devices": simulated,
+         "command": "python -m benchmarks.fsdp_memory " + " ".join(argv),
          **env}
   common.emit(row, COLUMNS, args.out)
 

@@ -11,7 +11,6 @@ each, compiled only. Without that many devices it reruns itself on simulated CPU
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -35,13 +34,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   argv = argv if argv is not None else sys.argv[1:]
 
-  if os.environ.get("MFJAX_PRETRAIN_MEMORY_CHILD") != "1":
-    import jax
-    if jax.device_count() < args.devices:  # simulate the devices in a child process
-      flag = f"--xla_force_host_platform_device_count={args.devices}"
-      env = {**os.environ, "MFJAX_PRETRAIN_MEMORY_CHILD": "1", "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()}
-      sys.exit(subprocess.run([sys.executable, "-m", "benchmarks.pretrain_memory", *argv], env=env).returncode)
+  simulated = common.with_devices("benchmarks.pretrain_memory", args.devices, argv)
 
   import jax
   import jax.numpy as jnp
@@ -82,7 +75,7 @@ def main(argv=None):
                  "backbone": config.model.name + ("" if args.full else " (tiny)"), "batch": args.batch,
                  "global_size": args.global_size, "prototypes": args.prototypes, "groups": networks.mask_groups,
                  "masked": int(np.prod(batch["mask_indices"].shape)), "temp_mib": f"{temp / 2 ** 20:.1f}",
-                 "temp_bytes": temp, "simulated_devices": os.environ.get("MFJAX_PRETRAIN_MEMORY_CHILD") == "1",
+                 "temp_bytes": temp, "simulated_devices": simulated,
                  "command": "python -m benchmarks.pretrain_memory " + " ".join(argv), **env})
   common.emit(rows, COLUMNS, args.out)
 
