@@ -685,3 +685,28 @@ def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path):
   dataset = fit.open_dataset(tiny(aptos))
   with pytest.raises(mdata.DataError, match=r"split 'train' has \d+ examples, fewer than one batch of 512"):
     mdata.make_loader(dataset, "train", batch_size=512, train=True)
+
+
+def test_the_stacked_head_takes_every_deit_tensor_and_nothing_else(aptos, tmp_path):
+  from configs.tiny import TINY_FOUNDATION
+  from mfjax import models
+  deit = models.create("deit_base_patch16", **TINY_FOUNDATION["vit"])
+  variables = jax.tree.map(lambda x: x + 0.5, models.init_params(deit, jax.random.PRNGKey(3)))
+  models.save(str(tmp_path / "deit"), "deit_base_patch16", variables, dict(TINY_FOUNDATION["vit"]))
+  run = fit.prepare(tiny(aptos, "unfrozen_deit", f"--config.head.checkpoint={tmp_path / 'deit'}"))
+  stacked = flat(run.state["trainable"]["stacked"])
+  for key, value in flat(variables["params"]).items():
+    if not key.startswith("patch_embed/"):
+      np.testing.assert_array_equal(stacked[key], value, err_msg=key)
+  assert {k.split("/")[0] for k in stacked} - {k.split("/")[0] for k in flat(variables["params"])} == {
+      "projector", "projector_norm", "fc"}  # the new layers, and only they, start fresh
+  # A head deeper than the checkpoint is not topped up with random blocks.
+  with pytest.raises(ConfigError, match="missing blocks_2"):
+    fit.prepare(tiny(aptos, "unfrozen_deit", f"--config.head.checkpoint={tmp_path / 'deit'}",
+                     "--config.head.overrides.depth=3"))
+  # A ViT with parts the head has no place for (OpenCLIP's norm_pre and proj) is refused, not cut.
+  clip = models.create("openclip_vitb16", **TINY_FOUNDATION["vit"])
+  models.save(str(tmp_path / "clip"), "openclip_vitb16", models.init_params(clip, jax.random.PRNGKey(4)),
+              dict(TINY_FOUNDATION["vit"]))
+  with pytest.raises(ConfigError, match=r"has \['norm_pre', 'proj'\], which the stacked DeiT-B head"):
+    fit.prepare(tiny(aptos, "unfrozen_deit", f"--config.head.checkpoint={tmp_path / 'clip'}"))

@@ -192,19 +192,20 @@ def abstract_params(classifier, input_shape: tuple[int, ...]):
 
 
 def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, drop_extra_blocks=False,
-                    fill_all=False) -> int:
+                    fill_all=False, fresh: tuple[str, ...] = ()) -> int:
   """Replace leaves of `target_flat` under `prefix` by `source`'s, keeping each leaf's sharding.
 
   Every source leaf must exist in the model with the same shape (blocks beyond a decapitation
-  cut excepted), and with `fill_all` every model leaf under `prefix` must come from `source`
-  (a checkpoint with fewer blocks than the configured model is not silently topped up with
-  random weights); problems are collected and raised together.
+  cut excepted), and with `fill_all` every model leaf under `prefix` but the new layers named in
+  `fresh` must come from `source` (a checkpoint with fewer blocks than the configured model is not
+  silently topped up with random weights); problems are collected and raised together.
   """
   problems, n = [], 0
   if fill_all:
     filled = {prefix + path for path in traverse_util.flatten_dict(source)}
     problems += [f"missing {'/'.join(key[len(prefix):])} (the model has it, the checkpoint does not)"
-                 for key in target_flat if key[:len(prefix)] == prefix and key not in filled]
+                 for key in target_flat if key[:len(prefix)] == prefix and key not in filled
+                 and key[len(prefix)] not in fresh]
   for path, value in traverse_util.flatten_dict(source).items():
     key = prefix + path
     if key not in target_flat:
@@ -251,9 +252,15 @@ def load_pretrained(classifier: heads.Classifier, config, variables: dict) -> di
   if classifier.head == "deit":
     if config.head.checkpoint:
       _, deit = models.load(config.head.checkpoint)
-      keep = {k: v for k, v in deit["params"].items()
-              if k in ("cls_token", "pos_embed", "norm") or k.startswith("blocks_")}
-      n = fill_pretrained(flat, keep, ("params", "stacked"), f"DeiT-B checkpoint {config.head.checkpoint}")
+      # The head bypasses the patch embedding; any other part (OpenCLIP's norm_pre, registers) it lacks.
+      unused = sorted(k for k in deit["params"] if k not in ("cls_token", "pos_embed", "norm", "patch_embed")
+                      and not k.startswith("blocks_"))
+      if unused:
+        raise ConfigError(f"head.checkpoint {config.head.checkpoint} has {unused}, which the stacked DeiT-B head "
+                          "has no place for: use a converted DeiT-B (deit_base_patch16) or another plain ViT")
+      keep = {k: v for k, v in deit["params"].items() if k != "patch_embed"}
+      n = fill_pretrained(flat, keep, ("params", "stacked"), f"DeiT-B checkpoint {config.head.checkpoint}",
+                          fill_all=True, fresh=("projector", "projector_norm", "fc"))
       log.info("loaded %d tensors of the stacked DeiT-B from %s", n, config.head.checkpoint)
     else:
       log.warning("head.checkpoint is empty: the stacked DeiT-B starts from random weights")
