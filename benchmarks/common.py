@@ -361,7 +361,8 @@ def with_devices(module: str, devices: int, argv: list[str]) -> bool:
   if jax.device_count() >= devices:
     return False
   flag = f"--xla_force_host_platform_device_count={devices}"
-  env = {**os.environ, marker: "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()}
+  env = {**os.environ, marker: "1", "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()}
   sys.exit(subprocess.run([sys.executable, "-m", module, *argv], env=env).returncode)
 
 

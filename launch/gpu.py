@@ -53,8 +53,9 @@ def visible_gpus() -> list[str] | None:
 def local_gpus() -> int:
   """Number of NVIDIA GPUs this launcher may use: those CUDA_VISIBLE_DEVICES names, else every one
   here (0 without nvidia-smi, e.g. on a CPU machine)."""
-  if visible_gpus() is not None:
-    return len(visible_gpus())
+  given = visible_gpus()
+  if given is not None:
+    return len(given)
   try:
     out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                          text=True, timeout=60)

@@ -149,8 +149,8 @@ def build() -> str:
   with open(SOURCE, "rb") as f:
     source = f.read()
   # -march=native: the build is for this CPU (its exp loops vectorise), so the CPU is in the key.
-  key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(compiler).encode() + platform.libc_ver()[1]
-                       .encode() + cpu_identity()).hexdigest()[:16]
+  built_for = f"{jaxlib.__version__} {' '.join(compiler)} libc {platform.libc_ver()[1]}".encode()
+  key = hashlib.sha256(source + built_for + cpu_identity()).hexdigest()[:16]
   out = os.path.join(cache_dir(), f"libmfjax_cpu_gemm-{key}.so")
   if os.path.exists(out):
     return out

@@ -201,8 +201,8 @@ def _read_cbis(manual_dir, opts):
 def _merge_families(images):
   """A mammogram with both a mass and a calcification is in both CSV families, under two folders
   (Mass-Training_P_X_LEFT_CC, Calc-Training_P_X_LEFT_CC) that hold the same DDSM image. For
-  benign/malignant it is one example: the file of the first folder by name (Calc- before Mass-), the worst of all its abnormalities,
-  and the test split when either family's release puts it there."""
+  benign/malignant it is one example: the file of the first folder by name (Calc- before Mass-),
+  the worst of all its abnormalities, and the test split when either family's release puts it there."""
   first_of, merged, moved_to_test = {}, {}, []
   for key, e in sorted(images.items()):
     view = (e["patient"], e["breast"], e["view"])

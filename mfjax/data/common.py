@@ -191,7 +191,9 @@ def sha256_file(path: str) -> str:
 def _verify(row: Row, channels: int):
   """(problem, (pixel stats, sha256 of the file)): problem None for a usable image."""
   try:
-    return None, (images.pixel_stats(images.load(row.image, channels)), sha256_file(row.image))
+    with open(row.image, "rb") as f:
+      data = f.read()
+    return None, (images.pixel_stats(images.decode(data, channels, row.image)), hashlib.sha256(data).hexdigest())
   except FileNotFoundError:
     return "missing", None
   except Exception as e:  # any decoder failure means the file is unreadable; it is reported
@@ -236,11 +238,6 @@ def assign_splits(name: str, rows: list[Row], opts: dict, num_classes: int) -> d
   else:
     where_to = _seeded(rows, fractions, opts["seed"], num_classes)
     assigned = {s: [r for r, k in zip(rows, where_to) if k == i] for i, s in enumerate(splits.SPLITS)}
-  straddling = groups_in_two_splits(assigned)
-  if straddling:  # only an official split can do this; it is the release's, kept as published
-    logging.warning("%s: the official split puts %d group(s) in two splits (kept as published; listed in the "
-                    "metadata as groups_in_two_splits): %s", name, len(straddling),
-                    ", ".join(f"{g} ({'/'.join(s)})" for g, s in list(straddling.items())[:10]))
   empty = [s for s, rs in assigned.items() if not rs]
   if empty:
     sizes = {s: len(rs) for s, rs in assigned.items()}
@@ -352,6 +349,11 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     assigned = assign_splits(name, rows, opts, spec.num_classes)
     stats_of = {r.id: s for r, (s, _) in zip(rows, stats)}
     digest_of = {r.id: d for r, (_, d) in zip(rows, stats)}
+    straddling = groups_in_two_splits(assigned)
+    if straddling:  # only an official split can do this; it is the release's, kept as published
+      logging.warning("%s: the official split puts %d group(s) in two splits (kept as published; listed in the "
+                      "metadata as groups_in_two_splits): %s", name, len(straddling),
+                      ", ".join(f"{g} ({'/'.join(s)})" for g, s in list(straddling.items())[:10]))
     train_stats = np.mean([stats_of[r.id] for r in assigned["train"]], axis=0)
     self.info.metadata.update({
         "mfjax_version": str(self.VERSION),
@@ -365,7 +367,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "num_skipped": len(skipped),
         "skipped": skipped,
         "split_sizes": {s: len(rs) for s, rs in assigned.items()},
-        "groups_in_two_splits": groups_in_two_splits(assigned),
+        "groups_in_two_splits": straddling,
         "class_counts": {s: class_counts(rs, spec.num_classes) for s, rs in assigned.items()},
         "measured_train_mean": train_stats[0].tolist(),
         "measured_train_std": np.sqrt(np.maximum(train_stats[1] - train_stats[0] ** 2, 0)).tolist(),

@@ -110,7 +110,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 
 DENSE_OUT = "mfjax_dense_out"
-# remat_policy=dots: XLA's matmul outputs, and those of the CPU paths that are custom calls (MKL, bf16).
+# remat_policy=dots: XLA's matmul outputs, and those of MKL's custom call on the CPU, which the dots
+# policy cannot see (named in dense_dot_general).
 DOTS_SAVEABLE = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.save_only_these_names(DENSE_OUT))
 

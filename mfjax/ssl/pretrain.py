@@ -197,7 +197,8 @@ def make_batch(config, pool: SlicePool, step: int, networks: "Networks", executo
                                  m.max_fraction) for j in range(groups)]
   return {"global": crop_major("global"), "local": crop_major("local"),
           "masks": np.concatenate([g["masks"] for g in masks]),
-          "mask_indices": np.stack([g["indices"] for g in masks]), "mask_weights": np.stack([g["weights"] for g in masks]),
+          "mask_indices": np.stack([g["indices"] for g in masks]),
+          "mask_weights": np.stack([g["weights"] for g in masks]),
           **({"gram": crop_major("gram")} if "gram" in per_slice[0] else {})}
 
 
@@ -609,8 +610,9 @@ def run(config, workdir, progress: bool = True) -> dict:
     log.info("resumed %s at step %d", workdir, step)
   writer = fit.Writer(workdir, step)
   pool = SlicePool(paths, config.seed, config.data.pool_volumes, config.data.new_volumes_per_step)
-  if correlated_batches(config.batch_size, pool.size):
-    log.warning(correlated_batches(config.batch_size, pool.size))
+  warning = correlated_batches(config.batch_size, pool.size)
+  if warning:
+    log.warning(warning)
   executor = concurrent.futures.ThreadPoolExecutor(config.data.num_workers) if config.data.num_workers else None
   log.info("pretraining %s on %d volumes: %d steps of %d slices", config.model.name, len(paths), total_steps,
            config.batch_size)

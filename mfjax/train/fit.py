@@ -90,33 +90,40 @@ def check_workdir(workdir, config_dict: dict) -> None:
     write_atomically(path, json.dumps(config_dict, indent=2, sort_keys=True))
 
 
-DATA_BUILD = "data_build.json"
-
-
-def check_data_build(workdir, dataset) -> None:
-  """A run belongs to the build of its dataset it started on: recorded in DATA_BUILD; a run that saved
-  something and meets another build (the dataset rebuilt in place) is refused, so that a resume or a
-  finished result never mixes two datasets."""
+def check_recorded(workdir, name: str, current: dict, refusal, same=None, what: str = "") -> None:
+  """Record `current` in WORKDIR/`name`, or check a restarted run against its record: a run that saved
+  something and recorded otherwise (`same(recorded)` false; default: equal) raises ConfigError
+  `refusal(recorded)`, decided by process 0 for every process; a run from before the record warns
+  (naming `what`) and records."""
   workdir = workdir_path(workdir)
-  path = workdir / DATA_BUILD
-  current = {"dataset": dataset.path, "build": dataset.fingerprint}
+  path = workdir / name
   recorded = json.loads(path.read_text()) if path.exists() else None
   saved = has_saved_work(workdir)
-  other = recorded is not None and recorded.get("build") != current["build"] and saved
-  if jax.process_count() > 1:  # process 0 decides for all: every process raises, or none does
+  other = recorded is not None and saved and not (same(recorded) if same else recorded == current)
+  if jax.process_count() > 1:  # every process raises, or none does
     from jax.experimental import multihost_utils
     other = bool(multihost_utils.broadcast_one_to_all(np.int32(other)))
   if other:
-    raise ConfigError(f"{workdir} was trained on another build of its dataset than {dataset.path} holds now "
-                      f"(build {recorded.get('build')}, now {current['build']}: rebuilt since). Its checkpoints "
-                      "and result belong to the old data: use a new --workdir, or delete this one to retrain")
+    raise ConfigError(refusal(recorded))
   if recorded == current:
     return
   if recorded is None and saved:
-    log.warning("%s was started before runs recorded their dataset's build: it goes on with the build it finds "
-                "(%s), which cannot be checked against the one it started on", workdir, current["build"])
+    log.warning("%s was started before mfjax recorded %s: it goes on with what it finds now, which cannot be "
+                "checked against what it started on", workdir, what)
   if jax.process_index() == 0:
-    write_atomically(path, json.dumps(current, indent=2, sort_keys=True))
+    write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
+
+
+def check_data_build(workdir, dataset) -> None:
+  """A run belongs to the build of its dataset it started on (data_build.json): a run that saved
+  something and meets another build (the dataset rebuilt in place) is refused, so that a resume or a
+  finished result never mixes two datasets. The dataset's folder may move."""
+  current = {"dataset": dataset.path, "build": dataset.fingerprint}
+  check_recorded(workdir, "data_build.json", current, lambda recorded: (
+      f"{workdir} was trained on another build of its dataset than {dataset.path} holds now (build "
+      f"{recorded.get('build')}, now {current['build']}: rebuilt since). Its checkpoints and result belong to the "
+      "old data: use a new --workdir, or delete this one to retrain"),
+      same=lambda recorded: recorded.get("build") == current["build"], what="its dataset's build")
 
 
 def has_saved_work(workdir) -> bool:
@@ -285,10 +292,11 @@ def cached_features(config, dataset, mesh, init_rng) -> dict:
   return out
 
 
-def prepare(config) -> Setup:
-  """Data, mesh, classifier and its train state placed on the mesh shapes-first, and the steps."""
+def prepare(config, dataset=None) -> Setup:
+  """Data (`dataset` when the caller opened it already), mesh, classifier and its train state placed
+  on the mesh shapes-first, and the steps."""
   build.check_names(config)
-  dataset = open_dataset(config)
+  dataset = dataset or open_dataset(config)
   spec = dataset.spec
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   if config.batch_size % mesh.devices.size:
@@ -424,22 +432,21 @@ BEFORE_THE_FIELD = {
 def as_it_ran(saved: dict, config, workdir) -> None:
   """Set in `config` (a ConfigDict or a dict) the BEFORE_THE_FIELD values of the fields the run's
   saved config lacks, where they change what the run does."""
+  import ml_collections
+  view = ml_collections.ConfigDict(to_dict(config))
   for (section, field), (value, matters) in BEFORE_THE_FIELD.items():
     if field in saved.get(section, {}) or section not in config:
       continue
-    if callable(value):
-      import ml_collections
-      value = value(ml_collections.ConfigDict(to_dict(config)))
-    if config[section].get(field, value) != value and _matters(matters, config):
+    value = value(view) if callable(value) else value
+    if config[section].get(field, value) != value and _matters(matters, view):
       log.warning("%s was started before %s.%s existed: it goes on with %s.%s=%s, as it ran", workdir, section,
                   field, section, field, value)
       config[section][field] = value
 
 
 def _matters(predicate, config) -> bool:
-  import ml_collections
   try:
-    return bool(predicate(ml_collections.ConfigDict(to_dict(config))))
+    return bool(predicate(config))
   except Exception:  # noqa: BLE001 - e.g. a checkpoint not on this machine: keep what the run did
     return True
 
@@ -509,9 +516,10 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   if finished.exists():  # its config is this one (start_run checked): nothing to do, nothing appended
     log.info("%s has finished already (result.json); delete it to test the best checkpoint again", workdir)
     return json.loads(finished.read_text())
-  check_data_build(workdir, open_dataset(config))
+  dataset = open_dataset(config)
+  check_data_build(workdir, dataset)
   resized = build.resized_at_load(config)
-  run = prepare(config)
+  run = prepare(config, dataset)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
   protocol = config.protocol.name
   total_steps = steps_per_epoch * config.epochs

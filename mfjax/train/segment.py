@@ -40,7 +40,7 @@ from mfjax.evals import segmentation
 from mfjax.models import heads
 from mfjax.train import build
 from mfjax.train.checkpoints import RunCheckpoints
-from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, has_saved_work, is_remote, read_run_config,
+from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, check_recorded, is_remote, read_run_config,
                              start_run, workdir_path, write_atomically)
 from mfjax.train.optim import make_optimizer
 
@@ -203,20 +203,14 @@ def prepare(config, num_classes: int, mesh, regions=(), ignore_label: int | None
 def check_split(workdir, train_ids, val_ids) -> None:
   """Record the fold's cases in WORKDIR/split.json, or check that a restarted run has the same: a
   splits_final.json placed or edited since would otherwise change what a resumed run trains on."""
-  path = workdir_path(workdir) / "split.json"
   split = {"train": list(train_ids), "validation": list(val_ids)}  # in order: the sampler draws by position
-  if path.exists() and has_saved_work(workdir):
-    saved = json.loads(path.read_text())
-    if saved != split:
-      changed = {k: len(set(saved.get(k, [])) ^ set(split[k])) for k in split}
-      raise ConfigError(f"{workdir} was started on another split of the cases ({changed['train']} training and "
-                        f"{changed['validation']} validation cases differ from {path}, or their order): the fold's "
-                        "splits_final.json changed since. Put the old file back, or use a new --workdir")
-    return
-  if has_saved_work(workdir):
-    log.warning("%s was started before mfjax recorded the fold's cases; recording them now", workdir)
-  if jax.process_index() == 0:
-    path.write_text(json.dumps(split, indent=1))
+
+  def refusal(saved):
+    changed = {k: len(set(saved.get(k, [])) ^ set(split[k])) for k in split}
+    return (f"{workdir} was started on another split of the cases ({changed['train']} training and "
+            f"{changed['validation']} validation cases differ from {workdir_path(workdir) / 'split.json'}, or their "
+            "order): the fold's splits_final.json changed since. Put the old file back, or use a new --workdir")
+  check_recorded(workdir, "split.json", split, refusal, what="the fold's cases")
 
 
 def train(config, workdir: str, progress: bool = True) -> dict:
