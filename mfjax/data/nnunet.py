@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -48,6 +49,9 @@ from mfjax.config import DataError
 from mfjax.data import volumes
 
 log = logging.getLogger("mfjax")
+# np.load parses a .npy header with ast.literal_eval, which CPython 3.11.7 can fail from several threads
+# at once ("SystemError: AST constructor recursion depth mismatch"): the sampler's threads open files one at a time.
+_NPY_OPEN = threading.Lock()
 
 DATASET_JSON = "dataset.json"
 PLANS_JSON = "plans.json"
@@ -980,7 +984,10 @@ class SliceSampler:
     The volumes are memory-mapped anew on every call and released with the sample: a map keeps a
     file handle open, and cached maps of every case drawn ran past the usual limit of 1024 open
     files after some 330 cases. The small location tables are kept in memory."""
-    load = lambda suffix, **kw: np.load(os.path.join(self.out_dir, case + suffix), **kw)
+    def load(suffix, **kw):
+      with _NPY_OPEN:
+        return np.load(os.path.join(self.out_dir, case + suffix), **kw)
+
     if case not in self._locations:
       locations = load("_locations.npy")
       classes = np.unique(locations[:, 0])
