@@ -2,7 +2,8 @@ r"""Host time of two steps of `mfjax segment`, each against nnU-Net's way of doi
 
   labels          resampling a label volume in-plane (preprocessing): mfjax's four-neighbour
                   computation (`nnunet.resample_labels_inplane`) against nnU-Net's
-                  resize_segmentation (skimage, one linear resampling per label value and slice);
+                  resize_segmentation (batchgenerators: one linear resampling per label value and
+                  slice, the largest wins);
   postprocessing  `segmentation.determine_postprocessing` over validation cases read from .nii.gz:
                   every class's step scored in one reading (plain labels) against one reading per
                   step (nnU-Net's way, which regions still take).

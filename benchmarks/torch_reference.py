@@ -11,13 +11,12 @@ References (random weights; only the compute matters here):
   seem_focalt                                    SEEM's FocalNet-T: timm's FocalNet with SEEM's changes
                                                  (`seem_focalt_net`, also the parity tests' reference)
   resnet50/101/152                               torchvision
-Also nnU-Net's resize_segmentation (skimage), the reference for mfjax's label resampling.
+Also nnU-Net's resize_segmentation (batchgenerators), the reference for mfjax's label resampling.
 Each foundation returns (pooled, tokens) like the mfjax model and exposes its blocks or stages in
 order, so progressive freezing and decapitation act on the same units as in mfjax.
 """
 import functools
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -365,13 +364,10 @@ class Segmenter(nn.Module):
 
 
 def resize_segmentation(labels, shape):
-  """nnU-Net's resize_segmentation(labels, shape, order=1), its default for labels, as it calls
-  skimage: each value's mask resampled linearly, the value set where it reaches 0.5, in ascending order."""
-  from skimage.transform import resize
-  out = np.zeros(shape, labels.dtype)
-  for value in np.unique(labels):
-    out[resize((labels == value).astype(float), shape, 1, mode="edge", clip=True, anti_aliasing=False) >= 0.5] = value
-  return out
+  """nnU-Net's label resampling as it runs: batchgenerators' resize_segmentation with order 1,
+  nnU-Net's default for labels (each label value's mask resampled by skimage, the largest wins)."""
+  from batchgenerators.augmentations.utils import resize_segmentation as nnunets
+  return nnunets(labels, shape, order=1)
 
 
 def dice_ce_loss(logits, target, smooth=1e-5, ignore_label=None):

@@ -587,15 +587,18 @@ def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
 
 def test_label_resampling_is_nnunets_resize_segmentation():
   """Random label maps (ties between values included), up and down, odd and tiny sizes: the
-  four-neighbour computation equals nnU-Net's resize_segmentation value by value."""
+  four-neighbour computation equals resize_segmentation as nnU-Net calls it (batchgenerators) value by value."""
   rng = np.random.default_rng(0)
-  for trial in range(150):
+  for trial in range(200):
     nx, ny, nz = rng.integers(1, 30, 3)
     labels = rng.integers(-1, 4, (nx, ny, nz)).astype(np.int16)
     if trial % 2:   # smooth regions instead of noise
       labels = np.repeat(np.repeat(labels[::4, ::4], 4, 0), 4, 1)[:nx, :ny]
-    shape = (tuple(int(s) for s in rng.integers(1, 45, 2)) if trial % 3 else
-             (2 * labels.shape[0], labels.shape[1] // 2 + 1))
+    if trial % 5 == 4:
+      labels = (labels + 1).astype(np.uint8)
+    shape = [(2 * labels.shape[0], labels.shape[1] // 2 + 1),   # halving: exact ties at every boundary
+             (max(labels.shape[0] // 2, 1), 2 * labels.shape[1]),
+             tuple(int(s) for s in rng.integers(1, 45, 2))][trial % 3]
     expected = np.stack([torch_reference.resize_segmentation(labels[:, :, k], shape)
                          for k in range(labels.shape[2])], axis=-1)
     np.testing.assert_array_equal(nnunet.resample_labels_inplane(labels, shape), expected,

@@ -25,7 +25,8 @@ read memory-mapped):
   - resampled in-plane to the target spacing: the image by cubic spline clipped to the slice's
     range, or to the volume's when it is not anisotropic (skimage's resize, as nnU-Net calls it
     in its two cases), the labels as nnU-Net's
-    resize_segmentation (order 1 per label value, computed from each pixel's four neighbours);
+    resize_segmentation (order 1 per label value, the largest wins; computed from each pixel's
+    four neighbours);
   - up to 1000 sampled voxel positions per foreground class and case, for oversampling.
 `SliceSampler` draws training patches: a case, a slice, a patch (the last round(B·p) of
 each batch centred on a foreground voxel of a random present class, like nnU-Net's
@@ -61,8 +62,9 @@ LOCATIONS_PER_CLASS = 1000
 NONZERO_LABEL = -1  # nnU-Net's label of background voxels outside the nonzero region
 # What the preprocessed arrays mean; a folder written by another version is refused, not misread.
 # 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL; 3: images stored normalised (nnU-Net's
-# order: normalise, then resample), labels resampled as nnU-Net's resize_segmentation.
-PREPROCESSING_VERSION = 3
+# order: normalise, then resample), labels resampled as nnU-Net's resize_segmentation; 4: that resampling as
+# batchgenerators 0.25.5 does it (the largest resampled label mask wins, not the last to reach 0.5).
+PREPROCESSING_VERSION = 4
 ANISOTROPY_THRESHOLD = 3  # nnU-Net's: above it a volume is resampled slice by slice
 MASK_FOR_NORM_BELOW = 0.75  # nnU-Net: z-score within the nonzero region when cropping leaves less
 # nnU-Net's normalization by channel name (casefolded); any other name (MRI, T2, ADC, ...): z-score.
@@ -410,11 +412,13 @@ def resamples_slice_by_slice(spacing, target_spacing_xy) -> bool:
 
 
 def resample_labels_inplane(labels: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
-  """(X, Y, Z) labels -> (X', Y', Z), as nnU-Net's resize_segmentation with its default order 1:
-  each label value's mask resampled linearly (skimage's resize: edge mode, no anti-aliasing), the
-  value written where it reaches 0.5, values in ascending order (a later one over an earlier), 0
-  where none does. Computed at once from each output pixel's four bilinear neighbours: where they
-  agree that is the label, elsewhere each neighbour value's summed weight decides."""
+  """(X, Y, Z) labels -> (X', Y', Z), as nnU-Net's resize_segmentation with its default order 1
+  (batchgenerators 0.25.5): each label value's mask resampled linearly (skimage's resize: edge
+  mode, no anti-aliasing), and each pixel takes the value of the largest; a tie goes to the
+  nearest-neighbour value if it is among the tied, else to the smallest. Computed at once from
+  each output pixel's four bilinear neighbours: where they agree that is the label, elsewhere each
+  neighbour value's summed weight is its score."""
+  from scipy import ndimage
   if tuple(labels.shape[:2]) == tuple(shape_xy):
     return labels
   (x0, x1, wx), (y0, y1, wy) = _linear_taps(labels.shape[0], shape_xy[0]), _linear_taps(labels.shape[1], shape_xy[1])
@@ -425,13 +429,15 @@ def resample_labels_inplane(labels: np.ndarray, shape_xy: tuple[int, int]) -> np
   if mixed[0].size:
     fx, fy = wx[mixed[0]], wy[mixed[1]]
     weights = [(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy]
-    values = [corner[mixed].astype(np.int64) for corner in corners]
-    none = np.iinfo(np.int64).min
-    best = np.full(mixed[0].size, none)
-    for value in values:
-      weight = sum(np.where(value == other, w, 0.0) for other, w in zip(values, weights))
-      best = np.where((weight >= 0.5) & (value > best), value, best)
-    out[mixed] = np.where(best > none, best, 0)
+    values = [corner[mixed] for corner in corners]
+    score = lambda label: sum(np.where(value == label, w, 0.0) for value, w in zip(values, weights))
+    scores = [score(value) for value in values]
+    top = np.maximum.reduce(scores)
+    lowest_top = np.minimum.reduce([np.where(s == top, value, np.iinfo(labels.dtype).max)
+                                    for s, value in zip(scores, values)])
+    zoom = (shape_xy[0] / labels.shape[0], shape_xy[1] / labels.shape[1], 1.0)
+    nearest = ndimage.zoom(labels, zoom[:labels.ndim], order=0, mode="nearest", grid_mode=True)[mixed]
+    out[mixed] = np.where(score(nearest) == top, nearest, lowest_top)
   return out
 
 
