@@ -120,6 +120,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_rows(sharding, batch_size: int) -> np.ndarray:
+  """The rows of a global batch of `batch_size` (split on its first axis by `sharding`, or over
+  all axes of a Mesh) that this process's devices hold, in the order
+  jax.make_array_from_process_local_data takes a process's rows. Consecutive shares in process
+  order where the mesh follows jax.devices() (GPU hosts, CPU); interleaved on a TPU pod, whose
+  mesh follows the chips' layout, so a process must fill these rows and not [p*n, (p+1)*n)."""
+  if isinstance(sharding, Mesh):
+    sharding = NamedSharding(sharding, P(sharding.axis_names))
+  spans = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                  for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+  return np.concatenate([np.arange(start, stop) for start, stop in spans])
+
+
 def put_global(tree, sharding):
   """Host values that every process holds in full (the same on each) as global jax.Arrays with
   `sharding` (one for every leaf): each process supplies the pieces of its own devices."""

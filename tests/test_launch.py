@@ -822,3 +822,27 @@ def test_env_names_must_be_variable_names():
   for bad in ("A B=1", "=1", "1A=2", "NOEQUALS"):
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
       launch_common.key_value(bad)
+
+
+@pytest.mark.parametrize("command", ["knn", "cka_run", "cka_foundations", "segment_predict"])
+def test_commands_a_launcher_starts_join_the_multi_process_job_first(monkeypatch, command):
+  """Under `launch/gpu.py --processes N` or SLURM, k-NN, CKA and segmentation prediction join
+  one JAX job before anything else; otherwise each process would do all the work on its own."""
+  from mfjax import parallel
+  from mfjax.evals import studies
+  from mfjax.train import segment
+
+  class Joined(Exception):
+    pass
+
+  def join(*args, **kwargs):
+    raise Joined
+
+  monkeypatch.setattr(parallel, "maybe_initialize_distributed", join)
+  calls = {"knn": lambda: studies.knn(None, "/nonexistent/out"),
+           "cka_run": lambda: studies.cka_run("/nonexistent/run"),
+           "cka_foundations": lambda: studies.cka_foundations([], "/nonexistent/out"),
+           "segment_predict": lambda: segment.predict_folder(["/nonexistent/run"], "/nonexistent/in",
+                                                             "/nonexistent/out")}
+  with pytest.raises(Joined):
+    calls[command]()

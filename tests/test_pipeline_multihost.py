@@ -1,4 +1,5 @@
-"""Two real JAX processes (2 CPU devices each) read their own shards and assemble one global batch.
+"""Two real JAX processes (2 CPU devices each) read their own shards and assemble one global batch,
+also on a mesh whose batch slots alternate between the processes (as on a TPU pod).
 
 The test starts this file twice as a script (`python test_pipeline_multihost.py ROLE ...`);
 each process checks its addressable shards of `global_batch` against the batch a single
@@ -39,6 +40,43 @@ def worker(process_id: int, port: int, dataset_path: str):
       for shard in array.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), full[key][shard.index])
   print(f"process {process_id}: {len(local)} global batches OK", flush=True)
+  _interleaved_mesh(process_id, ds, reference)
+
+
+def _interleaved_mesh(process_id, ds, reference):
+  """A mesh whose batch slots alternate between the processes, as a TPU pod's mesh (built from
+  the chips' layout) has them: each process fills the rows of its own devices, and the
+  segmentation predictor returns every tile in its place."""
+  import flax.linen as nn
+  import jax
+  from jax.experimental import multihost_utils
+  import mfjax.data
+  from mfjax import parallel
+  from mfjax.evals import segmentation
+  from mfjax.train import segment
+  mine = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
+  mesh = jax.sharding.Mesh(np.array([mine[p][i] for i in range(2) for p in range(2)]).reshape(2, 2),
+                           ("data", "fsdp"))
+  sharding = parallel.batch_sharding(mesh)
+  rows = parallel.process_rows(sharding, GLOBAL_BATCH)
+  np.testing.assert_array_equal(rows, [0, 1, 4, 5] if process_id == 0 else [2, 3, 6, 7])
+  local = list(mfjax.data.make_loader(ds, "train", batch_size=GLOBAL_BATCH, train=True, resolution=16, seed=9,
+                                      sharding=sharding))
+  for batch, full in zip(local, reference):
+    np.testing.assert_array_equal(batch["index"], full["index"][rows])
+    for key, array in mfjax.data.global_batch(batch, sharding).items():
+      np.testing.assert_array_equal(np.asarray(multihost_utils.process_allgather(
+          array, tiled=True)), full[key], err_msg=key)
+
+  model = nn.Conv(3, (1, 1))
+  tiles = np.random.default_rng(0).normal(size=(6, 8, 8, 2)).astype(np.float32)  # padded to 8 rows
+  params = model.init(jax.random.PRNGKey(0), tiles[:1])["params"]
+  predicted = segment.make_predictor(model, mesh, 6, (8, 8), mirror=True)(params, tiles)
+  with jax.default_device(jax.local_devices()[0]):
+    expected = segmentation.weighted_tile_logits(lambda x: model.apply({"params": params}, x), jax.numpy.asarray(
+        tiles), jax.numpy.asarray(segmentation.gaussian_weights((8, 8))), True)
+  np.testing.assert_allclose(predicted, np.asarray(expected), rtol=1e-5, atol=1e-5)
+  print(f"process {process_id}: interleaved mesh OK", flush=True)
 
 
 def _free_port():
@@ -68,7 +106,7 @@ def test_two_processes_assemble_the_single_process_global_batch(tmp_path):
       raise
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-    assert "global batches OK" in out
+    assert "global batches OK" in out and "interleaved mesh OK" in out
 
 
 if __name__ == "__main__":

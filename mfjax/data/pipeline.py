@@ -1,10 +1,11 @@
 """grain input pipelines over built datasets: deterministic, resumable, multi-host.
 
 Order. Each epoch is one permutation of the split, drawn from (seed, epoch); it is cut
-into global batches of `batch_size`, and process p of P takes rows
-[p * batch_size / P, (p + 1) * batch_size / P) of every global batch. So every process reads
-only its own examples, and the global batch (see `global_batch`) is the same whatever the
-number of processes. Training drops the last partial global batch (as the paper's
+into global batches of `batch_size`, and each process takes the rows of every global batch that
+its devices hold (`sharding=`: `parallel.process_rows`, interleaved on a TPU pod), or process p
+of P rows [p * batch_size / P, (p + 1) * batch_size / P) (`shard_index`/`shard_count`, or
+neither). So every process reads only its own examples, and the global batch (see
+`global_batch`) is the same whatever the number of processes. Training drops the last partial global batch (as the paper's
 `drop_last=True`). Evaluation never drops: the last batch is padded with copies of record
 0 marked `valid=False`, so every example is scored exactly once (the paper's validation
 loader shuffled and dropped a random remainder; this one does not).
@@ -31,6 +32,7 @@ import grain
 import jax
 import numpy as np
 
+from mfjax import parallel
 from mfjax.config import ConfigError, DataError
 from mfjax.data import images, transforms
 
@@ -64,9 +66,9 @@ def label_policy(codes: np.ndarray, policy: str, no_finding_fill: bool = False):
 class _Order:
   """Local element i -> (record index, epoch, valid) for one process (see module docstring)."""
 
-  def __init__(self, num_records, global_batch, local_batch, shard_index, shuffle, seed, pad):
-    self.num_records, self.global_batch, self.local_batch = num_records, global_batch, local_batch
-    self.shard_index, self.shuffle, self.seed = shard_index, shuffle, seed
+  def __init__(self, num_records, global_batch, rows, shuffle, seed, pad):
+    self.num_records, self.global_batch, self.rows = num_records, global_batch, rows
+    self.local_batch, self.shuffle, self.seed = len(rows), shuffle, seed
     self.steps_per_epoch = (-(-num_records // global_batch) if pad else num_records // global_batch)
     self._cached = (None, None)
 
@@ -80,7 +82,7 @@ class _Order:
   def __call__(self, i):
     step, row = divmod(int(i), self.local_batch)
     epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-    position = step_in_epoch * self.global_batch + self.shard_index * self.local_batch + row
+    position = step_in_epoch * self.global_batch + int(self.rows[row])
     if position >= self.num_records:
       return 0, epoch, False
     key = int(self._permutation(epoch)[position]) if self.shuffle else position
@@ -113,14 +115,25 @@ class _Load:
     return out
 
 
-def _default_shard(shard_index, shard_count):
+def _local_rows(batch_size, shard_index, shard_count, sharding) -> np.ndarray:
+  """The rows of each global batch this process yields, in order (see the module docstring)."""
+  if sharding is not None:
+    if shard_index is not None or shard_count is not None:
+      raise ValueError("pass sharding, or shard_index and shard_count, not both")
+    devices = sharding.num_devices if hasattr(sharding, "num_devices") else sharding.devices.size
+    if batch_size % devices:
+      raise ConfigError(f"batch_size={batch_size} is not divisible by the {devices} devices")
+    return parallel.process_rows(sharding, batch_size)
   if shard_index is None and shard_count is None:
-    return jax.process_index(), jax.process_count()
+    shard_index, shard_count = jax.process_index(), jax.process_count()
   if shard_index is None or shard_count is None:
     raise ValueError("pass both shard_index and shard_count, or neither (then: this JAX process)")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is outside [0, shard_count={shard_count})")
-  return shard_index, shard_count
+  if batch_size % shard_count:
+    raise ConfigError(f"batch_size={batch_size} is not divisible by the {shard_count} data-loading processes")
+  local_batch = batch_size // shard_count
+  return np.arange(shard_index * local_batch, (shard_index + 1) * local_batch)
 
 
 def steps_per_epoch(num_records: int, batch_size: int, drop_remainder: bool = True) -> int:
@@ -130,14 +143,15 @@ def steps_per_epoch(num_records: int, batch_size: int, drop_remainder: bool = Tr
 
 def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution: int = 224,
                 seed: int = 0, num_epochs: int | None = 1, shard_index: int | None = None,
-                shard_count: int | None = None, worker_count: int = 0, read_threads: int = 2,
+                shard_count: int | None = None, sharding=None, worker_count: int = 0, read_threads: int = 2,
                 prefetch: int = 2, norm=None, drop_remainder: bool | None = None,
                 uncertainty: str = "zeros", gray_to_rgb: bool = True, augment: bool | None = None,
                 jpeg_draft: bool = False) -> grain.IterDataset:
   """A grain IterDataset of this process's share of `split` of a built `mfjax.data.Dataset`.
 
-  batch_size: the GLOBAL batch size; each of the `shard_count` processes yields
-    batch_size / shard_count rows per batch (shard defaults: this JAX process).
+  batch_size: the GLOBAL batch size; each process yields the rows its devices hold under
+    `sharding` (the batch's jax Sharding, or a Mesh), or, without it, each of the `shard_count`
+    processes batch_size / shard_count consecutive rows (shard defaults: this JAX process).
   train: shuffle each epoch and apply the train transforms; otherwise sequential order and
     eval transforms.
   num_epochs: epochs to yield; None repeats forever.
@@ -152,9 +166,7 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
     several times faster, pixels slightly different from torchvision's full decode.
   """
   spec = dataset.spec
-  shard_index, shard_count = _default_shard(shard_index, shard_count)
-  if batch_size % shard_count:
-    raise ConfigError(f"batch_size={batch_size} is not divisible by the {shard_count} data-loading processes")
+  rows = _local_rows(batch_size, shard_index, shard_count, sharding)
   if num_epochs is not None and num_epochs < 1:
     raise ConfigError(f"num_epochs={num_epochs} must be >= 1 or None")
   if uncertainty not in UNCERTAINTY_POLICIES:
@@ -163,9 +175,8 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   mean, std = norm if norm is not None else (spec.mean, spec.std)
   source = dataset.source(split)
   num_records = len(source)
-  local_batch = batch_size // shard_count
-  order = _Order(num_records, batch_size, local_batch, shard_index, shuffle=train, seed=seed,
-                 pad=not drop_remainder)
+  local_batch = len(rows)
+  order = _Order(num_records, batch_size, rows, shuffle=train, seed=seed, pad=not drop_remainder)
   if order.steps_per_epoch == 0:
     raise DataError(f"{dataset.path}: split {split!r} has {num_records} examples, fewer than one batch of "
                     f"{batch_size}: lower batch_size, or give the split more examples")
@@ -199,7 +210,8 @@ class _Rows:
 
 def make_array_loader(arrays: dict, *, batch_size: int, train: bool, seed: int = 0,
                       num_epochs: int | None = 1, shard_index: int | None = None,
-                      shard_count: int | None = None, drop_remainder: bool | None = None) -> grain.IterDataset:
+                      shard_count: int | None = None, sharding=None,
+                      drop_remainder: bool | None = None) -> grain.IterDataset:
   """`make_loader`'s order, sharding, padding and resumable state over in-memory arrays.
 
   For data computed once, such as a frozen foundation's features: `arrays` maps names to
@@ -210,13 +222,10 @@ def make_array_loader(arrays: dict, *, batch_size: int, train: bool, seed: int =
   if len(set(sizes.values())) != 1:
     raise ValueError(f"arrays must have the same number of rows, got {sizes}")
   num_records = next(iter(sizes.values()))
-  shard_index, shard_count = _default_shard(shard_index, shard_count)
-  if batch_size % shard_count:
-    raise ConfigError(f"batch_size={batch_size} is not divisible by the {shard_count} data-loading processes")
+  rows = _local_rows(batch_size, shard_index, shard_count, sharding)
   drop_remainder = train if drop_remainder is None else drop_remainder
-  local_batch = batch_size // shard_count
-  order = _Order(num_records, batch_size, local_batch, shard_index, shuffle=train, seed=seed,
-                 pad=not drop_remainder)
+  local_batch = len(rows)
+  order = _Order(num_records, batch_size, rows, shuffle=train, seed=seed, pad=not drop_remainder)
   if order.steps_per_epoch == 0:
     raise DataError(f"{num_records} cached rows are fewer than one batch of {batch_size}: lower batch_size, or "
                     "give the split more examples")
@@ -236,8 +245,8 @@ def global_batch(local_batch: dict, sharding) -> dict:
   """Assemble each process's local batch into global jax.Arrays sharded on the batch axis.
 
   sharding: a jax.sharding.Sharding for the batch, or a Mesh (the batch axis is then split
-  over all mesh axes). Every process must call this with its own rows, in process order
-  (what `make_loader` yields).
+  over all mesh axes). Every process must call this with the rows its devices hold
+  (`parallel.process_rows`: what `make_loader(..., sharding=)` yields).
   """
   if isinstance(sharding, jax.sharding.Mesh):
     sharding = jax.sharding.NamedSharding(sharding, jax.sharding.PartitionSpec(sharding.axis_names))

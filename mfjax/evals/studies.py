@@ -49,7 +49,8 @@ def batches(config, dataset, split: str, mesh, max_examples: int | None = None, 
   sharding = parallel.batch_sharding(mesh)
   batch_size = batch_size or config.batch_size
   loader = mdata.make_eval_loader(dataset, split, batch_size=batch_size, resolution=config.data.resolution,
-                                  uncertainty=config.data.uncertainty, norm=build.input_norm(config))
+                                  uncertainty=config.data.uncertainty, norm=build.input_norm(config),
+                                  sharding=sharding)
   from tqdm.auto import tqdm
   examples = min(dataset.split_sizes[split], max_examples or dataset.split_sizes[split])
   seen = 0
@@ -117,6 +118,7 @@ def extract_pooled(module, variables, config, dataset, split, mesh) -> dict:
 def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.cache/mfjax/features",
         temperature: float = knn_lib.TEMPERATURE) -> dict:
   from mfjax.train import fit
+  parallel.maybe_initialize_distributed()  # under a multi-process launcher the processes share the work
   build.check_names(config)
   if not temperature > 0:
     raise ConfigError(f"k-NN temperature={temperature} must be > 0")
@@ -158,6 +160,7 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
 def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) -> list[str]:
   """CKA of a trained run: foundation (and stacked head) before vs after fine-tuning."""
   from mfjax.train import fit
+  parallel.maybe_initialize_distributed()
   _, config = fit.read_run_config(workdir)
   if "protocol" not in config:
     raise ConfigError(f"{workdir} is not an `mfjax train` run (a segmentation or pretraining run): CKA before "
@@ -212,6 +215,7 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
 
 def cka_foundations(configs: list, out_dir: str, split: str = "test", max_examples: int | None = None) -> str:
   """Last-block CKA between foundations (Fig. 8); all configs must name the same dataset."""
+  parallel.maybe_initialize_distributed()
   datasets = {(c.data.name, c.data.manual_dir) for c in configs}
   if len(datasets) != 1:
     raise ValueError(f"cka --foundations compares models on one dataset; got {sorted(datasets)}")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfjax import models
+from mfjax import models, parallel
 from mfjax.config import ConfigError, check_choice
 from mfjax.models import heads
 from mfjax.train import protocols
@@ -216,7 +216,7 @@ def fill_pretrained(target_flat: dict, source: dict, prefix: tuple, what: str, d
     if tuple(old.shape) != tuple(np.shape(value)):
       problems.append(f"{'/'.join(path)}: {np.shape(value)} vs model {tuple(old.shape)}")
       continue
-    target_flat[key] = jax.device_put(np.asarray(value, dtype=old.dtype), old.sharding)
+    target_flat[key] = parallel.put_global(np.asarray(value, dtype=old.dtype), old.sharding)
     n += 1
   if problems:
     raise ConfigError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))

@@ -303,7 +303,8 @@ def prepare(config, dataset=None) -> Setup:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
   steps_per_epoch = mdata.steps_per_epoch(dataset.split_sizes["train"], config.batch_size)
   loader_args = dict(resolution=config.data.resolution, uncertainty=config.data.uncertainty,
-                     worker_count=config.data.num_workers, norm=build.input_norm(config))
+                     worker_count=config.data.num_workers, norm=build.input_norm(config),
+                     sharding=parallel.batch_sharding(mesh))
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   cached = uses_feature_cache(config)
   if cached:
@@ -311,8 +312,10 @@ def prepare(config, dataset=None) -> Setup:
     classifier = heads.LinearProbe(spec.num_classes)
     input_shape = features["train"]["image"].shape[1:]
     train_loader = lambda epochs: mdata.make_array_loader(
-        features["train"], batch_size=config.batch_size, train=True, seed=config.seed, num_epochs=epochs)
-    eval_loader = lambda split: mdata.make_array_loader(features[split], batch_size=config.batch_size, train=False)
+        features["train"], batch_size=config.batch_size, train=True, seed=config.seed, num_epochs=epochs,
+        sharding=parallel.batch_sharding(mesh))
+    eval_loader = lambda split: mdata.make_array_loader(features[split], batch_size=config.batch_size, train=False,
+                                                        sharding=parallel.batch_sharding(mesh))
   else:
     classifier = build.build_classifier(config, spec.num_classes)
     input_shape = (config.data.resolution, config.data.resolution, 3)

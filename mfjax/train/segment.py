@@ -128,12 +128,6 @@ def adapt_patch_embed(params: dict, channels: int) -> dict:
   return {**params, "patch_embed": {**params["patch_embed"], "kernel": tiled.astype(kernel.dtype)}}
 
 
-def local_rows(batch_size: int) -> range:
-  """This process's rows of a global batch (processes hold equal, consecutive shares)."""
-  per = batch_size // jax.process_count()
-  return range(jax.process_index() * per, (jax.process_index() + 1) * per)
-
-
 def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror: bool):
   """predict(params, tiles (batch_size, H, W, channels) numpy, the same on every process) -> their
   flip-averaged, Gaussian-weighted logits (numpy), computed on the device in one call. A batch the
@@ -143,13 +137,12 @@ def make_predictor(model, mesh, batch_size: int, patch: tuple[int, int], mirror:
   apply = jax.jit(lambda params, images: segmentation.weighted_tile_logits(
       lambda x: model.apply({"params": params}, x).astype(jnp.float32), images, weights, mirror))
   padded_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  rows = local_rows(padded_size)
 
   def predict(params, images):
     count = len(images)
     images = np.concatenate([images, np.zeros((padded_size - count, *images.shape[1:]), images.dtype)])
-    arrays = mdata.global_batch({"image": images[rows.start:rows.stop]}, sharding)
-    return np.asarray(multihost_utils.process_allgather(apply(params, arrays["image"]), tiled=True))[:count]
+    logits = apply(params, parallel.put_global(images, sharding))
+    return np.asarray(multihost_utils.process_allgather(logits, tiled=True))[:count]
   return predict
 
 
@@ -252,7 +245,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                                      raw.ignore_label, len(raw.channels))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   batch_sharding = parallel.batch_sharding(mesh)
-  rows = local_rows(config.batch_size)
+  rows = parallel.process_rows(batch_sharding, config.batch_size)
   total_steps = config.epochs * config.iters_per_epoch
   log.info("%s on %s fold %s: %d train / %d validation cases, %d %s, patch %s at %s mm, %.1fM parameters, "
            "mesh %s", config.model.name, raw.name, config.data.fold, len(train_ids), len(val_ids),
@@ -738,6 +731,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble, in the
   array order of `probabilities_reader` (mfjax's runs; default SimpleITKIO) or the imported run's.
   A folder of fold_* runs stands for all of them (`run_folders`)."""
+  parallel.maybe_initialize_distributed()  # under a multi-process launcher the processes share the cases
   workdirs = run_folders(workdirs)
   mesh = parallel.make_mesh()
   runs = [load_run(workdir, mesh) for workdir in workdirs]
