@@ -27,11 +27,13 @@ from mfjax.train import fit
 BF16_OUTPUT_RTOL = 3e-2   # max |delta| <= 3e-2 x max |float32| on embedding, tokens, logits
 BF16_LOSS_RTOL = 1e-2     # |loss delta| <= 1e-2 x loss
 BF16_GRAD_COSINE = 0.999  # cosine similarity of the flattened gradients
+BF16_GRAD_COSINE_CONV = 0.99  # ResNet's: through every convolution of a deep conv net (0.9954 on 2026-12-07)
 BF16_GRAD_NORM_RTOL = 2e-2
+BF16_MIN_DIFFERENCE = 1e-4  # and bf16 is really used: float32 everywhere would differ by ~1e-7
 
 SMALL = dict(width=96, depth=3, heads=3, mlp_hidden=192)
 SMALL_BY_NAME = {"sam_vitb": dict(SMALL, window=2, global_blocks=(1,), neck_features=32),
-                 "seem_focalt": dict(embed_dim=32, depths=(1, 1, 2, 1))}
+                 "seem_focalt": dict(embed_dim=32, depths=(1, 1, 2, 1)), "resnet152": dict(depths=(1, 1, 1, 1))}
 
 
 def small(name, **kw):
@@ -52,15 +54,15 @@ def flat(tree):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def loss_and_grads(classifier, params, x, y):
+def loss_and_grads(classifier, variables, x, y):
   def loss(p):
-    logits = classifier.apply({"params": p}, x)["logits"]
+    logits = classifier.apply({**variables, "params": p}, x)["logits"]  # BatchNorm's statistics as they are
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return jax.value_and_grad(loss)(params)
+  return jax.value_and_grad(loss)(variables["params"])
 
 
 @pytest.mark.parametrize("name", ["deit_base_patch16", "dinov2_vitb14", "openclip_vitb16", "sam_vitb",
-                                  "seem_focalt"])
+                                  "seem_focalt", "resnet152", "dinov3_vitb16", "blip_vitb16", "dino_vitb16"])
 def test_bf16_compute_matches_float32(name):
   foundation, res = small(name)
   f32 = heads.Classifier(foundation, 5)
@@ -76,16 +78,17 @@ def test_bf16_compute_matches_float32(name):
   got = b16.apply(variables, x, return_blocks=True)
   for key in ("embedding", "logits"):
     assert got[key].dtype == jnp.float32
-    assert rel(got[key], ref[key]) <= BF16_OUTPUT_RTOL, key
+    assert BF16_MIN_DIFFERENCE < rel(got[key], ref[key]) <= BF16_OUTPUT_RTOL, key
   tokens = lambda c: c.apply(variables, x, method=lambda m, x: m.foundation(x))["tokens"]
-  assert rel(tokens(b16), tokens(f32)) <= BF16_OUTPUT_RTOL
+  assert BF16_MIN_DIFFERENCE < rel(tokens(b16), tokens(f32)) <= BF16_OUTPUT_RTOL
 
-  loss, grads = loss_and_grads(f32, variables["params"], x, y)
-  loss16, grads16 = loss_and_grads(b16, variables["params"], x, y)
+  loss, grads = loss_and_grads(f32, variables, x, y)
+  loss16, grads16 = loss_and_grads(b16, variables, x, y)
   assert {str(g.dtype) for g in jax.tree_util.tree_leaves(grads16)} == {"float32"}
   assert abs(float(loss16 - loss)) <= BF16_LOSS_RTOL * float(loss)
   g, g16 = flat(grads), flat(grads16)
-  assert float(g @ g16 / jnp.linalg.norm(g) / jnp.linalg.norm(g16)) >= BF16_GRAD_COSINE
+  cosine = BF16_GRAD_COSINE_CONV if name.startswith("resnet") else BF16_GRAD_COSINE
+  assert float(g @ g16 / jnp.linalg.norm(g) / jnp.linalg.norm(g16)) >= cosine
   assert abs(float(jnp.linalg.norm(g16) / jnp.linalg.norm(g)) - 1) <= BF16_GRAD_NORM_RTOL
 
 
@@ -121,7 +124,7 @@ def test_bf16_train_step_keeps_float32_parameters_and_optimizer_state(aptos):
   assert dtypes(adam.nu) == {"float32"}
   assert dtypes(adam.mu) == {"bfloat16"}  # the optional bf16 first moment
   for loss, loss16 in zip(losses, losses16):
-    assert abs(loss16 - loss) <= BF16_LOSS_RTOL * loss
+    assert 0 < abs(loss16 - loss) <= BF16_LOSS_RTOL * loss
 
 
 def test_remat_policies_and_scanned_blocks_compute_the_same():
@@ -129,7 +132,7 @@ def test_remat_policies_and_scanned_blocks_compute_the_same():
   x, y = images(2, res), jnp.array([1, 3])
   variables = heads.Classifier(plain, 5).init(jax.random.PRNGKey(0), x)
   ref_out = heads.Classifier(plain, 5).apply(variables, x, return_blocks=True)
-  ref_loss, ref_grads = loss_and_grads(heads.Classifier(plain, 5), variables["params"], x, y)
+  ref_loss, ref_grads = loss_and_grads(heads.Classifier(plain, 5), variables, x, y)
   variants = [dict(remat=True, remat_policy=p) for p in layers.REMAT_POLICIES]
   variants += [dict(scan_blocks=True), dict(scan_blocks=True, remat=True, remat_policy="dots"),
                dict(scan_blocks=True, remat=True, remat_policy="attention")]
@@ -140,7 +143,7 @@ def test_remat_policies_and_scanned_blocks_compute_the_same():
     assert len(out["foundation_blocks"]) == SMALL["depth"]
     for got, ref in zip(out["foundation_blocks"], ref_out["foundation_blocks"]):
       assert rel(got, ref) <= 1e-5, kw
-    loss, grads = loss_and_grads(classifier, variables["params"], x, y)
+    loss, grads = loss_and_grads(classifier, variables, x, y)
     assert abs(float(loss - ref_loss)) <= 1e-5 * float(ref_loss), kw
     assert rel(flat(grads), flat(ref_grads)) <= 1e-4, kw
 
@@ -151,11 +154,11 @@ def test_stacked_head_remat_policies_compute_the_same():
   x, y = images(2, res), jnp.array([0, 4])
   plain = heads.Classifier(foundation, 5, "deit", tuple(sorted(head.items())))
   variables = plain.init(jax.random.PRNGKey(0), x)
-  ref_loss, ref_grads = loss_and_grads(plain, variables["params"], x, y)
+  ref_loss, ref_grads = loss_and_grads(plain, variables, x, y)
   for policy in layers.REMAT_POLICIES:
     fields = dict(head, remat=True, remat_policy=policy)
     loss, grads = loss_and_grads(heads.Classifier(foundation, 5, "deit", tuple(sorted(fields.items()))),
-                                 variables["params"], x, y)
+                                 variables, x, y)
     assert abs(float(loss - ref_loss)) <= 1e-5 * float(ref_loss), policy
     assert rel(flat(grads), flat(ref_grads)) <= 1e-4, policy
 

@@ -97,7 +97,8 @@ def test_bfloat16_segmenter_stays_close_to_float32():
     outputs[name] = (model.apply({"params": params}, images), *jax.value_and_grad(loss)(params))
   (logits32, loss32, grad32), (logits16, loss16, grad16) = outputs["f32"], outputs["bf16"]
   assert logits16.dtype == jnp.float32
-  assert np.abs(np.asarray(logits16) - np.asarray(logits32)).max() <= 3e-2 * np.abs(np.asarray(logits32)).max()
+  difference = np.abs(np.asarray(logits16) - np.asarray(logits32)).max() / np.abs(np.asarray(logits32)).max()
+  assert 1e-4 < difference <= 3e-2  # off float32 by bf16's rounding: bf16 is really used
   assert abs(float(loss16) - float(loss32)) <= 0.01 * abs(float(loss32))
   flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
   g16, g32 = flat(grad16), flat(grad32)

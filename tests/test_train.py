@@ -74,7 +74,10 @@ def test_protocols_freeze_exactly(aptos, protocol, extra, trained_foundation):
   assert any(k.startswith(head + "/") for k in trainable)
   for k, v in frozen.items():  # frozen: bit-identical after training
     np.testing.assert_array_equal(v, before["frozen"][k], err_msg=k)
-  assert any(not np.array_equal(v, before["trainable"][k]) for k, v in trainable.items())
+  # trained: every trainable leaf moved, the foundation's as well as the head's (a foundation cut
+  # off from the gradient would leave its leaves trainable but unchanged)
+  unchanged = [k for k, v in trainable.items() if np.array_equal(v, before["trainable"][k])]
+  assert not unchanged, unchanged
   # No optimizer state for frozen parameters: Adam's moments mirror the trainable tree only.
   adam = state["opt"][1]
   assert set(flat(adam.mu)) == set(trainable) and set(flat(adam.nu)) == set(trainable)
@@ -483,8 +486,11 @@ def test_stage_protocols_on_conv_families(aptos, model, protocol, extra, trained
   run, before, state, loss = run_steps(tiny(aptos, protocol, *extra, model=model))
   assert np.isfinite(loss)
   trainable = flat(state["trainable"])
+  unchanged = [k for k, v in trainable.items() if np.array_equal(v, before["trainable"][k])]
+  assert not unchanged, unchanged  # what trains, moved
   if trained is None:  # the whole foundation trains, in training mode: BatchNorm statistics move
     assert not flat(state["frozen"])
+    assert any(k.startswith("foundation/layer1") for k in trainable)
     stats = flat(state["batch_stats"])
     assert any(not np.array_equal(v, before["batch_stats"][k]) for k, v in stats.items())
     return
