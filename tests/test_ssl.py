@@ -598,6 +598,24 @@ def test_three_stage_recipe_continues_refreshes_and_mixes_sizes(ct_folder, tmp_p
                  tmp_path / "bad", progress=False)
 
 
+def test_a_volume_whose_voxels_cannot_be_read_is_left_out_and_listed(ct_folder, tmp_path, caplog):
+  """A truncated download passes the header check at the start; when it enters the pool, the run
+  leaves it out with a warning instead of stopping (and a resume would do the same)."""
+  import shutil
+  folder = tmp_path / "ct"
+  shutil.copytree(ct_folder, folder)
+  data = (folder / "case1.nii.gz").read_bytes()
+  (folder / "case1.nii.gz").write_bytes(data[:-200])
+  pretrain.check_volumes(pretrain.list_volumes(str(folder)), progress=False)  # the header reads
+  with caplog.at_level("WARNING", logger="mfjax"):
+    result = pretrain.run(tiny_config(folder), tmp_path / "run", progress=False)
+  assert result["unreadable_volumes"] == [str(folder / "case1.nii.gz")]
+  assert [r for r in caplog.records if "case1.nii.gz" in r.getMessage() and "left out" in r.getMessage()]
+  pool = pretrain.SlicePool([str(folder / "case1.nii.gz")], 0, 1, 1)
+  with pytest.raises(volumes.VolumeError, match="no volume of its pool can be read.*case1.nii.gz"):
+    pool.sample(0, np.random.default_rng(0), 2)
+
+
 def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()

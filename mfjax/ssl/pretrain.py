@@ -120,12 +120,28 @@ class SlicePool:
   The volumes are visited in a seeded shuffled order, pass after pass. At step t the pool holds the
   `size` volumes from position t * new_per_step of that stream, so a step reads only the volumes
   that entered the pool since the previous one, and any step can be reproduced on its own.
+  A volume whose header passed `check_volumes` but whose voxels cannot be read (a truncated
+  download) is left out of every pool it enters, with a warning, and listed in `unreadable`: the
+  run goes on, and a resume with the same files leaves it out at the same steps.
   """
 
   def __init__(self, paths: list[str], seed: int, size: int, new_per_step: int):
     self.paths, self.seed, self.new_per_step = paths, seed, new_per_step
     self.size = min(size, len(paths))
-    self.loaded: dict[int, np.ndarray] = {}
+    self.loaded: dict[int, np.ndarray | None] = {}
+    self.unreadable: dict[str, str] = {}  # path -> why
+
+  def _read(self, i: int) -> np.ndarray | None:
+    path = self.paths[i]
+    if path in self.unreadable:
+      return None
+    try:
+      return axial_slices(path)
+    except volumes.VolumeError as e:
+      self.unreadable[path] = str(e)
+      log.warning("%s: left out of the slice pool for the rest of the run (listed in result.json's "
+                  "unreadable_volumes)", e)
+      return None
 
   def volume_ids(self, step: int) -> list[int]:
     n = len(self.paths)
@@ -137,8 +153,11 @@ class SlicePool:
   def sample(self, step: int, rng: np.random.Generator, n: int) -> list[np.ndarray]:
     """`n` slices drawn uniformly from all slices of the step's pool."""
     ids = self.volume_ids(step)
-    self.loaded = {i: self.loaded[i] if i in self.loaded else axial_slices(self.paths[i]) for i in ids}
-    stacks = [self.loaded[i] for i in ids]
+    self.loaded = {i: self.loaded[i] if i in self.loaded else self._read(i) for i in ids}
+    stacks = [self.loaded[i] for i in ids if self.loaded[i] is not None]
+    if not stacks:
+      raise volumes.VolumeError(f"step {step}: no volume of its pool can be read: " + "; ".join(
+          self.unreadable[self.paths[i]] for i in ids))
     ends = np.cumsum([len(s) for s in stacks])
     picks = rng.integers(0, ends[-1], n)
     which = np.searchsorted(ends, picks, side="right")
@@ -660,7 +679,8 @@ def run(config, workdir, progress: bool = True) -> dict:
       if export_due:
         export_backbone(config, state, workdir / "backbones" / f"step_{step}", workdir, step)
       if checkpoint_due or preempted:
-        host = {**host, "train_seconds": host["train_seconds"] + time.time() - segment_start}
+        host = {**host, "train_seconds": host["train_seconds"] + time.time() - segment_start,
+                "unreadable_volumes": sorted({*host.get("unreadable_volumes", []), *pool.unreadable})}
         segment_start = time.time()
         writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         ckpts.save_latest(step, state, host)
@@ -675,6 +695,7 @@ def run(config, workdir, progress: bool = True) -> dict:
       executor.shutdown()
 
   result = {"config": config_dict, "model": config.model.name, "steps": total_steps, "volumes": len(paths),
+            "unreadable_volumes": sorted({*host.get("unreadable_volumes", []), *pool.unreadable}),
             "backbone": str(backbone_dir), "final": last, "train_seconds": host["train_seconds"],
             "wall_seconds": time.time() - start_time, "devices": int(mesh.devices.size),
             "device_kind": jax.devices()[0].device_kind}
