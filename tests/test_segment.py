@@ -918,6 +918,15 @@ def test_prediction_inputs_are_grouped_by_case_and_channel(tmp_path):
     segment.input_cases(folder("unnamed", ["scan.nii.gz"]), 2)
   with pytest.raises(ConfigError, match="no NIfTI volumes"):
     segment.input_cases(folder("empty", ["notes.txt"]), 1)
+  # never one file silently in place of another
+  with pytest.raises(ConfigError, match=r"several files for one case: c: c.nii.gz, c_0000.nii.gz"):
+    segment.input_cases(folder("twice", ["c_0000.nii.gz", "c.nii.gz", "d.nii"]), 1)
+  with pytest.raises(ConfigError, match=r"several files for one case: d: d.nii, d.nii.gz"):
+    segment.input_cases(folder("endings", ["d.nii", "d.nii.gz"]), 1)
+  with pytest.raises(ConfigError, match=r"e_0001.nii.gz: channel 1 of e, but the runs take one channel"):
+    segment.input_cases(folder("stray", ["e_0000.nii.gz", "e_0001.nii.gz"]), 1)
+  with pytest.raises(ConfigError, match=r"several files for channel 0 of f: f_0000.nii, f_0000.nii.gz"):
+    segment.input_cases(folder("endings2", ["f_0000.nii", "f_0000.nii.gz", "f_0001.nii.gz"]), 2)
 
 
 def _best_params(workdir):
@@ -1009,9 +1018,10 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
     predicted, _ = volumes.read_labels(str(out / f"{case}.nii.gz"))
     truth, _ = volumes.read_labels(os.path.join(raw_ct, "labelsTs", f"{case}.nii.gz"))
     assert segmentation.dice_per_class(predicted, truth, [1, 2])[1] > 0.5
-  # An interrupted prediction continues where it stopped: only the missing volume is predicted.
+  # An interrupted prediction continues where it stopped: only the missing volume (here an empty
+  # file, which another tool may leave) is predicted.
   first = volumes.read_labels(str(out / "synth_007.nii.gz"))[0]
-  os.remove(out / "synth_007.nii.gz")
+  (out / "synth_007.nii.gz").write_bytes(b"")
   kept = os.stat(out / "synth_006.nii.gz").st_mtime_ns
   capsys.readouterr()
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw_ct, "imagesTs"),

@@ -691,15 +691,27 @@ def nnunet_postprocessing_steps(data: dict, plans: dict, path: str) -> list:
 def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
   """{case: its file per channel} of a folder of volumes named as nnU-Net's imagesTs (CASE_0000,
   CASE_0001, ... .nii.gz). With one channel every volume is a case (CASE_0000.nii.gz is CASE, any
-  other name its own stem). A case missing a channel, or a file of a channel the runs do not have,
-  is an error naming it."""
+  other name its own stem). A case missing a channel, a file of a channel the runs do not have
+  (CASE_0001 beside CASE_0000 for one channel), or two files of one case and channel (CASE.nii
+  and CASE.nii.gz, CASE_0000.nii.gz and CASE.nii.gz) is an error naming them."""
   names = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
   if not names:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
   if channels == 1:
-    stems = [volumes.strip_ending(name) for name in names]
-    return {stem[:-5] if stem.endswith("_0000") else stem: [os.path.join(input_dir, name)]
-            for stem, name in zip(stems, names)}
+    stems = {name: volumes.strip_ending(name) for name in names}
+    for name, stem in stems.items():
+      case, sep, index = stem.rpartition("_")
+      if sep and len(index) == 4 and index.isdigit() and int(index) > 0 and f"{case}_0000" in stems.values():
+        raise ConfigError(f"{os.path.join(input_dir, name)}: channel {int(index)} of {case}, but the runs take one "
+                          "channel")
+    cases: dict[str, list[str]] = {}
+    for name, stem in stems.items():
+      cases.setdefault(stem[:-5] if stem.endswith("_0000") else stem, []).append(name)
+    twice = {case: files for case, files in cases.items() if len(files) > 1}
+    if twice:
+      raise ConfigError(f"{input_dir}: several files for one case: " + "; ".join(
+          f"{case}: {', '.join(files)}" for case, files in sorted(twice.items())[:10]))
+    return {case: [os.path.join(input_dir, files[0])] for case, files in cases.items()}
   found: dict[str, dict[int, str]] = {}
   for name in names:
     stem = volumes.strip_ending(name)
@@ -709,6 +721,9 @@ def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
                         "CASE_0000 ... CASE_%04d" % (channels - 1))
     if int(index) >= channels:
       raise ConfigError(f"{os.path.join(input_dir, name)}: channel {int(index)}, but the runs take {channels}")
+    if int(index) in found.get(case, {}):
+      raise ConfigError(f"{input_dir}: several files for channel {int(index)} of {case}: "
+                        f"{os.path.basename(found[case][int(index)])}, {name}")
     found.setdefault(case, {})[int(index)] = os.path.join(input_dir, name)
   incomplete = {case: sorted(set(range(channels)) - set(files)) for case, files in found.items()
                 if len(files) != channels}
@@ -725,7 +740,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
   prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
   their inputs (each written whole or not at all). `continue_prediction` skips the cases whose
-  output exists (nnU-Net's --continue_prediction); otherwise they are predicted again.
+  output exists, not empty (nnU-Net's --continue_prediction); otherwise they are predicted again.
   `postprocessing`: a file of `determine_postprocessing`, applied to each prediction.
   `save_probabilities`: also CASE.npz and CASE.pkl as nnU-Net's --save_probabilities writes them
   (`write_probabilities`; before postprocessing, as nnU-Net's), for nnUNetv2_ensemble, in the
@@ -756,7 +771,8 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     _copy_nnunet_files(workdirs[0], out_dir)
   endings = (".nii.gz", ".npz", ".pkl") if save_probabilities else (".nii.gz",)
   if continue_prediction:  # decided where the outputs are written (process 0), the same on every process
-    done = np.array([all(os.path.exists(os.path.join(out_dir, case + e)) for e in endings) for case in inputs])
+    written_whole = lambda path: os.path.isfile(path) and os.path.getsize(path) > 0  # an empty file is not done
+    done = np.array([all(written_whole(os.path.join(out_dir, case + e)) for e in endings) for case in inputs])
     done = np.asarray(multihost_utils.broadcast_one_to_all(done)) if jax.process_count() > 1 else done
     if done.any():
       log.info("continuing: %d of %d cases are predicted already in %s", int(done.sum()), len(inputs), out_dir)
