@@ -803,6 +803,10 @@ def test_config_errors():
   config = segment_config.get_config("tiny=true,model=dinov2_vitb14")
   with pytest.raises(ConfigError, match="must be a DINOv3-family model"):
     segment.build_segmenter(config, 3)
+  config = segment_config.get_config("tiny=true")
+  config.optim.lr_decoder = -1.0
+  with pytest.raises(ConfigError, match=r"optim.lr_decoder=-1.0 is outside \(0, inf\)"):
+    segment.train(config, "/nonexistent/never-made")
 
 
 def test_segment_command_line_misuse_is_named(tmp_path, capsys):

@@ -666,6 +666,8 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
     pretrain.build_networks(stage)
   pretrain.check_config(tiny_config(ct_folder, **{"teacher.temp_warmup_epochs": 30, "teacher.warmup_temp": 0.07}))
   pretrain.check_config(stage, resuming=True)  # a run started before the rule goes on (with a warning)
+  with pytest.raises(ConfigError, match=r"optim.base_lr=-0.001 is outside \(0, inf\)"):
+    pretrain.check_config(tiny_config(ct_folder, **{"optim.base_lr": -1e-3}))
   with pytest.raises(ConfigError, match="not an `mfjax pretrain` run"):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"protocol": {"name": "frozen_linear"}}')

@@ -676,6 +676,15 @@ def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path):
       (["--config.model.overrides.posemb=deit_sqr"], "unknown model.overrides.posemb 'deit_sqr'"),
       (["--config.model.overrides.attn_impl=cudnnn"], "unknown model.overrides.attn_impl 'cudnnn'"),
       (["--config.epochs=0"], r"epochs=0 must be an int >= 1"),
+      (["--config.optim.lr=-0.001"], r"optim.lr=-0.001 is outside \(0, inf\)"),
+      (["--config.optim.b1=2.0"], r"optim.b1=2.0 is outside \[0, 1\)"),
+      (["--config.optim.weight_decay=-1.0"], r"optim.weight_decay=-1.0 is outside \[0, inf\)"),
+      (["--config.optim.plateau_factor=5.0"], r"optim.plateau_factor=5.0 is outside \(0, 1\)"),
+      (["--config.data.resolution=30"], r"data.resolution=30 is not a multiple of deit_base_patch16's patch size 8"),
+      (["--config.data.resolution=0"], r"data.resolution=0 must be an int >= 1"),
+      (["--config.data.uncertainty=ones"], r"data.uncertainty='ones' applies to CheXpert's uncertain labels only"),
+      ([f"--config.head.checkpoint={tmp_path}"], r"head.checkpoint is for the stacked DeiT-B head; protocol "
+                                                 "unfrozen_linear trains a linear head"),
   ):
     with pytest.raises(ConfigError, match=message):
       build.check_names(tiny(aptos, "unfrozen_linear", *extra))

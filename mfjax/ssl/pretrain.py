@@ -67,7 +67,7 @@ from mfjax.config import ConfigError
 from mfjax.data import volumes
 from mfjax.ssl import augment, losses, masking
 from mfjax.ssl.heads import DINOHead
-from mfjax.train import build, fit
+from mfjax.train import build, fit, optim
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.optim import clip_by_global_norm, decay_mask
 
@@ -352,6 +352,7 @@ def architecture(config) -> tuple[str, dict]:
 def check_config(config, resuming: bool = False) -> None:
   """The config's pretraining-specific rules, each broken one an error naming its key. `resuming`: a run
   that saved a checkpoint under this config goes on with a warning where a rule was added since."""
+  optim.check_optim(config.optim)
   group = config.loss.koleo_group_size
   if config.batch_size < 2 or config.data.n_local < 1:
     raise ConfigError(f"batch_size={config.batch_size}, data.n_local={config.data.n_local}: KoLeo needs a batch "

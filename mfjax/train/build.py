@@ -9,7 +9,7 @@ import numpy as np
 from mfjax import models, parallel
 from mfjax.config import ConfigError, check_choice
 from mfjax.models import heads
-from mfjax.train import protocols
+from mfjax.train import optim, protocols
 
 log = logging.getLogger("mfjax")
 
@@ -70,16 +70,33 @@ def check_names(config) -> None:
   if "protocol" in config:
     check_choice("protocol", config.protocol.name, protocols.PROTOCOLS)
     check_protocol_fields(config.protocol)
-  check_choice("data.uncertainty", config.data.get("uncertainty", "zeros"), UNCERTAINTY_POLICIES)
+  uncertainty = config.data.get("uncertainty", "zeros")
+  check_choice("data.uncertainty", uncertainty, UNCERTAINTY_POLICIES)
+  if uncertainty != "zeros" and config.data.get("name", "chexpert") != "chexpert":
+    raise ConfigError(f"data.uncertainty={uncertainty!r} applies to CheXpert's uncertain labels only, not to "
+                      f"{config.data.name}")
+  if "protocol" in config and config.get("head", {}).get("checkpoint") and protocols.head_of(
+      config.protocol.name, config.protocol.get("head")) != "deit":
+    raise ConfigError(f"head.checkpoint is for the stacked DeiT-B head; protocol {config.protocol.name} trains a "
+                      "linear head")
   check_choice("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16", "float16"))
   for field in ("epochs", "batch_size"):
     if field in config and not (isinstance(config[field], int) and config[field] >= 1):
       raise ConfigError(f"{field}={config[field]!r} must be an int >= 1")
+  if "optim" in config:
+    optim.check_optim(config.optim)
   overrides = dict(config.model.get("overrides", {}))
   for field, valid in (("posemb", posemb.POSEMB_METHODS), ("attn_impl", layers.ATTENTION_IMPLS),
                        ("rel_pos_resize", sam.REL_POS_RESIZE)):
     if field in overrides:
       check_choice(f"model.overrides.{field}", overrides[field], valid)
+  resolution = config.get("data", {}).get("resolution")
+  if resolution is not None:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+      raise ConfigError(f"data.resolution={resolution!r} must be an int >= 1 (pixels)")
+    patch = getattr(models.create(config.model.name, **overrides), "patch_size", None)
+    if patch and resolution % patch:
+      raise ConfigError(f"data.resolution={resolution} is not a multiple of {config.model.name}'s patch size {patch}")
 
 
 # Protocol fields that only one protocol reads, with their defaults; set under another one, they

@@ -10,6 +10,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mfjax.config import ConfigError
+
+
+# The range of each optimizer value a config may hold (classification, segmentation, pretraining):
+# (lowest, lowest allowed, highest, highest allowed). A value outside would train without complaint
+# (a negative learning rate climbs the loss) and enter sweeps and reports as a normal cell.
+OPTIM_RANGES = {
+    "lr": (0, False, math.inf, False), "lr_decoder": (0, False, math.inf, False),
+    "lr_backbone": (0, True, math.inf, False), "base_lr": (0, False, math.inf, False),
+    "min_lr": (0, True, math.inf, False), "warmup_start": (0, True, math.inf, False),
+    "weight_decay": (0, True, math.inf, False), "final_weight_decay": (0, True, math.inf, False),
+    "clip_norm": (0, True, math.inf, False),   # 0: no clipping
+    "b1": (0, True, 1, False), "b2": (0, True, 1, False), "eps": (0, False, math.inf, False),
+    "plateau_factor": (0, False, 1, False), "poly_exponent": (0, False, math.inf, False),
+    "layer_decay": (0, False, 1, True), "patch_embed_lr_mult": (0, True, math.inf, False),
+    "warmup_epochs": (0, True, math.inf, False), "warmup_steps": (0, True, math.inf, False),
+}
+
+
+def check_optim(optim) -> None:
+  """Every optimizer value of the config within its range (`OPTIM_RANGES`), or an error naming it."""
+  for key, (low, low_ok, high, high_ok) in OPTIM_RANGES.items():
+    if key not in optim:
+      continue
+    value = optim[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+      raise ConfigError(f"optim.{key}={value!r} must be a number")
+    if not ((value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)):
+      bounds = f"{'[' if low_ok else '('}{low}, {high if high < math.inf else 'inf'}{']' if high_ok else ')'}"
+      raise ConfigError(f"optim.{key}={value!r} is outside {bounds}")
+
 
 def decay_mask(params, one_dim_in_torch: tuple[str, ...] = ()):
   """Weight decay everywhere except biases and 1-D parameters (norm scales, LayerScale), and the

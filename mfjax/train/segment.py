@@ -38,7 +38,7 @@ from mfjax.config import ConfigError
 from mfjax.data import nnunet, volumes
 from mfjax.evals import segmentation
 from mfjax.models import heads
-from mfjax.train import build
+from mfjax.train import build, optim
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, check_recorded, is_remote, read_run_config,
                              start_run, workdir_path, write_atomically)
@@ -218,6 +218,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     raise ConfigError(f"eval.probabilities_reader={config.eval.probabilities_reader!r}: one of "
                       f"{', '.join(nnunet.NNUNET_READERS)}")
   # Config mistakes fail here, before the workdir and the (long) preprocessing.
+  optim.check_optim(config.optim)
   if not config.data.raw:
     raise ConfigError("data.raw is empty: give the nnU-Net raw dataset folder (raw=PATH)")
   raw = nnunet.read_raw(config.data.raw)
