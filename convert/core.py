@@ -104,7 +104,7 @@ def _load_torch(path: str):
         f"{path}: refused to unpickle. This file needs arbitrary Python objects to load "
         f"(weights_only=True rejected it: {_unpickling_reason(e)}). mfjax never runs code "
         "from a checkpoint; re-save it as a plain state dict of tensors or as safetensors.") from e
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
+  except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
     raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
@@ -129,7 +129,31 @@ def read_file(path: str) -> Any:
     raise ConversionError(f"checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
     return _load_safetensors(path)
+  with open(path, "rb") as f:
+    head = f.read(512)
+  what = _not_a_torch_file(head)
+  if what == "safetensors":  # a safetensors file under a torch name: read as what it is
+    return _load_safetensors(path)
+  if what:
+    raise ConversionError(f"{path}: {what}, not a PyTorch checkpoint")
   return _load_torch(path)
+
+
+def _not_a_torch_file(head: bytes) -> str:
+  """What the first bytes of a file named as a torch checkpoint show it is, when it is not one
+  (a zip archive, torch's format since 1.6, or a pickle); "" when it may be one."""
+  if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    return ""
+  if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
+    return "safetensors"
+  text = head.lstrip().lower()
+  if text.startswith(b"version https://git-lfs"):
+    return "a Git LFS pointer file (the repository was cloned without its large files: run `git lfs pull`)"
+  if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+    return "an HTML or XML page (a failed download, an error or login page?)"
+  if not head:
+    return "an empty file"
+  return f"neither a zip archive nor a pickle (it starts with {head[:16]!r})"
 
 
 def hf_weight_files(folder: str) -> list[str]:

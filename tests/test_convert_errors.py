@@ -344,3 +344,51 @@ def test_family_flags_are_known_wherever_the_family_is_named(tmp_path):
   assert args.family == "sam" and args.no_neck
   with pytest.raises(Exception, match="does not exist|not found|No such"):  # parsed; then the missing file
     run(["--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path / "o"), "sam", "--no-neck"])
+
+
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, deit_small_state):
+  for name, content, says in (
+      ("page.pth", b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "an HTML or XML page"),
+      ("lfs.pth", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 343249\n", "Git LFS pointer"),
+      ("notes.pth", b"these are not weights\n", "neither a zip archive nor a pickle"),
+      ("empty.pth", b"", "an empty file")):
+    (tmp_path / name).write_bytes(content)
+    assert name in refuse(tmp_path, tmp_path / name, match=says)
+  # a safetensors file under a torch name is read as what it is
+  from safetensors.torch import save_file
+  save_file({k: v.contiguous() for k, v in deit_small_state.items()}, str(tmp_path / "renamed.pth"))
+  run_convert(["deit", "--checkpoint", str(tmp_path / "renamed.pth"), "--out", str(tmp_path / "converted")])
+  assert (tmp_path / "converted" / models.MODEL_JSON).exists()
+
+
+def test_a_damaged_converted_model_is_named_with_what_is_wrong(tmp_path):
+  import json
+  from mfjax.config import ConfigError
+  overrides = dict(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=8, native_resolution=(32, 32))
+  good = str(tmp_path / "good")
+  models.save(good, "deit_base_patch16", models.init_params(models.create("deit_base_patch16", **overrides),
+                                                              jax.random.PRNGKey(0)), overrides)
+
+  def damaged(name, damage):
+    folder = tmp_path / name
+    shutil.copytree(good, folder)
+    damage(folder)
+    return str(folder)
+
+  cut = damaged("cut", lambda f: (f / models.MODEL_JSON).write_text((f / models.MODEL_JSON).read_text()[:20]))
+  with pytest.raises(ConfigError, match=r"cut/model.json is damaged"):
+    models.load(cut)
+
+  def deeper(folder):
+    meta = json.loads((folder / models.MODEL_JSON).read_text())
+    meta["overrides"]["depth"] = 3
+    (folder / models.MODEL_JSON).write_text(json.dumps(meta))
+  with pytest.raises(ConfigError, match=r"deeper/params does not hold the deit_base_patch16 that model.json describes"
+                                        r"(.|\n)*missing params/blocks_2/attn/proj/bias"):
+    models.load(damaged("deeper", deeper))
+
+  def truncate_largest(folder):
+    data = max((folder / "params").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    data.write_bytes(data.read_bytes()[:40])
+  with pytest.raises(ConfigError, match=r"truncated/params: its tensors cannot be read .*convert the checkpoint again"):
+    models.load(damaged("truncated", truncate_largest))

@@ -161,9 +161,37 @@ def read_model_json(model_dir: str) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {model_dir} is not a converted mfjax model "
                             "(run `python -m convert FAMILY --checkpoint ... --out DIR` first)")
-  meta = json.loads(path.read_text())
+  try:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta.get("name"), str) or not isinstance(meta.get("overrides", {}), dict):
+      raise ValueError("no model name, or overrides that are not a mapping")
+  except (ValueError, AttributeError) as e:
+    raise ConfigError(f"{path} is damaged ({e}): convert the checkpoint again") from None
+  meta.setdefault("overrides", {})
   meta["overrides"] = _corrected_overrides(meta, model_dir)
   return meta
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
+
+
+def _check_stored(stored, target, params_dir, meta) -> None:
+  """The tensors in `params_dir` (orbax's metadata) against the module model.json describes: every
+  missing, unexpected or differently shaped one named in one error."""
+  def shapes(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  have, want = shapes(stored), shapes(target)
+  problems = [f"missing {k} (the model has it, the files do not)" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: {have[k]} in the files vs {want[k]} in the model" for k in sorted(set(have) & set(want))
+               if have[k] != want[k]]
+  if problems:
+    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+    raise ConfigError(f"{params_dir} does not hold the {meta['name']} that model.json describes (overrides "
+                      f"{meta['overrides']}); convert the checkpoint again:\n  " + "\n  ".join(shown))
 
 
 def load(model_dir: str):
@@ -173,6 +201,17 @@ def load(model_dir: str):
   meta = read_model_json(model_dir)
   module = create(meta["name"], **meta["overrides"])
   target = abstract_variables(module)
+  params_dir = epath.Path(_model_path(model_dir)) / PARAMS_DIR
   with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(epath.Path(_model_path(model_dir)) / PARAMS_DIR, target)
+    try:
+      stored = ckptr.metadata(params_dir).item_metadata
+    except Exception as e:  # orbax's errors for a missing or damaged folder are long and vary by case
+      raise ConfigError(f"{params_dir} cannot be read as a converted model's parameters ({_first_line(e)}); "
+                        "convert the checkpoint again") from e
+    _check_stored(stored, target, params_dir, meta)
+    try:
+      variables = ckptr.restore(params_dir, target)
+    except Exception as e:
+      raise ConfigError(f"{params_dir}: its tensors cannot be read ({_first_line(e)}); a file is missing or "
+                        "damaged: convert the checkpoint again") from e
   return module, variables
