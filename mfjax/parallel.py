@@ -9,6 +9,7 @@ state follow regex rules from the config (first match wins):
 import os
 import re
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -143,7 +144,7 @@ def put_global(tree, sharding):
 
 
 class Preemption:
-  """SIGTERM during a training loop, acted on by every process at the same step.
+  """SIGTERM (or a first Ctrl-C) during a training loop, acted on by every process at the same step.
 
     preemption = parallel.Preemption().start()
     try:
@@ -158,22 +159,32 @@ class Preemption:
   in. Several processes compare their flags every `every` steps (a small collective) and all
   stop together at the first comparison after any of them was signalled: a process that stopped
   alone would wait in the checkpoint's barrier while the others wait for it in the next step.
+  Ctrl-C (SIGINT) is taken as SIGTERM, so an interrupted run keeps its steps; a second Ctrl-C
+  stops at once (KeyboardInterrupt), losing the steps since the last checkpoint.
   """
 
   def __init__(self, every: int = 5):
     self.every = every
     self.received = False
-    self._previous = None
+    self.signal_name = ""
+    self._previous = {}
 
   def start(self) -> "Preemption":
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def stop(self) -> None:
-    """Put back the SIGTERM handler there was before `start`."""
-    signal.signal(signal.SIGTERM, self._previous)
+    """Put back the SIGTERM and SIGINT handlers there were before `start`."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
-  def _handle(self, *_):
+  def _handle(self, signum, _frame):
+    if signum == signal.SIGINT:
+      if self.received:
+        raise KeyboardInterrupt
+      print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, losing "
+            "the steps since the last checkpoint)", file=sys.stderr, flush=True)
+    self.signal_name = self.signal_name or signal.Signals(signum).name
     self.received = True
 
   def due(self, step: int) -> bool:

@@ -211,6 +211,17 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   for k, v in ref_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
 
+  # Ctrl-C is taken as SIGTERM: the steps so far are saved, and the run resumes as above.
+  proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "int"), env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(tmp_path / "int", 3, proc)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=120) == 0
+  err = proc.stderr.read()
+  assert "Ctrl-C: saving a checkpoint after this step" in err and "SIGINT: saved the checkpoint at step" in err
+  assert "Traceback" not in err
+  subprocess.run(_train_cmd(aptos, tmp_path / "int"), env=ENV, check=True, cwd=ROOT, capture_output=True)
+  assert _final(tmp_path / "int")[1] == ref_lines
+
 
 def _two_processes(cmd):
   port = _free_port()

@@ -503,7 +503,7 @@ def next_surviving_workers(iterator, loader, preemption) -> tuple[Any, Any]:
     position = iterator.get_state()
     iterator = iter(loader)
     iterator.set_state(position)
-    log.warning("SIGTERM stopped the data workers; started them again to reach the checkpoint")
+    log.warning("%s stopped the data workers; started them again to reach the checkpoint", preemption.signal_name)
     return iterator, next(iterator)
 
 
@@ -615,7 +615,8 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
         ckpts.save_latest(step, state, host_state(step // steps_per_epoch))
         ckpts.keep_best_only(host["best_step"])
       if preempted:
-        log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
+        log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
+                    "SIGTERM", step)
         return {"status": "preempted", "step": step}
     if pending is not None:
       _check_and_log(pending, writer, config, bar, force=True)

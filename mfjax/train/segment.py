@@ -307,7 +307,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         save(step)
       if preempted:
-        log.warning("SIGTERM: saved the checkpoint at step %d; exiting so the run can resume", step)
+        log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
+                    "SIGTERM", step)
         return {"status": "preempted", "step": step}
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
