@@ -248,8 +248,15 @@ def test_builds_are_identical_and_reused(root):
   assert a.metadata["build_id"] == b.metadata["build_id"] == rebuilt.metadata["build_id"]
   image = sorted(glob.glob(os.path.join(manual, "train_images", "*.png")))[0]
   PIL.Image.fromarray(255 - np.asarray(PIL.Image.open(image))).save(image)
+  # An image replaced under the same CSVs (a corrupt one fixed, say) is noticed too, by its size.
+  with pytest.raises(common.DataError, match=r"image files the source CSVs list .* were replaced, removed or added"):
+    mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4)
   changed = mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4, overwrite=True)
   assert changed.metadata["build_id"] != a.metadata["build_id"] and changed.fingerprint != a.fingerprint
+  assert mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4).path == changed.path
+  os.remove(sorted(glob.glob(os.path.join(manual, "train_images", "*.png")))[1])
+  with pytest.raises(common.DataError, match=r"replaced, removed or added"):
+    mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4)
 
 
 def test_synthetic_files_are_deterministic_and_carry_the_label(tmp_path):

@@ -148,7 +148,8 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
   """Build `name` from its original download in `manual_dir` into `data_dir`, or reuse it.
 
   A dataset already built with the same options is reused when the source CSVs/lists it was
-  built from are unchanged; if they changed, this raises unless overwrite=True (rebuild).
+  built from, and the sizes of the image files they list, are unchanged; if they changed, this
+  raises unless overwrite=True (rebuild).
   Options: the common ones (split, seed, fractions, skip_bad_images, store_size, num_threads)
   and the dataset's own (see its module). Raises DataError on any bad input.
   """
@@ -164,11 +165,17 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
     built = load(path)
     changed = [f for f, digest in built.metadata["sources"].items()
                if common.source_digest(os.path.join(manual_dir, f)) != digest]  # gone, changed, or added
-    if not changed and not overwrite:
-      return built
     if changed and not overwrite:
       raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
                       f"{manual_dir}: {changed}; pass overwrite=True to rebuild it")
+    if not changed and not overwrite and "image_sizes" in built.metadata:  # builds before it: not checked
+      rows, _ = recipe.read(manual_dir, opts)
+      if common.image_sizes(rows, manual_dir) != built.metadata["image_sizes"]:
+        raise DataError(f"{name}: image files the source CSVs list in {manual_dir} were replaced, removed or added "
+                        f"since {path} was built (their sizes differ); pass overwrite=True (`python -m mfjax.data "
+                        f"{name} ... --overwrite`) to rebuild it")
+    if not changed and not overwrite:
+      return built
     shutil.rmtree(path)
     builder = BUILDERS[name](manual_dir=manual_dir, options=opts, data_dir=data_dir)
   try:

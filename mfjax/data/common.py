@@ -256,6 +256,16 @@ def groups_in_two_splits(assigned: dict[str, list[Row]]) -> dict[str, list[str]]
   return {g: ss for g, ss in sorted(splits_of.items()) if len(ss) > 1}
 
 
+def image_sizes(rows: list[Row], manual_dir: str) -> str:
+  """A digest of every listed image file's path and size (-1: missing), checked when a build is
+  reused: an image replaced, removed or restored since (a corrupt one fixed, say) changes it. A
+  replacement of the same byte size goes unseen (rebuild with overwrite=True)."""
+  h = hashlib.sha256()
+  for path in sorted({r.image for r in rows}):
+    h.update(f"{os.path.relpath(path, manual_dir)}\0{os.path.getsize(path) if os.path.isfile(path) else -1}\n".encode())
+  return h.hexdigest()[:16]
+
+
 def content_id(assigned: dict[str, list[Row]], digest_of: dict[str, str]) -> str:
   """A digest of every example: split, id, image file digest, labels and features."""
   content = hashlib.sha256()
@@ -336,7 +346,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if r.id in seen:
         raise DataError(f"{name}: duplicate example id {r.id!r} at {r.where} and {seen[r.id]}")
       seen[r.id] = r.where
-    num_read = len(rows)
+    num_read, listed_images = len(rows), image_sizes(rows, self._manual_dir)
     rows, stats, skipped = verify_images(name, rows, spec.channels, opts["skip_bad_images"],
                                          opts["num_threads"])
     if not rows:
@@ -363,6 +373,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "options": record_options(opts),
         "manual_dir": self._manual_dir,
         "sources": {os.path.relpath(p, self._manual_dir): source_digest(p) for p in sorted(set(sources))},
+        "image_sizes": listed_images,
         "spec": dataclasses.asdict(self._spec),
         "num_skipped": len(skipped),
         "skipped": skipped,
