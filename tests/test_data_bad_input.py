@@ -256,3 +256,21 @@ def test_an_error_names_the_line_where_a_multi_line_row_starts(tmp_path):
   # So a row takes 4 lines: the third row starts on line 10.
   with pytest.raises(DataError, match=r"line 10, column 'pathology': unknown label value 'MAYBE'"):
     mfjax.data.build("cbis_ddsm", manual, str(tmp_path / "tfds"))
+
+
+def test_a_misspelt_label_that_makes_a_rare_class_is_warned_about(tmp_path, caplog):
+  manual = synthetic.csv_images(str(tmp_path / "own"), num_images=30)
+  path = os.path.join(manual, "labels.csv")
+  label = _rewrite_csv(path, lambda rows: rows)[0].index("label")
+  _rewrite_csv(path, lambda rows: rows[:4] + [rows[4][:label] + ["maligant"] + rows[4][label + 1:]] + rows[5:])
+  with caplog.at_level("WARNING", logger="mfjax"):
+    built = mfjax.data.build("csv_images", manual, str(tmp_path / "tfds"), label_column="label")
+  assert "maligant" in built.spec.class_names  # the documented rule: every distinct value is a class
+  assert "class(es) with fewer than 3 rows: 'maligant' (1)" in caplog.text
+  for value, row in (("inf", 2), ("1e400", 3)):   # a number too large for an int is an unknown label too
+    aptos = synthetic.aptos2019(str(tmp_path / f"aptos_{value}"), num_images=6)
+    diagnosis = _rewrite_csv(os.path.join(aptos, "train.csv"), lambda rows: rows)[0].index("diagnosis")
+    _rewrite_csv(os.path.join(aptos, "train.csv"),
+                 lambda rows: rows[:row] + [rows[row][:diagnosis] + [value] + rows[row][diagnosis + 1:]] + rows[row + 1:])
+    with pytest.raises(DataError, match=rf"line {row + 1}, column 'diagnosis': unknown label '{value}'"):
+      mfjax.data.build("aptos2019", aptos, str(tmp_path / "tfds"))

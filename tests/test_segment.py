@@ -354,8 +354,11 @@ def test_volumes_are_read_in_canonical_orientation(tmp_path):
   (tmp_path / "bad.nii.gz").write_bytes(b"not a volume")
   with pytest.raises(volumes.VolumeError, match="bad.nii.gz: not a readable NIfTI"):
     volumes.read_volume(str(tmp_path / "bad.nii.gz"))
-  volumes.write_volume(str(tmp_path / "half.nii.gz"), data + 0.5)
-  with pytest.raises(volumes.VolumeError, match="half.nii.gz: a label map must hold whole numbers"):
+  labels = np.zeros((4, 5, 6), np.float32)
+  labels[1, 2, 3] = 1.5
+  volumes.write_volume(str(tmp_path / "half.nii.gz"), labels)
+  with pytest.raises(volumes.VolumeError, match=r"half.nii.gz: a label map must hold whole numbers in 0..255; "
+                                                r"1 voxel\(s\) do not \(1.5, first at voxel \(1, 2, 3\)\)"):
     volumes.read_labels(str(tmp_path / "half.nii.gz"))
 
 
@@ -442,6 +445,16 @@ def test_preprocessing_errors_name_the_case(raw_ct, tmp_path):
                        affine=volumes.canonical_affine(str(root / "labelsTr" / "synth_004.nii.gz")))
   with pytest.raises(nnunet.DatasetError, match=r"synth_004.nii.gz: label values \[7\]"):
     nnunet.preprocess(nnunet.read_raw(str(root)), str(tmp_path / "pre2"), progress=False)
+
+
+def test_a_misspelt_dataset_json_key_is_warned_about(raw_ct, tmp_path, caplog):
+  root = _copy_raw(raw_ct, tmp_path)
+  meta = json.loads((root / "dataset.json").read_text())
+  meta["region_class_order"] = [1, 2]   # regions_class_order, misspelt: it would be ignored
+  (root / "dataset.json").write_text(json.dumps(meta))
+  with caplog.at_level("WARNING", logger="mfjax"):
+    nnunet.read_raw(str(root))
+  assert "key(s) ['region_class_order'] are not nnU-Net's (a typo?)" in caplog.text
 
 
 def test_preprocessing_resumes_after_a_bad_case_without_redoing_the_finished_ones(raw_ct, tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def read(manual_dir, opts):
       grade = int(float(r["diagnosis"]))
       if grade != float(r["diagnosis"]) or not 0 <= grade < len(CLASS_NAMES):
         raise ValueError
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
       raise common.DataError(f"{common.where(csv_path, line, 'diagnosis')}: unknown label "
                              f"{r['diagnosis']!r}; expected an integer grade 0-4") from None
     if not r["id_code"]:

@@ -90,7 +90,7 @@ def _read(csv_path, official, views):
       codes.append(_CODES[r[obs]])
     try:
       age = int(float(r["Age"])) if r["Age"] else -1
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
       raise common.DataError(f"{common.where(csv_path, line, 'Age')}: {r['Age']!r} is not a number") from None
     # Paths start with the release folder ("CheXpert-v1.0-small/train/..."): the CSV's folder,
     # whatever it is called now.

@@ -9,6 +9,8 @@ patient, never straddle splits). Image paths are relative to `image_root` (defau
 CSV's folder) or absolute. Normalization defaults to the mean/std measured on the training
 split at build time.
 """
+import collections
+import logging
 import os
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from mfjax.data import common
 
 NAME = "csv_images"
+RARE_CLASS = 3  # inferred classes with fewer rows are warned about
 LAYOUT = """\
 <manual_dir>/
   labels.csv                   image,label[,split][,group]   (any names, set by options)
@@ -94,6 +97,13 @@ def check(opts, manual_dir):
         raise common.DataError(f"{common.where(path, line, opts['label_column'])}: empty label; every row "
                                "needs a class (leave the row out, or name its class)")
     opts["class_names"] = tuple(sorted({r[opts["label_column"]] for _, r in table}, key=_sort_key))
+    counts = collections.Counter(r[opts["label_column"]] for _, r in table)
+    rare = sorted((name for name, n in counts.items() if n < RARE_CLASS), key=_sort_key)
+    if rare:  # a typo in one cell makes a class of its own
+      logging.getLogger("mfjax").warning(
+          "csv_images: %s: class(es) with fewer than %d rows: %s. A misspelt label makes a class of its own; "
+          "name the classes (class_names=...) to have any other value refused", path, RARE_CLASS,
+          ", ".join(f"{name!r} ({counts[name]})" for name in rare))
   else:
     opts["class_names"] = tuple(str(c) for c in opts["class_names"])
     if any(not name.strip() for name in opts["class_names"]):

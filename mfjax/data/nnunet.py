@@ -72,6 +72,13 @@ NORMALIZATIONS = {"ct": "CTNormalization", "nonorm": "NoNormalization", "zscore"
                   "rescale_to_0_1": "RescaleTo01Normalization", "rgb_to_0_1": "RGBTo01Normalization"}
 
 
+# dataset.json keys of nnU-Net v1 and v2 (those mfjax reads, and the descriptive ones it does not).
+DATASET_JSON_KEYS = {"channel_names", "modality", "labels", "regions_class_order", "numTraining", "numTest",
+                     "file_ending", "dataset", "training", "test", "overwrite_image_reader_writer", "name",
+                     "description", "reference", "licence", "license", "release", "tensorImageSize", "converted_by",
+                     "relabel", "citation", "author"}
+
+
 class DatasetError(DataError):
   pass
 
@@ -106,6 +113,9 @@ def read_raw(root: str) -> RawDataset:
       meta = json.load(f)
   except json.JSONDecodeError as e:
     raise DatasetError(f"{path}: not valid JSON ({e})") from e
+  unknown = sorted(set(meta) - DATASET_JSON_KEYS) if isinstance(meta, dict) else []
+  if unknown:  # a misspelt optional key ("region_class_order") would otherwise be ignored without a word
+    log.warning("%s: key(s) %s are not nnU-Net's (a typo?); they are ignored", path, unknown)
   names = _channel_names(meta, path)
   modality = names[0]
   labels, regions, order, ignore = _parse_labels(meta.get("labels"), meta.get("regions_class_order"), path)

@@ -62,9 +62,12 @@ def read_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(labels (X, Y, Z) uint8, spacing (3,)): a segmentation map of whole-number class ids 0..255."""
   data, spacing = read_volume(path)
   labels = np.rint(data)
-  if np.abs(labels - data).max(initial=0) > 1e-3 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
-    raise VolumeError(f"{path}: a label map must hold whole numbers in 0..255; found values in "
-                      f"[{data.min():g}, {data.max():g}]")
+  bad = (np.abs(labels - data) > 1e-3) | (labels < 0) | (labels > 255)
+  if bad.any():
+    examples = ", ".join(f"{v:g}" for v in np.unique(data[bad])[:5])
+    raise VolumeError(f"{path}: a label map must hold whole numbers in 0..255; {int(bad.sum())} voxel(s) do not "
+                      f"({examples}{', ...' if len(np.unique(data[bad])) > 5 else ''}, first at voxel "
+                      f"{tuple(int(i) for i in np.argwhere(bad)[0])})")
   return labels.astype(np.uint8), spacing
 
 
