@@ -325,6 +325,17 @@ def test_config_errors(aptos, tmp_path):
   assert json.loads((tmp_path / "config.json").read_text()) == {"optim": {"lr": 0.1, "b1": 0.9}, "eval": {"new": True}}
   with pytest.raises(ConfigError, match=r"different config \(eval: \{'new': True\} -> None\)"):
     fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1, "b1": 0.9}})
+  # A folder given relative at the start and absolute (or with a trailing slash) at a resume is the same
+  # folder; another folder is not.
+  run = tmp_path / "paths"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  relative = os.path.relpath(tmp_path / "data", os.getcwd())
+  fit.check_workdir(str(run), {"data": {"manual_dir": relative}})
+  fit.check_workdir(str(run), {"data": {"manual_dir": str(tmp_path / "data") + "/"}})
+  assert json.loads((run / "config.json").read_text()) == {"data": {"manual_dir": str(tmp_path / "data") + "/"}}
+  fit.check_workdir(str(run), {"data": {"manual_dir": relative}})
+  with pytest.raises(ConfigError, match=r"different config \(data.manual_dir: "):
+    fit.check_workdir(str(run), {"data": {"manual_dir": str(tmp_path / "other")}})
 
 
 def test_data_norm_model_normalises_with_the_models_constants(aptos):

@@ -77,8 +77,11 @@ def check_workdir(workdir, config_dict: dict) -> None:
     current = json.loads(json.dumps(config_dict))
     if saved == current:
       return
+    saved = _same_paths_as(saved, current)
     diff = sorted(_diff(saved, current))
-    if _with_added(saved, current) == current:  # only fields a newer mfjax has: resumed with them
+    if saved == current:  # the same files, named another way: recorded as named now
+      pass
+    elif _with_added(saved, current) == current:  # only fields a newer mfjax has: resumed with them
       log.warning("%s was started by an mfjax without config field(s) (%s); resuming with them", workdir,
                   "; ".join(diff))
     elif not has_saved_work(workdir):
@@ -88,6 +91,26 @@ def check_workdir(workdir, config_dict: dict) -> None:
                         "Use a new --workdir, or the same config to resume.")
   if jax.process_index() == 0:
     write_atomically(path, json.dumps(config_dict, indent=2, sort_keys=True))
+
+
+# Config fields that name files or folders: one given relative at the start and absolute at a resume
+# (or the other way round, or with a trailing slash) is the same field.
+PATH_FIELDS = (("data", "manual_dir"), ("data", "data_dir"), ("data", "feature_cache"), ("data", "raw"),
+               ("data", "preprocessed"), ("model", "checkpoint"), ("head", "checkpoint"), ("gram", "checkpoint"),
+               ("model", "init_from_run"))
+
+
+def _same_paths_as(saved: dict, current: dict) -> dict:
+  """`saved` with each path field that names the same local place as `current`'s (from this folder) taking
+  `current`'s spelling."""
+  local = lambda p: isinstance(p, str) and p and "://" not in p
+  out = json.loads(json.dumps(saved))
+  for section, field in PATH_FIELDS:
+    old, new = saved.get(section, {}).get(field), current.get(section, {}).get(field)
+    if old != new and local(old) and local(new) and (
+        os.path.abspath(os.path.expanduser(old)) == os.path.abspath(os.path.expanduser(new))):
+      out[section][field] = new
+  return out
 
 
 def check_recorded(workdir, name: str, current: dict, refusal, same=None, what: str = "") -> None:
