@@ -13,7 +13,9 @@ large blocks, and never to trim the heap: a freed step's block is reused by the 
 cost. The process keeps its peak host memory until it exits, as a training process does with a
 caching allocator. It must run before the threads that allocate start (before JAX creates its
 CPU client); the mfjax command line and the benchmarks call it first thing.
-`MFJAX_KEEP_FREED_MEMORY=0` leaves glibc's defaults.
+`MFJAX_KEEP_FREED_MEMORY=0` leaves glibc's defaults, and so does a machine where JAX runs on a GPU
+or TPU: the steps' temporaries live on the device there, and one arena would only make the host's
+threads (XLA's parallel compile, the data pipeline) queue for it.
 """
 import ctypes
 import logging
@@ -33,7 +35,8 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: ne
 def keep_freed_memory() -> bool:
   """Apply SETTINGS through glibc's mallopt; True when they are in force. False off Linux, on a
   C library without mallopt or that refuses a setting (logged), or when MFJAX_KEEP_FREED_MEMORY=0."""
-  if os.environ.get("MFJAX_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+  if (os.environ.get("MFJAX_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux")
+      or accelerator_present()):
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
@@ -45,3 +48,12 @@ def keep_freed_memory() -> bool:
       log.warning("mallopt(%d, %d) was refused: freed host memory goes back to the kernel", param, value)
       return False
   return True
+
+
+def accelerator_present() -> bool:
+  """Whether JAX will run on a GPU or TPU here, told before JAX is imported: JAX_PLATFORMS when set
+  (its first entry), else an NVIDIA or TPU device file."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() not in ("cpu", "")
+  return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/accel0", "/dev/vfio/0"))
