@@ -79,10 +79,11 @@ def main(argv=None):
       batch = jax_side.random_batch(run, args.batch, args.res)
       lr = jnp.float32(1e-4)
       t0 = time.perf_counter()
-      compiled = train_step.lower(run.state, batch, lr).compile()
+      lowered = train_step.lower(run.state, batch, lr)
+      compiled = lowered.compile()
       info[name].update(compile_seconds=time.perf_counter() - t0, memory_plan=common.jax_memory(compiled))
       if args.compile_only:
-        info[name]["step_flops_xla"] = common.cost_flops(compiled)
+        info[name]["step_flops_xla"] = common.cost_flops(compiled, lowered)
         continue
       holder = {"state": run.state}
 

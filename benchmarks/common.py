@@ -46,6 +46,7 @@ def parse_args(parser, argv) -> tuple:
 # The first three also change what XLA counts (remat recomputes, loops count once): train_step
 # counts the model's FLOPs on the step compiled without them.
 RECOUNTED = ("remat", "query_chunk", "scan_blocks")
+RECOUNTED_OFF_CPU = RECOUNTED + ("attn_impl",)  # cuDNN's attention: a library call XLA counts as nothing
 HOW_NOT_WHAT = RECOUNTED + ("attn_impl", "optim.mu_dtype", "mesh.")
 NUM_BLOCKS = "model.overrides.num_blocks"
 
@@ -70,8 +71,11 @@ def check_torch_follows(parser, args, follows: tuple = ()) -> None:
 
 
 def torch_matmul_precision(device: str, dtype: str) -> None:
-  """Float32 on a GPU: let torch use TF32, as XLA's default precision does for JAX's float32."""
+  """Float32 on a GPU: let torch use TF32, as XLA's default precision does for JAX's float32. And
+  cuDNN picks its convolution algorithms by timing them, as XLA autotunes its own."""
   import torch
+  if device == "cuda":
+    torch.backends.cudnn.benchmark = True
   if device == "cuda" and dtype == "float32":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -263,13 +267,26 @@ def program_devices(compiled) -> int:
   return max(1, len(devices))
 
 
-def cost_flops(compiled) -> float | None:
+def counts_lowered() -> bool:
+  """Whether FLOPs are counted on the lowered program (GPU, TPU; MFJAX_BENCH_FLOPS=lowered|compiled
+  decides): there XLA turns dots into cuBLAS calls whose cost its analysis may count as nothing."""
+  import jax
+  forced = os.environ.get("MFJAX_BENCH_FLOPS", "")
+  return forced == "lowered" if forced else jax.default_backend() != "cpu"
+
+
+def cost_flops(compiled, lowered=None) -> float | None:
   """FLOPs of one call of a compiled JAX computation, as XLA counts them, on all its devices
-  together: XLA counts one device's share of an SPMD-partitioned program (half of the step on
-  a 2-device data-parallel mesh), so the count is multiplied by `program_devices`. XLA counts
-  a custom call as nothing: the MKL GEMMs and fused attention of `mfjax.cpu_gemm` are added from
-  the program's text."""
+  together. On the CPU, counted on the compiled program: XLA counts one device's share of an
+  SPMD-partitioned program (half of the step on a 2-device data-parallel mesh), so the count is
+  multiplied by `program_devices`, and it counts a custom call as nothing, so the MKL GEMMs and
+  fused attention of `mfjax.cpu_gemm` are added from the program's text. On a GPU or TPU
+  (`counts_lowered`), counted on `lowered`, the whole program before XLA partitions it or turns its
+  dots into library calls (cuDNN attention is a library call already there: `RECOUNTED_OFF_CPU`)."""
   from mfjax import cpu_gemm
+  if lowered is not None and counts_lowered():
+    cost = lowered.cost_analysis()
+    return float(cost["flops"]) if cost and "flops" in cost else None
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None

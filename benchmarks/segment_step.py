@@ -73,9 +73,10 @@ def main(argv=None):
   batch = {"image": jax.device_put(images, sharding), "label": jax.device_put(labels, sharding)}
   scale = jnp.float32(1.0)
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, batch, scale).compile()
+  lowered = train_step.lower(state, batch, scale)
+  compiled = lowered.compile()
   jax_compile_s = time.perf_counter() - t0
-  step_flops, plan = common.cost_flops(compiled), common.jax_memory(compiled)
+  step_flops, plan = common.cost_flops(compiled, lowered), common.jax_memory(compiled)
   flops_exact = not common.has_loop(compiled)
   # Counted on the step as compiled: with remat, its recomputation is included (see BENCHMARKS.md).
   jax_step = common.jax_stepper(compiled, state, batch, scale)

@@ -10,11 +10,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_benchmark(tmp_path, module: str, *args: str, xla_flags: str = "") -> list[dict]:
+def run_benchmark(tmp_path, module: str, *args: str, xla_flags: str = "", env: dict | None = None) -> list[dict]:
   tmp_path.mkdir(parents=True, exist_ok=True)
   out = tmp_path / f"{module}.jsonl"  # the benchmarks append: one file per command
   # TMPDIR: each test builds its own synthetic dataset (benchmarks/jax_side.py caches it there).
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
+             **(env or {}))
   proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,6 +98,14 @@ def test_train_step_counts_model_flops_and_keeps_torch_on_the_same_work(tmp_path
   [remat] = run_benchmark(tmp_path / "remat", "train_step", *cell, "--torch", "none", "--config.model.remat=True")
   assert remat["flops_counted_on"] == "the step without --config.model.remat=True"
   assert remat["step_flops_xla"] == plain["step_flops_xla"] and remat["flops_exact"]
+  # On a GPU or TPU the FLOPs are counted on the lowered program (XLA may count its cuBLAS calls as
+  # nothing), without remat or cuDNN's attention, and with no compile: here forced on the CPU.
+  [lowered] = run_benchmark(tmp_path / "lowered", "train_step", *cell, "--torch", "none", "--config.model.remat=True",
+                            "--config.model.overrides.attn_impl=xla", env={"MFJAX_BENCH_FLOPS": "lowered"})
+  assert lowered["flops_counted_on"] == ("the step without --config.model.remat=True, "
+                                         "--config.model.overrides.attn_impl=xla")
+  assert abs(lowered["step_flops_xla"] / plain["step_flops_xla"] - 1) < 0.02 and lowered["flops_exact"]
+  assert abs(lowered["forward_flops_xla"] / plain["forward_flops_xla"] - 1) < 0.02
   # An override the torch reference cannot follow would compare different work: refused.
   for override, message in (("--config.model.overrides.depth=3", "the torch reference cannot follow it"),
                             ("--config.model.dtype=bfloat16", "use --dtype")):
