@@ -55,6 +55,9 @@ SOURCE_TARBALL = "mfjax-src.tar.gz"   # in each worker's home folder (--code cop
 COORDINATOR_PORT = 8482               # the port JAX's own Cloud TPU detection uses
 SSH_LOST = 255                        # what gcloud ssh returns when the connection drops
 NO_EXIT_STATUS = 98                   # the stream's answer when the run died without one
+# Whether the pid file names a running mfjax (after a VM restart the pid may be another process's).
+RUN_ALIVE = ('run_alive() { p=$(cat ~/mfjax_run/pid 2> /dev/null) && [ -n "$p" ] && '
+             'ps -o args= -p "$p" 2> /dev/null | grep -q mfjax.cli; }')
 INCOMPLETE = 3                        # our exit status for a run stopped before its end
 
 
@@ -203,6 +206,10 @@ class Tpu:
         "set -eu",
         "cd ~/mfjax",
         "mkdir -p ~/mfjax_run",
+        RUN_ALIVE,
+        "# an earlier attempt still running here (its worker 0 ended first): it saves and exits before this one",
+        'if run_alive; then kill -TERM "$(cat ~/mfjax_run/pid)" 2> /dev/null || true; '
+        "for _ in $(seq 300); do run_alive || break; sleep 1; done; fi",
         "rm -f ~/mfjax_run/pid ~/mfjax_run/exit_code",
         "# MFJAX_COORDINATOR, MFJAX_NUM_PROCESSES, MFJAX_PROCESS_ID from this worker's metadata",
         f"exports=$(.venv/bin/python -m launch.tpu_worker_env --port {COORDINATOR_PORT} "
@@ -218,7 +225,8 @@ class Tpu:
         "cd ~/mfjax_run",
         "for _ in $(seq 120); do [ -s pid ] && break; sleep 1; done",
         f"if [ ! -s pid ]; then cat {log}; exit {NO_EXIT_STATUS}; fi",
-        f'tail --pid="$(cat pid)" -n +1 -F {log}',
+        RUN_ALIVE,
+        f'if run_alive; then tail --pid="$(cat ~/mfjax_run/pid)" -n +1 -F {log}; else cat {log}; fi',
         'for _ in $(seq 10); do [ -s exit_code ] && exit "$(cat exit_code)"; sleep 1; done',
         f"exit {NO_EXIT_STATUS}"]))
 
@@ -331,6 +339,10 @@ def follow(tpu: Tpu, runner: common.Runner, attempt: int) -> tuple[str, int]:
       return "preempted", rc
     if rc == 0:
       runner.note(f"the run stopped before its end; it resumes from {tpu.resumes_from}")
+      return "interrupted", rc
+    if rc == NO_EXIT_STATUS:  # its wrapper died with it: the VM restarted (maintenance), not a failure
+      runner.note(f"the run on worker 0 ended without an exit status (the VM restarted?); it resumes from "
+                  f"{tpu.resumes_from}")
       return "interrupted", rc
     if rc != SSH_LOST:
       return "failed", rc

@@ -305,6 +305,17 @@ def test_tpu_worker_scripts_run_and_stop(tmp_path):
   assert bash(t.stop()).returncode == 0
   done = bash(t.stream(2))
   assert done.returncode == 0 and "saving a checkpoint" in done.stdout
+  # An attempt still running when the next starts (its worker 0 ended first) saves and exits first.
+  assert bash(t.start(3)).returncode == 0
+  time.sleep(0.5)
+  assert bash(t.start(4)).returncode == 0
+  assert "saving a checkpoint" in (home / "mfjax_run" / "attempt-3.log").read_text()
+  # A pid file naming a process that is not mfjax (reused after a VM restart) is not waited for.
+  assert bash(t.stop()).returncode == 0 and bash(t.stream(4)).returncode == 0
+  (home / "mfjax_run" / "pid").write_text(str(os.getpid()))
+  (home / "mfjax_run" / "exit_code").unlink()
+  stale = bash(t.stream(4))
+  assert stale.returncode == tpu.NO_EXIT_STATUS and "saving a checkpoint" in stale.stdout
 
 
 def test_tpu_worker_setup_script(tmp_path):
@@ -442,7 +453,8 @@ def _run_watch(tmp_path, monkeypatch, scenario, *flags, command=TRAIN):
       steps.append("result?")
     elif verb == ("tpu-vm", "ssh"):
       script = script_of(c)
-      steps.append("setup" if "uv pip install" in script else "stop" if "kill -TERM" in script else
+      steps.append("setup" if "uv pip install" in script else
+                   "stop" if "kill -TERM" in script and "attempt-" not in script else
                    "unfinished?" if script.endswith("--list") else
                    ("start-" if "--worker=all" in c else "stream-") + script.split("attempt-")[1][0])
     else:
@@ -491,6 +503,16 @@ def test_tpu_watch_restarts_in_place_and_reattaches(guard, run_watch):
   assert rc == 0
   assert steps == ["create", "setup", "start-1", "stream-1", "result?", "describe",
                    "start-2", "stream-2", "describe", "stream-2", "result?", "delete"]
+
+
+def test_tpu_watch_resumes_a_run_that_ended_without_an_exit_status(guard, run_watch):
+  # A maintenance restart of the VM takes the run and its wrapper: no exit status, the TPU READY.
+  # Before, that was a failure and the TPU was deleted, even under --watch.
+  rc, steps = run_watch({"stream_rc": [tpu.NO_EXIT_STATUS, 0], "states": ["READY"], "result_rc": [0]},
+                        "--watch")
+  assert rc == 0
+  assert steps == ["create", "setup", "start-1", "stream-1", "describe", "start-2", "stream-2", "result?",
+                   "delete"]
 
 
 def test_tpu_sweep_is_restarted_until_no_run_is_left(guard, run_watch):
