@@ -78,7 +78,8 @@ def main(argv=None):
   jax_compile_s = time.perf_counter() - t0
   step_flops, plan = common.cost_flops(compiled, lowered), common.jax_memory(compiled)
   flops_exact = not common.has_loop(compiled)
-  # Counted on the step as compiled: with remat, its recomputation is included (see BENCHMARKS.md).
+  # Counted on the step as compiled (as lowered on a GPU or TPU): with remat, its recomputation is included
+  # (see BENCHMARKS.md).
   jax_step = common.jax_stepper(compiled, state, batch, scale)
   calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds)}
   jax_mem = common.jax_peak_memory()

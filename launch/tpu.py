@@ -207,9 +207,12 @@ class Tpu:
         "cd ~/mfjax",
         "mkdir -p ~/mfjax_run",
         RUN_ALIVE,
-        "# an earlier attempt still running here (its worker 0 ended first): it saves and exits before this one",
+        "# an earlier attempt still running here (its worker 0 ended first): it saves and exits before this one;",
+        "# one that has not after 5 minutes (stuck in a collective with a lost peer) is killed",
         'if run_alive; then kill -TERM "$(cat ~/mfjax_run/pid)" 2> /dev/null || true; '
         "for _ in $(seq 300); do run_alive || break; sleep 1; done; fi",
+        'if run_alive; then kill -KILL "$(cat ~/mfjax_run/pid)" 2> /dev/null || true; '
+        "for _ in $(seq 30); do run_alive || break; sleep 1; done; fi",
         "rm -f ~/mfjax_run/pid ~/mfjax_run/exit_code",
         "# MFJAX_COORDINATOR, MFJAX_NUM_PROCESSES, MFJAX_PROCESS_ID from this worker's metadata",
         f"exports=$(.venv/bin/python -m launch.tpu_worker_env --port {COORDINATOR_PORT} "

@@ -38,6 +38,7 @@ log = logging.getLogger("mfjax")
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOPPED_BY_CTRL_C = 130  # the shell's status for a command ended by SIGINT: a `&&` chain or a loop stops too
 
 
 def resolve_config_file(path: str) -> str:
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
       config = load_config(args.config, rest)
       result = fit.train(config, args.workdir, progress=not args.no_progress)
       if result.get("status") == "preempted":
-        return 0
+        return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
       print(json.dumps({"best_epoch": result["best_epoch"], "val": result["val"]["headline"],
                         "test": result["test"]["headline"], "metric": result["headline_metric"]}))
     elif args.command == "sweep":
@@ -237,6 +238,8 @@ def main(argv=None) -> int:
         return 0
       selections = sweep.select(runs) if args.select_only else sweep.run_all(
           spec, args.runs_dir, rest, progress=not args.no_progress)
+      if selections.get("signal") == "SIGINT":
+        return STOPPED_BY_CTRL_C
       print(json.dumps(selections, indent=2, default=float))
     elif args.command == "knn":
       from mfjax.evals import studies
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
       config = load_config(args.config, _config_overrides(parser, rest))
       result = segment.train(config, args.workdir[0], progress=not args.no_progress)
       if result.get("status") == "preempted":
-        return 0
+        return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
       val = result.get("val", {})
       print(json.dumps({"mean_dice": val.get("mean_dice"), "dice": val.get("dice")}))
     elif args.command == "pretrain":
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
       config = load_config(args.config, _config_overrides(parser, rest))
       result = pretrain.run(config, args.workdir, progress=not args.no_progress)
       if result.get("status") == "preempted":
-        return 0
+        return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
       print(json.dumps({"backbone": result["backbone"], "steps": result["steps"]}))
     elif args.command == "report":
       if rest:

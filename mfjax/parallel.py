@@ -134,6 +134,11 @@ def process_rows(sharding, batch_size: int) -> np.ndarray:
   return np.concatenate([np.arange(start, stop) for start, stop in spans])
 
 
+def interrupted_by(preemption: "Preemption") -> dict:
+  """{"signal": "SIGINT"} for a run stopped by Ctrl-C, else {}: what a stopped run's result adds."""
+  return {"signal": "SIGINT"} if preemption.interrupted() else {}
+
+
 def put_global(tree, sharding):
   """Host values that every process holds in full (the same on each) as global jax.Arrays with
   `sharding` (one for every leaf): each process supplies the pieces of its own devices."""
@@ -186,6 +191,11 @@ class Preemption:
             "the steps since the last checkpoint)", file=sys.stderr, flush=True)
     self.signal_name = self.signal_name or signal.Signals(signum).name
     self.received = True
+
+  def interrupted(self) -> bool:
+    """Whether the stop was asked for by Ctrl-C (the command then exits 130, so a shell's `&&` or loop stops
+    too), not by SIGTERM (a preemption: 0, so a launcher resumes it)."""
+    return self.signal_name == "SIGINT"
 
   def due(self, step: int) -> bool:
     """Whether to save and stop after `step`: the same answer on every process."""

@@ -270,7 +270,7 @@ def test_a_misspelt_label_that_makes_a_rare_class_is_warned_about(tmp_path, capl
   for value, row in (("inf", 2), ("1e400", 3)):   # a number too large for an int is an unknown label too
     aptos = synthetic.aptos2019(str(tmp_path / f"aptos_{value}"), num_images=6)
     diagnosis = _rewrite_csv(os.path.join(aptos, "train.csv"), lambda rows: rows)[0].index("diagnosis")
-    _rewrite_csv(os.path.join(aptos, "train.csv"),
-                 lambda rows: rows[:row] + [rows[row][:diagnosis] + [value] + rows[row][diagnosis + 1:]] + rows[row + 1:])
+    edit = lambda rows: rows[:row] + [rows[row][:diagnosis] + [value] + rows[row][diagnosis + 1:]] + rows[row + 1:]
+    _rewrite_csv(os.path.join(aptos, "train.csv"), edit)
     with pytest.raises(DataError, match=rf"line {row + 1}, column 'diagnosis': unknown label '{value}'"):
       mfjax.data.build("aptos2019", aptos, str(tmp_path / "tfds"))

@@ -307,7 +307,10 @@ def test_tpu_worker_scripts_run_and_stop(tmp_path):
   assert done.returncode == 0 and "saving a checkpoint" in done.stdout
   # An attempt still running when the next starts (its worker 0 ended first) saves and exits first.
   assert bash(t.start(3)).returncode == 0
-  time.sleep(0.5)
+  deadline = time.time() + 30
+  while not ((home / "mfjax_run" / "pid").exists() and "argv:" in (home / "mfjax_run" / "attempt-3.log").read_text()):
+    assert time.time() < deadline, "attempt 3 did not start"
+    time.sleep(0.05)
   assert bash(t.start(4)).returncode == 0
   assert "saving a checkpoint" in (home / "mfjax_run" / "attempt-3.log").read_text()
   # A pid file naming a process that is not mfjax (reused after a VM restart) is not waited for.

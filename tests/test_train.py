@@ -211,15 +211,19 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   for k, v in ref_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
 
-  # Ctrl-C is taken as SIGTERM: the steps so far are saved, and the run resumes as above.
-  proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "int"), env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  # Ctrl-C is taken as SIGTERM: the steps so far are saved, and the run resumes as above. It exits 130,
+  # as a command ended by Ctrl-C does, so that `mfjax train A && mfjax train B` stops there.
+  # A terminal's Ctrl-C reaches the whole process group, the grain data workers included.
+  proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "int") + ["--config.data.num_workers=1"], env=ENV, cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
   _wait_for_step(tmp_path / "int", 3, proc)
-  proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=120) == 0
+  os.killpg(proc.pid, signal.SIGINT)
+  assert proc.wait(timeout=120) == 130
   err = proc.stderr.read()
   assert "Ctrl-C: saving a checkpoint after this step" in err and "SIGINT: saved the checkpoint at step" in err
   assert "Traceback" not in err
-  subprocess.run(_train_cmd(aptos, tmp_path / "int"), env=ENV, check=True, cwd=ROOT, capture_output=True)
+  subprocess.run(_train_cmd(aptos, tmp_path / "int") + ["--config.data.num_workers=1"], env=ENV, check=True,
+                 cwd=ROOT, capture_output=True)
   assert _final(tmp_path / "int")[1] == ref_lines
 
 
@@ -691,7 +695,7 @@ def test_a_damaged_metrics_log_and_an_early_test_record_do_not_block_a_resume(tm
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "result.json"]
 
 
-def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path):
+def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path, caplog):
   for extra, message in (
       (["--config.model.dtype=bf16"], "unknown model.dtype 'bf16'"),
       (["--config.data.uncertainty=zero"], "unknown data.uncertainty 'zero'"),
@@ -701,15 +705,27 @@ def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path):
       (["--config.optim.lr=-0.001"], r"optim.lr=-0.001 is outside \(0, inf\)"),
       (["--config.optim.b1=2.0"], r"optim.b1=2.0 is outside \[0, 1\)"),
       (["--config.optim.weight_decay=-1.0"], r"optim.weight_decay=-1.0 is outside \[0, inf\)"),
-      (["--config.optim.plateau_factor=5.0"], r"optim.plateau_factor=5.0 is outside \(0, 1\)"),
+      (["--config.optim.plateau_factor=5.0"], r"optim.plateau_factor=5.0 is outside \(0, 1\]"),
       (["--config.data.resolution=30"], r"data.resolution=30 is not a multiple of deit_base_patch16's patch size 8"),
       (["--config.data.resolution=0"], r"data.resolution=0 must be an int >= 1"),
-      (["--config.data.uncertainty=ones"], r"data.uncertainty='ones' applies to CheXpert's uncertain labels only"),
-      ([f"--config.head.checkpoint={tmp_path}"], r"head.checkpoint is for the stacked DeiT-B head; protocol "
-                                                 "unfrozen_linear trains a linear head"),
   ):
     with pytest.raises(ConfigError, match=message):
       build.check_names(tiny(aptos, "unfrozen_linear", *extra))
+  # Fields a run ignores are said, not refused: a sweep sets them for every cell.
+  with caplog.at_level("WARNING", logger="mfjax"):
+    build.check_names(tiny(aptos, "unfrozen_linear", "--config.data.uncertainty=ones",
+                           f"--config.head.checkpoint={tmp_path}"))
+  assert "data.uncertainty='ones' applies to CheXpert's uncertain labels only: ignored on aptos2019" in caplog.text
+  assert "head.checkpoint is for the stacked DeiT-B head: ignored by protocol unfrozen_linear" in caplog.text
+  # The patch size is the model's as the run builds it, its checkpoint's model.json included.
+  from mfjax import models as mfjax_models
+  small = dict(width=32, depth=1, heads=2, mlp_hidden=64, patch_size=8, native_resolution=(32, 32))
+  mfjax_models.save(str(tmp_path / "deit8"), "deit_base_patch16", mfjax_models.init_params(
+      mfjax_models.create("deit_base_patch16", **small), jax.random.PRNGKey(0)), small)
+  paper = "configs/paper.py:model=deit_base_patch16,dataset=aptos2019,res=40"
+  build.check_names(load_config(paper, [f"--config.model.checkpoint={tmp_path / 'deit8'}"]))
+  with pytest.raises(ConfigError, match="data.resolution=40 is not a multiple of deit_base_patch16's patch size 16"):
+    build.check_names(load_config(paper, []))
   with pytest.raises(ConfigError, match=r"protocol.unfreeze_from=9 must be in 0..2"):
     build.foundation_spec(tiny(aptos, "progressive", "--config.protocol.unfreeze_from=9"))
   with pytest.raises(ConfigError, match=r"mesh.data=-1 x mesh.fsdp=3 does not divide the 1 device"):

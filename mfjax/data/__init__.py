@@ -169,7 +169,11 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
       raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
                       f"{manual_dir}: {changed}; pass overwrite=True to rebuild it")
     if not changed and not overwrite and "image_sizes" in built.metadata:  # builds before it: not checked
-      rows, _ = recipe.read(manual_dir, opts)
+      logging.disable(logging.WARNING)  # the source's warnings were given when it was built
+      try:
+        rows, _ = recipe.read(manual_dir, opts)
+      finally:
+        logging.disable(logging.NOTSET)
       if common.image_sizes(rows, manual_dir) != built.metadata["image_sizes"]:
         raise DataError(f"{name}: image files the source CSVs list in {manual_dir} were replaced, removed or added "
                         f"since {path} was built (their sizes differ); pass overwrite=True (`python -m mfjax.data "

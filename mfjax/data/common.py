@@ -261,8 +261,14 @@ def image_sizes(rows: list[Row], manual_dir: str) -> str:
   reused: an image replaced, removed or restored since (a corrupt one fixed, say) changes it. A
   replacement of the same byte size goes unseen (rebuild with overwrite=True)."""
   h = hashlib.sha256()
+  inside = os.path.join(manual_dir, "")
   for path in sorted({r.image for r in rows}):
-    h.update(f"{os.path.relpath(path, manual_dir)}\0{os.path.getsize(path) if os.path.isfile(path) else -1}\n".encode())
+    try:
+      size = os.stat(path).st_size
+    except OSError:
+      size = -1
+    name = os.path.relpath(path, manual_dir) if path.startswith(inside) else path  # manual_dir may move
+    h.update(f"{name}\0{size}\n".encode())
   return h.hexdigest()[:16]
 
 

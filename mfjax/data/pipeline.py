@@ -5,8 +5,8 @@ into global batches of `batch_size`, and each process takes the rows of every gl
 its devices hold (`sharding=`: `parallel.process_rows`, interleaved on a TPU pod), or process p
 of P rows [p * batch_size / P, (p + 1) * batch_size / P) (`shard_index`/`shard_count`, or
 neither). So every process reads only its own examples, and the global batch (see
-`global_batch`) is the same whatever the number of processes. Training drops the last partial global batch (as the paper's
-`drop_last=True`). Evaluation never drops: the last batch is padded with copies of record
+`global_batch`) is the same whatever the number of processes. Training drops the last partial
+global batch (as the paper's `drop_last=True`). Evaluation never drops: the last batch is padded with copies of record
 0 marked `valid=False`, so every example is scored exactly once (the paper's validation
 loader shuffled and dropped a random remainder; this one does not).
 
@@ -25,6 +25,7 @@ Batches are dicts of NumPy arrays:
 State. `iter(loader)` is a grain DatasetIterator; `get_state()` / `set_state()` resume
 mid-epoch exactly (also through `grain.checkpoint.CheckpointSave/Restore` in Orbax).
 """
+import signal
 import sys
 
 import absl.flags
@@ -190,9 +191,16 @@ def make_loader(dataset, split: str, *, batch_size: int, train: bool, resolution
   if worker_count > 0:
     if not absl.flags.FLAGS.is_parsed():
       absl.flags.FLAGS.mark_as_parsed()  # grain reads absl flags in its worker processes
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=prefetch))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch),
+                        worker_init_fn=_leave_ctrl_c_to_the_trainer)
   return ds
+
+
+def _leave_ctrl_c_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: a terminal's Ctrl-C reaches the whole process group; the trainer saves a
+  checkpoint and stops (parallel.Preemption), and its workers must serve it until then."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Rows:

@@ -204,14 +204,17 @@ def load(model_dir: str):
   params_dir = epath.Path(_model_path(model_dir)) / PARAMS_DIR
   with ocp.StandardCheckpointer() as ckptr:
     try:
-      stored = ckptr.metadata(params_dir).item_metadata
+      metadata = ckptr.metadata(params_dir)
+      stored = getattr(metadata, "item_metadata", metadata)  # an older orbax may give the tree itself
     except Exception as e:  # orbax's errors for a missing or damaged folder are long and vary by case
+      why = "check the path and access" if is_remote(model_dir) else "convert the checkpoint again"
       raise ConfigError(f"{params_dir} cannot be read as a converted model's parameters ({_first_line(e)}); "
-                        "convert the checkpoint again") from e
+                        f"{why}") from e
     _check_stored(stored, target, params_dir, meta)
     try:
       variables = ckptr.restore(params_dir, target)
     except Exception as e:
-      raise ConfigError(f"{params_dir}: its tensors cannot be read ({_first_line(e)}); a file is missing or "
-                        "damaged: convert the checkpoint again") from e
+      why = ("a network or permission error, or a file missing or damaged" if is_remote(model_dir) else
+             "a file is missing or damaged: convert the checkpoint again")
+      raise ConfigError(f"{params_dir}: its tensors cannot be read ({_first_line(e)}); {why}") from e
   return module, variables

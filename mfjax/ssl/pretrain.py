@@ -688,7 +688,7 @@ def run(config, workdir, progress: bool = True) -> dict:
       if preempted:
         log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
                     "SIGTERM", step)
-        return {"status": "preempted", "step": step}
+        return {"status": "preempted", "step": step, **parallel.interrupted_by(preemption)}
   finally:
     preemption.stop()
     if bar is not None:

@@ -72,13 +72,14 @@ def check_names(config) -> None:
     check_protocol_fields(config.protocol)
   uncertainty = config.data.get("uncertainty", "zeros")
   check_choice("data.uncertainty", uncertainty, UNCERTAINTY_POLICIES)
+  # Set for every cell of a sweep, these may reach cells that ignore them: said, not refused.
   if uncertainty != "zeros" and config.data.get("name", "chexpert") != "chexpert":
-    raise ConfigError(f"data.uncertainty={uncertainty!r} applies to CheXpert's uncertain labels only, not to "
-                      f"{config.data.name}")
+    log.warning("data.uncertainty=%r applies to CheXpert's uncertain labels only: ignored on %s", uncertainty,
+                config.data.name)
   if "protocol" in config and config.get("head", {}).get("checkpoint") and protocols.head_of(
       config.protocol.name, config.protocol.get("head")) != "deit":
-    raise ConfigError(f"head.checkpoint is for the stacked DeiT-B head; protocol {config.protocol.name} trains a "
-                      "linear head")
+    log.warning("head.checkpoint is for the stacked DeiT-B head: ignored by protocol %s, which trains a linear head",
+                config.protocol.name)
   check_choice("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16", "float16"))
   for field in ("epochs", "batch_size"):
     if field in config and not (isinstance(config[field], int) and config[field] >= 1):
@@ -94,7 +95,11 @@ def check_names(config) -> None:
   if resolution is not None:
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
       raise ConfigError(f"data.resolution={resolution!r} must be an int >= 1 (pixels)")
-    patch = getattr(models.create(config.model.name, **overrides), "patch_size", None)
+    try:  # the model as the run builds it: its checkpoint's model.json may set another patch size
+      name, stored = _foundation_spec_as_stored(config)
+    except OSError:  # a checkpoint not there yet (`sweep --list` before converting): its name's default
+      name, stored = config.model.name, overrides
+    patch = getattr(models.create(name, **stored), "patch_size", None)
     if patch and resolution % patch:
       raise ConfigError(f"data.resolution={resolution} is not a multiple of {config.model.name}'s patch size {patch}")
 

@@ -640,7 +640,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
       if preempted:
         log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
                     "SIGTERM", step)
-        return {"status": "preempted", "step": step}
+        return {"status": "preempted", "step": step, **parallel.interrupted_by(preemption)}
     if pending is not None:
       _check_and_log(pending, writer, config, bar, force=True)
   except NonFiniteError as e:

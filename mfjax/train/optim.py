@@ -23,7 +23,8 @@ OPTIM_RANGES = {
     "weight_decay": (0, True, math.inf, False), "final_weight_decay": (0, True, math.inf, False),
     "clip_norm": (0, True, math.inf, False),   # 0: no clipping
     "b1": (0, True, 1, False), "b2": (0, True, 1, False), "eps": (0, False, math.inf, False),
-    "plateau_factor": (0, False, 1, False), "poly_exponent": (0, False, math.inf, False),
+    "plateau_factor": (0, False, 1, True),  # 1: the learning rate never drops
+    "poly_exponent": (0, False, math.inf, False),
     "layer_decay": (0, False, 1, True), "patch_embed_lr_mult": (0, True, math.inf, False),
     "warmup_epochs": (0, True, math.inf, False), "warmup_steps": (0, True, math.inf, False),
 }

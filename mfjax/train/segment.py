@@ -309,7 +309,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       if preempted:
         log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
                     "SIGTERM", step)
-        return {"status": "preempted", "step": step}
+        return {"status": "preempted", "step": step, **parallel.interrupted_by(preemption)}
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
     preemption.stop()

@@ -129,8 +129,8 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
     log.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
     result = fit.train(config, run.workdir, progress=progress, record_divergence=True)
     if result.get("status") == "preempted":
-      log.warning("sweep stopped by SIGTERM; run it again to resume")
-      return {"status": "preempted"}
+      log.warning("sweep stopped by %s; run it again to resume", result.get("signal", "SIGTERM"))
+      return {"status": "preempted", **{k: v for k, v in result.items() if k == "signal"}}
   return select(runs)
 
 
