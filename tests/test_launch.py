@@ -282,14 +282,22 @@ def test_tpu_worker_scripts_run_and_stop(tmp_path):
       if [ "$1 $2" = "-m launch.tpu_worker_env" ]; then
         echo "export MFJAX_COORDINATOR=10.0.0.2:8482 MFJAX_PROCESS_ID=0"; exit 0
       fi
-      echo "argv: $*"; echo "env: $MFJAX_COORDINATOR $MFJAX_PROCESS_ID A=$A"
       trap 'echo "saving a checkpoint"; exit 0' TERM
+      echo "argv: $*"; echo "env: $MFJAX_COORDINATOR $MFJAX_PROCESS_ID A=$A"
       while [ ! -f {tmp_path}/release ]; do sleep 0.05; done
       exit "$(cat {tmp_path}/release)"
       """)
   env = {"HOME": str(home), "PATH": os.environ["PATH"]}
   bash = lambda cmd, **kw: subprocess.run(["bash", "-c", script_of(cmd)], env=env, capture_output=True, text=True,
                                           timeout=60, **kw)
+
+  def started(attempt):  # its pid recorded and its SIGTERM trap set (a loaded machine is slow to get there)
+    deadline = time.time() + 30
+    pid, log = home / "mfjax_run" / "pid", home / "mfjax_run" / f"attempt-{attempt}.log"
+    while not (pid.exists() and pid.read_text().strip() and log.exists() and "argv:" in log.read_text()):
+      assert time.time() < deadline, f"attempt {attempt} did not start"
+      time.sleep(0.05)
+
   assert bash(t.start(1)).returncode == 0  # returns at once: the run is detached
   stream = subprocess.Popen(["bash", "-c", script_of(t.stream(1))], env=env, stdout=subprocess.PIPE, text=True)
   time.sleep(0.5)
@@ -301,19 +309,17 @@ def test_tpu_worker_scripts_run_and_stop(tmp_path):
   (tmp_path / "release").unlink()
   assert bash(t.start(2)).returncode == 0
   assert (home / "mfjax_run" / "attempt-2.log").exists() and not (home / "mfjax_run" / "exit_code").exists()
-  time.sleep(0.5)
+  started(2)
   assert bash(t.stop()).returncode == 0
   done = bash(t.stream(2))
   assert done.returncode == 0 and "saving a checkpoint" in done.stdout
   # An attempt still running when the next starts (its worker 0 ended first) saves and exits first.
   assert bash(t.start(3)).returncode == 0
-  deadline = time.time() + 30
-  while not ((home / "mfjax_run" / "pid").exists() and "argv:" in (home / "mfjax_run" / "attempt-3.log").read_text()):
-    assert time.time() < deadline, "attempt 3 did not start"
-    time.sleep(0.05)
+  started(3)
   assert bash(t.start(4)).returncode == 0
   assert "saving a checkpoint" in (home / "mfjax_run" / "attempt-3.log").read_text()
   # A pid file naming a process that is not mfjax (reused after a VM restart) is not waited for.
+  started(4)
   assert bash(t.stop()).returncode == 0 and bash(t.stream(4)).returncode == 0
   (home / "mfjax_run" / "pid").write_text(str(os.getpid()))
   (home / "mfjax_run" / "exit_code").unlink()
