@@ -93,7 +93,8 @@ def main(argv=None):
         return metrics
 
       info[name]["loss_after_2_steps"] = [float(step()["loss"]) for _ in range(2)][-1]
-      calls[name] = common.warm_up(step, 0, args.min_seconds)
+      common.progress(f"{name}: compiled in {info[name]['compile_seconds']:.1f} s")
+      calls[name] = common.warm_up(step, 0, args.min_seconds, name)
       fns[name] = step
     except Exception as e:  # noqa: BLE001 - reported in the variant's row
       errors[name] = common.error_text(e)
@@ -111,7 +112,7 @@ def main(argv=None):
     labels = torch.randint(0, 5, (args.batch,), device=device)
     fns["torch_eager"], _ = torch_reference.train_step(model, images, labels, device,
                                                        bf16=args.torch_dtype == "bfloat16")
-    calls["torch_eager"] = common.warm_up(fns["torch_eager"], 2, args.min_seconds)
+    calls["torch_eager"] = common.warm_up(fns["torch_eager"], 2, args.min_seconds, "torch_eager")
 
   times = common.interleave(fns, args.rounds, calls, errors=errors) if fns else {}
   median = {k: common.summary(v)["median_s"] for k, v in times.items()}

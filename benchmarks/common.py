@@ -187,14 +187,22 @@ def interleave(fns: dict[str, Callable[[], None]], rounds: int, calls: dict[str,
   return times
 
 
-def warm_up(fn: Callable[[], None], steps: int, min_seconds: float) -> int:
+def warm_up(fn: Callable[[], None], steps: int, min_seconds: float, name: str = "") -> int:
   """Run `fn` `steps` times untimed (at least once); return how many calls make one timing of at
-  least `min_seconds`, judged from the last warm-up call (1 for slow steps)."""
+  least `min_seconds`, judged from the last warm-up call (1 for slow steps). With `name`, the last
+  call's time goes to stderr at once: a run stopped at its time limit (the GPU suite's caps)
+  still leaves each side's step time in its log."""
   for _ in range(max(steps, 1)):
     start = time.perf_counter()
     fn()
     once = time.perf_counter() - start
+  if name:
+    progress(f"{name}: one call {once:.4f} s after warm-up")
   return max(1, int(np.ceil(min_seconds / max(once, 1e-6))))
+
+
+def progress(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 def summary(seconds: list[float]) -> dict:

@@ -76,12 +76,13 @@ def main(argv=None):
   lowered = train_step.lower(state, batch, scale)
   compiled = lowered.compile()
   jax_compile_s = time.perf_counter() - t0
+  common.progress(f"jax: compiled in {jax_compile_s:.1f} s")
   step_flops, plan = common.cost_flops(compiled, lowered), common.jax_memory(compiled)
   flops_exact = not common.has_loop(compiled)
   # Counted on the step as compiled (as lowered on a GPU or TPU): with remat, its recomputation is included
   # (see BENCHMARKS.md).
   jax_step = common.jax_stepper(compiled, state, batch, scale)
-  calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds)}
+  calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds, "jax")}
   jax_mem = common.jax_peak_memory()
 
   device = common.torch_device()
@@ -103,7 +104,7 @@ def main(argv=None):
                                              optimizer=torch_reference.segment_optimizer(model))
         if variant == "eager":
           torch_flops = torch_reference.count_flops(step)
-        calls[name] = common.warm_up(step, args.warmup, args.min_seconds)
+        calls[name] = common.warm_up(step, args.warmup, args.min_seconds, name)
         fns[name] = step
         if device == "cuda" and torch_mem is None:  # the first variant's own peak: each holds its optimizer state
           torch_mem = torch.cuda.max_memory_allocated()

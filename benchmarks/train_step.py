@@ -159,12 +159,13 @@ def main(argv=None):
   t0 = time.perf_counter()
   compiled = run.train_step.lower(state, batch, lr).compile()
   jax_compile_s = time.perf_counter() - t0
+  common.progress(f"jax: compiled in {jax_compile_s:.1f} s")
   abstract_state = fit.abstract_of(state)  # the state itself is donated to the steps
   jax_plan = common.jax_memory(compiled)
   sizes = jax_side.state_bytes(state)
 
   jax_step = common.jax_stepper(compiled, state, batch, lr)
-  calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds)}
+  calls = {"jax": common.warm_up(jax_step, args.warmup, args.min_seconds, "jax")}
   jax_mem = common.jax_peak_memory()
 
   import torch
@@ -190,8 +191,9 @@ def main(argv=None):
         else:
           step()
         first = time.perf_counter() - t0
+        common.progress(f"{name}: first step (with any compile) {first:.1f} s")
         t0 = time.perf_counter()
-        calls[name] = common.warm_up(step, max(args.warmup - 1, 1), args.min_seconds)
+        calls[name] = common.warm_up(step, max(args.warmup - 1, 1), args.min_seconds, name)
         if device == "cuda" and torch_mem is None:  # the first variant's own peak: each holds its optimizer state
           torch_mem = torch.cuda.max_memory_allocated()
         if variant == "compile":
