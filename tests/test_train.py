@@ -422,6 +422,17 @@ def test_knn_and_cka_studies_end_to_end(aptos, tmp_path, caplog):
   with pytest.raises(ConfigError, match="cached features"):
     studies.cka_run(str(tmp_path / "run"))
 
+  # `mfjax cka --workdir` (Figs. 7 and A.1): each block before vs after fine-tuning, the stacked head's too.
+  tuned = tiny(aptos, "unfrozen_deit", "--config.optim.lr=0.01", arg=",epochs=1")
+  fit.train(tuned, str(tmp_path / "tuned"), progress=False)
+  paths = studies.cka_run(str(tmp_path / "tuned"))
+  assert sorted(os.path.basename(p) for p in paths) == ["cka_layers.json", "cka_stacked.json"]
+  for path in paths:
+    matrix = np.asarray(json.loads(open(path).read())["matrix"])
+    assert matrix.shape[0] == matrix.shape[1] >= 2 and np.all(matrix >= -1e-6) and np.all(matrix <= 1 + 1e-5)
+    # the fine-tuned blocks moved: "after" is not "before" again (their CKA would be 1 exactly)
+    assert np.diag(matrix).min() < 1 - 1e-6, path
+
 
 def test_paper_config_details(caplog):
   # SEEM's D2FocalNet trains with drop-path 0.3 in the paper's code; the other foundations with none.
