@@ -41,6 +41,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOPPED_BY_CTRL_C = 130  # the shell's status for a command ended by SIGINT: a `&&` chain or a loop stops too
 
 
+def stopped_status(result: dict) -> int:
+  """The exit status of a run that saved and stopped (`Preemption.stopped`): 130 after Ctrl-C, 0 after SIGTERM."""
+  return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
+
+
 def resolve_config_file(path: str) -> str:
   """A config file relative to the working directory, else to the mfjax checkout (configs/...)."""
   if os.path.isfile(path):
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
       config = load_config(args.config, rest)
       result = fit.train(config, args.workdir, progress=not args.no_progress)
       if result.get("status") == "preempted":
-        return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
+        return stopped_status(result)
       print(json.dumps({"best_epoch": result["best_epoch"], "val": result["val"]["headline"],
                         "test": result["test"]["headline"], "metric": result["headline_metric"]}))
     elif args.command == "sweep":
@@ -238,8 +243,8 @@ def main(argv=None) -> int:
         return 0
       selections = sweep.select(runs) if args.select_only else sweep.run_all(
           spec, args.runs_dir, rest, progress=not args.no_progress)
-      if selections.get("signal") == "SIGINT":
-        return STOPPED_BY_CTRL_C
+      if selections.get("signal") == "SIGINT":  # after SIGTERM the stop is printed, and the status is 0
+        return stopped_status(selections)
       print(json.dumps(selections, indent=2, default=float))
     elif args.command == "knn":
       from mfjax.evals import studies
@@ -344,7 +349,7 @@ def main(argv=None) -> int:
       config = load_config(args.config, _config_overrides(parser, rest))
       result = segment.train(config, args.workdir[0], progress=not args.no_progress)
       if result.get("status") == "preempted":
-        return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
+        return stopped_status(result)
       val = result.get("val", {})
       print(json.dumps({"mean_dice": val.get("mean_dice"), "dice": val.get("dice")}))
     elif args.command == "pretrain":
@@ -352,7 +357,7 @@ def main(argv=None) -> int:
       config = load_config(args.config, _config_overrides(parser, rest))
       result = pretrain.run(config, args.workdir, progress=not args.no_progress)
       if result.get("status") == "preempted":
-        return STOPPED_BY_CTRL_C if result.get("signal") == "SIGINT" else 0
+        return stopped_status(result)
       print(json.dumps({"backbone": result["backbone"], "steps": result["steps"]}))
     elif args.command == "report":
       if rest:

@@ -6,6 +6,7 @@ state follow regex rules from the config (first match wins):
   fsdp        split the largest dimension divisible by the 'fsdp' axis size, when the tensor is
               at least `min_fsdp_bytes` (smaller ones stay replicated).
 """
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mfjax.config import ConfigError
 
 BATCH = ("data", "fsdp")
+log = logging.getLogger("mfjax")
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -134,11 +136,6 @@ def process_rows(sharding, batch_size: int) -> np.ndarray:
   return np.concatenate([np.arange(start, stop) for start, stop in spans])
 
 
-def interrupted_by(preemption: "Preemption") -> dict:
-  """{"signal": "SIGINT"} for a run stopped by Ctrl-C, else {}: what a stopped run's result adds."""
-  return {"signal": "SIGINT"} if preemption.interrupted() else {}
-
-
 def put_global(tree, sharding):
   """Host values that every process holds in full (the same on each) as global jax.Arrays with
   `sharding` (one for every leaf): each process supplies the pieces of its own devices."""
@@ -192,10 +189,13 @@ class Preemption:
     self.signal_name = self.signal_name or signal.Signals(signum).name
     self.received = True
 
-  def interrupted(self) -> bool:
-    """Whether the stop was asked for by Ctrl-C (the command then exits 130, so a shell's `&&` or loop stops
-    too), not by SIGTERM (a preemption: 0, so a launcher resumes it)."""
-    return self.signal_name == "SIGINT"
+  def stopped(self, step: int) -> dict:
+    """What a training loop returns once it has saved `step` and stops: {"status": "preempted", "step"},
+    with "signal": "SIGINT" when Ctrl-C asked for it (the command then exits 130, so a shell's `&&` or
+    loop stops too; after SIGTERM, a preemption, it exits 0 and a launcher resumes it)."""
+    log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", self.signal_name or "SIGTERM",
+                step)
+    return {"status": "preempted", "step": step, **({"signal": "SIGINT"} if self.signal_name == "SIGINT" else {})}
 
   def due(self, step: int) -> bool:
     """Whether to save and stop after `step`: the same answer on every process."""

@@ -6,9 +6,9 @@ its devices hold (`sharding=`: `parallel.process_rows`, interleaved on a TPU pod
 of P rows [p * batch_size / P, (p + 1) * batch_size / P) (`shard_index`/`shard_count`, or
 neither). So every process reads only its own examples, and the global batch (see
 `global_batch`) is the same whatever the number of processes. Training drops the last partial
-global batch (as the paper's `drop_last=True`). Evaluation never drops: the last batch is padded with copies of record
-0 marked `valid=False`, so every example is scored exactly once (the paper's validation
-loader shuffled and dropped a random remainder; this one does not).
+global batch (as the paper's `drop_last=True`). Evaluation never drops: the last batch is padded
+with copies of record 0 marked `valid=False`, so every example is scored exactly once (the
+paper's validation loader shuffled and dropped a random remainder; this one does not).
 
 Augmentation. The random train transforms of an example draw from a generator seeded by
 (seed, epoch, record index): deterministic, and independent of sharding, worker count and

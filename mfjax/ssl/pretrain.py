@@ -686,9 +686,7 @@ def run(config, workdir, progress: bool = True) -> dict:
         writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         ckpts.save_latest(step, state, host)
       if preempted:
-        log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
-                    "SIGTERM", step)
-        return {"status": "preempted", "step": step, **parallel.interrupted_by(preemption)}
+        return preemption.stopped(step)
   finally:
     preemption.stop()
     if bar is not None:

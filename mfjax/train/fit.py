@@ -638,9 +638,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
         ckpts.save_latest(step, state, host_state(step // steps_per_epoch))
         ckpts.keep_best_only(host["best_step"])
       if preempted:
-        log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
-                    "SIGTERM", step)
-        return {"status": "preempted", "step": step, **parallel.interrupted_by(preemption)}
+        return preemption.stopped(step)
     if pending is not None:
       _check_and_log(pending, writer, config, bar, force=True)
   except NonFiniteError as e:

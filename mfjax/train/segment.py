@@ -307,9 +307,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         writer.flush()  # first: a resume truncates lines past its checkpoint, but cannot restore missing ones
         save(step)
       if preempted:
-        log.warning("%s: saved the checkpoint at step %d; exiting so the run can resume", preemption.signal_name or
-                    "SIGTERM", step)
-        return {"status": "preempted", "step": step, **parallel.interrupted_by(preemption)}
+        return preemption.stopped(step)
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
     preemption.stop()

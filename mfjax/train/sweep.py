@@ -130,7 +130,7 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
     result = fit.train(config, run.workdir, progress=progress, record_divergence=True)
     if result.get("status") == "preempted":
       log.warning("sweep stopped by %s; run it again to resume", result.get("signal", "SIGTERM"))
-      return {"status": "preempted", **{k: v for k, v in result.items() if k == "signal"}}
+      return {k: v for k, v in result.items() if k != "step"}
   return select(runs)
 
 
