@@ -106,9 +106,11 @@ def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: commo
 
   def forward(signum, frame):
     received.append(signum)
+    if len(received) > 1:  # a second SIGTERM or Ctrl-C: stop at once (a run that hangs cannot save anyway)
+      runner.note(f"{signal.Signals(signum).name} again: killing the processes without a checkpoint")
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signal.SIGTERM)  # mfjax saves a checkpoint and exits 0
+        p.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)  # SIGTERM: mfjax saves, exits 0
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
@@ -192,7 +194,7 @@ def local(args, runner: common.Runner) -> int:
               f" and `{common.shell_line([args.python, '-m', 'mfjax.cli', *listing])}` lists no run" if listing else "")
       runner.note(f"finished when every process exits 0{rule}; otherwise started again up to "
                   f"--max-restarts={args.max_restarts} times. SIGTERM or Ctrl-C to this launcher is passed on as "
-                  "SIGTERM: the run saves a checkpoint and stops")
+                  "SIGTERM: the run saves a checkpoint and stops; a second one kills the processes")
       return 0
     rc, received = run_processes(argv, envs, log_dir, runner)
     if received is not None:

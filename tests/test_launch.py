@@ -690,6 +690,34 @@ def test_gpu_local_passes_sigterm_on(guard, tmp_path):
   assert "stopped by SIGTERM; the same command resumes" in out
 
 
+def test_gpu_local_second_signal_kills_a_run_that_hangs(guard, tmp_path):
+  """A run that does not stop on SIGTERM (hung in a collective) is killed by a second SIGTERM or
+  Ctrl-C to the launcher, which then exits with the processes' status."""
+  fake = write_script(tmp_path / "fake_python", f"""
+      #!/usr/bin/env bash
+      trap 'touch {tmp_path}/term_$MFJAX_PROCESS_ID' TERM
+      touch {tmp_path}/up_$MFJAX_PROCESS_ID
+      while true; do sleep 0.05; done
+      """)
+  proc = subprocess.Popen([sys.executable, "-m", "launch.gpu", "local", "--python", fake, "--processes", "2", "--",
+                           "train", "--workdir", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+  def wait_for(*names):
+    deadline = time.time() + 60
+    while not all((tmp_path / name).exists() for name in names):
+      assert time.time() < deadline and proc.poll() is None
+      time.sleep(0.05)
+
+  wait_for("up_0", "up_1")
+  proc.send_signal(signal.SIGINT)
+  wait_for("term_0", "term_1")  # passed on as SIGTERM, which the run takes but does not act on
+  assert proc.poll() is None
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 128 + signal.SIGKILL, out
+  assert "SIGINT again: killing the processes without a checkpoint" in out
+
+
 # ------------------------------------------------------------------------------- GPU: SLURM
 
 

@@ -1,12 +1,15 @@
 """Launchers end to end on this machine's CPU: `launch/gpu.sh local --processes 2` trains the tiny
 config as one two-process JAX job, and the SLURM job script's tasks join one JAX job through
 JAX's SLURM detection (srun replaced by a stand-in that starts the tasks here with SLURM's variables)."""
+import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 from mfjax import data as mdata
 from mfjax.data import synthetic
@@ -21,16 +24,33 @@ def free_port():
     return s.getsockname()[1]
 
 
+def launch_local(workdir, *command, timeout=300):
+  """`launch/gpu.sh local --processes 2 -- COMMAND`, run to its end. One that runs past `timeout`
+  (a job hung in a collective) is stopped as a user would stop it, SIGTERM twice, so that no
+  process is left behind, and the test fails with the output and process 1's log."""
+  argv = [os.path.join(ROOT, "launch", "gpu.sh"), "local", "--processes", "2", "--python", sys.executable, "--",
+          *command]
+  proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    logs = "".join(open(f).read()[-3000:] for f in glob.glob(os.path.join(workdir, "logs", "process_*.log")))
+    raise AssertionError(f"ran past {timeout} s: {' '.join(command)}\n{out[-3000:]}{err[-3000:]}\n{logs}")
+  return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def test_gpu_launcher_trains_with_two_local_processes(tmp_path):
   manual = synthetic.aptos2019(str(tmp_path / "download"), num_images=60, size=48)
   mdata.build("aptos2019", manual, str(tmp_path / "data"))  # built once: the processes share it
   workdir = tmp_path / "run"
-  out = subprocess.run(
-      [os.path.join(ROOT, "launch", "gpu.sh"), "local", "--processes", "2", "--python", sys.executable, "--",
-       "train", "--no-progress", "--workdir", str(workdir),
-       "--config", "configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=frozen_linear,epochs=1",
-       f"--config.data.manual_dir={manual}", f"--config.data.data_dir={tmp_path / 'data'}"],
-      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  out = launch_local(
+      workdir, "train", "--no-progress", "--workdir", str(workdir),
+      "--config", "configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=frozen_linear,epochs=1",
+      f"--config.data.manual_dir={manual}", f"--config.data.data_dir={tmp_path / 'data'}")
   process_1 = workdir / "logs" / "process_1.log"
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + (
       process_1.read_text()[-3000:] if process_1.exists() else "")
@@ -113,9 +133,7 @@ def test_segment_and_pretrain_run_as_two_process_jobs(tmp_path):
 
   raw = synthetic.nnunet_ct(str(tmp_path / "raw"), num_cases=5)
   spec = f"configs/segment.py:raw={raw},tiny=true,epochs=1,iters=6"
-  launch = lambda *command: subprocess.run(
-      [os.path.join(ROOT, "launch", "gpu.sh"), "local", "--processes", "2", "--python", sys.executable, "--",
-       *command], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  launch = lambda *command: launch_local(command[command.index("--workdir") + 1], *command)
 
   def final_params(workdir):
     model = segment.build_segmenter(segment_config.get_config(spec.split(":", 1)[1]), 3)
@@ -147,7 +165,7 @@ def test_segment_and_pretrain_run_as_two_process_jobs(tmp_path):
   result = json.loads((tmp_path / "pretrain" / "result.json").read_text())
   assert result["devices"] == 2 and (tmp_path / "pretrain" / "backbone" / "model.json").exists()
   # Stage 2 as a two-process job: both processes restore the first run's teacher, the Gram teacher
-  # is refreshed, and process 0 alone writes the intermediate export.
+  # is refreshed, and both join the intermediate export (process 0 writes it) between checkpoints.
   out = launch("pretrain", "--no-progress", "--config", "configs/pretrain.py:tiny=true",
                f"--config.data.folders={folder}", f"--config.model.init_from_run={tmp_path / 'pretrain'}",
                "--config.gram.weight=1.0", f"--config.gram.checkpoint={tmp_path / 'pretrain' / 'backbone'}",

@@ -96,27 +96,35 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
   A local model is first written to a sibling temporary folder that is renamed at the end, so an
   interrupted or failed save leaves no partial model behind. Object stores have no folder rename:
   there `model.json` is written last, so a folder without it is not a model (`read_model_json`).
+
+  In a multi-process job every process calls `save` with the same arguments, at the same point:
+  orbax numbers its saves with a per-process counter that keys its cross-process signals, so a save
+  made by one process alone would leave the counters out of step and the job's next checkpoint
+  waiting for a signal that never comes. Process 0 writes; `variables` must be the same on each.
   """
   import orbax.checkpoint as ocp
   from etils import epath
   family_of(name)
   meta = {"name": name, "overrides": overrides or {}, "provenance": provenance or {}}
   host = jax.tree_util.tree_map(np.asarray, variables)
-  # This process alone writes (in a multi-process job, the others must not be waited for).
-  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
 
   def write(folder: str) -> None:
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+    with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(epath.Path(folder) / PARAMS_DIR, host)
-    (epath.Path(folder) / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if jax.process_index() == 0:
+      (epath.Path(folder) / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-  if is_remote(out_dir):
-    out = epath.Path(str(out_dir))
+  if is_remote(out_dir) or jax.process_count() > 1:
+    # No per-process temporary folder (each process would name its own): orbax writes the params
+    # folder atomically, and model.json comes last.
+    out = epath.Path(out_dir if is_remote(out_dir) else os.path.abspath(os.path.expanduser(str(out_dir))))
     if (out / MODEL_JSON).exists():
       raise FileExistsError(f"{out_dir} holds a model already; choose a new --out folder")
-    if (out / PARAMS_DIR).exists():  # a save killed before its model.json: not a model, written again
+    if (out / PARAMS_DIR).exists() and jax.process_index() == 0:  # a save killed before its model.json
       (out / PARAMS_DIR).rmtree()
+    _sync_processes(f"mfjax models.save {out}: ready")
     write(str(out))
+    _sync_processes(f"mfjax models.save {out}: written")
     return str(out_dir)
   out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
   if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -133,6 +141,12 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return out_dir
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _model_path(model_dir) -> str:

@@ -709,9 +709,9 @@ def run(config, workdir, progress: bool = True) -> dict:
 
 
 def export_backbone(config, state, out_dir: epath.Path, workdir, step: int) -> None:
-  """The EMA teacher's backbone as a converted model at `out_dir`, written by process 0; an export
-  that exists already (a resumed run passing the same step) is the same and is kept."""
-  if jax.process_index() != 0 or (out_dir / models.MODEL_JSON).exists():
+  """The EMA teacher's backbone as a converted model at `out_dir`; an export that exists already (a
+  resumed run passing the same step) is the same and is kept. Every process calls it (models.save)."""
+  if (out_dir / models.MODEL_JSON).exists():
     return
   name, overrides = architecture(config)
   backbone = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), state["teacher"]["backbone"])
