@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mfjax.config import ConfigError
+from mfjax.config import ConfigError, RunStopped
 
 BATCH = ("data", "fsdp")
 log = logging.getLogger("mfjax")
@@ -143,6 +143,38 @@ def put_global(tree, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.tree_util.tree_map(one, tree)
+
+
+def on_process_zero(what: str, fn, *args, **kwargs):
+  """`fn(*args, **kwargs)` run by process 0 alone, between two points every process passes together:
+  none is still reading what process 0 changes, and a failure there stops every process (process 0
+  raises its error, the others RunStopped naming `what`) instead of leaving them waiting in the
+  next collective. Returns fn's result on process 0, None on the others."""
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(f"mfjax: before process 0 {what}")
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - a Ctrl-C too: the others must not wait for it
+      error = e
+  failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+  if error is not None:
+    raise error
+  if failed:
+    raise RunStopped(f"process 0 could not {what} (its output says why); this process stops too")
+  return result
+
+
+def same_on_every_process(value: int) -> int:
+  """Process 0's `value` (an integer each process found on its own, e.g. the newest step in a
+  folder another job may be writing), so that every process goes on with the same one."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 class Preemption:

@@ -204,6 +204,17 @@ def test_feature_cache_processes_take_the_same_branch(tmp_path, monkeypatch):
   assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_feature_cache_that_cannot_store_warns_and_goes_on(tmp_path, caplog):
+  """A full disk (here: the cache root is a file) loses the entry, not the run: every process goes
+  on with the features it computed, none waits for another that stopped."""
+  (tmp_path / "cache").write_text("")
+  cache = knn.FeatureCache(str(tmp_path / "cache"))
+  with caplog.at_level("WARNING", logger="mfjax"):
+    out = cache.get_or_compute({"model": "m"}, lambda: {"x": np.arange(3.0)})
+  np.testing.assert_array_equal(out["x"], np.arange(3.0))
+  assert f"feature cache {tmp_path / 'cache'}: cannot store this entry" in caplog.text
+
+
 def test_fingerprint_changes_with_the_checkpoint(tmp_path):
   folder = tmp_path / "ckpt"
   (folder / "params").mkdir(parents=True)

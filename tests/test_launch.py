@@ -708,12 +708,16 @@ def test_gpu_local_second_signal_kills_a_run_that_hangs(guard, tmp_path):
       assert time.time() < deadline and proc.poll() is None
       time.sleep(0.05)
 
-  wait_for("up_0", "up_1")
-  proc.send_signal(signal.SIGINT)
-  wait_for("term_0", "term_1")  # passed on as SIGTERM, which the run takes but does not act on
-  assert proc.poll() is None
-  proc.send_signal(signal.SIGINT)
-  out, _ = proc.communicate(timeout=30)
+  try:
+    wait_for("up_0", "up_1")
+    proc.send_signal(signal.SIGINT)
+    wait_for("term_0", "term_1")  # passed on as SIGTERM, which the run takes but does not act on
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+  finally:  # a launcher that failed to kill them leaves no process behind
+    subprocess.run(["pkill", "-9", "-f", str(fake)])
+    proc.kill()
   assert proc.returncode == 128 + signal.SIGKILL, out
   assert "SIGINT again: killing the processes without a checkpoint" in out
 

@@ -16,6 +16,7 @@ resolution, transform) so that a k sweep or a second evaluation does not run the
 """
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from typing import Callable, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from mfjax.config import RunStopped
 from mfjax.evals import metrics as metrics_lib
 
+log = logging.getLogger("mfjax")
 K = 200
 TEMPERATURE = 0.1
 # Elements of one (query chunk x bank) similarity block: 2**26 float32 = 256 MiB.
@@ -288,11 +290,12 @@ class FeatureCache:
       raise
 
   def get_or_compute(self, key: dict, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
-    """The cached arrays for `key`, or compute_fn()'s (stored first, then returned as stored).
+    """The cached arrays for `key`, or compute_fn()'s (stored, then returned as computed).
 
     In a multi-process job compute_fn runs collectives, so every process must take the same
     branch: all compute when the entry is missing from any process's cache (a host-local cache
-    on a replaced host), and an unreadable entry on any process stops all of them."""
+    on a replaced host), and an unreadable entry on any process stops all of them. An entry that
+    cannot be stored (a full disk) is a warning: the run goes on with the arrays it computed."""
     try:
       cached, problem = self.get(key), None
     except CacheError as e:
@@ -305,8 +308,12 @@ class FeatureCache:
                        f"{np.flatnonzero(codes == 2).tolist()}: see their error")
     if (codes == 0).all():
       return cached
-    self.put(key, compute_fn())
-    return self.get(key)
+    arrays = compute_fn()
+    try:
+      self.put(key, arrays)
+    except OSError as e:
+      log.warning("feature cache %s: cannot store this entry (%s); going on without it", self.root, e)
+    return {str(name): np.asarray(value) for name, value in arrays.items()}
 
 
 def process_codes(code: int) -> np.ndarray:

@@ -207,8 +207,7 @@ def cka_run(workdir: str, split: str = "test", max_examples: int | None = None) 
                               col_axis=col_label, num_examples=acc.num_examples,
                               title=f"CKA, {name} on {run.spec.name} ({config.protocol.name})")
     path = fit.workdir_path(workdir) / f"cka_{kind}.json"
-    if jax.process_index() == 0:
-      path.write_text(json.dumps(out, indent=2, default=float))
+    parallel.on_process_zero(f"write {path}", path.write_text, json.dumps(out, indent=2, default=float))
     written.append(str(path))
   return written
 
@@ -242,7 +241,9 @@ def cka_foundations(configs: list, out_dir: str, split: str = "test", max_exampl
   out = cka_lib.result_json("foundations", names, names, acc.result(), dataset=dataset.spec.name, split=split,
                             num_examples=acc.num_examples, title=f"CKA of the last block, {dataset.spec.name}")
   path = epath.Path(out_dir) / "cka_foundations.json"
-  if jax.process_index() == 0:
+
+  def write():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=float))
+  parallel.on_process_zero(f"write {path}", write)
   return str(path)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfjax import parallel
 from mfjax.config import ConfigError
 
 FAMILIES = ("vit", "sam", "dinov3", "focalnet", "resnet")
@@ -111,8 +112,8 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
   def write(folder: str) -> None:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(epath.Path(folder) / PARAMS_DIR, host)
-    if jax.process_index() == 0:
-      (epath.Path(folder) / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    parallel.on_process_zero(f"write {MODEL_JSON}", (epath.Path(folder) / MODEL_JSON).write_text,
+                             json.dumps(meta, indent=2, sort_keys=True))
 
   if is_remote(out_dir) or jax.process_count() > 1:
     # No per-process temporary folder (each process would name its own): orbax writes the params
@@ -120,11 +121,9 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
     out = epath.Path(out_dir if is_remote(out_dir) else os.path.abspath(os.path.expanduser(str(out_dir))))
     if (out / MODEL_JSON).exists():
       raise FileExistsError(f"{out_dir} holds a model already; choose a new --out folder")
-    if (out / PARAMS_DIR).exists() and jax.process_index() == 0:  # a save killed before its model.json
-      (out / PARAMS_DIR).rmtree()
-    _sync_processes(f"mfjax models.save {out}: ready")
+    if (out / PARAMS_DIR).exists():  # a save killed before its model.json: not a model, written again
+      parallel.on_process_zero(f"remove the unfinished save {out / PARAMS_DIR}", (out / PARAMS_DIR).rmtree)
     write(str(out))
-    _sync_processes(f"mfjax models.save {out}: written")
     return str(out_dir)
   out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
   if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -141,12 +140,6 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return out_dir
-
-
-def _sync_processes(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def _model_path(model_dir) -> str:

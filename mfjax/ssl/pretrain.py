@@ -60,7 +60,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from jax.experimental import multihost_utils
 
 from mfjax import models, parallel
 from mfjax.config import ConfigError
@@ -122,7 +121,8 @@ class SlicePool:
   that entered the pool since the previous one, and any step can be reproduced on its own.
   A volume whose header passed `check_volumes` but whose voxels cannot be read (a truncated
   download) is left out of every pool it enters, with a warning, and listed in `unreadable`: the
-  run goes on, and a resume with the same files leaves it out at the same steps.
+  run goes on, and a resume with the same files leaves it out at the same steps. In a multi-process
+  job each process draws the same slices; a volume one of them cannot read is left out by all.
   """
 
   def __init__(self, paths: list[str], seed: int, size: int, new_per_step: int):
@@ -143,6 +143,17 @@ class SlicePool:
                   "unreadable_volumes)", e)
       return None
 
+  def _agree(self, ids: list[int]) -> None:
+    from jax.experimental import multihost_utils
+    failed = np.array([self.loaded[i] is None for i in ids], np.int32)
+    anywhere = np.asarray(multihost_utils.process_allgather(failed)).reshape(-1, len(ids)).any(0)
+    for i, bad in zip(ids, anywhere):
+      if bad and self.loaded[i] is not None:
+        self.loaded[i] = None
+        self.unreadable[self.paths[i]] = f"{self.paths[i]}: unreadable on another process of the job"
+        log.warning("%s: another process cannot read it; left out of the slice pool for the rest of the run",
+                    self.paths[i])
+
   def volume_ids(self, step: int) -> list[int]:
     n = len(self.paths)
     if self.size == n:
@@ -154,6 +165,8 @@ class SlicePool:
     """`n` slices drawn uniformly from all slices of the step's pool."""
     ids = self.volume_ids(step)
     self.loaded = {i: self.loaded[i] if i in self.loaded else self._read(i) for i in ids}
+    if jax.process_count() > 1:
+      self._agree(ids)
     stacks = [self.loaded[i] for i in ids if self.loaded[i] is not None]
     if not stacks:
       raise volumes.VolumeError(f"step {step}: no volume of its pool can be read: " + "; ".join(
@@ -595,6 +608,10 @@ def run(config, workdir, progress: bool = True) -> dict:
   volume_list = check_volumes(paths, progress)
   architecture(config)  # config errors before the workdir (and its config.json) is written
   workdir, config_dict = fit.start_run(config, workdir)  # multi-host initialisation: before any JAX call
+  listing = int(volume_list[:7], 16)  # part of the list's fingerprint: a number every process can compare
+  if parallel.same_on_every_process(listing) != listing:
+    raise ConfigError(f"data.folders: this process sees {len(paths)} volumes, and process 0 another list; every "
+                      "process must see the same files (a shared file system, or the same copy on each host)")
   networks, gram_variables = build_networks(config, resuming)  # loads gram.checkpoint (JAX)
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:
@@ -702,9 +719,8 @@ def run(config, workdir, progress: bool = True) -> dict:
   writer.close()
   ckpts.close()
   export_backbone(config, state, backbone_dir, workdir, total_steps)
-  if jax.process_index() == 0:
-    fit.write_atomically(result_path, json.dumps(result, indent=2, sort_keys=True, default=float))
-  multihost_utils.sync_global_devices("mfjax pretrain: backbone written")
+  parallel.on_process_zero("write result.json", fit.write_atomically, result_path,
+                           json.dumps(result, indent=2, sort_keys=True, default=float))
   return result
 
 

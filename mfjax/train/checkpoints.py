@@ -9,6 +9,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mfjax import parallel
+
 
 class RunCheckpoints:
   def __init__(self, workdir):
@@ -42,6 +44,13 @@ class RunCheckpoints:
       if other > step:
         self.best.delete(other)
 
+  @staticmethod
+  def _newest(manager: ocp.CheckpointManager) -> int | None:
+    """The newest step, as process 0 found it: a run read while another job writes it (`mfjax eval` of
+    a running run, a stage 2 started from a live stage 1) gives every process the same checkpoint."""
+    step = parallel.same_on_every_process(-1 if manager.latest_step() is None else manager.latest_step())
+    return None if step < 0 else step
+
   def save_latest(self, step: int, state, host: dict) -> None:
     if step in self.latest.all_steps():  # nothing new: a resumed run's first save can be the one it resumed from
       return
@@ -61,7 +70,7 @@ class RunCheckpoints:
   def restore_latest_as_saved(self, sharding):
     """(step, state) of the latest checkpoint with the tree and shapes it was saved with (no template
     needed: another run's), every array placed with `sharding`; None if there is none."""
-    step = self.latest.latest_step()
+    step = self._newest(self.latest)
     if step is None:
       return None
     directory = self.workdir / "checkpoints" / str(step) / "state"
@@ -84,7 +93,7 @@ class RunCheckpoints:
 
   def restore_best(self, abstract_params, step: int | None = None):
     """(params, host) of best checkpoint `step` (default: the newest); None if there is none."""
-    step = self.best.latest_step() if step is None else step
+    step = self._newest(self.best) if step is None else step
     if step is None or step not in self.best.all_steps():
       return None
     out = self.best.restore(step, args=ocp.args.Composite(

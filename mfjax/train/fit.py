@@ -89,8 +89,8 @@ def check_workdir(workdir, config_dict: dict) -> None:
     else:
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
-  if jax.process_index() == 0:
-    write_atomically(path, json.dumps(config_dict, indent=2, sort_keys=True))
+  # After every process has read the old config.json (start_run and the lines above read it).
+  parallel.on_process_zero("write config.json", write_atomically, path, json.dumps(config_dict, indent=2, sort_keys=True))
 
 
 # Config fields that name files or folders: one given relative at the start and absolute at a resume
@@ -133,8 +133,7 @@ def check_recorded(workdir, name: str, current: dict, refusal, same=None, what: 
   if recorded is None and saved:
     log.warning("%s was started before mfjax recorded %s: it goes on with what it finds now, which cannot be "
                 "checked against what it started on", workdir, what)
-  if jax.process_index() == 0:
-    write_atomically(path, json.dumps(current, indent=1, sort_keys=True))
+  parallel.on_process_zero(f"write {name}", write_atomically, path, json.dumps(current, indent=1, sort_keys=True))
 
 
 def check_data_build(workdir, dataset) -> None:
@@ -650,8 +649,8 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
               "val": {"headline": None}, "test": {"headline": None}, "resized_at_load": resized}
     writer.close()
     ckpts.close()
-    if jax.process_index() == 0:
-      write_atomically(workdir / "result.json", json.dumps(result, indent=2, sort_keys=True))
+    parallel.on_process_zero("write result.json", write_atomically, workdir / "result.json",
+                             json.dumps(result, indent=2, sort_keys=True))
     return result
   finally:
     preemption.stop()
@@ -679,8 +678,8 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   writer.write(step, {f"test/{k}": v for k, v in test.items()})
   writer.close()
   ckpts.close()
-  if jax.process_index() == 0:
-    write_atomically(workdir / "result.json", json.dumps(result, indent=2, sort_keys=True, default=float))
+  parallel.on_process_zero("write result.json", write_atomically, workdir / "result.json",
+                           json.dumps(result, indent=2, sort_keys=True, default=float))
   return result
 
 
@@ -719,6 +718,6 @@ def evaluate_run(workdir: str, split: str = "test") -> dict:
   params, host = best
   metrics = run.evaluate(split, params)
   out = {"workdir": str(workdir), "split": split, "best_epoch": host["epoch"], "metrics": metrics}
-  if jax.process_index() == 0:
-    (workdir / f"eval_{split}.json").write_text(json.dumps(out, indent=2, default=float))
+  parallel.on_process_zero(f"write eval_{split}.json", (workdir / f"eval_{split}.json").write_text,
+                           json.dumps(out, indent=2, default=float))
   return out

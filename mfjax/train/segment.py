@@ -230,9 +230,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
   spacing = (config.data.spacing,) * 2 if config.data.spacing else None
-  if jax.process_index() == 0:
-    nnunet.preprocess(raw, pre_dir, spacing, progress)
-  multihost_utils.sync_global_devices("preprocessed")
+  parallel.on_process_zero("preprocess the dataset", nnunet.preprocess, raw, pre_dir, spacing, progress)
   plans = nnunet.preprocess(raw, pre_dir, spacing, progress=False)  # reads the finished plans
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:  # (prediction pads its tile batch to the devices itself)
@@ -339,8 +337,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   result["wall_seconds"] = time.time() - start_time
   writer.close()
   ckpts.close()
-  if jax.process_index() == 0:
-    write_atomically(workdir / "result.json", json.dumps(result, indent=2, sort_keys=True, default=float))
+  parallel.on_process_zero("write result.json", write_atomically, workdir / "result.json",
+                           json.dumps(result, indent=2, sort_keys=True, default=float))
   return result
 
 
@@ -534,10 +532,12 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   workdir, _ = start_run(config, workdir)
   pre_dir = workdir / "preprocessed"
   pre_dir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
+
+  def write_plans():
     (pre_dir / nnunet.PLANS_JSON).write_text(json.dumps(plans, indent=2))
     for name in NNUNET_FILES:  # for nnUNetv2_ensemble, beside saved probabilities
       (pre_dir / f"nnunet_{name}").write_text(json.dumps(meta[name], indent=2))
+  parallel.on_process_zero("write the imported plans", write_plans)
   mesh = parallel.make_mesh()
   ckpts = RunCheckpoints(workdir)
   ckpts.save_best(0, jax.device_put(params, parallel.replicated(mesh)), {"imported_from": plans["imported_from"]},

@@ -137,7 +137,7 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
 def select(runs: list[Run]) -> dict:
   """Per cell: the report's choice (results.group_cells): the lr with the best mean validation headline
   over its seeds, and that lr's test mean and sample std; with the seeds found and expected per lr."""
-  import jax
+  from mfjax import parallel
   from mfjax.report import results
   expected: dict = {}
   found: dict = {}
@@ -166,7 +166,6 @@ def select(runs: list[Run]) -> dict:
       log.warning("sweep cell %s: lr %g selected; %s%s", cell, chosen.lr,
                   f"runs not finished per lr: {missing}; " if missing else "",
                   f"{len(diverged)} run(s) diverged" if diverged else "")
-    if jax.process_index() == 0:
-      (epath.Path(items[0][0].cell_dir) / "selection.json").write_text(
-          json.dumps(selections[cell], indent=2, default=float))
+    path = epath.Path(items[0][0].cell_dir) / "selection.json"
+    parallel.on_process_zero(f"write {path}", path.write_text, json.dumps(selections[cell], indent=2, default=float))
   return selections

@@ -1,0 +1,123 @@
+"""What the processes of a multi-process job must agree on, checked with two real JAX processes
+(the test starts this file twice as a script).
+
+- Pretraining's backbone exports between checkpoints. orbax numbers its saves with a per-process
+  counter that keys the signals its processes exchange; an export written by process 0 alone put
+  it out of step, and the job's next checkpoint waited on a signal that never came (a CI run hung
+  for 300 s). Each process exports the teacher and saves a checkpoint three times: the counters
+  must agree and every export must hold the teacher.
+- A failure in what process 0 does alone (preprocessing, writing a result) stops every process
+  instead of leaving the others waiting in the next collective.
+- A volume one process cannot read is left out of the slice pool by every process, which keep
+  drawing the same slices.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+
+def worker(process_id: int, port: int, workdir: str):
+  import jax
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+  from etils import epath
+  from jax.experimental import multihost_utils
+  from orbax.checkpoint._src.futures import synchronization
+  from configs import pretrain as pretrain_config
+  from mfjax import models, parallel
+  from mfjax.ssl import pretrain
+  from mfjax.train.checkpoints import RunCheckpoints
+  config = pretrain_config.get_config("tiny=true")
+  networks, gram_variables = pretrain.build_networks(config)
+  mesh = parallel.make_mesh()
+  state = parallel.put_global(pretrain.initial_state(config, networks, gram_variables), parallel.replicated(mesh))
+  ckpts = RunCheckpoints(workdir)
+  for step in (1, 2, 3):
+    pretrain.export_backbone(config, state, epath.Path(workdir) / "backbones" / f"step_{step}", workdir, step)
+    ckpts.save_latest(step, state, {"step": step})
+  ckpts.close()
+  counters = np.asarray(multihost_utils.process_allgather(
+      np.int32(synchronization.OperationIdGenerator.get_current_operation_id())))
+  assert counters[0] == counters[1], f"orbax's save counters differ between the processes: {counters}"
+  teacher = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), state["teacher"]["backbone"])
+  for step in (1, 2, 3):
+    _, variables = models.load(os.path.join(workdir, "backbones", f"step_{step}"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, dict(variables["params"]), teacher)
+  print(f"process {process_id}: exports and checkpoints OK", flush=True)
+  _failures_on_process_zero(process_id)
+  _slice_pool(process_id, workdir)
+
+
+def _failures_on_process_zero(process_id):
+  import pytest
+  from mfjax import parallel
+  from mfjax.config import RunStopped
+  assert parallel.on_process_zero("add", lambda a, b: a + b, 2, 3) == (5 if process_id == 0 else None)
+  assert parallel.same_on_every_process(10 + process_id) == 10
+
+  def fails():
+    raise OSError(28, "No space left on device")
+  expected = OSError if process_id == 0 else RunStopped
+  with pytest.raises(expected, match="No space left" if process_id == 0 else "process 0 could not write x.json"):
+    parallel.on_process_zero("write x.json", fails)
+  print(f"process {process_id}: process 0's failure stops both OK", flush=True)
+
+
+def _slice_pool(process_id, workdir):
+  from jax.experimental import multihost_utils
+  from mfjax.data import volumes
+  from mfjax.ssl import pretrain
+  paths = [os.path.join(workdir, "ct", f"ct{i}.nii.gz") for i in range(3)]
+  if process_id == 0:
+    for i, path in enumerate(paths):
+      volumes.write_volume(path, np.random.default_rng(i).uniform(-1000, 1000, (8, 8, 2 + i)).astype(np.float32))
+  multihost_utils.sync_global_devices("volumes written")
+  read = pretrain.axial_slices
+
+  def damaged_here(path):  # this host's copy of ct1 is damaged
+    if path == paths[1]:
+      raise volumes.VolumeError(f"{path}: truncated")
+    return read(path)
+  if process_id == 1:
+    pretrain.axial_slices = damaged_here
+  pool = pretrain.SlicePool(paths, seed=0, size=3, new_per_step=1)
+  slices = np.stack(pool.sample(0, np.random.default_rng(7), 16))
+  pretrain.axial_slices = read
+  assert list(pool.unreadable) == [paths[1]], pool.unreadable
+  both = np.asarray(multihost_utils.process_allgather(slices))
+  np.testing.assert_array_equal(both[0], both[1])
+  print(f"process {process_id}: slice pool OK", flush=True)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_stay_in_step(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+         "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, __file__, str(p), str(port), str(tmp_path / "run")], env=env,
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+    for step in ("exports and checkpoints OK", "process 0's failure stops both OK", "slice pool OK"):
+      assert step in out, out[-3000:]
+
+
+if __name__ == "__main__":
+  worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
