@@ -669,6 +669,20 @@ def test_gpu_local_one_failure_stops_the_others(guard, tmp_path, capsys):
   assert "process 1 exited with status 5" in out and "process 1: out of memory" in out
 
 
+def start_two_process_launcher(fake_python, tmp_path):
+  return subprocess.Popen([sys.executable, "-m", "launch.gpu", "local", "--python", fake_python, "--processes", "2",
+                           "--", "train", "--workdir", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE,
+                          text=True)
+
+
+def wait_for_files(proc, folder, *names, timeout=60):
+  """Until the launcher's processes have made `names` in `folder` (the launcher still running)."""
+  deadline = time.time() + timeout
+  while not all((folder / name).exists() for name in names):
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.05)
+
+
 def test_gpu_local_passes_sigterm_on(guard, tmp_path):
   """SIGTERM to the launcher (a spot VM's shutdown) reaches every process; they save and exit 0."""
   fake = write_script(tmp_path / "fake_python", f"""
@@ -677,12 +691,8 @@ def test_gpu_local_passes_sigterm_on(guard, tmp_path):
       touch {tmp_path}/up_$MFJAX_PROCESS_ID
       while true; do sleep 0.05; done
       """)
-  proc = subprocess.Popen([sys.executable, "-m", "launch.gpu", "local", "--python", fake, "--processes", "2", "--",
-                           "train", "--workdir", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-  deadline = time.time() + 30
-  while not all((tmp_path / f"up_{i}").exists() for i in (0, 1)):
-    assert time.time() < deadline and proc.poll() is None
-    time.sleep(0.05)
+  proc = start_two_process_launcher(fake, tmp_path)
+  wait_for_files(proc, tmp_path, "up_0", "up_1")
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=30)
   assert proc.returncode == 0, out
@@ -699,19 +709,11 @@ def test_gpu_local_second_signal_kills_a_run_that_hangs(guard, tmp_path):
       touch {tmp_path}/up_$MFJAX_PROCESS_ID
       while true; do sleep 0.05; done
       """)
-  proc = subprocess.Popen([sys.executable, "-m", "launch.gpu", "local", "--python", fake, "--processes", "2", "--",
-                           "train", "--workdir", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-
-  def wait_for(*names):
-    deadline = time.time() + 60
-    while not all((tmp_path / name).exists() for name in names):
-      assert time.time() < deadline and proc.poll() is None
-      time.sleep(0.05)
-
+  proc = start_two_process_launcher(fake, tmp_path)
   try:
-    wait_for("up_0", "up_1")
+    wait_for_files(proc, tmp_path, "up_0", "up_1")
     proc.send_signal(signal.SIGINT)
-    wait_for("term_0", "term_1")  # passed on as SIGTERM, which the run takes but does not act on
+    wait_for_files(proc, tmp_path, "term_0", "term_1")  # passed on as SIGTERM, which the run takes but does not act on
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)

@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,15 +12,10 @@ import time
 
 from mfjax import data as mdata
 from mfjax.data import synthetic
+from tests.multiprocess import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "MFJAX_LAUNCH_PYTHON": sys.executable}
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def launch_local(workdir, *command, timeout=300):

@@ -12,11 +12,11 @@
   drawing the same slices.
 """
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
+
+from tests.multiprocess import run_script_twice
 
 
 def worker(process_id: int, port: int, workdir: str):
@@ -91,30 +91,8 @@ def _slice_pool(process_id, workdir):
   print(f"process {process_id}: slice pool OK", flush=True)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_stay_in_step(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-         "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, __file__, str(p), str(port), str(tmp_path / "run")], env=env,
-                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      outputs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  for out in run_script_twice(__file__, str(tmp_path / "run"), devices_per_process=1):
     for step in ("exports and checkpoints OK", "process 0's failure stops both OK", "slice pool OK"):
       assert step in out, out[-3000:]
 

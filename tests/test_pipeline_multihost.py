@@ -6,12 +6,11 @@ each process checks its addressable shards of `global_batch` against the batch a
 process reads, so a process that read the wrong rows, or a global batch assembled in the
 wrong order, fails.
 """
-import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
+
+from tests.multiprocess import run_script_twice
 
 GLOBAL_BATCH = 8
 
@@ -79,33 +78,12 @@ def _interleaved_mesh(process_id, ds, reference):
   print(f"process {process_id}: interleaved mesh OK", flush=True)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_assemble_the_single_process_global_batch(tmp_path):
   import mfjax.data
   from mfjax.data import synthetic
   manual = synthetic.aptos2019(str(tmp_path / "aptos"), num_images=40, size=32)
   ds = mfjax.data.build("aptos2019", manual, str(tmp_path / "tfds"))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                        os.environ.get("PYTHONPATH", "")])}
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, __file__, str(p), str(port), ds.path], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
-  outputs = []
-  for p in procs:
-    try:
-      outputs.append(p.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  for out in run_script_twice(__file__, ds.path, devices_per_process=2):
     assert "global batches OK" in out and "interleaved mesh OK" in out
 
 

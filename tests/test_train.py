@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from mfjax.cli import load_config
 from mfjax.config import ConfigError
 from mfjax.data import synthetic
 from mfjax.train import build, fit
+from tests.multiprocess import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -110,15 +110,9 @@ def test_mesh_shapes_give_the_same_losses(aptos):
   assert shard["max"] <= 1.3 * shard["total"] / 4 + shard["replicated"]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree(aptos):
   manual, data_dir = aptos
-  port = _free_port()
+  port = free_port()
   procs = []
   for pid in range(2):
     env = {**ENV, "MFJAX_COORDINATOR": f"127.0.0.1:{port}", "MFJAX_NUM_PROCESSES": "2",
@@ -228,7 +222,7 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
 
 
 def _two_processes(cmd):
-  port = _free_port()
+  port = free_port()
   return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**ENV, "MFJAX_COORDINATOR": f"127.0.0.1:{port}", "MFJAX_NUM_PROCESSES": "2",
                                 "MFJAX_PROCESS_ID": str(pid), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})

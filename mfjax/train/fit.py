@@ -90,7 +90,8 @@ def check_workdir(workdir, config_dict: dict) -> None:
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
   # After every process has read the old config.json (start_run and the lines above read it).
-  parallel.on_process_zero("write config.json", write_atomically, path, json.dumps(config_dict, indent=2, sort_keys=True))
+  parallel.on_process_zero("write config.json", write_atomically, path,
+                           json.dumps(config_dict, indent=2, sort_keys=True))
 
 
 # Config fields that name files or folders: one given relative at the start and absolute at a resume
