@@ -100,6 +100,15 @@ def gpus_per_process(args) -> int:
   return n // args.processes
 
 
+def kill_session(proc: subprocess.Popen) -> None:
+  """SIGKILL a process started in its own session and everything in its process group (data loader
+  workers, which a killed parent does not take down with it)."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
 def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: common.Runner) -> tuple[int, int | None]:
   """Start every process, wait for all; if one fails, SIGTERM the rest. -> (exit status, signal received)."""
   procs, logs, received = [], [], []
@@ -109,8 +118,11 @@ def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: commo
     if len(received) > 1:  # a second SIGTERM or Ctrl-C: stop at once (a run that hangs cannot save anyway)
       runner.note(f"{signal.Signals(signum).name} again: killing the processes without a checkpoint")
     for p in procs:
-      if p.poll() is None:
-        p.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)  # SIGTERM: mfjax saves, exits 0
+      if len(received) == 1:
+        if p.poll() is None:
+          p.send_signal(signal.SIGTERM)  # mfjax saves a checkpoint and exits 0
+      else:
+        kill_session(p)
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
@@ -136,8 +148,7 @@ def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: commo
           stopping_since = time.time()
       elif time.time() - stopping_since > 120:
         for p in procs:
-          if p.poll() is None:
-            p.kill()
+          kill_session(p)
       time.sleep(0.2)
   finally:
     for s, handler in previous.items():

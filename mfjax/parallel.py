@@ -153,19 +153,28 @@ def on_process_zero(what: str, fn, *args, **kwargs):
   if jax.process_count() == 1:
     return fn(*args, **kwargs)
   from jax.experimental import multihost_utils
-  multihost_utils.sync_global_devices(f"mfjax: before process 0 {what}")
+  multihost_utils.sync_global_devices("mfjax: before process 0 works alone")  # `what` may name a host's path
   result, error = None, None
   if jax.process_index() == 0:
     try:
       result = fn(*args, **kwargs)
     except BaseException as e:  # noqa: BLE001 - a Ctrl-C too: the others must not wait for it
       error = e
+      log.error("could not %s: %s: %s", what, type(e).__name__, e)  # shown even if the broadcast fails
   failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
   if error is not None:
     raise error
   if failed:
     raise RunStopped(f"process 0 could not {what} (its output says why); this process stops too")
   return result
+
+
+def gathered(value: int) -> np.ndarray:
+  """Every process's integer `value`, in process order (one process: just its own)."""
+  if jax.process_count() == 1:
+    return np.array([value])
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
 
 
 def same_on_every_process(value: int) -> int:

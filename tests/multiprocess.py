@@ -3,6 +3,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,21 +17,35 @@ def free_port() -> int:
 
 def run_script_twice(script: str, *args: str, devices_per_process: int, timeout: float = 240) -> list[str]:
   """`python SCRIPT PROCESS_ID PORT ARGS...` as processes 0 and 1 of one job (CPU devices, gloo
-  collectives), each with its output; both are killed when either runs past `timeout`. A process
-  that exits non-zero fails the test with its output."""
+  collectives): each one's output. A process that exits non-zero, or a job that runs past `timeout`
+  (a hang: both are killed), fails the test with both outputs."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, script, str(p), str(port), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  with tempfile.TemporaryDirectory() as folder:
+    logs = [open(os.path.join(folder, f"process_{p}.log"), "w+") for p in range(2)]
+    procs = [subprocess.Popen([sys.executable, script, str(p), str(port), *args], env=env, cwd=ROOT,
+                              stdout=logs[p], stderr=subprocess.STDOUT, text=True) for p in range(2)]
+    deadline = time.time() + timeout
+    timed_out = True
+    try:
+      while time.time() < deadline:
+        if all(p.poll() is not None for p in procs):
+          timed_out = False
+          break
+        time.sleep(0.2)
+    finally:
+      for p in procs:
+        p.kill()
+        p.wait()
+    outputs = []
+    for log in logs:
+      log.seek(0)
+      outputs.append(log.read())
+      log.close()
+  report = "".join(f"\n--- process {i} (exit status {p.returncode}):\n{out[-3000:]}"
+                   for i, (p, out) in enumerate(zip(procs, outputs)))
+  assert not timed_out, f"ran past {timeout} s (a hang?):{report}"
+  assert all(p.returncode == 0 for p in procs), report
   return outputs

@@ -153,6 +153,22 @@ def test_object_store_save_writes_model_json_last(tmp_path, monkeypatch):
     models.save(str(tmp_path / "store"), "dinov3_vits16", variables, {"depth": 1})
 
 
+def test_an_unfinished_save_of_a_job_is_written_again_by_one_process(tmp_path):
+  """A multi-process job's export killed before its model.json leaves only params/ (orbax's own
+  atomic folder); the run resumed by one process writes that model again instead of refusing it."""
+  module = models.create("dinov3_vits16", depth=1)
+  variables = models.init_params(module, image_size=(32, 32))
+  out = tmp_path / "backbones" / "step_2"
+  (out / "params.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  (out / "params").mkdir()
+  models.save(str(out), "dinov3_vits16", variables, {"depth": 1})
+  assert sorted(os.listdir(out)) == ["model.json", "params"]
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="exists and is not empty"):
+    models.save(str(tmp_path / "other"), "dinov3_vits16", variables, {"depth": 1})
+
+
 # ------------------------------------------------------------------- what releases ship
 
 

@@ -191,7 +191,7 @@ def test_feature_cache_processes_take_the_same_branch(tmp_path, monkeypatch):
   compute = lambda: calls.append(1) or {"x": np.arange(3.0)}
   cache.get_or_compute(key, compute)
   others = {}
-  monkeypatch.setattr(knn, "process_codes", lambda code: np.array([code, others["code"]]))
+  monkeypatch.setattr(knn.parallel, "gathered", lambda code: np.array([code, others["code"]]))
   others["code"] = 0   # a hit everywhere: read, not computed
   cache.get_or_compute(key, compute)
   assert len(calls) == 1

@@ -706,6 +706,7 @@ def test_gpu_local_second_signal_kills_a_run_that_hangs(guard, tmp_path):
   fake = write_script(tmp_path / "fake_python", f"""
       #!/usr/bin/env bash
       trap 'touch {tmp_path}/term_$MFJAX_PROCESS_ID' TERM
+      {sys.executable} -c "import time; time.sleep(600)" {tmp_path}/data_worker &
       touch {tmp_path}/up_$MFJAX_PROCESS_ID
       while true; do sleep 0.05; done
       """)
@@ -713,15 +714,22 @@ def test_gpu_local_second_signal_kills_a_run_that_hangs(guard, tmp_path):
   try:
     wait_for_files(proc, tmp_path, "up_0", "up_1")
     proc.send_signal(signal.SIGINT)
-    wait_for_files(proc, tmp_path, "term_0", "term_1")  # passed on as SIGTERM, which the run takes but does not act on
+    wait_for_files(proc, tmp_path, "term_0", "term_1")  # passed on as SIGTERM, taken but not acted on
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
   finally:  # a launcher that failed to kill them leaves no process behind
     subprocess.run(["pkill", "-9", "-f", str(fake)])
     proc.kill()
+    for _ in range(50):  # a killed process takes a moment to go
+      workers = subprocess.run(["pgrep", "-f", f"{tmp_path}/data_worker"], capture_output=True, text=True).stdout
+      if not workers:
+        break
+      time.sleep(0.1)
+    subprocess.run(["pkill", "-9", "-f", f"{tmp_path}/data_worker"])
   assert proc.returncode == 128 + signal.SIGKILL, out
   assert "SIGINT again: killing the processes without a checkpoint" in out
+  assert workers == "", "the processes' data workers outlived them"  # the whole process group is killed
 
 
 # ------------------------------------------------------------------------------- GPU: SLURM

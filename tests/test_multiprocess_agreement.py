@@ -8,10 +8,11 @@
   must agree and every export must hold the teacher.
 - A failure in what process 0 does alone (preprocessing, writing a result) stops every process
   instead of leaving the others waiting in the next collective.
-- A volume one process cannot read is left out of the slice pool by every process, which keep
-  drawing the same slices.
+- A volume one process could read and another could not (a damaged copy on one host) stops both
+  processes in pretraining, instead of each drawing other slices.
 """
 import os
+import re
 import sys
 
 import numpy as np
@@ -66,6 +67,7 @@ def _failures_on_process_zero(process_id):
 
 
 def _slice_pool(process_id, workdir):
+  import pytest
   from jax.experimental import multihost_utils
   from mfjax.data import volumes
   from mfjax.ssl import pretrain
@@ -83,11 +85,22 @@ def _slice_pool(process_id, workdir):
   if process_id == 1:
     pretrain.axial_slices = damaged_here
   pool = pretrain.SlicePool(paths, seed=0, size=3, new_per_step=1)
-  slices = np.stack(pool.sample(0, np.random.default_rng(7), 16))
+  pool.sample(0, np.random.default_rng(7), 16)
+  pretrain.check_pools_agree(pool, 4, every=5)  # not a step to compare at: no collective
   pretrain.axial_slices = read
-  assert list(pool.unreadable) == [paths[1]], pool.unreadable
-  both = np.asarray(multihost_utils.process_allgather(slices))
-  np.testing.assert_array_equal(both[0], both[1])
+  mine = "none" if process_id == 0 else str([paths[1]])
+  with pytest.raises(volumes.VolumeError, match=re.escape(f"step 5: the processes could not read the same volumes "
+                                                          f"(this one: {mine})")):
+    pretrain.check_pools_agree(pool, 5, every=5)
+  # Another list of volumes on one host: refused on both before the run starts.
+  from mfjax.config import ConfigError
+  pretrain.check_same_volumes(paths, pretrain.check_volumes(paths, progress=False))
+  listed = paths if process_id == 0 else paths[:2]
+  with pytest.raises(ConfigError, match="the processes see different lists of volumes"):
+    pretrain.check_same_volumes(listed, pretrain.check_volumes(listed, progress=False))
+  same = pretrain.SlicePool(paths, seed=0, size=3, new_per_step=1)  # the same files on both: no error
+  same.sample(0, np.random.default_rng(7), 16)
+  pretrain.check_pools_agree(same, 10, every=5)
   print(f"process {process_id}: slice pool OK", flush=True)
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfjax import parallel
 from mfjax.config import RunStopped
 from mfjax.evals import metrics as metrics_lib
 
@@ -300,7 +301,7 @@ class FeatureCache:
       cached, problem = self.get(key), None
     except CacheError as e:
       cached, problem = None, e
-    codes = process_codes(2 if problem else 0 if cached is not None else 1)
+    codes = parallel.gathered(2 if problem else 0 if cached is not None else 1)
     if (codes == 2).any():
       if problem:
         raise problem
@@ -314,11 +315,3 @@ class FeatureCache:
     except OSError as e:
       log.warning("feature cache %s: cannot store this entry (%s); going on without it", self.root, e)
     return {str(name): np.asarray(value) for name, value in arrays.items()}
-
-
-def process_codes(code: int) -> np.ndarray:
-  """Every process's `code`, in process order (one process: just its own)."""
-  if jax.process_count() == 1:
-    return np.array([code])
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)

@@ -94,9 +94,11 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
   """Write `variables` (an orbax checkpoint) and `model.json` to `out_dir` (local, or gs:// and
   other paths orbax and etils can write).
 
-  A local model is first written to a sibling temporary folder that is renamed at the end, so an
-  interrupted or failed save leaves no partial model behind. Object stores have no folder rename:
-  there `model.json` is written last, so a folder without it is not a model (`read_model_json`).
+  A local model saved by one process is first written to a sibling temporary folder that is renamed
+  at the end, so an interrupted or failed save leaves no partial model behind. Object stores have no
+  folder rename, and the processes of a job cannot share one temporary name: there `model.json` is
+  written last, so a folder without it is not a model (`read_model_json`), and a later save to it
+  (a resumed run's export) writes it again.
 
   In a multi-process job every process calls `save` with the same arguments, at the same point:
   orbax numbers its saves with a per-process counter that keys its cross-process signals, so a save
@@ -126,7 +128,10 @@ def save(out_dir: str, name: str, variables: dict, overrides: dict | None = None
     write(str(out))
     return str(out_dir)
   out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
-  if os.path.exists(out_dir) and os.listdir(out_dir):
+  found = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+  if found and all(name.startswith(PARAMS_DIR) for name in found):  # a job's save killed before its model.json
+    shutil.rmtree(out_dir)
+  elif found:
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out folder")
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)

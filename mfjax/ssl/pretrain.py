@@ -107,6 +107,16 @@ def check_volumes(paths: list[str], progress: bool = True) -> str:
   return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
+def check_same_volumes(paths: list[str], volume_list: str) -> None:
+  """Every process of a job must list the same volumes (`volume_list`: check_volumes' fingerprint):
+  each draws the whole batch from them. Raised on every process, naming each one's fingerprint."""
+  listings = parallel.gathered(int(volume_list[:7], 16))
+  if len(set(listings.tolist())) > 1:
+    raise ConfigError(f"data.folders: the processes see different lists of volumes (this one {len(paths)}; "
+                      f"fingerprints by process {listings.tolist()}); every process must see the same files (a "
+                      "shared file system, or the same copy on each host)")
+
+
 def axial_slices(path: str) -> np.ndarray:
   """(slices, rows, cols) HU in radiological view: anterior at the top, the patient's right on the left."""
   volume, _ = volumes.read_volume(path)
@@ -122,7 +132,8 @@ class SlicePool:
   A volume whose header passed `check_volumes` but whose voxels cannot be read (a truncated
   download) is left out of every pool it enters, with a warning, and listed in `unreadable`: the
   run goes on, and a resume with the same files leaves it out at the same steps. In a multi-process
-  job each process draws the same slices; a volume one of them cannot read is left out by all.
+  job every process draws the same slices: `check_pools_agree` stops them all if one could read a
+  volume that another could not.
   """
 
   def __init__(self, paths: list[str], seed: int, size: int, new_per_step: int):
@@ -143,16 +154,9 @@ class SlicePool:
                   "unreadable_volumes)", e)
       return None
 
-  def _agree(self, ids: list[int]) -> None:
-    from jax.experimental import multihost_utils
-    failed = np.array([self.loaded[i] is None for i in ids], np.int32)
-    anywhere = np.asarray(multihost_utils.process_allgather(failed)).reshape(-1, len(ids)).any(0)
-    for i, bad in zip(ids, anywhere):
-      if bad and self.loaded[i] is not None:
-        self.loaded[i] = None
-        self.unreadable[self.paths[i]] = f"{self.paths[i]}: unreadable on another process of the job"
-        log.warning("%s: another process cannot read it; left out of the slice pool for the rest of the run",
-                    self.paths[i])
+  def unreadable_digest(self) -> int:
+    """A number that two pools with the same unreadable volumes share."""
+    return int(hashlib.sha256("\n".join(sorted(self.unreadable)).encode()).hexdigest()[:7], 16)
 
   def volume_ids(self, step: int) -> list[int]:
     n = len(self.paths)
@@ -165,8 +169,6 @@ class SlicePool:
     """`n` slices drawn uniformly from all slices of the step's pool."""
     ids = self.volume_ids(step)
     self.loaded = {i: self.loaded[i] if i in self.loaded else self._read(i) for i in ids}
-    if jax.process_count() > 1:
-      self._agree(ids)
     stacks = [self.loaded[i] for i in ids if self.loaded[i] is not None]
     if not stacks:
       raise volumes.VolumeError(f"step {step}: no volume of its pool can be read: " + "; ".join(
@@ -206,6 +208,20 @@ def step_sizes(config, step: int) -> tuple[int, int, int]:
     return sets[0]
   shares = np.array([float(entry[3]) for entry in config.data.mixed_sizes])
   return sets[int(np.random.default_rng([config.seed, 4, step]).choice(len(sets), p=shares / shares.sum()))]
+
+
+def check_pools_agree(pool: SlicePool, step: int, every: int) -> None:
+  """Every `every` steps of a multi-process job (with the preemption check, which waits for the
+  device already): a volume one process read and another could not (a damaged copy on one host)
+  stops every process, naming what this one could not read, instead of each drawing other slices."""
+  if jax.process_count() == 1 or step % every:
+    return
+  digests = parallel.gathered(pool.unreadable_digest())
+  if len(set(digests.tolist())) > 1:
+    raise volumes.VolumeError(
+        f"step {step}: the processes could not read the same volumes (this one: {sorted(pool.unreadable) or 'none'}); "
+        "every host must see the same, readable files. Replace the damaged copy; the run resumes from its last "
+        "checkpoint")
 
 
 def make_batch(config, pool: SlicePool, step: int, networks: "Networks", executor) -> dict[str, np.ndarray]:
@@ -608,10 +624,7 @@ def run(config, workdir, progress: bool = True) -> dict:
   volume_list = check_volumes(paths, progress)
   architecture(config)  # config errors before the workdir (and its config.json) is written
   workdir, config_dict = fit.start_run(config, workdir)  # multi-host initialisation: before any JAX call
-  listing = int(volume_list[:7], 16)  # part of the list's fingerprint: a number every process can compare
-  if parallel.same_on_every_process(listing) != listing:
-    raise ConfigError(f"data.folders: this process sees {len(paths)} volumes, and process 0 another list; every "
-                      "process must see the same files (a shared file system, or the same copy on each host)")
+  check_same_volumes(paths, volume_list)
   networks, gram_variables = build_networks(config, resuming)  # loads gram.checkpoint (JAX)
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:
@@ -683,6 +696,7 @@ def run(config, workdir, progress: bool = True) -> dict:
       pending = (step, sched, metrics)
       step += 1
       preempted = preemption.due(step)  # decided by all processes together
+      check_pools_agree(pool, step, preemption.every)
       if bar is not None:
         bar.update(1)
         if last:

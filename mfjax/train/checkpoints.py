@@ -94,7 +94,9 @@ class RunCheckpoints:
   def restore_best(self, abstract_params, step: int | None = None):
     """(params, host) of best checkpoint `step` (default: the newest); None if there is none."""
     step = self._newest(self.best) if step is None else step
-    if step is None or step not in self.best.all_steps():
+    if step is not None and step not in self.best.all_steps():
+      self.best.reload()  # listed by process 0 after this process listed the folder (a run still training)
+    if step is None or not parallel.gathered(step in self.best.all_steps()).all():  # a step deleted meanwhile
       return None
     out = self.best.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), host=ocp.args.JsonRestore()))

@@ -365,11 +365,13 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
     if config.eval.surface_metrics:
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
                                                          config.eval.nsd_tolerance_mm, ignore))
-    if out_dir is not None and jax.process_index() == 0:
-      if probabilities is not None:
-        write_probabilities(str(out_dir / case), probabilities, stored["image"], layout, plans, bbox,
-                            config.eval.get("probabilities_reader"))
-      write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], layout)
+    if out_dir is not None:
+      def write(case=case, prediction=prediction, probabilities=probabilities, stored=stored, bbox=bbox):
+        if probabilities is not None:
+          write_probabilities(str(out_dir / case), probabilities, stored["image"], layout, plans, bbox,
+                              config.eval.get("probabilities_reader"))
+        write_prediction(str(out_dir / f"{case}.nii.gz"), prediction, stored["image"], layout)
+      parallel.on_process_zero(f"write the prediction of {case}", write)
   return per_case
 
 
@@ -787,10 +789,11 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     prediction, probabilities = label_case(mean_logits, slices, bbox, image.shape[:3], plans, config.eval.batch_size,
                                            save_probabilities and jax.process_index() == 0)  # held where written
     prediction = segmentation.apply_postprocessing(prediction, steps)
-    if jax.process_index() == 0:
+    def write(case=case, prediction=prediction, probabilities=probabilities, files=files, bbox=bbox):
       if probabilities is not None:
         write_probabilities(os.path.join(out_dir, case), probabilities, files[0], layout, plans, bbox, reader)
       written.append(write_prediction(os.path.join(out_dir, case + ".nii.gz"), prediction, files[0], layout))
+    parallel.on_process_zero(f"write the prediction of {case}", write)
   return written
 
 
