@@ -191,23 +191,19 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   for k, v in ref_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
 
-  # SIGTERM (preemption): checkpoint and exit 0; the next start finishes the run identically.
+  # SIGTERM (preemption): checkpoint and exit 0 (the resume from such a checkpoint: below).
   proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "term"), env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
   _wait_for_step(tmp_path / "term", 3, proc)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0
+  assert "SIGTERM: saved the checkpoint at step" in proc.stderr.read()
   assert not (tmp_path / "term" / "result.json").exists()
   assert os.listdir(tmp_path / "term" / "checkpoints")
-  subprocess.run(_train_cmd(aptos, tmp_path / "term"), env=ENV, check=True, cwd=ROOT, capture_output=True)
-  state, lines, result = _final(tmp_path / "term")
-  assert lines == ref_lines
-  assert result["test"] == ref_result["test"]
-  for k, v in ref_state.items():
-    np.testing.assert_array_equal(state[k], v, err_msg=k)
 
-  # Ctrl-C is taken as SIGTERM: the steps so far are saved, and the run resumes as above. It exits 130,
-  # as a command ended by Ctrl-C does, so that `mfjax train A && mfjax train B` stops there.
-  # A terminal's Ctrl-C reaches the whole process group, the grain data workers included.
+  # Ctrl-C is taken as SIGTERM: the steps so far are saved, and the next start finishes the run
+  # identically. It exits 130, as a command ended by Ctrl-C does, so that `mfjax train A && mfjax
+  # train B` stops there. A terminal's Ctrl-C reaches the whole process group, the grain data workers
+  # included.
   proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "int") + ["--config.data.num_workers=1"], env=ENV, cwd=ROOT,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   _wait_for_step(tmp_path / "int", 3, proc)
@@ -218,7 +214,10 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   assert "Traceback" not in err
   subprocess.run(_train_cmd(aptos, tmp_path / "int") + ["--config.data.num_workers=1"], env=ENV, check=True,
                  cwd=ROOT, capture_output=True)
-  assert _final(tmp_path / "int")[1] == ref_lines
+  state, lines, result = _final(tmp_path / "int")
+  assert lines == ref_lines and result["test"] == ref_result["test"]
+  for k, v in ref_state.items():
+    np.testing.assert_array_equal(state[k], v, err_msg=k)
 
 
 def _two_processes(cmd):
