@@ -115,14 +115,15 @@ def run_processes(argv: list[str], envs: list[dict], log_dir: str, runner: commo
 
   def forward(signum, frame):
     received.append(signum)
-    if len(received) > 1:  # a second SIGTERM or Ctrl-C: stop at once (a run that hangs cannot save anyway)
-      runner.note(f"{signal.Signals(signum).name} again: killing the processes without a checkpoint")
-    for p in procs:
-      if len(received) == 1:
+    if len(received) == 1:
+      for p in procs:
         if p.poll() is None:
           p.send_signal(signal.SIGTERM)  # mfjax saves a checkpoint and exits 0
-      else:
-        kill_session(p)
+      return
+    # A second SIGTERM or Ctrl-C: stop at once (a run that hangs cannot save anyway).
+    runner.note(f"{signal.Signals(signum).name} again: killing the processes without a checkpoint")
+    for p in procs:
+      kill_session(p)
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   try:

@@ -180,10 +180,7 @@ def gathered(value: int) -> np.ndarray:
 def same_on_every_process(value: int) -> int:
   """Process 0's `value` (an integer each process found on its own, e.g. the newest step in a
   folder another job may be writing), so that every process goes on with the same one."""
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils
-  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return int(gathered(value)[0])
 
 
 class Preemption:

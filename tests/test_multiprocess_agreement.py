@@ -86,7 +86,7 @@ def _slice_pool(process_id, workdir):
     pretrain.axial_slices = damaged_here
   pool = pretrain.SlicePool(paths, seed=0, size=3, new_per_step=1)
   pool.sample(0, np.random.default_rng(7), 16)
-  pretrain.check_pools_agree(pool, 4, every=5)  # not a step to compare at: no collective
+  pretrain.check_pools_agree(pool, 4, every=5)  # not a step to compare at: the pools differ, and it says nothing
   pretrain.axial_slices = read
   mine = "none" if process_id == 0 else str([paths[1]])
   with pytest.raises(volumes.VolumeError, match=re.escape(f"step 5: the processes could not read the same volumes "

@@ -366,7 +366,7 @@ def validate(model, params, mesh, plans, pre_dir, case_ids, config, out_dir, pro
       per_case[case].update(segmentation.surface_metrics(prediction, truth, classes, spacing,
                                                          config.eval.nsd_tolerance_mm, ignore))
     if out_dir is not None:
-      def write(case=case, prediction=prediction, probabilities=probabilities, stored=stored, bbox=bbox):
+      def write():
         if probabilities is not None:
           write_probabilities(str(out_dir / case), probabilities, stored["image"], layout, plans, bbox,
                               config.eval.get("probabilities_reader"))
@@ -789,7 +789,8 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     prediction, probabilities = label_case(mean_logits, slices, bbox, image.shape[:3], plans, config.eval.batch_size,
                                            save_probabilities and jax.process_index() == 0)  # held where written
     prediction = segmentation.apply_postprocessing(prediction, steps)
-    def write(case=case, prediction=prediction, probabilities=probabilities, files=files, bbox=bbox):
+
+    def write():
       if probabilities is not None:
         write_probabilities(os.path.join(out_dir, case), probabilities, files[0], layout, plans, bbox, reader)
       written.append(write_prediction(os.path.join(out_dir, case + ".nii.gz"), prediction, files[0], layout))
