@@ -22,6 +22,8 @@ RUN_FOLDER_FLAGS = {"train": "--workdir", "eval": "--workdir", "sweep": "--runs-
 # train (segment, pretrain) run leaves WORKDIR/result.json; a finished sweep has no run left in
 # `mfjax sweep ... --list`. eval and `segment --predict` are judged by their exit status.
 DONE_FILES = {"train": "result.json", "segment": "result.json", "pretrain": "result.json"}
+# mfjax's exit status when another job trains in the workdir (its lock.json): starting again would not help.
+WORKDIR_BUSY = 75
 
 
 class LaunchError(Exception):

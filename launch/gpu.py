@@ -215,6 +215,9 @@ def local(args, runner: common.Runner) -> int:
     if rc == 0 and finished(args, command, done):
       runner.note(f"finished: results in {workdir}")
       return 0
+    if rc == common.WORKDIR_BUSY:
+      runner.note(f"another job trains in {workdir} (process 0's error above names it); not started again")
+      return rc
     why = f"exit status {rc}" if rc else "stopped after a checkpoint"
     if attempt < args.max_restarts:
       runner.note(f"the run did not finish ({why}); restart {attempt + 1} of {args.max_restarts}")

@@ -201,7 +201,9 @@ class Tpu:
 
   def start(self, attempt: int) -> list[str]:
     """Start the run on every worker, detached (immune to SIGHUP), so it outlives the ssh session."""
-    run = common.shell_line([".venv/bin/python", "-m", "mfjax.cli", *self.command], dict(self.args.env))
+    # A lock (WORKDIR/lock.json) left by a preempted attempt of this TPU's run is taken over at once.
+    job = {"MFJAX_JOB_ID": f"tpu:{self.args.project or ''}/{self.args.zone}/{self.args.name}"}
+    run = common.shell_line([".venv/bin/python", "-m", "mfjax.cli", *self.command], {**job, **dict(self.args.env)})
     return self.ssh("all", "\n".join([
         "set -eu",
         "cd ~/mfjax",

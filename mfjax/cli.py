@@ -1,4 +1,4 @@
-"""`mfjax` command line: train, eval, sweep, knn, cka, report, demo, segment, pretrain.
+"""`mfjax` command line: train, eval, sweep, knn, cka, cache, report, demo, segment, pretrain.
 
   mfjax train --config configs/paper.py:model=dinov2_vitb14,dataset=aptos2019,protocol=unfrozen_linear \
               --config.data.manual_dir=~/data/aptos2019 --workdir runs/x
@@ -8,6 +8,7 @@
               --config.data.manual_dir=~/data/aptos2019 --out runs/knn/dinov2
   mfjax cka   --workdir runs/x                      (foundation and head, before vs after fine-tuning)
   mfjax cka   --config configs/paper.py:dataset=aptos2019 --models dinov2_vitb14+sam_vitb --checkpoints ckpt/a+ckpt/b --out runs/cka
+  mfjax cache [--unused-days 30] [--max-gb 200] [--prune]      (the feature cache: list, then delete)
   mfjax report runs/ [--out runs/report]
   mfjax segment --config configs/segment.py:raw=nnUNet_raw/Dataset219_AMOS2022_postChallenge_task2,fold=0 \
                 --config.model.checkpoint=ckpt/meddinov3_vitb16 --workdir runs/amos_fold0
@@ -33,12 +34,14 @@ import ml_collections
 
 from mfjax import hostmem
 from mfjax.config import ConfigError, DataError, RunStopped, check_choice
+from mfjax.train.lock import WorkdirBusy
 
 log = logging.getLogger("mfjax")
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOPPED_BY_CTRL_C = 130  # the shell's status for a command ended by SIGINT: a `&&` chain or a loop stops too
+WORKDIR_BUSY = 75  # EX_TEMPFAIL: another job trains in the workdir (mfjax.train.lock); a launcher does not retry
 
 
 def stopped_status(result: dict) -> int:
@@ -146,6 +149,11 @@ def main(argv=None) -> int:
   p.add_argument("--ks", default="10,20,50,100,200", help="comma-separated k values")
   p.add_argument("--temperature", type=float, default=0.1)
   p.add_argument("--cache", default="~/.cache/mfjax/features", help="feature cache folder")
+  p = sub.add_parser("cache", help="list the feature cache's entries; select unused ones and --prune them")
+  p.add_argument("--cache", default="~/.cache/mfjax/features", help="the feature cache folder (data.feature_cache)")
+  p.add_argument("--unused-days", type=float, help="select the entries not used (written or read) for this many days")
+  p.add_argument("--max-gb", type=float, help="select the least recently used entries until the rest fit in this")
+  p.add_argument("--prune", action="store_true", help="delete what is selected, and files left by killed writes")
   p = sub.add_parser("cka", help="linear CKA: a run before/after fine-tuning, or several foundations")
   p.add_argument("--workdir", help="a trained run: writes cka_layers.json (+ cka_stacked.json)")
   p.add_argument("--config", help="with --models: configs/FILE.py[:dataset=...] shared by the foundations")
@@ -246,6 +254,16 @@ def main(argv=None) -> int:
       if selections.get("signal") == "SIGINT":  # after SIGTERM the stop is printed, and the status is 0
         return stopped_status(selections)
       print(json.dumps(selections, indent=2, default=float))
+    elif args.command == "cache":
+      if rest:
+        parser.error(f"unrecognized arguments: {rest}")
+      for flag, value in (("--unused-days", args.unused_days), ("--max-gb", args.max_gb)):
+        if value is not None and not value >= 0:
+          parser.error(f"{flag} {value}: a number of at least 0")
+      if args.prune and args.unused_days is None and args.max_gb is None:
+        parser.error("--prune deletes what --unused-days or --max-gb select: give one of them")
+      from mfjax.evals import knn as knn_lib
+      print(knn_lib.cache_listing(args.cache, args.unused_days, args.max_gb, args.prune))
     elif args.command == "knn":
       from mfjax.evals import studies
       config = load_config(args.config, _config_overrides(parser, rest))
@@ -373,7 +391,7 @@ def main(argv=None) -> int:
     logging.getLogger("mfjax").debug("the error's traceback", exc_info=True)
     kind = f"{type(e).__name__}: " if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else ""
     print(f"error: {kind}{e}", file=sys.stderr)
-    return 2
+    return WORKDIR_BUSY if isinstance(e, WorkdirBusy) else 2
   return 0
 
 

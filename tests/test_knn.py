@@ -164,6 +164,47 @@ def test_feature_cache_computes_once_per_key(tmp_path):
     assert json.load(f) == key
 
 
+def test_cache_command_lists_and_prunes_by_last_use_and_size(tmp_path, capsys):
+  from mfjax import cli
+  root = tmp_path / "cache"
+  cache = knn.FeatureCache(str(root))
+  day = 86400
+  now = 1_800_000_000.0
+  key = lambda split, model="dinov2_vitb14": {"model": model, "checkpoint": {"path": "/ckpt/" + model},
+                                            "dataset": "/data/aptos2019/", "split": split, "resolution": 224}
+  paths = {}
+  for split, model, age_days in (("train", "dinov2_vitb14", 40), ("test", "dinov2_vitb14", 10),
+                                 ("train", "sam_vitb", 1)):
+    paths[split, model] = cache.put(key(split, model), {"features": np.zeros((250, 1000), np.float32)})  # 1 MB
+    for p in (paths[split, model], paths[split, model][:-4] + ".json"):
+      os.utime(p, (now - age_days * day, now - age_days * day))
+  killed = root / "tmpab12.tmp"  # a write killed midway, two days ago
+  killed.write_bytes(b"partial")
+  os.utime(killed, (now - 2 * day, now - 2 * day))
+  listing = knn.cache_listing(str(root), now=now)
+  assert "3 entries, 3.0 MB" in listing
+  assert "| dinov2_vitb14 | aptos2019 | train | 224 | /ckpt/dinov2_vitb14 |" in listing
+  assert listing.index("dinov2_vitb14 | aptos2019 | train") < listing.index("| sam_vitb")  # least recently used first
+  plan = knn.cache_listing(str(root), unused_days=30, max_gb=0.0015, now=now)  # 30 days, then down to 1.5 MB
+  assert "would delete: 2 entries (2.0 MB)" in plan and "1 files left by killed writes" in plan and "--prune" in plan
+  assert len(os.listdir(root)) == 7
+  # A read counts as a use: the 40-day-old entry read now stays, and the size rule takes the next one.
+  os.utime(paths["train", "dinov2_vitb14"][:-4] + ".json", (now, now))
+  assert "deleted: 2 entries" in knn.cache_listing(str(root), unused_days=30, max_gb=0.0015, prune=True, now=now)
+  kept = paths["train", "dinov2_vitb14"]
+  assert sorted(os.listdir(root)) == sorted(os.path.basename(p) for p in (kept, kept[:-4] + ".json"))
+  key_file = paths["train", "dinov2_vitb14"][:-4] + ".json"
+  os.utime(key_file, (1e9, 1e9))
+  cache.get(key("train"))  # a use: the key file's time is now's
+  assert os.path.getmtime(key_file) > 1e9
+  with pytest.raises(SystemExit):
+    cli.main(["cache", "--cache", str(root), "--prune"])
+  assert "--unused-days or --max-gb" in capsys.readouterr().err
+  assert cli.main(["cache", "--cache", str(root), "--unused-days", "0", "--prune"]) == 0
+  assert "deleted: 1 entries" in capsys.readouterr().out and os.listdir(root) == []
+  assert knn.cache_listing(str(root)) == f"feature cache {root}: no entries"
+
+
 def test_feature_cache_corruption_names_the_file(tmp_path):
   cache = knn.FeatureCache(str(tmp_path))
   key = {"model": "m"}
@@ -181,6 +222,9 @@ def test_feature_cache_corruption_names_the_file(tmp_path):
   with pytest.raises(RuntimeError, match="interrupted"):
     failing.get_or_compute(key, lambda: (_ for _ in ()).throw(RuntimeError("interrupted")))
   assert failing.get(key) is None  # nothing half-written is taken for a result
+  cache.put(key, {"x": np.ones(3)})
+  os.unlink(path[:-4] + ".json")  # pruned between the listing and the read: a miss, computed again
+  assert cache.get(key) is None
 
 
 def test_feature_cache_processes_take_the_same_branch(tmp_path, monkeypatch):

@@ -618,6 +618,17 @@ def test_gpu_local_restarts_until_the_result_exists(guard, tmp_path, capsys):
   assert "restart 1 of 1" in out and "finished: results in" in out
 
 
+def test_gpu_local_does_not_restart_a_run_whose_workdir_another_job_holds(guard, tmp_path, capsys):
+  fake = write_script(tmp_path / "fake_python", f"""
+      #!/usr/bin/env bash
+      echo "attempt" >> {tmp_path}/attempts
+      echo "error: runs/x is in use by another job" >&2; exit {common.WORKDIR_BUSY}
+      """)
+  rc = gpu.main(["local", "--python", fake, "--max-restarts", "3", "--", "train", "--workdir", str(tmp_path / "run")])
+  assert rc == 75 and (tmp_path / "attempts").read_text().count("attempt") == 1
+  assert "another job trains in" in capsys.readouterr().out
+
+
 def test_gpu_local_bucket_workdir_is_finished_only_with_its_result(guard, tmp_path, capsys):
   """A gs:// workdir: a run that exits 0 without result.json (stopped by a SIGTERM this launcher did
   not send) is not "finished"; the bucket is asked through the run's Python (epath)."""

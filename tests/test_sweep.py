@@ -1,8 +1,10 @@
 """`mfjax sweep`: grid expansion, runs, skipping finished runs, learning-rate selection."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from mfjax import data as mdata
 from mfjax.cli import load_config
 from mfjax.config import ConfigError
 from mfjax.data import synthetic
+from mfjax.train import lock
 from mfjax.train import sweep as msweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,10 +78,28 @@ def test_every_study_sweep_names_the_checkpoints_it_needs(spec, deit):
 def test_sweep_runs_skips_and_selects(setup):
   tmp, path = setup
   runs_dir = str(tmp / "runs")
-  cmd = [sys.executable, "-m", "mfjax.cli", "sweep", "--sweep", path, "--runs-dir", runs_dir, "--no-progress"]
-  out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True)
-  assert out.returncode == 0, out.stderr[-3000:]
   runs = msweep.expand(msweep.load_sweep(path), runs_dir)
+  # Another machine's sweep trains the last run: this one leaves it, then trains it once that job is gone.
+  other_job = subprocess.Popen(["sleep", "600"])
+  os.makedirs(runs[3].workdir)
+  other_lock = os.path.join(runs[3].workdir, lock.LOCK_FILE)
+  with open(other_lock, "w") as f:
+    json.dump({"token": "other", "host": socket.gethostname(), "machine": lock._machine(), "pid": other_job.pid,
+               "process_start": lock._process_start(other_job.pid), "alive": time.time()}, f)
+  cmd = [sys.executable, "-m", "mfjax.cli", "sweep", "--sweep", path, "--runs-dir", runs_dir, "--no-progress"]
+  try:
+    out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True)
+  finally:
+    other_job.kill()
+    other_job.wait()
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sweep run 4/4 skipped" in out.stderr and f"process {other_job.pid}" in out.stderr
+  assert os.listdir(runs[3].workdir) == [lock.LOCK_FILE] and json.load(open(other_lock))["token"] == "other"
+  assert all(os.path.exists(os.path.join(r.workdir, "result.json")) for r in runs[:3])
+  before = {r.workdir: os.path.getmtime(os.path.join(r.workdir, "result.json")) for r in runs[:3]}
+  out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and "3 finished, 1 to go" in out.stderr and "taking over" in out.stderr
+  assert not os.path.exists(other_lock)
   results = {(r.values["lr"], r.values["seed"]): json.load(open(os.path.join(r.workdir, "result.json"))) for r in runs}
   mtimes = {r.workdir: os.path.getmtime(os.path.join(r.workdir, "result.json")) for r in runs}
   # Hand-computed selection: best mean validation headline over seeds.
@@ -90,10 +111,8 @@ def test_sweep_runs_skips_and_selects(setup):
   assert selection["test_mean"] == pytest.approx(np.mean(tests))
   assert selection["test_std"] == pytest.approx(np.std(tests, ddof=1))  # the report's sample std
   assert selection["seeds_by_lr"] == selection["expected_seeds_by_lr"] == {"0.0001": 2, "0.003": 2}
-  # Again: every run is finished, nothing is retrained, --list prints nothing.
-  out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True)
-  assert out.returncode == 0 and "4 finished, 0 to go" in out.stderr
-  assert all(os.path.getmtime(os.path.join(w, "result.json")) == t for w, t in mtimes.items())
+  # The finished runs were not retrained, and --list prints nothing.
+  assert all(mtimes[w] == t for w, t in before.items())
   listed = subprocess.run(cmd + ["--list"], env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
                           capture_output=True, text=True)
   assert listed.returncode == 0 and listed.stdout.strip() == ""

@@ -688,6 +688,28 @@ def test_a_kill_between_a_new_best_and_its_latest_checkpoint_keeps_the_recorded_
   resumed.close()
 
 
+def test_what_a_killed_save_left_is_deleted_by_the_runs_own_job_only(tmp_path):
+  from mfjax.train.checkpoints import RunCheckpoints
+  params = lambda v: {"w": jnp.full((3,), v, jnp.float32)}
+  ckpts = RunCheckpoints(tmp_path / "run", owner=True)
+  ckpts.save_latest(10, params(1.0), {"step": 10})
+  ckpts.save_best(10, params(1.0), {"epoch": 1})
+  ckpts.close()
+  for folder in ("checkpoints", "best"):  # a save of step 30 killed midway (a full copy of step 10's)
+    shutil.copytree(tmp_path / "run" / folder / "10", tmp_path / "run" / folder / "30.orbax-checkpoint-tmp")
+  left = lambda: sorted(p.name for f in ("checkpoints", "best") for p in (tmp_path / "run" / f).iterdir())
+  reader = RunCheckpoints(tmp_path / "run")  # `mfjax eval` of a running run: may be a save in progress
+  assert reader.restore_best(jax.eval_shape(lambda: params(0.0)))[1] == {"epoch": 1}
+  reader.close()
+  assert left() == ["10", "10", "30.orbax-checkpoint-tmp", "30.orbax-checkpoint-tmp"]
+  resumed = RunCheckpoints(tmp_path / "run", owner=True)  # resumes at step 10, saves 20 (at another cadence)
+  _, host = resumed.restore_latest(jax.eval_shape(lambda: params(0.0)))
+  resumed.save_best(20, params(2.0), {"epoch": 2})
+  resumed.save_latest(20, params(2.0), {"step": 20})
+  resumed.close()
+  assert host == {"step": 10} and left() == ["10", "20", "20"]
+
+
 def test_a_damaged_metrics_log_and_an_early_test_record_do_not_block_a_resume(tmp_path, caplog):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 10, "train/loss": 1.0}\n{"step": 20, "test/auc": 0.9}\n{"step": 20, "val/auc": 0.8}\n'

@@ -14,11 +14,13 @@ vote run in chunks of queries, so a 200k-example bank needs memory for the bank 
 `FeatureCache` stores extracted features once per (model, checkpoint, dataset, split,
 resolution, transform) so that a k sweep or a second evaluation does not run the model again.
 """
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -225,6 +227,58 @@ def _remote_fingerprint(path: str) -> dict:
           "saved": saved.read_text() if saved.exists() else None}
 
 
+def cache_listing(root: str, unused_days: float | None = None, max_gb: float | None = None,
+                  prune: bool = False, now: float | None = None) -> str:
+  """`mfjax cache`: a table of the cache's entries; with `unused_days` / `max_gb`, which go (entries
+  unused for that many days, then the least recently used until the rest fit in max_gb) and, with
+  `prune`, deletes them and the leftovers of killed writes."""
+  cache = FeatureCache(root)
+  now = time.time() if now is None else now
+  entries = cache.entries()
+  going = {e["path"] for e in entries if unused_days is not None and now - e["last_used"] > unused_days * 86400}
+  if max_gb is not None:
+    kept = sum(e["bytes"] for e in entries if e["path"] not in going)
+    for e in entries:  # least recently used first
+      if kept <= max_gb * 1e9:
+        break
+      if e["path"] not in going:
+        going.add(e["path"])
+        kept -= e["bytes"]
+  leftovers = cache.leftovers(now=now)
+  if not entries and not leftovers:
+    return f"feature cache {cache.root}: no entries"
+  verb = "deleted" if prune else "would delete"
+  size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+  lines = [f"feature cache {cache.root}: {len(entries)} entries, {size(sum(e['bytes'] for e in entries))}", "",
+           "| entry | model | dataset | split | res | weights | MB | last used (UTC) |" + (" |" if going else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if going else "")]
+  for e in entries:
+    key = e["key"] or {}
+    checkpoint = key.get("checkpoint", "?")
+    weights = checkpoint.get("path") or "?" if isinstance(checkpoint, dict) else str(checkpoint)
+    cells = [os.path.basename(e["path"])[:-4], key.get("model", "unreadable key"),
+             os.path.basename(str(key.get("dataset", "?")).rstrip("/")), key.get("split", "?"),
+             str(key.get("resolution", "?")), weights, f"{e['bytes'] / 1e6:.1f}",
+             time.strftime("%Y-%m-%d %H:%M", time.gmtime(e["last_used"]))]
+    if going:
+      cells.append(verb if e["path"] in going else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  freed = sum(e["bytes"] for e in entries if e["path"] in going)
+  if going or leftovers:
+    lines += ["", f"{verb}: {len(going)} entries ({size(freed)})"
+              + (f" and {len(leftovers)} files left by killed writes" if leftovers else "")]
+  if prune:
+    for e in entries:
+      if e["path"] in going:
+        cache.delete(e)
+    for path in leftovers:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+  elif going or leftovers:
+    lines.append("(add --prune to delete them)")
+  return "\n".join(lines)
+
+
 class FeatureCache:
   """Arrays computed once per key, stored as ROOT/<hash>.npz with the key beside it in <hash>.json.
 
@@ -254,6 +308,8 @@ class FeatureCache:
     try:
       with open(key_path) as f:
         stored = json.load(f)
+    except FileNotFoundError:  # pruned (`mfjax cache --prune`) since it was listed: computed again
+      return None
     except (OSError, ValueError) as e:
       raise CacheError(f"feature cache entry {key_path} is unreadable ({e}); delete {path} and its "
                        ".json to recompute") from None
@@ -261,10 +317,15 @@ class FeatureCache:
       raise CacheError(f"feature cache entry {path} belongs to key {stored}, not {key}")
     try:
       with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+        arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+      return None
     except Exception as e:  # noqa: BLE001 - any failure to read means a corrupt file
       raise CacheError(f"feature cache file {path} is corrupt ({type(e).__name__}: {e}); delete it to "
                        "recompute") from None
+    with contextlib.suppress(OSError):  # when it was last used, for `mfjax cache --unused-days`
+      os.utime(key_path)
+    return arrays
 
   def put(self, key: dict, arrays: dict) -> str:
     if not isinstance(arrays, dict) or not arrays:
@@ -289,6 +350,43 @@ class FeatureCache:
     except BaseException:
       os.unlink(tmp)
       raise
+
+  def entries(self) -> list[dict]:
+    """Every entry, least recently used first: {"path", "key" (None when its .json is unreadable),
+    "bytes" (both files), "last_used" (written or last read, seconds since the epoch)}."""
+    if not os.path.isdir(self.root):
+      return []
+    out = []
+    for name in os.listdir(self.root):
+      if not name.endswith(".npz") or name.startswith("."):
+        continue
+      path = os.path.join(self.root, name)
+      key_path = path[:-4] + ".json"
+      try:
+        with open(key_path) as f:
+          key = json.load(f)
+      except (OSError, ValueError):
+        key = None
+      files = [p for p in (path, key_path) if os.path.exists(p)]
+      out.append({"path": path, "key": key, "bytes": sum(os.path.getsize(p) for p in files),
+                  "last_used": max(os.path.getmtime(p) for p in files)})
+    return sorted(out, key=lambda e: e["last_used"])
+
+  def leftovers(self, older_than_s: float = 86400.0, now: float | None = None) -> list[str]:
+    """Files no entry needs, older than `older_than_s`: a write killed midway (*.tmp), a key file
+    whose arrays are gone. Younger ones may be a write in progress."""
+    if not os.path.isdir(self.root):
+      return []
+    names = set(os.listdir(self.root))
+    now = time.time() if now is None else now
+    found = [os.path.join(self.root, n) for n in names
+             if n.endswith(".tmp") or (n.endswith(".json") and n[:-5] + ".npz" not in names)]
+    return sorted(p for p in found if now - os.path.getmtime(p) > older_than_s)
+
+  def delete(self, entry: dict) -> None:
+    for path in (entry["path"], entry["path"][:-4] + ".json"):
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
   def get_or_compute(self, key: dict, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
     """The cached arrays for `key`, or compute_fn()'s (stored, then returned as computed).

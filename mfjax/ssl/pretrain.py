@@ -615,6 +615,7 @@ def place_batch(batch: dict, mesh) -> dict:
 # ------------------------------------------------------------------------------- the run
 
 
+@fit.holds_workdir
 def run(config, workdir, progress: bool = True) -> dict:
   """Pretrain as `config` says, resuming from workdir's checkpoint; returns (and writes) result.json."""
   start_time = time.time()
@@ -637,7 +638,7 @@ def run(config, workdir, progress: bool = True) -> dict:
     log.info("%s has finished already: %s", workdir, backbone_dir)
     return json.loads(result_path.read_text())
 
-  ckpts = RunCheckpoints(workdir)
+  ckpts = RunCheckpoints(workdir, owner=True)  # holds the lock
   start = None
   if config.model.init_from_run and ckpts.latest.latest_step() is None:
     start = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), teacher_of_run(config, replicated))

@@ -13,12 +13,14 @@ from mfjax import parallel
 
 
 class RunCheckpoints:
-  def __init__(self, workdir):
-    """`workdir`: a local path or a remote one orbax can write (gs://, through tensorstore)."""
+  def __init__(self, workdir, owner: bool = False):
+    """`workdir`: a local path or a remote one orbax can write (gs://, through tensorstore).
+    `owner`: the job that trains in it (holding its lock) deletes what a save killed midway left;
+    a reader (eval, CKA, another run's stage 2) must not: that may be a save in progress."""
     self.workdir = epath.Path(workdir)
-    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints",
-                                        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-                                        item_names=("state", "host"))
+    self.owner = owner
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, cleanup_tmp_directories=owner), item_names=("state", "host"))
     self._best = None
 
   @property
@@ -27,9 +29,8 @@ class RunCheckpoints:
     every step until `keep_best_only`: a new best saved before the `latest` checkpoint that records it
     must not delete the best that the latest one records (a kill in between resumes from there)."""
     if self._best is None:
-      self._best = ocp.CheckpointManager(self.workdir / "best",
-                                         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
-                                         item_names=("params", "host"))
+      self._best = ocp.CheckpointManager(self.workdir / "best", options=ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=True, cleanup_tmp_directories=self.owner), item_names=("params", "host"))
     return self._best
 
   def keep_best_only(self, step: int | None) -> None:

@@ -9,6 +9,7 @@ workdir/
   result.json       config, best epoch, validation and test metrics, timing
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from mfjax import parallel
 from mfjax.config import ConfigError, RunStopped, check_choice, to_dict
 from mfjax.evals import metrics as mmetrics
 from mfjax.models import heads, is_remote
-from mfjax.train import build, protocols
+from mfjax.train import build, lock, protocols
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.optim import Plateau, make_optimizer, warmup_lr
 
@@ -477,6 +478,16 @@ def _matters(predicate, config) -> bool:
     return True
 
 
+def holds_workdir(train_fn):
+  """`train_fn(config, workdir, ...)` run holding the workdir's lock (mfjax.train.lock): one job at a time."""
+  @functools.wraps(train_fn)
+  def locked(config, workdir, *args, **kwargs):
+    parallel.maybe_initialize_distributed()  # before process_index
+    with lock.holding(workdir_path(workdir)):
+      return train_fn(config, workdir, *args, **kwargs)
+  return locked
+
+
 def start_run(config, workdir) -> tuple[epath.Path, dict]:
   """The start of every training command: quiet library logs, multi-host initialisation, and the
   workdir with its config.json written (or checked against a restarted run's). (workdir, config dict)."""
@@ -530,6 +541,7 @@ def next_surviving_workers(iterator, loader, preemption) -> tuple[Any, Any]:
     return iterator, next(iterator)
 
 
+@holds_workdir
 def train(config, workdir: str, progress: bool = True, record_divergence: bool = False) -> dict:
   """One run to result.json. A non-finite loss raises NonFiniteError; with `record_divergence` (sweeps)
   it writes a result.json with status "diverged" and no scores instead, so that the grid goes on and
@@ -559,7 +571,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   train_step, evaluate = run.train_step, run.evaluate
 
   # Resume.
-  ckpts = RunCheckpoints(workdir)
+  ckpts = RunCheckpoints(workdir, owner=True)  # holds the lock
   host = {"epoch": 0, "plateau": {}, "best_metric": None, "best_epoch": None, "best_step": None,
           "data": None, "train_seconds": 0.0}
   iterator = iter(train_loader)

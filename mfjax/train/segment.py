@@ -40,8 +40,8 @@ from mfjax.evals import segmentation
 from mfjax.models import heads
 from mfjax.train import build, optim
 from mfjax.train.checkpoints import RunCheckpoints
-from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, check_recorded, is_remote, read_run_config,
-                             start_run, workdir_path, write_atomically)
+from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, check_recorded, holds_workdir, is_remote,
+                             read_run_config, start_run, workdir_path, write_atomically)
 from mfjax.train.optim import make_optimizer
 
 log = logging.getLogger("mfjax")
@@ -206,6 +206,7 @@ def check_split(workdir, train_ids, val_ids) -> None:
   check_recorded(workdir, "split.json", split, refusal, what="the fold's cases")
 
 
+@holds_workdir
 def train(config, workdir: str, progress: bool = True) -> dict:
   start_time = time.time()
   if is_remote(workdir):
@@ -252,7 +253,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
            [round(s, 3) for s in plans["target_spacing_xy"]], n_params / 1e6, dict(mesh.shape))
 
   # Resume.
-  ckpts = RunCheckpoints(workdir)
+  ckpts = RunCheckpoints(workdir, owner=True)  # holds the lock
   host = {"train_seconds": 0.0}
   restored = ckpts.restore_latest(abstract_of(state))
   if restored is not None:

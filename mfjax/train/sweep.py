@@ -11,8 +11,9 @@ A sweep file defines `get_sweep(arg) -> dict` with
   per_model        optional {model: {dotted field: value}} for the runs of that model
 Runs live in RUNS_DIR/<cell>/lr=<lr>/seed=<seed>, where the cell is every axis but lr and seed.
 A run with result.json is skipped (its config must be the sweep's); an interrupted one resumes from
-its checkpoint. A run whose loss turns non-finite gets a result.json with status "diverged" and the
-sweep goes on. For each cell the learning rate with the best mean validation metric over seeds is
+its checkpoint; one that another job trains (its lock.json, mfjax.train.lock) is left to it, so
+sweeps on several machines can share one runs folder. A run whose loss turns non-finite gets a
+result.json with status "diverged" and the sweep goes on. For each cell the learning rate with the best mean validation metric over seeds is
 selected (selection.json), as the report selects it: an lr with a diverged or non-finite seed is not.
 """
 import dataclasses
@@ -26,7 +27,7 @@ import shlex
 from etils import epath
 
 from mfjax.config import ConfigError, to_dict
-from mfjax.train import protocols
+from mfjax.train import lock, protocols
 
 log = logging.getLogger("mfjax")
 SELECTED_BY = ("lr", "seed")
@@ -127,7 +128,11 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
   log.info("sweep: %d runs, %d finished, %d to go", len(runs), len(runs) - len(todo), len(todo))
   for i, (run, config) in enumerate(todo):
     log.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
-    result = fit.train(config, run.workdir, progress=progress, record_divergence=True)
+    try:
+      result = fit.train(config, run.workdir, progress=progress, record_divergence=True)
+    except lock.WorkdirBusy as e:  # another sweep over this runs folder trains it
+      log.warning("sweep run %d/%d skipped: %s", i + 1, len(todo), e)
+      continue
     if result.get("status") == "preempted":
       log.warning("sweep stopped by %s; run it again to resume", result.get("signal", "SIGTERM"))
       return {k: v for k, v in result.items() if k != "step"}
