@@ -79,7 +79,10 @@ def _safe_globals() -> list:
   except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct, scalar
   dtypes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
-  return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes, argparse.Namespace]
+  # A file pickled under the other NumPy major names the same functions by their other module.
+  other = [(fn, f"numpy.{module}.multiarray.{fn.__name__}") for fn in (_reconstruct, scalar)
+           for module in ("core", "_core") if f"numpy.{module}.multiarray" != fn.__module__]
+  return [_reconstruct, scalar, *other, np.ndarray, np.dtype, *dtypes, argparse.Namespace]
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -127,16 +130,30 @@ def read_file(path: str) -> Any:
   """The object stored in a checkpoint file: usually a (nested) dict of tensors."""
   if not os.path.exists(path):
     raise ConversionError(f"checkpoint {path} does not exist")
-  if path.endswith(".safetensors"):
-    return _load_safetensors(path)
   with open(path, "rb") as f:
     head = f.read(512)
+  if path.endswith(".safetensors"):
+    if _not_weights(head):
+      raise ConversionError(f"{path}: {_not_weights(head)}, not a safetensors file")
+    return _load_safetensors(path)
   what = _not_a_torch_file(head)
   if what == "safetensors":  # a safetensors file under a torch name: read as what it is
     return _load_safetensors(path)
   if what:
     raise ConversionError(f"{path}: {what}, not a PyTorch checkpoint")
   return _load_torch(path)
+
+
+def _not_weights(head: bytes) -> str:
+  """What the first bytes of a weights file show it is when a download or clone went wrong; "" otherwise."""
+  text = head.lstrip().lower()
+  if text.startswith(b"version https://git-lfs"):
+    return "a Git LFS pointer file (the repository was cloned without its large files: run `git lfs pull`)"
+  if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+    return "an HTML or XML page (a failed download, an error or login page?)"
+  if not head:
+    return "an empty file"
+  return ""
 
 
 def _not_a_torch_file(head: bytes) -> str:
@@ -146,14 +163,7 @@ def _not_a_torch_file(head: bytes) -> str:
     return ""
   if len(head) >= 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:
     return "safetensors"
-  text = head.lstrip().lower()
-  if text.startswith(b"version https://git-lfs"):
-    return "a Git LFS pointer file (the repository was cloned without its large files: run `git lfs pull`)"
-  if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
-    return "an HTML or XML page (a failed download, an error or login page?)"
-  if not head:
-    return "an empty file"
-  return f"neither a zip archive nor a pickle (it starts with {head[:16]!r})"
+  return _not_weights(head) or f"neither a zip archive nor a pickle (it starts with {head[:16]!r})"
 
 
 def hf_weight_files(folder: str) -> list[str]:

@@ -27,8 +27,15 @@ def convert(state_dict, *, source="checkpoint"):
 
 def from_checkpoint(raw, hf_config, fmt, args):
   if isinstance(raw, dict) and "teacher" in raw:
+    if args.from_student and "student" not in raw:
+      raise core.ConversionError(f"{args.checkpoint}: --from-student, but the checkpoint holds no 'student' "
+                                 f"(its top-level keys: {sorted(raw)[:10]})")
     state = core.flatten_state_dict(raw["student" if args.from_student else "teacher"])
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+  elif args.from_student:
+    raise core.ConversionError(f"{args.checkpoint}: --from-student reads a full training checkpoint "
+                               "({'teacher': ..., 'student': ...}); this file holds one set of weights (the "
+                               "pretrained teacher's): convert it without --from-student")
   else:
     state = core.flatten_state_dict(raw)
   return convert(state, source=args.checkpoint)

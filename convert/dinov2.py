@@ -1,12 +1,15 @@
 """DINOv2 ViT-S/B/L/g-14, with or without registers: torch-hub files and HF folders.
 
-original: `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`, flat; `mask_token` ignored. Position
+original: `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`, flat; `mask_token` ignored. Or a training run's
+  `teacher_checkpoint.pth`: its teacher backbone (blocks unchunked), its DINO and iBOT heads ignored. Position
   embeddings are resized as the hub models do: F.interpolate(scale_factor=(g + 0.1) / M), and with
   registers (the `_reg` builders pass interpolate_offset=0, interpolate_antialias=True)
   F.interpolate(size=grid, antialias=True).
 hf: `Dinov2Model` (resized with F.interpolate(size=grid)) and `Dinov2WithRegistersModel`
   (size=grid, antialias=True) folders, e.g. facebook/dinov2-base.
 """
+import re
+
 from convert import core, vit
 
 FORMATS = ("original", "hf")
@@ -29,7 +32,7 @@ def convert(state_dict, *, source="checkpoint"):
   arch.update(posemb="size_antialias" if arch.get("num_registers") else "dino_offset")
   conv = vit.new_conversion(state_dict, name, arch, source)
   vit.map_timm(conv, arch["depth"])
-  conv.ignore(r"mask_token")
+  conv.ignore(r"mask_token|dino_head\..*|ibot_head\..*")  # a training checkpoint's heads
   return name, arch, conv.finish()
 
 
@@ -63,7 +66,18 @@ def convert_hf(state, config, source):
   return name, arch, conv.finish()
 
 
+def from_training_checkpoint(state: dict) -> dict:
+  """The backbone of DINOv2's own training output (`eval/training_N/teacher_checkpoint.pth`:
+  {'teacher': {'backbone.*', 'dino_head.*', 'ibot_head.*'}}), as the hub file names it: without
+  `backbone.`, and with chunked blocks (`blocks.CHUNK.I.*`, block_chunks > 0) numbered `blocks.I.*`."""
+  if not any(k.startswith("backbone.") for k in state):
+    return state
+  return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k.removeprefix("backbone.")): v
+          for k, v in state.items()}
+
+
 def from_checkpoint(raw, hf_config, fmt, args):
   if fmt == "hf":
     return convert_hf(raw, hf_config, args.checkpoint)
-  return convert(core.flatten_state_dict(core.unwrap(raw, ["model", "state_dict"])), source=args.checkpoint)
+  state = core.flatten_state_dict(core.unwrap(raw, ["model", "state_dict", "teacher"]))
+  return convert(from_training_checkpoint(state), source=args.checkpoint)

@@ -16,6 +16,9 @@ NAME = "openclip_vitb16"
 OPENCLIP_BLOCK = ("ln_1", "attn.in_proj", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj", None, None)
 ORIGINAL_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in laion Hub repos
 ACTIVATIONS = ("gelu", "quick_gelu")
+# Attention heads are not in the tensors either: open_clip's configs give width / head_width, with
+# head_width 64 except for these widths (ViT-H-14: 80, ViT-g-14: 88, ViT-bigG-14: 104; 16 heads each).
+HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
 TEXT_TOWER = (r"token_embedding\..*|positional_embedding|transformer\..*|ln_final\..*|text_projection"
               r"|logit_scale|logit_bias|attn_mask|text\..*")
 
@@ -25,6 +28,10 @@ def add_arguments(parser):
                       help="MLP activation, which an open_clip state dict does not record: gelu (default; "
                            "LAION models) or quick_gelu (OpenAI's CLIP weights, open_clip's *-quickgelu "
                            "models). HF folders read it from config.json (hidden_act)")
+  parser.add_argument("--heads", type=int, default=None,
+                      help="attention heads, which an open_clip state dict does not record either: default "
+                           "width / head_width as in open_clip's configs (ViT-B: 12, ViT-L/H/g/bigG: 16); give it "
+                           "for a model of your own config. HF folders read it from config.json")
 
 
 def _fix_in_proj(state: dict) -> dict:
@@ -33,18 +40,27 @@ def _fix_in_proj(state: dict) -> dict:
           for k, v in state.items()}
 
 
-def convert(state_dict, *, source="checkpoint", act="gelu"):
+def arch_of(state_dict, source, act="gelu", heads=None) -> dict:
   state = _fix_in_proj(state_dict)
   pre = "visual." if "visual.conv1.weight" in state else ""
   vit.require(state, [pre + "conv1.weight", pre + "positional_embedding",
                       pre + "transformer.resblocks.0.attn.in_proj.weight"], source)
   width, _, p, _ = state[pre + "conv1.weight"].shape
   side = vit.grid_from_tokens(state[pre + "positional_embedding"].shape[0] - 1, source)
-  depth = vit.count_blocks(state, f"{pre}transformer.resblocks.")
-  arch = dict(patch_size=int(p), width=int(width), depth=depth, heads=int(width) // 64,
-              mlp_hidden=int(state[pre + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]), mlp_act=act,
-              native_resolution=(side * int(p),) * 2,
+  heads = heads or int(width) // HEAD_WIDTH.get(int(width), 64)
+  if int(width) % heads:
+    raise core.ConversionError(f"{source}: width {int(width)} does not split into {heads} attention heads")
+  return dict(patch_size=int(p), width=int(width), depth=vit.count_blocks(state, f"{pre}transformer.resblocks."),
+              heads=heads, mlp_hidden=int(state[pre + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+              mlp_act=act, native_resolution=(side * int(p),) * 2,
               proj_dim=int(state[pre + "proj"].shape[1]) if pre + "proj" in state else 0)
+
+
+def convert(state_dict, *, source="checkpoint", act="gelu", heads=None):
+  state = _fix_in_proj(state_dict)
+  pre = "visual." if "visual.conv1.weight" in state else ""
+  arch = arch_of(state, source, act, heads)
+  depth = arch["depth"]
   conv = vit.new_conversion(state, NAME, arch, source)
   conv.map("params/cls_token", pre + "class_embedding", lambda x: x.reshape(1, 1, -1))
   conv.map("params/pos_embed", pre + "positional_embedding", lambda x: x[None])
@@ -90,6 +106,12 @@ def from_checkpoint(raw, hf_config, fmt, args):
       hidden_act = vit.vision_config(hf_config).get("hidden_act", "gelu")
       raise core.ConversionError(f"--act {args.act} given, but {args.checkpoint}'s config.json has hidden_act "
                                  f"{hidden_act!r} ({act})")
+    heads = vit.vision_config(hf_config).get("num_attention_heads")
+    if args.heads and args.heads != heads:
+      raise core.ConversionError(f"--heads {args.heads} given, but {args.checkpoint}'s config.json has "
+                                 f"num_attention_heads {heads}")
     return convert_hf(raw, hf_config, args.checkpoint)
+  if args.heads is not None and args.heads < 1:
+    raise core.ConversionError(f"--heads {args.heads}: at least 1")
   return convert(core.flatten_state_dict(core.unwrap(raw, ["state_dict", "model"])), source=args.checkpoint,
-                 act=args.act or "gelu")
+                 act=args.act or "gelu", heads=args.heads)

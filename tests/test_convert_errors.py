@@ -230,6 +230,51 @@ def test_dino_full_checkpoint_with_args(tmp_path, deit_small_state):
     run_convert(["dino", "--checkpoint", str(other), "--out", str(tmp_path / "o")])
 
 
+def test_numpy_scalars_pickled_under_either_numpy_major_load(tmp_path):
+  """nnU-Net's checkpoint_final.pth keeps its best Dice as np.float64: written under NumPy 1 the
+  pickle names numpy.core.multiarray, under NumPy 2 numpy._core.multiarray."""
+  import zipfile
+  written = tmp_path / "numpy2.pth"
+  torch.save({"network_weights": {"w": torch.ones(2)}, "_best_ema": np.float64(0.5),
+              "stats": np.arange(3.0)}, written)
+  numpy1 = tmp_path / "numpy1.pth"
+  with zipfile.ZipFile(written) as src, zipfile.ZipFile(numpy1, "w") as out:
+    for info in src.infolist():
+      data = src.read(info.filename)
+      if info.filename.endswith("data.pkl"):
+        assert b"cnumpy._core.multiarray\n" in data
+        data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+      out.writestr(info, data)
+  for path in (written, numpy1):
+    loaded = core.read_file(str(path))
+    assert loaded["_best_ema"] == 0.5 and list(loaded["stats"]) == [0.0, 1.0, 2.0]
+
+
+def test_from_student_needs_a_checkpoint_with_a_student(tmp_path, deit_small_state):
+  path = tmp_path / "dino_deitsmall16_pretrain.pth"
+  torch.save({k: v for k, v in deit_small_state.items() if not k.startswith("head.")}, path)
+  with pytest.raises(core.ConversionError, match="one set of weights.*without --from-student"):
+    run_convert(["dino", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--from-student"])
+
+
+def test_dinov2_training_teacher_checkpoint_converts_as_the_hub_file(tmp_path, deit_small_state):
+  """DINOv2's eval/training_N/teacher_checkpoint.pth: {'teacher': {'backbone.*' (blocks in chunks
+  with block_chunks > 0), 'dino_head.*', 'ibot_head.*'}}."""
+  backbone = {k: v for k, v in deit_small_state.items() if not k.startswith("head.")}
+  hub = tmp_path / "dinov2_vits14_pretrain.pth"
+  torch.save(backbone, hub)
+  chunked = {f"backbone.{k.replace('blocks.', f'blocks.{int(k.split(chr(46))[1]) // 3}.', 1)}"
+             if k.startswith("blocks.") else f"backbone.{k}": v for k, v in backbone.items()}
+  assert "backbone.blocks.3.11.norm1.weight" in chunked
+  heads = {"dino_head.mlp.0.weight": torch.zeros(32, 384), "ibot_head.last_layer.weight_g": torch.ones(64, 1)}
+  teacher = tmp_path / "teacher_checkpoint.pth"
+  torch.save({"teacher": {**chunked, **heads}}, teacher)
+  for path, out in ((hub, "hub"), (teacher, "teacher")):
+    run_convert(["dinov2", "--checkpoint", str(path), "--out", str(tmp_path / out)])
+  same = jax.tree_util.tree_map(np.array_equal, models.load(tmp_path / "hub")[1], models.load(tmp_path / "teacher")[1])
+  assert all(jax.tree_util.tree_leaves(same))
+
+
 # --------------------------------------------- OpenCLIP folders and Hub repos with two formats
 
 
@@ -367,7 +412,8 @@ def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, de
       ("page.pth", b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "an HTML or XML page"),
       ("lfs.pth", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 343249\n", "Git LFS pointer"),
       ("notes.pth", b"these are not weights\n", "neither a zip archive nor a pickle"),
-      ("empty.pth", b"", "an empty file")):
+      ("empty.pth", b"", "an empty file"),
+      ("model.safetensors", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n", "Git LFS pointer")):
     (tmp_path / name).write_bytes(content)
     assert name in refuse(tmp_path, tmp_path / name, match=says)
   # a safetensors file under a torch name is read as what it is

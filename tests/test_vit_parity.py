@@ -10,6 +10,7 @@ import json
 import math
 
 import jax
+import numpy as np
 import pytest
 import timm
 import torch
@@ -269,6 +270,28 @@ def test_openclip_quick_gelu(tmp_path):
   open_clip.load_checkpoint(at160, str(path))
   x = images(1, 160, seed=1)
   compare(tmp_path / "out", x, *openclip_reference(at160, x))
+
+
+def test_openclip_heads_follow_open_clips_head_width(tmp_path):
+  """Heads are not in the tensors: ViT-H/g/bigG widths take open_clip's head widths (80, 88, 104);
+  a tower of one's own config gives --heads."""
+  import open_clip
+  from convert import openclip
+  zeros = lambda width: {"conv1.weight": np.zeros((width, 3, 14, 14)), "positional_embedding": np.zeros((5, width)),
+                         "transformer.resblocks.0.attn.in_proj_weight": np.zeros((3 * width, width)),
+                         "transformer.resblocks.0.mlp.c_fc.weight": np.zeros((4 * width, width))}
+  for width, heads in ((768, 12), (1024, 16), (1280, 16), (1408, 16), (1664, 16)):
+    assert openclip.arch_of(zeros(width), "t")["heads"] == heads
+  cfg = open_clip.model.CLIPVisionCfg(layers=2, width=128, head_width=32, patch_size=14, image_size=28)
+  ref = randomize(open_clip.model.CLIP(64, cfg, open_clip.model.CLIPTextCfg(layers=1, width=64, heads=2)), seed=3)
+  path = tmp_path / "open_clip_pytorch_model.bin"
+  torch.save(ref.state_dict(), path)
+  x = images(1, 28)
+  run_convert(["openclip", "--checkpoint", str(path), "--out", str(tmp_path / "default")])
+  with pytest.raises(AssertionError, match=r"max\|delta\|"):  # 2 heads of 64, not 4 of 32: other attention
+    compare(tmp_path / "default", x, *openclip_reference(ref, x))
+  run_convert(["openclip", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--heads", "4"])
+  compare(tmp_path / "out", x, *openclip_reference(ref, x))
 
 
 def test_openclip_hf(tmp_path):
