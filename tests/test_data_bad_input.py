@@ -176,6 +176,35 @@ def test_cbis_ddsm_errors(tmp_path):
     mfjax.data.build("cbis_ddsm", lists, str(tmp_path / "tfds"), layout="lists")
 
 
+def test_a_converted_mammogram_in_a_folder_of_its_own_name_is_one_candidate(tmp_path):
+  from mfjax.data import cbis_ddsm
+  key = "Mass-Training_P_00001_LEFT_CC"
+  for rel in (f"converted/{key}/{key}.png", f"CBIS-DDSM/{key}/1.3.6/1.3.6.1/1-1.dcm"):
+    os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+    (tmp_path / rel).write_bytes(b"x")
+  index = cbis_ddsm._index_images(str(tmp_path))
+  assert cbis_ddsm._pick_image(key, index, "row 2", str(tmp_path), False) == str(tmp_path / f"converted/{key}/{key}.png")
+
+
+def test_a_parent_folder_of_several_datasets_gives_each_its_own_csv(tmp_path):
+  """manual_dir may be the parent of the download: another dataset's train.csv beside it is passed over."""
+  from mfjax.data import common
+  (tmp_path / "CheXpert-v1.0-small").mkdir()
+  (tmp_path / "CheXpert-v1.0-small" / "train.csv").write_text("Path,Sex,Age\n")
+  (tmp_path / "aptos2019-blindness-detection").mkdir()
+  (tmp_path / "aptos2019-blindness-detection" / "train.csv").write_text("id_code,diagnosis\n")
+  assert common.find_file(str(tmp_path), ["train.csv"], "APTOS 2019 train.csv", "", ["id_code", "diagnosis"]) == \
+      str(tmp_path / "aptos2019-blindness-detection" / "train.csv")
+  (tmp_path / "chexpert").mkdir()
+  os.rename(tmp_path / "CheXpert-v1.0-small", tmp_path / "chexpert" / "CheXpert-v1.0-small")
+  candidates = ["CheXpert-v1.0-small/train.csv", "CheXpert-v1.0/train.csv", "train.csv"]
+  assert common.find_file(str(tmp_path), candidates, "CheXpert train.csv", "", ["Path"]) == \
+      str(tmp_path / "chexpert" / "CheXpert-v1.0-small" / "train.csv")
+  # None fits: the first found, whose reader names the columns it lacks.
+  assert common.find_file(str(tmp_path / "aptos2019-blindness-detection"), candidates, "", "", ["Path"]) == \
+      str(tmp_path / "aptos2019-blindness-detection" / "train.csv")
+
+
 def test_a_build_finished_meanwhile_by_another_process_is_used(aptos, monkeypatch):
   manual, data_dir = aptos
   builder = mfjax.data.BUILDERS["aptos2019"]

@@ -9,6 +9,7 @@ from mfjax.data import common
 
 NAME = "aptos2019"
 CLASS_NAMES = ("no_dr", "mild", "moderate", "severe", "proliferative_dr")
+COLUMNS = ["id_code", "diagnosis"]
 LAYOUT = """\
 <manual_dir>/                  the Kaggle download, unpacked (or its parent folder)
   train.csv                    columns id_code, diagnosis (0-4)
@@ -41,9 +42,9 @@ def features(opts):
 
 def read(manual_dir, opts):
   del opts
-  csv_path = common.find_file(manual_dir, ["train.csv"], "APTOS 2019 train.csv", LAYOUT)
+  csv_path = common.find_file(manual_dir, ["train.csv"], "APTOS 2019 train.csv", LAYOUT, COLUMNS)
   root = os.path.dirname(csv_path)
-  _, table = common.read_csv(csv_path, ["id_code", "diagnosis"])
+  _, table = common.read_csv(csv_path, COLUMNS)
   rows = []
   for line, r in table:
     try:

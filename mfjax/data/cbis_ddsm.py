@@ -134,8 +134,9 @@ def _index_images(manual_dir):
       if not f.lower().endswith(IMAGE_EXTENSIONS):
         continue
       path = os.path.join(dirpath, f)
-      index[os.path.splitext(f)[0]].append(path)
-      for p in set(parts) - {"."}:
+      stem = os.path.splitext(f)[0]
+      index[stem].append(path)
+      for p in set(parts) - {".", stem}:  # CASE/CASE.png is one candidate for CASE, not two
         index[p].append(path)
   return index
 

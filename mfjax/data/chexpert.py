@@ -106,7 +106,7 @@ def _read(csv_path, official, views):
 def read(manual_dir, opts):
   releases = ["CheXpert-v1.0-small", "CheXpert-v1.0", "."]
   train_csv = common.find_file(manual_dir, [os.path.normpath(f"{d}/train.csv") for d in releases],
-                               "CheXpert train.csv", LAYOUT)
+                               "CheXpert train.csv", LAYOUT, ["Path"])
   rows = _read(train_csv, None, opts["views"])
   sources = [train_csv]
   if opts["split"] == "official":

@@ -130,17 +130,30 @@ def config_name(recipe, opts: dict) -> str:
 # ----------------------------------------------------------------------------- files and CSVs
 
 
-def find_file(manual_dir: str, candidates: Iterable[str], what: str, layout: str) -> str:
-  """First existing `manual_dir/c` or `manual_dir/<one subfolder>/c` among candidates."""
-  candidates = list(candidates)
-  for c in candidates:
-    if os.path.isfile(os.path.join(manual_dir, c)):
-      return os.path.join(manual_dir, c)
-  if os.path.isdir(manual_dir):
-    for sub in sorted(os.listdir(manual_dir)):
-      for c in candidates:
-        if os.path.isfile(os.path.join(manual_dir, sub, c)):
-          return os.path.join(manual_dir, sub, c)
+def find_file(manual_dir: str, candidates: Iterable[str], what: str, layout: str, columns: Iterable[str] = ()) -> str:
+  """First existing `manual_dir/c` or `manual_dir/<one subfolder>/c` among candidates; with `columns`,
+  the first CSV whose header has them (a parent folder of several datasets holds several train.csv),
+  else the first found, whose reader then names the columns it lacks."""
+  candidates, columns = list(candidates), list(columns)
+  found = []
+
+  def fits(path):
+    found.append(path)
+    try:
+      with open(path, newline="", encoding="utf-8-sig") as f:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+      return False
+    return all(c in header for c in columns)
+
+  subfolders = sorted(os.listdir(manual_dir)) if os.path.isdir(manual_dir) else []
+  for folder in [""] + subfolders:
+    for c in candidates:
+      path = os.path.join(manual_dir, folder, c) if folder else os.path.join(manual_dir, c)
+      if os.path.isfile(path) and fits(path):
+        return path
+  if found:
+    return found[0]
   raise DataError(f"{what} not found in manual_dir {manual_dir!r} (looked for {candidates}, also one "
                   f"folder down). Expected layout:\n{layout}")
 
@@ -228,7 +241,8 @@ def assign_splits(name: str, rows: list[Row], opts: dict, num_classes: int) -> d
     # Splits the official release lacks are carved out of the rest, in proportion.
     open_splits = [i for i, s in enumerate(splits.SPLITS) if not fixed[s]]
     if rest and not open_splits:
-      raise DataError(f"{name}: {len(rest)} rows have no official split although all three exist")
+      raise DataError(f"{name}: {len(rest)} rows have no official split although all three exist: give them "
+                      "one, or use split='seeded'")
     if rest:
       share = np.array([fractions[i] for i in open_splits])
       where_to = _seeded(rest, share / share.sum(), opts["seed"], num_classes)

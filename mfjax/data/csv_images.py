@@ -4,7 +4,8 @@ Multi-class: `label_column` holds a class name (or number) per row; the classes 
 `class_names` in that order, or the sorted distinct values when not given (a value outside
 given `class_names` is an error). Multi-label: `label_columns` lists one 0/1 column per
 label. Optional columns: `split_column` (train / validation / test; used with
-split='official', blank rows are split by seed), `group_column` (rows of one group, e.g. a
+split='official'; blank rows are split by seed into the splits the column never names, and are an
+error when it names all three), `group_column` (rows of one group, e.g. a
 patient, never straddle splits). Image paths are relative to `image_root` (default: the
 CSV's folder) or absolute. Normalization defaults to the mean/std measured on the training
 split at build time.
