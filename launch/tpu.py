@@ -202,7 +202,8 @@ class Tpu:
   def start(self, attempt: int) -> list[str]:
     """Start the run on every worker, detached (immune to SIGHUP), so it outlives the ssh session."""
     # A lock (WORKDIR/lock.json) left by a preempted attempt of this TPU's run is taken over at once.
-    job = {"MFJAX_JOB_ID": f"tpu:{self.args.project or ''}/{self.args.zone}/{self.args.name}"}
+    job = {"MFJAX_JOB_ID": f"tpu:{self.args.project or ''}/{self.args.zone}/{self.args.name}",
+           "MFJAX_JOB_ATTEMPT": str(attempt)}
     run = common.shell_line([".venv/bin/python", "-m", "mfjax.cli", *self.command], {**job, **dict(self.args.env)})
     return self.ssh("all", "\n".join([
         "set -eu",

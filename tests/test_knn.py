@@ -180,19 +180,23 @@ def test_cache_command_lists_and_prunes_by_last_use_and_size(tmp_path, capsys):
       os.utime(p, (now - age_days * day, now - age_days * day))
   killed = root / "tmpab12.tmp"  # a write killed midway, two days ago
   killed.write_bytes(b"partial")
-  os.utime(killed, (now - 2 * day, now - 2 * day))
+  others = [root / "notes.json", root / "features.npz", root / "draft.tmp"]  # not the cache's: kept
+  for path in [killed] + others:
+    path.write_bytes(b"x")
+    os.utime(path, (now - 2 * day, now - 2 * day))
   listing = knn.cache_listing(str(root), now=now)
   assert "3 entries, 3.0 MB" in listing
   assert "| dinov2_vitb14 | aptos2019 | train | 224 | /ckpt/dinov2_vitb14 |" in listing
   assert listing.index("dinov2_vitb14 | aptos2019 | train") < listing.index("| sam_vitb")  # least recently used first
   plan = knn.cache_listing(str(root), unused_days=30, max_gb=0.0015, now=now)  # 30 days, then down to 1.5 MB
   assert "would delete: 2 entries (2.0 MB)" in plan and "1 files left by killed writes" in plan and "--prune" in plan
-  assert len(os.listdir(root)) == 7
+  assert len(os.listdir(root)) == 10
   # A read counts as a use: the 40-day-old entry read now stays, and the size rule takes the next one.
   os.utime(paths["train", "dinov2_vitb14"][:-4] + ".json", (now, now))
   assert "deleted: 2 entries" in knn.cache_listing(str(root), unused_days=30, max_gb=0.0015, prune=True, now=now)
   kept = paths["train", "dinov2_vitb14"]
-  assert sorted(os.listdir(root)) == sorted(os.path.basename(p) for p in (kept, kept[:-4] + ".json"))
+  assert sorted(os.listdir(root)) == sorted([os.path.basename(p) for p in (kept, kept[:-4] + ".json")]
+                                            + ["draft.tmp", "features.npz", "notes.json"])
   key_file = paths["train", "dinov2_vitb14"][:-4] + ".json"
   os.utime(key_file, (1e9, 1e9))
   cache.get(key("train"))  # a use: the key file's time is now's
@@ -201,8 +205,13 @@ def test_cache_command_lists_and_prunes_by_last_use_and_size(tmp_path, capsys):
     cli.main(["cache", "--cache", str(root), "--prune"])
   assert "--unused-days or --max-gb" in capsys.readouterr().err
   assert cli.main(["cache", "--cache", str(root), "--unused-days", "0", "--prune"]) == 0
-  assert "deleted: 1 entries" in capsys.readouterr().out and os.listdir(root) == []
+  assert "deleted: 1 entries" in capsys.readouterr().out
+  assert sorted(os.listdir(root)) == ["draft.tmp", "features.npz", "notes.json"]
   assert knn.cache_listing(str(root)) == f"feature cache {root}: no entries"
+  cache.put(dict(key("test"), checkpoint="random:model:0"), {"features": np.zeros(2)})
+  cache.put(dict(key("train"), checkpoint={"path": ""}), {"features": np.zeros(2)})
+  listing = knn.cache_listing(str(root))
+  assert "| random:model:0 |" in listing and "| random init |" in listing
 
 
 def test_feature_cache_corruption_names_the_file(tmp_path):

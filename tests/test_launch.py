@@ -154,7 +154,8 @@ def test_tpu_dry_run_pod_slice(guard, tmp_path):
   assert cmds[7][-1] == "--format=value(state)"
   # The resume path: the same workdir, a new attempt, the same setup.
   assert cmds[9] == create and cmds[11] == setup
-  assert script_of(cmds[12]) == run.replace("attempt-1.log", "attempt-2.log")
+  assert "MFJAX_JOB_ID=tpu:my-proj/us-central2-b/mfjax-v4 MFJAX_JOB_ATTEMPT=1 " in run  # its lock: taken over
+  assert script_of(cmds[12]) == run.replace("attempt-1.log", "attempt-2.log").replace("ATTEMPT=1", "ATTEMPT=2")
   assert cmds[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "mfjax-v4", "--zone=us-central2-b",
                       "--project=my-proj", "--quiet"]
 

@@ -268,6 +268,15 @@ def test_runs_of_one_cell_must_share_their_config_beyond_lr_and_seed(tmp_path):
     json.dump(data, f)
   with pytest.raises(ReportError, match=r"configs differ beyond lr and seed in optim.weight_decay: 1e-05 vs 0.05"):
     results.load_cells(root)
+  # Free-form dicts compare whole: dataset options (or model overrides) set on one run and not the other.
+  data["config"]["optim"]["weight_decay"] = 1e-5
+  for section, field in (("data", "options"), ("model", "overrides")):
+    data["config"][section][field] = {"layout": "lists"} if field == "options" else {"depth": 6}
+    with open(paths[1], "w") as f:
+      json.dump(data, f)
+    with pytest.raises(ReportError, match=rf"differ beyond lr and seed in {section}.{field}: \{{\}} vs \{{"):
+      results.load_cells(root)
+    data["config"][section][field] = {}
 
 
 def test_lr_selection_skips_non_finite_validation(tmp_path):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from typing import Callable, Sequence
@@ -255,7 +256,7 @@ def cache_listing(root: str, unused_days: float | None = None, max_gb: float | N
   for e in entries:
     key = e["key"] or {}
     checkpoint = key.get("checkpoint", "?")
-    weights = checkpoint.get("path") or "?" if isinstance(checkpoint, dict) else str(checkpoint)
+    weights = (checkpoint.get("path") or "random init") if isinstance(checkpoint, dict) else str(checkpoint)
     cells = [os.path.basename(e["path"])[:-4], key.get("model", "unreadable key"),
              os.path.basename(str(key.get("dataset", "?")).rstrip("/")), key.get("split", "?"),
              str(key.get("resolution", "?")), weights, f"{e['bytes'] / 1e6:.1f}",
@@ -277,6 +278,10 @@ def cache_listing(root: str, unused_days: float | None = None, max_gb: float | N
   elif going or leftovers:
     lines.append("(add --prune to delete them)")
   return "\n".join(lines)
+
+
+ENTRY_NAME = re.compile(r"[0-9a-f]{24}\.(npz|json)")  # FeatureCache.path's names
+TMP_NAME = re.compile(r"tmp\w+\.tmp")  # tempfile.mkstemp's, in FeatureCache._write_atomically
 
 
 class FeatureCache:
@@ -353,12 +358,13 @@ class FeatureCache:
 
   def entries(self) -> list[dict]:
     """Every entry, least recently used first: {"path", "key" (None when its .json is unreadable),
-    "bytes" (both files), "last_used" (written or last read, seconds since the epoch)}."""
+    "bytes" (both files), "last_used" (written or last read, seconds since the epoch)}. Only files
+    named as this cache names them count: a --cache folder holding other files keeps them."""
     if not os.path.isdir(self.root):
       return []
     out = []
     for name in os.listdir(self.root):
-      if not name.endswith(".npz") or name.startswith("."):
+      if not ENTRY_NAME.fullmatch(name) or not name.endswith(".npz"):
         continue
       path = os.path.join(self.root, name)
       key_path = path[:-4] + ".json"
@@ -367,21 +373,30 @@ class FeatureCache:
           key = json.load(f)
       except (OSError, ValueError):
         key = None
-      files = [p for p in (path, key_path) if os.path.exists(p)]
-      out.append({"path": path, "key": key, "bytes": sum(os.path.getsize(p) for p in files),
-                  "last_used": max(os.path.getmtime(p) for p in files)})
+      stats = []
+      for p in (path, key_path):
+        with contextlib.suppress(FileNotFoundError):  # written or pruned meanwhile
+          stats.append(os.stat(p))
+      if stats:
+        out.append({"path": path, "key": key if isinstance(key, dict) else None,
+                    "bytes": sum(st.st_size for st in stats), "last_used": max(st.st_mtime for st in stats)})
     return sorted(out, key=lambda e: e["last_used"])
 
   def leftovers(self, older_than_s: float = 86400.0, now: float | None = None) -> list[str]:
-    """Files no entry needs, older than `older_than_s`: a write killed midway (*.tmp), a key file
+    """Files no entry needs, older than `older_than_s`: a write killed midway (tmp*.tmp), a key file
     whose arrays are gone. Younger ones may be a write in progress."""
     if not os.path.isdir(self.root):
       return []
     names = set(os.listdir(self.root))
     now = time.time() if now is None else now
-    found = [os.path.join(self.root, n) for n in names
-             if n.endswith(".tmp") or (n.endswith(".json") and n[:-5] + ".npz" not in names)]
-    return sorted(p for p in found if now - os.path.getmtime(p) > older_than_s)
+    orphan = lambda n: ENTRY_NAME.fullmatch(n) and n.endswith(".json") and n[:-5] + ".npz" not in names
+    found = [os.path.join(self.root, n) for n in names if TMP_NAME.fullmatch(n) or orphan(n)]
+    old = []
+    for path in found:
+      with contextlib.suppress(FileNotFoundError):
+        if now - os.path.getmtime(path) > older_than_s:
+          old.append(path)
+    return sorted(old)
 
   def delete(self, entry: dict) -> None:
     for path in (entry["path"], entry["path"][:-4] + ".json"):

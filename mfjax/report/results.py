@@ -111,10 +111,12 @@ def _number(value, what: str, path: str) -> float:
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
+  """Dotted fields -> JSON. A free-form dict (model/head `overrides`, data `options`) stays one field,
+  so that `{}` and `{"layout": "lists"}` differ even though only one of them has a `layout` field."""
   flat = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
-    if isinstance(value, dict) and value:
+    if isinstance(value, dict) and value and not key.endswith(("overrides", "options")):
       flat.update(_flatten(value, name + "."))
     else:
       flat[name] = json.dumps(value, sort_keys=True)

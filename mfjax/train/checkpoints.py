@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mfjax import parallel
+from mfjax.train import lock
 
 
 class RunCheckpoints:
@@ -53,6 +54,8 @@ class RunCheckpoints:
     return None if step < 0 else step
 
   def save_latest(self, step: int, state, host: dict) -> None:
+    if self.owner:
+      lock.check_still_held(self.workdir)
     if step in self.latest.all_steps():  # nothing new: a resumed run's first save can be the one it resumed from
       return
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -84,6 +87,8 @@ class RunCheckpoints:
     """Keeps an existing checkpoint of `step` unless `replace`: a run killed while saving `latest`
     at the end of an epoch redoes that epoch on restart, and reaches the same best step again
     with the same parameters."""
+    if self.owner:
+      lock.check_still_held(self.workdir)
     if step in self.best.all_steps():
       if not replace:
         return

@@ -483,6 +483,8 @@ def holds_workdir(train_fn):
   @functools.wraps(train_fn)
   def locked(config, workdir, *args, **kwargs):
     parallel.maybe_initialize_distributed()  # before process_index
+    if (workdir_path(workdir) / "result.json").exists():  # finished: only read (from a read-only folder too)
+      return train_fn(config, workdir, *args, **kwargs)
     with lock.holding(workdir_path(workdir)):
       return train_fn(config, workdir, *args, **kwargs)
   return locked

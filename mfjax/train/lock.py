@@ -3,14 +3,18 @@
 A second `mfjax train` (segment, pretrain) on a workdir in use is refused with the holder's host,
 process, command and start time; two sweeps over one runs folder (on two machines, say) share its
 runs, each skipping what the other holds. A lock whose job is gone is taken over with a warning:
-- on the same machine (host name, boot and process namespace), when its process no longer runs;
-- when it names the same launcher job as ours (MFJAX_JOB_ID, or SLURM_JOB_ID): a requeued job
-  starts only after its last attempt ended, on whichever node;
+- on the same machine (host name, boot and process namespace), when its process no longer runs
+  (a live one there always keeps it);
+- from another machine, when it is an earlier attempt of our launcher job (the same MFJAX_JOB_ID
+  or SLURM_JOB_ID with a lower MFJAX_JOB_ATTEMPT or SLURM_RESTART_COUNT): a requeued job starts
+  only after its last attempt ended, on whichever node;
 - from anywhere, when it has not been refreshed for STALE_AFTER_S: the holder refreshes it every
   HEARTBEAT_S from a background thread.
-A local lock is created atomically (O_EXCL). An object store (gs://) has no exclusive create here:
-there the lock is written, read back after a pause, and kept only if it is still ours, which
-catches all but near-simultaneous starts.
+A job whose lock another job took meanwhile (it was silent that long: suspended, say) stops at its
+next checkpoint instead of writing one (`check_still_held`). A local lock appears whole and at once
+(a hard link of a written file). An object store (gs://) has no exclusive create here: there the
+lock is written, read back after a pause, and kept only if it is still ours, which catches all but
+near-simultaneous starts.
 """
 import contextlib
 import json
@@ -37,6 +41,13 @@ class WorkdirBusy(RunStopped):
   """The workdir is in use by another job; the message names it."""
 
 
+class WorkdirLost(RunStopped):
+  """Another job took this job's lock while it ran (it was silent for STALE_AFTER_S)."""
+
+
+_HELD: dict = {}  # workdir -> the WorkdirLock this process holds there
+
+
 def _machine() -> str:
   """This kernel's boot and process namespace (Linux; "" elsewhere): a pid is checked only where both
   match, not on another machine (or container) that happens to have the same host name."""
@@ -57,8 +68,11 @@ def _process_start(pid: int) -> str:
     return ""
 
 
-def _job_id() -> str:
-  return os.environ.get("MFJAX_JOB_ID") or os.environ.get("SLURM_JOB_ID") or ""
+def _job() -> tuple[str, int]:
+  """(launcher job id, attempt): what a requeued job keeps, and what it counts up."""
+  if os.environ.get("MFJAX_JOB_ID"):
+    return os.environ["MFJAX_JOB_ID"], int(os.environ.get("MFJAX_JOB_ATTEMPT", "0"))
+  return os.environ.get("SLURM_JOB_ID", ""), int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 def _process_running(record: dict) -> bool:
@@ -76,15 +90,25 @@ def _process_running(record: dict) -> bool:
 def why_stale(record: dict, now: float | None = None) -> str:
   """Why the job that wrote `record` is gone ("" when it may still be running)."""
   now = time.time() if now is None else now
-  same_machine = record.get("host") == socket.gethostname() and record.get("machine", "") == _machine()
-  if same_machine and not _process_running(record):
-    return f"its process {record.get('pid')} is no longer running"
-  if _job_id() and record.get("job") == _job_id():
-    return f"it is an earlier attempt of this launcher job ({_job_id()})"
+  if record.get("host") == socket.gethostname() and record.get("machine", "") == _machine():
+    return "" if _process_running(record) else f"its process {record.get('pid')} is no longer running"
+  job, attempt = _job()
+  if job and record.get("job") == job and int(record.get("attempt", 0)) < attempt:
+    return f"it is attempt {record.get('attempt', 0)} of this launcher job ({job}), which is at attempt {attempt}"
   silent = now - float(record.get("alive", 0))
   if silent > STALE_AFTER_S:
     return f"it has not been refreshed for {silent:.0f} s"
   return ""
+
+
+def _parse(text: str) -> dict:
+  try:
+    record = json.loads(text)
+    if isinstance(record, dict):
+      return record
+  except ValueError:
+    pass
+  return {"damaged": text[:200]}  # edited by hand, or a disk fault: nothing can be running from it
 
 
 def describe(record: dict, now: float | None = None) -> str:
@@ -104,25 +128,19 @@ class WorkdirLock:
     self._stop = threading.Event()
     self._thread = None
     self.made_folder = False
+    self.lost = ""  # set by the refresh thread when another job has taken the lock
 
   def record(self) -> dict:
     return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
-            "process_start": _process_start(os.getpid()), "job": _job_id(),
+            "process_start": _process_start(os.getpid()), "job": _job()[0], "attempt": _job()[1],
             "command": ["mfjax", *sys.argv[1:]],
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "alive": time.time()}
 
   def _read(self) -> dict | None:
     try:
-      text = self.path.read_text()
+      return _parse(self.path.read_text())
     except FileNotFoundError:
       return None
-    try:
-      record = json.loads(text)
-      if not isinstance(record, dict):
-        raise ValueError("not an object")
-      return record
-    except ValueError:  # a holder killed while writing it: nothing can be running from it
-      return {"damaged": text[:200]}
 
   def _create(self, record: dict) -> bool:
     """Write the lock if there is none; False if another job's is there. Locally the whole file
@@ -174,16 +192,34 @@ class WorkdirLock:
     raise WorkdirBusy(f"{self.path}: other jobs keep taking this workdir; start one job at a time")
 
   def _remove_if(self, held: dict) -> None:
-    """Delete the lock if it is still `held` (not a newer one another job has just written)."""
-    if self._read() == held:
-      with contextlib.suppress(FileNotFoundError):
-        self.path.unlink()
+    """Delete the lock if it is still `held`, not a newer one another job has just written. Locally
+    it is first renamed away (atomic), and put back if it turns out to be the newer one."""
+    if self.remote:
+      if self._read() == held:
+        with contextlib.suppress(FileNotFoundError):
+          self.path.unlink()
+      return
+    taken = self.path.parent / f".{LOCK_FILE}.{self.token}.stale"
+    try:
+      os.rename(self.path, taken)
+    except FileNotFoundError:
+      return
+    try:
+      with open(taken) as f:
+        text = f.read()
+      if _parse(text) != held:
+        with contextlib.suppress(FileExistsError):
+          os.link(taken, self.path)
+    finally:
+      taken.unlink(missing_ok=True)
 
   def _write_refresh(self) -> bool:
     current = self._read()
     if current is None or current.get("token") != self.token:
-      log.error("%s is no longer this job's lock (now: %s): another job may be writing to this workdir",
-                self.path, describe(current) if current and "damaged" not in current else current)
+      now_held = describe(current) if current and "damaged" not in current else current
+      self.lost = (f"{self.path} was taken by another job ({now_held}) while this one ran: it went "
+                   f"unrefreshed for {STALE_AFTER_S:.0f} s (suspended? clocks apart?)")
+      log.error("%s; this job stops at its next checkpoint", self.lost)
       return False
     self._record["alive"] = time.time()
     partial = self.path.parent / f".{LOCK_FILE}.{self.token}"
@@ -201,20 +237,34 @@ class WorkdirLock:
         try:
           if not self._write_refresh():
             return
-        except OSError as e:  # a full disk or a network blip: the next refresh tries again
-          log.warning("could not refresh %s: %s", self.path, e)
+        except Exception as e:  # noqa: BLE001 - a full disk, a network blip (gcsfs's HttpError): try again
+          log.warning("could not refresh %s: %s: %s", self.path, type(e).__name__, e)
     self._thread = threading.Thread(target=refresh, name="mfjax-workdir-lock", daemon=True)
     self._thread.start()
 
   def release(self) -> None:
+    """Stop refreshing and delete the lock (if still ours); a failure here is a warning, not the run's."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    current = self._read()
-    if current is not None and current.get("token") == self.token:
-      self.path.unlink()
-    if self.made_folder and not any(self.path.parent.iterdir()):  # a config error before anything was written
-      self.path.parent.rmdir()
+    try:
+      current = self._read()
+      if current is not None and current.get("token") == self.token:
+        self.path.unlink(missing_ok=True)
+      if self.made_folder and not any(self.path.parent.iterdir()):  # a config error before anything was written
+        self.path.parent.rmdir()
+    except Exception as e:  # noqa: BLE001
+      log.warning("could not remove %s: %s: %s", self.path, type(e).__name__, e)
+
+
+def check_still_held(workdir) -> None:
+  """Before a checkpoint: every process stops (WorkdirLost) when another job took process 0's lock of
+  `workdir` meanwhile, so that two jobs never write one run's checkpoints."""
+  from mfjax import parallel
+  held = _HELD.get(str(workdir))
+  lost = held.lost if held is not None else ""
+  if parallel.same_on_every_process(int(bool(lost))):
+    raise WorkdirLost(lost or "process 0 lost this workdir's lock to another job (its output says which)")
 
 
 @contextlib.contextmanager
@@ -235,8 +285,11 @@ def holding(workdir):
   busy = parallel.on_process_zero(f"lock {lock.path.parent}", try_acquire)
   if parallel.same_on_every_process(int(busy is not None)):
     raise busy or WorkdirBusy(f"{lock.path.parent} is in use by another job (process 0's output names it)")
+  if jax.process_index() == 0:
+    _HELD[str(workdir)] = lock
   try:
     yield
   finally:
     if jax.process_index() == 0:
+      _HELD.pop(str(workdir), None)
       lock.release()

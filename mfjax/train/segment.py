@@ -38,7 +38,7 @@ from mfjax.config import ConfigError
 from mfjax.data import nnunet, volumes
 from mfjax.evals import segmentation
 from mfjax.models import heads
-from mfjax.train import build, optim
+from mfjax.train import build, lock, optim
 from mfjax.train.checkpoints import RunCheckpoints
 from mfjax.train.fit import (NonFiniteError, Writer, abstract_of, check_recorded, holds_workdir, is_remote,
                              read_run_config, start_run, workdir_path, write_atomically)
@@ -448,8 +448,10 @@ def import_nnunet_folds(model_folder: str, folds, workdir: str, checkpoint: str 
   for fold in folds:
     nnunet_model_paths(model_folder, fold, checkpoint)
   workdirs = [str(workdir)] if len(folds) == 1 else [os.path.join(str(workdir), f"fold_{f}") for f in folds]
+  parallel.maybe_initialize_distributed()
   for fold, run in zip(folds, workdirs):
-    import_nnunet(model_folder, fold, run, checkpoint, **kwargs)
+    with lock.holding(workdir_path(run)):  # not into a run another job trains or imports
+      import_nnunet(model_folder, fold, run, checkpoint, **kwargs)
   return workdirs
 
 

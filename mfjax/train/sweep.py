@@ -124,19 +124,28 @@ def run_all(sweep, runs_dir: str, extra_overrides: list[str] = (), progress: boo
       if data not in datasets:
         datasets[data] = fit.open_dataset(config)
       fit.check_data_build(run.workdir, datasets[data])
-  todo = [(r, c) for r, c in zip(runs, configs) if not r.finished()]
+  # As process 0 sees it: another sweep on this runs folder may finish a run while the processes look.
+  todo = [(r, c) for r, c in zip(runs, configs) if not parallel.same_on_every_process(int(r.finished()))]
   log.info("sweep: %d runs, %d finished, %d to go", len(runs), len(runs) - len(todo), len(todo))
+  held_elsewhere = []
   for i, (run, config) in enumerate(todo):
     log.info("sweep run %d/%d: %s", i + 1, len(todo), run.workdir)
     try:
       result = fit.train(config, run.workdir, progress=progress, record_divergence=True)
     except lock.WorkdirBusy as e:  # another sweep over this runs folder trains it
       log.warning("sweep run %d/%d skipped: %s", i + 1, len(todo), e)
+      held_elsewhere.append(run.workdir)
       continue
     if result.get("status") == "preempted":
       log.warning("sweep stopped by %s; run it again to resume", result.get("signal", "SIGTERM"))
       return {k: v for k, v in result.items() if k != "step"}
-  return select(runs)
+  selections = select(runs)
+  unfinished = [w for w in held_elsewhere if not (epath.Path(w) / "result.json").exists()]
+  if unfinished:  # a launcher must not start this sweep again at once: it would skip them again
+    raise lock.WorkdirBusy(f"this sweep trained the rest; {len(unfinished)} run(s) other jobs train are not finished "
+                           f"({', '.join(unfinished[:5])}{', ...' if len(unfinished) > 5 else ''}): run the sweep "
+                           "again when they end, to select over every run")
+  return selections
 
 
 def select(runs: list[Run]) -> dict:
