@@ -647,6 +647,10 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   with pytest.raises(ConfigError, match="gram.refresh_every"):
     pretrain.build_networks(tiny_config(ct_folder, **{"gram.weight": 0.0, "gram.crop_size": 0,
                                                       "gram.refresh_every": 5}))
+  with pytest.raises(ConfigError, match="gram.first_refresh=3 .* gram.refresh_every, which is 0"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"gram.first_refresh": 3}))
+  with pytest.raises(ConfigError, match="gram.distortions=False acts on the Gram teacher's own crops"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"gram.crop_size": 0, "gram.distortions": False}))
   with pytest.raises(ConfigError, match="loss.koleo_group_size=3"):
     pretrain.build_networks(tiny_config(ct_folder, **{"loss.koleo_group_size": 3}))
   with pytest.raises(ConfigError, match=re.escape("data.mixed_sizes[1]=(48, 24)")):

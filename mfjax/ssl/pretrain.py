@@ -395,6 +395,14 @@ def check_config(config, resuming: bool = False) -> None:
                       "(gram.weight > 0 or gram.weight_schedule.enabled)")
   if min(g.refresh_every, g.first_refresh, g.max_refreshes) < 0:
     raise ConfigError("gram.refresh_every, gram.first_refresh and gram.max_refreshes must be >= 0")
+  if not g.refresh_every and (g.first_refresh or g.max_refreshes):
+    raise ConfigError(f"gram.first_refresh={g.first_refresh} / gram.max_refreshes={g.max_refreshes} shape the "
+                      "refreshes of gram.refresh_every, which is 0 (none): set it, or leave them 0")
+  gram_crops = g.crop_size or any(tuple(entry)[2:3] != (0,) for entry in config.data.mixed_sizes)
+  if not g.distortions and not gram_crops:
+    raise ConfigError("gram.distortions=False acts on the Gram teacher's own crops, and there are none (gram.crop_size"
+                      "=0, no Gram size in data.mixed_sizes): the Gram teacher would see the student's distorted "
+                      "crops anyway. Set gram.crop_size, or leave gram.distortions=True")
   for part, key in WEIGHT_SCHEDULES.values():
     schedule = config[part][key + "_schedule"]
     if schedule.enabled and (schedule.warmup_epochs < 0 or schedule.warmup_epochs + max(schedule.cosine_epochs, 0)
