@@ -1047,6 +1047,27 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   assert os.stat(out / "synth_006.nii.gz").st_mtime_ns == kept and sorted(os.listdir(out)) == [
       "synth_006.nii.gz", "synth_007.nii.gz"]
   np.testing.assert_array_equal(volumes.read_labels(str(out / "synth_007.nii.gz"))[0], first)
+  # Never over an input: one-channel volumes named CASE.nii.gz predicted into their own folder.
+  import nibabel as nib
+  import shutil
+  own = tmp_path / "own"
+  own.mkdir()
+  shutil.copy(os.path.join(raw_ct, "imagesTs", "synth_006_0000.nii.gz"), own / "synth_006.nii.gz")
+  with pytest.raises(ConfigError, match="synth_006.nii.gz would replace that input image"):
+    segment.predict_folder(str(tmp_path / "run"), str(own), str(own), progress=False)
+  # A .nii input gets a .nii prediction; a 2-D file stops the run before its first case.
+  plain, plain_out = tmp_path / "plain", tmp_path / "plain_out"
+  plain.mkdir()
+  nib.save(nib.load(own / "synth_006.nii.gz"), plain / "synth_006.nii")
+  nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), plain / "flat.nii.gz")
+  with pytest.raises(volumes.VolumeError, match=r"flat.nii.gz: expected a 3-D volume, got shape \(8, 8\)"):
+    segment.predict_folder(str(tmp_path / "run"), str(plain), str(plain_out), progress=False)
+  assert os.listdir(plain_out) == []
+  os.remove(plain / "flat.nii.gz")
+  segment.predict_folder(str(tmp_path / "run"), str(plain), str(plain_out), progress=False)
+  assert os.listdir(plain_out) == ["synth_006.nii"]
+  np.testing.assert_array_equal(volumes.read_labels(str(plain_out / "synth_006.nii"))[0],
+                                volumes.read_labels(str(out / "synth_006.nii.gz"))[0])
 
   # nnU-Net's postprocessing, determined on the validation predictions and applied when predicting.
   found = tmp_path / "postprocessing.json"
@@ -1087,6 +1108,11 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   assert np.abs(one - two).max() > 0.1
   expected = nnunet.uncrop(segmentation.labels_at_shape((one + two) / 2, shape_xy), bbox, image.shape)
   np.testing.assert_array_equal(volumes.read_labels(str(ensembled / "synth_006.nii.gz"))[0], expected)
+  # A folder of folds stands for its numbered ones, as nnU-Net's default ensemble; fold_all is left out.
+  for name, run in (("fold_0", "run"), ("fold_1", "fold1"), ("fold_all", "run")):
+    os.makedirs(tmp_path / "folds", exist_ok=True)
+    os.symlink(tmp_path / run, tmp_path / "folds" / name)
+  assert segment.run_folders(str(tmp_path / "folds")) == [str(tmp_path / "folds" / f) for f in ("fold_0", "fold_1")]
 
   # --save-probabilities on a volume stored with permuted, flipped axes: nnU-Net's npz and pkl in
   # SimpleITKIO's array order (the file's voxel order), as its 3-D models' for nnUNetv2_ensemble.

@@ -78,7 +78,9 @@ def write_volume(path: str, data: np.ndarray, spacing=(1.0, 1.0, 1.0), affine=No
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = nib.Nifti1Image(np.asarray(data), affine)  # the header's zooms follow the affine
   ending = next((e for e in NIFTI_ENDINGS if path.endswith(e)), "")
-  partial = path[: len(path) - len(ending)] + ".partial" + ending  # nibabel picks gzip by the ending
+  folder, name = os.path.split(path)
+  # Hidden, so that a kill leaves nothing a listing of *.nii.gz takes for a case; nibabel picks gzip by the ending.
+  partial = os.path.join(folder, "." + name[: len(name) - len(ending)] + ".partial" + ending)
   nib.save(image, partial)
   os.replace(partial, path)  # a volume is there whole or not at all
   return path

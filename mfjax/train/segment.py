@@ -464,6 +464,10 @@ def run_folders(workdirs) -> list[str]:
     path = workdir_path(workdir)
     folds = [] if (path / "config.json").exists() or not path.is_dir() else sorted(path.glob("fold_*"),
                                                                                       key=lambda p: p.name)
+    if any(p.name == "fold_all" for p in folds) and len(folds) > 1:  # nnU-Net's default ensemble: the 5 folds
+      log.warning("%s: fold_all is left out of the ensemble of its numbered folds; --workdir %s predicts with it",
+                  path, path / "fold_all")
+      folds = [p for p in folds if p.name != "fold_all"]
     unstarted = [p.name for p in folds if not (p / "config.json").exists()]
     if unstarted:
       raise ConfigError(f"{path}: its fold folder(s) {', '.join(unstarted)} hold no run (no config.json); "
@@ -581,7 +585,8 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
                         "determined together")
     plans = plans or these
     folder = workdir / "validation"
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".nii.gz")) if folder.exists() else []
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".nii.gz") and not f.startswith(".")) \
+        if folder.exists() else []
     if not names:
       raise ConfigError(f"{folder}: no validation predictions (a run with fold=all, with "
                         "eval.save_predictions=False, or not finished)")
@@ -699,7 +704,7 @@ def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
   other name its own stem). A case missing a channel, a file of a channel the runs do not have
   (CASE_0001 beside CASE_0000 for one channel), or two files of one case and channel (CASE.nii
   and CASE.nii.gz, CASE_0000.nii.gz and CASE.nii.gz) is an error naming them."""
-  names = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS))
+  names = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS) and not f.startswith("."))
   if not names:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
   if channels == 1:
@@ -741,10 +746,11 @@ def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
 def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True,
                    continue_prediction: bool = False, postprocessing: str | None = None,
                    save_probabilities: bool = False, probabilities_reader: str | None = None) -> list[str]:
-  """Segment every CASE_0000.nii.gz (or *.nii.gz) in `input_dir` with the final parameters of one
+  """Segment every CASE_0000.nii.gz (or *.nii.gz, .nii) in `input_dir` with the final parameters of one
   finished run, or of several (e.g. the 5 folds) whose logits are averaged, as nnU-Net's
-  prediction with several folds does; writes OUT_DIR/CASE.nii.gz label volumes aligned with
-  their inputs (each written whole or not at all). `continue_prediction` skips the cases whose
+  prediction with several folds does; writes OUT_DIR/CASE.nii.gz (.nii for a .nii input) label
+  volumes aligned with their inputs (each written whole or not at all; never over an input).
+  Every input's header is checked before the first case. `continue_prediction` skips the cases whose
   output exists, not empty (nnU-Net's --continue_prediction); otherwise they are predicted again.
   `postprocessing`: a file of `determine_postprocessing`, applied to each prediction.
   `save_probabilities`: also CASE.npz and CASE.pkl as nnU-Net's --save_probabilities writes them
@@ -768,20 +774,30 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   names = nnunet.channel_names(plans)
   layout = nnunet.voxel_layout(plans)
   inputs = input_cases(input_dir, len(names))
+  ending_of = {case: next(e for e in volumes.NIFTI_ENDINGS if files[0].endswith(e)) for case, files in inputs.items()}
+  given = {os.path.realpath(f) for files in inputs.values() for f in files}
+  for case in inputs:
+    output = os.path.join(out_dir, case + ending_of[case])
+    if os.path.realpath(output) in given:
+      raise ConfigError(f"--out {out_dir}: the prediction {output} would replace that input image; choose another "
+                        "--out folder")
   os.makedirs(out_dir, exist_ok=True)
   if save_probabilities:
     reader = nnunet.reader_of(plans, probabilities_reader)
     if reader == "SimpleITKIO":
       nnunet.reader_properties(next(iter(inputs.values()))[0], reader)  # SimpleITK is there, before any work
     _copy_nnunet_files(workdirs[0], out_dir)
-  endings = (".nii.gz", ".npz", ".pkl") if save_probabilities else (".nii.gz",)
+  endings = lambda case: (ending_of[case], ".npz", ".pkl") if save_probabilities else (ending_of[case],)
   if continue_prediction:  # decided where the outputs are written (process 0), the same on every process
     written_whole = lambda path: os.path.isfile(path) and os.path.getsize(path) > 0  # an empty file is not done
-    done = np.array([all(written_whole(os.path.join(out_dir, case + e)) for e in endings) for case in inputs])
+    done = np.array([all(written_whole(os.path.join(out_dir, case + e)) for e in endings(case)) for case in inputs])
     done = np.asarray(multihost_utils.broadcast_one_to_all(done)) if jax.process_count() > 1 else done
     if done.any():
       log.info("continuing: %d of %d cases are predicted already in %s", int(done.sum()), len(inputs), out_dir)
     inputs = {case: files for (case, files), skip in zip(inputs.items(), done) if not skip}
+  for files in inputs.values():  # a 2-D or unreadable file stops the run before any case, not midway
+    for path in files:
+      volumes.check_header(path)
   written = []
   from tqdm.auto import tqdm
   for case, files in tqdm(inputs.items(), desc="predict", unit="case",
@@ -796,7 +812,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
     def write():
       if probabilities is not None:
         write_probabilities(os.path.join(out_dir, case), probabilities, files[0], layout, plans, bbox, reader)
-      written.append(write_prediction(os.path.join(out_dir, case + ".nii.gz"), prediction, files[0], layout))
+      written.append(write_prediction(os.path.join(out_dir, case + ending_of[case]), prediction, files[0], layout))
     parallel.on_process_zero(f"write the prediction of {case}", write)
   return written
 
