@@ -87,6 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optim.warmup_start = 1e-8
   c.optim.plateau_patience = 2     # epochs without improvement before lr /= 10; -1 switches it off
   c.optim.plateau_factor = 0.1
+  c.optim.plateau_after_warmup = True  # the epochs of the warmup do not count towards the plateau rule
   c.optim.mu_dtype = ""            # e.g. bfloat16 for Adam's first moment
 
   c.mesh = ml_collections.ConfigDict()

@@ -85,6 +85,24 @@ def test_plateau_matches_torch_reduce_lr_on_plateau(metrics):
   assert plateau.scale == pytest.approx(1e-3 if len(metrics) == 14 else 1e-2)  # each reduction where torch makes one
 
 
+def test_plateau_counts_from_the_end_of_the_warmup():
+  plateau = optim.Plateau(patience=0)
+  assert not any(plateau.update(0.5, in_warmup=True) for _ in range(3))  # flat during the warmup: no cut
+  assert plateau.best is None and plateau.scale == 1.0
+  assert plateau.update(0.5) is False and plateau.update(0.5) is True and plateau.scale == pytest.approx(0.1)
+
+
+def test_a_run_started_before_plateau_after_warmup_counts_its_warmup_as_it_did(tmp_path):
+  from mfjax.cli import load_config
+  from mfjax.train import fit
+  for spec, as_it_ran in (("configs/paper.py:dataset=aptos2019", False), ("configs/tiny.py", True)):
+    config = load_config(spec, [])
+    saved = fit.to_dict(config)
+    del saved["optim"]["plateau_after_warmup"]
+    fit.as_it_ran(saved, config, tmp_path)
+    assert config.optim.plateau_after_warmup is as_it_ran  # tiny.py has no warmup: nothing to keep
+
+
 def test_plateau_restored_with_a_nan_best_starts_over():
   assert optim.Plateau(best=float("nan")).best is None  # an older checkpoint's host state
   plateau = optim.Plateau(patience=0, best=float("nan"))

@@ -451,6 +451,9 @@ BEFORE_THE_FIELD = {
     # A SAM run whose foundation trained has its neck in the trained state (and Adam's) of its checkpoints.
     ("model", "freeze_unused"): (False, lambda c: c.model.name.startswith("sam_") and protocols.foundation_trains(
         c.protocol.name, c.protocol.get("decapitation_trained", False))),
+    # The plateau rule counted the epochs of the warmup too.
+    ("optim", "plateau_after_warmup"): (False, lambda c: c.optim.plateau_patience >= 0 and bool(
+        c.optim.warmup_epochs or c.optim.warmup_steps)),
     # Pretraining collated its iBOT masks over the whole batch, one group (on every device count).
     ("masking", "group_crops"): (lambda c: 2 * c.batch_size, lambda c: True),
 }
@@ -635,7 +638,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
         pending = None
       if end_of_epoch:
         val = evaluate("validation", state)
-        reduced = plateau.update(val["headline"])
+        reduced = plateau.update(val["headline"], in_warmup=config.optim.plateau_after_warmup and step <= warmup_steps)
         writer.write(step, {"epoch": epoch + 1, **{f"val/{k}": v for k, v in val.items()},
                             "lr_reduced": reduced})
         # Like the paper: the first epoch reaching the best (rounded to 3 decimals) wins.

@@ -102,9 +102,11 @@ class Plateau:
     if self.best is not None and not math.isfinite(self.best):  # saved by an mfjax that kept a NaN
       self.best = None
 
-  def update(self, metric: float) -> bool:
-    """Record one epoch's validation metric; True when the learning rate was just reduced."""
-    if self.patience < 0 or metric is None:
+  def update(self, metric: float, in_warmup: bool = False) -> bool:
+    """Record one epoch's validation metric; True when the learning rate was just reduced. An epoch
+    that ended `in_warmup` is not counted: a cut there would scale the whole run here, while the
+    paper's code adds its warmup increments to the cut learning rate and so undoes most of it."""
+    if self.patience < 0 or metric is None or in_warmup:
       return False
     if math.isfinite(metric) and (self.best is None or metric > self.best * (1 + self.threshold)):
       self.best, self.bad_epochs = metric, 0  # a NaN metric is a bad epoch, as in torch (best starts at -inf)
