@@ -183,7 +183,8 @@ def test_a_converted_mammogram_in_a_folder_of_its_own_name_is_one_candidate(tmp_
     os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
     (tmp_path / rel).write_bytes(b"x")
   index = cbis_ddsm._index_images(str(tmp_path))
-  assert cbis_ddsm._pick_image(key, index, "row 2", str(tmp_path), False) == str(tmp_path / f"converted/{key}/{key}.png")
+  picked = cbis_ddsm._pick_image(key, index, "row 2", str(tmp_path), False)
+  assert picked == str(tmp_path / f"converted/{key}/{key}.png")
 
 
 def test_a_parent_folder_of_several_datasets_gives_each_its_own_csv(tmp_path):

@@ -77,8 +77,8 @@ def write_volume(path: str, data: np.ndarray, spacing=(1.0, 1.0, 1.0), affine=No
   affine = np.diag([*map(float, spacing), 1.0]) if affine is None else np.asarray(affine, np.float64)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = nib.Nifti1Image(np.asarray(data), affine)  # the header's zooms follow the affine
-  ending = next((e for e in NIFTI_ENDINGS if path.endswith(e)), "")
   folder, name = os.path.split(path)
+  ending = nifti_ending(name)
   # Hidden, so that a kill leaves nothing a listing of *.nii.gz takes for a case; nibabel picks gzip by the ending.
   partial = os.path.join(folder, "." + name[: len(name) - len(ending)] + ".partial" + ending)
   nib.save(image, partial)
@@ -86,11 +86,18 @@ def write_volume(path: str, data: np.ndarray, spacing=(1.0, 1.0, 1.0), affine=No
   return path
 
 
+def nifti_ending(name: str) -> str:
+  """The NIfTI ending of `name` (.nii.gz or .nii); "" for another file."""
+  return next((e for e in NIFTI_ENDINGS if name.endswith(e)), "")
+
+
 def strip_ending(name: str) -> str:
-  for ending in NIFTI_ENDINGS:
-    if name.endswith(ending):
-      return name[: -len(ending)]
-  return name
+  return name[: len(name) - len(nifti_ending(name))]
+
+
+def volume_files(folder: str, endings=NIFTI_ENDINGS) -> list[str]:
+  """The names of `folder`'s volumes, sorted; hidden files (a write in progress, `write_volume`) left out."""
+  return sorted(f for f in os.listdir(folder) if f.endswith(endings) and not f.startswith("."))
 
 
 def read_spacing(path: str) -> np.ndarray:

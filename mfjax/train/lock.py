@@ -131,8 +131,9 @@ class WorkdirLock:
     self.lost = ""  # set by the refresh thread when another job has taken the lock
 
   def record(self) -> dict:
+    job, attempt = _job()
     return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
-            "process_start": _process_start(os.getpid()), "job": _job()[0], "attempt": _job()[1],
+            "process_start": _process_start(os.getpid()), "job": job, "attempt": attempt,
             "command": ["mfjax", *sys.argv[1:]],
             "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "alive": time.time()}
 
@@ -142,18 +143,22 @@ class WorkdirLock:
     except FileNotFoundError:
       return None
 
+  def _staged(self, record: dict):
+    """`record` written whole beside the lock, to be linked or renamed into place (local workdirs)."""
+    staged = self.path.parent / f".{LOCK_FILE}.{self.token}"
+    staged.write_text(json.dumps(record, indent=2))
+    return staged
+
   def _create(self, record: dict) -> bool:
     """Write the lock if there is none; False if another job's is there. Locally the whole file
     appears at once (a hard link of a finished one), so no job ever reads a half-written lock."""
-    text = json.dumps(record, indent=2)
     if self.remote:
       if self.path.exists():
         return False
-      self.path.write_text(text)
+      self.path.write_text(json.dumps(record, indent=2))
       time.sleep(REMOTE_SETTLE_S)
       return (self._read() or {}).get("token") == self.token
-    written = self.path.parent / f".{LOCK_FILE}.{self.token}"
-    written.write_text(text)
+    written = self._staged(record)
     try:
       os.link(written, self.path)
       return True
@@ -165,7 +170,7 @@ class WorkdirLock:
       except FileExistsError:
         return False
       with os.fdopen(fd, "w") as f:
-        f.write(text)
+        f.write(json.dumps(record, indent=2))
       return True
     finally:
       written.unlink(missing_ok=True)
@@ -222,13 +227,10 @@ class WorkdirLock:
       log.error("%s; this job stops at its next checkpoint", self.lost)
       return False
     self._record["alive"] = time.time()
-    partial = self.path.parent / f".{LOCK_FILE}.{self.token}"
-    text = json.dumps(self._record, indent=2)
     if self.remote:
-      self.path.write_text(text)
+      self.path.write_text(json.dumps(self._record, indent=2))
     else:
-      partial.write_text(text)
-      os.replace(partial, self.path)
+      os.replace(self._staged(self._record), self.path)
     return True
 
   def _start_heartbeat(self) -> None:

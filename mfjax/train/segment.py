@@ -585,8 +585,7 @@ def determine_postprocessing(workdirs, out_path: str, progress: bool = True) -> 
                         "determined together")
     plans = plans or these
     folder = workdir / "validation"
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".nii.gz") and not f.startswith(".")) \
-        if folder.exists() else []
+    names = volumes.volume_files(folder, ".nii.gz") if folder.exists() else []
     if not names:
       raise ConfigError(f"{folder}: no validation predictions (a run with fold=all, with "
                         "eval.save_predictions=False, or not finished)")
@@ -704,7 +703,7 @@ def input_cases(input_dir: str, channels: int) -> dict[str, list[str]]:
   other name its own stem). A case missing a channel, a file of a channel the runs do not have
   (CASE_0001 beside CASE_0000 for one channel), or two files of one case and channel (CASE.nii
   and CASE.nii.gz, CASE_0000.nii.gz and CASE.nii.gz) is an error naming them."""
-  names = sorted(f for f in os.listdir(input_dir) if f.endswith(volumes.NIFTI_ENDINGS) and not f.startswith("."))
+  names = volumes.volume_files(input_dir)
   if not names:
     raise ConfigError(f"{input_dir}: no NIfTI volumes ({', '.join(volumes.NIFTI_ENDINGS)})")
   if channels == 1:
@@ -774,7 +773,7 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   names = nnunet.channel_names(plans)
   layout = nnunet.voxel_layout(plans)
   inputs = input_cases(input_dir, len(names))
-  ending_of = {case: next(e for e in volumes.NIFTI_ENDINGS if files[0].endswith(e)) for case, files in inputs.items()}
+  ending_of = {case: volumes.nifti_ending(files[0]) for case, files in inputs.items()}
   given = {os.path.realpath(f) for files in inputs.values() for f in files}
   for case in inputs:
     output = os.path.join(out_dir, case + ending_of[case])

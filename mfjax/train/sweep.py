@@ -13,8 +13,9 @@ Runs live in RUNS_DIR/<cell>/lr=<lr>/seed=<seed>, where the cell is every axis b
 A run with result.json is skipped (its config must be the sweep's); an interrupted one resumes from
 its checkpoint; one that another job trains (its lock.json, mfjax.train.lock) is left to it, so
 sweeps on several machines can share one runs folder. A run whose loss turns non-finite gets a
-result.json with status "diverged" and the sweep goes on. For each cell the learning rate with the best mean validation metric over seeds is
-selected (selection.json), as the report selects it: an lr with a diverged or non-finite seed is not.
+result.json with status "diverged" and the sweep goes on. For each cell the learning rate with the
+best mean validation metric over seeds is selected (selection.json), as the report selects it: an
+lr with a diverged or non-finite seed is not.
 """
 import dataclasses
 import importlib.util
