@@ -339,6 +339,10 @@ def test_splits_final_json_is_read_where_nnunet_keeps_it(raw_ct, tmp_path, monke
   (own / "splits_final.json").write_text("{not json")
   with pytest.raises(nnunet.DatasetError, match="not a readable splits file"):
     nnunet.fold_cases(moved, 0)
+  for wrong in ({"train": ids}, [{"train": ids, "validation": []}]):
+    (own / "splits_final.json").write_text(json.dumps(wrong))
+    with pytest.raises(nnunet.DatasetError, match="must be a list of folds, each"):
+      nnunet.fold_cases(moved, 0)
 
 
 def test_volumes_are_read_in_canonical_orientation(tmp_path):
@@ -399,6 +403,16 @@ def test_raw_dataset_problems_name_the_file_or_key(raw_ct, tmp_path):
          "must be above every other label value")
   expect({"labels": {"liver": 1}}, "background as 0")
   expect({"numTraining": 9}, "numTraining is 9 but 6")
+  expect({"numTraining": "six"}, "numTraining must be a whole number, not 'six'")
+  expect({"training": [{"image": "./imagesTr/synth_000.nii.gz"}]}, r"training\[0\] must be")
+  expect({"training": {"image": "x"}}, "'training' must be a list")
+  expect({"dataset": ["imagesTr/synth_000_0000.nii.gz"]}, "'dataset' must map each case")
+  (root / "dataset.json").write_text(json.dumps([meta]))
+  with pytest.raises(nnunet.DatasetError, match="must hold a JSON object"):
+    nnunet.read_raw(str(root))
+  # Eleven channels: "10" sorts before "2" as text, and is still in order.
+  eleven = {str(k): f"T{k}" for k in range(11)}
+  expect({"channel_names": eleven}, "imagesTr/synth_000_0001.nii.gz")
   expect({"file_ending": ".mha"}, "file_ending '.mha' is not supported")
   (root / "dataset.json").write_text(json.dumps(meta))
   os.remove(root / "labelsTr" / "synth_003.nii.gz")
@@ -597,6 +611,19 @@ def test_sampler_is_deterministic_and_oversamples_foreground(raw_ct, tmp_path):
   full = np.maximum(np.load(tmp_path / "pre" / "synth_000_seg.npy")[z], 0)  # outside the nonzero region: background
   corner = [int(rng.integers(0, s - 24 + 1)) for s in full.shape]
   np.testing.assert_array_equal(labels, full[corner[0]:corner[0] + 24, corner[1]:corner[1] + 24])
+  # A patch on a foreground voxel is cut as nnU-Net cuts it, from corner voxel - patch // 2: on the voxel
+  # grid, image and labels alike (it fell half a voxel off it, blending the image's pixels).
+  on_foreground = nnunet.SliceSampler(str(tmp_path / "pre"), plans, ["synth_000"], (24, 24), 1, 1.0, augment=False)
+  image, labels = on_foreground.sample(0, 0)
+  rng = np.random.default_rng([0, 0, 0])
+  rng.integers(1)
+  _, _, locations, foreground, _ = on_foreground.arrays("synth_000")
+  rows = locations[locations[:, 0] == foreground[rng.integers(len(foreground))]]
+  _, z, cx, cy = rows[rng.integers(len(rows))]
+  pad = lambda a: np.pad(a, ((24, 24), (24, 24)) + ((0, 0),) * (a.ndim - 2))
+  window = (slice(cx - 12 + 24, cx + 12 + 24), slice(cy - 12 + 24, cy + 12 + 24))
+  np.testing.assert_array_equal(image, pad(np.load(tmp_path / "pre" / "synth_000.npy")[z])[window])
+  np.testing.assert_array_equal(labels, pad(np.maximum(np.load(tmp_path / "pre" / "synth_000_seg.npy")[z], 0))[window])
 
 
 def test_label_resampling_is_nnunets_resize_segmentation():
@@ -754,6 +781,44 @@ def test_augmentations_are_batchgenerators_ops():
     cut = [nnunet.augment_patch(np.ones((16, 16), np.float32), region, (8.0, 8.0), (6, 6),
                                 np.random.default_rng(step), True, mask_outside=True) for region in (outside, inside)]
     assert not cut[0][0].any() and not cut[0][1].any() and (cut[1][0] != 0).all() and not cut[1][1].any()
+
+
+class _ScriptedRng:
+  """Draws an augmentation on purpose: random() from a list (then 0.99: nothing more applies), every
+  uniform its upper bound, every normal zeros; the bounds and scales asked for are recorded."""
+
+  def __init__(self, randoms):
+    self.randoms, self.uniforms, self.normal_scales = list(randoms), [], []
+
+  def random(self):
+    return self.randoms.pop(0) if self.randoms else 0.99
+
+  def uniform(self, lo, hi, size=None):
+    self.uniforms.append((lo, hi))
+    return hi if size is None else np.full(size, hi)
+
+  def normal(self, loc, scale, size):
+    self.normal_scales.append(scale)
+    return np.zeros(size)
+
+
+def test_spatial_and_noise_augmentations_draw_as_nnunet():
+  """Scaling by s samples an s times wider region (objects shrink, as batchgeneratorsv2's
+  SpatialTransform); an elongated patch turns by 15 degrees at most; the Gaussian noise's drawn
+  "variance" (0-0.1) is its standard deviation, as batchgenerators uses it."""
+  ramp = np.repeat(np.arange(64, dtype=np.float32)[:, None], 64, axis=1)
+  labels = np.zeros((64, 64), np.int16)
+  plain, _ = nnunet.augment_patch(ramp, labels, (32.0, 32.0), (8, 8), _ScriptedRng([]), False)
+  scaled, _ = nnunet.augment_patch(ramp, labels, (32.0, 32.0), (8, 8), _ScriptedRng([0.5, 0.1]), True)
+  assert plain[-1, 0, 0] - plain[0, 0, 0] == 7
+  np.testing.assert_allclose(scaled[-1, 0, 0] - scaled[0, 0, 0], 7 * 1.4, rtol=1e-5)
+  for patch, max_angle in (((32, 16), np.pi / 12), ((24, 16), np.pi)):
+    rng = _ScriptedRng([0.1])
+    nnunet.augment_patch(ramp, labels, (32.0, 32.0), patch, rng, True)
+    assert rng.uniforms[0] == (-max_angle, max_angle)
+  rng = _ScriptedRng([0.5, 0.5, 0.05])
+  nnunet.augment_patch(ramp, labels, (32.0, 32.0), (8, 8), rng, True)
+  assert rng.uniforms == [(0, 0.1)] and rng.normal_scales == [0.1]
 
 
 def test_masked_mr_is_cropped_trained_and_predicted_on_its_nonzero_region(tmp_path):

@@ -63,8 +63,9 @@ NONZERO_LABEL = -1  # nnU-Net's label of background voxels outside the nonzero r
 # What the preprocessed arrays mean; a folder written by another version is refused, not misread.
 # 2: cropped to the nonzero region, labels int16 with NONZERO_LABEL; 3: images stored normalised (nnU-Net's
 # order: normalise, then resample), labels resampled as nnU-Net's resize_segmentation; 4: that resampling as
-# batchgenerators 0.25.5 does it (the largest resampled label mask wins, not the last to reach 0.5).
-PREPROCESSING_VERSION = 4
+# batchgenerators 0.25.5 does it (the largest resampled label mask wins, not the last to reach 0.5); 5: the
+# foreground intensities behind the CT statistics drawn as nnU-Net does (10000 a case, with replacement).
+PREPROCESSING_VERSION = 5
 ANISOTROPY_THRESHOLD = 3  # nnU-Net's: above it a volume is resampled slice by slice
 MASK_FOR_NORM_BELOW = 0.75  # nnU-Net: z-score within the nonzero region when cropping leaves less
 # nnU-Net's normalization by channel name (casefolded); any other name (MRI, T2, ADC, ...): z-score.
@@ -113,7 +114,10 @@ def read_raw(root: str) -> RawDataset:
       meta = json.load(f)
   except json.JSONDecodeError as e:
     raise DatasetError(f"{path}: not valid JSON ({e})") from e
-  unknown = sorted(set(meta) - DATASET_JSON_KEYS) if isinstance(meta, dict) else []
+  if not isinstance(meta, dict):
+    raise DatasetError(f"{path}: must hold a JSON object ({{\"channel_names\": ..., \"labels\": ...}}), "
+                       f"not a {type(meta).__name__}")
+  unknown = sorted(set(meta) - DATASET_JSON_KEYS)
   if unknown:  # a misspelt optional key ("region_class_order") would otherwise be ignored without a word
     log.warning("%s: key(s) %s are not nnU-Net's (a typo?); they are ignored", path, unknown)
   names = _channel_names(meta, path)
@@ -126,6 +130,8 @@ def read_raw(root: str) -> RawDataset:
   in_root = lambda p: os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p))
   if "dataset" in meta:  # nnU-Net v2's explicit lists: {case: {"images": [a file per channel], "label": file}}
     cases, channel_files = {}, {}
+    if not isinstance(meta["dataset"], dict):
+      raise DatasetError(f"{path}: 'dataset' must map each case to {{\"images\": [...], \"label\": ...}}")
     for case, item in meta["dataset"].items():
       if not isinstance(item, dict) or not isinstance(item.get("images"), list) or "label" not in item:
         raise DatasetError(f"{path}: dataset[{case!r}] must be {{\"images\": [...], \"label\": ...}}")
@@ -137,7 +143,11 @@ def read_raw(root: str) -> RawDataset:
     # v1: explicit pairs. The Decathlon's files are the listed ones (one 4-D image holds every channel);
     # an nnU-Net v1 Task's are CASE_0000.nii.gz ... beside the listed CASE.nii.gz.
     cases, channel_files = {}, {}
-    for item in meta["training"]:
+    if not isinstance(meta["training"], list):
+      raise DatasetError(f"{path}: 'training' must be a list of {{\"image\": ..., \"label\": ...}}")
+    for i, item in enumerate(meta["training"]):
+      if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not isinstance(item.get("label"), str):
+        raise DatasetError(f"{path}: training[{i}] must be {{\"image\": file, \"label\": file}}, not {item!r}")
       image, label = (in_root(item[k]) for k in ("image", "label"))
       case = volumes.strip_ending(os.path.basename(image))
       stem = os.path.join(os.path.dirname(image), case)
@@ -165,7 +175,9 @@ def read_raw(root: str) -> RawDataset:
   if not cases:
     raise DatasetError(f"{root}: no training cases (expected imagesTr/CASE_0000{file_ending})")
   expected = meta.get("numTraining")
-  if expected is not None and int(expected) != len(cases):
+  if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+    raise DatasetError(f"{path}: numTraining must be a whole number, not {expected!r}")
+  if expected is not None and expected != len(cases):
     raise DatasetError(f"{path}: numTraining is {expected} but {len(cases)} training cases were found")
   name = meta.get("name") or os.path.basename(root)
   return RawDataset(root, str(name), modality, labels, dict(sorted(cases.items())), file_ending, regions, order,
@@ -177,7 +189,7 @@ def _channel_names(meta: dict, path: str) -> tuple[str, ...]:
   channels = meta.get("channel_names", meta.get("modality"))
   if not isinstance(channels, dict) or not channels:
     raise DatasetError(f"{path}: needs 'channel_names' (nnU-Net v2) or 'modality' (v1), e.g. {{\"0\": \"CT\"}}")
-  if sorted(str(k) for k in channels) != [str(k) for k in range(len(channels))]:
+  if {str(k) for k in channels} != {str(k) for k in range(len(channels))}:
     raise DatasetError(f"{path}: channel keys {sorted(channels)} must be \"0\", \"1\", ... in order")
   return tuple(str(channels[k]) for k in sorted(channels, key=int))
 
@@ -367,6 +379,10 @@ def split_file(raw: RawDataset) -> tuple[str | None, list | None]:
     log.info("%s: no %s in %s; nnU-Net's 5-fold split (KFold, seed 12345)", raw.root, SPLITS_JSON,
              " or ".join(places))
     return None, None
+  for path, folds in found:
+    if not isinstance(folds, list) or not all(
+        isinstance(fold, dict) and all(isinstance(fold.get(k), list) for k in ("train", "val")) for fold in folds):
+      raise DatasetError(f"{path}: must be a list of folds, each {{\"train\": [case, ...], \"val\": [case, ...]}}")
   if len(found) > 1 and found[0][1] != found[1][1]:
     log.warning("%s and %s differ; using the first", found[0][0], found[1][0])
   log.info("folds from %s", found[0][0])
@@ -789,8 +805,9 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     image, labels, bbox = crop_to_nonzero(image, labels)
     rng = np.random.default_rng([12345, i])
     foreground = image[labels > 0]  # (n, C); nnU-Net's fingerprint counts ignored voxels as foreground too
-    fg_values.append(foreground[rng.choice(len(foreground), min(FG_SAMPLES_PER_CASE, len(foreground)),
-                                           replace=False)] if len(foreground) else
+    # a fixed count per case drawn with replacement, as nnU-Net: small structures weigh as much as large
+    fg_values.append(foreground[rng.choice(len(foreground), FG_SAMPLES_PER_CASE, replace=True)]
+                     if len(foreground) else
                      np.zeros((0, image.shape[-1]), np.float32))
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
                    "shape_before_cropping": shape_before_cropping, "bbox": bbox,  # (X, Y, Z) of the volume
@@ -1017,10 +1034,10 @@ class SliceSampler:
     if index >= self.batch_size - self.num_foreground and len(foreground):
       rows = locations[locations[:, 0] == foreground[rng.integers(len(foreground))]]
       _, z, cx, cy = rows[rng.integers(len(rows))]
-      center = np.array([cx, cy], np.float64) + 0.5
+      center = self._center_on(cx, cy)
     elif len(annotated):  # with an ignore label: any annotated voxel, as nnU-Net does
       _, z, cx, cy = annotated[rng.integers(len(annotated))]
-      center = np.array([cx, cy], np.float64) + 0.5
+      center = self._center_on(cx, cy)
     else:
       z = rng.integers(image.shape[0])
       # the patch's lower corner anywhere it overlaps the slice, padding where the slice is small
@@ -1029,6 +1046,12 @@ class SliceSampler:
       center = np.array([rng.integers(l, h + 1) for l, h in zip(lo, hi)]) + np.array(self.patch) / 2
     return augment_patch(np.asarray(image[z]), np.asarray(labels[z]), center, self.patch, rng, self.augment,
                          _per_channel(self.plans.get("use_mask_for_norm", False), image.shape[-1]))
+
+  def _center_on(self, cx, cy) -> np.ndarray:
+    """The center of the patch whose lower corner is voxel - patch // 2, as nnU-Net cuts it: the
+    patch stays on the voxel grid (an even patch centred on the voxel would fall between voxels)."""
+    patch = np.array(self.patch)
+    return np.array([cx, cy], np.float64) - patch // 2 + patch / 2
 
   def batch(self, step: int, rows: range | None = None) -> dict:
     """Rows `rows` (default all) of the global batch of `step`."""
@@ -1040,7 +1063,8 @@ class SliceSampler:
 
 def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside=False):
   """Cut a `patch` around `center` of one (H, W, C) slice, with nnU-Net v2's default 2-D
-  augmentation when asked, in its order: rotation (p 0.2, any angle) and scaling (p 0.2, 0.7-1.4)
+  augmentation when asked, in its order: rotation (p 0.2, any angle; 15 degrees at most when one side of
+  the patch is over 1.5 times the other) and scaling (p 0.2, 0.7-1.4, sampling that much wider)
   in one resampling (image linear, labels nearest; outside the slice image 0, labels -1 as nnU-Net
   pads them), Gaussian noise (p 0.1), blur (p 0.2, then each channel p 0.5, sigma 0.5-1 per axis),
   brightness (p 0.15), contrast (p 0.15), low resolution (p 0.25, then each channel p 0.5: nearest
@@ -1054,9 +1078,11 @@ def augment_patch(image, labels, center, patch, rng, augment: bool, mask_outside
   patch = np.asarray(patch)
   offsets = np.stack(np.meshgrid(*(np.arange(p) - (p - 1) / 2 for p in patch), indexing="ij"), axis=0)
   if augment:
-    angle = rng.uniform(-np.pi, np.pi) if rng.random() < 0.2 else 0.0
-    scale = rng.uniform(0.7, 1.4) if rng.random() < 0.2 else 1.0
-    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+    # nnU-Net turns an elongated 2-D patch (longest side over 1.5x the shortest) by 15 degrees at most
+    max_angle = np.pi / 12 if max(patch) / min(patch) > 1.5 else np.pi
+    angle = rng.uniform(-max_angle, max_angle) if rng.random() < 0.2 else 0.0
+    scale = rng.uniform(0.7, 1.4) if rng.random() < 0.2 else 1.0  # as nnU-Net: above 1, objects shrink
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale
     offsets = np.einsum("ij,jhw->ihw", rot, offsets)
   coords = offsets + (np.asarray(center, np.float64) - 0.5)[:, None, None]
   image = np.stack([ndimage.map_coordinates(image[..., c], coords, order=1, mode="constant", cval=0.0)
@@ -1083,7 +1109,8 @@ def _augment_intensities(image, rng):
   image = np.array(image, np.float32)
   channels = range(image.shape[-1])
   if rng.random() < 0.1:  # one variance for all channels (synchronize_channels=True)
-    image += rng.normal(0.0, np.sqrt(rng.uniform(0, 0.1)), image.shape).astype(np.float32)
+    # batchgenerators calls it a variance but draws with it as the standard deviation, as done here
+    image += rng.normal(0.0, rng.uniform(0, 0.1), image.shape).astype(np.float32)
   if rng.random() < 0.2:
     for c in channels:
       if rng.random() < 0.5:  # torch's reflect padding is scipy's "mirror"; the kernel about 6 sigma wide
