@@ -4,6 +4,7 @@ import glob
 import hashlib
 import io
 import os
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -257,6 +258,30 @@ def test_builds_are_identical_and_reused(root):
   os.remove(sorted(glob.glob(os.path.join(manual, "train_images", "*.png")))[1])
   with pytest.raises(common.DataError, match=r"replaced, removed or added"):
     mfjax.data.build("aptos2019", manual, str(root / "det_a"), seed=4)
+
+
+def test_a_copy_of_the_source_csvs_reuses_the_build(root):
+  """The TPU recipe: the built dataset and a copy of only the download's CSVs/lists reach the
+  workers; the build is reused on the CSVs (the image check needs the images). A changed CSV is
+  still refused, and an image beside the copied CSVs brings the image check back."""
+  for name, writer in (("aptos2019", synthetic.aptos2019), ("cbis_ddsm", synthetic.cbis_ddsm),
+                       ("chexpert", synthetic.chexpert)):
+    manual = writer(str(root / f"csvs_{name}"))
+    built = mfjax.data.build(name, manual, str(root / "csvs_data"))
+    copy = root / f"csvs_{name}_copy"
+    for source in built.metadata["sources"]:
+      if os.path.isfile(os.path.join(manual, source)):
+        os.makedirs(copy / os.path.dirname(source), exist_ok=True)
+        shutil.copy(os.path.join(manual, source), copy / source)
+    assert mfjax.data.build(name, str(copy), str(root / "csvs_data")).path == built.path, name
+  with open(copy / source, "a") as f:
+    f.write("\n")
+  with pytest.raises(common.DataError, match="changed, are gone or were added"):
+    mfjax.data.build(name, str(copy), str(root / "csvs_data"))
+  shutil.copy(os.path.join(manual, source), copy / source)
+  (copy / "an_image.png").write_bytes(b"")
+  with pytest.raises(common.DataError, match="image files the source CSVs list .* were replaced, removed or added"):
+    mfjax.data.build(name, str(copy), str(root / "csvs_data"))
 
 
 def test_synthetic_files_are_deterministic_and_carry_the_label(tmp_path):

@@ -149,7 +149,8 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
 
   A dataset already built with the same options is reused when the source CSVs/lists it was
   built from, and the sizes of the image files they list, are unchanged; if they changed, this
-  raises unless overwrite=True (rebuild).
+  raises unless overwrite=True (rebuild). A `manual_dir` holding only those source files (a copy
+  of the CSVs where the images are not, as on a TPU pod's workers) reuses the build on the CSVs.
   Options: the common ones (split, seed, fractions, skip_bad_images, store_size, num_threads)
   and the dataset's own (see its module). Raises DataError on any bad input.
   """
@@ -168,7 +169,11 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
     if changed and not overwrite:
       raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
                       f"{manual_dir}: {changed}; pass overwrite=True to rebuild it")
-    if not changed and not overwrite and "image_sizes" in built.metadata:  # builds before it: not checked
+    images_here = not common.holds_sources_only(manual_dir, built.metadata["sources"])
+    if not changed and not overwrite and "image_sizes" in built.metadata and not images_here:
+      logging.getLogger("mfjax").info("%s: %s holds only the source files %s was built from, unchanged; reused "
+                                      "without checking the images", name, manual_dir, path)
+    if not changed and not overwrite and "image_sizes" in built.metadata and images_here:  # older builds: unchecked
       logging.disable(logging.WARNING)  # the source's warnings were given when it was built
       try:
         rows, _ = recipe.read(manual_dir, opts)

@@ -286,6 +286,18 @@ def image_sizes(rows: list[Row], manual_dir: str) -> str:
   return h.hexdigest()[:16]
 
 
+def holds_sources_only(manual_dir: str, sources: dict[str, str]) -> bool:
+  """Whether `manual_dir` holds no file (hidden ones aside) but the recorded source files of a
+  build: a copy of a download's CSVs, made to reuse the build where the images are not (the
+  workers of a TPU pod). Stops at the first other file, so a whole download costs little."""
+  for folder, subfolders, files in os.walk(manual_dir):
+    subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    for name in files:
+      if not name.startswith(".") and os.path.relpath(os.path.join(folder, name), manual_dir) not in sources:
+        return False
+  return True
+
+
 def content_id(assigned: dict[str, list[Row]], digest_of: dict[str, str]) -> str:
   """A digest of every example: split, id, image file digest, labels and features."""
   content = hashlib.sha256()
