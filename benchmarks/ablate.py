@@ -100,7 +100,7 @@ def main(argv=None):
       errors[name] = common.error_text(e)
 
   import torch
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(common.cpu_cores())
   env = common.environment()
   if not args.no_torch and not args.compile_only:
     from benchmarks import torch_reference

@@ -127,13 +127,19 @@ def environment() -> dict:
   device = jax.devices()[0]
   env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
          "platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
-         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+         "cpu": cpu_model(), "cpu_count": cpu_cores(), "python": platform.python_version(),
          "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "keep_freed_memory": KEEP_FREED_MEMORY,
          "cpu_gemm": cpu_gemm.describe(), "load_average_start": round(os.getloadavg()[0], 2)}
   env["device"] = (f"{device.device_kind} x{jax.device_count()}" if device.platform != "cpu"
                    else f"CPU {env['cpu']}, {env['cpu_count']} cores")
   return env
+
+
+def cpu_cores() -> int:
+  """The cores this process may use (its affinity mask, which XLA follows; os.cpu_count() counts
+  the machine's): torch's threads, so that neither framework is oversubscribed."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def torch_device() -> str:
@@ -280,7 +286,7 @@ def counts_lowered() -> bool:
   decides): there XLA turns dots into cuBLAS calls whose cost its analysis may count as nothing."""
   import jax
   forced = os.environ.get("MFJAX_BENCH_FLOPS", "")
-  return forced == "lowered" if forced else jax.default_backend() != "cpu"
+  return forced in ("lowered", "host") if forced else jax.default_backend() != "cpu"
 
 
 def cost_flops(compiled, lowered=None) -> float | None:
@@ -293,7 +299,10 @@ def cost_flops(compiled, lowered=None) -> float | None:
   dots into library calls (cuDNN attention is a library call already there: `RECOUNTED_OFF_CPU`)."""
   from mfjax import cpu_gemm
   if lowered is not None and counts_lowered():
-    cost = lowered.cost_analysis()
+    # A backend behind the PJRT C API (the CUDA plugin) has no Lowered.cost_analysis(): None. The
+    # host's XLA counts the same program instead (MFJAX_BENCH_FLOPS=host: that way on any backend).
+    cost = None if os.environ.get("MFJAX_BENCH_FLOPS") == "host" else lowered.cost_analysis()
+    cost = cost or host_cost_analysis(lowered)
     return float(cost["flops"]) if cost and "flops" in cost else None
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -302,6 +311,18 @@ def cost_flops(compiled, lowered=None) -> float | None:
     return None
   flops = float(cost["flops"]) + cpu_gemm.custom_call_flops(compiled.as_text())
   return flops * program_devices(compiled)
+
+
+def host_cost_analysis(lowered) -> dict | None:
+  """XLA's cost analysis of a lowered program by the CPU backend's compiler library (JAX's own
+  Lowered.cost_analysis, for backends that lack it); None, with the reason, where this JAX differs."""
+  try:
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+    return _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), lowered._lowering.hlo().as_hlo_module())
+  except Exception as e:  # private API: a later JAX may move it
+    progress(f"no FLOP count: the host's cost analysis failed ({error_text(e)})")
+    return None
 
 
 def mesh_peak(peak: dict, devices: int) -> float:

@@ -185,9 +185,20 @@ def env_check(env: dict) -> tuple[int, str]:
           "print('jax devices:', jax.devices())\n"
           "print('torch cuda:', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available()"
           " else '')\n"
+          # MFU needs the FLOP count; the CUDA plugin's Lowered.cost_analysis() gives none (common.cost_flops)
+          "import jax.numpy as jnp\n"
+          "from benchmarks import common\n"
+          "lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16)))\n"
+          "flops = common.cost_flops(lowered.compile(), lowered)\n"
+          "print('FLOPs of a 64x32 @ 32x16 matmul:', flops)\n"
+          "if flops != 2 * 64 * 32 * 16: missing.append(f'the FLOP count (got {flops}): no MFU')\n"
           "for m in missing: print('MISSING', m)\n"
           "sys.exit(1 if missing else 0)\n")
-  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  except subprocess.TimeoutExpired as e:
+    return 1, f"the environment check ran past 300 s\n{e.stdout or ''}{e.stderr or ''}"
   return proc.returncode, proc.stdout + proc.stderr[-2000:]
 
 
@@ -197,17 +208,27 @@ def run_step(name: str, command: list[str], env: dict, timeout: float, out_dir: 
   with open(log_path, "w") as log:
     log.write("$ " + shlex.join(command) + "\n")
     log.flush()
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-      rc = subprocess.run(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+      rc = proc.wait(timeout=timeout)
       status = "ok" if rc == 0 else f"failed (rc {rc})"
     except subprocess.TimeoutExpired:
+      proc.terminate()  # a Python traceback in the log says where it was; then it goes for good
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
       status = f"timed out after {timeout:.0f} s"
   seconds = time.monotonic() - start
   text = open(log_path, errors="replace").read()
   rows = [line for line in text.splitlines() if line.startswith("|")]
+  # A step stopped at its cap leaves no row, but each side's step time after its warm-up (common.warm_up).
+  step_times = "; ".join(line.replace(": one call ", " ").replace(" after warm-up", "")
+                         for line in text.splitlines() if ": one call " in line)
   print(f"== {name}: {status} in {seconds:.0f} s", flush=True)
   print("\n".join(rows) if rows and status == "ok" else "\n".join(text.splitlines()[-25:]), flush=True)
-  return {"step": name, "status": status, "seconds": f"{seconds:.0f}"}
+  return {"step": name, "status": status, "seconds": f"{seconds:.0f}", "step_times": step_times}
 
 
 def main(argv=None) -> int:
@@ -241,12 +262,15 @@ def main(argv=None) -> int:
     if name not in args.steps:
       continue
     left = deadline - time.monotonic()
-    if left < 30:
-      results.append({"step": name, "status": "skipped (budget spent)", "seconds": "0"})
+    if left < min(longest, 60) and not args.tiny:  # a step that cannot get its warm-up done is not started
+      results.append({"step": name, "status": f"skipped ({max(round(left), 0)} s of the budget left)", "seconds": "0"})
       continue
     command = step_command(module, arguments, args.out_dir, args.tiny)
-    results.append(run_step(name, command, env, min(longest, left), args.out_dir))
-  common.emit(results, [("step", "step"), ("status", "status"), ("s", "seconds")], None)
+    results.append(run_step(name, command, env, min(longest, max(left, 1)), args.out_dir))
+  # The summary goes to gpu.jsonl too: it survives an outer limit that stops this process later.
+  common.emit([{"benchmark": "gpu_suite", **r} for r in results],
+              [("step", "step"), ("status", "status"), ("s", "seconds"), ("step time (s)", "step_times")],
+              os.path.join(args.out_dir, "gpu.jsonl"))
   return 0 if all(r["status"] == "ok" for r in results) else 1
 
 

@@ -66,7 +66,7 @@ def main(argv=None):
   from benchmarks import torch_reference
   device = common.torch_device()
   if device == "cpu":
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(common.cpu_cores())
   common.torch_matmul_precision(device, args.dtype)
   env = common.environment()
   errors, what = {}, None

@@ -87,7 +87,7 @@ def main(argv=None):
 
   device = common.torch_device()
   if device == "cpu":
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(common.cpu_cores())
   common.torch_matmul_precision(device, args.dtype)
   fns, errors, torch_flops, torch_mem = {"jax": jax_step}, {}, None, None
   if args.torch_variants:

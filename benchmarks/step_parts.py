@@ -24,7 +24,6 @@ on a multi-core host ran on one thread (XLA:CPU's YNNPACK batched dots of the at
 197 tokens do; at 512 tokens they use both cores of the 2-core container).
 """
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -170,7 +169,7 @@ def main(argv=None):
   args = parse_args(argv)
   import torch
   if common.torch_device() == "cpu":
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(common.cpu_cores())
   env = common.environment()
   device_is_cpu = common.torch_device() == "cpu"
   table, fns, calls = parts(args), {}, {}

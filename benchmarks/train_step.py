@@ -105,7 +105,7 @@ def torch_rss_only(args):
   """Child process: peak RSS of the torch eager reference step (CPU)."""
   import torch
   from benchmarks import torch_reference
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(common.cpu_cores())
   model, _, images, labels = torch_model(args, "cpu")
   step, _ = torch_reference.train_step(model, images, labels, "cpu", bf16=args.dtype == "bfloat16")
   step()
@@ -172,7 +172,7 @@ def main(argv=None):
   from benchmarks import torch_reference
   device = common.torch_device()
   if device == "cpu":
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(common.cpu_cores())
   env = common.environment()
   fns, compile_seconds, errors, torch_info = {"jax": jax_step}, {}, {}, {}
   torch_flops, torch_mem = None, None
@@ -212,7 +212,7 @@ def main(argv=None):
 
   times, median, peak = common.time_with_peak(fns, calls, args.rounds, args.dtype, errors)
   fns.clear()  # torch's model and optimizer go before a plain step's state may be built for the FLOP count
-  model = images = labels = None  # noqa: F841
+  model = images = labels = step = None  # noqa: F841  (`step` holds torch's model, optimizer and gradients)
   if device == "cuda":
     import gc
     gc.collect()

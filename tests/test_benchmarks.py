@@ -204,6 +204,23 @@ def test_cpu_name_tells_the_generation_when_the_model_name_does_not():
   assert cpu_model(vm_amd + "\n" + vm_amd.replace("25", "23")) == "AMD EPYC (family 25, model 17)"  # first core
 
 
+def test_flops_of_a_lowered_program_on_a_backend_without_its_cost_analysis(monkeypatch):
+  """The CUDA plugin's Lowered.cost_analysis() gives None; the host's XLA counts the program."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import common
+  monkeypatch.setenv("MFJAX_BENCH_FLOPS", "lowered")
+  lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16)))
+
+  class PluginLowered:
+    _lowering = lowered._lowering
+
+    def cost_analysis(self):
+      return None
+
+  assert common.cost_flops(None, PluginLowered()) == common.cost_flops(None, lowered) == 2 * 64 * 32 * 16
+
+
 def test_gpu_suite_runs_every_step_on_tiny_cells(tmp_path):
   """The prepared GPU run, on tiny cells: each step's command line is accepted by its benchmark
   and writes its rows, so no lent GPU minute goes to a typo."""
@@ -223,6 +240,9 @@ def test_gpu_suite_runs_every_step_on_tiny_cells(tmp_path):
   assert "bf16_mu: compiled in" in (out_dir / "vitb16_ablate.log").read_text()
   rows = [json.loads(line) for line in (out_dir / "gpu.jsonl").read_text().splitlines()]
   assert [r["model"] for r in rows if r["benchmark"] == "train_step"] == ["deit_base_patch16", "sam_vitb"]
+  suite = {r["step"]: r for r in rows if r["benchmark"] == "gpu_suite"}
+  assert suite["env"]["status"] == "ok" and "jax " in suite["vitb16_bf16"]["step_times"]
+  assert "FLOPs of a 64x32 @ 32x16 matmul: 65536" in (out_dir / "env.log").read_text()
   assert sorted(r["variant"] for r in rows if r["benchmark"] == "ablate") == ["bf16", "bf16_cudnn", "bf16_mu", "fp32"]
   # The segmentation step, measured in both frameworks on the same work: XLA's count of the JAX step
   # and torch's FlopCounterMode of the reference step (matmuls and convolutions only; XLA also counts
@@ -241,7 +261,14 @@ def test_gpu_suite_reports_a_spent_budget_and_refuses_unknown_steps(tmp_path):
                                      timeout=120)
   spent = run("--steps", "vitb16_bf16,sam1024_remat", "--budget-s", "0")
   assert spent.returncode == 1
-  assert "| vitb16_bf16 | skipped (budget spent) |" in spent.stdout and "| sam1024_remat | skipped" in spent.stdout
+  assert "| vitb16_bf16 | skipped (0 s of the budget left) |" in spent.stdout
+  assert "| sam1024_remat | skipped" in spent.stdout
+  # A step still running at its cap is stopped (terminated, then killed); the summary says so, in
+  # gpu.jsonl too, where it outlives an outer limit.
+  capped = run("--tiny", "--steps", "vitb16_bf16", "--budget-s", "5")
+  assert capped.returncode == 1 and "| vitb16_bf16 | timed out after 5 s |" in capped.stdout
+  summary = json.loads((tmp_path / "gpu.jsonl").read_text().splitlines()[-1])
+  assert summary["benchmark"] == "gpu_suite" and summary["status"] == "timed out after 5 s"
   typo = run("--steps", "vitb16_bf61")
   assert typo.returncode == 2 and "vitb16_bf61" in typo.stderr
   no_wheels = run("--wheels", str(tmp_path), "--steps", "env")
