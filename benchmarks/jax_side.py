@@ -25,6 +25,10 @@ def synthetic_aptos(num_images: int = 40, size: int = 32) -> tuple[str, str]:
   return manual, data_dir
 
 
+# float32 on a GPU: TF32 on both sides (common.torch_matmul_precision lets torch use it), XLA's default.
+MATMUL_AS_TORCH = ("--config.model.matmul_precision=default",)
+
+
 def paper_config(model, protocol, resolution, batch, overrides=(), dataset=(40, 32)):
   """configs/paper.py for one cell, pointed at a synthetic APTOS of `dataset` = (images, size)
   (only its classes matter unless the pipeline is measured), without drop-path, plus --config.*
@@ -35,7 +39,7 @@ def paper_config(model, protocol, resolution, batch, overrides=(), dataset=(40, 
   # No drop-path (SEEM's 0.3 in its trained protocols): the torch references run without it.
   return load_config(os.path.join(ROOT, "configs", "paper.py") + ":" + arg,
                      [f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}",
-                      "--config.model.drop_path=0.0", *overrides])
+                      "--config.model.drop_path=0.0", *MATMUL_AS_TORCH, *overrides])
 
 
 def random_batch(run, batch: int, resolution: int, seed: int = 0) -> dict:

@@ -55,7 +55,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import torch
-  from benchmarks import torch_reference
+  from benchmarks import jax_side, torch_reference
   from mfjax import parallel
   from mfjax.cli import load_config
   from mfjax.train import segment
@@ -63,7 +63,7 @@ def main(argv=None):
   load_start = os.getloadavg()[0]
   config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                     f"segment.py:model={args.model},patch={args.patch},batch={args.batch}"),
-                       [f"--config.model.dtype={args.dtype}", *args.config_overrides])
+                       [f"--config.model.dtype={args.dtype}", *jax_side.MATMUL_AS_TORCH, *args.config_overrides])
   mesh = parallel.make_mesh()
   _, state, train_step = segment.prepare(config, args.classes, mesh)
   rng = np.random.default_rng(0)

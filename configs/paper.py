@@ -40,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.name = a.model
   c.model.checkpoint = ""          # a folder written by `python -m convert`; "" = random init
   c.model.dtype = "float32"        # compute dtype (bfloat16 for speed); parameters stay float32
+  c.model.matmul_precision = "highest"  # float32 matmuls as PyTorch's (XLA's GPU default: TF32); see README
   c.model.remat = False
   c.model.drop_path = paper_drop_path(a.model, a.protocol)
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model

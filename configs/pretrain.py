@@ -57,6 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                      # as its latest EMA teacher; step, optimizer and schedules start afresh
   c.model.drop_path = 0.3            # the student's; the teachers run without
   c.model.dtype = "float32"          # compute dtype (bfloat16 for speed); parameters stay float32
+  c.model.matmul_precision = "highest"  # float32 matmuls as PyTorch's (XLA's GPU default: TF32); see README
   c.model.overrides = ml_collections.ConfigDict()  # any other constructor field of the model
 
   c.heads = ml_collections.ConfigDict()

@@ -47,6 +47,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.checkpoint = ""            # a converted backbone folder (python -m convert dinov3 ...); "" = random
   c.model.interaction_indices = (2, 5, 8, 11)  # blocks whose final-normed tokens feed the decoder
   c.model.dtype = "float32"          # compute dtype (bfloat16 for speed); parameters stay float32
+  c.model.matmul_precision = "highest"  # float32 matmuls as PyTorch's (XLA's GPU default: TF32); see README
   c.model.remat = False
   c.model.drop_path = 0.0
   c.model.overrides = ml_collections.ConfigDict()

@@ -55,7 +55,8 @@ def resolve_config_file(path: str) -> str:
     return path
   if os.path.isfile(os.path.join(REPO_ROOT, path)):
     return os.path.join(REPO_ROOT, path)
-  raise ConfigError(f"config file {path} not found (looked in {os.getcwd()} and {REPO_ROOT})")
+  places = " and ".join(dict.fromkeys((os.getcwd(), REPO_ROOT)))
+  raise ConfigError(f"config file {path} not found (looked in {places})")
 
 
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -103,6 +104,8 @@ def _parse(value: str, current, name=""):
     parsed = None
   if isinstance(current, bool) and not isinstance(parsed, bool):
     raise ConfigError(f"--config.{name}={value!r}: expected True or False")
+  if isinstance(parsed, bool) and current is not None and not isinstance(current, bool):  # True is an int too
+    raise ConfigError(f"--config.{name}={value!r}: expected a {type(current).__name__}")
   if parsed is None and current is not None:
     raise ConfigError(f"--config.{name}={value!r}: expected a {type(current).__name__}")
   if isinstance(current, float) and isinstance(parsed, int):
@@ -122,6 +125,10 @@ def enable_compilation_cache() -> None:
 
 
 def _config_overrides(parser, rest: list[str]) -> list[str]:
+  for i, arg in enumerate(rest):
+    if arg.startswith("--config.") and "=" not in arg:
+      value = rest[i + 1] if i + 1 < len(rest) and not rest[i + 1].startswith("--") else "VALUE"
+      parser.error(f"{arg} takes its value after '=': {arg}={value}")
   bad = [r for r in rest if not r.startswith("--config.")]
   if bad:
     parser.error(f"unrecognized arguments: {bad}")
@@ -277,6 +284,8 @@ def main(argv=None) -> int:
     elif args.command == "cka":
       from mfjax.evals import studies
       if args.workdir:
+        if rest:  # the run's own config decides; an override here would be ignored without a word
+          parser.error(f"unrecognized arguments: {rest} (with --workdir, the run's saved config is used)")
         for path in studies.cka_run(args.workdir, args.split, args.max_examples or None):
           print(path)
       elif args.models and args.config and args.out:

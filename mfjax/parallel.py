@@ -13,6 +13,7 @@ import signal
 import sys
 
 import jax
+import optax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -113,6 +114,14 @@ def tree_shardings(tree, rules: list[tuple[str, str]], mesh: Mesh, min_fsdp_byte
     return NamedSharding(mesh, spec_for(shape, rule, mesh, min_fsdp_bytes, itemsize))
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def optimizer_shardings(tx, opt_shapes, param_shardings, mesh: Mesh):
+  """The optimizer state's shardings: every copy of the parameter tree in it (Adam's moments) as
+  its parameters are, whatever `sharding_rules` matched them (a rule on "params/..." does not match
+  "opt/1/mu/..."); everything else (the step count) replicated."""
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, opt_shapes, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -97,7 +97,8 @@ def test_mesh_shapes_give_the_same_losses(aptos):
   manual, data_dir = aptos
   common = ["--manual", manual, "--data", data_dir, "--steps", "4"]
   single = _driver(common + ["--mesh", "1,1"])[0]
-  eight = _driver(common + ["--mesh", "8,1", "--mesh", "2,4"],
+  # A rule on the parameters' paths: Adam's moments ("opt/1/mu/...") follow their parameters.
+  eight = _driver(common + ["--mesh", "8,1", "--mesh", "2,4", "--sharding-rules", "[('^params/', 'fsdp')]"],
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert single["devices"] == 1 and all(r["devices"] == 8 for r in eight)
   for r in eight:
@@ -105,7 +106,7 @@ def test_mesh_shapes_give_the_same_losses(aptos):
   fsdp = next(r for r in eight if r["mesh"] == [2, 4])
   # Large tensors really are split over the 'fsdp' axis, parameters and Adam moments alike.
   assert fsdp["sharded_params"] and all("fsdp" in spec for spec in fsdp["sharded_params"].values())
-  assert fsdp["sharded_opt"] > 0
+  assert fsdp["sharded_opt"] > 0 and fsdp["moments_follow_params"]
   shard = fsdp["bytes_per_device"]
   assert shard["max"] <= 1.3 * shard["total"] / 4 + shard["replicated"]
 
@@ -303,6 +304,8 @@ def test_config_errors(aptos, tmp_path):
   assert load_config("configs/segment.py:tiny=true", ["--config.eval.mirror=TRUE"]).eval.mirror is True
   with pytest.raises(ConfigError, match="eval.mirror='yes': expected True or False"):
     load_config("configs/segment.py", ["--config.eval.mirror=yes"])
+  with pytest.raises(ConfigError, match="epochs='True': expected a int"):  # True is an int to Python
+    tiny(aptos, "unfrozen_linear", "--config.epochs=True")
   # A run that saved nothing yet (its start failed) takes a corrected config; one with a checkpoint does not.
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.3}})
   fit.check_workdir(str(tmp_path), {"optim": {"lr": 0.1}})
@@ -479,6 +482,12 @@ def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_:
     cli.main(["knn", "--config", "configs/tiny.py", "--out", str(tmp_path / "knn"), "--ks", "5,a"])
   assert exit_.value.code == 2 and "--ks '5,a': comma-separated whole numbers" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a space for the '=': the key is named, not the value
+    cli.main(["knn", "--config", "configs/tiny.py", "--out", str(tmp_path / "knn"), "--config.data.manual_dir", "/x"])
+  assert "--config.data.manual_dir takes its value after '=': --config.data.manual_dir=/x" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # with --workdir the run's saved config decides: an override is refused
+    cli.main(["cka", "--workdir", str(tmp_path), "--config.data.norm=model"])
+  assert "unrecognized arguments: ['--config.data.norm=model']" in capsys.readouterr().err
   assert cli.main(["report", str(tmp_path)]) == 2  # a ReportError: one line, no traceback
   assert "error: no result.json, knn.json or cka_*.json below" in capsys.readouterr().err
 
@@ -734,9 +743,26 @@ def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path, caplog):
       (["--config.optim.plateau_factor=5.0"], r"optim.plateau_factor=5.0 is outside \(0, 1\]"),
       (["--config.data.resolution=30"], r"data.resolution=30 is not a multiple of deit_base_patch16's patch size 8"),
       (["--config.data.resolution=0"], r"data.resolution=0 must be an int >= 1"),
+      (["--config.model.overrides.remat_policy=dot"], "unknown model.overrides.remat_policy 'dot'"),
+      (["--config.model.matmul_precision=hihgest"], "unknown model.matmul_precision 'hihgest'"),
+      (["--config.log_every_steps=0"], r"log_every_steps=0 must be an int >= 1"),
+      (["--config.checkpoint_every_steps=-5"], r"checkpoint_every_steps=-5 must be an int >= 1"),
+      (["--config.seed=-1"], r"seed=-1 must be an int >= 0"),
+      (["--config.optim.mu_dtype=bf16"], "unknown optim.mu_dtype 'bf16'"),
+      (["--config.optim.plateau_patience=-3"], r"optim.plateau_patience=-3 must be an int >= 0, or -1"),
+      (["--config.sharding_rules=[('.*', 'fsdb')]"], r"sharding_rules\[0\]=\('.\*', 'fsdb'\) must be a \(regex"),
+      (["--config.sharding_rules=[('(', 'fsdp')]"], r"sharding_rules\[0\]: '\(' is not a regular expression"),
   ):
     with pytest.raises(ConfigError, match=message):
       build.check_names(tiny(aptos, "unfrozen_linear", *extra))
+  # float32 matmuls run at model.matmul_precision, full float32 unless asked (XLA's GPU default is TF32).
+  try:
+    build.use_matmul_precision(tiny(aptos, "unfrozen_linear", "--config.model.matmul_precision=tensorfloat32"))
+    assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+    build.use_matmul_precision(tiny(aptos, "unfrozen_linear"))
+    assert jax.config.jax_default_matmul_precision == "highest"
+  finally:
+    jax.config.update("jax_default_matmul_precision", "highest")
   # Fields a run ignores are said, not refused: a sweep sets them for every cell.
   with caplog.at_level("WARNING", logger="mfjax"):
     build.check_names(tiny(aptos, "unfrozen_linear", "--config.data.uncertainty=ones",

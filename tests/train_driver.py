@@ -25,6 +25,7 @@ def main():
   p.add_argument("--data")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--mesh", action="append")
+  p.add_argument("--sharding-rules", default="[('.*', 'fsdp')]")
   args = p.parse_args()
   parallel.maybe_initialize_distributed()
   for mesh in args.mesh:
@@ -32,7 +33,7 @@ def main():
     config = load_config("configs/tiny.py:model=deit_base_patch16,dataset=aptos2019,protocol=unfrozen_deit",
                          [f"--config.data.manual_dir={args.manual}", f"--config.data.data_dir={args.data}",
                           f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
-                          "--config.min_fsdp_mb=0.004"])
+                          "--config.min_fsdp_mb=0.004", f"--config.sharding_rules={args.sharding_rules}"])
     run = fit.prepare(config)
     loader = mdata.make_loader(run.dataset, "train", batch_size=config.batch_size, train=True,
                                resolution=config.data.resolution, seed=0)
@@ -44,6 +45,9 @@ def main():
     leaves = jax.tree_util.tree_leaves_with_path(state["trainable"])
     sharded = {parallel.path_str(p): str(x.sharding.spec) for p, x in leaves if "fsdp" in str(x.sharding.spec)}
     opt_sharded = sum("fsdp" in str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state["opt"]))
+    adam = state["opt"][1]
+    moments_follow = all(m.sharding.spec == p.sharding.spec for moments in (adam.mu, adam.nu) for m, p in
+                         zip(jax.tree_util.tree_leaves(moments), jax.tree_util.tree_leaves(state["trainable"])))
     per_device = {}
     total = replicated = 0
     for _, x in leaves:
@@ -55,6 +59,7 @@ def main():
     val = run.evaluate("validation", state)  # a padded last batch, gathered across the processes
     print(json.dumps({"mesh": [data, fsdp], "devices": run.mesh.devices.size, "process": jax.process_index(),
                       "losses": losses, "val": val, "sharded_params": sharded, "sharded_opt": opt_sharded,
+                      "moments_follow_params": moments_follow,
                       "bytes_per_device": {"max": max(per_device.values()), "total": total,
                                            "replicated": replicated}}), flush=True)
 

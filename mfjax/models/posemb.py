@@ -1,4 +1,5 @@
-"""Position-embedding and relative-position-table resampling, bit-for-bit like PyTorch.
+"""Position-embedding and relative-position-table resampling with PyTorch's arithmetic (1e-12 in
+float64; float32 rounds differently, by a few 1e-6).
 
 `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)` has two kernels:
 without antialias it is the Keys cubic with A = -0.75 and clamped borders (OpenCV style);

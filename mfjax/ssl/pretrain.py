@@ -440,6 +440,7 @@ def build_networks(config, resuming: bool = False) -> tuple[Networks, dict | Non
   """The step's Networks (at the first crop sizes; `at_sizes` gives the others), and the Gram
   teacher's loaded variables when gram.checkpoint names one."""
   check_config(config, resuming)
+  build.use_matmul_precision(config)
   name, overrides = architecture(config)
   student = models.create(name, **overrides, dtype=config.model.dtype, drop_path=config.model.drop_path)
   teacher = models.create(name, **overrides, dtype=config.model.dtype, drop_path=0.0)

@@ -1,5 +1,6 @@
 """From a config to a classifier: the foundation (converted or random), its head, its weights."""
 import logging
+import re
 
 import flax.traverse_util as traverse_util
 import jax
@@ -61,6 +62,20 @@ def pretrained_foundation(config) -> dict:
   return variables
 
 
+# jax_default_matmul_precision's levels that a run may ask for (float32 inputs only; bfloat16 is unaffected).
+MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "bfloat16", "default")
+
+
+def use_matmul_precision(config) -> None:
+  """Make float32 matmuls and convolutions run at `model.matmul_precision` (default "highest":
+  full float32, as PyTorch runs them; XLA's own default is TF32 on a GPU and one bfloat16 pass
+  on a TPU, which moves a converted model's features by about 1e-3 to 1e-2). A CPU computes
+  float32 either way. Process-wide, as it must be before anything is traced."""
+  precision = config.model.get("matmul_precision", "highest")
+  check_choice("model.matmul_precision", precision, MATMUL_PRECISIONS)
+  jax.config.update("jax_default_matmul_precision", precision)
+
+
 def check_names(config) -> None:
   """The model and protocol names, and the values a typo would otherwise send deep into JAX or the data
   pipeline, checked before anything slow (building the dataset) runs."""
@@ -81,14 +96,26 @@ def check_names(config) -> None:
     log.warning("head.checkpoint is for the stacked DeiT-B head: ignored by protocol %s, which trains a linear head",
                 config.protocol.name)
   check_choice("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16", "float16"))
-  for field in ("epochs", "batch_size"):
-    if field in config and not (isinstance(config[field], int) and config[field] >= 1):
+  check_choice("model.matmul_precision", config.model.get("matmul_precision", "highest"), MATMUL_PRECISIONS)
+  for field in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps"):
+    if field in config and (isinstance(config[field], bool) or not (isinstance(config[field], int)
+                                                                    and config[field] >= 1)):
       raise ConfigError(f"{field}={config[field]!r} must be an int >= 1")
+  if "seed" in config and (isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0):
+    raise ConfigError(f"seed={config.seed!r} must be an int >= 0")
+  for i, rule in enumerate(config.get("sharding_rules", [])):
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+            and rule[1] in ("replicate", "fsdp")):
+      raise ConfigError(f"sharding_rules[{i}]={rule!r} must be a (regex, 'replicate' or 'fsdp') pair")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ConfigError(f"sharding_rules[{i}]: {rule[0]!r} is not a regular expression ({e})") from None
   if "optim" in config:
     optim.check_optim(config.optim)
   overrides = dict(config.model.get("overrides", {}))
   for field, valid in (("posemb", posemb.POSEMB_METHODS), ("attn_impl", layers.ATTENTION_IMPLS),
-                       ("rel_pos_resize", sam.REL_POS_RESIZE)):
+                       ("rel_pos_resize", sam.REL_POS_RESIZE), ("remat_policy", layers.REMAT_POLICIES)):
     if field in overrides:
       check_choice(f"model.overrides.{field}", overrides[field], valid)
   resolution = config.get("data", {}).get("resolution")

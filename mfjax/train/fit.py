@@ -320,6 +320,7 @@ def prepare(config, dataset=None) -> Setup:
   """Data (`dataset` when the caller opened it already), mesh, classifier and its train state placed
   on the mesh shapes-first, and the steps."""
   build.check_names(config)
+  build.use_matmul_precision(config)
   dataset = dataset or open_dataset(config)
   spec = dataset.spec
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -364,8 +365,8 @@ def prepare(config, dataset=None) -> Setup:
   tx = make_optimizer(trainable, config.optim.clip_norm, config.optim.weight_decay, config.optim.b1,
                       config.optim.b2, config.optim.eps, config.optim.mu_dtype or None,
                       one_dim_in_torch=build.one_dim_in_torch(config))
-  opt_shardings = parallel.tree_shardings({"opt": jax.eval_shape(tx.init, trainable)}, rules, mesh,
-                                          min_bytes)["opt"]
+  opt_shardings = parallel.optimizer_shardings(tx, jax.eval_shape(tx.init, trainable),
+                                               jax.tree_util.tree_map(lambda x: x.sharding, trainable), mesh)
   replicated = parallel.replicated(mesh)
   state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
            "rng": jax.device_put(train_rng, replicated),
@@ -456,6 +457,8 @@ BEFORE_THE_FIELD = {
         c.optim.warmup_epochs or c.optim.warmup_steps)),
     # Pretraining collated its iBOT masks over the whole batch, one group (on every device count).
     ("masking", "group_crops"): (lambda c: 2 * c.batch_size, lambda c: True),
+    # float32 matmuls ran at XLA's default precision: TF32 on a GPU, bfloat16 passes on a TPU.
+    ("model", "matmul_precision"): ("default", lambda c: jax.default_backend() != "cpu"),
 }
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mfjax.config import ConfigError
+from mfjax.config import ConfigError, check_choice
 
 
 # The range of each optimizer value a config may hold (classification, segmentation, pretraining):
@@ -32,6 +32,10 @@ OPTIM_RANGES = {
 
 def check_optim(optim) -> None:
   """Every optimizer value of the config within its range (`OPTIM_RANGES`), or an error naming it."""
+  check_choice("optim.mu_dtype", optim.get("mu_dtype", "") or "", ("", "bfloat16", "float16", "float32"))
+  patience = optim.get("plateau_patience", -1)
+  if isinstance(patience, bool) or not isinstance(patience, int) or patience < -1:
+    raise ConfigError(f"optim.plateau_patience={patience!r} must be an int >= 0, or -1 (off)")
   for key, (low, low_ok, high, high_ok) in OPTIM_RANGES.items():
     if key not in optim:
       continue

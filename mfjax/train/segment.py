@@ -95,6 +95,7 @@ def patch_shape(config) -> tuple[int, int]:
 
 
 def build_segmenter(config, num_classes: int) -> heads.Segmenter:
+  build.use_matmul_precision(config)
   name, overrides = build.foundation_spec(config)
   if models.family_of(name) != "dinov3":
     raise ConfigError(f"model.name={name!r}: the segmentation backbone must be a DINOv3-family model "
