@@ -69,7 +69,9 @@ def mfjax_command(args: list[str]) -> tuple[list[str], str]:
 
 
 def done_file(command: list[str], folder: str) -> str | None:
-  if "--predict" in command or any(a.startswith("--predict=") for a in command):
+  """The file a finished run leaves; None where the exit status says it all: `segment --predict`, and
+  `segment --import-nnunet`, which writes fold_F/ subfolders of several folds (no result.json of its own)."""
+  if any(a == flag or a.startswith(flag + "=") for a in command for flag in ("--predict", "--import-nnunet")):
     return None
   name = DONE_FILES.get(command[0])
   return f"{folder}/{name}" if name else None

@@ -67,7 +67,15 @@ finished() {
   [ "$rc" -eq 0 ] || return 1
   if [ -n "$MFJAX_DONE_FILE" ]; then
     case "$MFJAX_DONE_FILE" in
-      gs://*) gcloud storage ls "$MFJAX_DONE_FILE" > /dev/null 2>&1 ;;
+      gs://*)  # a bucket: asked through mfjax's own file system layer (gcsfs), as launch/gpu.py does
+        exists=0
+        "$MFJAX_PYTHON" -c "import sys; from etils import epath; sys.exit(0 if epath.Path(sys.argv[1]).exists() else 3)" \
+          "$MFJAX_DONE_FILE" || exists=$?
+        if [ "$exists" -ne 0 ] && [ "$exists" -ne 3 ]; then
+          echo "mfjax: cannot tell whether $MFJAX_DONE_FILE exists; install gcsfs (pip install -e '.[gcs]') in $MFJAX_PYTHON" >&2
+          exit 2
+        fi
+        [ "$exists" -eq 0 ] ;;
       *) [ -f "$MFJAX_DONE_FILE" ] ;;
     esac
   elif [ "$1" = sweep ]; then

@@ -830,6 +830,7 @@ def slurm_stand_ins(tmp_path):
     scontrol = tmp_path / "scontrol_args"
     return out.returncode, out.stdout, scontrol.read_text().strip() if scontrol.exists() else None
 
+  run.bin_dir = bin_dir
   return run
 
 
@@ -846,6 +847,17 @@ def test_slurm_job_requeues_a_stopped_run(guard, slurm_stand_ins):
   assert (rc, scontrol) == (7, None) and "srun failed with exit status 7" in out
   rc, out, scontrol = slurm_stand_ins(MFJAX_DONE_FILE="", FAKE_SRUN_RC="0")  # judged by the exit status
   assert (rc, scontrol) == (0, None)
+  # A bucket's result.json is asked of the run's Python (gcsfs), not of a gcloud the nodes may lack.
+  fake_python = slurm_stand_ins.bin_dir / "fake_python"
+  write_script(fake_python, """
+      #!/usr/bin/env bash
+      exit "${FAKE_EXISTS_RC:-0}"
+      """)
+  bucket = dict(MFJAX_DONE_FILE="gs://bucket/runs/x/result.json", MFJAX_PYTHON=str(fake_python))
+  assert slurm_stand_ins(**bucket)[0] == 0
+  rc, out, scontrol = slurm_stand_ins(**bucket, FAKE_EXISTS_RC="3")
+  assert (rc, scontrol) == (0, "requeue 77")
+  assert slurm_stand_ins(**bucket, FAKE_EXISTS_RC="1")[0] == 2  # no gcsfs: said, not taken for "unfinished"
 
 
 def test_slurm_job_requeues_a_sweep_with_runs_left(guard, slurm_stand_ins, tmp_path):
@@ -883,6 +895,9 @@ def test_segment_and_pretrain_are_done_when_their_result_exists():
   assert common.done_file(["pretrain", "--config", "c.py", "--workdir", "w"], "w") == "w/result.json"
   # Predicting with a finished run leaves no result.json: its exit status says whether it worked.
   assert common.done_file(["segment", "--workdir", "w", "--predict", "in", "--out", "o"], "w") is None
+  # Several folds import into w/fold_F: no w/result.json; judged by the exit status.
+  assert common.done_file(["segment", "--workdir", "w", "--import-nnunet", "trained"], "w") is None
+  assert common.done_file(["segment", "--workdir", "w", "--import-nnunet=trained"], "w") is None
 
 
 def test_distributed_initialisation_is_once_per_process():
