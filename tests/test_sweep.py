@@ -49,6 +49,21 @@ def test_expand_names_cells_and_overrides(setup):
   assert home[0].workdir.startswith(os.path.join(os.path.expanduser("~"), "runs", ""))
 
 
+def test_paper_sweep_passes_each_downloads_build_options_to_its_runs_only():
+  """The paper's DDSM image lists and a frontal-only CheXpert are build options of one dataset each;
+  by default no run gets any (the runs of an earlier sweep keep their config)."""
+  spec = "configs/sweeps/paper.py:models=deit_base_patch16,protocols=frozen_linear,seeds=1"
+  options = lambda run: [o for o in run.overrides if o.startswith("--config.data.options.")]
+  assert not any(options(r) for r in msweep.expand(msweep.load_sweep(spec), "runs"))
+  runs = msweep.expand(msweep.load_sweep(spec + ",cbis_layout=lists,chexpert_views=frontal"), "runs")
+  by_dataset = {r.values["dataset"]: options(r) for r in runs}
+  assert by_dataset == {"aptos2019": [], "isic2019": [],
+                        "cbis_ddsm": ["--config.data.options.layout=lists", "--config.data.options.split=official"],
+                        "chexpert": ["--config.data.options.views=frontal"]}
+  config = load_config(runs[-1].config_spec, runs[-1].overrides)
+  assert config.data.name == "chexpert" and dict(config.data.options) == {"views": "frontal"}
+
+
 def test_study_sweeps_span_the_models_own_blocks_or_stages():
   axis = lambda spec, key: msweep.load_sweep(spec)["axes"][key]
   assert axis("configs/sweeps/progressive.py", "protocol.unfreeze_from") == list(range(13))

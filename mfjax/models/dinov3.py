@@ -50,11 +50,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, sin, cos):
     rope = lambda t: layers.apply_rope(t, sin, cos)
-    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
+    y = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     y = layers.Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, k_bias=self.k_bias,
                          query_chunk=self.attn_query_chunk, name="attn")(y, rope)
     x = subset_drop_path(self, x, layers.LayerScale(name="ls1")(y), self.drop_path, train)
-    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
+    y = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
     y = layers.Mlp(self.mlp_hidden, self.mlp_act, self.dtype, name="mlp")(y)
     return subset_drop_path(self, x, layers.LayerScale(name="ls2")(y), self.drop_path, train)
 
@@ -152,7 +152,7 @@ class Model(nn.Module):
       if i in self.intermediate:
         taken.append(x)
 
-    norm = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")
+    norm = layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")
     normed = norm(x)
     first_patch = 1 + self.num_storage
     tokens = (normed if self.tokens == "normed" else x)[:, first_patch:]

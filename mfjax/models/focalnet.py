@@ -104,7 +104,7 @@ class ConvEmbed(nn.Module):
     k, s, p = self.conv
     x = nn.Conv(self.features, (k, k), (s, s), padding=((p, p), (p, p)), dtype=self.dtype,
                 name="proj")(x)
-    return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+    return layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
 
 
 class FocalModulation(nn.Module):
@@ -133,7 +133,7 @@ class FocalModulation(nn.Module):
       ctx_all = ctx_all / (levels + 1)
     out = q * layers.Dense(c, dtype=self.dtype, name="h")(ctx_all)
     if self.post_norm:
-      out = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(out)
+      out = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(out)
     return layers.Dense(c, dtype=self.dtype, name="proj")(out)
 
 
@@ -153,7 +153,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     c = x.shape[-1]
-    norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    norm = lambda name: layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     scale = ((lambda name: layers.LayerScale(1e-4, name=name)) if self.layerscale
              else (lambda name: (lambda y: y)))
     depthwise = lambda name: DepthwiseConv(3, dtype=self.dtype, name=name)
@@ -244,7 +244,7 @@ class Model(nn.Module):
         block_index += 1
       out = x
       if self.stage_norms or s == len(self.depths) - 1:
-        out = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name=f"norm{s}")(out)
+        out = layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name=f"norm{s}")(out)
       if return_blocks:
         blocks.append(out.reshape(b, -1, dim).astype(jnp.float32))
       if s < self.stages - 1:

@@ -55,7 +55,7 @@ class StackedDeiT(nn.Module):
     dtype = jnp.dtype(self.dtype)
     b = tokens.shape[0]
     x = new_linear(self.width, tokens.shape[-1], "projector", dtype)(tokens.astype(dtype))
-    x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="projector_norm")(x)  # torch default eps
+    x = layers.LayerNorm(epsilon=1e-5, dtype=dtype, name="projector_norm")(x)  # torch default eps
     gh, gw = self.native_grid
     init = nn.initializers.truncated_normal(0.02)
     pos = self.param("pos_embed", init, (1, 1 + gh * gw, self.width))
@@ -70,7 +70,7 @@ class StackedDeiT(nn.Module):
                     self.drop_path * i / max(self.depth - 1, 1), dtype, self.attn_impl, **extra,
                     attn_query_chunk=self.attn_query_chunk, name=f"blocks_{i}")(x, train)
       blocks.append(x.astype(jnp.float32))
-    cls_out = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)[:, 0]
+    cls_out = layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)[:, 0]
     logits = new_linear(self.num_classes, self.width, "fc", dtype)(cls_out)
     return logits.astype(jnp.float32), cls_out.astype(jnp.float32), (blocks if return_blocks else [])
 
@@ -155,7 +155,7 @@ class PatchDecoder(nn.Module):
       if channels < 1:
         raise ValueError(f"{x.shape[-1]} input channels cannot be halved {stages} times")
       x = TransposedConv2x2(channels, self.dtype, name=f"up_{stage}")(x)
-      x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=f"norm_{stage}")(x)
+      x = layers.LayerNorm(epsilon=1e-6, dtype=dtype, name=f"norm_{stage}")(x)
       x = layers.gelu(x)
     init = nn.initializers.variance_scaling(_HE_GAIN, "fan_in", "normal")
     logits = layers.dense(layers.Dense(self.num_classes, dtype=dtype, kernel_init=init, name="classifier"), x)

@@ -25,6 +25,11 @@ def in_float32(fn: Callable) -> Callable:
   return computed_in_float32
 
 
+# torch's LayerNorm: the variance as the mean of squared deviations (flax's default, E[x^2] - E[x]^2,
+# cancels where the mean is large against the spread).
+LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
+
+
 @in_float32
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
@@ -357,7 +362,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, rope: Callable | None = None):
-    norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    norm = lambda name: LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     scale = (lambda name: LayerScale(name=name)) if self.layerscale else (lambda name: (lambda y: y))
     y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, self.remat_attention,
                   query_chunk=self.attn_query_chunk, name="attn")(norm("norm1")(x), rope)

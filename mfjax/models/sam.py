@@ -132,7 +132,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     size = x.shape[1:3]
-    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
+    y = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     if self.window:
       y = window_partition(y, self.window)
     y = RelPosAttention(self.heads, self.table_grid, self.rel_pos_resize, self.dtype, self.attn_impl,
@@ -140,7 +140,7 @@ class Block(nn.Module):
     if self.window:
       y = window_unpartition(y, self.window, size)
     x = x + y
-    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
+    y = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm2")(x)
     return x + layers.Mlp(self.mlp_hidden, "gelu", self.dtype, name="mlp")(y)
 
 
@@ -152,10 +152,10 @@ class Neck(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv1")(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
+    x = layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
                 name="conv2")(x)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
+    return layers.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
 
 
 class Model(nn.Module):

@@ -71,7 +71,7 @@ class Model(nn.Module):
       prefix.append(jnp.broadcast_to(regs, (b, self.num_registers, self.width)).astype(dtype))
     x = jnp.concatenate(prefix + [x], axis=1)
     if self.pre_norm:
-      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
+      x = layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
 
     depth = self.depth if self.num_blocks is None else self.num_blocks
     fields = dict(heads=self.heads, mlp_hidden=self.mlp_hidden, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias,
@@ -90,7 +90,7 @@ class Model(nn.Module):
         if return_blocks:
           blocks.append(x.astype(jnp.float32))
 
-    normed = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)
+    normed = layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm")(x)
     first_patch = 1 + self.num_registers
     pooled = normed[:, first_patch] if self.pooled == "first_patch" else normed[:, 0]
     if self.proj_dim:

@@ -9,6 +9,8 @@ A sweep file defines `get_sweep(arg) -> dict` with
   checkpoint_root  optional: model.checkpoint = <root>/<model> and, for stacked heads,
                    head.checkpoint = <root>/deit_base_patch16 (folders from `python -m convert`)
   per_model        optional {model: {dotted field: value}} for the runs of that model
+  per_dataset      optional {dataset: {dotted field: value}} for the runs of that dataset (its build
+                   options, e.g. {"cbis_ddsm": {"data.options.layout": "lists"}})
 Runs live in RUNS_DIR/<cell>/lr=<lr>/seed=<seed>, where the cell is every axis but lr and seed.
 A run with result.json is skipped (its config must be the sweep's); an interrupted one resumes from
 its checkpoint; one that another job trains (its lock.json, mfjax.train.lock) is left to it, so
@@ -104,8 +106,9 @@ def _per_run_paths(sweep, values) -> list[str]:
     head = values.get("protocol.head", sweep.get("fixed", {}).get("protocol.head"))
     if protocols.head_of(protocol, head) == "deit":  # progressive takes its head from protocol.head
       out.append(f"--config.head.checkpoint={os.path.join(sweep['checkpoint_root'], 'deit_base_patch16')}")
-  for key, value in sweep.get("per_model", {}).get(values.get("model"), {}).items():
-    out.append(f"--config.{key}={_fmt(value)}")
+  for per, axis in (("per_model", "model"), ("per_dataset", "dataset")):
+    for key, value in sweep.get(per, {}).get(values.get(axis), {}).items():
+      out.append(f"--config.{key}={_fmt(value)}")
   return out
 
 
