@@ -181,13 +181,19 @@ def test_unknown_remat_policy_names_the_valid_ones():
 
 
 def test_layer_norm_is_torchs_where_the_mean_dwarfs_the_spread():
-  """torch's variance is the mean of squared deviations; flax's default E[x^2] - E[x]^2 loses it all
-  for a mean of 300 and a spread of 0.1 (about 370 off). Every model's norms are layers.LayerNorm."""
+  """flax's default variance E[x^2] - E[x]^2 loses it all for a mean of 300 and a spread of 0.1
+  (about 370 off); layers.LayerNorm matches torch there, forward and backward. Every model's norms
+  are layers.LayerNorm."""
   x = (np.random.default_rng(0).standard_normal((4, 768)) * 0.1 + 300).astype(np.float32)
   norm = layers.LayerNorm(epsilon=1e-6)
   variables = norm.init(jax.random.PRNGKey(0), x)
   ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (768,), eps=1e-6).numpy()
   np.testing.assert_allclose(norm.apply(variables, x), ref, atol=1e-3)
+  weights = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+  grad = jax.grad(lambda x: (norm.apply(variables, x) * weights).sum())(x)
+  x_torch = torch.from_numpy(x).requires_grad_()
+  (torch.nn.functional.layer_norm(x_torch, (768,), eps=1e-6) * torch.from_numpy(weights)).sum().backward()
+  np.testing.assert_allclose(grad, x_torch.grad.numpy(), atol=1e-4 * np.abs(x_torch.grad.numpy()).max())
   models_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mfjax", "models")
   plain = [f for f in os.listdir(models_dir) if f.endswith(".py") and "nn.LayerNorm(" in open(
       os.path.join(models_dir, f)).read()]
