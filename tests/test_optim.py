@@ -85,6 +85,19 @@ def test_plateau_matches_torch_reduce_lr_on_plateau(metrics):
   assert plateau.scale == pytest.approx(1e-3 if len(metrics) == 14 else 1e-2)  # each reduction where torch makes one
 
 
+def test_plateau_stops_cutting_near_torchs_eps():
+  """torch skips a cut smaller than eps=1e-8: from 1e-6, the rate stops at 1e-8, not 1e-9, 1e-10, ..."""
+  model = torch.nn.Linear(1, 1)
+  torch_opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+  scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(torch_opt, mode="max", factor=0.1, patience=0)
+  plateau = optim.Plateau(patience=0, factor=0.1, lr=1e-6)
+  for _ in range(8):
+    scheduler.step(0.5)
+    plateau.update(0.5)
+    assert 1e-6 * plateau.scale == pytest.approx(torch_opt.param_groups[0]["lr"], rel=1e-9)
+  assert 1e-6 * plateau.scale == pytest.approx(1e-8)
+
+
 def test_plateau_counts_from_the_end_of_the_warmup():
   plateau = optim.Plateau(patience=0)
   assert not any(plateau.update(0.5, in_warmup=True) for _ in range(3))  # flat during the warmup: no cut

@@ -589,7 +589,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     iterator.set_state(json.loads(host["data"]))
     log.info("resumed %s at step %d (epoch %d)", workdir, int(state["step"]), host["epoch"])
     ckpts.drop_best_after(int(state["step"]))
-  plateau = Plateau(config.optim.plateau_patience, config.optim.plateau_factor, **host["plateau"])
+  plateau = Plateau(config.optim.plateau_patience, config.optim.plateau_factor, lr=config.optim.lr, **host["plateau"])
   step = int(state["step"])
   writer = Writer(workdir, step)
   warmup_steps = config.optim.warmup_steps or config.optim.warmup_epochs * steps_per_epoch

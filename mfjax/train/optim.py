@@ -94,10 +94,13 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int, start: float = 1e-8)
 
 @dataclasses.dataclass
 class Plateau:
-  """torch's ReduceLROnPlateau(mode='max', factor, patience, threshold=1e-4 relative)."""
+  """torch's ReduceLROnPlateau(mode='max', factor, patience, threshold=1e-4 relative, eps=1e-8):
+  `scale` multiplies the base learning rate `lr`; a cut smaller than eps is not made."""
   patience: int = 2
   factor: float = 0.1
   threshold: float = 1e-4
+  lr: float = 1.0
+  eps: float = 1e-8
   scale: float = 1.0
   best: float | None = None
   bad_epochs: int = 0
@@ -117,7 +120,8 @@ class Plateau:
       return False
     self.bad_epochs += 1
     if self.bad_epochs > self.patience:
-      self.scale *= self.factor
       self.bad_epochs = 0
-      return True
+      if self.lr * self.scale * (1 - self.factor) > self.eps:  # torch: near 1e-8 the rate stops falling
+        self.scale *= self.factor
+        return True
     return False
