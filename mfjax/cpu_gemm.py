@@ -179,6 +179,8 @@ def load() -> str:
       _loaded["outcome"] = _load()
     except Unavailable as e:
       _loaded["outcome"] = e
+    except (OSError, AttributeError, RuntimeError) as e:  # a full disk, a missing symbol, a failed registration
+      _loaded["outcome"] = Unavailable(f"loading mfjax/cpu_gemm.cc's library failed: {type(e).__name__}: {e}")
   if isinstance(_loaded["outcome"], Unavailable):
     raise Unavailable(str(_loaded["outcome"]))
   return _loaded["outcome"]
@@ -207,7 +209,10 @@ def _load() -> str:
     try:
       native = ctypes.CDLL(built)
     except OSError as e:  # a cache on a noexec mount, or a library built for another system: built again once
-      os.remove(built)
+      try:
+        os.remove(built)
+      except FileNotFoundError:  # another process removed it first
+        pass
       try:
         native = ctypes.CDLL(build())
       except OSError as again:
@@ -251,7 +256,9 @@ def decision() -> tuple[bool, str]:
 
 @functools.cache
 def _log_decision(reason: str) -> None:
-  log.info("CPU float32 GEMMs through XLA: %s", reason)
+  # On an Intel CPU, `auto` wanted MKL: a build or load that failed is a slowdown to be told of.
+  wanted = mode() == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1 and intel_cpu()
+  (log.warning if wanted else log.info)("CPU float32 GEMMs through XLA: %s", reason)
 
 
 def enabled_for(*arrays) -> bool:

@@ -365,6 +365,32 @@ def test_a_missing_library_is_looked_for_once(monkeypatch, tmp_path):
     cpu_gemm.reset()
 
 
+def test_a_load_that_fails_otherwise_is_unavailable_once(monkeypatch):
+  """A full disk, a missing symbol or a failed registration while loading is a reason to use XLA's
+  GEMMs (remembered, as any other), not an error at every layer's trace."""
+  calls = []
+
+  def full_disk():
+    calls.append(1)
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(cpu_gemm, "_load", full_disk)
+  cpu_gemm.reset()
+  try:
+    for _ in range(2):
+      with pytest.raises(cpu_gemm.Unavailable, match="loading mfjax/cpu_gemm.cc's library failed: OSError"):
+        cpu_gemm.load()
+    assert calls == [1]
+  finally:
+    cpu_gemm.reset()
+
+
+def test_an_empty_dense_input_takes_xla(mkl, monkeypatch):
+  monkeypatch.setenv("MFJAX_CPU_GEMM", "mkl")
+  out = layers.dense_dot_general(jnp.zeros((3, 0)), jnp.zeros((0, 4)), (((1,), (0,)), ((), ())))
+  np.testing.assert_array_equal(out, np.zeros((3, 4)))
+
+
 def test_library_search_order(mkl, monkeypatch, tmp_path):
   """$MFJAX_MKL_LIBRARY alone when set; else the `mkl` wheel's libmkl_rt in the environment's lib
   folder (here a link to torch's MKL build standing in for it), then torch's libtorch_cpu.so."""

@@ -106,7 +106,7 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   lowering runs bf16 dots below the float32 rate)."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
   plain_matmul = (batch == ((), ()) and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
-                  and rhs.ndim == 2)
+                  and rhs.ndim == 2 and lhs.size > 0)
   if plain_matmul and preferred_element_type in (None, jnp.float32) and cpu_gemm.enabled_for(lhs, rhs):
     matmul = cpu_gemm.matmul
   elif (plain_matmul and jax.default_backend() == "cpu" and lhs.dtype == rhs.dtype == jnp.bfloat16
