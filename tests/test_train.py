@@ -1,5 +1,6 @@
 """The training engine: protocols freeze what they should, sharding does not change the result,
 runs resume exactly after SIGKILL and SIGTERM, two processes agree, and configs fail loudly."""
+import dataclasses
 import json
 import os
 import re
@@ -492,15 +493,52 @@ def test_bad_data_is_a_one_line_error_from_the_cli(tmp_path, capsys):
   assert "error: no result.json, knn.json or cka_*.json below" in capsys.readouterr().err
 
 
-def test_a_run_killed_while_saving_its_last_epoch_finishes_on_restart(aptos, tmp_path):
+def test_a_finished_older_run_is_left_as_it_is_and_read_as_it_ran(aptos, tmp_path):
+  """An mfjax without model.freeze_unused wrote this config.json: started again, the finished run
+  returns its result without writing (a reader may not); read for eval or a study, it is rebuilt
+  as it ran (the SAM neck trained, where a fresh run freezes it)."""
+  config = tiny(aptos, "frozen_linear", arg=",epochs=1")
+  result = fit.train(config, str(tmp_path / "run"), progress=False)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  del saved["model"]["freeze_unused"]
+  older = json.dumps(saved)
+  (tmp_path / "run" / "config.json").write_text(older)
+  assert fit.train(config, str(tmp_path / "run"), progress=False)["test"] == result["test"]
+  assert (tmp_path / "run" / "config.json").read_text() == older
+  sam = fit.to_dict(tiny(aptos, "unfrozen_linear", model="sam_vitb"))
+  del sam["model"]["freeze_unused"]
+  os.makedirs(tmp_path / "sam")
+  (tmp_path / "sam" / "config.json").write_text(json.dumps(sam))
+  assert fit.read_run_config(str(tmp_path / "sam"))[1].model.freeze_unused is False
+  assert "freeze_unused" not in fit.read_run_config(str(tmp_path / "run"))[1].model  # frozen: nothing to keep
+
+
+def test_a_run_killed_while_saving_its_last_epoch_finishes_on_restart(aptos, tmp_path, monkeypatch):
   # The end of an epoch saves `best`, then `latest`. Killed during the second, the restart redoes the
-  # epoch and reaches the best step that is already saved.
+  # epoch and saves its own best anew (a killed attempt's best is not taken for this run's).
   config = tiny(aptos, "frozen_linear", arg=",epochs=1")
   first = fit.train(config, str(tmp_path), progress=False)
   (tmp_path / "result.json").unlink()
   shutil.rmtree(tmp_path / "checkpoints")
+  [best_dir] = (tmp_path / "best").iterdir()
+  (best_dir / "left_by_the_killed_attempt").write_text("")
   again = fit.train(config, str(tmp_path), progress=False)
   assert again["test"] == first["test"] and again["best_epoch"] == first["best_epoch"] == 1
+  assert not (best_dir / "left_by_the_killed_attempt").exists()
+  # Restarted after its last step, it tests at once: the prediction step is compiled on the validation
+  # split first, out of the test's timing.
+  (tmp_path / "result.json").unlink()
+  evaluated = []
+  prepare = fit.prepare
+
+  def recording_prepare(*args, **kwargs):
+    run = prepare(*args, **kwargs)
+    evaluate = run.evaluate
+    return dataclasses.replace(run, evaluate=lambda split, params: evaluated.append(split) or evaluate(split, params))
+
+  monkeypatch.setattr(fit, "prepare", recording_prepare)
+  assert fit.train(config, str(tmp_path), progress=False)["test"] == first["test"]
+  assert evaluated == ["validation", "test"]
   # Started once more, the finished run returns its result and appends nothing.
   lines = (tmp_path / "metrics.jsonl").read_text()
   assert fit.train(config, str(tmp_path), progress=False) == json.loads((tmp_path / "result.json").read_text())
@@ -559,6 +597,10 @@ def test_frozen_linear_on_cached_features_matches_the_full_model(aptos, tmp_path
   assert len(losses["cached"]) > 3
   np.testing.assert_allclose(losses["cached"], losses["full"], rtol=1e-4)
   assert cached["test"]["headline"] == pytest.approx(full["test"]["headline"], abs=1e-6)
+  # The probe stands for the whole classifier: its parameter count; its test times a linear layer: no throughput.
+  assert cached["params_total"] == full["params_total"] and cached["params_trained"] == full["params_trained"]
+  assert cached["test_images_per_second"] is None and cached["cached_features"] is True
+  assert full["test_images_per_second"] > 0 and full["cached_features"] is False
   # `mfjax eval` rebuilds the run from its folder and scores its best checkpoint as the run did.
   from mfjax import cli
   assert cli.main(["eval", "--workdir", str(tmp_path / "full")]) == 0

@@ -90,6 +90,8 @@ def check_workdir(workdir, config_dict: dict) -> None:
     else:
       raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
                         "Use a new --workdir, or the same config to resume.")
+  if (workdir / "result.json").exists():  # a finished run, read (perhaps from a read-only folder): left as it is
+    return
   # After every process has read the old config.json (start_run and the lines above read it).
   parallel.on_process_zero("write config.json", write_atomically, path,
                            json.dumps(config_dict, indent=2, sort_keys=True))
@@ -233,7 +235,8 @@ class Writer:
       log.warning("workdir %s is remote: TensorBoard events are not written (metrics.jsonl is)", workdir)
     else:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(workdir))
+      # Events past the checkpoint, from the attempt that stopped, are dropped as metrics.jsonl's lines are.
+      self.tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -375,6 +378,10 @@ def prepare(config, dataset=None) -> Setup:
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   n_trainable = protocols.count_used(trainable)
   n_total = n_trainable + protocols.count_used(frozen)
+  if cached:  # the probe on cached features holds no foundation: count the classifier it stands for
+    full = build.abstract_params(build.build_classifier(config, spec.num_classes),
+                                 (config.data.resolution, config.data.resolution, 3))
+    n_total = protocols.count_used(full["params"])
 
   def apply(params, stats, images, train, rng=None):
     v = {"params": params, **({"batch_stats": stats} if stats else {})}
@@ -588,7 +595,8 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     state, host = restored
     iterator.set_state(json.loads(host["data"]))
     log.info("resumed %s at step %d (epoch %d)", workdir, int(state["step"]), host["epoch"])
-    ckpts.drop_best_after(int(state["step"]))
+  # Best checkpoints after the resumed step (all of them on a fresh start) are a killed attempt's.
+  ckpts.drop_best_after(int(state["step"]))
   plateau = Plateau(config.optim.plateau_patience, config.optim.plateau_factor, lr=config.optim.lr, **host["plateau"])
   step = int(state["step"])
   writer = Writer(workdir, step)
@@ -601,6 +609,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
 
   preemption = parallel.Preemption().start()
   segment_start = time.time()
+  validated = False
 
   def next_batch():
     nonlocal iterator
@@ -641,6 +650,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
         pending = None
       if end_of_epoch:
         val = evaluate("validation", state)
+        validated = True
         reduced = plateau.update(val["headline"], in_warmup=config.optim.plateau_after_warmup and step <= warmup_steps)
         writer.write(step, {"epoch": epoch + 1, **{f"val/{k}": v for k, v in val.items()},
                             "lr_reduced": reduced})
@@ -663,6 +673,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
       _check_and_log(pending, writer, config, bar, force=True)
   except NonFiniteError as e:
     if not record_divergence:
+      writer.close()  # the loss lines that led to it reach a remote metrics.jsonl
       raise
     log.warning("%s diverged: %s", workdir, e)
     result = {"status": "diverged", "error": str(e), "config": config_dict, "model": config.model.name,
@@ -681,9 +692,14 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   # Test with the best checkpoint.
   train_seconds = host_state(config.epochs)["train_seconds"]
   best = ckpts.restore_best(abstract_of({k: state[k] for k in PARAM_KEYS}), host["best_step"])
+  if best is None and host["best_step"] is not None:
+    raise RuntimeError(f"{workdir}/best/{host['best_step']}, the best checkpoint the latest checkpoint records, "
+                       "is missing: the run cannot be tested")
   if best is None:
     raise RuntimeError(f"no validation epoch gave a finite {spec.headline_metric}: no best checkpoint to test")
   best_params, best_host = best
+  if not validated:  # a restart after the last step: the prediction step compiles here, not in the timing
+    evaluate("validation", best_params)
   t0 = time.time()
   test = evaluate("test", best_params)
   test_seconds = time.time() - t0
@@ -693,7 +709,10 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
             "params_total": run.n_total, "params_trained": run.n_trainable,
             "resized_at_load": resized,
             "train_seconds": train_seconds, "test_seconds": test_seconds,
-            "test_images_per_second": dataset.split_sizes["test"] / max(test_seconds, 1e-9),
+            # On cached features the test times a linear layer, not the model: no throughput to report.
+            "test_images_per_second": (None if run.cached_features
+                                       else dataset.split_sizes["test"] / max(test_seconds, 1e-9)),
+            "cached_features": bool(run.cached_features),
             "wall_seconds": time.time() - start_time, "devices": int(run.mesh.devices.size),
             "device_kind": jax.devices()[0].device_kind}
   writer.write(step, {f"test/{k}": v for k, v in test.items()})
@@ -722,7 +741,11 @@ def read_run_config(workdir) -> tuple[epath.Path, Any]:
   path = workdir / "config.json"
   if not path.exists():
     raise ConfigError(f"{workdir} has no config.json: not an mfjax run folder")
-  return workdir, ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  for (section, field), (value, matters) in BEFORE_THE_FIELD.items():  # rebuilt as it ran
+    if section in config and field not in config[section] and _matters(matters, config):
+      config[section][field] = value(config) if callable(value) else value
+  return workdir, config
 
 
 def evaluate_run(workdir: str, split: str = "test") -> dict:
