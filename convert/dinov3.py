@@ -320,6 +320,10 @@ def from_checkpoint(raw, hf_config, fmt, args):
       raise core.ConversionError(f"--rope-periods stored: {args.checkpoint} holds no rope_embed.periods"
                                  + (" (HF folders do not store them)" if fmt == "hf" else ""))
     overrides["rope_periods"] = tuple(float(p) for p in np.asarray(state[key], np.float32))
+  elif fmt == "original" and any(k.endswith("rope_embed.periods") for k in state):
+    print("note: RoPE periods computed from the schedule, as timm and transformers do; the original hub code "
+          "uses the checkpoint's stored ones, rounded to bfloat16 (up to 4e-3 off): --rope-periods stored "
+          "for that")
   kind = "MedDINOv3" if model == MEDDINOV3 else "DINOv3"
   variables = convert(state, fmt, model, source=f"{args.checkpoint} ({fmt} {kind} checkpoint)", **overrides)
   return model, overrides, variables

@@ -362,7 +362,7 @@ def torch_dinov3_rope(h, w, head_dim, dtype):
   return torch.sin(angles), torch.cos(angles)
 
 
-def test_stored_rope_periods_are_used_as_the_hub_code_uses_them(official_b, tmp_path):
+def test_stored_rope_periods_are_used_as_the_hub_code_uses_them(official_b, tmp_path, capsys):
   # The release stores its periods rounded to bfloat16, and the hub model computes its float32 angles from them.
   state = dict(official_b)
   stored = state["rope_embed.periods"].to(torch.bfloat16).to(torch.float32)
@@ -382,6 +382,9 @@ def test_stored_rope_periods_are_used_as_the_hub_code_uses_them(official_b, tmp_
     rope_periods = "stored"
 
   without = {k: v for k, v in state.items() if k != "rope_embed.periods"}
+  capsys.readouterr()
+  convert_dinov3.from_checkpoint(state, None, "original", _Args())  # the default says what it leaves out
+  assert "note: RoPE periods computed from the schedule" in capsys.readouterr().out
   with pytest.raises(core.ConversionError, match="--rope-periods stored: test checkpoint holds no rope_embed.periods"):
     convert_dinov3.from_checkpoint(without, None, "original", Stored())
 
