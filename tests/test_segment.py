@@ -553,10 +553,12 @@ def test_preprocess_plans_resampling_and_reuse(raw_ct, tmp_path):
   spacings = np.stack([volumes.read_spacing(image) for image, _ in raw.cases.values()])
   np.testing.assert_allclose(plans["target_spacing_xy"], np.median(spacings[:, :2], axis=0))
   foreground = []
-  for case, (image_path, label_path) in raw.cases.items():
+  for index, (case, (image_path, label_path)) in enumerate(raw.cases.items()):
     image, spacing = volumes.read_volume(image_path)
     labels, _ = volumes.read_labels(label_path)
-    foreground.append(image[labels > 0])  # fewer than 10000 per case: all of them are used
+    sample = nnunet.foreground_sample(image[labels > 0][:, None], index)  # 10000 a case, with replacement
+    assert len(sample) == nnunet.FG_SAMPLES_PER_CASE and np.isin(sample, image[labels > 0]).all()
+    foreground.append(sample)
     stored = np.load(tmp_path / "pre" / f"{case}_seg.npy")
     expected_xy = nnunet.target_shape(image.shape[:2], spacing[:2], plans["target_spacing_xy"])
     assert stored.shape == (image.shape[2], *expected_xy) == tuple(plans["cases"][case]["shape"])

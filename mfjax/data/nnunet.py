@@ -744,6 +744,18 @@ def _fingerprint(raw: RawDataset) -> dict:
           for case, (_, label) in raw.cases.items()}
 
 
+def foreground_sample(foreground: np.ndarray, index: int) -> np.ndarray:
+  """FG_SAMPLES_PER_CASE rows of a case's (n, C) foreground intensities, drawn with replacement as
+  nnU-Net draws them (a case with little foreground weighs as much as any other), seeded by the
+  case's index. Drawn from the sorted rows: the same voxels in another order (a volume stored
+  transposed) give the same sample."""
+  if not len(foreground):
+    return np.zeros((0, foreground.shape[-1]), np.float32)
+  ordered = foreground[np.lexsort(foreground.T[::-1])]
+  rng = np.random.default_rng([12345, index])
+  return ordered[rng.choice(len(ordered), FG_SAMPLES_PER_CASE, replace=True)]
+
+
 def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = True) -> dict:
   """Write the preprocessed cases and plans.json to `out_dir` (reused when up to date); the plans.
 
@@ -803,12 +815,8 @@ def preprocess(raw: RawDataset, out_dir: str, spacing_xy=None, progress: bool = 
     image, labels, spacing = _read_case(raw, case, layout)
     shape_before_cropping = list(image.shape[:3])
     image, labels, bbox = crop_to_nonzero(image, labels)
-    rng = np.random.default_rng([12345, i])
-    foreground = image[labels > 0]  # (n, C); nnU-Net's fingerprint counts ignored voxels as foreground too
-    # a fixed count per case drawn with replacement, as nnU-Net: small structures weigh as much as large
-    fg_values.append(foreground[rng.choice(len(foreground), FG_SAMPLES_PER_CASE, replace=True)]
-                     if len(foreground) else
-                     np.zeros((0, image.shape[-1]), np.float32))
+    # nnU-Net's fingerprint counts ignored voxels as foreground too
+    fg_values.append(foreground_sample(image[labels > 0], i))
     cases[case] = {"image": image_path, "label": label_path, "spacing": spacing.tolist(),
                    "shape_before_cropping": shape_before_cropping, "bbox": bbox,  # (X, Y, Z) of the volume
                    "relative_size_after_cropping": float(np.prod([hi - lo for lo, hi in bbox]) /
