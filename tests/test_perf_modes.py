@@ -180,6 +180,25 @@ def test_unknown_remat_policy_names_the_valid_ones():
     model.init(jax.random.PRNGKey(0), images(1, res))
 
 
+@pytest.mark.parametrize("name", ["dinov2_vitb14", "dinov3_vitb16"])
+def test_bf16_keeps_the_residual_stream_in_float32(name):
+  """As under torch's autocast, where float32 position embeddings, LayerScale gammas and LayerNorm
+  outputs make every residual sum float32: LayerScaled updates far below bfloat16's resolution
+  against the stream (gammas of 1e-4 here) are kept, not rounded away."""
+  foundation, res = small(name)
+  x = images(2, res)
+  variables = foundation.init(jax.random.PRNGKey(0), x)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.full_like(v, 1e-4) if "gamma" in jax.tree_util.keystr(path) else v, variables)
+  without = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.zeros_like(v) if "gamma" in jax.tree_util.keystr(path) else v, variables)
+  # What the blocks add to the stream (the embedding itself is computed in bfloat16, as autocast does).
+  update = lambda module: (module.apply(variables, x, return_blocks=True)["blocks"][-1]
+                           - module.apply(without, x, return_blocks=True)["blocks"][-1])
+  f32, b16 = update(foundation), update(small(name, dtype="bfloat16")[0])
+  assert rel(b16, f32) < 0.05, rel(b16, f32)
+
+
 def test_layer_norm_is_torchs_where_the_mean_dwarfs_the_spread():
   """flax's default variance E[x^2] - E[x]^2 loses it all for a mean of 300 and a spread of 0.1
   (about 370 off); layers.LayerNorm matches torch there, forward and backward. Every model's norms

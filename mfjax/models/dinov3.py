@@ -49,6 +49,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, sin, cos):
+    x = x.astype(layers.STREAM)
     rope = lambda t: layers.apply_rope(t, sin, cos)
     y = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     y = layers.Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, k_bias=self.k_bias,
@@ -117,19 +118,19 @@ class Model(nn.Module):
     b = images.shape[0]
     x = layers.patch_embed(images, self.width, self.patch_size, dtype)
     grid = x.shape[1:3]
-    x = x.reshape(b, -1, self.width)
+    x = x.reshape(b, -1, self.width).astype(layers.STREAM)
 
     init = nn.initializers.normal(0.02)
     mask_token = self.param("mask_token", nn.initializers.zeros_init(), (1, self.width))
     if masks is not None:
       if masks.shape != x.shape[:2]:
         raise ValueError(f"masks has shape {masks.shape}; expected {x.shape[:2]} (batch, patches)")
-      x = jnp.where(masks[..., None], mask_token.astype(dtype), x)
+      x = jnp.where(masks[..., None], mask_token, x)
     cls = self.param("cls_token", init, (1, 1, self.width))
-    prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(dtype)]
+    prefix = [jnp.broadcast_to(cls, (b, 1, self.width))]
     if self.num_storage:  # DINOv3 creates no parameter without storage tokens (and orbax saves no empty array)
       storage = self.param("storage_tokens", init, (1, self.num_storage, self.width))
-      prefix.append(jnp.broadcast_to(storage, (b, self.num_storage, self.width)).astype(dtype))
+      prefix.append(jnp.broadcast_to(storage, (b, self.num_storage, self.width)))
     x = jnp.concatenate([*prefix, x], axis=1)
 
     # DINOv3 draws augmented RoPE coordinates anew for every block (its forward calls rope_embed in the

@@ -104,7 +104,7 @@ class ConvEmbed(nn.Module):
     k, s, p = self.conv
     x = nn.Conv(self.features, (k, k), (s, s), padding=((p, p), (p, p)), dtype=self.dtype,
                 name="proj")(x)
-    return layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+    return layers.LayerNorm(epsilon=self.ln_eps, dtype=layers.STREAM, name="norm")(x)  # the stream's start
 
 
 class FocalModulation(nn.Module):
@@ -152,8 +152,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    x = x.astype(layers.STREAM)
     c = x.shape[-1]
-    norm = lambda name: layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
+    norm = lambda name, dtype=self.dtype: layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name=name)
     scale = ((lambda name: layers.LayerScale(1e-4, name=name)) if self.layerscale
              else (lambda name: (lambda y: y)))
     depthwise = lambda name: DepthwiseConv(3, dtype=self.dtype, name=name)
@@ -172,7 +173,7 @@ class Block(nn.Module):
       elif self.norm_placement == "post":
         x = x + drop(scale(f"ls{index}")(norm(f"norm{index}")(branch(x))), train)
       else:
-        x = norm(f"norm{index}")(x + drop(scale(f"ls{index}")(branch(x)), train))
+        x = norm(f"norm{index}", layers.STREAM)(x + drop(scale(f"ls{index}")(branch(x)), train))
     return x
 
 

@@ -55,14 +55,14 @@ class StackedDeiT(nn.Module):
     dtype = jnp.dtype(self.dtype)
     b = tokens.shape[0]
     x = new_linear(self.width, tokens.shape[-1], "projector", dtype)(tokens.astype(dtype))
-    x = layers.LayerNorm(epsilon=1e-5, dtype=dtype, name="projector_norm")(x)  # torch default eps
+    x = layers.LayerNorm(epsilon=1e-5, dtype=layers.STREAM, name="projector_norm")(x)  # torch default eps
     gh, gw = self.native_grid
     init = nn.initializers.truncated_normal(0.02)
     pos = self.param("pos_embed", init, (1, 1 + gh * gw, self.width))
     grid_pos = posemb.resample_grid(pos[0, 1:].reshape(gh, gw, self.width), grid, self.posemb)
     cls = self.param("cls_token", init, (1, 1, self.width)) + pos[:, :1]
-    x = x + grid_pos.reshape(1, -1, self.width).astype(dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(dtype), x], axis=1)
+    x = x + grid_pos.reshape(1, -1, self.width)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
     block_cls, extra = layers.block_class(self.remat, self.remat_policy)
     blocks = []
     for i in range(self.depth):

@@ -330,13 +330,20 @@ class Attention(nn.Module):
     return dense(Dense(d, dtype=self.dtype, name="proj"), out.reshape(b, n, d))
 
 
+# The residual stream's dtype whatever the compute dtype, as under torch's autocast: its float32
+# position embeddings, LayerScale gammas and LayerNorm outputs make every residual sum float32 there.
+# In bfloat16 the small LayerScaled updates of deep models would round away against the stream.
+STREAM = jnp.float32
+
+
 class LayerScale(nn.Module):
+  """x * gamma, in float32 (the residual stream's dtype)."""
   init_value: float = 1e-5
 
   @nn.compact
   def __call__(self, x):
     gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
-    return x * gamma.astype(x.dtype)
+    return x.astype(STREAM) * gamma
 
 
 class DropPath(nn.Module):
@@ -368,6 +375,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, rope: Callable | None = None):
+    x = x.astype(STREAM)
     norm = lambda name: LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     scale = (lambda name: LayerScale(name=name)) if self.layerscale else (lambda name: (lambda y: y))
     y = Attention(self.heads, self.qkv_bias, self.dtype, self.attn_impl, self.remat_attention,

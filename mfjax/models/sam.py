@@ -131,6 +131,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    x = x.astype(layers.STREAM)
     size = x.shape[1:3]
     y = layers.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm1")(x)
     if self.window:
@@ -198,7 +199,7 @@ class Model(nn.Module):
     x = layers.patch_embed(images, self.width, self.patch_size, dtype)
     grid = x.shape[1:3]
     pos = self.param("pos_embed", nn.initializers.zeros_init(), (1, *self.native_grid, self.width))
-    x = x + posemb.resample_grid(pos[0], grid, self.posemb)[None].astype(dtype)
+    x = x.astype(layers.STREAM) + posemb.resample_grid(pos[0], grid, self.posemb)[None]
 
     depth = self.depth if self.num_blocks is None else self.num_blocks
     block_cls = nn.remat(Block) if self.remat else Block

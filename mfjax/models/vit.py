@@ -64,14 +64,14 @@ class Model(nn.Module):
     pos = self.param("pos_embed", init, (1, 1 + gh * gw, self.width))
     pos_patches = posemb.resample_grid(pos[0, 1:].reshape(gh, gw, self.width), grid, self.posemb)
     cls = self.param("cls_token", init, (1, 1, self.width)) + pos[:, :1]
-    x = x + pos_patches.reshape(1, -1, self.width).astype(dtype)
-    prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(dtype)]
+    x = x.astype(layers.STREAM) + pos_patches.reshape(1, -1, self.width)
+    prefix = [jnp.broadcast_to(cls, (b, 1, self.width)).astype(layers.STREAM)]
     if self.num_registers:
       regs = self.param("reg_tokens", init, (1, self.num_registers, self.width))
-      prefix.append(jnp.broadcast_to(regs, (b, self.num_registers, self.width)).astype(dtype))
+      prefix.append(jnp.broadcast_to(regs, (b, self.num_registers, self.width)).astype(layers.STREAM))
     x = jnp.concatenate(prefix + [x], axis=1)
     if self.pre_norm:
-      x = layers.LayerNorm(epsilon=self.ln_eps, dtype=dtype, name="norm_pre")(x)
+      x = layers.LayerNorm(epsilon=self.ln_eps, dtype=layers.STREAM, name="norm_pre")(x)
 
     depth = self.depth if self.num_blocks is None else self.num_blocks
     fields = dict(heads=self.heads, mlp_hidden=self.mlp_hidden, mlp_act=self.mlp_act, qkv_bias=self.qkv_bias,
