@@ -193,15 +193,7 @@ def test_sigkill_and_sigterm_resume_exactly(aptos, tmp_path):
   for k, v in ref_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
 
-  # SIGTERM (preemption): checkpoint and exit 0 (the resume from such a checkpoint: below).
-  proc = subprocess.Popen(_train_cmd(aptos, tmp_path / "term"), env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-  _wait_for_step(tmp_path / "term", 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=120) == 0
-  assert "SIGTERM: saved the checkpoint at step" in proc.stderr.read()
-  assert not (tmp_path / "term" / "result.json").exists()
-  assert os.listdir(tmp_path / "term" / "checkpoints")
-
+  # SIGTERM (preemption) saves a checkpoint and exits 0: test_sigterm_to_one_of_two_processes_stops_both_at_one_step.
   # Ctrl-C is taken as SIGTERM: the steps so far are saved, and the next start finishes the run
   # identically. It exits 130, as a command ended by Ctrl-C does, so that `mfjax train A && mfjax
   # train B` stops there. A terminal's Ctrl-C reaches the whole process group, the grain data workers
