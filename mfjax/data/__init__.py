@@ -169,21 +169,22 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
     if changed and not overwrite:
       raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
                       f"{manual_dir}: {changed}; pass overwrite=True to rebuild it")
-    images_here = not common.holds_sources_only(manual_dir, built.metadata["sources"])
-    if not changed and not overwrite and "image_sizes" in built.metadata and not images_here:
-      logging.getLogger("mfjax").info("%s: %s holds only the source files %s was built from, unchanged; reused "
-                                      "without checking the images", name, manual_dir, path)
-    if not changed and not overwrite and "image_sizes" in built.metadata and images_here:  # older builds: unchecked
-      logging.disable(logging.WARNING)  # the source's warnings were given when it was built
-      try:
-        rows, _ = recipe.read(manual_dir, opts)
-      finally:
-        logging.disable(logging.NOTSET)
-      if common.image_sizes(rows, manual_dir) != built.metadata["image_sizes"]:
-        raise DataError(f"{name}: image files the source CSVs list in {manual_dir} were replaced, removed or added "
-                        f"since {path} was built (their sizes differ); pass overwrite=True (`python -m mfjax.data "
-                        f"{name} ... --overwrite`) to rebuild it")
     if not changed and not overwrite:
+      if "image_sizes" not in built.metadata:
+        pass  # built before image sizes were recorded: not checked
+      elif common.holds_sources_only(manual_dir, built.metadata["sources"]):
+        logging.getLogger("mfjax").info("%s: %s holds only the source files %s was built from, unchanged; reused "
+                                        "without checking the images", name, manual_dir, path)
+      else:
+        logging.disable(logging.WARNING)  # the source's warnings were given when it was built
+        try:
+          rows, _ = recipe.read(manual_dir, opts)
+        finally:
+          logging.disable(logging.NOTSET)
+        if common.image_sizes(rows, manual_dir) != built.metadata["image_sizes"]:
+          raise DataError(f"{name}: image files the source CSVs list in {manual_dir} were replaced, removed or "
+                          f"added since {path} was built (their sizes differ); pass overwrite=True (`python -m "
+                          f"mfjax.data {name} ... --overwrite`) to rebuild it")
       return built
     shutil.rmtree(path)
     builder = BUILDERS[name](manual_dir=manual_dir, options=opts, data_dir=data_dir)
