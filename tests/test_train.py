@@ -764,6 +764,40 @@ def test_a_damaged_metrics_log_and_an_early_test_record_do_not_block_a_resume(tm
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "result.json"]
 
 
+def _tensorboard_events(path):
+  """(step, tag, value or None) of each event in a TFRecord file of TensorBoard Event protos."""
+  from tensorboardX.proto.event_pb2 import Event
+  data, events, at = path.read_bytes(), [], 0
+  while at < len(data):
+    size = int.from_bytes(data[at:at + 8], "little")
+    event = Event.FromString(data[at + 12:at + 12 + size])
+    at += 12 + size + 4  # length, its CRC, the record, its CRC
+    events += [(event.step, v.tag, v.simple_value) for v in event.summary.value] or [(event.step, None, None)]
+  return events
+
+
+def test_tensorboard_events_follow_the_log_without_importing_torch(tmp_path):
+  """Scalars reach TensorBoard; a resume marks the steps after its checkpoint as purged; and the
+  trainer's process does not import torch for it (tensorboardX would: 2 s and 300 MB per run)."""
+  code = ("import sys, time\n"
+          "from etils import epath\n"
+          "from mfjax.train import fit\n"
+          f"folder = epath.Path({str(tmp_path)!r})\n"
+          "w = fit.Writer(folder, 0)\n"
+          "w.write(1, {'train/loss': 0.5, 'note': 'text'}); w.write(2, {'train/loss': 0.25, 'val/auc': float('nan')})\n"
+          "w.close(); time.sleep(1.1)\n"  # the events file is named by the second
+          "w = fit.Writer(folder, 1)\n"
+          "w.write(2, {'train/loss': 0.125}); w.close()\n"
+          "assert 'torch' not in sys.modules, 'torch was imported'\n")
+  proc = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first, resumed = sorted(tmp_path.glob("events.out.tfevents.*"))
+  assert [e for e in _tensorboard_events(first) if e[1]] == [(1, "train/loss", 0.5), (2, "train/loss", 0.25)]
+  assert [e for e in _tensorboard_events(resumed) if e[1]] == [(2, "train/loss", 0.125)]
+  assert (2, None, None) in _tensorboard_events(resumed)  # the purge marker at step 2: TensorBoard hides the first 2
+  assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path, caplog):
   for extra, message in (
       (["--config.model.dtype=bf16"], "unknown model.dtype 'bf16'"),

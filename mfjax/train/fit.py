@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -213,6 +214,20 @@ def kept_lines(path, resume_step: int) -> list[str]:
   return kept
 
 
+def summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports an installed torch
+  (2 s, 300 MB) for a type hint only, and a JAX run writes plain floats."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class Writer:
   """metrics.jsonl (+ TensorBoard events for local workdirs) on process 0.
 
@@ -234,9 +249,8 @@ class Writer:
     if self.remote:
       log.warning("workdir %s is remote: TensorBoard events are not written (metrics.jsonl is)", workdir)
     else:
-      from tensorboardX import SummaryWriter
       # Events past the checkpoint, from the attempt that stopped, are dropped as metrics.jsonl's lines are.
-      self.tb = SummaryWriter(str(workdir), purge_step=resume_step + 1 if resume_step else None)
+      self.tb = summary_writer()(str(workdir), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
