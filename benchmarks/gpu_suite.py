@@ -77,6 +77,7 @@ STEPS = (
 )
 STEP_NAMES = ("env",) + tuple(name for name, *_ in STEPS)
 TINY_MODEL_ARGS = ("--config.model.overrides.num_blocks=2",)
+TINY_SEGMENT_ARGS = ("--config.model.overrides.num_blocks=4", "--config.model.interaction_indices=(0,1,2,3)")
 
 
 def parse_args(argv=None):
@@ -144,8 +145,8 @@ def step_command(module: str, arguments: tuple, out_dir: str, tiny: bool) -> lis
 
 
 def tiny_arguments(arguments: list[str], module: str = "train_step") -> list[str]:
-  """The same command on a tiny cell: 2 blocks (the segmentation step keeps its 12, which its
-  decoder reads, on 64-px patches), 32-px images, batch 2, one quick round, torch eager, float32
+  """The same command on a tiny cell: 2 blocks (the segmentation step 4, its decoder reading each,
+  on 64-px patches), 32-px images, batch 2, one quick round, torch eager, float32
   (torch's bf16 on a CPU is slow) and XLA's attention instead of cuDNN's."""
   replace = {"--res": "32", "--patch": "64", "--batch": "2", "--torch": "eager", "--dtype": "float32",
              "--size": "96", "--slices": "4"}
@@ -163,7 +164,7 @@ def tiny_arguments(arguments: list[str], module: str = "train_step") -> list[str
            for prev, a in zip([None] + out[:-1], out)]
     return out + ["--rounds", "1"]
   if module == "segment_step":
-    return out + ["--rounds", "1"]
+    return out + list(TINY_SEGMENT_ARGS) + ["--rounds", "1"]
   return out + list(TINY_MODEL_ARGS) + ["--rounds", "1", "--no-rss"]
 
 

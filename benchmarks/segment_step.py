@@ -46,7 +46,7 @@ def parse_args(argv=None):
   parser.add_argument("--out", default=None, help="append the JSON row to this file")
   args, extra = common.parse_args(parser, argv)
   args.config_overrides = extra
-  common.check_torch_follows(parser, args)
+  common.check_torch_follows(parser, args, follows=(common.NUM_BLOCKS, "model.interaction_indices"))
   return args
 
 
@@ -92,7 +92,9 @@ def main(argv=None):
   fns, errors, torch_flops, torch_mem = {"jax": jax_step}, {}, None, None
   if args.torch_variants:
     torch.manual_seed(0)
-    model = torch_reference.Segmenter(args.model, args.classes).to(device)
+    # The JAX network's blocks: those the decoder reads, of a backbone cut at num_blocks if given.
+    model = torch_reference.Segmenter(args.model, args.classes, indices=tuple(config.model.interaction_indices),
+                                      depth=config.model.overrides.get("num_blocks")).to(device)
     t_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     t_labels = torch.from_numpy(labels).long().to(device)
     for variant in args.torch_variants:

@@ -345,14 +345,16 @@ class PatchDecode(nn.Module):
 
 class Segmenter(nn.Module):
   """MedDINOv3's Primus_Multiscale on a timm DINOv3 (`vit`, or a random one of model `name`): 1 -> 3
-  channels, normed intermediates of `indices` concatenated, PatchDecode to full-resolution logits."""
+  channels, normed intermediates of `indices` concatenated, PatchDecode to full-resolution logits.
+  `depth` keeps the first blocks of a random one (`model.overrides.num_blocks` on the JAX side)."""
 
-  def __init__(self, name: str, num_classes: int, indices=(2, 5, 8, 11), vit=None):
+  def __init__(self, name: str, num_classes: int, indices=(2, 5, 8, 11), vit=None, depth=None):
     super().__init__()
     import timm
     if vit is None:
       timm_name = {"meddinov3_vitb16": "vit_base_patch16_dinov3", "dinov3_vitb16": "vit_base_patch16_dinov3_qkvb"}[name]
-      vit = timm.create_model(timm_name, pretrained=False, norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6))
+      vit = timm.create_model(timm_name, pretrained=False, norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-6),
+                              **({"depth": depth} if depth else {}))
     self.vit = vit
     self.indices = list(indices)
     self.up_projection = PatchDecode(self.vit.embed_dim * len(self.indices), num_classes, 4)

@@ -14,8 +14,9 @@ def run_benchmark(tmp_path, module: str, *args: str, xla_flags: str = "", env: d
   tmp_path.mkdir(parents=True, exist_ok=True)
   out = tmp_path / f"{module}.jsonl"  # the benchmarks append: one file per command
   # TMPDIR: each test builds its own synthetic dataset (benchmarks/jax_side.py caches it there).
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
-             **(env or {}))
+  # XLA_FLAGS: the suite's quick code generation (conftest.py) and the test's own flags.
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip(), **(env or {}))
   proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
