@@ -69,14 +69,14 @@ def test_segmenter_features_are_timm_normed_intermediates(tmp_path):
   with torch.no_grad():
     expected = reference.forward_intermediates(torch.from_numpy(np.repeat(x, 3, -1)).permute(0, 3, 1, 2),
                                                indices=[2, 5, 8, 11], norm=True, intermediates_only=True)
-  ours = module.clone(intermediate=(2, 5, 8, 11)).apply(variables, np.repeat(x, 3, -1))["intermediate"]
+  ours = jax.jit(module.clone(intermediate=(2, 5, 8, 11)).apply)(variables, np.repeat(x, 3, -1))["intermediate"]
   assert_outputs_match({"blocks": [np.asarray(a) for a in ours]},
                        {"blocks": [b.permute(0, 2, 3, 1).reshape(1, -1, 768).numpy() for b in expected]},
                        "normed intermediates 2, 5, 8, 11 vs timm")
   segmenter = heads.Segmenter(module.clone(intermediate=(2, 5, 8, 11)), 4)
-  params = segmenter.init(jax.random.PRNGKey(0), x)["params"]
-  params["foundation"] = variables["params"]
-  logits = segmenter.apply({"params": params}, x)
+  params = jax.eval_shape(segmenter.init, jax.random.PRNGKey(0), x)["params"]
+  params = {**jax.tree.map(lambda a: np.full(a.shape, 0.01, a.dtype), params), "foundation": variables["params"]}
+  logits = jax.jit(segmenter.apply)({"params": params}, x)
   assert logits.shape == (1, 224, 160, 4) and np.isfinite(np.asarray(logits)).all()
 
 
@@ -90,11 +90,11 @@ def test_bfloat16_segmenter_stays_close_to_float32():
   rng = np.random.default_rng(0)
   images = rng.standard_normal((2, 32, 32, 1)).astype(np.float32)
   labels = jnp.asarray(rng.integers(0, 3, (2, 32, 32)))
-  params = f32.init(jax.random.PRNGKey(0), images)["params"]
+  params = jax.jit(f32.init)(jax.random.PRNGKey(0), images)["params"]
   outputs = {}
-  for name, model in (("f32", f32), ("bf16", bf16)):
+  for name, model in (("f32", f32), ("bf16", bf16)):  # each one compiled program, not op by op
     loss = lambda p, model=model: segment.dice_ce_loss(model.apply({"params": p}, images), labels, 3)[0]
-    outputs[name] = (model.apply({"params": params}, images), *jax.value_and_grad(loss)(params))
+    outputs[name] = (jax.jit(model.apply)({"params": params}, images), *jax.jit(jax.value_and_grad(loss))(params))
   (logits32, loss32, grad32), (logits16, loss16, grad16) = outputs["f32"], outputs["bf16"]
   assert logits16.dtype == jnp.float32
   difference = np.abs(np.asarray(logits16) - np.asarray(logits32)).max() / np.abs(np.asarray(logits32)).max()
