@@ -5,11 +5,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two xdist workers and the subprocesses they start share the cores: OpenMP threads (torch) that
 # spin while idle would take them from the other process's XLA threads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Compiling dominates the suite: XLA's cheapest CPU code generation compiles ~20% faster overall.
-# It changes only LLVM's code generation, not the HLO program, so every numeric check still holds.
+# Compiling dominates the suite: XLA's cheapest CPU code generation compiles ~20% faster overall,
+# and its older element-wise emitters, in place of the fusion emitters, about twice as fast again.
+# They change only how the HLO program becomes machine code, not the program.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                             " --xla_llvm_disable_expensive_passes=true").strip()
+                             " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false").strip()
 # One persistent compilation cache for the suite: the many short training runs (in this process
 # and in subprocesses, which inherit the environment) compile the same programs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

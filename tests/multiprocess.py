@@ -15,12 +15,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_devices(count: int) -> str:
+  """XLA_FLAGS for a subprocess with `count` CPU devices, keeping the suite's compile flags (conftest.py)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+
+
 def run_script_twice(script: str, *args: str, devices_per_process: int, timeout: float = 240) -> list[str]:
   """`python SCRIPT PROCESS_ID PORT ARGS...` as processes 0 and 1 of one job (CPU devices, gloo
   collectives): each one's output. A process that exits non-zero, or a job that runs past `timeout`
   (a hang: both are killed), fails the test with both outputs."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+         "XLA_FLAGS": xla_devices(devices_per_process),
          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
   port = free_port()
   with tempfile.TemporaryDirectory() as folder:

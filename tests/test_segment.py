@@ -212,7 +212,7 @@ def test_prediction_batch_need_not_divide_the_devices():
   """A run trained with eval.batch_size 8 predicts on 3 devices: the tiles are padded up to 9."""
   script = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3"
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from mfjax import parallel
 from mfjax.evals import segmentation

@@ -22,6 +22,7 @@ from mfjax import models, parallel
 from mfjax.config import ConfigError
 from mfjax.data import volumes
 from mfjax.ssl import augment, heads, losses, masking, pretrain
+from tests.multiprocess import xla_devices
 
 
 def close(a, b, tol=1e-5):
@@ -743,7 +744,7 @@ def test_pretrain_splits_the_batch_over_devices(ct_folder, tmp_path):
             f"result['shards'] = [list(s.data.shape) for s in out.addressable_shards]\n"
             f"result['rows'] = np.asarray(out)[:, 0].tolist()\n"
             f"print(json.dumps(result))")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_devices(2), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

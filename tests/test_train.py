@@ -20,7 +20,7 @@ from mfjax.cli import load_config
 from mfjax.config import ConfigError
 from mfjax.data import synthetic
 from mfjax.train import build, fit
-from tests.multiprocess import free_port
+from tests.multiprocess import free_port, xla_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -100,7 +100,7 @@ def test_mesh_shapes_give_the_same_losses(aptos):
   single = _driver(common + ["--mesh", "1,1"])[0]
   # A rule on the parameters' paths: Adam's moments ("opt/1/mu/...") follow their parameters.
   eight = _driver(common + ["--mesh", "8,1", "--mesh", "2,4", "--sharding-rules", "[('^params/', 'fsdp')]"],
-                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                  env={"XLA_FLAGS": xla_devices(8)})
   assert single["devices"] == 1 and all(r["devices"] == 8 for r in eight)
   for r in eight:
     np.testing.assert_allclose(r["losses"], single["losses"], rtol=1e-5, err_msg=str(r["mesh"]))
@@ -129,7 +129,7 @@ def test_two_processes_agree(aptos):
   assert [r["process"] for r in results] == [0, 1] and all(r["devices"] == 2 for r in results)
   np.testing.assert_array_equal(results[0]["losses"], results[1]["losses"])
   single = _driver(["--manual", manual, "--data", data_dir, "--steps", "3", "--mesh", "2,1"],
-                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})[0]
+                   env={"XLA_FLAGS": xla_devices(2)})[0]
   np.testing.assert_allclose(results[0]["losses"], single["losses"], rtol=1e-5)
   # Evaluation: every validation example once (9, the last batch padded), the same on both processes
   # and as on one process.
