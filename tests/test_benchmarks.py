@@ -8,15 +8,18 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The suite's quick code generation (conftest.py) but XLA's default emitters: the element-wise ones
+# turn a scatter into a loop, whose body XLA's cost analysis counts once, and the benchmarks count
+# the FLOPs of the program a run compiles.
+XLA_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "use_fusion_emitters" not in f)
 
 
 def run_benchmark(tmp_path, module: str, *args: str, xla_flags: str = "", env: dict | None = None) -> list[dict]:
   tmp_path.mkdir(parents=True, exist_ok=True)
   out = tmp_path / f"{module}.jsonl"  # the benchmarks append: one file per command
   # TMPDIR: each test builds its own synthetic dataset (benchmarks/jax_side.py caches it there).
-  # XLA_FLAGS: the suite's quick code generation (conftest.py) and the test's own flags.
   env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip(), **(env or {}))
+             XLA_FLAGS=f"{XLA_FLAGS} {xla_flags}".strip(), **(env or {}))
   proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -226,7 +229,7 @@ def test_gpu_suite_runs_every_step_on_tiny_cells(tmp_path):
   """The prepared GPU run, on tiny cells: each step's command line is accepted by its benchmark
   and writes its rows, so no lent GPU minute goes to a typo."""
   out_dir = tmp_path / "gpu_out"
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS)
   proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--tiny", "--out-dir", str(out_dir)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
