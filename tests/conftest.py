@@ -5,13 +5,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two xdist workers and the subprocesses they start share the cores: OpenMP threads (torch) that
 # spin while idle would take them from the other process's XLA threads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Compiling dominates the suite: XLA's cheapest CPU code generation compiles ~20% faster overall,
-# and its older element-wise emitters, in place of the fusion emitters, about twice as fast again.
-# They change how XLA lowers the program (a scatter becomes a loop), not what it computes; the
-# benchmarks, which count FLOPs on the compiled program, run without them (tests/test_benchmarks.py).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                             " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false").strip()
+# Compiling dominates the suite: XLA's quickest CPU compile (mfjax.cli.QUICK_COMPILE_FLAGS). Its
+# element-wise emitters change how XLA lowers the program (a scatter becomes a loop), not what it
+# computes; the benchmarks, which count FLOPs on the compiled program, run without them
+# (tests/test_benchmarks.py).
+from mfjax.cli import with_quick_compile  # noqa: E402  (imports no JAX)
+
+os.environ["XLA_FLAGS"] = with_quick_compile(os.environ.get("XLA_FLAGS", ""))
 # One persistent compilation cache for the suite: the many short training runs (in this process
 # and in subprocesses, which inherit the environment) compile the same programs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

@@ -778,7 +778,7 @@ def _tensorboard_events(path):
 
 def test_tensorboard_events_follow_the_log_without_importing_torch(tmp_path):
   """Scalars reach TensorBoard; a resume marks the steps after its checkpoint as purged; and the
-  trainer's process does not import torch for it (tensorboardX would: 2 s and 300 MB per run)."""
+  trainer's process does not import torch for it (tensorboardX would: 1.5-2 s and ~600 MB per run)."""
   code = ("import sys, time\n"
           "from etils import epath\n"
           "from mfjax.train import fit\n"
