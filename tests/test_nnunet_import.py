@@ -221,8 +221,8 @@ def test_import_problems_name_the_file_or_field(network, tmp_path, capsys):
 
 
 def test_several_folds_import_into_fold_folders_that_predict_as_their_ensemble(network, tmp_path, capsys):
-  """`--fold 0,1` makes WORKDIR/fold_0 and fold_1 (each fold's files checked before any is
-  converted), and `--predict` with WORKDIR averages the two, as with both named."""
+  """`--fold 0,1` makes WORKDIR/fold_0 and fold_1 (every fold converted and checked before any is
+  written), and `--predict` with WORKDIR averages the two, as with both named."""
   backbone, net = network
   plans = nnunet_plans([0, 1, 2], (1.0, 1.0), (32, 32))
   folder = model_folder(tmp_path, backbone, net, plans)
@@ -238,6 +238,13 @@ def test_several_folds_import_into_fold_folders_that_predict_as_their_ensemble(n
   common = ["--config.eval.mirror=[]", "--rope-dtype", "float32"]
   assert cli.main(["segment", "--import-nnunet", folder, "--fold", "0,3", "--workdir", str(runs), *common]) == 2
   assert "fold_3/checkpoint_final.pth not found" in capsys.readouterr().err and not runs.exists()
+  lacking = dict(checkpoint, network_weights={k: v for k, v in checkpoint["network_weights"].items()
+                                              if k != "up_projection.decode.0.0.weight"})
+  os.makedirs(os.path.join(folder, "fold_2"))
+  torch.save(lacking, os.path.join(folder, "fold_2", "checkpoint_final.pth"))
+  assert cli.main(["segment", "--import-nnunet", folder, "--fold", "0,2", "--workdir", str(runs), *common]) == 2
+  assert "up_projection.decode.0.0.weight" in capsys.readouterr().err
+  assert not (runs / "fold_0").exists()  # no fold imported: no partial ensemble for --predict to average
   with pytest.raises(SystemExit):
     cli.main(["segment", "--import-nnunet", folder, "--fold", "0,0", "--workdir", str(runs)])
   assert "a comma-separated list of distinct folds" in capsys.readouterr().err

@@ -450,9 +450,11 @@ def import_nnunet_folds(model_folder: str, folds, workdir: str, checkpoint: str 
     nnunet_model_paths(model_folder, fold, checkpoint)
   workdirs = [str(workdir)] if len(folds) == 1 else [os.path.join(str(workdir), f"fold_{f}") for f in folds]
   parallel.maybe_initialize_distributed()
-  for fold, run in zip(folds, workdirs):
+  # Every fold converted and checked before any run folder is written: a bad fold leaves no partial ensemble.
+  converted = [read_nnunet_fold(model_folder, fold, checkpoint, **kwargs) for fold in folds]
+  for fold_run, run in zip(converted, workdirs):
     with lock.holding(workdir_path(run)):  # not into a run another job trains or imports
-      import_nnunet(model_folder, fold, run, checkpoint, **kwargs)
+      write_imported_run(fold_run, run)
   return workdirs
 
 
@@ -481,13 +483,21 @@ def run_folders(workdirs) -> list[str]:
 
 def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "checkpoint_final.pth",
                   interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16", config_overrides=()) -> dict:
-  """A finished run folder, for `--predict`, from a MedDINOv3 network trained by nnU-Net:
+  """A finished run folder, for `--predict`, from one fold of an nnU-Net model folder: `read_nnunet_fold`
+  written into `workdir` by `write_imported_run`. Returns the plans."""
+  return write_imported_run(read_nnunet_fold(model_folder, fold, checkpoint, interaction_indices, rope_dtype,
+                                             config_overrides), workdir)
+
+
+def read_nnunet_fold(model_folder: str, fold, checkpoint: str = "checkpoint_final.pth",
+                     interaction_indices=(2, 5, 8, 11), rope_dtype: str = "bfloat16", config_overrides=()) -> dict:
+  """A finished run, for `--predict`, from a MedDINOv3 network trained by nnU-Net, converted and
+  checked in memory: {config, plans, params, meta}, which `write_imported_run` writes.
   MODEL_FOLDER (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION) holds plans.json,
-  dataset.json and fold_F/CHECKPOINT (Primus_Multiscale's `network_weights`). The workdir gets
-  config.json, preprocessed/plans.json (nnU-Net's normalisation, spacing, labels and voxel
-  layout: `nnunet.plans_from_nnunet`) and best/ (the converted network). `rope_dtype`: MedDINOv3's
-  networks ran RoPE in bfloat16. `config_overrides`: `--config.KEY=VALUE` of the prediction settings
-  (model.dtype, eval.batch_size, eval.step, eval.mirror). Returns the plans."""
+  dataset.json and fold_F/CHECKPOINT (Primus_Multiscale's `network_weights`). The plans are
+  nnU-Net's normalisation, spacing, labels and voxel layout (`nnunet.plans_from_nnunet`).
+  `rope_dtype`: MedDINOv3's networks ran RoPE in bfloat16. `config_overrides`: `--config.KEY=VALUE`
+  of the prediction settings (model.dtype, eval.batch_size, eval.step, eval.mirror)."""
   from configs import segment as segment_config
   from convert import core as convert_core
   from convert import dinov3 as convert_dinov3
@@ -538,7 +548,14 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   if jax.tree_util.tree_map(np.shape, params) != expected:
     raise ConfigError(f"{paths['checkpoint']}: the converted network does not fit {name} with "
                       f"interaction indices {list(interaction_indices)}")
+  return {"config": config, "plans": plans, "params": params, "meta": meta}
 
+
+def write_imported_run(fold_run: dict, workdir: str) -> dict:
+  """Write a `read_nnunet_fold` run into `workdir`: config.json, preprocessed/plans.json (and
+  nnU-Net's own files) and best/ (the converted network). Returns the plans."""
+  config, plans, params, meta = (fold_run[k] for k in ("config", "plans", "params", "meta"))
+  source = plans["imported_from"]
   workdir, _ = start_run(config, workdir)
   pre_dir = workdir / "preprocessed"
   pre_dir.mkdir(parents=True, exist_ok=True)
@@ -555,7 +572,8 @@ def import_nnunet(model_folder: str, fold, workdir: str, checkpoint: str = "chec
   ckpts.close()
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
   log.info("imported %s (%s, fold %s, %s) into %s: %s, %.1fM parameters, %d output channels, patch %s at %s mm, "
-           "mirroring %s", folder, configuration, fold, checkpoint, workdir, name, n / 1e6, outputs,
+           "mirroring %s", source["folder"], source["configuration"], source["fold"],
+           os.path.basename(source["checkpoint"]), workdir, config.model.name, n / 1e6, nnunet.num_outputs(plans),
            patch_shape(config), plans["target_spacing_xy"], config.eval.mirror)
   return plans
 
