@@ -1090,6 +1090,10 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   assert cli.main(args + shared + ["--workdir", str(tmp_path / "resumed")]) == 0
   jax.tree.map(np.testing.assert_array_equal, _best_params(str(tmp_path / "run")),
                _best_params(str(tmp_path / "resumed")))
+  # Started again, a finished run returns its result and changes nothing.
+  finished = {name: (tmp_path / "resumed" / name).read_bytes() for name in ("result.json", "metrics.jsonl")}
+  assert cli.main(args + shared + ["--workdir", str(tmp_path / "resumed")]) == 0
+  assert finished == {name: (tmp_path / "resumed" / name).read_bytes() for name in finished}
 
   assert cli.main(["eval", "--workdir", str(tmp_path / "run")]) == 2  # not a classification run: a clear error
 

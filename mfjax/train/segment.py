@@ -228,6 +228,9 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   build_segmenter(config, num_classes=2)  # the backbone's name, overrides and patch
   workdir, config_dict = start_run(config, workdir)
   check_split(workdir, train_ids, val_ids)
+  if (workdir / "result.json").exists():
+    log.info("%s has finished already (result.json); delete it to validate the best checkpoint again", workdir)
+    return json.loads((workdir / "result.json").read_text())
 
   # Data: the raw dataset, preprocessed once (by process 0), the fold's cases, a patch sampler.
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
