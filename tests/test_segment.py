@@ -1124,8 +1124,13 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   own = tmp_path / "own"
   own.mkdir()
   shutil.copy(os.path.join(raw_ct, "imagesTs", "synth_006_0000.nii.gz"), own / "synth_006.nii.gz")
-  with pytest.raises(ConfigError, match="synth_006.nii.gz would replace that input image"):
+  with pytest.raises(ConfigError, match="own is the input folder"):
     segment.predict_folder(str(tmp_path / "run"), str(own), str(own), progress=False)
+  linked = tmp_path / "linked"  # an input that is a link to where its prediction would go
+  linked.mkdir()
+  os.symlink(own / "synth_006.nii.gz", linked / "synth_006.nii.gz")
+  with pytest.raises(ConfigError, match="synth_006.nii.gz would replace that input image"):
+    segment.predict_folder(str(tmp_path / "run"), str(linked), str(own), progress=False)
   # A .nii input gets a .nii prediction; a 2-D file stops the run before its first case.
   plain, plain_out = tmp_path / "plain", tmp_path / "plain_out"
   plain.mkdir()
@@ -1163,6 +1168,12 @@ def test_segment_trains_validates_resumes_and_predicts(raw_ct, tmp_path, monkeyp
   with pytest.raises(ConfigError, match="other_labels.json was determined for other labels than the run's"):
     segment.predict_folder(str(tmp_path / "run"), os.path.join(raw_ct, "imagesTs"), str(tmp_path / "never"),
                            progress=False, postprocessing=str(tmp_path / "other_labels.json"))
+  plans = segment.read_segment_run(str(tmp_path / "run"))[2]
+  for steps, says in (([[5]], r"step \[5\] names label value\(s\) \[5\]"), ([["liver"]], "is not a label value"),
+                      ([[]], "an empty step")):
+    (tmp_path / "bad_steps.json").write_text(json.dumps(dict(decided, steps=steps)))
+    with pytest.raises(ConfigError, match=says):
+      segment.read_postprocessing(str(tmp_path / "bad_steps.json"), plans)
 
   # A fold ensemble (nnU-Net's default prediction): the runs' logits are averaged.
   fold1 = ["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true,epochs=1,iters=10,fold=1",

@@ -608,6 +608,18 @@ def test_a_volume_whose_voxels_cannot_be_read_is_left_out_and_listed(ct_folder, 
   data = (folder / "case1.nii.gz").read_bytes()
   (folder / "case1.nii.gz").write_bytes(data[:-200])
   pretrain.check_volumes(pretrain.list_volumes(str(folder)), progress=False)  # the header reads
+  # So does a truncated file stored in another orientation: reorienting it would read its voxels.
+  lps = tmp_path / "lps.nii.gz"
+  volumes.write_volume(str(lps), np.random.default_rng(0).standard_normal((32, 32, 16), np.float32),
+                       affine=np.diag([-1.0, -1.0, 2.0, 1.0]))
+  lps.write_bytes(lps.read_bytes()[:-200])
+  volumes.check_header(str(lps))
+  with pytest.raises(volumes.VolumeError, match="lps.nii.gz: not a readable NIfTI volume"):
+    volumes.read_volume(str(lps))  # read whole, it fails as a VolumeError: the pool leaves it out
+  import nibabel as nib
+  nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+  with pytest.raises(volumes.VolumeError, match=r"expected a 3-D volume, got shape \(8, 8\)"):
+    volumes.check_header(str(tmp_path / "flat.nii.gz"))
   with caplog.at_level("WARNING", logger="mfjax"):
     result = pretrain.run(tiny_config(folder), tmp_path / "run", progress=False)
   assert result["unreadable_volumes"] == [str(folder / "case1.nii.gz")]

@@ -51,8 +51,9 @@ def read_volume(path: str, canonical: bool = True) -> tuple[np.ndarray, np.ndarr
 
 
 def check_header(path: str) -> None:
-  """What the header alone can tell: a readable NIfTI holding one 3-D volume with positive spacing."""
-  path, image = _load(path)
+  """What the header alone can tell: a readable NIfTI holding one 3-D volume with positive spacing.
+  Reads no voxels (reorienting a non-RAS file would read them all): data cut short is found when read."""
+  path, image = _load(path, canonical=False)
   spacing = np.asarray(image.header.get_zooms()[:3], np.float64)
   if not (np.isfinite(spacing).all() and (spacing > 0).all()):
     raise VolumeError(f"{path}: voxel spacing {tuple(spacing)} is not positive")

@@ -688,7 +688,25 @@ def read_postprocessing(path: str, plans: dict) -> list:
   differ = [k for k in POSTPROCESSING_KEYS if data.get(k) != plans.get(k)]
   if differ:
     raise ConfigError(f"{path} was determined for other labels than the run's ({', '.join(differ)} differ)")
-  return data["steps"]
+  return [_step_targets(step, plans, path) for step in data["steps"]]
+
+
+def _step_targets(items, plans: dict, path: str) -> list:
+  """A postprocessing step's targets (label values, or lists of them for regions), checked to be
+  label values of `plans`."""
+  known = {int(c) for c in plans["labels"] if int(c) > 0}
+  items_list = items if isinstance(items, list) else [items]
+  try:
+    targets = [tuple(int(v) for v in item) if isinstance(item, list) else int(item) for item in items_list]
+  except (TypeError, ValueError):
+    raise ConfigError(f"{path}: step {items!r} is not a label value, a region or a list of them") from None
+  unknown = sorted({int(v) for t in targets for v in np.atleast_1d(t)} - known)
+  if not targets:
+    raise ConfigError(f"{path}: an empty step {items!r}")
+  if unknown:
+    raise ConfigError(f"{path}: step {items!r} names label value(s) {unknown} that the run's labels "
+                      f"({sorted(known)}) do not have")
+  return targets
 
 
 def nnunet_postprocessing_steps(data: dict, plans: dict, path: str) -> list:
@@ -699,23 +717,12 @@ def nnunet_postprocessing_steps(data: dict, plans: dict, path: str) -> list:
   fns, kwargs = data.get("postprocessing_fns"), data.get("postprocessing_kwargs")
   if not isinstance(fns, list) or not isinstance(kwargs, list) or len(fns) != len(kwargs):
     raise ConfigError(f"{path}: postprocessing_fns and postprocessing_kwargs must be lists of one length")
-  known = {int(c) for c in plans["labels"] if int(c) > 0}
   steps = []
   for fn, kw in zip(fns, kwargs):
     if fn != "remove_all_but_largest_component_from_segmentation":
       raise ConfigError(f"{path}: step {fn!r}: mfjax applies nnU-Net's "
                         "remove_all_but_largest_component_from_segmentation steps only")
-    value = kw.get("labels_or_regions") if isinstance(kw, dict) else None
-    items = value if isinstance(value, list) else [value]
-    try:
-      targets = [tuple(int(v) for v in item) if isinstance(item, list) else int(item) for item in items]
-    except (TypeError, ValueError):
-      raise ConfigError(f"{path}: labels_or_regions {value!r} is not a label value, a region or a list of them") from None
-    unknown = sorted({int(v) for t in targets for v in np.atleast_1d(t)} - known)
-    if unknown:
-      raise ConfigError(f"{path}: labels_or_regions {value!r} names label value(s) {unknown} that the run's "
-                        f"labels ({sorted(known)}) do not have")
-    steps.append(targets)
+    steps.append(_step_targets(kw.get("labels_or_regions") if isinstance(kw, dict) else None, plans, path))
   return steps
 
 
@@ -796,6 +803,9 @@ def predict_folder(workdirs, input_dir: str, out_dir: str, progress: bool = True
   layout = nnunet.voxel_layout(plans)
   inputs = input_cases(input_dir, len(names))
   ending_of = {case: volumes.nifti_ending(files[0]) for case, files in inputs.items()}
+  if os.path.realpath(out_dir) == os.path.realpath(input_dir):
+    raise ConfigError(f"--out {out_dir} is the input folder: the next prediction from it would read the "
+                      "predictions as inputs; choose another --out folder")
   given = {os.path.realpath(f) for files in inputs.values() for f in files}
   for case in inputs:
     output = os.path.join(out_dir, case + ending_of[case])
