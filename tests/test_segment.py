@@ -970,6 +970,10 @@ def test_multichannel_mr_trains_and_predicts_from_an_adapted_rgb_backbone(tmp_pa
   assert cli.main(args) == 0
   result = json.loads((tmp_path / "run" / "result.json").read_text())
   assert result["val"]["dice"]["liver"] > 0.5, result["val"]
+  # A finished run predicts on its own: the backbone checkpoint and the shared preprocessed folder may be gone.
+  import shutil
+  os.rename(tmp_path / "rgb", tmp_path / "rgb_moved")
+  shutil.rmtree(tmp_path / "pre")
   out = tmp_path / "predicted"
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw, "imagesTs"),
                    "--out", str(out)]) == 0
@@ -1342,7 +1346,8 @@ def test_region_dataset_trains_scores_regions_and_predicts(tmp_path):
   shutil.copytree(tmp_path / "run", tmp_path / "other")
   shutil.copytree(tmp_path / "pre", tmp_path / "pre_other")
   plans = json.loads((tmp_path / "pre_other" / "plans.json").read_text())
-  (tmp_path / "pre_other" / "plans.json").write_text(json.dumps(dict(plans, target_spacing_xy=[1.0, 1.0])))
+  for copy in (tmp_path / "pre_other" / "plans.json", tmp_path / "other" / "plans.json"):  # the run's own copy too
+    copy.write_text(json.dumps(dict(plans, target_spacing_xy=[1.0, 1.0])))
   config = json.loads((tmp_path / "other" / "config.json").read_text())
   config["data"]["preprocessed"] = str(tmp_path / "pre_other")
   (tmp_path / "other" / "config.json").write_text(json.dumps(config))

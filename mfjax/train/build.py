@@ -149,9 +149,10 @@ def check_protocol_fields(protocol) -> None:
       raise ConfigError(f"protocol.{field}={protocol[field]!r} applies to protocol {owner} only, not to {name}")
 
 
-def foundation_spec(config) -> tuple[str, dict]:
-  """(model name, constructor overrides) of the foundation, from the checkpoint and the config."""
-  name, overrides = _foundation_spec_as_stored(config)
+def foundation_spec(config, meta: dict | None = None) -> tuple[str, dict]:
+  """(model name, constructor overrides) of the foundation, from the checkpoint (or `meta`, its
+  model.json as a run recorded it) and the config."""
+  name, overrides = _foundation_spec_as_stored(config, meta)
   resolution = load_resolution(config, name, models.create(name, **overrides))
   if resolution:
     overrides["native_resolution"] = resolution
@@ -164,11 +165,11 @@ def resized_at_load(config) -> bool:
   return load_resolution(config, name, models.create(name, **overrides)) is not None
 
 
-def _foundation_spec_as_stored(config) -> tuple[str, dict]:
+def _foundation_spec_as_stored(config, meta: dict | None = None) -> tuple[str, dict]:
   """`foundation_spec` before position tables are resized at load."""
   name, overrides = config.model.name, {}
   if config.model.checkpoint:
-    meta = models.read_model_json(config.model.checkpoint)
+    meta = meta or models.read_model_json(config.model.checkpoint)
     if meta["name"] != name:
       raise ConfigError(f"model.name={name!r} but {config.model.checkpoint} holds {meta['name']!r}")
     overrides.update(meta["overrides"])

@@ -4,6 +4,8 @@ workdir/
   config.json      the resolved config (a restart with a different one is refused)
   metrics.jsonl    one JSON line per logged step and per epoch (+ TensorBoard events)
   preprocessed/    resampled cases and plans.json, unless data.preprocessed names a shared folder
+  plans.json       with a shared data.preprocessed: the run's copy of its plans
+  backbone.json    with model.checkpoint: the checkpoint's model.json (`--predict` needs neither folder)
   checkpoints/     latest train state, for resuming (the patch sampler is a function of the step)
   best/            the final parameters (nnU-Net's checkpoint_final), used by `--predict`
   validation/      the fold's validation cases as predicted label volumes (NIfTI)
@@ -94,9 +96,11 @@ def patch_shape(config) -> tuple[int, int]:
   return (int(patch), int(patch)) if isinstance(patch, (int, np.integer)) else tuple(int(p) for p in patch)
 
 
-def build_segmenter(config, num_classes: int) -> heads.Segmenter:
+def build_segmenter(config, num_classes: int, backbone_meta: dict | None = None) -> heads.Segmenter:
+  """The segmenter of `config`; `backbone_meta`: the backbone checkpoint's model.json as the run
+  recorded it (BACKBONE_JSON), read in place of the checkpoint's."""
   build.use_matmul_precision(config)
-  name, overrides = build.foundation_spec(config)
+  name, overrides = build.foundation_spec(config, backbone_meta)
   if models.family_of(name) != "dinov3":
     raise ConfigError(f"model.name={name!r}: the segmentation backbone must be a DINOv3-family model "
                       f"({', '.join(n for n in models.NAMES if models.family_of(n) == 'dinov3')})")
@@ -237,6 +241,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   spacing = (config.data.spacing,) * 2 if config.data.spacing else None
   parallel.on_process_zero("preprocess the dataset", nnunet.preprocess, raw, pre_dir, spacing, progress)
   plans = nnunet.preprocess(raw, pre_dir, spacing, progress=False)  # reads the finished plans
+  record_sources(workdir, config, pre_dir)
   mesh = parallel.make_mesh()
   if config.batch_size % mesh.devices.size:  # (prediction pads its tile batch to the devices itself)
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
@@ -398,21 +403,45 @@ def label_case(logits_of: Callable, slices, bbox, shape, plans: dict, batch_size
   return nnunet.uncrop(labels, bbox, shape), probabilities
 
 
+# What a run keeps of the folders it was started from, so that it predicts without them.
+OWN_PLANS, BACKBONE_JSON = "plans.json", "backbone.json"
+
+
+def record_sources(workdir, config, pre_dir: str) -> None:
+  """Copy into the run the plans of a shared data.preprocessed folder and the backbone
+  checkpoint's model.json (on process zero)."""
+  def write():
+    if os.path.abspath(pre_dir) != os.path.abspath(workdir / "preprocessed"):
+      with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
+        write_atomically(workdir / OWN_PLANS, f.read())
+    if config.model.checkpoint:
+      write_atomically(workdir / BACKBONE_JSON, json.dumps(models.read_model_json(config.model.checkpoint), indent=2))
+  parallel.on_process_zero("record the run's plans and backbone", write)
+
+
 def read_segment_run(workdir):
   """(workdir path, config, plans) of a started `mfjax segment` run."""
   workdir, config = read_run_config(workdir)
   if "iters_per_epoch" not in config:
     raise ConfigError(f"{workdir} is not an `mfjax segment` run")
   pre_dir = config.data.preprocessed or str(workdir / "preprocessed")
-  with open(os.path.join(pre_dir, nnunet.PLANS_JSON)) as f:
-    return workdir, config, json.load(f)
+  own = workdir / OWN_PLANS
+  path = own if own.exists() else os.path.join(pre_dir, nnunet.PLANS_JSON)  # runs before the copy: the folder's
+  try:
+    with open(path) as f:
+      return workdir, config, json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{path} not found: {workdir} was trained on data.preprocessed={pre_dir}, which is gone "
+                      "(runs started since mfjax kept a copy of the plans do not need it)") from None
 
 
 def load_run(workdir, mesh) -> tuple[dict, Any, Callable]:
   """(plans, config, logits_of(normalised (Z, X', Y', channels) slices) -> (Z, C, X', Y')) of a
   finished segment run."""
   workdir, config, plans = read_segment_run(workdir)
-  model = build_segmenter(config, nnunet.num_outputs(plans))
+  recorded = workdir / BACKBONE_JSON
+  model = build_segmenter(config, nnunet.num_outputs(plans),
+                          json.loads(recorded.read_text()) if recorded.exists() else None)
   channels = len(nnunet.channel_names(plans))
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros((1, *patch_shape(config), channels), jnp.float32))
