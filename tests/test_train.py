@@ -329,6 +329,18 @@ def test_config_errors(aptos, tmp_path):
   fit.check_workdir(str(run), {"data": {"manual_dir": relative}})
   with pytest.raises(ConfigError, match=r"different config \(data.manual_dir: "):
     fit.check_workdir(str(run), {"data": {"manual_dir": str(tmp_path / "other")}})
+  # Fields a command declares changeable (segment's and pretrain's threads) may differ at a resume, and are
+  # recorded; with any other difference it is still a different config.
+  started = {"data": {"manual_dir": relative, "num_workers": 8}, "log_every_steps": 20}
+  (run / "config.json").write_text(json.dumps(started))
+  changeable = ("data.num_workers", "log_every_steps")
+  with pytest.raises(ConfigError, match=r"different config \(data.num_workers: 8 -> 2\)"):
+    fit.check_workdir(str(run), {**started, "data": {"manual_dir": relative, "num_workers": 2}})
+  fit.check_workdir(str(run), {"data": {"manual_dir": relative, "num_workers": 2}, "log_every_steps": 5}, changeable)
+  assert json.loads((run / "config.json").read_text())["data"]["num_workers"] == 2
+  with pytest.raises(ConfigError, match=r"different config \(data.manual_dir: .*; data.num_workers: 2 -> 8\)"):
+    fit.check_workdir(str(run), {"data": {"manual_dir": str(tmp_path / "other"), "num_workers": 8},
+                                 "log_every_steps": 5}, changeable)
 
 
 def test_data_norm_model_normalises_with_the_models_constants(aptos):

@@ -633,7 +633,9 @@ def run(config, workdir, progress: bool = True) -> dict:
   check_config(config, resuming)
   volume_list = check_volumes(paths, progress)
   architecture(config)  # config errors before the workdir (and its config.json) is written
-  workdir, config_dict = fit.start_run(config, workdir)  # multi-host initialisation: before any JAX call
+  # multi-host initialisation: before any JAX call. A step's crops are drawn by (seed, step, slice), whatever the
+  # number of threads that cut them.
+  workdir, config_dict = fit.start_run(config, workdir, changeable=("data.num_workers", "log_every_steps"))
   check_same_volumes(paths, volume_list)
   networks, gram_variables = build_networks(config, resuming)  # loads gram.checkpoint (JAX)
   mesh = parallel.make_mesh()

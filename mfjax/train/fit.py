@@ -67,9 +67,10 @@ def write_atomically(path, text: str) -> None:
       partial.unlink()
 
 
-def check_workdir(workdir, config_dict: dict) -> None:
+def check_workdir(workdir, config_dict: dict, changeable=()) -> None:
   """Write config.json, or check that a restarted run has the same config. A run that saved nothing
-  yet (a start that failed on a wrong path, say) takes the new config."""
+  yet (a start that failed on a wrong path, say) takes the new config; `changeable` (dotted names:
+  fields that change how a run computes, not what) may differ at any restart."""
   workdir = workdir_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "config.json"
@@ -86,6 +87,8 @@ def check_workdir(workdir, config_dict: dict) -> None:
     elif _with_added(saved, current) == current:  # only fields a newer mfjax has: resumed with them
       log.warning("%s was started by an mfjax without config field(s) (%s); resuming with them", workdir,
                   "; ".join(diff))
+    elif _with_fields_of(_with_added(saved, current), current, changeable) == current:
+      log.info("%s resumes with %s (they change how the run computes, not what)", workdir, "; ".join(diff))
     elif not has_saved_work(workdir):
       log.warning("%s: replacing the config.json of a run that saved nothing (%s)", workdir, "; ".join(diff[:10]))
     else:
@@ -169,6 +172,19 @@ def _with_added(saved, current):
     return saved
   return {**{k: v for k, v in current.items() if k not in saved},
           **{k: _with_added(v, current.get(k)) for k, v in saved.items()}}
+
+
+def _with_fields_of(saved: dict, current: dict, fields) -> dict:
+  """`saved` with the dotted `fields` that `current` has taken from it."""
+  out = json.loads(json.dumps(saved))
+  for field in fields:
+    *sections, name = field.split(".")
+    source, target = current, out
+    for section in sections:
+      source, target = source.get(section, {}), target.setdefault(section, {})
+    if name in source:
+      target[name] = source[name]
+  return out
 
 
 def _diff(a, b, prefix=""):
@@ -517,9 +533,10 @@ def holds_workdir(train_fn):
   return locked
 
 
-def start_run(config, workdir) -> tuple[epath.Path, dict]:
+def start_run(config, workdir, changeable=()) -> tuple[epath.Path, dict]:
   """The start of every training command: quiet library logs, multi-host initialisation, and the
-  workdir with its config.json written (or checked against a restarted run's). (workdir, config dict)."""
+  workdir with its config.json written (or checked against a restarted run's, `check_workdir`).
+  (workdir, config dict)."""
   quiet_libraries()
   workdir = workdir_path(workdir)
   saved = workdir / "config.json"
@@ -527,7 +544,7 @@ def start_run(config, workdir) -> tuple[epath.Path, dict]:
     as_it_ran(json.loads(saved.read_text()), config, workdir)
   config_dict = to_dict(config)
   parallel.maybe_initialize_distributed()
-  check_workdir(workdir, config_dict)
+  check_workdir(workdir, config_dict, changeable)
   return workdir, config_dict
 
 

@@ -230,7 +230,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   raw = nnunet.read_raw(config.data.raw)
   train_ids, val_ids = nnunet.fold_cases(raw, config.data.fold)
   build_segmenter(config, num_classes=2)  # the backbone's name, overrides and patch
-  workdir, config_dict = start_run(config, workdir)
+  # The patches of a step are a function of the step, whatever the number of threads that cut them.
+  workdir, config_dict = start_run(config, workdir, changeable=("data.num_workers", "log_every_steps"))
   check_split(workdir, train_ids, val_ids)
   if (workdir / "result.json").exists():
     log.info("%s has finished already (result.json); delete it to validate the best checkpoint again", workdir)
