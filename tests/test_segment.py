@@ -910,7 +910,8 @@ def test_segment_command_line_misuse_is_named(tmp_path, capsys):
 
 def test_segment_config_mistakes_fail_before_the_workdir_and_preprocessing(raw_ct, tmp_path, capsys):
   for arg, extra, says in ((",fold=abc", [], "data.fold='abc': a fold number 0..4 or 'all'"),
-                           ("", ["--config.model.overrides.dept=4"], "unknown option(s) ['dept'] for model")):
+                           ("", ["--config.model.overrides.dept=4"], "unknown option(s) ['dept'] for model"),
+                           ("", ["--config.model.dtype=fp16"], "unknown model.dtype 'fp16'")):
     assert cli.main(["segment", "--config", f"configs/segment.py:raw={raw_ct},tiny=true{arg}", *extra,
                      "--workdir", str(tmp_path / "run"), "--no-progress"]) == 2
     assert says in capsys.readouterr().err

@@ -666,6 +666,8 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
     pretrain.build_networks(tiny_config(ct_folder, **{"gram.crop_size": 0, "gram.distortions": False}))
   with pytest.raises(ConfigError, match="loss.koleo_group_size=3"):
     pretrain.build_networks(tiny_config(ct_folder, **{"loss.koleo_group_size": 3}))
+  with pytest.raises(ConfigError, match="unknown model.dtype 'float16x'; valid: float32, bfloat16"):
+    pretrain.build_networks(tiny_config(ct_folder, **{"model.dtype": "float16x"}))
   with pytest.raises(ConfigError, match=re.escape("data.mixed_sizes[1]=(48, 24)")):
     pretrain.build_networks(tiny_config(ct_folder, **{"gram.crop_size": 0,
                                                       "data.mixed_sizes": ((32, 16, 48, 1.0), (48, 24))}))

@@ -382,6 +382,7 @@ def check_config(config, resuming: bool = False) -> None:
   """The config's pretraining-specific rules, each broken one an error naming its key. `resuming`: a run
   that saved a checkpoint under this config goes on with a warning where a rule was added since."""
   optim.check_optim(config.optim)
+  build.check_dtype(config)
   group = config.loss.koleo_group_size
   if config.batch_size < 2 or config.data.n_local < 1:
     raise ConfigError(f"batch_size={config.batch_size}, data.n_local={config.data.n_local}: KoLeo needs a batch "

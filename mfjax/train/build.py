@@ -76,6 +76,13 @@ def use_matmul_precision(config) -> None:
   jax.config.update("jax_default_matmul_precision", precision)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(config) -> None:
+  check_choice("model.dtype", config.model.get("dtype", "float32"), COMPUTE_DTYPES)
+
+
 def check_names(config) -> None:
   """The model and protocol names, and the values a typo would otherwise send deep into JAX or the data
   pipeline, checked before anything slow (building the dataset) runs."""
@@ -95,7 +102,7 @@ def check_names(config) -> None:
       config.protocol.name, config.protocol.get("head")) != "deit":
     log.warning("head.checkpoint is for the stacked DeiT-B head: ignored by protocol %s, which trains a linear head",
                 config.protocol.name)
-  check_choice("model.dtype", config.model.get("dtype", "float32"), ("float32", "bfloat16", "float16"))
+  check_dtype(config)
   check_choice("model.matmul_precision", config.model.get("matmul_precision", "highest"), MATMUL_PRECISIONS)
   for field in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps"):
     if field in config and (isinstance(config[field], bool) or not (isinstance(config[field], int)

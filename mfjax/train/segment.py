@@ -100,6 +100,7 @@ def build_segmenter(config, num_classes: int, backbone_meta: dict | None = None)
   """The segmenter of `config`; `backbone_meta`: the backbone checkpoint's model.json as the run
   recorded it (BACKBONE_JSON), read in place of the checkpoint's."""
   build.use_matmul_precision(config)
+  build.check_dtype(config)
   name, overrides = build.foundation_spec(config, backbone_meta)
   if models.family_of(name) != "dinov3":
     raise ConfigError(f"model.name={name!r}: the segmentation backbone must be a DINOv3-family model "
