@@ -24,6 +24,9 @@ RUN_FOLDER_FLAGS = {"train": "--workdir", "eval": "--workdir", "sweep": "--runs-
 DONE_FILES = {"train": "result.json", "segment": "result.json", "pretrain": "result.json"}
 # mfjax's exit status when another job trains in the workdir (its lock.json): starting again would not help.
 WORKDIR_BUSY = 75
+# mfjax's exit status for a mistake its one-line error names (a config key, a data file, a usage error):
+# starting again would fail the same way.
+INPUT_ERROR = 2
 
 
 class LaunchError(Exception):

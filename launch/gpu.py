@@ -218,6 +218,10 @@ def local(args, runner: common.Runner) -> int:
     if rc == common.WORKDIR_BUSY:
       runner.note(f"another job trains in {workdir} (process 0's error above names it); not started again")
       return rc
+    if rc == common.INPUT_ERROR:
+      runner.note("the command's config or data is wrong (the error above names it); not started again: fix it, "
+                  "then run the same command")
+      return rc
     why = f"exit status {rc}" if rc else "stopped after a checkpoint"
     if attempt < args.max_restarts:
       runner.note(f"the run did not finish ({why}); restart {attempt + 1} of {args.max_restarts}")

@@ -630,6 +630,18 @@ def test_gpu_local_does_not_restart_a_run_whose_workdir_another_job_holds(guard,
   assert "another job trains in" in capsys.readouterr().out
 
 
+def test_gpu_local_does_not_restart_a_command_whose_config_is_wrong(guard, tmp_path, capsys):
+  fake = write_script(tmp_path / "fake_python", f"""
+      #!/usr/bin/env bash
+      echo "attempt" >> {tmp_path}/attempts
+      echo "error: data.raw: dataset.json not found" >&2; exit {common.INPUT_ERROR}
+      """)
+  rc = gpu.main(["local", "--python", fake, "--max-restarts", "2", "--", "train", "--workdir", str(tmp_path / "run")])
+  assert rc == 2 and (tmp_path / "attempts").read_text().count("attempt") == 1
+  out = capsys.readouterr().out
+  assert "config or data is wrong" in out and "resumes from" not in out.splitlines()[-1]
+
+
 def test_gpu_local_bucket_workdir_is_finished_only_with_its_result(guard, tmp_path, capsys):
   """A gs:// workdir: a run that exits 0 without result.json (stopped by a SIGTERM this launcher did
   not send) is not "finished"; the bucket is asked through the run's Python (epath)."""
