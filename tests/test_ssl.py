@@ -634,6 +634,8 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
   empty.mkdir()
   with pytest.raises(ConfigError, match=re.escape(str(empty))):
     pretrain.run(tiny_config(empty), tmp_path / "w1", progress=False)
+  with pytest.raises(ConfigError, match=re.escape(f"names one folder twice ({ct_folder} and {ct_folder}/)")):
+    pretrain.list_volumes(f"{ct_folder},{ct_folder}/")
   with pytest.raises(ConfigError, match="is not a folder"):
     pretrain.list_volumes(str(tmp_path / "missing"))
   corrupt = tmp_path / "corrupt"

@@ -85,10 +85,16 @@ def list_volumes(folders) -> list[str]:
   folders = [os.path.expanduser(str(f)) for f in folders if str(f).strip()]
   if not folders:
     raise ConfigError("data.folders is empty: point it at a folder of *.nii.gz / *.nii CT volumes")
-  paths = []
+  paths, seen = [], {}
   for folder in folders:
     if not os.path.isdir(folder):
       raise ConfigError(f"data.folders: {folder} is not a folder")
+    same = seen.setdefault(os.path.realpath(folder), folder)
+    if same is not folder:
+      raise ConfigError(f"data.folders names one folder twice ({same} and {folder}): its volumes would count twice")
+    if os.path.basename(os.path.normpath(folder)).startswith("labels"):
+      log.warning("data.folders: %s looks like nnU-Net's label maps (labelsTr); pretraining wants the images "
+                  "(imagesTr)", folder)
     found = sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.endswith(volumes.NIFTI_ENDINGS))
     if not found:
       raise ConfigError(f"data.folders: {folder} holds no *.nii.gz or *.nii volumes")
