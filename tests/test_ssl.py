@@ -693,6 +693,13 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"protocol": {"name": "frozen_linear"}}')
     pretrain.teacher_of_run(tiny_config(ct_folder, **{"model.init_from_run": str(tmp_path / "other")}), None)
+  # Met in a run, the error closes the run's checkpoints (left open, orbax's cleanup thread printed a
+  # traceback at exit).
+  with pytest.raises(ConfigError, match="not an `mfjax pretrain` run"):
+    pretrain.run(tiny_config(ct_folder, **{"model.init_from_run": str(tmp_path / "other")}), tmp_path / "w3",
+                 progress=False)
+  from mfjax.train.checkpoints import RunCheckpoints
+  assert not RunCheckpoints._owned
 
 
 def test_default_config_is_the_reference_recipe():

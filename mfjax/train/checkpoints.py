@@ -14,6 +14,9 @@ from mfjax.train import lock
 
 
 class RunCheckpoints:
+  # The owners' open checkpoints, by workdir: `close_owned` closes them when a run ends on an error.
+  _owned: dict[str, "RunCheckpoints"] = {}
+
   def __init__(self, workdir, owner: bool = False):
     """`workdir`: a local path or a remote one orbax can write (gs://, through tensorstore).
     `owner`: the job that trains in it (holding its lock) deletes what a save killed midway left;
@@ -23,6 +26,16 @@ class RunCheckpoints:
     self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, cleanup_tmp_directories=owner), item_names=("state", "host"))
     self._best = None
+    if owner:
+      RunCheckpoints._owned[str(self.workdir)] = self
+
+  @classmethod
+  def close_owned(cls, workdir) -> None:
+    """Close the owner's checkpoints of `workdir` if still open. Left open at exit, orbax's cleanup
+    thread prints a traceback after the error that ended the run."""
+    ckpts = cls._owned.get(str(epath.Path(workdir)))
+    if ckpts is not None:
+      ckpts.close()
 
   @property
   def best(self) -> ocp.CheckpointManager:
@@ -109,6 +122,8 @@ class RunCheckpoints:
     return out["params"], out["host"]
 
   def close(self):
+    if RunCheckpoints._owned.get(str(self.workdir)) is self:
+      del RunCheckpoints._owned[str(self.workdir)]
     self.latest.close()
     if self._best is not None:
       self._best.close()

@@ -529,7 +529,11 @@ def holds_workdir(train_fn):
     if (workdir_path(workdir) / "result.json").exists():  # finished: only read (from a read-only folder too)
       return train_fn(config, workdir, *args, **kwargs)
     with lock.holding(workdir_path(workdir)):
-      return train_fn(config, workdir, *args, **kwargs)
+      try:
+        return train_fn(config, workdir, *args, **kwargs)
+      except BaseException:
+        RunCheckpoints.close_owned(workdir_path(workdir))
+        raise
   return locked
 
 
