@@ -126,7 +126,13 @@ def convert(state_dict: dict[str, np.ndarray], fmt: str = "original", model: str
     c.ignore(re.escape(prefix) + TRAINING_ONLY)
   else:
     c.map("params/cls_token", "embeddings.cls_token")
-    c.map("params/storage_tokens", "embeddings.register_tokens")
+    if module.num_storage:
+      c.map("params/storage_tokens", "embeddings.register_tokens")
+    else:  # transformers keeps an empty (1, 0, width) tensor
+      tokens = c.take("embeddings.register_tokens") if c.has("embeddings.register_tokens") else None
+      if tokens is not None and tokens.size:
+        raise core.ConversionError(f"embeddings.register_tokens {tuple(tokens.shape)}, but config.json has "
+                                   "num_register_tokens=0")
     c.map("params/mask_token", "embeddings.mask_token", lambda t: t.reshape(1, -1))
     c.map("params/patch_embed/kernel", "embeddings.patch_embeddings.weight", core.conv)
     c.map("params/patch_embed/bias", "embeddings.patch_embeddings.bias")

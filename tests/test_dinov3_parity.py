@@ -229,6 +229,27 @@ def test_registered_shapes_match_timm(size):
   assert n_flax == n_torch + width + width * SIZES[size][1]
 
 
+def test_a_transformers_model_without_register_tokens_converts():
+  """transformers' DINOv3ViTModel(num_register_tokens=0), its default, keeps an empty (1, 0, D)
+  register_tokens tensor."""
+  torch.manual_seed(13)
+  config = DINOv3ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=6,
+                           num_register_tokens=0, pos_embed_rescale=None, layer_norm_eps=1e-6)
+  model = DINOv3ViTModel(config).eval()
+  randomize(model, seed=14)
+  raw = {k: v.numpy() for k, v in model.state_dict().items()}
+  assert raw["embeddings.register_tokens"].shape == (1, 0, 384)
+  name, overrides, variables = convert_dinov3.from_checkpoint(raw, config.to_dict(), "hf", _Args())
+  assert overrides["num_storage"] == 0 and "storage_tokens" not in variables["params"]
+  x = images((1, 64, 96, 3), seed=15)
+  want = run_torch(lambda x: model(pixel_values=x).last_hidden_state, model.model.layer, x, prefix=1)
+  assert_outputs_match(apply_all(models.create(name, **overrides), variables, x), want,
+                       "dinov3 without register tokens vs transformers")
+  raw["embeddings.register_tokens"] = np.zeros((1, 2, 384), np.float32)  # the config says none
+  with pytest.raises(core.ConversionError, match=r"embeddings.register_tokens \(1, 2, 384\).*num_register_tokens"):
+    convert_dinov3.from_checkpoint(raw, config.to_dict(), "hf", _Args())
+
+
 # ------------------------------------------------------------- masks, RoPE, key bias
 
 
