@@ -182,7 +182,8 @@ def main(argv=None) -> int:
   p.add_argument("--checkpoints", default="", help="'+'-joined converted folders matching --models")
   p.add_argument("--out", help="with --models: folder for cka_foundations.json")
   p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-  p.add_argument("--max-examples", type=int, default=0, help="stop after this many examples (0: all)")
+  p.add_argument("--max-examples", type=int, default=0,
+                 help="stop after the batch that reaches this many examples (whole batches; 0: all)")
   p = sub.add_parser("demo", help="the benchmark end to end on synthetic APTOS-layout data (a few minutes)")
   p.add_argument("--out", default="demo_out")
   p.add_argument("--images", type=int, default=240)
