@@ -304,3 +304,23 @@ def test_a_misspelt_label_that_makes_a_rare_class_is_warned_about(tmp_path, capl
     _rewrite_csv(os.path.join(aptos, "train.csv"), edit)
     with pytest.raises(DataError, match=rf"line {row + 1}, column 'diagnosis': unknown label '{value}'"):
       mfjax.data.build("aptos2019", aptos, str(tmp_path / "tfds"))
+
+
+def test_csv_images_split_column_goes_with_the_official_split(tmp_path):
+  manual = synthetic.csv_images(str(tmp_path / "own"), num_images=30)
+  rows = _rewrite_csv(os.path.join(manual, "labels.csv"), lambda rows: [rows[0] + ["split"]] + [
+      r + ["test" if i < 5 else ""] for i, r in enumerate(rows[1:])])
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(DataError, match=r"split_column='split' is read only with split='official' \(split='seeded' "
+                                      r"would ignore it\): add split=official"):
+    mfjax.data.build("csv_images", manual, data_dir, label_column="label", split_column="split")
+  with pytest.raises(DataError, match=r"split='official' needs split_column=.*; without one, use split='seeded'"):
+    mfjax.data.build("csv_images", manual, data_dir, label_column="label", split="official")
+  built = mfjax.data.build("csv_images", manual, data_dir, label_column="label", split_column="split",
+                           split="official")
+  test = built.source("test")
+  assert sorted(test[i]["id"].decode() for i in range(len(test))) == sorted(r[0] for r in rows[1:6])
+  _rewrite_csv(os.path.join(manual, "labels.csv"), lambda rows: rows[:1] + [r[:-1] + [""] for r in rows[1:]])
+  with pytest.raises(DataError, match=r"labels.csv: column 'split' \(split_column\) is blank in every row"):
+    mfjax.data.build("csv_images", manual, str(tmp_path / "tfds_blank"), label_column="label",
+                     split_column="split", split="official")

@@ -3,8 +3,8 @@
 Multi-class: `label_column` holds a class name (or number) per row; the classes are
 `class_names` in that order, or the sorted distinct values when not given (a value outside
 given `class_names` is an error). Multi-label: `label_columns` lists one 0/1 column per
-label. Optional columns: `split_column` (train / validation / test; used with
-split='official'; blank rows are split by seed into the splits the column never names, and are an
+label. Optional columns: `split_column` (train / validation / test; given with
+split='official', which needs it; blank rows are split by seed into the splits the column never names, and are an
 error when it names all three), `group_column` (rows of one group, e.g. a
 patient, never straddle splits). Image paths are relative to `image_root` (default: the
 CSV's folder) or absolute. Normalization defaults to the mean/std measured on the training
@@ -67,6 +67,12 @@ def check(opts, manual_dir):
                            "label_columns (multi-label)")
   if opts["channels"] not in (1, 3):
     raise common.DataError(f"csv_images: channels={opts['channels']!r} must be 1 or 3")
+  if opts["split_column"] is not None and opts["split"] != "official":
+    raise common.DataError(f"csv_images: split_column={opts['split_column']!r} is read only with split='official' "
+                           f"(split={opts['split']!r} would ignore it): add split=official, or leave split_column out")
+  if opts["split"] == "official" and opts["split_column"] is None:
+    raise common.DataError("csv_images: split='official' needs split_column=<the CSV column giving each row's split: "
+                           "train, validation, test or blank>; without one, use split='seeded'")
   for key in ("class_names", "label_columns"):  # "A,B" from a command line is two names, not three characters
     if isinstance(opts[key], str):
       opts[key] = tuple(name.strip() for name in opts[key].split(","))
@@ -172,4 +178,7 @@ def read(manual_dir, opts):
     if opts["group_column"]:
       row.group = f"group:{r[opts['group_column']]}" if r[opts["group_column"]] else None
     rows.append(row)
+  if opts["split_column"] and all(row.official is None for row in rows):
+    raise common.DataError(f"{path}: column {opts['split_column']!r} (split_column) is blank in every row; give "
+                           "rows a split (train, validation or test), or use split='seeded' without split_column")
   return rows, [path]
