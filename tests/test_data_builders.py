@@ -3,7 +3,9 @@ import csv
 import glob
 import hashlib
 import io
+import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -268,17 +270,17 @@ def test_a_copy_of_the_source_csvs_reuses_the_build(root):
                        ("chexpert", synthetic.chexpert)):
     manual = writer(str(root / f"csvs_{name}"))
     built = mfjax.data.build(name, manual, str(root / "csvs_data"))
-    copy = root / f"csvs_{name}_copy"
+    copy, source_dir = root / f"csvs_{name}_copy", built.metadata["source_dir"]  # the sources are named from it
     for source in built.metadata["sources"]:
-      if os.path.isfile(os.path.join(manual, source)):
+      if os.path.isfile(os.path.join(source_dir, source)):
         os.makedirs(copy / os.path.dirname(source), exist_ok=True)
-        shutil.copy(os.path.join(manual, source), copy / source)
+        shutil.copy(os.path.join(source_dir, source), copy / source)
     assert mfjax.data.build(name, str(copy), str(root / "csvs_data")).path == built.path, name
   with open(copy / source, "a") as f:
     f.write("\n")
-  with pytest.raises(common.DataError, match="changed, are gone or were added"):
+  with pytest.raises(common.DataError, match=r"built from another folder, .*\['train.csv'\] differ"):
     mfjax.data.build(name, str(copy), str(root / "csvs_data"))
-  shutil.copy(os.path.join(manual, source), copy / source)
+  shutil.copy(os.path.join(source_dir, source), copy / source)
   (copy / "an_image.png").write_bytes(b"")
   with pytest.raises(common.DataError, match="image files the source CSVs list .* were replaced, removed or added"):
     mfjax.data.build(name, str(copy), str(root / "csvs_data"))
@@ -351,3 +353,47 @@ def test_building_leaves_nothing_in_the_system_temp_folder(tmp_path, monkeypatch
   manual = synthetic.aptos2019(str(tmp_path / "aptos"), num_images=20)
   mfjax.data.build("aptos2019", manual, str(tmp_path / "tfds"))
   assert os.listdir(system_temp) == []
+
+
+def test_a_download_given_as_its_folder_or_its_parent_is_one_source(tmp_path):
+  """The README's two spellings of an APTOS or CheXpert download (the folder, or its parent) reach the same
+  build from either side, also a build recorded by older mfjax relative to the parent (no "source_dir")."""
+  chexpert_parent = synthetic.chexpert(str(tmp_path / "chexpert_parent"), num_patients=8)
+  aptos_child = synthetic.aptos2019(str(tmp_path / "dl" / "aptos2019-blindness-detection"), num_images=20)
+  for name, parent, child in (("chexpert", chexpert_parent, os.path.join(chexpert_parent, "CheXpert-v1.0-small")),
+                              ("aptos2019", os.path.dirname(aptos_child), aptos_child)):
+    for first, second in ((child, parent), (parent, child)):
+      data = str(tmp_path / f"data_{name}_{os.path.basename(first)}")
+      built = mfjax.data.build(name, first, data)
+      stamp = os.path.getmtime(os.path.join(built.path, "dataset_info.json"))
+      assert mfjax.data.build(name, second, data).fingerprint == built.fingerprint, (name, first)
+      assert os.path.getmtime(os.path.join(built.path, "dataset_info.json")) == stamp  # reused, not rebuilt
+    # As older mfjax recorded a build from the parent: files named relative to the folder given.
+    with open(os.path.join(built.path, "metadata.json")) as f:
+      metadata = json.load(f)
+    source_dir = metadata.pop("source_dir")
+    metadata["manual_dir"] = parent
+    metadata["sources"] = {os.path.relpath(os.path.join(source_dir, f), parent): d
+                           for f, d in metadata["sources"].items()}
+    rows, _ = mfjax.data.DATASETS[name].read(child, built.options)
+    metadata["image_sizes"] = common.image_sizes(rows, parent)
+    with open(os.path.join(built.path, "metadata.json"), "w") as f:
+      json.dump(metadata, f)
+    for manual in (child, parent):
+      assert mfjax.data.build(name, manual, data).metadata == metadata, (name, manual)
+
+
+def test_own_data_from_two_folders_is_not_taken_for_one_changed_folder(tmp_path):
+  """Two folders with the same CSV name and options name one build: the second is refused as another folder
+  (not as the first one changed), and after an overwrite the first is refused the same way."""
+  first = synthetic.csv_images(str(tmp_path / "my_data"), num_images=30)
+  second = synthetic.csv_images(str(tmp_path / "my_data_B"), num_images=30, seed=1)
+  data = str(tmp_path / "data")
+  mfjax.data.build("csv_images", first, data, label_column="label")
+  with pytest.raises(common.DataError, match=rf"built from another folder, {re.escape(first)}; the source files "
+                                             rf"\['labels.csv'\] differ in {re.escape(second)} .*another data_dir"):
+    mfjax.data.build("csv_images", second, data, label_column="label")
+  assert mfjax.data.build("csv_images", second, str(tmp_path / "data_B"), label_column="label").split_sizes
+  mfjax.data.build("csv_images", second, data, label_column="label", overwrite=True)
+  with pytest.raises(common.DataError, match=rf"built from another folder, {re.escape(second)}"):
+    mfjax.data.build("csv_images", first, data, label_column="label")

@@ -148,9 +148,11 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
   """Build `name` from its original download in `manual_dir` into `data_dir`, or reuse it.
 
   A dataset already built with the same options is reused when the source CSVs/lists it was
-  built from, and the sizes of the image files they list, are unchanged; if they changed, this
-  raises unless overwrite=True (rebuild). A `manual_dir` holding only those source files (a copy
-  of the CSVs where the images are not, as on a TPU pod's workers) reuses the build on the CSVs.
+  built from, and the sizes of the image files they list, are unchanged; if they changed, or it
+  was built from another folder whose files differ, this raises unless overwrite=True (rebuild).
+  A download given as its own folder or as its parent is the same source. A `manual_dir` holding
+  only those source files (a copy of the CSVs where the images are not, as on a TPU pod's workers)
+  reuses the build on the CSVs.
   Options: the common ones (split, seed, fractions, skip_bad_images, store_size, num_threads)
   and the dataset's own (see its module). Raises DataError on any bad input.
   """
@@ -164,37 +166,62 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
   path = builder.data_dir
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
     built = load(path)
-    changed = [f for f, digest in built.metadata["sources"].items()
-               if common.source_digest(os.path.join(manual_dir, f)) != digest]  # gone, changed, or added
-    if changed and not overwrite:
-      raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
-                      f"{manual_dir}: {changed}; pass overwrite=True to rebuild it")
-    if not changed and not overwrite:
-      if "image_sizes" not in built.metadata:
-        pass  # built before image sizes were recorded: not checked
-      elif common.holds_sources_only(manual_dir, built.metadata["sources"]):
-        logging.getLogger("mfjax").info("%s: %s holds only the source files %s was built from, unchanged; reused "
-                                        "without checking the images", name, manual_dir, path)
-      else:
-        logging.disable(logging.WARNING)  # the source's warnings were given when it was built
-        try:
-          rows, _ = recipe.read(manual_dir, opts)
-        finally:
-          logging.disable(logging.NOTSET)
-        if common.image_sizes(rows, manual_dir) != built.metadata["image_sizes"]:
-          raise DataError(f"{name}: image files the source CSVs list in {manual_dir} were replaced, removed or "
-                          f"added since {path} was built (their sizes differ); pass overwrite=True (`python -m "
-                          f"mfjax.data {name} ... --overwrite`) to rebuild it")
+    if not overwrite:
+      _check_reusable(recipe, built, manual_dir, builder.source_dir, opts)
       return built
     shutil.rmtree(path)
     builder = BUILDERS[name](manual_dir=manual_dir, options=opts, data_dir=data_dir)
   try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=builder.source_dir))
   except OSError:  # another process (every process of a multi-host job, say) finished the same build first
     if not os.path.isfile(os.path.join(path, "dataset_info.json")):
       raise
     logging.getLogger("mfjax").warning("%s: %s was built meanwhile by another process; using it", name, path)
   return load(path)
+
+
+def _recorded_base(metadata: dict, manual_dir: str, source_dir: str) -> tuple[str, str, bool]:
+  """(the folder here that a build's recorded source names are relative to, the folder it was built from,
+  whether that is this download). Builds record them relative to their source_dir; older ones (no
+  "source_dir") relative to the manual_dir they were given, which was that folder or its parent."""
+  same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)
+  if "source_dir" in metadata:
+    return source_dir, metadata["source_dir"], same(metadata["source_dir"], source_dir)
+  for here in (source_dir, os.path.dirname(source_dir), manual_dir):
+    if same(metadata["manual_dir"], here):
+      return here, metadata["manual_dir"], True
+  return manual_dir, metadata["manual_dir"], False
+
+
+def _check_reusable(recipe, built: Dataset, manual_dir: str, source_dir: str, opts: dict) -> None:
+  """Raise unless `built` holds what `source_dir` holds now: the same source files, and the images they
+  list of the same sizes."""
+  name, path = recipe.NAME, built.path
+  base, made_from, same_folder = _recorded_base(built.metadata, manual_dir, source_dir)
+  changed = [f for f, digest in built.metadata["sources"].items()
+             if common.source_digest(os.path.join(base, f)) != digest]  # gone, changed, or added
+  if changed and same_folder:
+    raise DataError(f"{name}: {path} was built from source files that have changed, are gone or were added in "
+                    f"{base}: {changed}; pass overwrite=True to rebuild it")
+  if changed:
+    raise DataError(f"{name}: {path} was built from another folder, {made_from}; the source files {changed} differ "
+                    f"in {source_dir} (changed, gone or added). To keep both, build this one in another data_dir; "
+                    f"overwrite=True replaces the build of {made_from}")
+  if "image_sizes" not in built.metadata:
+    return  # built before image sizes were recorded: not checked
+  if common.holds_sources_only(base, built.metadata["sources"]):
+    logging.getLogger("mfjax").info("%s: %s holds only the source files %s was built from, unchanged; reused "
+                                    "without checking the images", name, base, path)
+    return
+  logging.disable(logging.WARNING)  # the source's warnings were given when it was built
+  try:
+    rows, _ = recipe.read(source_dir, opts)
+  finally:
+    logging.disable(logging.NOTSET)
+  if common.image_sizes(rows, base) != built.metadata["image_sizes"]:
+    raise DataError(f"{name}: image files the source CSVs list in {base} were replaced, removed or "
+                    f"added since {path} was built (their sizes differ); pass overwrite=True (`python -m "
+                    f"mfjax.data {name} ... --overwrite`) to rebuild it")
 
 
 __all__ = ["DATASETS", "SPLITS", "DataError", "Dataset", "Spec", "build", "global_batch", "info",

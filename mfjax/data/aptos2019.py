@@ -40,9 +40,18 @@ def features(opts):
   return {}
 
 
+def _train_csv(manual_dir):
+  return common.find_file(manual_dir, ["train.csv"], "APTOS 2019 train.csv", LAYOUT, COLUMNS)
+
+
+def source_dir(manual_dir, opts):
+  del opts
+  return os.path.dirname(_train_csv(manual_dir))
+
+
 def read(manual_dir, opts):
   del opts
-  csv_path = common.find_file(manual_dir, ["train.csv"], "APTOS 2019 train.csv", LAYOUT, COLUMNS)
+  csv_path = _train_csv(manual_dir)
   root = os.path.dirname(csv_path)
   _, table = common.read_csv(csv_path, COLUMNS)
   rows = []

@@ -95,6 +95,15 @@ def features(opts):
           "num_abnormalities": tfds.features.Scalar(dtype=np.int32)}
 
 
+def source_dir(manual_dir, opts):
+  """The lists layout may be given as its parent folder (found one folder down); the official release's
+  CSVs and images are searched anywhere below manual_dir."""
+  if opts["layout"] != "lists":
+    return manual_dir
+  lists_dir = os.path.dirname(_first_list(manual_dir))
+  return os.path.dirname(lists_dir) if os.path.basename(lists_dir) == "ddsm_raw_image_lists" else lists_dir
+
+
 def read(manual_dir, opts):
   return _read_lists(manual_dir, opts) if opts["layout"] == "lists" else _read_cbis(manual_dir, opts)
 
@@ -237,10 +246,13 @@ def _label_from_name(relpath, at, task):
                          "normal, benign or cancer")
 
 
+def _first_list(manual_dir):
+  return common.find_file(manual_dir, ["ddsm_raw_image_lists/train.txt", "train.txt"],
+                          "CBIS-DDSM list file train.txt", LAYOUT)
+
+
 def _read_lists(manual_dir, opts):
-  first = common.find_file(manual_dir, ["ddsm_raw_image_lists/train.txt", "train.txt"],
-                           "CBIS-DDSM list file train.txt", LAYOUT)
-  lists_dir = os.path.dirname(first)
+  lists_dir = os.path.dirname(_first_list(manual_dir))
   image_root = os.path.join(os.path.dirname(lists_dir), "ddsm_raw")
   if not os.path.isdir(image_root):
     image_root = os.path.dirname(lists_dir)

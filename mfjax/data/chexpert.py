@@ -103,10 +103,19 @@ def _read(csv_path, official, views):
   return rows
 
 
-def read(manual_dir, opts):
+def _train_csv(manual_dir):
   releases = ["CheXpert-v1.0-small", "CheXpert-v1.0", "."]
-  train_csv = common.find_file(manual_dir, [os.path.normpath(f"{d}/train.csv") for d in releases],
-                               "CheXpert train.csv", LAYOUT, ["Path"])
+  return common.find_file(manual_dir, [os.path.normpath(f"{d}/train.csv") for d in releases],
+                          "CheXpert train.csv", LAYOUT, ["Path"])
+
+
+def source_dir(manual_dir, opts):
+  del opts
+  return os.path.dirname(_train_csv(manual_dir))
+
+
+def read(manual_dir, opts):
+  train_csv = _train_csv(manual_dir)
   rows = _read(train_csv, None, opts["views"])
   sources = [train_csv]
   if opts["split"] == "official":

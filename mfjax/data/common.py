@@ -9,6 +9,9 @@ where its files are and what its labels mean. The tfds `Builder` here runs any r
   DEFAULTS    the dataset's own build options and their defaults
   check(opts, manual_dir) raise DataError for a bad option value (common ones are checked
               here); may fill in defaults that depend on the files (csv_images' classes)
+  source_dir(manual_dir, opts) -> the download's folder: manual_dir, or the folder below it where the
+              recipe finds its files. The build reads it and records its files relative to it, so that a
+              download given as itself or as its parent is one source.
   spec(opts)  -> Spec: classes, multi-label or not, headline metric, normalization, channels
   describe(opts) -> short human-readable part of the tfds config name
   features(opts) -> dict of extra tfds features stored with each image
@@ -347,6 +350,7 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, manual_dir: str, options: dict, data_dir: str):
     self._manual_dir = os.path.abspath(manual_dir)
+    self.source_dir = self.recipe.source_dir(self._manual_dir, options)
     self._opts = options
     self._spec = self.recipe.spec(options)
     config = tfds.core.BuilderConfig(name=config_name(self.recipe, options),
@@ -372,18 +376,18 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # manual download only; the manual dir was given at construction
     name, opts, spec = self.recipe.NAME, self._opts, self._spec
-    rows, sources = self.recipe.read(self._manual_dir, opts)
+    rows, sources = self.recipe.read(self.source_dir, opts)
     seen = {}
     for r in rows:
       if r.id in seen:
         raise DataError(f"{name}: duplicate example id {r.id!r} at {r.where} and {seen[r.id]}")
       seen[r.id] = r.where
-    num_read, listed_images = len(rows), image_sizes(rows, self._manual_dir)
+    num_read, listed_images = len(rows), image_sizes(rows, self.source_dir)
     rows, stats, skipped = verify_images(name, rows, spec.channels, opts["skip_bad_images"],
                                          opts["num_threads"])
     if not rows:
       files = ", ".join(sorted(set(sources)))
-      raise DataError(f"{name}: no usable examples in {self._manual_dir} ({num_read} read from {files}, "
+      raise DataError(f"{name}: no usable examples in {self.source_dir} ({num_read} read from {files}, "
                       f"{len(skipped)} skipped as missing or unreadable; options {record_options(opts)})")
     if skipped:
       logging.warning("%s: skipped %d unreadable or missing image(s): %s", name, len(skipped),
@@ -404,7 +408,8 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "build_id": content_id(assigned, digest_of),
         "options": record_options(opts),
         "manual_dir": self._manual_dir,
-        "sources": {os.path.relpath(p, self._manual_dir): source_digest(p) for p in sorted(set(sources))},
+        "source_dir": self.source_dir,  # what "sources" and "image_sizes" name files relative to
+        "sources": {os.path.relpath(p, self.source_dir): source_digest(p) for p in sorted(set(sources))},
         "image_sizes": listed_images,
         "spec": dataclasses.asdict(self._spec),
         "num_skipped": len(skipped),

@@ -134,6 +134,11 @@ def spec(opts):
                      channels=opts["channels"])
 
 
+def source_dir(manual_dir, opts):
+  del opts
+  return manual_dir
+
+
 def describe(opts):
   return os.path.splitext(os.path.basename(opts["csv"]))[0]
 

@@ -78,8 +78,17 @@ def _read_metadata(path):
   return metadata
 
 
+def _ground_truth(manual_dir):
+  return common.find_file(manual_dir, [GROUND_TRUTH], f"ISIC 2019 {GROUND_TRUTH}", LAYOUT)
+
+
+def source_dir(manual_dir, opts):
+  del opts
+  return os.path.dirname(_ground_truth(manual_dir))
+
+
 def read(manual_dir, opts):
-  csv_path = common.find_file(manual_dir, [GROUND_TRUTH], f"ISIC 2019 {GROUND_TRUTH}", LAYOUT)
+  csv_path = _ground_truth(manual_dir)
   root = os.path.dirname(csv_path)
   header, table = common.read_csv(csv_path, ("image",) + CLASS_NAMES)
   extra = [c for c in header if c not in ("image", "UNK") + CLASS_NAMES]
