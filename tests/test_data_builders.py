@@ -383,6 +383,28 @@ def test_a_download_given_as_its_folder_or_its_parent_is_one_source(tmp_path):
       assert mfjax.data.build(name, manual, data).metadata == metadata, (name, manual)
 
 
+def test_overwrite_replaces_a_build_only_once_the_new_one_is_built(tmp_path):
+  """The lists download given without layout=lists names the official release's build: a failed overwrite
+  leaves that build in place, and without overwrite it is refused naming the folder that made it."""
+  cbis = synthetic.cbis_ddsm(str(tmp_path / "CBIS"), num_patients=8)
+  lists = synthetic.ddsm_lists(str(tmp_path / "DDSM"), num_cases=12)
+  data = str(tmp_path / "data")
+  built = mfjax.data.build("cbis_ddsm", cbis, data)
+  files, stamp = sorted(os.listdir(data)), os.path.getmtime(os.path.join(built.path, "dataset_info.json"))
+  with pytest.raises(common.DataError, match="no CBIS-DDSM case-description CSV"):
+    mfjax.data.build("cbis_ddsm", lists, data, overwrite=True)
+  kept = mfjax.data.load(built.path)
+  assert kept.fingerprint == built.fingerprint and len(kept.source("train")) == built.split_sizes["train"]
+  assert os.path.getmtime(os.path.join(built.path, "dataset_info.json")) == stamp
+  assert sorted(os.listdir(data)) == files  # nothing left of the failed build
+  with pytest.raises(common.DataError, match=rf"was built from another folder, {re.escape(cbis)}; the source files "
+                                             rf".* differ in {re.escape(lists)}"):
+    mfjax.data.build("cbis_ddsm", lists, data)
+  rebuilt = mfjax.data.build("cbis_ddsm", cbis, data, overwrite=True)
+  assert rebuilt.path == built.path and rebuilt.metadata["build_id"] == built.metadata["build_id"]
+  assert sorted(os.listdir(data)) == files and os.listdir(os.path.dirname(built.path)) == ["1.1.0"]
+
+
 def test_own_data_from_two_folders_is_not_taken_for_one_changed_folder(tmp_path):
   """Two folders with the same CSV name and options name one build: the second is refused as another folder
   (not as the first one changed), and after an overwrite the first is refused the same way."""

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -149,10 +150,10 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
 
   A dataset already built with the same options is reused when the source CSVs/lists it was
   built from, and the sizes of the image files they list, are unchanged; if they changed, or it
-  was built from another folder whose files differ, this raises unless overwrite=True (rebuild).
-  A download given as its own folder or as its parent is the same source. A `manual_dir` holding
-  only those source files (a copy of the CSVs where the images are not, as on a TPU pod's workers)
-  reuses the build on the CSVs.
+  was built from another folder whose files differ, this raises unless overwrite=True (rebuild;
+  the old build is replaced only once the new one is complete). A download given as its own
+  folder or as its parent is the same source. A `manual_dir` holding only those source files (a
+  copy of the CSVs where the images are not, as on a TPU pod's workers) reuses the build on the CSVs.
   Options: the common ones (split, seed, fractions, skip_bad_images, store_size, num_threads)
   and the dataset's own (see its module). Raises DataError on any bad input.
   """
@@ -166,11 +167,10 @@ def build(name: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
   path = builder.data_dir
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
     built = load(path)
-    if not overwrite:
-      _check_reusable(recipe, built, manual_dir, builder.source_dir, opts)
-      return built
-    shutil.rmtree(path)
-    builder = BUILDERS[name](manual_dir=manual_dir, options=opts, data_dir=data_dir)
+    if overwrite:
+      return _rebuild(builder, manual_dir, opts)
+    _check_reusable(recipe, built, manual_dir, builder.source_dir, opts)
+    return built
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=builder.source_dir))
   except OSError:  # another process (every process of a multi-host job, say) finished the same build first
@@ -222,6 +222,21 @@ def _check_reusable(recipe, built: Dataset, manual_dir: str, source_dir: str, op
     raise DataError(f"{name}: image files the source CSVs list in {base} were replaced, removed or "
                     f"added since {path} was built (their sizes differ); pass overwrite=True (`python -m "
                     f"mfjax.data {name} ... --overwrite`) to rebuild it")
+
+
+def _rebuild(builder, manual_dir: str, opts: dict) -> Dataset:
+  """Build anew beside the build at `builder.data_dir`, and put the new one in its place only once it is
+  complete: a rebuild that fails leaves the old build as it was."""
+  path = builder.data_dir
+  staging = tempfile.mkdtemp(prefix=f".{builder.name}-rebuild-", dir=builder.data_dir_root)
+  try:
+    fresh = type(builder)(manual_dir=manual_dir, options=opts, data_dir=staging)
+    fresh.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=fresh.source_dir))
+    os.rename(path, os.path.join(staging, "replaced"))
+    os.rename(fresh.data_dir, path)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return load(path)
 
 
 __all__ = ["DATASETS", "SPLITS", "DataError", "Dataset", "Spec", "build", "global_batch", "info",
