@@ -210,8 +210,11 @@ def test_cache_command_lists_and_prunes_by_last_use_and_size(tmp_path, capsys):
   assert knn.cache_listing(str(root)) == f"feature cache {root}: no entries"
   cache.put(dict(key("test"), checkpoint="random:model:0"), {"features": np.zeros(2)})
   cache.put(dict(key("train"), checkpoint={"path": ""}), {"features": np.zeros(2)})
+  # A built dataset's path ends in its name, build config and version: the listing shows the first two.
+  cache.put(dict(key("test"), dataset="/d/chexpert/frontal-seeded0-1a2b3c4d/1.0.0"), {"features": np.zeros(2)})
   listing = knn.cache_listing(str(root))
   assert "| random:model:0 |" in listing and "| random init |" in listing
+  assert "| dinov2_vitb14 | chexpert/frontal-seeded0-1a2b3c4d | test |" in listing
 
 
 def test_feature_cache_corruption_names_the_file(tmp_path):

@@ -258,7 +258,7 @@ def cache_listing(root: str, unused_days: float | None = None, max_gb: float | N
     checkpoint = key.get("checkpoint", "?")
     weights = (checkpoint.get("path") or "random init") if isinstance(checkpoint, dict) else str(checkpoint)
     cells = [os.path.basename(e["path"])[:-4], key.get("model", "unreadable key"),
-             os.path.basename(str(key.get("dataset", "?")).rstrip("/")), key.get("split", "?"),
+             dataset_of(str(key.get("dataset", "?"))), key.get("split", "?"),
              str(key.get("resolution", "?")), weights, f"{e['bytes'] / 1e6:.1f}",
              time.strftime("%Y-%m-%d %H:%M", time.gmtime(e["last_used"]))]
     if going:
@@ -278,6 +278,15 @@ def cache_listing(root: str, unused_days: float | None = None, max_gb: float | N
   elif going or leftovers:
     lines.append("(add --prune to delete them)")
   return "\n".join(lines)
+
+
+def dataset_of(path: str) -> str:
+  """The dataset a cache key's path names: a built dataset's DATA_DIR/<name>/<build config>/<version> as
+  <name>/<build config> (the config tells the options apart, e.g. CheXpert's views); another path's last part."""
+  parts = path.rstrip("/").split("/")
+  if len(parts) >= 3 and re.fullmatch(r"\d+\.\d+\.\d+", parts[-1]):
+    return f"{parts[-3]}/{parts[-2]}"
+  return parts[-1]
 
 
 ENTRY_NAME = re.compile(r"[0-9a-f]{24}\.(npz|json)")  # FeatureCache.path's names
