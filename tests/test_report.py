@@ -583,6 +583,36 @@ def test_report_command_writes_tables_plots_and_page(tmp_path, capsys):
     assert {row["dataset"] for row in csv.DictReader(f)} == {"aptos2019", "isic2019"}
 
 
+def test_report_never_overwrites_or_deletes_a_file_no_report_recorded(tmp_path):
+  root = str(tmp_path / "runs")
+  write_cell(root, "dinov2_vitb14", "aptos2019", "frozen_linear", {1e-3: [0.7]}, {1e-3: [0.7]})
+  thesis = tmp_path / "thesis"
+  (thesis / "tables").mkdir(parents=True)
+  (thesis / "plots").mkdir()
+  mine = {"tables/chapter2_results.md": "x", "plots/my_figure.png": "x", "report.md": "# notes"}
+  for name, text in mine.items():
+    (thesis / name).write_text(text)
+  with pytest.raises(ReportError, match=r"holds report.md, which this report would overwrite") as error:
+    report.build(root, str(thesis))
+  assert report.MANIFEST in str(error.value)
+  assert {name: (thesis / name).read_text() for name in mine} == mine
+  assert sorted(os.listdir(thesis / "tables")) == ["chapter2_results.md"] and not (thesis / report.MANIFEST).exists()
+  (thesis / "report.md").rename(thesis / "notes.md")
+  report.build(root, str(thesis))
+  assert (thesis / "tables" / "frozen_224.md").exists() and (thesis / "report.md").read_text() != "# notes"
+  # A folder the report wrote is updated; a file of the user's named as a table this report adds is refused.
+  (thesis / "tables" / "unfrozen_224.md").write_text("mine")
+  write_cell(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", {1e-3: [0.8]}, {1e-3: [0.8]})
+  with pytest.raises(ReportError, match=r"holds tables/unfrozen_224.md, which"):
+    report.build(root, str(thesis))
+  (thesis / "tables" / "unfrozen_224.md").unlink()
+  report.build(root, str(thesis))
+  for name, text in (("tables/chapter2_results.md", "x"), ("plots/my_figure.png", "x"), ("notes.md", "# notes")):
+    assert (thesis / name).read_text() == text
+  assert (thesis / "tables" / "unfrozen_224.md").read_text() != "mine"
+  assert not [name for name in os.listdir(thesis) if name.startswith(".mfjax_report-")]  # no staging left
+
+
 # ----------------------------------------------------------------------------- MedDINOv3 runs
 
 

@@ -8,42 +8,64 @@ reads every `result.json` (training runs), `knn.json` and `cka_*.json` below RUN
   tables/*.md|csv|tex         Tables 1-3 layout (frozen/unfrozen x resolution), every cell, k-NN, timing
   plots/*.png                 relative gain (Fig. 1), k-NN (Fig. 2), timing (Fig. 3), progressive freezing
                               (Fig. 4), decapitation (Fig. 5), model size (Fig. 6), resolution, CKA (Figs. 7, 8, A.1)
-The tables/ and plots/ files an earlier report wrote in the same folder (listed in its .mfjax_report.json)
-are replaced; other files there are left alone.
+The files an earlier report wrote in the same folder (listed in its .mfjax_report.json) are replaced;
+a file of the same name as one the report writes that no earlier report recorded is the user's, and the
+report stops with an error naming it rather than overwrite it; other files are left alone.
 """
-import glob
 import json
 import os
+import shutil
+import tempfile
 
 from mfjax.report import page, paper, plots, results, tables
 from mfjax.report.results import ReportError
 
 __all__ = ["build", "ReportError", "paper", "results", "tables", "plots", "page"]
 
-OUTPUT_PATTERNS = (("tables", ("*.md", "*.csv", "*.tex")), ("plots", ("*.png",)))
+MANIFEST = ".mfjax_report.json"  # the files a report wrote: the next one in the folder may replace them
+PAGES = ("report.md", "report.html")
+MOST_NAMED = 10
 
 
-MANIFEST = ".mfjax_report.json"  # the files a report wrote, which the next one in the folder replaces
-
-
-def _clear_previous(out_dir: str) -> None:
-  """Remove the tables and plots an earlier report wrote here, and nothing else: the files its
-  manifest lists, or (a report from before the manifest, known by its report.md) its patterns."""
+def _previous_outputs(out_dir: str) -> set[str]:
+  """The files (relative to out_dir) that an earlier report wrote here, as its manifest lists them;
+  none without a manifest, as then every file in the folder may be the user's."""
   manifest = os.path.join(out_dir, MANIFEST)
-  if os.path.isfile(manifest):
+  if not os.path.isfile(manifest):
+    return set()
+  try:
     with open(manifest, encoding="utf-8") as f:
       listed = json.load(f)
-    for relative in listed:
-      path = os.path.join(out_dir, relative)
-      if os.path.isfile(path):
-        os.remove(path)
-    return
-  if not os.path.isfile(os.path.join(out_dir, "report.md")):
-    return  # a folder of the user's own: nothing in it is ours
-  for folder, patterns in OUTPUT_PATTERNS:
-    for pattern in patterns:
-      for path in glob.glob(os.path.join(glob.escape(os.path.join(out_dir, folder)), pattern)):
-        os.remove(path)
+  except (OSError, ValueError) as e:
+    raise ReportError(f"{manifest} is not readable as JSON ({e}); delete it and the report files it listed") from None
+  if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+    raise ReportError(f"{manifest} is not a list of file names")
+  outputs = {os.path.normpath(p) for p in listed}
+  outside = sorted(p for p in outputs if os.path.isabs(p) or p.split(os.sep)[0] == "..")
+  if outside:
+    raise ReportError(f"{manifest} lists files outside {out_dir}: {outside}")
+  # A manifest from before the page was listed in it: the page is written with every report.
+  return outputs | set(PAGES)
+
+
+def _install(stage: str, out_dir: str, written: list[str], previous: set[str]) -> None:
+  """Move the files written in `stage` to out_dir, replacing only what an earlier report wrote (and removing
+  its files this one does not write). A file of the same name that no report recorded is the user's: refused."""
+  clashes = sorted(p for p in written if p not in previous and os.path.lexists(os.path.join(out_dir, p)))
+  if clashes:
+    named = ", ".join(clashes[:MOST_NAMED]) + (f" and {len(clashes) - MOST_NAMED} more" if len(clashes) > MOST_NAMED
+                                                else "")
+    raise ReportError(f"{out_dir} holds {named}, which this report would overwrite, but no earlier report there "
+                      f"recorded them in its {MANIFEST}: move or delete them, or choose another --out")
+  manifest = os.path.join(out_dir, MANIFEST)
+  _write(manifest, json.dumps(sorted(previous | set(written)), indent=1))  # all of them ours, should this stop
+  for path in sorted(previous - set(written)):
+    if os.path.isfile(os.path.join(out_dir, path)):
+      os.remove(os.path.join(out_dir, path))
+  for path in written:
+    os.makedirs(os.path.dirname(os.path.join(out_dir, path)), exist_ok=True)
+    os.replace(os.path.join(stage, path), os.path.join(out_dir, path))
+  _write(manifest, json.dumps(sorted(written), indent=1))
 
 
 def _write(path: str, text: str) -> str:
@@ -67,12 +89,26 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
   pretrain_runs = results.load_pretrain_runs(runs_dir, found=found)
   if not (cells or knn or cka or segment_runs or pretrain_runs):
     raise ReportError(f"no result.json, knn.json or cka_*.json below {runs_dir}")
-  _clear_previous(out_dir)
-  table_dir, plot_dir = os.path.join(out_dir, "tables"), os.path.join(out_dir, "plots")
+  previous = _previous_outputs(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=".mfjax_report-", dir=out_dir)  # nothing in out_dir changes until all is written
+  try:
+    written = _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, pretrain_runs)
+    _install(stage, out_dir, written["files"], previous)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+  final = lambda relative: os.path.join(out_dir, relative)
+  return {"markdown": final(PAGES[0]), "html": final(PAGES[1]), "tables": [final(p) for p in written["tables"]],
+          "plots": [final(p) for p in written["plots"]], "notes": written["notes"]}
+
+
+def _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, pretrain_runs) -> dict:
+  """Write the page, tables and plots into `stage`; {"files", "tables", "plots"} (relative paths), "notes"."""
+  table_dir, plot_dir = os.path.join(stage, "tables"), os.path.join(stage, "plots")
   notes, written_tables = [], []
 
   def rel(path):
-    return os.path.relpath(path, out_dir)
+    return os.path.relpath(path, stage)
 
   def save_table(name: str, text: str) -> str:
     written_tables.append(_write(os.path.join(table_dir, name), text))
@@ -103,8 +139,9 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
   diverged = [path for path, data in found["classification"] if data.get("status") == "diverged"]
   if diverged:
     notes.append(f"{len(diverged)} training run(s) diverged (a non-finite loss; `mfjax sweep` records them with "
-                 f"status \"diverged\"), e.g. {rel(diverged[0])}. A learning rate with a diverged seed is not "
-                 "selected for its cell, unless every learning rate of the cell diverged (the cell then shows n/a).")
+                 f"status \"diverged\"), e.g. {os.path.relpath(diverged[0], out_dir)}. A learning rate with a "
+                 "diverged seed is not selected for its cell, unless every learning rate of the cell diverged (the "
+                 "cell then shows n/a).")
   short = [c for c in cells if c.n < max(n for _, n in c.lr_scores.values())]
   if short:
     notes.append(f"{len(short)} cell(s) show fewer seeds at their selected learning rate than another learning "
@@ -175,12 +212,11 @@ def build(runs_dir: str, out_dir: str | None = None) -> dict:
   if data_links:
     blocks += [("heading", 2, "Data"), ("links", data_links)]
 
-  markdown_path = _write(os.path.join(out_dir, "report.md"), page.markdown(blocks))
-  html_path = _write(os.path.join(out_dir, "report.html"), page.html(blocks, "mfjax report"))
-  written = written_tables + [f["file"] for f in figures]
-  _write(os.path.join(out_dir, MANIFEST), json.dumps(sorted(rel(p) for p in written), indent=1))
-  return {"markdown": markdown_path, "html": html_path, "tables": written_tables,
-          "plots": [f["file"] for f in figures], "notes": notes}
+  _write(os.path.join(stage, PAGES[0]), page.markdown(blocks))
+  _write(os.path.join(stage, PAGES[1]), page.html(blocks, "mfjax report"))
+  tables_written, plots_written = [rel(p) for p in written_tables], [rel(f["file"]) for f in figures]
+  return {"files": list(PAGES) + tables_written + plots_written, "tables": tables_written, "plots": plots_written,
+          "notes": notes}
 
 
 def _show(value, column: str) -> str:
