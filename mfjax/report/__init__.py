@@ -147,12 +147,13 @@ def _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, 
     notes.append(f"{len(short)} cell(s) show fewer seeds at their selected learning rate than another learning "
                  f"rate has, e.g. {short[0].model} on {short[0].dataset} ({short[0].protocol}): lr {short[0].lr:g} "
                  f"with {short[0].n} seed(s). Unfinished runs, or runs in another folder?")
-  gain_rows = plots.relative_gains(cells, notes)
-  timing_rows = plots.timing_rows(cells, notes)
+  plotted = results.plotted_cells(cells, notes)
+  gain_rows = plots.relative_gains(plotted, notes)
+  timing_rows = plots.timing_rows(plotted, notes)
   figures = [plots.relative_gain(gain_rows, plot_dir, notes), *plots.knn(knn, plot_dir, notes),
-             plots.timing(timing_rows, plot_dir, notes), *plots.progressive(cells, plot_dir, notes),
-             plots.decapitation(cells, plot_dir, notes), plots.model_size(cells, plot_dir, notes),
-             plots.resolution(cells, plot_dir, notes), *(plots.cka_heatmap(r, plot_dir, notes) for r in cka),
+             plots.timing(timing_rows, plot_dir, notes), *plots.progressive(plotted, plot_dir, notes),
+             plots.decapitation(plotted, plot_dir, notes), plots.model_size(plotted, plot_dir, notes),
+             plots.resolution(plotted, plot_dir, notes), *(plots.cka_heatmap(r, plot_dir, notes) for r in cka),
              plots.cka_diagonals(cka, plot_dir, notes), plots.segmentation_dice(segment_runs, plot_dir, notes)]
   figures = [f for f in figures if f]
 
@@ -184,7 +185,7 @@ def _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, 
     blocks += [("image", rel(f["file"]), f["title"], f["caption"]) for f in figures]
   if cell_rows:
     columns = ["model", "dataset", "protocol", "resolution", "unfreeze_from", "keep_blocks", "trained", "n_seeds",
-               "lr", "mean", "std"]
+               "lr", "mean", "std"] + (["setting"] if any(c.setting for c in cells) else [])
     blocks += [("heading", 2, "Every cell"),
                ("text", "Every cell found (everything a run's config fixes except lr and seed), with its selected "
                         "lr; all_cells.csv adds the lr search, timing and parameter counts."),

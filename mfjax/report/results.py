@@ -2,7 +2,9 @@
 MedDINOv3 segmentation and pretraining runs (`mfjax segment`, `mfjax pretrain`) as their own rows.
 
 A cell is everything a run's config fixes except the learning rate and the seed. Runs are
-found by globbing `**/result.json` and grouped by their config, never by folder names. Per
+found by globbing `**/result.json` and grouped by their config, never by folder names; runs of
+one (model, dataset, protocol, ...) slot whose configs differ otherwise (epochs, batch size) are
+cells of their own, labelled by the fields that differ. Per
 cell, the learning rate with the best mean validation headline over its seeds is selected
 (the smaller lr on a tie); the test headlines of that learning rate's seeds give mean ± std
 (sample std, ddof=1; one seed has no std).
@@ -59,6 +61,7 @@ class Cell:
   params_trained: int | None
   files: tuple
   run_resolution: int          # what the runs' inputs were: 1022 for DINOv2's 1024
+  setting: str = ""            # how its config differs from other cells of the same slot ("" when none do)
 
   @property
   def state(self) -> str:
@@ -251,51 +254,95 @@ def nominal_resolution(model: str, resolution: int) -> int:
 SLOT = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained")
 
 
+def config_differences(a: dict, b: dict) -> list[str]:
+  """The measured config fields two runs set differently. A field only one run has was added to the config by
+  a newer mfjax (with its old behaviour as default): not a difference."""
+  return sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
+def settings_of(groups: list[list[dict]]) -> list[str]:
+  """Labels that tell apart the groups of runs of one slot whose configs differ: "field=value, ..." over the
+  fields that differ between any two groups; "" for a slot with one config."""
+  if len(groups) == 1:
+    return [""]
+  configs = [g[0]["measured_config"] for g in groups]
+  fields = sorted({f for i, a in enumerate(configs) for b in configs[i + 1:] for f in config_differences(a, b)})
+  return [", ".join(f"{f}={c.get(f, '(absent)')}" for f in fields) for c in configs]
+
+
 def group_cells(runs: list[dict]) -> list[Cell]:
-  """Runs -> cells: group by slot, check one config per slot, select the lr, aggregate seeds."""
+  """Runs -> cells: group by slot and config beyond lr and seed, select the lr, aggregate seeds. Runs of one
+  slot whose configs differ (other epochs, say) are separate cells, each with a `setting` label."""
   by_slot = {}
   for run in runs:
     by_slot.setdefault(tuple(run[k] for k in SLOT), []).append(run)
   cells = []
   for slot, members in by_slot.items():
-    first = members[0]
-    for other in members[1:]:
-      a, b = first["measured_config"], other["measured_config"]
-      # A field only one run has was added to the config by a newer mfjax (with its old behaviour as default).
-      fields = sorted(k for k in set(a) & set(b) if a[k] != b[k])
-      if fields:
-        shown = "; ".join(f"{k}: {a.get(k, '(absent)')} vs {b.get(k, '(absent)')}" for k in fields[:6])
-        raise ReportError(
-            f"{first['file']} and {other['file']} are the same cell ({first['model']}, {first['dataset']}, "
-            f"{first['protocol']}) but their configs differ beyond lr and seed in {shown}; put them in "
-            "separate runs folders")
-    seen = {}
+    groups = []
     for run in members:
-      key = (run["lr"], json.dumps(run["seed"]))
-      if key in seen:
-        raise ReportError(f"{seen[key]} and {run['file']} are the same run (lr {run['lr']}, seed {run['seed']})")
-      seen[key] = run["file"]
-    metrics = {run["metric"] for run in members}
-    if len(metrics) > 1:
-      raise ReportError(f"runs of {first['model']}/{first['dataset']} report different headline metrics "
-                        f"{sorted(metrics)}: {[r['file'] for r in members]}")
-    by_lr = {}
-    for run in members:
-      by_lr.setdefault(run["lr"], []).append(run)
-    lr_scores = {lr: (float(np.mean([r["val"] for r in rs])), len(rs)) for lr, rs in sorted(by_lr.items())}
-    finite = {lr: score for lr, (score, _) in lr_scores.items() if math.isfinite(score)}
-    best_lr = max(finite, key=lambda lr: (finite[lr], -lr)) if finite else min(lr_scores)
-    chosen = sorted(by_lr[best_lr], key=lambda r: json.dumps(r["seed"]))
-    cells.append(Cell(
-        **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], variant=first["variant"],
-        other_task=first["other_task"], lr=best_lr,
-        seeds=tuple(r["seed"] for r in chosen), test=np.array([r["test"] for r in chosen]),
-        val=np.array([r["val"] for r in chosen]), lr_scores=lr_scores,
-        iterations_to_best=np.array([r["iterations_to_best"] for r in chosen]),
-        images_per_second=np.array([r["images_per_second"] for r in chosen]),
-        params_total=first["params_total"], params_trained=first["params_trained"],
-        files=tuple(r["file"] for r in chosen), run_resolution=first["run_resolution"]))
-  return sorted(cells, key=lambda c: tuple((getattr(c, k) is not None, getattr(c, k) or 0) for k in SLOT))
+      group = next((g for g in groups if not config_differences(g[0]["measured_config"], run["measured_config"])),
+                   None)
+      if group is None:
+        groups.append([run])
+      else:
+        group.append(run)
+    for group, setting in zip(groups, settings_of(groups)):
+      cells.append(_cell(slot, group, setting))
+  return sorted(cells, key=lambda c: tuple((getattr(c, k) is not None, getattr(c, k) or 0) for k in SLOT)
+                + (c.setting,))
+
+
+def _cell(slot: tuple, members: list[dict], setting: str) -> Cell:
+  """The cell of runs that share one config beyond lr and seed."""
+  first = members[0]
+  seen = {}
+  for run in members:
+    key = (run["lr"], json.dumps(run["seed"]))
+    if key in seen:
+      raise ReportError(f"{seen[key]} and {run['file']} are the same run (lr {run['lr']}, seed {run['seed']})")
+    seen[key] = run["file"]
+  metrics = {run["metric"] for run in members}
+  if len(metrics) > 1:
+    raise ReportError(f"runs of {first['model']}/{first['dataset']} report different headline metrics "
+                      f"{sorted(metrics)}: {[r['file'] for r in members]}")
+  by_lr = {}
+  for run in members:
+    by_lr.setdefault(run["lr"], []).append(run)
+  lr_scores = {lr: (float(np.mean([r["val"] for r in rs])), len(rs)) for lr, rs in sorted(by_lr.items())}
+  finite = {lr: score for lr, (score, _) in lr_scores.items() if math.isfinite(score)}
+  best_lr = max(finite, key=lambda lr: (finite[lr], -lr)) if finite else min(lr_scores)
+  chosen = sorted(by_lr[best_lr], key=lambda r: json.dumps(r["seed"]))
+  return Cell(
+      **{k: v for k, v in zip(SLOT, slot)}, metric=first["metric"], variant=first["variant"],
+      other_task=first["other_task"], lr=best_lr,
+      seeds=tuple(r["seed"] for r in chosen), test=np.array([r["test"] for r in chosen]),
+      val=np.array([r["val"] for r in chosen]), lr_scores=lr_scores,
+      iterations_to_best=np.array([r["iterations_to_best"] for r in chosen]),
+      images_per_second=np.array([r["images_per_second"] for r in chosen]),
+      params_total=first["params_total"], params_trained=first["params_trained"],
+      files=tuple(r["file"] for r in chosen), run_resolution=first["run_resolution"], setting=setting)
+
+
+def plotted_cells(cells: list[Cell], notes: list) -> list[Cell]:
+  """The cells the plots draw, which tell cells apart by slot only: of a slot split into settings, the one with
+  the most seeds (the first label on a tie). A note names the settings left out."""
+  by_slot = {}
+  for c in cells:
+    by_slot.setdefault(tuple(getattr(c, k) for k in SLOT), []).append(c)
+  split = [group for group in by_slot.values() if len(group) > 1]
+  if split:
+    kept = {id(min(group, key=lambda c: (-c.n, c.setting))) for group in split}
+    example = split[0]
+    shown = next(c for c in example if id(c) in kept)
+    notes.append(f"{sum(map(len, split))} cells share their model, dataset, protocol and resolution with another "
+                 "cell but not the rest of their config (beyond lr and seed): each is a cell of its own, labelled "
+                 f"by the fields that differ, e.g. {example[0].model} on {example[0].dataset} "
+                 f"({example[0].protocol}): {' | '.join(c.setting for c in example)}. The plots draw one cell of "
+                 f"each, the one with the most seeds (here {shown.setting}); the tables and all_cells.csv have "
+                 "every cell.")
+    dropped = {id(c) for group in split for c in group} - kept
+    return [c for c in cells if id(c) not in dropped]
+  return cells
 
 
 def find(runs_dir: str, pattern: str, exclude: str | None = None) -> list[str]:

@@ -78,7 +78,7 @@ def comparison_tables(cells) -> list[dict]:
   columns = dataset_columns(cells)
   metrics = {c.dataset: c.metric for c in cells}
   published = {(r["foundation_state"], r["resolution"]) for r in paper.published()}
-  at_main = {(c.model, c.dataset, c.protocol): c for c in cells
+  at_main = {(c.model, c.dataset, c.protocol, c.setting): c for c in cells
              if c.protocol in MAIN_PROTOCOLS and c.resolution == main}
   keys = sorted({(MAIN_PROTOCOLS[c.protocol][0], c.resolution) for c in cells if c.protocol in MAIN_PROTOCOLS},
                 key=lambda k: (k[1] != main, k[1], k[0] != "frozen"))
@@ -94,18 +94,18 @@ def comparison_tables(cells) -> list[dict]:
       classifier = MAIN_PROTOCOLS[c.protocol][1]
       entry = {"mean": c.mean, "std": c.std, "n": c.n, "lr": c.lr, "metric": c.metric,
                "gain": None, "paper_mean": None, "paper_std": None, "delta": None, "other_task": c.other_task}
-      if resolution != main and (c.model, c.dataset, c.protocol) in at_main:
-        entry["gain"] = 100 * (c.mean - at_main[(c.model, c.dataset, c.protocol)].mean)
+      if resolution != main and (c.model, c.dataset, c.protocol, c.setting) in at_main:
+        entry["gain"] = 100 * (c.mean - at_main[(c.model, c.dataset, c.protocol, c.setting)].mean)
       published_cell = paper_cell(c, state, paper_resolution, classifier) if paper_resolution else None
       if published_cell:
         entry.update(paper_mean=published_cell["mean"], paper_std=published_cell["std"],
                      delta=None if c.other_task else c.mean - published_cell["mean"])
       if c.other_task:
         other_tasks.add(c.other_task)
-      rows.setdefault((classifier, c.model), {})[c.dataset] = entry
+      rows.setdefault((classifier, c.model, c.setting), {})[c.dataset] = entry
       if c.variant:
-        variants.add((classifier, c.model))
-    ordered = sorted(rows, key=lambda k: (k[0] != "linear", model_order(k[1])))
+        variants.add((classifier, c.model, c.setting))
+    ordered = sorted(rows, key=lambda k: (k[0] != "linear", model_order(k[1]), k[2]))
     table_name = PAPER_TABLE.get((state, paper_resolution))
     title = f"{state.capitalize()} foundations at {resolution} px"
     caption = ["Test score in each column's metric: mean ± std over seeds at the learning rate with the best "
@@ -125,14 +125,18 @@ def comparison_tables(cells) -> list[dict]:
                      "(no model.checkpoint / head.checkpoint), or a changed architecture (overrides).")
     if other_tasks:
       caption.append(f"{TASK_MARK} not the paper's task or labels, so no Δ: {'; '.join(sorted(other_tasks))}.")
+    if any(setting for _, _, setting in ordered):
+      caption.append("(field=value): cells of one foundation and protocol whose configs differ beyond lr and seed, "
+                     "labelled by the fields that differ.")
     caption.append("Δ = mfjax − paper. Blank: no run.")
     tables.append({
         "name": f"{state}_{resolution}", "title": title, "caption": " ".join(caption), "state": state,
         "resolution": resolution, "main_resolution": main, "paper_resolution": paper_resolution,
         "columns": columns, "column_titles": [column_title(d, metrics.get(d)) for d in columns],
-        "rows": [{"classifier": cls, "model": model, "cells": rows[(cls, model)],
-                  "foundation": paper.title_of(model) + (f" {VARIANT_MARK}" if (cls, model) in variants else "")}
-                 for cls, model in ordered]})
+        "rows": [{"classifier": cls, "model": model, "setting": setting, "cells": rows[(cls, model, setting)],
+                  "foundation": paper.title_of(model) + (f" ({setting})" if setting else "")
+                  + (f" {VARIANT_MARK}" if (cls, model, setting) in variants else "")}
+                 for cls, model, setting in ordered]})
   return tables
 
 
@@ -174,7 +178,7 @@ def to_csv(table: dict) -> str:
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(["state", "resolution", "classifier", "model", "foundation", "dataset", "metric", "mean", "std",
                    "n_seeds", "lr", f"gain_points_vs_{table['main_resolution']}px", "paper_resolution",
-                   "paper_mean", "paper_std", "delta"])
+                   "paper_mean", "paper_std", "delta", "setting"])
   for row in table["rows"]:
     for dataset in table["columns"]:
       e = row["cells"].get(dataset)
@@ -184,7 +188,7 @@ def to_csv(table: dict) -> str:
                        paper.foundation_of(row["model"]) or "", dataset, e["metric"], _num(e["mean"]),
                        _num(e["std"]), e["n"], repr(e["lr"]), _num(e["gain"]),
                        table["paper_resolution"] if e["paper_mean"] is not None else "",
-                       _num(e["paper_mean"]), _num(e["paper_std"]), _num(e["delta"])])
+                       _num(e["paper_mean"]), _num(e["paper_std"]), _num(e["delta"]), row["setting"]])
   return out.getvalue()
 
 
@@ -243,7 +247,7 @@ def to_latex(table: dict) -> str:
 
 
 CELL_FIELDS = ("model", "dataset", "protocol", "head", "resolution", "unfreeze_from", "keep_blocks", "trained",
-               "metric", "variant", "other_task")
+               "metric", "variant", "other_task", "setting")
 
 
 def all_cells_rows(cells) -> list[dict]:

@@ -168,9 +168,14 @@ def select(runs: list[Run]) -> dict:
   selections = {}
   for cell, items in found.items():
     try:
-      (chosen,) = results.group_cells([results.read_run(path, data) for _, path, data in items])
+      grouped = results.group_cells([results.read_run(path, data) for _, path, data in items])
     except results.ReportError as e:
       raise ConfigError(f"sweep cell {cell}: {e}") from None
+    if len(grouped) > 1:  # the sweep's runs of one cell share its config: these were started from other configs
+      raise ConfigError(f"sweep cell {cell}: its runs' configs differ beyond lr and seed ("
+                        f"{' | '.join(c.setting for c in grouped)}), e.g. {grouped[0].files[0]} and "
+                        f"{grouped[1].files[0]}")
+    (chosen,) = grouped
     diverged = sorted(run.workdir for run, _, data in items if data.get("status") == "diverged")
     seeds_by_lr = {_fmt(lr): n for lr, (_, n) in chosen.lr_scores.items()}
     # Without an lr axis every run has the config's lr: the one the results give.
