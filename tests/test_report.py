@@ -431,6 +431,32 @@ def test_knn_of_random_weights_is_marked_and_kept_apart_from_the_pretrained(tmp_
   assert "T = 0.07, 0.1)" in figures[0]["caption"] and "different temperatures (0.07, 0.1)" in notes[0]
 
 
+def test_knn_on_another_view_or_labels_is_its_own_result_marked_as_not_the_papers_task(tmp_path):
+  for folder, data in (("all", {"options": {}, "uncertainty": "zeros"}),
+                       ("frontal", {"options": {"views": "frontal"}, "uncertainty": "zeros"}),
+                       ("ones", {"options": {"views": "all"}, "uncertainty": "ones"}), ("old", None)):
+    (tmp_path / folder).mkdir()
+    extra = {"data": data} if data else {}  # "old": a knn.json from before the options were recorded
+    model = "dinov2_vitb14" if folder == "old" else "resnet50"
+    (tmp_path / folder / "knn.json").write_text(json.dumps(knn_lib.result_json(
+        model=model, dataset="chexpert", resolution=32, headline_metric="mean_auc",
+        results={200: {"headline": 0.6}}, checkpoint="", overrides={}, **extra)))
+  found = {os.path.basename(os.path.dirname(r["file"])): r for r in results.load_knn(str(tmp_path))}
+  assert {k: r["display"] for k, r in found.items()} == {
+      "all": "resnet50 †", "frontal": "resnet50 † ‡ (views=frontal)",
+      "ones": "resnet50 † ‡ (views=all, uncertainty=ones)", "old": "DINOv2 †"}
+  assert found["frontal"]["other_task"] == "chexpert views=frontal (the paper: all)"
+  assert found["all"]["other_task"] == found["old"]["other_task"] == ""
+  notes = []
+  figure = plots.knn(list(found.values()), str(tmp_path / "plots"), notes)[0]
+  assert "‡: not the paper's task or labels" in figure["caption"]
+  assert cli.main(["report", str(tmp_path)]) == 0
+  with open(tmp_path / "report" / "tables" / "knn.csv") as f:
+    rows = {row["file"]: row for row in csv.DictReader(f)}
+  assert rows[found["frontal"]["file"]]["setting"] == "views=frontal"
+  assert "chexpert views=frontal (the paper: all)" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_knn_plot_keeps_resolutions_apart_and_names_missing_scores(tmp_path, monkeypatch):
   for folder, resolution, score in (("a", 224, 0.7), ("b", 448, 0.8), ("c", 224, float("nan"))):
     (tmp_path / folder).mkdir()

@@ -371,7 +371,10 @@ def test_knn_and_cka_studies_end_to_end(aptos, tmp_path, caplog):
   dataset = fit.open_dataset(config)
   cache_dir = tmp_path / "cache"
   out = studies.knn(config, str(tmp_path / "knn"), ks=(3, 5), cache_dir=str(cache_dir), temperature=0.07)
-  assert json.loads((tmp_path / "knn" / "knn.json").read_text())["temperature"] == 0.07
+  written = json.loads((tmp_path / "knn" / "knn.json").read_text())
+  assert written["temperature"] == 0.07
+  # The dataset's build options, which the report compares with the paper's task (its ‡).
+  assert written["data"] == {"options": config.data.options.to_dict(), "uncertainty": "zeros"}
   # The bank is the training split, the queries the test split, every example once.
   cached = {json.loads(p.read_text())["split"]: np.load(p.with_suffix(".npz")) for p in cache_dir.glob("*.json")}
   assert {s: len(a["features"]) for s, a in cached.items()} == {s: dataset.split_sizes[s] for s in ("train", "test")}

@@ -176,7 +176,8 @@ def result_json(*, model: str, dataset: str, resolution: int, headline_metric: s
   """The content of RUN_DIR/knn.json that `mfjax report` reads.
 
   `results` is `knn_evaluate`'s output. `extra` may carry e.g. "label" (the name the report
-  shows, default the model), "checkpoint", "bank_size", "query_split".
+  shows, default the model), "checkpoint", "overrides", "data" (the dataset's build options as the
+  config's data section has them: {"options": {...}, "uncertainty": ...}), "bank_size", "query_split".
   """
   for k, values in results.items():
     if "headline" not in values:

@@ -131,11 +131,11 @@ def _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, 
                  f"architecture (model/head overrides), e.g. {variants[0].model} on {variants[0].dataset} "
                  f"({variants[0].protocol}). Their numbers say nothing about the pretrained models; tables mark them "
                  f"{tables.VARIANT_MARK}.")
-  other_tasks = sorted({c.other_task for c in cells if c.other_task})
+  other_tasks = sorted(({c.other_task for c in cells} | {r["other_task"] for r in knn}) - {""})
   if other_tasks:
     notes.append(f"Some runs are not the paper's task or labels, so their published numbers are no reference: "
-                 f"{'; '.join(other_tasks)}. Tables mark them {tables.TASK_MARK} and give no Δ; the relative gain "
-                 "chart still draws the paper's gains beside them.")
+                 f"{'; '.join(other_tasks)}. Tables and the k-NN plot mark them {tables.TASK_MARK}, and the tables "
+                 "give no Δ; the relative gain chart still draws the paper's gains beside them.")
   diverged = [path for path, data in found["classification"] if data.get("status") == "diverged"]
   if diverged:
     notes.append(f"{len(diverged)} training run(s) diverged (a non-finite loss; `mfjax sweep` records them with "
@@ -158,7 +158,8 @@ def _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, 
   figures = [f for f in figures if f]
 
   knn_rows = [{"label": r["label"], "variant": r["variant"], "model": r["model"], "dataset": r["dataset"],
-               "resolution": r["resolution"], "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
+               "setting": r["setting"], "other_task": r["other_task"], "resolution": r["resolution"],
+               "metric": r["metric"], "k": k, "headline": v, "file": r["file"]}
               for r in knn for k, v in r["scores"].items()]
   cell_rows = tables.all_cells_rows(cells)
   segment_rows = tables.segmentation_rows(segment_runs)

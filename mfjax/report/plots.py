@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mfjax.report import paper
-from mfjax.report.tables import MAIN_PROTOCOLS, VARIANT_MARK, column_title, main_resolution, model_order, ordered_datasets
+from mfjax.report.tables import (MAIN_PROTOCOLS, TASK_MARK, VARIANT_MARK, column_title, main_resolution, model_order,
+                                 ordered_datasets)
 
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
              "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "grey": "#999999"}
@@ -475,7 +476,9 @@ def knn(results: list[dict], out_dir: str, notes: list) -> list[dict]:
                          "pooled feature; "
                          "bank = training split under eval transforms, queries = test split."
                          + (f" {VARIANT_MARK}: random weights (no model.checkpoint) or a changed architecture."
-                            if any(r["variant"] for r in results) else "")}]
+                            if any(r["variant"] for r in results) else "")
+                         + (f" {TASK_MARK}: not the paper's task or labels (the dataset's build options in brackets)."
+                            if any(r["other_task"] for r in results) else "")}]
   if any(len(r["scores"]) > 1 for r in results):
     fig, axes = _grid(len(datasets))
     seen = {}

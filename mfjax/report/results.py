@@ -171,6 +171,14 @@ def task_differences(config: dict) -> str:
   return "; ".join(f"{name} {d}" for d in differences)
 
 
+def data_setting(data_config: dict) -> str:
+  """A data section's build options that differ from a plain build, as "views=frontal, uncertainty=ones"."""
+  options = dict(sorted((data_config.get("options") or {}).items()))
+  if data_config.get("uncertainty", "zeros") != "zeros":
+    options["uncertainty"] = data_config["uncertainty"]
+  return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 def resized_at_load_of(config: dict) -> bool:
   """Whether a run whose result.json does not say resized its position tables at load: the switch
   was on (runs from before it existed did not resize), for a model the switch acts on, at another
@@ -442,8 +450,16 @@ def read_knn(path: str) -> dict:
   label = data.get("label") or data["model"]
   # Written since knn.json records its weights: no checkpoint is a random foundation, as in the tables' †.
   variant = ("checkpoint" in data and not data["checkpoint"]) or bool(data.get("overrides"))
-  return {"file": path, "model": data["model"], "label": label, "variant": variant,
-          "display": paper.title_of(label) + (" †" if variant else ""),
+  # Written since knn.json records the dataset's build options; before, the paper's are assumed.
+  data_config = data.get("data") or {}
+  if not isinstance(data_config, dict) or not isinstance(data_config.get("options", {}), dict):
+    raise ReportError(f"{path}: 'data' must be {{\"options\": {{...}}, \"uncertainty\": ...}}, got {data_config!r}")
+  other_task = task_differences({"data": {**data_config, "name": data["dataset"]}})
+  setting = data_setting(data_config)
+  display = (paper.title_of(label) + (" †" if variant else "") + (" ‡" if other_task else "")
+             + (f" ({setting})" if setting else ""))
+  return {"file": path, "model": data["model"], "label": label, "variant": variant, "other_task": other_task,
+          "display": display, "setting": setting,
           "dataset": data["dataset"], "resolution": int(data["resolution"]),
           "temperature": _number(data.get("temperature", 0.1), "temperature", path),  # 0.1: the paper's
           "metric": data.get("headline_metric", ""), "scores": dict(sorted(scores.items()))}
