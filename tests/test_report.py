@@ -384,6 +384,49 @@ def test_random_weights_and_changed_architectures_are_marked(tmp_path, capsys):
   assert "note: 2 of 3 cells do not use the paper's weights" in capsys.readouterr().out
 
 
+def test_a_checkpoint_of_another_architecture_is_marked_and_kept_apart(tmp_path):
+  """A converted 2-block, width-128 DeiT used as the paper's DeiT-B: its model.json's overrides make it another
+  network, whether the run's result.json records them or (an older run) its checkpoint still holds them."""
+  root = str(tmp_path / "runs")
+  paper_size = {"patch_size": 16, "width": 768, "depth": 12, "heads": 12, "mlp_hidden": 3072,
+                "native_resolution": [224, 224], "layerscale": False, "posemb": "size", "ln_eps": 1e-12}
+  small = dict(paper_size, depth=2, width=128, heads=2, mlp_hidden=512)
+  for seed, (overrides, test) in enumerate(((paper_size, 0.8), (small, 0.5))):
+    path = write_run(root, "deit_base_patch16", "aptos2019", "frozen_linear", 1e-4, seed, test, 0.5)
+    with open(path) as f:
+      data = json.load(f)
+    data["checkpoints"] = {"model": {"name": "deit_base_patch16", "overrides": overrides}}
+    with open(path, "w") as f:
+      json.dump(data, f)
+  cells = {c.mean: c for c in results.load_cells(root)}
+  assert not cells[0.8].variant and cells[0.5].variant
+  assert cells[0.5].setting == 'checkpoint_changes=["model: depth=2", "model: heads=2", "model: mlp_hidden=512", ' \
+      '"model: width=128"]'
+  (table,) = tables.comparison_tables(list(cells.values()))
+  assert {r["foundation"] for r in table["rows"]} == {"ImNet-1k-Sup (checkpoint_changes=[])",
+                                                     f"ImNet-1k-Sup ({cells[0.5].setting}) †"}
+  # A run from before result.json recorded them: read from its checkpoint's model.json, where it still is.
+  old = str(tmp_path / "old")
+  path = write_run(old, "deit_base_patch16", "aptos2019", "frozen_linear", 1e-4, 0, 0.5, 0.5)
+  with open(path) as f:
+    data = json.load(f)
+  checkpoint = tmp_path / "ckpt" / "deit_small"
+  checkpoint.mkdir(parents=True)
+  (checkpoint / "model.json").write_text(json.dumps({"name": "deit_base_patch16", "overrides": small}))
+  data["config"]["model"]["checkpoint"] = str(checkpoint)
+  with open(path, "w") as f:
+    json.dump(data, f)
+  (cell,) = results.load_cells(old)
+  assert cell.variant
+  (checkpoint / "model.json").unlink()  # not there: taken for the paper's model
+  (cell,) = results.load_cells(old)
+  assert not cell.variant
+  # k-NN results record their checkpoint's model.json too.
+  assert results.architecture_changes({"name": "deit_base_patch16", "overrides": small}, "deit_base_patch16")
+  assert results.architecture_changes({"name": "dino_vitb16", "overrides": {}}, "deit_base_patch16") == [
+      "model dino_vitb16"]
+
+
 def test_duplicate_run_is_an_error(tmp_path):
   root = str(tmp_path)
   write_run(root, "dinov2_vitb14", "aptos2019", "unfrozen_linear", 1e-4, 0, 0.9, 0.9, folder=f"{root}/a")

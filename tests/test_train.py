@@ -859,6 +859,11 @@ def test_cheap_typos_are_config_errors_before_any_work(aptos, tmp_path, caplog):
       mfjax_models.create("deit_base_patch16", **small), jax.random.PRNGKey(0)), small)
   paper = "configs/paper.py:model=deit_base_patch16,dataset=aptos2019,res=40"
   build.check_names(load_config(paper, [f"--config.model.checkpoint={tmp_path / 'deit8'}"]))
+  # What result.json records of the checkpoints a run loads (a linear head's head.checkpoint is not read),
+  # from which the report tells a changed architecture without the checkpoint at hand.
+  recorded = build.checkpoint_models(load_config(paper + ",protocol=frozen_linear", [
+      f"--config.model.checkpoint={tmp_path / 'deit8'}", "--config.head.checkpoint=/not/there"]))
+  assert recorded == {"model": {"name": "deit_base_patch16", "overrides": dict(small, native_resolution=[32, 32])}}
   with pytest.raises(ConfigError, match="data.resolution=40 is not a multiple of deit_base_patch16's patch size 16"):
     build.check_names(load_config(paper, []))
   with pytest.raises(ConfigError, match=r"protocol.unfreeze_from=9 must be in 0..2"):

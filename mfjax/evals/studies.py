@@ -151,6 +151,7 @@ def knn(config, out_dir: str, ks=(10, 20, 50, 100, 200), cache_dir: str = "~/.ca
   out = knn_lib.result_json(model=config.model.name, dataset=spec.name, resolution=config.data.resolution,
                             headline_metric=spec.headline_metric, results=results, temperature=temperature,
                             checkpoint=config.model.checkpoint, overrides=dict(config.model.overrides),
+                            checkpoints=build.checkpoint_models(config, head=False),
                             data={"options": dict(config.data.options), "uncertainty": config.data.uncertainty})
   if jax.process_index() == 0:  # out_dir may be remote (gs://), like a workdir
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,8 @@ def _write_into(stage, runs_dir, out_dir, found, cells, knn, cka, segment_runs, 
   if variants:
     notes.append(f"{len(variants)} of {len(cells)} cells do not use the paper's weights: a randomly initialized "
                  "foundation or stacked DeiT-B (no model.checkpoint / head.checkpoint in the config) or a changed "
-                 f"architecture (model/head overrides), e.g. {variants[0].model} on {variants[0].dataset} "
+                 "architecture (model/head overrides, or a checkpoint whose model.json records another network), "
+                 f"e.g. {variants[0].model} on {variants[0].dataset} "
                  f"({variants[0].protocol}). Their numbers say nothing about the pretrained models; tables mark them "
                  f"{tables.VARIANT_MARK}.")
   other_tasks = sorted(({c.other_task for c in cells} | {r["other_task"] for r in knn}) - {""})

@@ -136,10 +136,64 @@ def _measured(flat: dict) -> dict:
   return out
 
 
-def not_the_papers_weights(config: dict, head: str) -> bool:
-  """Random foundation (or stacked DeiT-B) weights, or a changed architecture (model/head overrides)."""
+# Constructor fields that change how a model computes or runs, not which network it is; converters record some
+# of them (a DINOv2 checkpoint's position-embedding resize, SAM's relative-position resize).
+NUMERICS_FIELDS = ("posemb", "rel_pos_resize", "attn_impl", "attn_query_chunk", "global_query_chunk_rows", "remat",
+                   "remat_policy", "scan_blocks", "dtype", "drop_path", "rope_dtype", "rope_periods", "ln_eps")
+PAPER_HEAD = "deit_base_patch16"
+
+
+def architecture_changes(meta: dict | None, expected: str) -> list[str]:
+  """How a checkpoint's model.json ({"name", "overrides"}) differs from the registered model `expected`:
+  another model, or overrides that change the network ("depth=2"); [] when unknown (None)."""
+  from mfjax import models
+  if not meta:
+    return []
+  if meta.get("name") != expected:
+    return [f"model {meta.get('name')}"]
+  registered = models.create(expected) if expected in models.NAMES else None
+  changes = []
+  for field, value in sorted((meta.get("overrides") or {}).items()):
+    if field in NUMERICS_FIELDS:
+      continue
+    if field == "native_resolution" and isinstance(value, int):
+      value = (value, value)
+    if _as_tuples(value) != _as_tuples(getattr(registered, field, None)):
+      changes.append(f"{field}={json.dumps(value)}")
+  return changes
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def checkpoint_models_of(data: dict, config: dict) -> dict:
+  """The checkpoints' model.json as the result records them, or (results from before) as the checkpoints
+  still at their paths hold them; a checkpoint not there is taken for the paper's model."""
+  if isinstance(data.get("checkpoints"), dict):
+    return data["checkpoints"]
+  found = {}
+  for section in ("model", "head"):
+    path = os.path.expanduser(str(config.get(section, {}).get("checkpoint") or ""))
+    if path and os.path.isfile(os.path.join(path, "model.json")):
+      found[section] = _read_json(os.path.join(path, "model.json"))
+  return found
+
+
+def checkpoint_changes(config: dict, head: str, checkpoints: dict) -> list[str]:
+  """How the checkpoints a run loaded differ from the paper's models, e.g. ["model: depth=2"]."""
+  changes = [f"model: {c}" for c in architecture_changes(checkpoints.get("model"), config["model"]["name"])]
+  if head == "deit":
+    changes += [f"head: {c}" for c in architecture_changes(checkpoints.get("head"), PAPER_HEAD)]
+  return changes
+
+
+def not_the_papers_weights(config: dict, head: str, checkpoints: dict | None = None) -> bool:
+  """Random foundation (or stacked DeiT-B) weights, or a changed architecture: model/head overrides, or a
+  checkpoint whose model.json records one (`checkpoints`: {"model"/"head": {"name", "overrides"}})."""
   model, head_config = config.get("model", {}), config.get("head", {})
   return (not model.get("checkpoint") or bool(model.get("overrides"))
+          or bool(checkpoint_changes(config, head, checkpoints or {}))
           or (head == "deit" and (not head_config.get("checkpoint") or bool(head_config.get("overrides")))))
 
 
@@ -234,7 +288,10 @@ def read_run(path: str, data: dict | None = None) -> dict:
   resized = data["resized_at_load"] if "resized_at_load" in data else resized_at_load_of(config)
   run["measured_config"]["resized_at_load"] = json.dumps(bool(resized))
   run["resolution"] = nominal_resolution(run["model"], run["run_resolution"])
-  run["variant"] = not_the_papers_weights(config, run["head"])
+  checkpoints = checkpoint_models_of(data, config)
+  # A converted checkpoint of another size is another model: a cell of its own, and not the paper's.
+  run["measured_config"]["checkpoint_changes"] = json.dumps(checkpoint_changes(config, run["head"], checkpoints))
+  run["variant"] = not_the_papers_weights(config, run["head"], checkpoints)
   run["other_task"] = task_differences(config)
   if run["model"] != data["model"] or run["dataset"] != data["dataset"]:
     raise ReportError(f"{path}: model/dataset {data['model']}/{data['dataset']} disagree with its config "
@@ -449,7 +506,8 @@ def read_knn(path: str) -> dict:
                             f"k[{k}].headline", path)
   label = data.get("label") or data["model"]
   # Written since knn.json records its weights: no checkpoint is a random foundation, as in the tables' †.
-  variant = ("checkpoint" in data and not data["checkpoint"]) or bool(data.get("overrides"))
+  variant = (("checkpoint" in data and not data["checkpoint"]) or bool(data.get("overrides"))
+             or bool(architecture_changes((data.get("checkpoints") or {}).get("model"), data["model"])))
   # Written since knn.json records the dataset's build options; before, the paper's are assumed.
   data_config = data.get("data") or {}
   if not isinstance(data_config, dict) or not isinstance(data_config.get("options", {}), dict):

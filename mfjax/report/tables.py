@@ -122,7 +122,8 @@ def comparison_tables(cells) -> list[dict]:
       caption.append(f"pts: the gain in points (x100) over the same cell at {main} px.")
     if variants:
       caption.append(f"{VARIANT_MARK} not the paper's weights: a randomly initialized foundation or stacked DeiT-B "
-                     "(no model.checkpoint / head.checkpoint), or a changed architecture (overrides).")
+                     "(no model.checkpoint / head.checkpoint), or a changed architecture (overrides, or a checkpoint "
+                     "of another network).")
     if other_tasks:
       caption.append(f"{TASK_MARK} not the paper's task or labels, so no Δ: {'; '.join(sorted(other_tasks))}.")
     if any(setting for _, _, setting in ordered):

@@ -172,6 +172,22 @@ def resized_at_load(config) -> bool:
   return load_resolution(config, name, models.create(name, **overrides)) is not None
 
 
+def checkpoint_models(config, head: bool = True) -> dict:
+  """{"model": {"name", "overrides"}, "head": ...} of the checkpoints a run loads (the stacked head's
+  only with that head), as their model.json records them. Results keep it, so that the report can
+  tell a changed architecture from the paper's model without the checkpoint at hand."""
+  sections = ["model"]
+  if head and "protocol" in config and protocols.head_of(config.protocol.name, config.protocol.get("head")) == "deit":
+    sections.append("head")
+  found = {}
+  for section in sections:
+    path = config[section].get("checkpoint")
+    if path:
+      meta = models.read_model_json(path)
+      found[section] = {"name": meta["name"], "overrides": meta["overrides"]}
+  return found
+
+
 def _foundation_spec_as_stored(config, meta: dict | None = None) -> tuple[str, dict]:
   """`foundation_spec` before position tables are resized at load."""
   name, overrides = config.model.name, {}

@@ -607,6 +607,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
   dataset = open_dataset(config)
   check_data_build(workdir, dataset)
   resized = build.resized_at_load(config)
+  checkpoints = build.checkpoint_models(config)
   run = prepare(config, dataset)
   dataset, spec, state, steps_per_epoch = run.dataset, run.spec, run.state, run.steps_per_epoch
   protocol = config.protocol.name
@@ -713,7 +714,8 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
     log.warning("%s diverged: %s", workdir, e)
     result = {"status": "diverged", "error": str(e), "config": config_dict, "model": config.model.name,
               "dataset": spec.name, "protocol": protocol, "headline_metric": spec.headline_metric,
-              "val": {"headline": None}, "test": {"headline": None}, "resized_at_load": resized}
+              "val": {"headline": None}, "test": {"headline": None}, "resized_at_load": resized,
+              "checkpoints": checkpoints}
     writer.close()
     ckpts.close()
     parallel.on_process_zero("write result.json", write_atomically, workdir / "result.json",
@@ -742,7 +744,7 @@ def train(config, workdir: str, progress: bool = True, record_divergence: bool =
             "headline_metric": spec.headline_metric, "best_epoch": best_host["epoch"],
             "iterations_to_best": host["best_step"], "val": best_host["val"], "test": test,
             "params_total": run.n_total, "params_trained": run.n_trainable,
-            "resized_at_load": resized,
+            "resized_at_load": resized, "checkpoints": checkpoints,
             "train_seconds": train_seconds, "test_seconds": test_seconds,
             # On cached features the test times a linear layer, not the model: no throughput to report.
             "test_images_per_second": (None if run.cached_features
