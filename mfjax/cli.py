@@ -42,6 +42,9 @@ log = logging.getLogger("mfjax")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOPPED_BY_CTRL_C = 130  # the shell's status for a command ended by SIGINT: a `&&` chain or a loop stops too
 WORKDIR_BUSY = 75  # EX_TEMPFAIL: another job trains in the workdir (mfjax.train.lock); a launcher does not retry
+# Exit status 2: a mistake the error names (a config key, a data file, a path), which a launcher does not retry;
+# 1: a run that stopped for a reason starting again may clear (an I/O error, another process's failure).
+INPUT_MISTAKES = (ConfigError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def stopped_status(result: dict) -> int:
@@ -412,7 +415,7 @@ def main(argv=None) -> int:
     logging.getLogger("mfjax").debug("the error's traceback", exc_info=True)
     kind = f"{type(e).__name__}: " if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else ""
     print(f"error: {kind}{e}", file=sys.stderr)
-    return WORKDIR_BUSY if isinstance(e, WorkdirBusy) else 2
+    return WORKDIR_BUSY if isinstance(e, WorkdirBusy) else 2 if isinstance(e, INPUT_MISTAKES) else 1
   return 0
 
 

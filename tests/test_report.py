@@ -760,3 +760,16 @@ def test_report_tabulates_segmentation_folds_and_pretraining_runs(tmp_path, monk
   with pytest.raises(ReportError, match="the same segmentation setup and fold twice") as error:
     report.build(str(tmp_path))
   assert "copy/result.json" in str(error.value) and "seg_meddinov3_0_fold1/result.json" in str(error.value)
+
+
+def test_exit_status_tells_a_mistake_from_a_failure_worth_retrying(tmp_path, monkeypatch, capsys):
+  """2: a mistake the error names (launchers do not start the command again); 1: an error that
+  starting again may clear (launch/gpu.sh local --max-restarts retries it)."""
+  from mfjax.config import ConfigError, RunStopped
+  for error, status in ((ConfigError("bad key"), 2), (FileNotFoundError("no such file: x"), 2),
+                        (TimeoutError("the bucket timed out"), 1), (RunStopped("process 0 could not write x"), 1)):
+    def fail(*args, error=error):
+      raise error
+    monkeypatch.setattr(report, "build", fail)
+    assert cli.main(["report", str(tmp_path)]) == status, error
+    assert str(error) in capsys.readouterr().err
