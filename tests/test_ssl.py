@@ -636,6 +636,8 @@ def test_bad_inputs_name_the_file_or_key(ct_folder, tmp_path):
     pretrain.run(tiny_config(empty), tmp_path / "w1", progress=False)
   with pytest.raises(ConfigError, match=re.escape(f"names one folder twice ({ct_folder} and {ct_folder}/)")):
     pretrain.list_volumes(f"{ct_folder},{ct_folder}/")
+  with pytest.raises(ConfigError, match="names one folder twice"):
+    pretrain.list_volumes((str(ct_folder),) * 2)  # one string twice
   with pytest.raises(ConfigError, match="is not a folder"):
     pretrain.list_volumes(str(tmp_path / "missing"))
   corrupt = tmp_path / "corrupt"

@@ -89,9 +89,11 @@ def list_volumes(folders) -> list[str]:
   for folder in folders:
     if not os.path.isdir(folder):
       raise ConfigError(f"data.folders: {folder} is not a folder")
-    same = seen.setdefault(os.path.realpath(folder), folder)
-    if same is not folder:
-      raise ConfigError(f"data.folders names one folder twice ({same} and {folder}): its volumes would count twice")
+    real = os.path.realpath(folder)
+    if real in seen:
+      raise ConfigError(f"data.folders names one folder twice ({seen[real]} and {folder}): its volumes would count "
+                        "twice")
+    seen[real] = folder
     if os.path.basename(os.path.normpath(folder)).startswith("labels"):
       log.warning("data.folders: %s looks like nnU-Net's label maps (labelsTr); pretraining wants the images "
                   "(imagesTr)", folder)
