@@ -383,7 +383,7 @@ def test_a_download_given_as_its_folder_or_its_parent_is_one_source(tmp_path):
       assert mfjax.data.build(name, manual, data).metadata == metadata, (name, manual)
 
 
-def test_overwrite_replaces_a_build_only_once_the_new_one_is_built(tmp_path):
+def test_overwrite_replaces_a_build_only_once_the_new_one_is_built(tmp_path, monkeypatch):
   """The lists download given without layout=lists names the official release's build: a failed overwrite
   leaves that build in place, and without overwrite it is refused naming the folder that made it."""
   cbis = synthetic.cbis_ddsm(str(tmp_path / "CBIS"), num_patients=8)
@@ -400,6 +400,17 @@ def test_overwrite_replaces_a_build_only_once_the_new_one_is_built(tmp_path):
   with pytest.raises(common.DataError, match=rf"was built from another folder, {re.escape(cbis)}; the source files "
                                              rf".* differ in {re.escape(lists)}"):
     mfjax.data.build("cbis_ddsm", lists, data)
+  rename = os.rename
+
+  def swap_fails(src, dst):  # the new build cannot be moved in, after the old one was moved aside
+    if os.fspath(dst) == built.path and not os.fspath(src).endswith("replaced"):
+      raise OSError("input/output error")
+    rename(src, dst)
+  monkeypatch.setattr(os, "rename", swap_fails)
+  with pytest.raises(OSError, match="input/output error"):
+    mfjax.data.build("cbis_ddsm", cbis, data, overwrite=True)
+  monkeypatch.setattr(os, "rename", rename)
+  assert mfjax.data.load(built.path).fingerprint == built.fingerprint and sorted(os.listdir(data)) == files
   rebuilt = mfjax.data.build("cbis_ddsm", cbis, data, overwrite=True)
   assert rebuilt.path == built.path and rebuilt.metadata["build_id"] == built.metadata["build_id"]
   assert sorted(os.listdir(data)) == files and os.listdir(os.path.dirname(built.path)) == ["1.1.0"]

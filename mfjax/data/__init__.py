@@ -232,8 +232,13 @@ def _rebuild(builder, manual_dir: str, opts: dict) -> Dataset:
   try:
     fresh = type(builder)(manual_dir=manual_dir, options=opts, data_dir=staging)
     fresh.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=fresh.source_dir))
-    os.rename(path, os.path.join(staging, "replaced"))
-    os.rename(fresh.data_dir, path)
+    replaced = os.path.join(staging, "replaced")
+    os.rename(path, replaced)
+    try:
+      os.rename(fresh.data_dir, path)
+    except BaseException:  # the old build goes back where it was
+      os.rename(replaced, path)
+      raise
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return load(path)
