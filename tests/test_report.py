@@ -498,6 +498,13 @@ def test_knn_on_another_view_or_labels_is_its_own_result_marked_as_not_the_paper
     rows = {row["file"]: row for row in csv.DictReader(f)}
   assert rows[found["frontal"]["file"]]["setting"] == "views=frontal"
   assert "chexpert views=frontal (the paper: all)" in (tmp_path / "report" / "report.md").read_text()
+  # A DDSM knn.json from before the options were recorded is taken as the paper's task, as on CheXpert.
+  (tmp_path / "old_ddsm").mkdir()
+  (tmp_path / "old_ddsm" / "knn.json").write_text(json.dumps(knn_lib.result_json(
+      model="resnet50", dataset="cbis_ddsm", resolution=32, headline_metric="auc", results={200: {"headline": 0.6}},
+      checkpoint="", overrides={})))
+  old_ddsm, = [r for r in results.load_knn(str(tmp_path)) if "old_ddsm" in r["file"]]
+  assert old_ddsm["other_task"] == "" and "‡" not in old_ddsm["display"]
 
 
 def test_knn_plot_keeps_resolutions_apart_and_names_missing_scores(tmp_path, monkeypatch):

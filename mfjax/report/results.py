@@ -512,7 +512,7 @@ def read_knn(path: str) -> dict:
   data_config = data.get("data") or {}
   if not isinstance(data_config, dict) or not isinstance(data_config.get("options", {}), dict):
     raise ReportError(f"{path}: 'data' must be {{\"options\": {{...}}, \"uncertainty\": ...}}, got {data_config!r}")
-  other_task = task_differences({"data": {**data_config, "name": data["dataset"]}})
+  other_task = task_differences({"data": {**data_config, "name": data["dataset"]}}) if "data" in data else ""
   setting = data_setting(data_config)
   display = (paper.title_of(label) + (" †" if variant else "") + (" ‡" if other_task else "")
              + (f" ({setting})" if setting else ""))
