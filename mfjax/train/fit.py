@@ -532,7 +532,10 @@ def holds_workdir(train_fn):
       try:
         return train_fn(config, workdir, *args, **kwargs)
       except BaseException:
-        RunCheckpoints.close_owned(workdir_path(workdir))
+        try:
+          RunCheckpoints.close_owned(workdir_path(workdir))
+        except Exception:  # noqa: BLE001 - e.g. a failed save re-raised: the run's own error is the one to see
+          log.debug("closing the checkpoints of %s after an error", workdir, exc_info=True)
         raise
   return locked
 
