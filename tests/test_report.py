@@ -332,6 +332,21 @@ def test_timing_and_relative_gain_numbers(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_a_run_without_a_newer_field_never_joins_two_settings_into_one_cell(tmp_path):
+  """Run a predates data.norm (no difference to either), b and c differ in it: b and c stay apart."""
+  root = str(tmp_path / "runs")
+  paths = {name: write_run(root, "deit_base_patch16", "aptos2019", "frozen_linear", 1e-4, seed, 0.8, 0.9,
+                           folder=f"{root}/{name}", data=data)
+           for seed, (name, data) in enumerate((("a", None), ("b", {"norm": "dataset"}), ("c", {"norm": "model"})))}
+  with open(paths["a"]) as f:
+    older = json.load(f)
+  del older["config"]["data"]["norm"]
+  with open(paths["a"], "w") as f:
+    json.dump(older, f)
+  cells = results.load_cells(root)
+  assert len(cells) == 2 and not any({paths["b"], paths["c"]} <= set(c.files) for c in cells)
+
+
 def test_runs_with_other_epochs_or_batch_size_are_labelled_cells_not_an_error(tmp_path, capsys):
   root = str(tmp_path / "runs")
   first = write_run(root, "deit_base_patch16", "aptos2019", "frozen_linear", 1e-4, 0, 0.8, 0.9, folder=f"{root}/a")

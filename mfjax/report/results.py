@@ -345,8 +345,9 @@ def group_cells(runs: list[dict]) -> list[Cell]:
   for slot, members in by_slot.items():
     groups = []
     for run in members:
-      group = next((g for g in groups if not config_differences(g[0]["measured_config"], run["measured_config"])),
-                   None)
+      # Against every member: a run without a field newer runs set may not join two settings into one cell.
+      group = next((g for g in groups if not any(config_differences(m["measured_config"], run["measured_config"])
+                                                 for m in g)), None)
       if group is None:
         groups.append([run])
       else:
