@@ -404,7 +404,8 @@ def test_a_checkpoint_of_another_architecture_is_marked_and_kept_apart(tmp_path)
   network, whether the run's result.json records them or (an older run) its checkpoint still holds them."""
   root = str(tmp_path / "runs")
   paper_size = {"patch_size": 16, "width": 768, "depth": 12, "heads": 12, "mlp_hidden": 3072,
-                "native_resolution": [224, 224], "layerscale": False, "posemb": "size", "ln_eps": 1e-12}
+                "native_resolution": [224, 224], "layerscale": False, "posemb": "size", "ln_eps": 1e-12,
+                "pooled": "first_patch"}  # a readout as BLIP's paper checkpoint records it: the same network
   small = dict(paper_size, depth=2, width=128, heads=2, mlp_hidden=512)
   for seed, (overrides, test) in enumerate(((paper_size, 0.8), (small, 0.5))):
     path = write_run(root, "deit_base_patch16", "aptos2019", "frozen_linear", 1e-4, seed, test, 0.5)

@@ -136,10 +136,12 @@ def _measured(flat: dict) -> dict:
   return out
 
 
-# Constructor fields that change how a model computes or runs, not which network it is; converters record some
-# of them (a DINOv2 checkpoint's position-embedding resize, SAM's relative-position resize).
+# Constructor fields that change how a model computes or runs, or which of its outputs is read, not which network
+# it is; converters record some of them (a DINOv2 checkpoint's position-embedding resize, SAM's relative-position
+# resize, BLIP's pooled token: the paper's first patch with --pooled first_patch).
 NUMERICS_FIELDS = ("posemb", "rel_pos_resize", "attn_impl", "attn_query_chunk", "global_query_chunk_rows", "remat",
-                   "remat_policy", "scan_blocks", "dtype", "drop_path", "rope_dtype", "rope_periods", "ln_eps")
+                   "remat_policy", "scan_blocks", "dtype", "drop_path", "rope_dtype", "rope_periods", "ln_eps",
+                   "pooled", "tokens")
 PAPER_HEAD = "deit_base_patch16"
 
 
