@@ -975,6 +975,7 @@ def test_multichannel_mr_trains_and_predicts_from_an_adapted_rgb_backbone(tmp_pa
   import shutil
   os.rename(tmp_path / "rgb", tmp_path / "rgb_moved")
   shutil.rmtree(tmp_path / "pre")
+  assert cli.main(args) == 0  # started again, the finished run returns its result without them too
   out = tmp_path / "predicted"
   assert cli.main(["segment", "--workdir", str(tmp_path / "run"), "--predict", os.path.join(raw, "imagesTs"),
                    "--out", str(out)]) == 0

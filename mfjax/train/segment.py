@@ -230,7 +230,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     raise ConfigError("data.raw is empty: give the nnU-Net raw dataset folder (raw=PATH)")
   raw = nnunet.read_raw(config.data.raw)
   train_ids, val_ids = nnunet.fold_cases(raw, config.data.fold)
-  build_segmenter(config, num_classes=2)  # the backbone's name, overrides and patch
+  if not (workdir_path(workdir) / "result.json").exists():  # a finished run needs no backbone checkpoint
+    build_segmenter(config, num_classes=2)  # the backbone's name, overrides and patch
   # The patches of a step are a function of the step, whatever the number of threads that cut them.
   workdir, config_dict = start_run(config, workdir, changeable=("data.num_workers", "log_every_steps"))
   check_split(workdir, train_ids, val_ids)
