@@ -229,15 +229,21 @@ def test_registered_shapes_match_timm(size):
   assert n_flax == n_torch + width + width * SIZES[size][1]
 
 
+def two_block_hf(registers: int, seed: int):
+  """(model, its state dict as numpy) of a random two-block ViT-S-width transformers DINOv3."""
+  torch.manual_seed(seed)
+  config = DINOv3ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=6,
+                           num_register_tokens=registers, pos_embed_rescale=None, layer_norm_eps=1e-6)
+  model = DINOv3ViTModel(config).eval()
+  randomize(model, seed=seed + 1)
+  return model, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
 def test_a_transformers_model_without_register_tokens_converts():
   """transformers' DINOv3ViTModel(num_register_tokens=0), its default, keeps an empty (1, 0, D)
   register_tokens tensor."""
-  torch.manual_seed(13)
-  config = DINOv3ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=6,
-                           num_register_tokens=0, pos_embed_rescale=None, layer_norm_eps=1e-6)
-  model = DINOv3ViTModel(config).eval()
-  randomize(model, seed=14)
-  raw = {k: v.numpy() for k, v in model.state_dict().items()}
+  model, raw = two_block_hf(registers=0, seed=13)
+  config = model.config
   assert raw["embeddings.register_tokens"].shape == (1, 0, 384)
   name, overrides, variables = convert_dinov3.from_checkpoint(raw, config.to_dict(), "hf", _Args())
   assert overrides["num_storage"] == 0 and "storage_tokens" not in variables["params"]
@@ -256,13 +262,8 @@ def test_a_transformers_model_without_register_tokens_converts():
 @pytest.fixture(scope="module")
 def small_hf():
   """A two-block ViT-S-width HF model: cheap, and read through HF-config overrides."""
-  torch.manual_seed(9)
-  config = DINOv3ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=6,
-                           num_register_tokens=4, pos_embed_rescale=None, layer_norm_eps=1e-6)
-  model = DINOv3ViTModel(config).eval()
-  randomize(model, seed=10)
-  raw = {k: v.numpy() for k, v in model.state_dict().items()}
-  name, overrides, variables = convert_dinov3.from_checkpoint(raw, config.to_dict(), "hf", _Args())
+  model, raw = two_block_hf(registers=4, seed=9)
+  name, overrides, variables = convert_dinov3.from_checkpoint(raw, model.config.to_dict(), "hf", _Args())
   assert name == "dinov3_vits16"
   assert overrides == {"depth": 2, "ln_eps": 1e-6, "rope_rescale": None}
   return model, models.create(name, **overrides), variables

@@ -619,27 +619,20 @@ def test_gpu_local_restarts_until_the_result_exists(guard, tmp_path, capsys):
   assert "restart 1 of 1" in out and "finished: results in" in out
 
 
-def test_gpu_local_does_not_restart_a_run_whose_workdir_another_job_holds(guard, tmp_path, capsys):
+@pytest.mark.parametrize("status, error, says", [
+    (common.WORKDIR_BUSY, "runs/x is in use by another job", "another job trains in"),
+    (common.INPUT_ERROR, "data.raw: dataset.json not found", "config or data is wrong")])
+def test_gpu_local_does_not_restart_what_starting_again_cannot_fix(guard, tmp_path, capsys, status, error, says):
+  """Another job holding the workdir (75), a mistake the error names (2): run once, not --max-restarts times."""
   fake = write_script(tmp_path / "fake_python", f"""
       #!/usr/bin/env bash
       echo "attempt" >> {tmp_path}/attempts
-      echo "error: runs/x is in use by another job" >&2; exit {common.WORKDIR_BUSY}
+      echo "error: {error}" >&2; exit {status}
       """)
   rc = gpu.main(["local", "--python", fake, "--max-restarts", "3", "--", "train", "--workdir", str(tmp_path / "run")])
-  assert rc == 75 and (tmp_path / "attempts").read_text().count("attempt") == 1
-  assert "another job trains in" in capsys.readouterr().out
-
-
-def test_gpu_local_does_not_restart_a_command_whose_config_is_wrong(guard, tmp_path, capsys):
-  fake = write_script(tmp_path / "fake_python", f"""
-      #!/usr/bin/env bash
-      echo "attempt" >> {tmp_path}/attempts
-      echo "error: data.raw: dataset.json not found" >&2; exit {common.INPUT_ERROR}
-      """)
-  rc = gpu.main(["local", "--python", fake, "--max-restarts", "2", "--", "train", "--workdir", str(tmp_path / "run")])
-  assert rc == 2 and (tmp_path / "attempts").read_text().count("attempt") == 1
+  assert rc == status and (tmp_path / "attempts").read_text().count("attempt") == 1
   out = capsys.readouterr().out
-  assert "config or data is wrong" in out and "resumes from" not in out.splitlines()[-1]
+  assert says in out and "resumes from" not in out.splitlines()[-1]
 
 
 def test_gpu_local_bucket_workdir_is_finished_only_with_its_result(guard, tmp_path, capsys):
